@@ -1,0 +1,121 @@
+"""Architecture adapter for Llama-layout decoders (Llama, Mistral, Qwen2, SmolLM).
+
+The adapter is the only place that knows where the blocks, embeddings, norm and head live and how
+to call one block on its own. Criteria use it to run the model block by block, so that hidden
+states entering every block can be cached and re-used (the PPL criterion and SLEB never recompute
+the blocks before a removed one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class BlockInputs:
+    """What every block needs besides the hidden state; computed once per batch."""
+
+    masks: dict[str, Any]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor
+
+
+class LlamaAdapter:
+    """Block-level access to a ``*ForCausalLM`` with the ``model.layers / model.norm / lm_head`` layout."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} has no architecture adapter yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model
+        self.inner = model.model
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.inner.layers
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.inner.layers)
+
+    def block_param_counts(self) -> list[int]:
+        return [sum(p.numel() for p in layer.parameters()) for layer in self.inner.layers]
+
+    def total_params(self) -> int:
+        """All parameters, embeddings and head included, tied weights counted once (as papers count)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ block-wise forward
+    @property
+    def device(self) -> torch.device:
+        return self.inner.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(input_ids.to(self.device))
+
+    def prepare(self, hidden: torch.Tensor) -> BlockInputs:
+        """Causal masks (per attention type) and rotary embeddings for a batch without padding."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        cfg = self.model.config
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kwargs = dict(config=cfg, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=position_ids)
+        masks: dict[str, Any] = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        pos = self.inner.rotary_emb(hidden, position_ids=position_ids)
+        return BlockInputs(masks, pos, position_ids)
+
+    def run_block(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        layer = self.inner.layers[index]
+        kind = getattr(layer, "attention_type", "full_attention")
+        out = layer(
+            hidden,
+            attention_mask=inputs.masks.get(kind, inputs.masks["full_attention"]),
+            position_embeddings=inputs.position_embeddings,
+            position_ids=inputs.position_ids,
+            past_key_values=None,
+            use_cache=False,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def boundary_states(self, input_ids: torch.Tensor, skip: frozenset[int] = frozenset()) -> list[torch.Tensor]:
+        """Hidden states at every block boundary: [x_0 (embeddings), x_1, ..., x_L] for the kept blocks."""
+        hidden = self.embed(input_ids)
+        inputs = self.prepare(hidden)
+        states = [hidden]
+        for i in range(self.num_blocks):
+            if i in skip:
+                continue
+            hidden = self.run_block(i, hidden, inputs)
+            states.append(hidden)
+        return states
+
+    def nll_sum(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
+        """Summed next-token NLL and token count from a final hidden state (norm → head → CE), in chunks.
+
+        Chunking over positions keeps the (tokens × vocab) logits small for 50k–150k vocabularies.
+        """
+        labels = input_ids.to(hidden.device)[:, 1:]
+        normed = self.inner.norm(hidden)[:, :-1]
+        total = 0.0
+        for start in range(0, normed.shape[1], chunk):
+            logits = self.model.lm_head(normed[:, start : start + chunk]).float()
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, start : start + chunk].reshape(-1), reduction="sum"
+            ).item()
+        return total, labels.numel()
+
+
+def adapter_for(model: nn.Module) -> LlamaAdapter:
+    """The adapter for ``model``; a clear error for architectures we do not support yet."""
+    return LlamaAdapter(model)

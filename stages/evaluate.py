@@ -1,0 +1,69 @@
+"""Stage: evaluate the model as it is now (dense, pruned, recovered) — perplexity with its protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.recipe import StrictModel, TextSource
+from pipeline.registry import register_stage
+
+
+class PerplexityConfig(StrictModel):
+    source: TextSource = Field(..., description="evaluation text (a test split)")
+    seq_len: int = Field(512, ge=2, description="window length; papers use 128 (LLM-Pruner, FLAP) or 2048 (SliceGPT, SLEB)")
+    max_tokens: int | None = Field(None, ge=2, description="token budget: score only the first N tokens")
+    batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _budget(self) -> "PerplexityConfig":
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens={self.max_tokens} is less than one window (seq_len={self.seq_len}); raise it")
+        return self
+
+
+class EvaluateConfig(StrictModel):
+    type: Literal["evaluate"]
+    label: Literal["dense", "pruned", "recovered", "control"] | None = Field(
+        None, description="key in metrics.json eval; default: the model's state (dense before prune, pruned after)"
+    )
+    perplexity: dict[str, PerplexityConfig] = Field(default_factory=dict, description="dataset name → settings")
+
+    @model_validator(mode="after")
+    def _something(self) -> "EvaluateConfig":
+        if not self.perplexity:
+            raise ValueError("nothing to evaluate: add `perplexity: {wikitext2: {source: ..., seq_len: 512}}`")
+        return self
+
+
+def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+    from pipeline.rundir import atomic_write_json
+    from stages.data import read_text, tokenize_text
+    from stages.perplexity import protocol, windowed_perplexity
+
+    label = cfg.label or ctx.state
+    cache = ctx.__dict__.setdefault("_token_cache", {})
+    results: dict[str, Any] = {}
+    for name, p in cfg.perplexity.items():
+        key = p.source.model_dump_json()
+        if key not in cache:
+            cache[key] = tokenize_text(ctx.tokenizer, read_text(p.source))
+        r = windowed_perplexity(ctx.model, cache[key], p.seq_len, p.max_tokens, p.batch_size, ctx.progress, f"ppl {name} ({label})")
+        r["source"] = p.source.describe()
+        r["protocol"] = protocol(r["source"], p.seq_len, r["tokens"], r["windows"])
+        results[name] = r
+    ctx.evals.setdefault(label, {}).update(results)
+    if ctx.is_main:
+        atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": results})
+    return {"label": label, **{n: round(r["ppl"], 4) for n, r in results.items()}}
+
+
+def restore(ctx: Any, cfg: EvaluateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+    data = json.loads((stage_dir / "results.json").read_text())
+    ctx.evals.setdefault(data["label"], {}).update(data["results"])
+
+
+register_stage("evaluate", EvaluateConfig, run, restore)

@@ -1,0 +1,92 @@
+"""Stage: write the final dense model — safetensors, tokenizer, model card — and prove it reloads.
+
+The folder is written under a temporary name and renamed into place, so a killed export never
+leaves a ``model/`` that looks complete. After writing, a fresh ``AutoModelForCausalLM`` (no
+``trust_remote_code``) is loaded from it and its logits are compared with the in-memory model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.recipe import StrictModel
+from pipeline.registry import register_stage
+
+
+class ExportConfig(StrictModel):
+    type: Literal["export"]
+    dtype: Literal["same", "float32", "bfloat16", "float16"] = Field("same", description="dtype of the saved weights")
+    verify: bool = Field(True, description="reload with vanilla transformers and compare logits")
+    tolerance: float = Field(1e-5, gt=0, description="max |Δlogit| allowed by the reload check (float32)")
+
+
+def model_card(ctx: Any) -> str:
+    """README.md for the exported model: what was removed, how, and the metrics so far."""
+    info, plan = ctx.model_info, ctx.plan or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [prunelab, pruned, structured-pruning]", "---", "",
+        f"# {ctx.recipe.name}", "",
+        f"Pruned with [prunelab](https://pypi.org/project/prunelab/) from `{info.get('source')}`.", "",
+        "| | before | after |", "|---|---|---|",
+        f"| parameters | {info.get('params_before', 0):,} | {info.get('params_after', info.get('params_before', 0)):,} |",
+        f"| decoder blocks | {info.get('layers_before')} | {info.get('layers_after', info.get('layers_before'))} |", "",
+    ]
+    if plan:
+        lines += [
+            f"**Removed blocks** (0-based, original numbering): {plan.get('removed_blocks')} — criterion "
+            f"`{plan.get('criterion')}`, {plan.get('achieved_ratio', 0):.2%} of all parameters.", "",
+        ]
+    if ctx.evals:
+        lines += ["## Perplexity", "", "| model | dataset | PPL | protocol |", "|---|---|---|---|"]
+        for label, results in ctx.evals.items():
+            for name, r in results.items():
+                lines.append(f"| {label} | {name} | {r['ppl']:.3f} | {r['protocol']} |")
+        lines.append("")
+    lines += ["Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
+    return "\n".join(lines)
+
+
+def verify_reload(model: Any, path: Path, tolerance: float) -> float:
+    """Max |Δlogit| between ``model`` and a fresh vanilla load of ``path``; raise above ``tolerance``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).to(model.device).eval()
+    ids = torch.arange(3, 3 + 24, device=model.device).unsqueeze(0) % model.config.vocab_size
+    with torch.inference_mode():
+        diff = (fresh(ids).logits.float() - model(ids).logits.float()).abs().max().item()
+    if diff > tolerance:
+        raise RuntimeError(f"exported model at {path} gives logits differing by {diff:.2e} > {tolerance:.0e}")
+    return diff
+
+
+def run(ctx: Any, cfg: ExportConfig) -> dict[str, Any]:
+    from huggingface_hub import ModelCard
+
+    from pipeline.rundir import atomic_dir
+    from stages.load import DTYPES
+
+    target = ctx.run_dir / "model"
+    model = ctx.model
+    if ctx.is_main:
+        with atomic_dir(target) as tmp:
+            if cfg.dtype != "same":
+                model = model.to(DTYPES[cfg.dtype])
+            model.save_pretrained(tmp, safe_serialization=True)
+            ctx.tokenizer.save_pretrained(tmp)
+            ModelCard(model_card(ctx)).save(tmp / "README.md")
+            if cfg.verify:
+                diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
+    ctx.__dict__["_export_diff"] = diff if ctx.is_main and cfg.verify else None
+    return {"path": str(target), "reload_max_abs_diff": ctx.__dict__["_export_diff"]}
+
+
+def restore(ctx: Any, cfg: ExportConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+    if not (ctx.run_dir / "model" / "config.json").is_file():
+        raise FileNotFoundError("export was marked done but model/ is missing; re-run with --force")
+
+
+register_stage("export", ExportConfig, run, restore)

@@ -1,0 +1,66 @@
+"""Token perplexity, the protocol pruning papers use (not lm-eval's word perplexity).
+
+Text joined and tokenized once; the first ``max_tokens`` tokens cut into non-overlapping windows of
+``seq_len``; each window is scored independently; PPL = exp(mean NLL over all predicted tokens),
+i.e. ``seq_len − 1`` predictions per window. 128-token and 2048-token windows give numbers that
+cannot be compared, so the window is always reported next to the value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stages.arch.llama import adapter_for
+
+
+@torch.inference_mode()
+def windowed_perplexity(
+    model: torch.nn.Module, ids: torch.Tensor, seq_len: int, max_tokens: int | None = None,
+    batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on a 1-D token tensor under the windowed protocol above."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(f"only {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    adapter = adapter_for(model)
+    total, count = 0.0, 0
+    for start in tqdm(range(0, n_windows, batch_size), desc=desc, disable=not progress):
+        batch = windows[start : start + batch_size].to(adapter.device)
+        hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
+        nll, n = _head_nll(model, hidden, batch)
+        total, count = total + nll, count + n
+    return {
+        "ppl": math.exp(total / count),
+        "nll": total / count,
+        "seq_len": seq_len,
+        "tokens": n_windows * seq_len,
+        "predicted_tokens": count,
+        "windows": n_windows,
+    }
+
+
+def _head_nll(model: torch.nn.Module, normed: torch.Tensor, ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
+    """NLL sum from the model's final (already normed) hidden state, chunked over positions."""
+    labels = ids[:, 1:]
+    normed = normed[:, :-1]
+    total = 0.0
+    for s in range(0, normed.shape[1], chunk):
+        logits = model.lm_head(normed[:, s : s + chunk]).float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, s : s + chunk].reshape(-1), reduction="sum"
+        ).item()
+    return total, labels.numel()
+
+
+def protocol(source: str, seq_len: int, tokens: int, windows: int) -> str:
+    return (
+        f"token perplexity on {source}: text tokenized once, first {tokens} tokens in {windows} non-overlapping "
+        f"windows of {seq_len}, mean NLL over the {seq_len - 1} predicted tokens per window"
+    )

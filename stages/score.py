@@ -1,0 +1,111 @@
+"""Stage: score units with one or more criteria. Statistics come from ONE calibration pass.
+
+Each criterion's result is saved as soon as it is done (``partial/<criterion>.json``), so a run
+killed in the middle of scoring resumes without recomputing finished criteria.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.recipe import StrictModel
+from pipeline.registry import CRITERIA, register_stage
+from stages import criteria as _criteria  # noqa: F401  (registers criteria, torch-free)
+
+
+class ScoreConfig(StrictModel):
+    type: Literal["score"]
+    criteria: list[str] = Field(
+        default_factory=list, description="criteria to compute; empty means those the later prune stages use"
+    )
+    batch_size: int = Field(1, ge=1, description="calibration windows per forward pass")
+
+    @field_validator("criteria")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if n not in CRITERIA]
+        if bad:
+            raise ValueError(f"unknown criterion {bad}; choose from {', '.join(CRITERIA.names())}")
+        return names
+
+    def effective_criteria(self, key: str, stages: dict[str, Any]) -> list[str]:
+        if self.criteria:
+            return list(self.criteria)
+        keys = list(stages)
+        later = [stages[k] for k in keys[keys.index(key) + 1 :]]
+        return list(dict.fromkeys(getattr(s, "criterion") for s in later if getattr(s, "type", "") == "prune"))
+
+    def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
+        names = self.effective_criteria(key, stages)
+        if not names:
+            return ["no criteria: list them in `criteria:` or add a later prune stage with `criterion:`"]
+        problems = []
+        need_data = [n for n in names if CRITERIA.get(n).needs]
+        if need_data and not any(stages[k].type == "calibrate" for k in seen):
+            problems.append(f"criteria {need_data} need calibration data; add a `calibrate` stage before this one")
+        iterative = [n for n in names if CRITERIA.get(n).iterative]
+        keys = list(stages)
+        if iterative and not any(stages[k].type == "prune" for k in keys[keys.index(key) + 1 :]):
+            problems.append(f"iterative criteria {iterative} stop at a target size: add a later `prune` stage")
+        return problems
+
+
+def _num_remove(ctx: Any) -> int:
+    """Target block count of the later prune stage (iterative criteria stop there).
+
+    Blocks of one decoder are equal in size, so the count does not depend on the criterion.
+    """
+    from stages.prune import num_blocks_for
+
+    stage = next(s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune")
+    return num_blocks_for(stage, ctx.adapter)
+
+
+def run(ctx: Any, cfg: ScoreConfig) -> dict[str, Any]:
+    from accelerate.logging import get_logger
+
+    from pipeline.rundir import atomic_write_json
+    from stages.criteria.depth import CriterionInputs
+    from stages.stats import collect_block_stats
+
+    log = get_logger(__name__)
+    names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
+    partial = ctx.stage_dir / "partial"
+    done = {n: json.loads((partial / f"{n}.json").read_text()) for n in names if (partial / f"{n}.json").is_file()}
+    todo = [n for n in names if n not in done]
+    if done:
+        log.info(f"re-using finished criteria {sorted(done)} from {partial}", main_process_only=True)
+    needs: set[str] = set().union(*(CRITERIA.get(n).needs for n in todo)) if todo else set()
+    adapter = ctx.adapter
+    stats = collect_block_stats(adapter, ctx.calibration, needs, cfg.batch_size, ctx.progress)
+    for name in todo:
+        spec = CRITERIA.get(name)
+        t0 = time.perf_counter()
+        inputs = CriterionInputs(
+            units=list(range(adapter.num_blocks)), stats=stats, model=ctx.model, adapter=adapter,
+            calibration=ctx.calibration, batch_size=cfg.batch_size,
+            num_remove=_num_remove(ctx) if spec.iterative else None, seed=ctx.recipe.seed, progress=ctx.progress,
+        )
+        result = spec.load()(inputs).to_json()
+        result["seconds"] = round(time.perf_counter() - t0 + (stats.seconds if spec.needs else 0.0), 3)
+        result["paper"] = spec.paper
+        done[name] = result
+        if ctx.is_main:
+            atomic_write_json(partial / f"{name}.json", result)
+        log.info(f"scored {name} in {result['seconds']:.1f}s", main_process_only=True)
+    ctx.scores.update({n: done[n] for n in names})
+    if ctx.is_main:
+        atomic_write_json(ctx.stage_dir / "scores.json", {n: done[n] for n in names})
+    return {"criteria": names, "calibration_pass_s": round(stats.seconds, 3)}
+
+
+def restore(ctx: Any, cfg: ScoreConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+    ctx.scores.update(json.loads((stage_dir / "scores.json").read_text()))
+
+
+register_stage("score", ScoreConfig, run, restore)

@@ -1,0 +1,165 @@
+"""Recipe schema: every shipped recipe validates; bad input fails fast, naming the field and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.preflight import preflight
+from pipeline.recipe import RecipeError, load_recipe, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "pipeline/" in first, "every recipe opens with the command that runs it"
+    recipe = load_recipe(path)
+    if "shared/data" in path.read_text() and not SHARED.is_dir():
+        pytest.skip("shared data not present")
+    if recipe.model.source.count("/") == 1 and not Path(recipe.model.source).exists():
+        return  # hub id: nothing local to check
+    preflight(recipe)
+
+
+GOOD = {
+    "name": "t",
+    "model": {"source": "tiny-random-llama"},
+    "stages": {
+        "calibrate": {"type": "calibrate", "source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 2, "seq_len": 16},
+        "score": {"type": "score", "criteria": ["block_influence"]},
+        "prune": {"type": "prune", "criterion": "block_influence", "num_blocks": 2},
+        "eval": {"type": "evaluate", "perplexity": {"tiny": {"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 32}}},
+        "export": {"type": "export"},
+    },
+}
+
+
+def _with(path: str, value):
+    """GOOD with one dotted key set (value None deletes it)."""
+    import copy
+
+    raw = copy.deepcopy(GOOD)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+def test_good_recipe_is_valid_and_ordered():
+    recipe = validate(GOOD)
+    preflight(recipe)
+    assert list(recipe.stages) == ["calibrate", "score", "prune", "eval", "export"]
+
+
+BAD = [
+    # (what is wrong, raw recipe, text the message must contain)
+    ("unknown stage type", _with("stages.score.type", "scoer"), "stages.score.type: unknown stage type 'scoer' (did you mean 'score'?)"),
+    ("missing stage type", _with("stages.score.type", None), "every stage needs `type:`"),
+    ("misspelled key in a stage", _with("stages.prune.num_blocs", 2), "stages.prune.num_blocs: unknown key; did you mean 'num_blocks'?"),
+    ("misspelled top-level key", _with("sed", 1), "sed: unknown key; did you mean 'seed'?"),
+    ("misspelled nested key", _with("stages.calibrate.source.pth", "x.txt"), "stages.calibrate.source.pth: unknown key; did you mean 'path'?"),
+    ("ratio above 1", _with("stages.prune", {"type": "prune", "criterion": "ppl", "ratio": 1.5}), "stages.prune.ratio"),
+    ("ratio zero", _with("stages.prune", {"type": "prune", "criterion": "ppl", "ratio": 0}), "stages.prune.ratio"),
+    ("ratio negative", _with("stages.prune", {"type": "prune", "criterion": "ppl", "ratio": -0.2}), "stages.prune.ratio"),
+    ("two targets", _with("stages.prune.ratio", 0.2), "give exactly one target"),
+    ("no target", _with("stages.prune.num_blocks", None), "give exactly one target"),
+    ("unknown criterion", _with("stages.prune.criterion", "bi"), "unknown criterion 'bi'; choose from"),
+    ("unknown criterion in score", _with("stages.score.criteria", ["angular"]), "stages.score.criteria: unknown criterion"),
+    ("prune before score", {**GOOD, "stages": {k: GOOD["stages"][k] for k in ("prune", "calibrate", "score")}}, "needs a `score` stage before it"),
+    ("score without calibration", {**GOOD, "stages": {k: GOOD["stages"][k] for k in ("score", "prune")}}, "need calibration data"),
+    ("missing model", _with("model", None), "model: required field is missing"),
+    ("bad dtype", _with("model.dtype", "fp8"), "model.dtype"),
+    ("two data sources", _with("stages.calibrate.source.dataset", "wikitext"), "exactly one of `dataset`"),
+    ("unsupported file type", _with("stages.calibrate.source.path", "data.csv"), "only .txt and .jsonl"),
+    ("budget below one window", _with("stages.eval.perplexity.tiny.max_tokens", 8), "less than one window"),
+    ("evaluate with nothing", _with("stages.eval.perplexity", {}), "nothing to evaluate"),
+    ("non-positive samples", _with("stages.calibrate.num_samples", 0), "stages.calibrate.num_samples"),
+    ("bad stage name", _with("stages.bad name", {"type": "export"}), "stage names use letters"),
+]
+
+PREFLIGHT_BAD = [
+    ("more blocks than exist", _with("stages.prune.num_blocks", 40), "num_blocks=40 but the model has 6 blocks; choose at most 5"),
+    ("missing data file", _with("stages.calibrate.source.path", "nope/missing.txt"), "stages.calibrate.source.path: file 'nope/missing.txt' not found"),
+    ("unreadable model path", _with("model.source", "./no/such/model"), "model.source: './no/such/model' is not a readable model folder"),
+    ("folder without config", _with("model.source", "tests/data"), "has no config.json"),
+    ("missing gguf", _with("model.source", "./missing.gguf"), "GGUF file './missing.gguf' not found"),
+    ("nonsense model id", _with("model.source", "not-a-model"), "neither an existing path, a hub id"),
+]
+
+
+@pytest.mark.parametrize("why,raw,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_recipe_schema(why, raw, expected):
+    with pytest.raises(RecipeError) as exc:
+        validate(raw)
+    assert expected in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("why,raw,expected", PREFLIGHT_BAD, ids=[b[0] for b in PREFLIGHT_BAD])
+def test_bad_recipe_preflight(why, raw, expected):
+    with pytest.raises(RecipeError) as exc:
+        preflight(validate(raw))
+    assert expected in str(exc.value), str(exc.value)
+
+
+def test_all_errors_reported_at_once():
+    raw = _with("stages.prune.num_blocs", 2)
+    raw["stages"]["calibrate"]["num_samples"] = -1
+    raw["sed"] = 3
+    with pytest.raises(RecipeError) as exc:
+        validate(raw)
+    assert len(exc.value.problems) == 3
+
+
+def test_cli_overrides_merge_over_yaml():
+    recipe = load_recipe(ROOT / "recipes/debug.yaml", ["stages.prune.num_blocks=3", "seed=7"])
+    assert recipe.stages["prune"].num_blocks == 3 and recipe.seed == 7
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(ROOT / "recipes/debug.yaml", ["stages.prune.num_blocks"])
+
+
+@pytest.mark.parametrize("case", ["typo", "blocks", "ratio", "file", "model"])
+def test_cli_fails_fast_before_loading(tmp_path, case):
+    raw = yaml.safe_load((ROOT / "recipes/debug.yaml").read_text())
+    if case == "typo":
+        raw["stages"]["prune"]["critrion"] = raw["stages"]["prune"].pop("criterion")
+    elif case == "blocks":
+        raw["stages"]["prune"]["num_blocks"] = 99
+    elif case == "ratio":
+        raw["stages"]["prune"] = {"type": "prune", "criterion": "ppl", "ratio": 1.2}
+    elif case == "file":
+        raw["stages"]["calibrate"]["source"]["path"] = "missing.txt"
+    else:
+        raw["model"]["source"] = "/nonexistent/model"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "pipeline/run.py", str(path)], cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid recipe" in proc.stderr
+    assert ("stages." in proc.stderr) or ("model.source" in proc.stderr), proc.stderr
+    assert elapsed < 2.0, f"bad input took {elapsed:.2f}s to report"
+
+
+def test_dry_run_loads_nothing():
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "pipeline/run.py", "recipes/debug.yaml", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "05-prune" in proc.stdout and "recipe is valid" in proc.stdout
+    assert "| torch\n" not in proc.stderr and " torch\n" not in proc.stderr, "dry run must not import torch"

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
     p.add_argument("--output-dir", help="parent folder of the run directory (overrides the recipe's output_dir)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.resume and args.force:
         p.error("--resume and --force contradict each other; choose one")
     return args

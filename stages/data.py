@@ -50,3 +50,25 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def verify_checksum(path: str) -> str:
+    """Check ``path`` against the nearest ``SHA256SUMS`` above it; refuse a changed file.
+
+    Returns a short description of what was checked ("unlisted" when no checksum file covers it).
+    """
+    import hashlib
+
+    file = Path(path).resolve()
+    for folder in file.parents:
+        sums = folder / "SHA256SUMS"
+        if sums.is_file():
+            rel = file.relative_to(folder).as_posix()
+            expected = {name.strip(): digest for digest, name in (l.split(None, 1) for l in sums.read_text().splitlines() if l.strip())}
+            if rel not in expected:
+                return f"{path}: unlisted"
+            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+            if digest != expected[rel]:
+                raise ValueError(f"{path}: sha256 {digest} does not match {sums} ({expected[rel]}); restore the original file")
+            return f"{path}: sha256 ok"
+    return f"{path}: unlisted"

@@ -96,10 +96,10 @@ def select_blocks(result: dict[str, Any], k: int) -> list[int]:
     return sorted(i for _, i in sorted(candidates)[:k])
 
 
-def make_plan(ctx: Any, cfg: PruneConfig) -> dict[str, Any]:
-    adapter = ctx.adapter
+def make_plan(result: dict[str, Any], cfg: PruneConfig, adapter: Any) -> dict[str, Any]:
+    """The depth plan for ``cfg``'s target from one criterion's saved result (plain data in, plain data out)."""
     k = num_blocks_for(cfg, adapter)
-    removed = select_blocks(ctx.scores[cfg.criterion], k)
+    removed = select_blocks(result, k)
     sizes = adapter.block_param_counts()
     before = adapter.total_params()
     after = before - sum(sizes[i] for i in removed)
@@ -129,7 +129,7 @@ def _apply(ctx: Any, plan: dict[str, Any]) -> dict[str, Any]:
 def run(ctx: Any, cfg: PruneConfig) -> dict[str, Any]:
     from pipeline.rundir import atomic_write_json
 
-    plan = make_plan(ctx, cfg)
+    plan = make_plan(ctx.scores[cfg.criterion], cfg, ctx.adapter)
     if ctx.is_main:
         atomic_write_json(ctx.stage_dir / "plan.json", plan)
     return _apply(ctx, plan)

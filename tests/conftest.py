@@ -26,7 +26,7 @@ def tiny_model():
 def tiny_untied():
     from stages.tiny import tiny_llama
 
-    return tiny_llama(num_layers=5, heads=6, kv_heads=3, tie=False, seed=1)
+    return tiny_llama(num_layers=5, hidden=96, heads=6, kv_heads=3, tie=False, seed=1)
 
 
 @pytest.fixture

@@ -22,6 +22,12 @@ SHARED = ROOT.parent / "shared" / "data"
 def test_every_shipped_recipe_validates(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "pipeline/" in first, "every recipe opens with the command that runs it"
+    assert str(path.relative_to(ROOT)) in first, "the opening command names this very file"
+    if path.parent.name == "bench":
+        from pipeline.bench import load_bench
+
+        load_bench(str(path))
+        return
     recipe = load_recipe(path)
     if "shared/data" in path.read_text() and not SHARED.is_dir():
         pytest.skip("shared data not present")

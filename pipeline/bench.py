@@ -1,0 +1,239 @@
+"""Benchmark: every listed criterion × every target on ONE model, ONE calibration set, in ONE process.
+
+    python pipeline/bench.py recipes/bench/smollm2-depth.yaml [--update-readme README.md]
+
+Writes ``bench.json`` and ``bench.md`` under ``<output_dir>/<name>/`` and prints the table. Each
+criterion is scored on its own (its own calibration pass), so the scoring seconds are what that
+criterion costs alone. The PPL criterion's cost is also measured against the naive "one full
+forward per candidate" on the same calibration set, side by side, and reported as a ratio.
+Checksums of the shared data are verified before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    _root = str(Path(__file__).resolve().parents[1])
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root
+
+from pydantic import Field, field_validator  # noqa: E402
+
+from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource  # noqa: E402
+
+
+class BenchCalibration(StrictModel):
+    source: TextSource
+    num_samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(1, ge=1)
+
+
+class BenchTarget(StrictModel):
+    num_blocks: int | None = Field(None, ge=1)
+    ratio: float | None = Field(None, gt=0, lt=1)
+
+    def label(self) -> str:
+        return f"{self.num_blocks} blocks" if self.num_blocks is not None else f"{self.ratio:.0%} params"
+
+
+class BenchRecipe(StrictModel):
+    name: str
+    seed: int = 0
+    output_dir: str = "runs/bench"
+    model: ModelConfig
+    calibration: BenchCalibration
+    perplexity: dict[str, Any] = Field(..., description="name → evaluate-stage perplexity settings")
+    criteria: list[str]
+    targets: list[BenchTarget]
+    cost_ratio: bool = Field(True, description="time the cached PPL criterion against one full forward per candidate")
+
+    @field_validator("criteria")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from stages import criteria  # noqa: F401
+        from pipeline.registry import CRITERIA
+
+        bad = [n for n in names if n not in CRITERIA]
+        if bad:
+            raise ValueError(f"unknown criterion {bad}; choose from {', '.join(CRITERIA.names())}")
+        return names
+
+
+def load_bench(path: str) -> BenchRecipe:
+    from pydantic import ValidationError
+
+    from pipeline.recipe import load_raw
+    from stages.evaluate import PerplexityConfig
+
+    raw = load_raw(path)
+    try:
+        bench = BenchRecipe.model_validate(raw)
+        bench.perplexity = {k: PerplexityConfig.model_validate(v) for k, v in bench.perplexity.items()}
+    except ValidationError as exc:
+        raise RecipeError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+    return bench
+
+
+def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int) -> tuple[dict[str, Any], float]:
+    from pipeline.registry import CRITERIA
+    from stages.arch.llama import adapter_for
+    from stages.criteria.depth import CriterionInputs
+    from stages.stats import collect_block_stats
+
+    spec = CRITERIA.get(name)
+    adapter = adapter_for(model)
+    t0 = time.perf_counter()
+    stats = collect_block_stats(adapter, calib, set(spec.needs), batch_size, progress=True)
+    inputs = CriterionInputs(list(range(adapter.num_blocks)), stats, model, adapter, calib, batch_size,
+                             num_remove if spec.iterative else None, seed)
+    result = spec.load()(inputs).to_json()
+    return result, time.perf_counter() - t0
+
+
+def _cost_ratio(model: Any, calib: Any, batch_size: int) -> dict[str, float]:
+    """Cached removal-NLL (what the PPL criterion runs) vs naive full forwards, same data, same process."""
+    from stages.arch.llama import adapter_for
+    from stages.stats import collect_block_stats, naive_removal_nll
+
+    adapter = adapter_for(model)
+    t0 = time.perf_counter()
+    cached = collect_block_stats(adapter, calib, {"removal_nll"}, batch_size, progress=True)
+    t_cached = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive = naive_removal_nll(adapter, calib, list(range(adapter.num_blocks)), batch_size)
+    t_naive = time.perf_counter() - t0
+    worst = max(abs(a - b) / abs(b) for a, b in zip(cached.removal_nll.tolist(), naive))
+    return {"cached_s": round(t_cached, 2), "naive_s": round(t_naive, 2), "ratio": round(t_cached / t_naive, 3),
+            "max_rel_diff": worst}
+
+
+def run_bench(bench: BenchRecipe) -> dict[str, Any]:
+    import torch
+    from accelerate.utils import set_seed
+
+    from pipeline.metrics import peak_memory_mb, versions
+    from stages.arch.llama import adapter_for
+    from stages.data import read_text, sample_windows, tokenize_text, verify_checksum
+    from stages.load import load_model
+    from stages.perplexity import protocol, windowed_perplexity
+    from stages.prune import PruneConfig, make_plan, num_blocks_for
+    from stages.surgery import apply_plan
+
+    sources = [bench.calibration.source] + [p.source for p in bench.perplexity.values()]
+    checked = [verify_checksum(s.path) for s in sources if s.path]
+    set_seed(bench.seed)
+    t_start = time.perf_counter()
+    model, tok = load_model(bench.model)
+    calib = sample_windows(tokenize_text(tok, read_text(bench.calibration.source)), bench.calibration.num_samples,
+                           bench.calibration.seq_len, bench.seed)
+    eval_ids = {n: tokenize_text(tok, read_text(p.source)) for n, p in bench.perplexity.items()}
+
+    def evaluate(m: Any, label: str) -> dict[str, Any]:
+        out = {}
+        for n, p in bench.perplexity.items():
+            r = windowed_perplexity(m, eval_ids[n], p.seq_len, p.max_tokens, p.batch_size, desc=f"ppl {label}")
+            out[n] = {"ppl": r["ppl"], "seq_len": r["seq_len"], "tokens": r["tokens"],
+                      "protocol": protocol(p.source.describe(), p.seq_len, r["tokens"], r["windows"])}
+        return out
+
+    adapter = adapter_for(model)
+    prune_cfgs = [PruneConfig(type="prune", criterion=bench.criteria[0], **t.model_dump()) for t in bench.targets]
+    max_k = max(num_blocks_for(c, adapter) for c in prune_cfgs)
+    rows: list[dict[str, Any]] = []
+    dense = evaluate(model, "dense")
+    rows.append({"target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
+                 "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": dense})
+    results: dict[str, Any] = {}
+    for name in bench.criteria:
+        set_seed(bench.seed)
+        results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, max_k, bench.seed)
+        results[name]["seconds"] = round(seconds, 2)
+    for target, base_cfg in zip(bench.targets, prune_cfgs):
+        for name in bench.criteria:
+            cfg = base_cfg.model_copy(update={"criterion": name})
+            plan = make_plan(results[name], cfg, adapter)
+            pruned = apply_plan(copy.deepcopy(model), plan)
+            rows.append({"target": target.label(), "criterion": name, "params": plan["params_after"],
+                         "layers": plan["layers_after"], "removed_blocks": plan["removed_blocks"],
+                         "achieved_ratio": plan["achieved_ratio"], "score_s": results[name]["seconds"],
+                         "eval": evaluate(pruned, f"{name} @ {target.label()}")})
+            del pruned
+    cost = _cost_ratio(model, calib, bench.calibration.batch_size) if bench.cost_ratio else None
+    return {
+        "name": bench.name, "model": bench.model.source, "seed": bench.seed,
+        "calibration": {"source": bench.calibration.source.describe(), "num_samples": bench.calibration.num_samples,
+                        "seq_len": bench.calibration.seq_len},
+        "checksums_verified": checked, "rows": rows, "scores": results, "ppl_cost_ratio": cost,
+        "total_s": round(time.perf_counter() - t_start, 1), "peak_memory_mb": peak_memory_mb(), "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def to_markdown(report: dict[str, Any], command: str) -> str:
+    names = list(report["rows"][0]["eval"])
+    head = "| target | criterion | params | blocks | removed blocks | " + " | ".join(
+        f"{n} PPL (seq {report['rows'][0]['eval'][n]['seq_len']})" for n in names) + " | scoring s |"
+    lines = [head, "|" + "---|" * (6 + len(names))]
+    for r in report["rows"]:
+        ppl = " | ".join(f"{r['eval'][n]['ppl']:.2f}" for n in names)
+        lines.append(f"| {r['target']} | {r['criterion']} | {r['params'] / 1e6:.1f}M ({r['achieved_ratio']:.1%} cut) | "
+                     f"{r['layers']} | {r['removed_blocks'] or '—'} | {ppl} | {r['score_s']:.1f} |")
+    cal = report["calibration"]
+    proto = report["rows"][0]["eval"][names[0]]["protocol"]
+    lines += ["", f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
+              f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
+              f"Scoring seconds: each criterion alone, its own calibration pass included, "
+              f"{report['torch_threads']} CPU threads. Total {report['total_s']:.0f} s, peak RSS "
+              f"{report['peak_memory_mb']['cpu_rss']:.0f} MB."]
+    c = report.get("ppl_cost_ratio")
+    if c:
+        lines += ["", f"PPL-criterion cost (hidden states entering each block cached) vs one full forward per "
+                  f"candidate, same calibration set, same process: **{c['cached_s']:.1f} s vs {c['naive_s']:.1f} s = "
+                  f"{c['ratio']:.2f}×** (scores agree to {c['max_rel_diff']:.1e} relative)."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, name: str, table: str) -> None:
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    text = readme.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {start} … {end} markers to replace")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{table}{end}", text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pipeline/bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe")
+    p.add_argument("--update-readme", metavar="FILE", help="replace the table between this benchmark's markers")
+    args = p.parse_args(argv)
+    try:
+        bench = load_bench(args.recipe)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = run_bench(bench)
+    out = Path(bench.output_dir) / bench.name
+    out.mkdir(parents=True, exist_ok=True)
+    from pipeline.rundir import atomic_write_json, atomic_write_text
+
+    table = to_markdown(report, f"python pipeline/bench.py {args.recipe}")
+    atomic_write_json(out / "bench.json", report)
+    atomic_write_text(out / "bench.md", table)
+    print(table)
+    if args.update_readme:
+        update_readme(Path(args.update_readme), bench.name, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

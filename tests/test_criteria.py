@@ -148,3 +148,16 @@ def test_ratio_rounding():
     assert cfg.check_model(30, 134_515_008, 3_540_096) == []
     assert "would remove" in cfg.check_model(2, 100, 10)[0]
     assert "less than one block" in cfg.check_model(30, 100, 50)[0]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_removal_nll_wavefront_matches_hf_forward_for_both_attention_kernels(attn, calib):
+    from stages.tiny import tiny_llama
+
+    model = tiny_llama(num_layers=5)
+    model.config._attn_implementation = attn
+    adapter = adapter_for(model)
+    stats = collect_block_stats(adapter, calib, {"removal_nll"}, batch_size=3, progress=False)
+    naive = naive_removal_nll(adapter, calib, list(range(5)), batch_size=1)
+    assert stats.removal_nll.tolist() == pytest.approx(naive, rel=1e-5)
+    assert [layer for layer in model.model.layers] == list(adapter.layers)  # reference restored the blocks

@@ -115,6 +115,19 @@ class LlamaAdapter:
             ).item()
         return total, labels.numel()
 
+    def nll_per_sequence(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+        """Summed next-token NLL of every sequence in the batch (float64), chunked over rows."""
+        batch, length = input_ids.shape
+        normed = self.inner.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
+        labels = input_ids[:, 1:].reshape(-1)
+        losses = torch.empty(labels.numel(), dtype=torch.float64, device=hidden.device)
+        for s in range(0, labels.numel(), chunk_tokens):
+            logits = self.model.lm_head(normed[s : s + chunk_tokens]).float()
+            losses[s : s + chunk_tokens] = torch.nn.functional.cross_entropy(
+                logits, labels[s : s + chunk_tokens], reduction="none"
+            ).double()
+        return losses.view(batch, length - 1).sum(-1)
+
 
 def adapter_for(model: nn.Module) -> LlamaAdapter:
     """The adapter for ``model``; a clear error for architectures we do not support yet."""

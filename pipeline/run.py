@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(recipe, run_dir))
         print("recipe is valid (dry run: nothing loaded)")
         return 0
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pipeline.runner import RunError, execute
 
     try:

@@ -91,3 +91,17 @@ def test_shortgpt_6blocks_recipe_end_to_end(tmp_path):
     assert export["outputs"]["reload_max_abs_diff"] <= 1e-5
     cfg = json.loads((run_dir / "model" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 24 and "quantization_config" not in cfg
+
+
+def test_gguf_file_loads_directly_and_matches_the_alias(smollm2):
+    """`model.source: path/to/file.gguf` goes through transformers' gguf_file loader."""
+    from pipeline.recipe import ModelConfig
+    from stages.load import load_model
+    from stages.model_source import alias_dirs
+
+    gguf = next(alias_dirs("smollm2-135m")[0].glob("*.gguf"))
+    model, _ = load_model(ModelConfig(source=str(gguf)))
+    assert not hasattr(model.config, "quantization_config")
+    ids = torch.tensor([[1, 504, 3458, 282, 260, 1345]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, smollm2[0](ids).logits)

@@ -20,6 +20,7 @@ class RunContext:
     calibration: Any = None  # LongTensor [num_samples, seq_len]
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # criterion → result json
     score_seconds: dict[str, float] = field(default_factory=dict)
+    width_means: dict[str, Any] | None = None  # per layer o_proj / down_proj input means (FLAP bias)
     plan: dict[str, Any] | None = None
     state: str = "dense"  # dense → pruned → recovered
     model_info: dict[str, Any] = field(default_factory=dict)

@@ -209,4 +209,6 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{where}: required field is missing; add it to the recipe or pass {where}=... on the command line"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg} (got {err.get('input')!r})" if kind != "value_error" else f"{where}: {msg}"
+    if kind == "value_error":
+        return msg if not loc else f"{where}: {msg}"
+    return f"{where}: {msg} (got {err.get('input')!r})"

@@ -74,7 +74,13 @@ class CriterionSpec:
 
 
 STAGES: Registry[StageSpec] = Registry("stage type")
-CRITERIA: Registry[CriterionSpec] = Registry("criterion")
+CRITERIA: Registry[CriterionSpec] = Registry("block criterion")
+WIDTH_CRITERIA: Registry[CriterionSpec] = Registry("width criterion")
+
+
+def criteria_for(units: str) -> Registry[CriterionSpec]:
+    """The criterion registry for a unit kind: "blocks" (depth) or "width"."""
+    return CRITERIA if units == "blocks" else WIDTH_CRITERIA
 
 
 def register_stage(
@@ -91,4 +97,5 @@ def register_criterion(
     iterative: bool = False,
     paper: str = "",
 ) -> CriterionSpec:
-    return CRITERIA.register(name, CriterionSpec(name, target, granularity, frozenset(needs), iterative, paper))
+    registry = CRITERIA if granularity == "block" else WIDTH_CRITERIA
+    return registry.register(name, CriterionSpec(name, target, granularity, frozenset(needs), iterative, paper))

@@ -91,9 +91,11 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         f"== {metrics['recipe']} → {run_dir}",
         f"params {m['params_before']:,} → {m['params_after']:,}   blocks {m['layers_before']} → {m['layers_after']}",
     ]
-    if metrics["plan"]["removed_blocks"]:
-        lines.append(f"removed blocks {metrics['plan']['removed_blocks']} by {metrics['plan']['criterion']} "
-                     f"({metrics['plan']['achieved_ratio']:.2%} of parameters)")
+    plan = metrics["plan"]
+    if plan["removed_blocks"]:
+        lines.append(f"removed blocks {plan['removed_blocks']} by {plan['criterion']} ({plan['achieved_ratio']:.2%} of parameters)")
+    elif plan["removed_units"]:
+        lines.append(f"removed {plan['removed_units']} width units by {plan['criterion']} ({plan['achieved_ratio']:.2%} of parameters)")
     for label, results in metrics["eval"].items():
         for name, r in results.items():
             lines.append(f"{label:>9} {name}: PPL {r['ppl']:.3f}  (seq_len {r['seq_len']}, {r['tokens']} tokens)")

@@ -39,13 +39,16 @@ def _spec(stage_type: str) -> Any:
 
 def _check_model(ctx: Any) -> None:
     """Targets that need the loaded model's size, checked before calibration or scoring starts."""
+    from stages.width_stats import geometry
+
     adapter = ctx.adapter
     sizes = adapter.block_param_counts()
+    geos = [geometry(layer) for layer in adapter.layers]
     problems = []
     for key, cfg in ctx.recipe.stages.items():
         check = getattr(cfg, "check_model", None)
         if check is not None:
-            problems += [f"stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes))]
+            problems += [f"stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes), geos)]
     if problems:
         raise RunError("; ".join(problems))
 

@@ -34,27 +34,42 @@ def model_card(ctx: Any) -> str:
         f"| parameters | {info.get('params_before', 0):,} | {info.get('params_after', info.get('params_before', 0)):,} |",
         f"| decoder blocks | {info.get('layers_before')} | {info.get('layers_after', info.get('layers_before'))} |", "",
     ]
-    if plan:
+    if plan.get("kind") == "depth":
         lines += [
             f"**Removed blocks** (0-based, original numbering): {plan.get('removed_blocks')} — criterion "
             f"`{plan.get('criterion')}`, {plan.get('achieved_ratio', 0):.2%} of all parameters.", "",
         ]
+    elif plan.get("kind") == "width":
+        t = plan["target"]
+        lines += [
+            f"**Width pruning** by `{plan['criterion']}` ({t['allocation']} allocation, attention unit `{t['attention']}`, "
+            f"compensation `{t['compensation']}`): {plan['num_removed']} units removed, {plan.get('achieved_ratio', 0):.2%} "
+            "of all parameters.", "", "| layer | query heads | KV heads | MLP channels |", "|---|---|---|---|",
+        ]
+        lines += [f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | {s['intermediate_size']} |"
+                  for i, s in enumerate(plan["shapes_after"])]
+        lines.append("")
     if ctx.evals:
         lines += ["## Perplexity", "", "| model | dataset | PPL | protocol |", "|---|---|---|---|"]
         for label, results in ctx.evals.items():
             for name, r in results.items():
                 lines.append(f"| {label} | {name} | {r['ppl']:.3f} | {r['protocol']} |")
         lines.append("")
-    lines += ["Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
+    if getattr(ctx.model.config, "prunelab_layer_shapes", None):
+        lines += ["Layer widths differ (adaptive width pruning): load with `from pipeline.loader import load_pruned; "
+                  "model = load_pruned(path)` (pip install prunelab); plain transformers cannot build per-layer widths yet.", ""]
+    else:
+        lines += ["Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
     return "\n".join(lines)
 
 
 def verify_reload(model: Any, path: Path, tolerance: float) -> float:
     """Max |Δlogit| between ``model`` and a fresh vanilla load of ``path``; raise above ``tolerance``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    fresh = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).to(model.device).eval()
+    from pipeline.loader import load_pruned
+
+    fresh = load_pruned(path, dtype=next(model.parameters()).dtype, device=model.device)
     ids = torch.arange(3, 3 + 24, device=model.device).unsqueeze(0) % model.config.vocab_size
     with torch.inference_mode():
         diff = (fresh(ids).logits.float() - model(ids).logits.float()).abs().max().item()

@@ -10,46 +10,97 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.recipe import StrictModel
-from pipeline.registry import CRITERIA, register_stage
+from pipeline.registry import criteria_for, register_stage
 from stages import criteria as _criteria  # noqa: F401
 
 
 class PruneConfig(StrictModel):
     type: Literal["prune"]
+    units: Literal["blocks", "width"] = Field("blocks", description="remove decoder blocks, or heads / KV groups / MLP channels")
     criterion: str = Field(..., description="which computed criterion decides (see `score`)")
-    num_blocks: int | None = Field(None, ge=1, description="remove exactly this many blocks")
+    num_blocks: int | None = Field(None, ge=1, description="blocks: remove exactly this many blocks")
     ratio: float | None = Field(
         None, gt=0, lt=1, description="remove this fraction of ALL parameters (embeddings included, as Shortened LLaMA counts)"
     )
     rounding: Literal["nearest", "floor", "ceil"] = Field(
-        "nearest", description="how a ratio becomes a whole number of blocks"
+        "nearest", description="blocks: how a ratio becomes a whole number of blocks"
     )
+    # ---- width only
+    layer_ratio: float | None = Field(
+        None, gt=0, lt=1, description="width: fraction of each layer's units to remove (LLM-Pruner's per-layer ratio)"
+    )
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="width: same fraction per layer (vanilla config) or one global ranking (FLAP AL-AM)"
+    )
+    layers: tuple[int, int] | None = Field(
+        None, description="width: [start, end) layer range to prune; LLM-Pruner keeps the first and last layers"
+    )
+    attention: str = Field("kv_group", description="width: kv_group | q_head | none — head_dim never changes")
+    mlp: bool = Field(True, description="width: prune MLP channels")
+    compensation: Literal["none", "bias"] = Field("none", description="width: FLAP bias compensation")
 
-    @field_validator("criterion")
+    @field_validator("attention")
     @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in CRITERIA:
-            raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA.names())}")
-        return name
+    def _attention(cls, v: str) -> str:
+        if v == "head_dim" or "dim" in v:
+            raise ValueError("head_dim never changes: prune whole heads with attention: kv_group or q_head")
+        if v not in ("kv_group", "q_head", "none"):
+            raise ValueError(f"attention {v!r}: choose kv_group (whole GQA groups), q_head (query heads inside groups) or none")
+        return v
 
     @model_validator(mode="after")
-    def _one_target(self) -> "PruneConfig":
-        if (self.num_blocks is None) == (self.ratio is None):
-            raise ValueError("give exactly one target: `num_blocks` (a count) or `ratio` (a fraction of parameters in (0, 1))")
+    def _targets(self) -> "PruneConfig":
+        registry = criteria_for(self.units)
+        if self.criterion not in registry:
+            raise ValueError(f"unknown {self.units} criterion {self.criterion!r}; choose from {', '.join(registry.names())}")
+        if self.units == "blocks":
+            if (self.num_blocks is None) == (self.ratio is None):
+                raise ValueError("give exactly one target: `num_blocks` (a count) or `ratio` (a fraction of parameters in (0, 1))")
+            if self.layer_ratio is not None or self.allocation != "uniform" or self.compensation != "none":
+                raise ValueError("layer_ratio, allocation and compensation are width settings; set units: width")
+            return self
+        if self.num_blocks is not None:
+            raise ValueError("num_blocks is a depth target; for width give `ratio` or `layer_ratio`")
+        if (self.ratio is None) == (self.layer_ratio is None):
+            raise ValueError("give exactly one width target: `ratio` (of all parameters) or `layer_ratio` (of each layer's units)")
+        if self.allocation == "global" and self.layer_ratio is not None:
+            raise ValueError("allocation: global needs `ratio` (a parameter budget), not layer_ratio")
+        if self.allocation == "global" and self.attention == "q_head":
+            raise ValueError("allocation: global ranks whole KV groups; use attention: kv_group or allocation: uniform")
+        if self.attention == "none" and not self.mlp:
+            raise ValueError("nothing to prune: enable mlp or choose an attention unit")
+        if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
+            raise ValueError(f"layers {list(self.layers)} must be [start, end) with 0 <= start < end")
         return self
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         if any(stages[k].type == "prune" for k in seen):
             return ["only one prune stage per recipe; combine targets into one"]
-        scorers = [stages[k] for k in seen if stages[k].type == "score"]
+        scorers = [stages[k] for k in seen if stages[k].type == "score" and stages[k].units == self.units]
         if not scorers:
-            return ["needs a `score` stage before it"]
+            return [f"needs a `score` stage with units: {self.units} before it"]
         if not any(not s.criteria or self.criterion in s.criteria for s in scorers):
             return [f"criterion {self.criterion!r} is not computed by an earlier score stage; add it to its `criteria`"]
         return []
 
-    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None) -> list[str]:
+    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
+                    geometries: list[Any] | None = None) -> list[str]:
         """Problems only visible once the model's size is known (checked before any heavy work)."""
+        if self.units == "width":
+            if self.layers is not None and self.layers[1] > num_layers:
+                return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
+            if geometries and self.layer_ratio is not None:
+                from stages.width_select import WidthTargetError, uniform_layer
+
+                start, end = self.layers or (0, num_layers)
+                for i in range(start, end):
+                    g = geometries[i]
+                    dummy = {"q_heads": [0.0] * g.n_q, "kv_groups": [0.0] * g.n_kv, "mlp": [0.0] * g.intermediate}
+                    try:
+                        uniform_layer(dummy, g, self.layer_ratio, self.attention, self.mlp, i)
+                    except WidthTargetError as exc:
+                        return [f"layer_ratio={self.layer_ratio}: {exc}"]
+            return []
         if self.num_blocks is not None and self.num_blocks >= num_layers:
             return [f"num_blocks={self.num_blocks} but the model has {num_layers} blocks; choose at most {num_layers - 1}"]
         if self.ratio is not None and total_params and block_params:
@@ -117,26 +168,88 @@ def make_plan(result: dict[str, Any], cfg: PruneConfig, adapter: Any) -> dict[st
     }
 
 
-def _apply(ctx: Any, plan: dict[str, Any]) -> dict[str, Any]:
+def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
+    from stages.arch.llama import adapter_for
+    from stages.width_select import bias_compensation, ratio_to_params, removed_params, select_global, select_uniform, summarize
+    from stages.width_stats import geometry
+
+    adapter = adapter_for(model)
+    geos = [geometry(layer) for layer in model.model.layers]
+    start, end = cfg.layers if cfg.layers is not None else (0, len(geos))
+    layers = list(range(start, end))
+    attention = cfg.attention
+    before = adapter.total_params()
+    target = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
+    scores = result["layers"]
+    if cfg.allocation == "global":
+        chosen = select_global(scores, geos, layers, cfg.mlp, attention, target)
+    else:
+        chosen = select_uniform(scores, geos, layers, attention, cfg.mlp, cfg.layer_ratio, target)
+    side: dict[str, Any] = {}
+    if cfg.compensation == "bias":
+        if means is None:
+            raise ValueError("compensation: bias needs activation means from a width `score` stage")
+        side = bias_compensation(model, chosen, means)
+    shapes_after = summarize(chosen, geos)
+    after = before - removed_params(chosen, geos) + sum(v.numel() for v in side.values())
+    plan = {
+        "kind": "width",
+        "criterion": cfg.criterion,
+        "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "allocation": cfg.allocation,
+                   "layers": [start, end], "attention": attention, "mlp": cfg.mlp, "compensation": cfg.compensation},
+        "layers": {str(i): rem for i, rem in chosen.items() if any(rem.values())},
+        "shapes_before": summarize({}, geos),
+        "shapes_after": shapes_after,
+        "uniform": all(s == shapes_after[0] for s in shapes_after),
+        "num_removed": sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
+        "layers_before": len(geos),
+        "layers_after": len(geos),
+        "params_before": before,
+        "side_file": "compensation.safetensors" if side else None,
+    }
+    return plan, side
+
+
+def _apply(ctx: Any, plan: dict[str, Any], side: dict[str, Any] | None = None) -> dict[str, Any]:
     from stages.surgery import apply_plan
 
-    apply_plan(ctx.model, plan)
+    apply_plan(ctx.model, plan, side)
     ctx.plan, ctx.state = plan, "pruned"
-    ctx.model_info.update(params_after=ctx.adapter.total_params(), layers_after=ctx.adapter.num_blocks)
-    return {k: plan[k] for k in ("removed_blocks", "achieved_ratio", "layers_after", "params_after")}
+    params_after = ctx.adapter.total_params()
+    plan["params_after"] = params_after
+    plan["achieved_ratio"] = round(1 - params_after / plan["params_before"], 6)
+    ctx.model_info.update(params_after=params_after, layers_after=ctx.adapter.num_blocks)
+    return {k: plan.get(k) for k in ("removed_blocks", "num_removed", "achieved_ratio", "layers_after", "params_after")}
 
 
 def run(ctx: Any, cfg: PruneConfig) -> dict[str, Any]:
     from pipeline.rundir import atomic_write_json
 
-    plan = make_plan(ctx.scores[cfg.criterion], cfg, ctx.adapter)
+    if cfg.units == "width":
+        plan, side = make_width_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.width_means)
+    else:
+        plan, side = make_plan(ctx.scores[cfg.criterion], cfg, ctx.adapter), {}
+    outputs = _apply(ctx, plan, side)
     if ctx.is_main:
+        if side:
+            from safetensors.torch import save_file
+
+            tmp = ctx.stage_dir / f".{plan['side_file']}.tmp"
+            save_file({k: v.contiguous() for k, v in side.items()}, str(tmp))
+            tmp.replace(ctx.stage_dir / plan["side_file"])
         atomic_write_json(ctx.stage_dir / "plan.json", plan)
-    return _apply(ctx, plan)
+    return outputs
 
 
 def restore(ctx: Any, cfg: PruneConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
-    _apply(ctx, json.loads((stage_dir / "plan.json").read_text()))
+    plan = json.loads((stage_dir / "plan.json").read_text())
+    side = None
+    if plan.get("side_file"):
+        from safetensors.torch import load_file
+
+        side = load_file(str(stage_dir / plan["side_file"]))
+    _apply(ctx, plan, side)
 
 
 register_stage("prune", PruneConfig, run, restore)

@@ -11,44 +11,49 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from pipeline.recipe import StrictModel
-from pipeline.registry import CRITERIA, register_stage
+from pipeline.registry import criteria_for, register_stage
 from stages import criteria as _criteria  # noqa: F401  (registers criteria, torch-free)
 
 
 class ScoreConfig(StrictModel):
     type: Literal["score"]
+    units: Literal["blocks", "width"] = Field("blocks", description="blocks (depth) or heads/KV groups/MLP channels (width)")
     criteria: list[str] = Field(
         default_factory=list, description="criteria to compute; empty means those the later prune stages use"
     )
     batch_size: int = Field(1, ge=1, description="calibration windows per forward pass")
+    reduction: Literal["sum", "mean", "max", "prod"] = Field(
+        "sum", description="width: how element importances of a coupled group's members combine (LLM-Pruner)"
+    )
 
-    @field_validator("criteria")
-    @classmethod
-    def _known(cls, names: list[str]) -> list[str]:
-        bad = [n for n in names if n not in CRITERIA]
+    @model_validator(mode="after")
+    def _known(self) -> "ScoreConfig":
+        registry = criteria_for(self.units)
+        bad = [n for n in self.criteria if n not in registry]
         if bad:
-            raise ValueError(f"unknown criterion {bad}; choose from {', '.join(CRITERIA.names())}")
-        return names
+            raise ValueError(f"unknown {self.units} criterion {bad}; choose from {', '.join(registry.names())}")
+        return self
 
     def effective_criteria(self, key: str, stages: dict[str, Any]) -> list[str]:
         if self.criteria:
             return list(self.criteria)
         keys = list(stages)
         later = [stages[k] for k in keys[keys.index(key) + 1 :]]
-        return list(dict.fromkeys(getattr(s, "criterion") for s in later if getattr(s, "type", "") == "prune"))
+        return list(dict.fromkeys(s.criterion for s in later if getattr(s, "type", "") == "prune" and s.units == self.units))
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         names = self.effective_criteria(key, stages)
         if not names:
             return ["no criteria: list them in `criteria:` or add a later prune stage with `criterion:`"]
         problems = []
-        need_data = [n for n in names if CRITERIA.get(n).needs]
+        registry = criteria_for(self.units)
+        need_data = [n for n in names if registry.get(n).needs]
         if need_data and not any(stages[k].type == "calibrate" for k in seen):
             problems.append(f"criteria {need_data} need calibration data; add a `calibrate` stage before this one")
-        iterative = [n for n in names if CRITERIA.get(n).iterative]
+        iterative = [n for n in names if registry.get(n).iterative]
         keys = list(stages)
         if iterative and not any(stages[k].type == "prune" for k in keys[keys.index(key) + 1 :]):
             problems.append(f"iterative criteria {iterative} stop at a target size: add a later `prune` stage")
@@ -74,6 +79,9 @@ def run(ctx: Any, cfg: ScoreConfig) -> dict[str, Any]:
     from stages.stats import collect_block_stats
 
     log = get_logger(__name__)
+    if cfg.units == "width":
+        return _run_width(ctx, cfg, log)
+    CRITERIA = criteria_for("blocks")
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
     partial = ctx.stage_dir / "partial"
     done = {n: json.loads((partial / f"{n}.json").read_text()) for n in names if (partial / f"{n}.json").is_file()}
@@ -104,8 +112,39 @@ def run(ctx: Any, cfg: ScoreConfig) -> dict[str, Any]:
     return {"criteria": names, "calibration_pass_s": round(stats.seconds, 3)}
 
 
+def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
+    """Width scoring: one calibration pass (hooks, plus one backward per batch for Taylor criteria)."""
+    import torch
+
+    from pipeline.rundir import atomic_write_json
+    from stages.criteria.width import WidthInputs
+    from stages.width_stats import collect_width_stats
+
+    registry = criteria_for("width")
+    names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
+    needs = {"activations"} | set().union(*(registry.get(n).needs for n in names))  # means feed compensation
+    stats = collect_width_stats(ctx.model, ctx.calibration, needs, cfg.batch_size, ctx.progress)
+    results: dict[str, Any] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        layers = registry.get(name).load()(WidthInputs(ctx.model, stats, ctx.recipe.seed, cfg.reduction))
+        results[name] = {"units": "width", "layers": layers, "paper": registry.get(name).paper,
+                         "seconds": round(time.perf_counter() - t0 + (stats.seconds if registry.get(name).needs else 0.0), 3)}
+        log.info(f"scored {name} (width) in {results[name]['seconds']:.1f}s", main_process_only=True)
+    ctx.width_means = {"o_proj": [s.mean.float() for s in stats.o_proj], "down_proj": [s.mean.float() for s in stats.down_proj]}
+    ctx.scores.update(results)
+    if ctx.is_main:
+        torch.save(ctx.width_means, ctx.stage_dir / "activation_means.pt")
+        atomic_write_json(ctx.stage_dir / "scores.json", results)
+    return {"criteria": names, "units": "width", "calibration_pass_s": round(stats.seconds, 3)}
+
+
 def restore(ctx: Any, cfg: ScoreConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     ctx.scores.update(json.loads((stage_dir / "scores.json").read_text()))
+    if cfg.units == "width":
+        import torch
+
+        ctx.width_means = torch.load(stage_dir / "activation_means.pt")
 
 
 register_stage("score", ScoreConfig, run, restore)

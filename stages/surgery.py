@@ -15,13 +15,32 @@ class PlanError(ValueError):
     """A plan that does not fit the model it is applied to."""
 
 
-def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
-    """Apply ``plan`` to ``model`` in place and return it."""
+def apply_plan(model: nn.Module, plan: dict[str, Any], side: dict[str, Any] | None = None) -> nn.Module:
+    """Apply ``plan`` (and its side tensors, e.g. compensation biases) to ``model`` in place."""
     kind = plan.get("kind")
     if kind == "depth":
         remove_blocks(model, plan["removed_blocks"], expected_layers=plan.get("layers_before"))
         return model
-    raise PlanError(f"unknown plan kind {kind!r}; this version applies: depth")
+    if kind == "width":
+        apply_width(model, plan, side or {})
+        return model
+    raise PlanError(f"unknown plan kind {kind!r}; this version applies: depth, width")
+
+
+def apply_width(model: nn.Module, plan: dict[str, Any], side: dict[str, Any]) -> None:
+    from stages.width_stats import geometry
+
+    before = plan.get("shapes_before")
+    if before is not None:
+        now = [geometry(layer) for layer in model.model.layers]
+        got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate} for g in now]
+        if got != before:
+            raise PlanError("plan was made for a model with other layer widths (already pruned?)")
+    for key, removed in plan["layers"].items():
+        prune_layer_width(model.model.layers[int(key)], removed)
+    if side:
+        add_output_biases(model, side)
+    set_width_config(model, plan["shapes_after"])
 
 
 def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | None = None) -> None:
@@ -45,3 +64,105 @@ def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | N
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------- width
+def _slice_linear(lin: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> nn.Linear:
+    """A new Linear holding the kept output rows / input columns (bias follows the rows)."""
+    import torch
+
+    w = lin.weight.data
+    if rows is not None:
+        w = w[torch.tensor(rows, dtype=torch.long, device=w.device)]
+    if cols is not None:
+        w = w[:, torch.tensor(cols, dtype=torch.long, device=w.device)]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        b = lin.bias.data if rows is None else lin.bias.data[torch.tensor(rows, dtype=torch.long, device=w.device)]
+        new.bias.data.copy_(b)
+    return new
+
+
+def _heads_to_rows(heads: list[int], head_dim: int) -> list[int]:
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]]) -> None:
+    """Physically remove query heads, KV heads and MLP channels of one decoder layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hd = attn.head_dim
+    n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+    keep_q = [h for h in range(n_q) if h not in set(removed.get("q_heads", []))]
+    keep_kv = [h for h in range(n_kv) if h not in set(removed.get("kv_heads", []))]
+    if not keep_q or not keep_kv:
+        raise PlanError("a layer must keep at least one query head and one KV head")
+    if len(keep_q) % len(keep_kv):
+        raise PlanError(f"{len(keep_q)} query heads cannot share {len(keep_kv)} KV heads evenly (a KV group would split)")
+    qpg_old = n_q // n_kv
+    for g in range(n_kv):  # every kept query head must still map onto its own KV head after renumbering
+        members = [h for h in keep_q if h // qpg_old == g]
+        if (g in keep_kv) != bool(members) or (members and len(members) != len(keep_q) // len(keep_kv)):
+            raise PlanError(f"KV group {g} would be split: query heads {members} kept, KV head kept={g in keep_kv}")
+    if len(keep_q) < n_q or len(keep_kv) < n_kv:
+        attn.q_proj = _slice_linear(attn.q_proj, rows=_heads_to_rows(keep_q, hd))
+        attn.k_proj = _slice_linear(attn.k_proj, rows=_heads_to_rows(keep_kv, hd))
+        attn.v_proj = _slice_linear(attn.v_proj, rows=_heads_to_rows(keep_kv, hd))
+        attn.o_proj = _slice_linear(attn.o_proj, cols=_heads_to_rows(keep_q, hd))
+        attn.num_key_value_groups = len(keep_q) // len(keep_kv)
+    inter = mlp.gate_proj.out_features
+    keep_c = [c for c in range(inter) if c not in set(removed.get("mlp", []))]
+    if not keep_c:
+        raise PlanError("a layer must keep at least one MLP channel")
+    if len(keep_c) < inter:
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep_c)
+        mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep_c)
+        mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep_c)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(keep_c)
+
+
+def add_output_biases(model: nn.Module, side: dict[str, "torch.Tensor"]) -> None:
+    """Fold compensation vectors into o_proj / down_proj biases, keeping a vanilla-loadable layout.
+
+    ``attention_bias`` makes transformers build biases on q, k, v AND o; ``mlp_bias`` on gate, up
+    AND down. So when a flag is switched on, every such projection of every layer gets a bias,
+    zero except where compensation put a value.
+    """
+    import torch
+
+    cfg = model.config
+    need_attn = any(".self_attn." in k for k in side) or getattr(cfg, "attention_bias", False)
+    need_mlp = any(".mlp." in k for k in side) or getattr(cfg, "mlp_bias", False)
+    for i, layer in enumerate(model.model.layers):
+        groups = []
+        if need_attn:
+            groups.append(("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")))
+        if need_mlp:
+            groups.append(("mlp", ("gate_proj", "up_proj", "down_proj")))
+        for parent, names in groups:
+            for name in names:
+                lin = getattr(getattr(layer, parent), name)
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+                key = f"model.layers.{i}.{parent}.{name}.bias"
+                if key in side:
+                    lin.bias.data += side[key].to(lin.bias.device, lin.bias.dtype)
+    cfg.attention_bias = bool(need_attn)
+    cfg.mlp_bias = bool(need_mlp)
+
+
+def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
+    """Uniform widths → a vanilla config; otherwise keep per-layer shapes for the prunelab loader."""
+    cfg = model.config
+    cfg.head_dim = model.model.layers[0].self_attn.head_dim  # explicit: heads × head_dim ≠ hidden now
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    if all(s == shapes[0] for s in shapes):
+        for k in keys:
+            setattr(cfg, k, shapes[0][k])
+        if hasattr(cfg, "prunelab_layer_shapes"):
+            del cfg.prunelab_layer_shapes
+    else:
+        for k in keys:  # the largest shape, so a config without the loader fails loudly on sizes
+            setattr(cfg, k, max(s[k] for s in shapes))
+        cfg.prunelab_layer_shapes = shapes

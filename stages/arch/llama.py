@@ -16,6 +16,15 @@ from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+# The coupled members of each width unit: (module path inside a decoder layer, which side is cut).
+# "out" slices output rows (and the bias), "in" slices input columns. Tests cross-check the MLP
+# entry against torch-pruning's DependencyGraph.
+UNIT_MEMBERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mlp": (("mlp.gate_proj", "out"), ("mlp.up_proj", "out"), ("mlp.down_proj", "in")),
+    "q_head": (("self_attn.q_proj", "out"), ("self_attn.o_proj", "in")),
+    "kv_group": (("self_attn.q_proj", "out"), ("self_attn.k_proj", "out"), ("self_attn.v_proj", "out"), ("self_attn.o_proj", "in")),
+}
+
 
 @dataclass
 class BlockInputs:

@@ -1,6 +1,6 @@
 """Criterion registry. Entries resolve lazily ("module:function") so recipe validation stays torch-free."""
 
-from pipeline.registry import CRITERIA, register_criterion
+from pipeline.registry import CRITERIA, WIDTH_CRITERIA, register_criterion
 
 _DEPTH = "stages.criteria.depth"
 
@@ -12,4 +12,16 @@ register_criterion("sleb", f"{_DEPTH}:sleb", "block", {"removal_nll"}, iterative
 register_criterion("magnitude", f"{_DEPTH}:magnitude", "block", paper="baseline")
 register_criterion("random", f"{_DEPTH}:random", "block", paper="baseline")
 
-__all__ = ["CRITERIA"]
+_WIDTH = "stages.criteria.width"
+_LLMP = "LLM-Pruner, arXiv 2305.11627"
+
+register_criterion("magnitude", f"{_WIDTH}:magnitude", "width", paper="baseline (L2 of the group)")
+register_criterion("magnitude_l1", f"{_WIDTH}:magnitude_l1", "width", paper="baseline (L1 of the group)")
+register_criterion("random", f"{_WIDTH}:random", "width", paper="baseline")
+register_criterion("taylor", f"{_WIDTH}:taylor", "width", {"grad"}, paper=f"{_LLMP}, element1")
+register_criterion("taylor_element2", f"{_WIDTH}:taylor_element2", "width", {"grad", "fisher"}, paper=f"{_LLMP}, element2")
+register_criterion("taylor_vector", f"{_WIDTH}:taylor_vector", "width", {"grad"}, paper=f"{_LLMP}, vector-wise")
+register_criterion("wanda_sp", f"{_WIDTH}:wanda_sp", "width", {"activations"}, paper="Wanda-sp, arXiv 2312.11983")
+register_criterion("flap", f"{_WIDTH}:flap", "width", {"activations"}, paper="FLAP, arXiv 2312.11983")
+
+__all__ = ["CRITERIA", "WIDTH_CRITERIA"]

@@ -1,0 +1,82 @@
+"""Load any model prunelab exported — including heterogeneous per-layer widths.
+
+Uniform results (depth pruning, uniform width pruning) are vanilla checkpoints:
+``AutoModelForCausalLM.from_pretrained(path)`` loads them. When layers differ in width (global /
+adaptive allocation), ``config.json`` carries ``prunelab_layer_shapes`` — one
+``{num_attention_heads, num_key_value_heads, intermediate_size}`` per layer — which transformers
+cannot build yet, so use::
+
+    from pipeline.loader import load_pruned
+    model = load_pruned("runs/<name>/model")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _resize_layer(layer: nn.Module, shape: dict[str, int]) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+    hd = attn.head_dim
+    hidden = attn.q_proj.in_features
+
+    def linear(i: int, o: int, like: nn.Linear) -> nn.Linear:
+        return nn.Linear(i, o, bias=like.bias is not None, dtype=like.weight.dtype, device=like.weight.device)
+
+    nq, nkv, inter = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
+    attn.q_proj = linear(hidden, nq * hd, attn.q_proj)
+    attn.k_proj = linear(hidden, nkv * hd, attn.k_proj)
+    attn.v_proj = linear(hidden, nkv * hd, attn.v_proj)
+    attn.o_proj = linear(nq * hd, hidden, attn.o_proj)
+    attn.num_key_value_groups = nq // nkv
+    mlp.gate_proj = linear(hidden, inter, mlp.gate_proj)
+    mlp.up_proj = linear(hidden, inter, mlp.up_proj)
+    mlp.down_proj = linear(inter, hidden, mlp.down_proj)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = inter
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(load_file(path / f))
+        return out
+    return load_file(path / "model.safetensors")
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
+    """Load a prunelab export; heterogeneous widths are rebuilt layer by layer, then weights loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    shapes = getattr(config, "prunelab_layer_shapes", None)
+    if not shapes:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    for layer, shape in zip(model.model.layers, shapes):
+        _resize_layer(layer, shape)
+    state = _state_dict(path)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    bad = [k for k in missing if k not in allowed_missing and "rotary_emb" not in k]
+    if bad or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match its per-layer shapes (missing {bad[:5]}, unexpected {unexpected[:5]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)  # its buffers were on meta
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

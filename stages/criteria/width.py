@@ -1,0 +1,182 @@
+"""Width criteria: pure functions scoring every KV group, query head and MLP channel of every layer.
+
+Convention: higher = more important. Each returns per layer ``{"q_heads": [n_q], "kv_groups":
+[n_kv], "mlp": [intermediate]}``. Element-wise importances are reduced over the members of a
+coupled group (q/k/v rows and o columns of a head group; gate/up rows and the down column of an
+MLP channel) with LLM-Pruner's group reductions: sum (default), mean, max, prod.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from stages.width_stats import LayerGeometry, WidthStats, geometry
+
+
+@dataclass
+class WidthInputs:
+    model: torch.nn.Module
+    stats: WidthStats
+    seed: int = 0
+    reduction: str = "sum"
+
+
+# ----------------------------------------------------------------------------- group plumbing
+def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """Per-unit sums of an element-wise importance, one tensor per member matrix.
+
+    ``imp(member_name, weight)`` returns a tensor shaped like the weight. Returns, per unit kind, a
+    list of per-member contribution vectors to be reduced across members.
+    """
+    a, m, hd = layer.self_attn, layer.mlp, geo.head_dim
+    q = imp("self_attn.q_proj", a.q_proj.weight).sum(1).view(geo.n_q, hd).sum(1)
+    k = imp("self_attn.k_proj", a.k_proj.weight).sum(1).view(geo.n_kv, hd).sum(1)
+    v = imp("self_attn.v_proj", a.v_proj.weight).sum(1).view(geo.n_kv, hd).sum(1)
+    o = imp("self_attn.o_proj", a.o_proj.weight).sum(0).view(geo.n_q, hd).sum(1)
+    gate = imp("mlp.gate_proj", m.gate_proj.weight).sum(1)
+    up = imp("mlp.up_proj", m.up_proj.weight).sum(1)
+    down = imp("mlp.down_proj", m.down_proj.weight).sum(0)
+    qg = geo.q_per_group
+    return {
+        "q_heads": [q, o],
+        "kv_groups": [q.view(geo.n_kv, qg).sum(1), k, v, o.view(geo.n_kv, qg).sum(1)],
+        "mlp": [gate, up, down],
+    }
+
+
+def _reduce(parts: list[torch.Tensor], how: str) -> torch.Tensor:
+    stacked = torch.stack([p.double() for p in parts])
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    if how == "prod":
+        return stacked.prod(0)
+    raise ValueError(f"unknown group reduction {how!r}; choose sum, mean, max or prod")
+
+
+def _elementwise(inp: WidthInputs, imp: Callable[[int, str, torch.Tensor], torch.Tensor]) -> list[dict[str, list[float]]]:
+    out = []
+    for i, layer in enumerate(inp.model.model.layers):
+        geo = geometry(layer)
+        members = _member_scores(layer, geo, lambda name, w, i=i: imp(i, name, w.detach().float()))
+        out.append({kind: _reduce(parts, inp.reduction).tolist() for kind, parts in members.items()})
+    return out
+
+
+def _grad(inp: WidthInputs, i: int, name: str, table: dict[str, torch.Tensor]) -> torch.Tensor:
+    return table[f"model.layers.{i}.{name}.weight"]
+
+
+# ----------------------------------------------------------------------------- criteria
+def magnitude(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """Magnitude baseline (L2): I(G) = ‖W_G‖₂ = sqrt(Σ_{w ∈ G} w²) over every weight of the group."""
+    red = inp.reduction
+    inp.reduction = "sum"
+    try:
+        sq = _elementwise(inp, lambda i, n, w: w * w)
+    finally:
+        inp.reduction = red
+    return [{k: [v**0.5 for v in vals] for k, vals in layer.items()} for layer in sq]
+
+
+def magnitude_l1(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """Magnitude baseline (L1): I(G) = Σ_{w ∈ G} |w|."""
+    return _elementwise(inp, lambda i, n, w: w.abs())
+
+
+def random(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """Random baseline: i.i.d. uniform scores from the recipe seed."""
+    gen = torch.Generator().manual_seed(inp.seed)
+    out = []
+    for layer in inp.model.model.layers:
+        geo = geometry(layer)
+        out.append({k: torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+                    for k, n in (("q_heads", geo.n_q), ("kv_groups", geo.n_kv), ("mlp", geo.intermediate))})
+    return out
+
+
+def taylor(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """LLM-Pruner element-wise first order (Ma et al., 2023, arXiv 2305.11627, Eq. 4–5):
+
+        I(W_k^i) = | ∂L(D)/∂W_k^i · W_k^i |,   I(G) = Σ_{i,k ∈ G} I(W_k^i)   (group "sum")
+
+    with ∂L/∂W the mean calibration-loss gradient (one forward+backward per batch).
+    """
+    return _elementwise(inp, lambda i, n, w: (w * _grad(inp, i, n, inp.stats.grad_mean)).abs())
+
+
+def taylor_element2(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """LLM-Pruner element-wise second order (arXiv 2305.11627, Eq. 5), Hessian ≈ Fisher diagonal:
+
+        I(W_k^i) = | ∂L/∂W_k^i · W_k^i − ½ · W_k^i · F_kk · W_k^i |,   F = (1/N) Σ_n (∂L_n/∂W)²
+
+    (LLM-Pruner's ``param_mix``; the sign inside |·| does not matter).
+    """
+    def imp(i: int, n: str, w: torch.Tensor) -> torch.Tensor:
+        g, f = _grad(inp, i, n, inp.stats.grad_mean), _grad(inp, i, n, inp.stats.fisher)
+        return (w * g - 0.5 * w * f * w).abs()
+
+    return _elementwise(inp, imp)
+
+
+def taylor_vector(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """LLM-Pruner vector-wise (arXiv 2305.11627, Eq. 3): I(W_i) = | Σ_k ∂L/∂W_i,k · W_i,k | per member
+    vector (a head's rows or columns in one matrix, a channel's row or column), reduced over members."""
+    out = []
+    for i, layer in enumerate(inp.model.model.layers):
+        geo = geometry(layer)
+        signed = _member_scores(layer, geo, lambda n, w, i=i: w.detach().float() * _grad(inp, i, n, inp.stats.grad_mean))
+        out.append({kind: _reduce([p.abs() for p in parts], inp.reduction).tolist() for kind, parts in signed.items()})
+    return out
+
+
+def wanda_sp(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """Wanda-sp (structured Wanda, as in An et al., 2024, arXiv 2312.11983, baseline; Sun et al. 2023):
+
+        S_j = mean_i |W_ij| · ‖X_j‖₂   for input channel j of o_proj / down_proj,
+
+    summed over a head's (or KV group's) channels; an MLP channel's score is its S_j.
+    """
+    out = []
+    for i, layer in enumerate(inp.model.model.layers):
+        geo = geometry(layer)
+        so = layer.self_attn.o_proj.weight.detach().double().abs().mean(0) * inp.stats.o_proj[i].sq_norm.sqrt()
+        sd = layer.mlp.down_proj.weight.detach().double().abs().mean(0) * inp.stats.down_proj[i].sq_norm.sqrt()
+        heads = so.view(geo.n_q, geo.head_dim).sum(1)
+        out.append({"q_heads": heads.tolist(), "kv_groups": heads.view(geo.n_kv, -1).sum(1).tolist(), "mlp": sd.tolist()})
+    return out
+
+
+def flap(inp: WidthInputs) -> list[dict[str, list[float]]]:
+    """FLAP fluctuation metric, WIFV (An et al., 2024, arXiv 2312.11983, Eq. 5), standardized:
+
+        S_j = (1/(N−1)) Σ_n (X_n,j − X̄_j)² · ‖W_:,j‖²₂
+
+    for input channel j of o_proj / down_proj. As in the official code, the attention metric is
+    squared before standardization; each layer's attention channels and MLP channels are
+    standardized separately, (S − mean)/std (Eq. 7), so heads and channels of all layers compete
+    on one scale (adaptive structure); a head (KV group) scores the mean of its channels.
+    """
+    out = []
+    for i, layer in enumerate(inp.model.model.layers):
+        geo = geometry(layer)
+        wo = layer.self_attn.o_proj.weight.detach().double().pow(2).sum(0)
+        wd = layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)
+        attn = _standardize((inp.stats.o_proj[i].variance * wo) ** 2)
+        mlp = _standardize(inp.stats.down_proj[i].variance * wd)
+        out.append({
+            "q_heads": attn.view(geo.n_q, geo.head_dim).mean(1).tolist(),
+            "kv_groups": attn.view(geo.n_kv, -1).mean(1).tolist(),
+            "mlp": mlp.tolist(),
+        })
+    return out
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-12)

@@ -1,0 +1,163 @@
+"""Width selection: per-unit scores + a target → which heads / KV groups / MLP channels go.
+
+Two allocations:
+- ``uniform``: every layer in range loses the same fraction of its units (the result keeps a
+  vanilla config);
+- ``global``: KV groups and MLP channels of all layers in range are ranked on one scale and removed
+  cheapest-first, each weighted by its parameter cost (FLAP's adaptive structure, "AL-AM"); layer
+  widths then differ and the model needs the prunelab loader.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from stages.width_stats import LayerGeometry
+
+
+class WidthTargetError(ValueError):
+    """A target that cannot be met without breaking a layer (no heads left, KV groups split, ...)."""
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def _lowest(scores: list[float], k: int) -> list[int]:
+    return sorted(sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k])
+
+
+def uniform_layer(scores: dict[str, list[float]], geo: LayerGeometry, r: float, attention: str, mlp: bool, index: int) -> dict[str, list[int]]:
+    """Remove fraction ``r`` of one layer's units (rounded to whole units)."""
+    out: dict[str, list[int]] = {"q_heads": [], "kv_heads": [], "mlp": []}
+    if mlp:
+        k = _round_half_up(r * geo.intermediate)
+        if k >= geo.intermediate:
+            raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove all {geo.intermediate} MLP channels")
+        out["mlp"] = _lowest(scores["mlp"], k)
+    if attention == "kv_group":
+        k = _round_half_up(r * geo.n_kv)
+        if k >= geo.n_kv:
+            raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every head (all {geo.n_kv} KV groups); lower it")
+        out["kv_heads"] = _lowest(scores["kv_groups"], k)
+        qg = geo.q_per_group
+        out["q_heads"] = [g * qg + j for g in out["kv_heads"] for j in range(qg)]
+    elif attention == "q_head":
+        per_group = _round_half_up(r * geo.q_per_group)
+        if per_group >= geo.q_per_group:
+            raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every query head of each group; lower it")
+        qg = geo.q_per_group
+        for g in range(geo.n_kv):
+            local = _lowest(scores["q_heads"][g * qg : (g + 1) * qg], per_group)
+            out["q_heads"] += [g * qg + j for j in local]
+    return out
+
+
+def removed_params(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeometry]) -> int:
+    total = 0
+    for i, rem in plan_layers.items():
+        g = geos[i]
+        total += len(rem["mlp"]) * g.params_per_mlp_channel()
+        total += len(rem["q_heads"]) * g.params_per_q_head() + len(rem["kv_heads"]) * 2 * g.hidden * g.head_dim
+    return total
+
+
+def select_uniform(scores: list[dict[str, list[float]]], geos: list[LayerGeometry], layers: list[int], attention: str,
+                   mlp: bool, layer_ratio: float | None, target_params: int | None) -> dict[int, dict[str, list[int]]]:
+    """Uniform allocation: a given per-layer unit ratio, or the ratio whose removal is nearest ``target_params``."""
+    def build(r: float) -> dict[int, dict[str, list[int]]]:
+        return {i: uniform_layer(scores[i], geos[i], r, attention, mlp, i) for i in layers}
+
+    if layer_ratio is not None:
+        return build(layer_ratio)
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(40):  # bisection on the per-layer ratio; rounding makes removal a step function of r
+        mid = (lo + hi) / 2
+        try:
+            cand = build(mid)
+        except WidthTargetError:
+            hi = mid
+            continue
+        got = removed_params(cand, geos)
+        if best is None or abs(got - target_params) < abs(best[1] - target_params):
+            best = (cand, got)
+        lo, hi = (mid, hi) if got < target_params else (lo, mid)
+    if best is None or best[1] == 0:
+        raise WidthTargetError("the target removes less than one unit per layer; raise the ratio")
+    return best[0]
+
+
+def select_global(scores: list[dict[str, list[float]]], geos: list[LayerGeometry], layers: list[int],
+                  mlp: bool, attention: str, target_params: int) -> dict[int, dict[str, list[int]]]:
+    """Global allocation: lowest score first across layers, each unit weighted by its parameter cost,
+    stopping at the removal nearest the target; at least one KV group and one MLP channel stay per layer."""
+    if attention == "q_head":
+        raise WidthTargetError("allocation: global ranks whole KV groups; use attention: kv_group (or uniform allocation)")
+    units: list[tuple[float, int, str, int]] = []
+    for i in layers:
+        if attention == "kv_group":
+            units += [(s, i, "kv", g) for g, s in enumerate(scores[i]["kv_groups"])]
+        if mlp:
+            units += [(s, i, "mlp", c) for c, s in enumerate(scores[i]["mlp"])]
+    units.sort(key=lambda u: (u[0], u[1], u[2], u[3]))
+    out = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in layers}
+    removed = 0
+    for _, i, kind, j in units:
+        g = geos[i]
+        cost = g.params_per_kv_group() if kind == "kv" else g.params_per_mlp_channel()
+        if removed >= target_params or removed + cost - target_params > target_params - removed:
+            break  # FLAP's threshold: every unit scoring below it goes, the removal nearest the target
+        if kind == "kv":
+            if len(out[i]["kv_heads"]) + 1 >= g.n_kv:
+                continue
+            out[i]["kv_heads"].append(j)
+            out[i]["q_heads"] += [j * g.q_per_group + q for q in range(g.q_per_group)]
+        else:
+            if len(out[i]["mlp"]) + 1 >= g.intermediate:
+                continue
+            out[i]["mlp"].append(j)
+        removed += cost
+    for rem in out.values():
+        for k in rem:
+            rem[k] = sorted(rem[k])
+    return out
+
+
+def bias_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], means: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """FLAP's baseline bias (arXiv 2312.11983, Eq. 8): b' = b + W[:, S] · X̄[S] for removed input channels S.
+
+    A removed channel's average contribution is folded into the output bias, so on average the
+    layer's output is unchanged. Returned as side tensors named by parameter.
+    """
+    side: dict[str, torch.Tensor] = {}
+    for i, rem in plan_layers.items():
+        layer = model.model.layers[i]
+        hd = layer.self_attn.head_dim
+        cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
+        for name, lin, idx, mean in (
+            ("self_attn.o_proj", layer.self_attn.o_proj, cols, means["o_proj"][i]),
+            ("mlp.down_proj", layer.mlp.down_proj, rem["mlp"], means["down_proj"][i]),
+        ):
+            if not idx:
+                continue
+            w = lin.weight.detach().double()
+            shift = w[:, idx] @ mean.double()[idx]
+            side[f"model.layers.{i}.{name}.bias"] = shift.to(lin.weight.dtype)
+    return side
+
+
+def ratio_to_params(ratio: float, total: int) -> int:
+    return int(math.floor(ratio * total + 0.5))
+
+
+def summarize(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeometry]) -> list[dict[str, Any]]:
+    """Per-layer kept widths (for the plan, the report and the loader)."""
+    out = []
+    for i, g in enumerate(geos):
+        rem = plan_layers.get(i, {"q_heads": [], "kv_heads": [], "mlp": []})
+        out.append({"num_attention_heads": g.n_q - len(rem["q_heads"]), "num_key_value_heads": g.n_kv - len(rem["kv_heads"]),
+                    "intermediate_size": g.intermediate - len(rem["mlp"])})
+    return out

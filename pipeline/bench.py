@@ -45,6 +45,18 @@ class BenchTarget(StrictModel):
         return f"{self.num_blocks} blocks" if self.num_blocks is not None else f"{self.ratio:.0%} params"
 
 
+class WidthMethod(StrictModel):
+    """One width-pruning row: a criterion plus the prune settings that make the method."""
+
+    criterion: str
+    label: str | None = None
+    allocation: str = "uniform"
+    attention: str = "kv_group"
+    compensation: str = "none"
+    layers: tuple[int, int] | None = None
+    mlp: bool = True
+
+
 class BenchRecipe(StrictModel):
     name: str
     seed: int = 0
@@ -52,9 +64,11 @@ class BenchRecipe(StrictModel):
     model: ModelConfig
     calibration: BenchCalibration
     perplexity: dict[str, Any] = Field(..., description="name → evaluate-stage perplexity settings")
-    criteria: list[str]
-    targets: list[BenchTarget]
+    criteria: list[str] = Field(default_factory=list, description="depth criteria, each run at every target")
+    targets: list[BenchTarget] = Field(default_factory=list)
     cost_ratio: bool = Field(True, description="time the cached PPL criterion against one full forward per candidate")
+    width: list[WidthMethod] = Field(default_factory=list, description="width methods, all at width_ratio")
+    width_ratio: float = Field(0.2, gt=0, lt=1, description="fraction of ALL parameters removed by every width method")
 
     @field_validator("criteria")
     @classmethod
@@ -78,9 +92,52 @@ def load_bench(path: str) -> BenchRecipe:
     try:
         bench = BenchRecipe.model_validate(raw)
         bench.perplexity = {k: PerplexityConfig.model_validate(v) for k, v in bench.perplexity.items()}
+        for m in bench.width:  # the prune stage's own validation: same errors as in a recipe
+            width_prune_config(m, bench.width_ratio)
     except ValidationError as exc:
         raise RecipeError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
     return bench
+
+
+def width_prune_config(m: WidthMethod, ratio: float) -> Any:
+    from stages.prune import PruneConfig
+
+    return PruneConfig(type="prune", units="width", criterion=m.criterion, ratio=ratio, allocation=m.allocation,
+                       attention=m.attention, compensation=m.compensation, layers=m.layers, mlp=m.mlp)
+
+
+def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
+    """All width methods from ONE statistics pass over the shared calibration set."""
+    from pipeline.registry import WIDTH_CRITERIA
+    from stages.criteria.width import WidthInputs
+    from stages.prune import make_width_plan
+    from stages.surgery import apply_plan
+    from stages.width_stats import collect_width_stats, summary_tensors
+
+    names = list(dict.fromkeys(m.criterion for m in bench.width))
+    needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
+    stats = collect_width_stats(model, calib, needs, batch_size=1, progress=True)
+    means = summary_tensors(stats)
+    scored: dict[str, tuple[dict[str, Any], float]] = {}
+    for n in names:
+        t0 = time.perf_counter()
+        layers = WIDTH_CRITERIA.get(n).load()(WidthInputs(model, stats, bench.seed))
+        scored[n] = ({"layers": layers}, time.perf_counter() - t0 + (stats.seconds if WIDTH_CRITERIA.get(n).needs else 0.0))
+    rows = []
+    for m in bench.width:
+        cfg = width_prune_config(m, bench.width_ratio)
+        plan, side = make_width_plan(scored[m.criterion][0], cfg, model, means)
+        pruned = apply_plan(copy.deepcopy(model), plan, side)
+        params = sum(p.numel() for p in pruned.parameters())
+        label = m.label or f"{m.criterion} ({m.allocation}, {m.attention}, comp {m.compensation})"
+        shapes = plan["shapes_after"]
+        rows.append({"target": f"{bench.width_ratio:.0%} params (width)", "criterion": label, "params": params,
+                     "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan["params_before"], 6),
+                     "score_s": round(scored[m.criterion][1], 2), "uniform": plan["uniform"],
+                     "kept_widths": {k: [s_[k] for s_ in shapes] for k in shapes[0]},
+                     "eval": evaluate(pruned, label)})
+        del pruned
+    return rows
 
 
 def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int) -> tuple[dict[str, Any], float]:
@@ -146,8 +203,8 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
         return out
 
     adapter = adapter_for(model)
-    prune_cfgs = [PruneConfig(type="prune", criterion=bench.criteria[0], **t.model_dump()) for t in bench.targets]
-    max_k = max(num_blocks_for(c, adapter) for c in prune_cfgs)
+    prune_cfgs = [PruneConfig(type="prune", criterion=bench.criteria[0], **t.model_dump()) for t in bench.targets] if bench.criteria else []
+    max_k = max((num_blocks_for(c, adapter) for c in prune_cfgs), default=0)
     rows: list[dict[str, Any]] = []
     dense = evaluate(model, "dense")
     rows.append({"target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
@@ -167,7 +224,9 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
                          "achieved_ratio": plan["achieved_ratio"], "score_s": results[name]["seconds"],
                          "eval": evaluate(pruned, f"{name} @ {target.label()}")})
             del pruned
-    cost = _cost_ratio(model, calib, bench.calibration.batch_size) if bench.cost_ratio else None
+    if bench.width:
+        rows += _width_rows(bench, model, calib, evaluate)
+    cost = _cost_ratio(model, calib, bench.calibration.batch_size) if bench.cost_ratio and bench.criteria else None
     return {
         "name": bench.name, "model": bench.model.source, "seed": bench.seed,
         "calibration": {"source": bench.calibration.source.describe(), "num_samples": bench.calibration.num_samples,
@@ -185,13 +244,15 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     lines = [head, "|" + "---|" * (6 + len(names))]
     for r in report["rows"]:
         ppl = " | ".join(f"{r['eval'][n]['ppl']:.2f}" for n in names)
-        lines.append(f"| {r['target']} | {r['criterion']} | {r['params'] / 1e6:.1f}M ({r['achieved_ratio']:.1%} cut) | "
-                     f"{r['layers']} | {r['removed_blocks'] or '—'} | {ppl} | {r['score_s']:.1f} |")
+        removed = r["removed_blocks"] or ("uniform widths" if r.get("uniform") else "per-layer widths" if "uniform" in r else "—")
+        lines.append(f"| {r['target']} | {r['criterion']} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
+                     f"{r['layers']} | {removed} | {ppl} | {r['score_s']:.1f} |")
     cal = report["calibration"]
     proto = report["rows"][0]["eval"][names[0]]["protocol"]
     lines += ["", f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
               f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
-              f"Scoring seconds: each criterion alone, its own calibration pass included, "
+              f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "
+              f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time; "
               f"{report['torch_threads']} CPU threads. Total {report['total_s']:.0f} s, peak RSS "
               f"{report['peak_memory_mb']['cpu_rss']:.0f} MB."]
     c = report.get("ppl_cost_ratio")

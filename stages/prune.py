@@ -29,9 +29,13 @@ class PruneConfig(StrictModel):
     layer_ratio: float | None = Field(
         None, gt=0, lt=1, description="width: fraction of each layer's units to remove (LLM-Pruner's per-layer ratio)"
     )
-    allocation: Literal["uniform", "global"] = Field(
-        "uniform", description="width: same fraction per layer (vanilla config) or one global ranking (FLAP AL-AM)"
+    allocation: Literal["uniform", "global", "owl"] = Field(
+        "uniform",
+        description="width: same fraction per layer (vanilla config), one global ranking (FLAP AL-AM), or OWL's "
+        "outlier-weighted layer ratios (combines with any criterion)",
     )
+    owl_m: float = Field(5.0, gt=0, description="OWL: a score is an outlier above M × the layer mean")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL: layer ratios span r ± lambda")
     layers: tuple[int, int] | None = Field(
         None, description="width: [start, end) layer range to prune; LLM-Pruner keeps the first and last layers"
     )
@@ -171,7 +175,9 @@ def make_plan(result: dict[str, Any], cfg: PruneConfig, adapter: Any) -> dict[st
 def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
     from stages.arch.llama import adapter_for
-    from stages.width_select import bias_compensation, ratio_to_params, removed_params, select_global, select_uniform, summarize
+    from stages.width_select import (
+        bias_compensation, owl_offsets, ratio_to_params, removed_params, select_global, select_uniform, summarize,
+    )
     from stages.width_stats import geometry
 
     adapter = adapter_for(model)
@@ -182,10 +188,15 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     before = adapter.total_params()
     target = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
     scores = result["layers"]
+    offsets = None
     if cfg.allocation == "global":
         chosen = select_global(scores, geos, layers, cfg.mlp, attention, target)
     else:
-        chosen = select_uniform(scores, geos, layers, attention, cfg.mlp, cfg.layer_ratio, target)
+        if cfg.allocation == "owl":
+            if means is None:
+                raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
+            offsets = owl_offsets(model, means["sq_norm"], layers, cfg.owl_m, cfg.owl_lambda)
+        chosen = select_uniform(scores, geos, layers, attention, cfg.mlp, cfg.layer_ratio, target, offsets)
     side: dict[str, Any] = {}
     if cfg.compensation == "bias":
         if means is None:
@@ -202,6 +213,7 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
         "shapes_before": summarize({}, geos),
         "shapes_after": shapes_after,
         "uniform": all(s == shapes_after[0] for s in shapes_after),
+        "layer_ratio_offsets": offsets,
         "num_removed": sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
         "layers_before": len(geos),
         "layers_after": len(geos),

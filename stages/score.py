@@ -118,7 +118,7 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
 
     from pipeline.rundir import atomic_write_json
     from stages.criteria.width import WidthInputs
-    from stages.width_stats import collect_width_stats
+    from stages.width_stats import collect_width_stats, summary_tensors
 
     registry = criteria_for("width")
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
@@ -131,7 +131,7 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
         results[name] = {"units": "width", "layers": layers, "paper": registry.get(name).paper,
                          "seconds": round(time.perf_counter() - t0 + (stats.seconds if registry.get(name).needs else 0.0), 3)}
         log.info(f"scored {name} (width) in {results[name]['seconds']:.1f}s", main_process_only=True)
-    ctx.width_means = {"o_proj": [s.mean.float() for s in stats.o_proj], "down_proj": [s.mean.float() for s in stats.down_proj]}
+    ctx.width_means = summary_tensors(stats)
     ctx.scores.update(results)
     if ctx.is_main:
         torch.save(ctx.width_means, ctx.stage_dir / "activation_means.pt")

@@ -66,10 +66,15 @@ def removed_params(plan_layers: dict[int, dict[str, list[int]]], geos: list[Laye
 
 
 def select_uniform(scores: list[dict[str, list[float]]], geos: list[LayerGeometry], layers: list[int], attention: str,
-                   mlp: bool, layer_ratio: float | None, target_params: int | None) -> dict[int, dict[str, list[int]]]:
-    """Uniform allocation: a given per-layer unit ratio, or the ratio whose removal is nearest ``target_params``."""
+                   mlp: bool, layer_ratio: float | None, target_params: int | None,
+                   offsets: list[float] | None = None) -> dict[int, dict[str, list[int]]]:
+    """Per-layer allocation: a given unit ratio r, or the r whose removal is nearest ``target_params``.
+
+    With ``offsets`` (OWL, AlphaPruning, ...) layer i uses r + offsets[i] instead of r.
+    """
     def build(r: float) -> dict[int, dict[str, list[int]]]:
-        return {i: uniform_layer(scores[i], geos[i], r, attention, mlp, i) for i in layers}
+        return {i: uniform_layer(scores[i], geos[i], min(max(r + (offsets[i] if offsets else 0.0), 0.0), 0.99),
+                                 attention, mlp, i) for i in layers}
 
     if layer_ratio is not None:
         return build(layer_ratio)
@@ -160,4 +165,32 @@ def summarize(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeom
         rem = plan_layers.get(i, {"q_heads": [], "kv_heads": [], "mlp": []})
         out.append({"num_attention_heads": g.n_q - len(rem["q_heads"]), "num_key_value_heads": g.n_kv - len(rem["kv_heads"]),
                     "intermediate_size": g.intermediate - len(rem["mlp"])})
+    return out
+
+
+def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], layers: list[int], m: float, lam: float) -> list[float]:
+    """OWL layer allocation (Yin et al., 2023, arXiv 2310.05175, Sec. 3.2), as a per-layer ratio offset.
+
+    Layer outlier ratio D_ℓ = |{A_ij > M · mean(A)}| / |A| over the Wanda scores A_ij = |W_ij| · ‖X_j‖₂
+    of all the layer's projections. Layers richer in outliers are pruned less: the layer ratio is
+    r_ℓ = r − (a_ℓ − mean(a)),  a_ℓ = 2λ (D_ℓ − min D) / (max D − min D),  so r_ℓ ∈ [r − λ, r + λ]
+    and the mean over the pruned layers stays r. Returns offsets for every layer (0 outside ``layers``).
+    """
+    ratios = []
+    for i in layers:
+        layer = model.model.layers[i]
+        a, mm = layer.self_attn, layer.mlp
+        parts = []
+        for lin, key in ((a.q_proj, "q_proj"), (a.k_proj, "q_proj"), (a.v_proj, "q_proj"), (a.o_proj, "o_proj"),
+                         (mm.gate_proj, "gate_proj"), (mm.up_proj, "gate_proj"), (mm.down_proj, "down_proj")):
+            parts.append((lin.weight.detach().float().abs() * sq_norm[key][i].float().sqrt()[None]).flatten())
+        scores = torch.cat(parts)
+        ratios.append((scores > m * scores.mean()).double().mean().item())
+    d = torch.tensor(ratios, dtype=torch.float64)
+    span = (d.max() - d.min()).item()
+    a_l = torch.zeros_like(d) if span == 0 else (d - d.min()) / span * 2 * lam
+    offs = (-(a_l - a_l.mean())).tolist()
+    out = [0.0] * len(model.model.layers)
+    for i, o in zip(layers, offs):
+        out[i] = o
     return out

@@ -95,6 +95,8 @@ class ChannelStats:
 class WidthStats:
     o_proj: list[ChannelStats] = field(default_factory=list)
     down_proj: list[ChannelStats] = field(default_factory=list)
+    q_proj: list[ChannelStats] = field(default_factory=list)  # input of q/k/v (for OWL's outlier ratio)
+    gate_proj: list[ChannelStats] = field(default_factory=list)  # input of gate/up
     grad_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (1/B) Σ_b ∂L_b/∂w
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # (1/B) Σ_b (∂L_b/∂w)²
     seconds: float = 0.0
@@ -111,12 +113,13 @@ def collect_width_stats(
 
     t0 = time.perf_counter()
     layers = model.model.layers
-    stats = WidthStats(o_proj=[ChannelStats() for _ in layers], down_proj=[ChannelStats() for _ in layers])
+    stats = WidthStats(*([ChannelStats() for _ in layers] for _ in range(4)))
     handles: list[Any] = []
     if "activations" in needs:
         for i, layer in enumerate(layers):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(_recorder(stats.o_proj[i])))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(_recorder(stats.down_proj[i])))
+            for lin, target in ((layer.self_attn.o_proj, stats.o_proj), (layer.mlp.down_proj, stats.down_proj),
+                                (layer.self_attn.q_proj, stats.q_proj), (layer.mlp.gate_proj, stats.gate_proj)):
+                handles.append(lin.register_forward_pre_hook(_recorder(target[i])))
     want_grad = bool(needs & {"grad", "fisher"})
     n_batches = 0
     device = next(model.parameters()).device
@@ -154,3 +157,13 @@ def _recorder(target: ChannelStats) -> Any:
         target.add(args[0])
 
     return hook
+
+
+def summary_tensors(stats: WidthStats) -> dict[str, Any]:
+    """What selection needs later (and ``--resume`` restores): input means and squared norms per layer."""
+    return {
+        "o_proj": [s.mean.float() for s in stats.o_proj],
+        "down_proj": [s.mean.float() for s in stats.down_proj],
+        "sq_norm": {name: [s.sq_norm.float() for s in getattr(stats, name)] for name in ("q_proj", "gate_proj", "o_proj", "down_proj")},
+    }
+

@@ -105,3 +105,25 @@ def test_gguf_file_loads_directly_and_matches_the_alias(smollm2):
     ids = torch.tensor([[1, 504, 3458, 282, 260, 1345]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, smollm2[0](ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "kv_group", "q_head"])
+def test_width_masking_equals_removal_on_smollm2(smollm2, kind):
+    from test_width import _mask, _plan
+
+    from stages.surgery import apply_plan
+
+    model, tok = smollm2
+    ids = tok("Robert Boulter is an English film , television and theatre actor .", return_tensors="pt").input_ids
+    removed = {"mlp": {"q_heads": [], "kv_heads": [], "mlp": [5, 600, 1500]},
+               "kv_group": {"q_heads": [3, 4, 5], "kv_heads": [1], "mlp": []},
+               "q_head": {"q_heads": [0, 4, 8], "kv_heads": [], "mlp": []}}[kind]
+    units = {"mlp": [("mlp", 5), ("mlp", 600), ("mlp", 1500)], "kv_group": [("kv_group", 1)],
+             "q_head": [("q_head", 0), ("q_head", 4), ("q_head", 8)]}[kind]
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    for layer in (0, 13, 29):
+        for k, idx in units:
+            _mask(masked, layer, k, idx)
+    apply_plan(pruned, _plan(pruned, {0: removed, 13: removed, 29: removed}))
+    with torch.no_grad():
+        assert (masked(ids).logits - pruned(ids).logits).abs().max().item() <= 1e-5

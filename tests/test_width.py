@@ -228,3 +228,19 @@ def test_ratio_that_removes_every_head_fails_right_after_load(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "would remove every head" in err or "would remove all" in err
     assert not (tmp_path / "w" / "02-calibrate" / "done.json").exists()  # failed before calibration
+
+
+def test_owl_offsets_favour_outlier_rich_layers_and_keep_the_mean(tiny_model, calib):
+    from stages.width_select import owl_offsets
+    from stages.width_stats import summary_tensors
+
+    stats = collect_width_stats(tiny_model, calib, {"activations"}, progress=False)
+    with torch.no_grad():  # plant strong outliers in layer 3
+        tiny_model.model.layers[3].mlp.down_proj.weight[:, :8] *= 40
+    offs = owl_offsets(tiny_model, summary_tensors(stats)["sq_norm"], list(range(6)), m=5.0, lam=0.08)
+    assert sum(offs) == pytest.approx(0.0, abs=1e-12)
+    assert min(offs) == pytest.approx(offs[3]) and max(offs) - min(offs) == pytest.approx(0.16)
+    geos = [geometry(layer) for layer in tiny_model.model.layers]
+    scores = magnitude(WidthInputs(tiny_model, stats))
+    chosen = select_uniform(scores, geos, list(range(6)), "none", True, 0.25, None, offs)
+    assert len(chosen[3]["mlp"]) == min(len(r["mlp"]) for r in chosen.values())

@@ -107,8 +107,12 @@ def test_gguf_file_loads_directly_and_matches_the_alias(smollm2):
         assert torch.equal(model(ids).logits, smollm2[0](ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", ["mlp", "kv_group", "q_head"])
-def test_width_masking_equals_removal_on_smollm2(smollm2, kind):
+def test_width_masking_equals_removal_on_smollm2(smollm2, kind, dtype):
+    """Zeroing a unit and removing it give the same logits: exactly in float64; in float32 the
+    remaining difference (~3e-5 on logits of magnitude ~20) is GEMM summation order — a matrix with
+    1536 inner columns vs 1533 is blocked differently by the BLAS — so float32 gets 1e-4."""
     from test_width import _mask, _plan
 
     from stages.surgery import apply_plan
@@ -120,10 +124,12 @@ def test_width_masking_equals_removal_on_smollm2(smollm2, kind):
                "q_head": {"q_heads": [0, 4, 8], "kv_heads": [], "mlp": []}}[kind]
     units = {"mlp": [("mlp", 5), ("mlp", 600), ("mlp", 1500)], "kv_group": [("kv_group", 1)],
              "q_head": [("q_head", 0), ("q_head", 4), ("q_head", 8)]}[kind]
-    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    base = copy.deepcopy(model).to(dtype)
+    masked, pruned = copy.deepcopy(base), base
     for layer in (0, 13, 29):
         for k, idx in units:
             _mask(masked, layer, k, idx)
     apply_plan(pruned, _plan(pruned, {0: removed, 13: removed, 29: removed}))
     with torch.no_grad():
-        assert (masked(ids).logits - pruned(ids).logits).abs().max().item() <= 1e-5
+        diff = (masked(ids).logits - pruned(ids).logits).abs().max().item()
+    assert diff <= (1e-10 if dtype == torch.float64 else 1e-4), diff

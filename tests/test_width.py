@@ -244,3 +244,35 @@ def test_owl_offsets_favour_outlier_rich_layers_and_keep_the_mean(tiny_model, ca
     scores = magnitude(WidthInputs(tiny_model, stats))
     chosen = select_uniform(scores, geos, list(range(6)), "none", True, 0.25, None, offs)
     assert len(chosen[3]["mlp"]) == min(len(r["mlp"]) for r in chosen.values())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_uniform_width_pruning_across_layouts_reloads_vanilla(model_type, calib, tmp_path):
+    """Qwen2 has q/k/v biases: they must follow the kept rows."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.tiny import tiny_llama
+
+    model = tiny_llama(num_layers=3, model_type=model_type)
+    if model_type == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_()
+    masked = copy.deepcopy(model)
+    for i in range(3):
+        for k, idx in (("kv_group", 0), ("mlp", 1), ("mlp", 9)):
+            _mask(masked, i, k, idx)
+            if k == "kv_group" and model_type == "qwen2":
+                hd = masked.model.layers[i].self_attn.head_dim
+                with torch.no_grad():
+                    for name in ("q_proj", "k_proj", "v_proj"):
+                        getattr(masked.model.layers[i].self_attn, name).bias[: (2 if name == "q_proj" else 1) * hd] = 0
+    removed = {"q_heads": [0, 1], "kv_heads": [0], "mlp": [1, 9]}
+    apply_plan(model, _plan(model, {i: removed for i in range(3)}))
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        out = model(calib).logits
+        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+        assert (masked(calib).logits - out).abs().max().item() <= 1e-5

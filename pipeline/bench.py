@@ -99,6 +99,36 @@ def load_bench(path: str) -> BenchRecipe:
     return bench
 
 
+class PeakRSS:
+    """Samples this process's resident memory from a thread while a block runs: ``peak_mb`` after.
+
+    ru_maxrss only knows the whole process's peak; this isolates one criterion's scoring.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak_mb = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+
+
 def width_prune_config(m: WidthMethod, ratio: float) -> Any:
     from stages.prune import PruneConfig
 
@@ -116,13 +146,17 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
 
     names = list(dict.fromkeys(m.criterion for m in bench.width))
     needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
-    stats = collect_width_stats(model, calib, needs, batch_size=1, progress=True)
+    with PeakRSS() as pass_mem:
+        stats = collect_width_stats(model, calib, needs, batch_size=1, progress=True)
     means = summary_tensors(stats)
-    scored: dict[str, tuple[dict[str, Any], float]] = {}
+    scored: dict[str, tuple[dict[str, Any], float, float]] = {}
     for n in names:
         t0 = time.perf_counter()
-        layers = WIDTH_CRITERIA.get(n).load()(WidthInputs(model, stats, bench.seed))
-        scored[n] = ({"layers": layers}, time.perf_counter() - t0 + (stats.seconds if WIDTH_CRITERIA.get(n).needs else 0.0))
+        with PeakRSS() as mem:
+            layers = WIDTH_CRITERIA.get(n).load()(WidthInputs(model, stats, bench.seed))
+        data_driven = bool(WIDTH_CRITERIA.get(n).needs)
+        scored[n] = ({"layers": layers}, time.perf_counter() - t0 + (stats.seconds if data_driven else 0.0),
+                     max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []
     for m in bench.width:
         cfg = width_prune_config(m, bench.width_ratio)
@@ -133,7 +167,8 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
         shapes = plan["shapes_after"]
         rows.append({"target": f"{bench.width_ratio:.0%} params (width)", "criterion": label, "params": params,
                      "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan["params_before"], 6),
-                     "score_s": round(scored[m.criterion][1], 2), "uniform": plan["uniform"],
+                     "score_s": round(scored[m.criterion][1], 2), "score_peak_rss_mb": round(scored[m.criterion][2]),
+                     "uniform": plan["uniform"],
                      "kept_widths": {k: [s_[k] for s_ in shapes] for k in shapes[0]},
                      "eval": evaluate(pruned, label)})
         del pruned
@@ -149,10 +184,12 @@ def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, 
     spec = CRITERIA.get(name)
     adapter = adapter_for(model)
     t0 = time.perf_counter()
-    stats = collect_block_stats(adapter, calib, set(spec.needs), batch_size, progress=True)
-    inputs = CriterionInputs(list(range(adapter.num_blocks)), stats, model, adapter, calib, batch_size,
-                             num_remove if spec.iterative else None, seed)
-    result = spec.load()(inputs).to_json()
+    with PeakRSS() as mem:
+        stats = collect_block_stats(adapter, calib, set(spec.needs), batch_size, progress=True)
+        inputs = CriterionInputs(list(range(adapter.num_blocks)), stats, model, adapter, calib, batch_size,
+                                 num_remove if spec.iterative else None, seed)
+        result = spec.load()(inputs).to_json()
+    result["peak_rss_mb"] = round(mem.peak_mb)
     return result, time.perf_counter() - t0
 
 
@@ -222,6 +259,7 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
             rows.append({"target": target.label(), "criterion": name, "params": plan["params_after"],
                          "layers": plan["layers_after"], "removed_blocks": plan["removed_blocks"],
                          "achieved_ratio": plan["achieved_ratio"], "score_s": results[name]["seconds"],
+                         "score_peak_rss_mb": results[name]["peak_rss_mb"],
                          "eval": evaluate(pruned, f"{name} @ {target.label()}")})
             del pruned
     if bench.width:
@@ -240,20 +278,21 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
 def to_markdown(report: dict[str, Any], command: str) -> str:
     names = list(report["rows"][0]["eval"])
     head = "| target | criterion | params | blocks | removed blocks | " + " | ".join(
-        f"{n} PPL (seq {report['rows'][0]['eval'][n]['seq_len']})" for n in names) + " | scoring s |"
-    lines = [head, "|" + "---|" * (6 + len(names))]
+        f"{n} PPL (seq {report['rows'][0]['eval'][n]['seq_len']})" for n in names) + " | scoring s | peak RSS MB |"
+    lines = [head, "|" + "---|" * (7 + len(names))]
     for r in report["rows"]:
         ppl = " | ".join(f"{r['eval'][n]['ppl']:.2f}" for n in names)
         removed = r["removed_blocks"] or ("uniform widths" if r.get("uniform") else "per-layer widths" if "uniform" in r else "—")
         lines.append(f"| {r['target']} | {r['criterion']} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
-                     f"{r['layers']} | {removed} | {ppl} | {r['score_s']:.1f} |")
+                     f"{r['layers']} | {removed} | {ppl} | {r['score_s']:.1f} | {r.get('score_peak_rss_mb') or '—'} |")
     cal = report["calibration"]
     proto = report["rows"][0]["eval"][names[0]]["protocol"]
     lines += ["", f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
               f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
               f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "
               f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time; "
-              f"{report['torch_threads']} CPU threads. Total {report['total_s']:.0f} s, peak RSS "
+              f"{report['torch_threads']} CPU threads; peak RSS = the process's resident memory while that criterion "
+              f"scored (the dense model included). Total {report['total_s']:.0f} s, overall peak RSS "
               f"{report['peak_memory_mb']['cpu_rss']:.0f} MB."]
     c = report.get("ppl_cost_ratio")
     if c:

@@ -55,7 +55,7 @@ class ScoreConfig(StrictModel):
             problems.append(f"criteria {need_data} need calibration data; add a `calibrate` stage before this one")
         iterative = [n for n in names if registry.get(n).iterative]
         keys = list(stages)
-        if iterative and not any(stages[k].type == "prune" for k in keys[keys.index(key) + 1 :]):
+        if iterative and not any(stages[k].type == "prune" and stages[k].units == "blocks" for k in keys[keys.index(key) + 1 :]):
             problems.append(f"iterative criteria {iterative} stop at a target size: add a later `prune` stage")
         return problems
 
@@ -67,7 +67,7 @@ def _num_remove(ctx: Any) -> int:
     """
     from stages.prune import num_blocks_for
 
-    stage = next(s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune")
+    stage = next(s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune" and s.units == "blocks")
     return num_blocks_for(stage, ctx.adapter)
 
 

@@ -276,3 +276,28 @@ def test_uniform_width_pruning_across_layouts_reloads_vanilla(model_type, calib,
         out = model(calib).logits
         assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
         assert (masked(calib).logits - out).abs().max().item() <= 1e-5
+
+
+def test_taylor_element2_uses_per_window_fisher(tiny_model, calib):
+    """element2 = |w·ḡ − ½ w² F| with ḡ the mean of per-window gradients and F the mean of their squares."""
+    stats = collect_width_stats(tiny_model, calib, {"grad", "fisher"}, batch_size=1, progress=False)
+    layers = taylor_element2(WidthInputs(tiny_model, stats))
+    grads = []
+    for row in calib:
+        tiny_model.zero_grad()
+        tiny_model(row[None], labels=row[None]).loss.backward()
+        grads.append(tiny_model.model.layers[1].mlp.up_proj.weight.grad[4].clone())
+    tiny_model.zero_grad()
+    g = torch.stack(grads)
+    w = tiny_model.model.layers[1].mlp.up_proj.weight[4].detach()
+    up_part = (w * g.mean(0) - 0.5 * w * w * (g * g).mean(0)).abs().sum().item()
+    stats2 = collect_width_stats(tiny_model, calib, {"grad", "fisher"}, batch_size=1, progress=False)
+    assert torch.allclose(stats2.fisher["model.layers.1.mlp.up_proj.weight"][4], (g * g).mean(0), rtol=1e-4, atol=1e-12)
+    # the channel score is the sum over gate row, up row and down column; check the up-row share
+    from stages.criteria.width import _member_scores
+
+    members = _member_scores(tiny_model.model.layers[1], geometry(tiny_model.model.layers[1]),
+                             lambda n, w_: (w_.detach() * stats.grad_mean[f"model.layers.1.{n}.weight"]
+                                            - 0.5 * w_.detach() ** 2 * stats.fisher[f"model.layers.1.{n}.weight"]).abs())
+    assert members["mlp"][1][4].item() == pytest.approx(up_part, rel=1e-4)
+    assert layers[1]["mlp"][4] == pytest.approx(sum(m[4].item() for m in members["mlp"]), rel=1e-6)

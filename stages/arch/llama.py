@@ -124,7 +124,7 @@ class LlamaAdapter:
             ).item()
         return total, labels.numel()
 
-    def nll_per_sequence(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+    def nll_per_sequence(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
         """Summed next-token NLL of every sequence in the batch (float64), chunked over rows."""
         batch, length = input_ids.shape
         normed = self.inner.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])

@@ -133,3 +133,28 @@ def test_width_masking_equals_removal_on_smollm2(smollm2, kind, dtype):
     with torch.no_grad():
         diff = (masked(ids).logits - pruned(ids).logits).abs().max().item()
     assert diff <= (1e-10 if dtype == torch.float64 else 1e-4), diff
+
+
+SMOLLM2_RECIPES = sorted(p.name for p in (ROOT / "recipes" / "smollm2").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SMOLLM2_RECIPES)
+def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
+    """Each shipped SmolLM2 recipe, as written, through the real CLI — only the token budgets shrunk."""
+    import yaml
+
+    from pipeline.run import main
+
+    raw = yaml.safe_load((ROOT / "recipes" / "smollm2" / name).read_text())
+    budget = ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=64"]
+    budget += [f"stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
+    assert main([f"recipes/smollm2/{name}", *budget, "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / raw["name"] / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"dense", "pruned"}
+    assert metrics["model"]["params_after"] < metrics["model"]["params_before"]
+    prune = raw["stages"]["prune"]
+    if prune.get("units") == "width":
+        assert metrics["plan"]["kind"] == "width" and 0.18 < metrics["plan"]["achieved_ratio"] < 0.22
+    else:
+        expected = prune.get("num_blocks") or 7  # shortened-llama-20: floor(0.2 × 134.5M / 3.54M) = 7
+        assert metrics["model"]["layers_after"] == 30 - expected

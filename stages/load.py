@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,7 +107,3 @@ def run(ctx: Any, cfg: ModelConfig) -> dict[str, Any]:
     log.info(f"loaded {info['source']}: {info['params_before']:,} params, {info['layers_before']} blocks", main_process_only=True)
     return info
 
-
-def restore(ctx: Any, cfg: ModelConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
-    """Load is never skipped: the model must be in memory. Kept for symmetry with other stages."""
-    run(ctx, cfg)

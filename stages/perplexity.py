@@ -34,8 +34,8 @@ def windowed_perplexity(
     for start in tqdm(range(0, n_windows, batch_size), desc=desc, disable=not progress):
         batch = windows[start : start + batch_size].to(adapter.device)
         hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-        nll, n = _head_nll(model, hidden, batch)
-        total, count = total + nll, count + n
+        total += adapter.nll_per_sequence(hidden, batch, normed=True).sum().item()  # HF output is post-norm
+        count += batch[:, 1:].numel()
     return {
         "ppl": math.exp(total / count),
         "nll": total / count,
@@ -44,19 +44,6 @@ def windowed_perplexity(
         "predicted_tokens": count,
         "windows": n_windows,
     }
-
-
-def _head_nll(model: torch.nn.Module, normed: torch.Tensor, ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
-    """NLL sum from the model's final (already normed) hidden state, chunked over positions."""
-    labels = ids[:, 1:]
-    normed = normed[:, :-1]
-    total = 0.0
-    for s in range(0, normed.shape[1], chunk):
-        logits = model.lm_head(normed[:, s : s + chunk]).float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, s : s + chunk].reshape(-1), reduction="sum"
-        ).item()
-    return total, labels.numel()
 
 
 def protocol(source: str, seq_len: int, tokens: int, windows: int) -> str:

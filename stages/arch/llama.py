@@ -109,25 +109,19 @@ class LlamaAdapter:
             states.append(hidden)
         return states
 
-    def nll_sum(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
-        """Summed next-token NLL and token count from a final hidden state (norm → head → CE), in chunks.
+    def nll_sum(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token NLL and predicted-token count for a batch (see ``nll_per_sequence``)."""
+        ids = input_ids.to(hidden.device)
+        return self.nll_per_sequence(hidden, ids).sum().item(), ids[:, 1:].numel()
 
-        Chunking over positions keeps the (tokens × vocab) logits small for 50k–150k vocabularies.
-        """
-        labels = input_ids.to(hidden.device)[:, 1:]
-        normed = self.inner.norm(hidden)[:, :-1]
-        total = 0.0
-        for start in range(0, normed.shape[1], chunk):
-            logits = self.model.lm_head(normed[:, start : start + chunk]).float()
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, start : start + chunk].reshape(-1), reduction="sum"
-            ).item()
-        return total, labels.numel()
-
-    def nll_per_sequence(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
-        """Summed next-token NLL of every sequence in the batch (float64), chunked over rows."""
+    def nll_per_sequence(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 128, normed: bool = False
+    ) -> torch.Tensor:
+        """Summed next-token NLL of every sequence in the batch (float64): final norm (unless the state
+        is already ``normed``) → LM head → cross-entropy, chunked over rows so the (tokens × vocab)
+        logits stay small for 50k–150k vocabularies."""
         batch, length = input_ids.shape
-        normed = self.inner.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
+        normed = (hidden if normed else self.inner.norm(hidden))[:, :-1].reshape(-1, hidden.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
         losses = torch.empty(labels.numel(), dtype=torch.float64, device=hidden.device)
         for s in range(0, labels.numel(), chunk_tokens):

@@ -26,6 +26,9 @@ class RunContext:
     model_info: dict[str, Any] = field(default_factory=dict)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label → dataset → result
     timings: dict[str, float] = field(default_factory=dict)
+    resume: bool = False  # --resume: stages may continue from their own checkpoints
+    recover_info: dict[str, Any] = field(default_factory=dict)  # label → training stats (steps, loss, tokens/s)
+    control_model: Any = None  # the dense model given the same recovery (evaluated as `control`)
     stage_key: str = ""
     stage_dir: Path | None = None
 

@@ -53,6 +53,7 @@ def build_metrics(ctx: Any) -> dict[str, Any]:
             "removed_units": plan.get("num_removed", 0),
             "achieved_ratio": plan.get("achieved_ratio", 0.0),
         },
+        "recover": ctx.recover_info,
         "scores_s": {name: r.get("seconds") for name, r in ctx.scores.items()},
         "timing_s": timing,
         "peak_memory_mb": peak_memory_mb(),

@@ -53,6 +53,51 @@ def _check_model(ctx: Any) -> None:
         raise RunError("; ".join(problems))
 
 
+def make_accelerator(recipe: RecipeBase) -> Any:
+    """The run's Accelerator. Two things accelerate does not do by itself:
+
+    - Several processes without a GPU: accelerate leaves the backend unset, so ``num_processes``
+      reads 1 on every rank of a 2-process world and no data is sharded. For DeepSpeed, naming the
+      backend ("gloo") makes it read the real world size; for DDP, ``cpu=True`` selects its
+      MULTI_CPU (gloo) path. Both are proven by tests with two CPU processes.
+    - Models are built whole under ZeRO-3 (see below); only ``prepare`` in recovery shards them.
+    - Gradient accumulation follows from the recipe's GLOBAL batch and the number of processes.
+    """
+    import os
+
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers, cpu = [], False
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and not torch.cuda.is_available():
+        if deepspeed:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            PartialState(backend="gloo")
+        else:  # torchrun-launched DDP on CPU: accelerate's MULTI_CPU path (gloo) needs cpu=True
+            cpu = True
+            PartialState(cpu=True)
+    processes = PartialState().num_processes
+    recovers = [c for c in recipe.stages.values() if c.type == "recover"]
+    try:
+        accum = recovers[0].accumulation(processes) if recovers else 1
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum, kwargs_handlers=handlers)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and not plugin.zero3_init_flag:
+        # accelerate registers its DeepSpeed config with transformers even with zero3_init_flag false,
+        # and transformers then partitions EVERY model it builds (zero.Init): the tiny Llama's embedding
+        # came out with 0 rows per rank, and a main-process-only reload in export deadlocked. Pruning
+        # needs full weights; ZeRO-3 still shards the recovery model when prepare() hands it over.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return accelerator
+
+
 def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Run every stage; return the metrics (on the main process) and write ``metrics.json``."""
     from accelerate import Accelerator
@@ -62,7 +107,7 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
     from pipeline.context import RunContext
     from pipeline.metrics import build_metrics
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator(recipe)
     log = get_logger(__name__)
     if accelerator.is_main_process:
         try:
@@ -71,7 +116,8 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
             raise RunError(str(exc)) from None
         atomic_write_text(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     accelerator.wait_for_everyone()
-    ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, progress=progress and accelerator.is_local_main_process)
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, resume=resume,
+                     progress=progress and accelerator.is_local_main_process)
     previous = ""
     for index, (key, stage_type, cfg) in enumerate(_stage_list(recipe), start=1):
         spec = _spec(stage_type)

@@ -40,30 +40,46 @@ class EvaluateConfig(StrictModel):
 
 
 def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
     from pipeline.rundir import atomic_write_json
+
+    label = cfg.label or ctx.state
+    models = [(label, ctx.model)]
+    if label == "recovered" and ctx.control_model is not None:
+        models.append(("control", ctx.control_model))
+    out: dict[str, Any] = {}
+    saved = {}
+    for lab, model in models:
+        results = _evaluate_one(ctx, cfg, model, lab)
+        ctx.evals.setdefault(lab, {}).update(results)
+        saved[lab] = results
+        out[lab] = {n: round(r["ppl"], 4) for n, r in results.items()}
+    if ctx.is_main:
+        atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": saved[label], "all": saved})
+    return {"label": label, **out[label], **({"control": out["control"]} if "control" in out else {})}
+
+
+def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
     from stages.data import read_text, tokenize_text
     from stages.perplexity import protocol, windowed_perplexity
 
-    label = cfg.label or ctx.state
     cache = ctx.__dict__.setdefault("_token_cache", {})
     results: dict[str, Any] = {}
     for name, p in cfg.perplexity.items():
         key = p.source.model_dump_json()
         if key not in cache:
             cache[key] = tokenize_text(ctx.tokenizer, read_text(p.source))
-        r = windowed_perplexity(ctx.model, cache[key], p.seq_len, p.max_tokens, p.batch_size, ctx.progress, f"ppl {name} ({label})")
+        r = windowed_perplexity(model, cache[key], p.seq_len, p.max_tokens, p.batch_size, ctx.progress, f"ppl {name} ({label})")
         r["source"] = p.source.describe()
         r["protocol"] = protocol(r["source"], p.seq_len, r["tokens"], r["windows"])
         results[name] = r
-    ctx.evals.setdefault(label, {}).update(results)
-    if ctx.is_main:
-        atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": results})
-    return {"label": label, **{n: round(r["ppl"], 4) for n, r in results.items()}}
+    return results
 
 
 def restore(ctx: Any, cfg: EvaluateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     data = json.loads((stage_dir / "results.json").read_text())
-    ctx.evals.setdefault(data["label"], {}).update(data["results"])
+    for label, results in data.get("all", {data["label"]: data["results"]}).items():
+        ctx.evals.setdefault(label, {}).update(results)
 
 
 register_stage("evaluate", EvaluateConfig, run, restore)

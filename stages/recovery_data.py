@@ -1,0 +1,113 @@
+"""Recovery training data: packed plain text, or Alpaca-style instructions with loss on the response.
+
+Every example carries its index, so a distributed run can prove which rank consumed which sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.recipe import TextSource
+
+IGNORE = -100
+
+# The Alpaca prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), as LLM-Pruner's post-training uses it.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class IndexedExamples(torch.utils.data.Dataset):
+    """A list of token examples; ``__getitem__`` adds ``idx`` so consumed samples can be recorded."""
+
+    def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"idx": i, **self.examples[i]}
+
+
+def packed_text(ids: torch.Tensor, seq_len: int, max_samples: int | None) -> IndexedExamples:
+    """Language modelling: the token stream cut into consecutive ``seq_len`` blocks (remainder dropped)."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"recovery text has {ids.numel()} tokens, less than one block of seq_len={seq_len}")
+    if max_samples is not None:
+        n = min(n, max_samples)
+    blocks = ids[: n * seq_len].view(n, seq_len)
+    return IndexedExamples([{"input_ids": b, "labels": b.clone()} for b in blocks])
+
+
+def read_rows(source: TextSource) -> list[dict[str, Any]]:
+    """Rows of a .jsonl/.json file or a `datasets` split, as dicts."""
+    if source.path is not None:
+        path = Path(source.path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            return list(json.loads(text))
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    from datasets import load_dataset
+
+    ds = load_dataset(source.dataset, source.config, split=source.split, data_files=source.data_files)
+    return list(ds)
+
+
+def alpaca_examples(rows: list[dict[str, Any]], tokenizer: Any, cutoff_len: int, train_on_inputs: bool,
+                    max_samples: int | None) -> IndexedExamples:
+    """Instruction tuning as Alpaca-LoRA / LLM-Pruner do: prompt + output + EOS, cut at ``cutoff_len``,
+    labels masked (-100) over the prompt unless ``train_on_inputs``."""
+    for key in ("instruction", "output"):
+        if rows and key not in rows[0]:
+            raise ValueError(f"instruction data needs `instruction`, `input`, `output` fields; the first row has {sorted(rows[0])}")
+    examples = []
+    for row in rows[: max_samples or len(rows)]:
+        template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
+        prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
+        prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+        full_ids = tokenizer(prompt + row["output"], add_special_tokens=True).input_ids + [tokenizer.eos_token_id]
+        full_ids = full_ids[:cutoff_len]
+        labels = list(full_ids)
+        if not train_on_inputs:
+            n = min(len(prompt_ids), len(labels))
+            labels[:n] = [IGNORE] * n
+        examples.append({"input_ids": torch.tensor(full_ids), "labels": torch.tensor(labels)})
+    if not examples:
+        raise ValueError("instruction data is empty")
+    return IndexedExamples(examples)
+
+
+def collate(pad_id: int):
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+
+    def fn(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(b["input_ids"].numel() for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = b["input_ids"].numel()
+            ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
+        return {"idx": torch.tensor([b["idx"] for b in batch]), "input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return fn
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The global sample order of one epoch: a seeded permutation, the same on every rank."""
+    if not shuffle:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()

@@ -241,17 +241,58 @@ def recover_model(ctx: Any, cfg: Any, base: torch.nn.Module, out_dir: Path, labe
     progress.close()
     hook.remove()
     adapter_dir = out_dir / "adapter"
+    fingerprints = _rank_fingerprints(acc, model)
     _save_adapter(acc, model, adapter_dir)
     info = _summary(rec, label, total, accum, acc.num_processes, train_seconds, resumed_from)
     if acc.is_main_process:
         atomic_write_json(out_dir / "loss.json", {"label": label, "steps": list(range(1, len(rec.losses) + 1)), "loss": rec.losses})
         if cfg.record_samples:
             atomic_write_json(out_dir / "samples.json", {"processes": acc.num_processes, "dataset_size": len(dataset),
-                                                          "per_rank": rec.samples})
+                                                          "per_rank": rec.samples, "adapter_fingerprint_per_rank": fingerprints})
     acc.free_memory(model, optimizer)
     del model, optimizer
+    if cfg.compare_plain_steps and acc.num_processes == 1:
+        plain = plain_peft_step_seconds(base, cfg, dataset, accum, cfg.compare_plain_steps, ctx.recipe.seed, acc.device)
+        info["plain_peft"] = plain
+        info["tokens_per_s_ratio_vs_plain"] = round(info["tokens_per_s"] / plain["tokens_per_s"], 3)
     info["model"] = merge_adapter(base, adapter_dir)
     return info
+
+
+def plain_peft_step_seconds(base: torch.nn.Module, cfg: Any, dataset: Any, accum: int, steps: int, seed: int,
+                            device: torch.device) -> dict[str, Any]:
+    """The baseline our loop must match: peft + torch AdamW + a bare loop over the same micro-batches
+    (same order, same accumulation), one process, no accelerate. Median step time, warm-up excluded."""
+    from stages.recovery_data import collate, epoch_order
+
+    model = trainable_model(base, cfg, Path("/nonexistent"), device) if cfg.method == "lora" else None
+    if model is None:
+        return {"skipped": "plain loop timed for method lora only"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order = epoch_order(len(dataset), seed, 0, cfg.data.shuffle)
+    fn = collate(0)
+    mb = cfg.micro_batch_size
+    model.train()
+    times, tokens = [], []
+    for step in range(steps + 1):
+        t0, n = time.perf_counter(), 0
+        for m in range(accum):
+            start = ((step * accum + m) * mb) % max(1, len(order) - mb + 1)
+            batch = fn([dataset[i] for i in order[start:start + mb]])
+            batch.pop("idx")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            (model(**batch).loss / accum).backward()
+            n += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        tokens.append(n)
+    median = statistics.median(times[1:])
+    del model, opt
+    return {"steps": steps, "median_step_s": round(median, 4), "tokens_per_s": round(statistics.median(tokens[1:]) / median, 1)}
 
 
 def _load_kwargs(acc: Any) -> dict[str, Any]:
@@ -282,6 +323,15 @@ def _save_checkpoint(acc: Any, ckpt_dir: Path, step: int, chash: str, scheduler:
         for p in old[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _rank_fingerprints(acc: Any, model: Any) -> list[list[float]]:
+    """Each rank's adapter as (Σw, Σ|w|, Σw²) in float64, gathered: DDP/ZeRO replicas must agree.
+    (Under ZeRO-3 a rank holds a shard, so its numbers describe its shard, not the whole adapter.)"""
+    named = [p for _, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().double().flatten() for p in named]) if named else torch.zeros(1, dtype=torch.float64)
+    local = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(acc.device)
+    return acc.gather(local.reshape(1, 3)).tolist()
 
 
 def _save_adapter(acc: Any, model: Any, adapter_dir: Path) -> None:

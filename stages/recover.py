@@ -56,6 +56,8 @@ class RecoverConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     control: bool = Field(False, description="also give the DENSE model the same recovery and evaluate it as `control`")
+    compare_plain_steps: int = Field(0, ge=0, description="time N steps of a plain peft loop (no accelerate) on the "
+                                     "same batches, in the same process, for the tokens/s comparison")
     record_samples: bool = Field(True, description="write the sample indices each rank consumed (samples.json)")
 
     @model_validator(mode="after")

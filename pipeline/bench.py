@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 
 from pydantic import Field, field_validator  # noqa: E402
 
+from pipeline.metrics import PeakRSS  # noqa: E402
 from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource  # noqa: E402
 
 
@@ -97,36 +98,6 @@ def load_bench(path: str) -> BenchRecipe:
     except ValidationError as exc:
         raise RecipeError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
     return bench
-
-
-class PeakRSS:
-    """Samples this process's resident memory from a thread while a block runs: ``peak_mb`` after.
-
-    ru_maxrss only knows the whole process's peak; this isolates one criterion's scoring.
-    """
-
-    def __init__(self, interval: float = 0.05) -> None:
-        import threading
-
-        import psutil
-
-        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.peak_mb = 0.0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
 
 
 def width_prune_config(m: WidthMethod, ratio: float) -> Any:

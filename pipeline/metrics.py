@@ -60,3 +60,33 @@ def build_metrics(ctx: Any) -> dict[str, Any]:
         "seed": ctx.recipe.seed,
         "versions": versions(),
     }
+
+
+class PeakRSS:
+    """Samples this process's resident memory from a thread while a block runs: ``peak_mb`` after.
+
+    ru_maxrss only knows the whole process's peak; this isolates one criterion's scoring.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak_mb = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)

@@ -83,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def describe_result(r: dict[str, Any]) -> str:
+    """One evaluation result in a line: perplexity, a zero-shot task or speed, with its protocol."""
+    if "ppl" in r:
+        return f"PPL {r['ppl']:.3f}  (seq_len {r['seq_len']}, {r['tokens']} tokens)"
+    if "acc" in r:
+        return f"acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['samples']} questions, lm-eval {r['lm_eval_version']})"
+    if "decode_tok_s" in r:
+        dec = ", ".join(f"bs {b}: {v} tok/s" for b, v in r["decode_tok_s"].items())
+        return f"decode {dec}; prefill bs 1 {r['prefill_ms'].get('1')} ms; peak {r['peak_memory_mb']} MB"
+    return str(r)
+
+
 def summary(metrics: dict[str, Any], run_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     m = metrics["model"]
@@ -98,7 +110,11 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"removed {plan['removed_units']} width units by {plan['criterion']} ({plan['achieved_ratio']:.2%} of parameters)")
     for label, results in metrics["eval"].items():
         for name, r in results.items():
-            lines.append(f"{label:>9} {name}: PPL {r['ppl']:.3f}  (seq_len {r['seq_len']}, {r['tokens']} tokens)")
+            lines.append(f"{label:>9} {name}: {describe_result(r)}")
+    for label, r in metrics.get("recover", {}).items():
+        lines.append(f"recover {label}: {r['steps']} steps, loss {r['first_loss']:.3f} → {r['final_loss']:.3f}, "
+                     f"{r['tokens_per_s']} tokens/s" + (f" ({r['tokens_per_s_ratio_vs_plain']:.2f}× a plain peft loop)"
+                                                        if "tokens_per_s_ratio_vs_plain" in r else ""))
     lines.append("timing " + ", ".join(f"{k} {v:.1f}s" for k, v in metrics["timing_s"].items() if v))
     lines.append(f"metrics: {run_dir / 'metrics.json'}")
     return "\n".join(lines)

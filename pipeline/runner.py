@@ -152,4 +152,7 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
         return None
     metrics = build_metrics(ctx)
     atomic_write_json(run_dir / "metrics.json", metrics)
+    from pipeline.report import write_report
+
+    write_report(run_dir, metrics, ctx.scores, ctx.plan)
     return metrics

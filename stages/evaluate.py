@@ -25,17 +25,44 @@ class PerplexityConfig(StrictModel):
         return self
 
 
+class TaskConfig(StrictModel):
+    """A zero-shot task run by lm-evaluation-harness on the in-memory model (main process only)."""
+
+    path: str | None = Field(None, description="local JSONL (offline); e.g. ../shared/data/arc/arc_easy_test.jsonl. "
+                             "None: lm-eval's own task, downloaded from the hub")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N questions (state it next to the number)")
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class SpeedConfig(StrictModel):
+    prompt_len: int = Field(128, ge=1)
+    new_tokens: int = Field(32, ge=2)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    repeats: int = Field(3, ge=1, description="median of this many timed runs")
+    warmup: int = Field(1, ge=0, description="untimed runs first")
+
+
 class EvaluateConfig(StrictModel):
     type: Literal["evaluate"]
     label: Literal["dense", "pruned", "recovered", "control"] | None = Field(
         None, description="key in metrics.json eval; default: the model's state (dense before prune, pruned after)"
     )
     perplexity: dict[str, PerplexityConfig] = Field(default_factory=dict, description="dataset name → settings")
+    tasks: dict[str, TaskConfig] = Field(default_factory=dict, description="lm-eval task name → settings, e.g. arc_easy")
+    speed: SpeedConfig | None = Field(None, description="measure prefill latency, decode tokens/s and peak memory")
 
     @model_validator(mode="after")
     def _something(self) -> "EvaluateConfig":
-        if not self.perplexity:
-            raise ValueError("nothing to evaluate: add `perplexity: {wikitext2: {source: ..., seq_len: 512}}`")
+        if not (self.perplexity or self.tasks or self.speed):
+            raise ValueError("nothing to evaluate: add `perplexity: {wikitext2: {source: ..., seq_len: 512}}`, "
+                             "`tasks: {arc_easy: {path: ...}}` or `speed: {}`")
+        from stages.zeroshot import LOCAL_TASKS
+
+        for name, t in self.tasks.items():
+            if t.path is not None and name not in LOCAL_TASKS:
+                raise ValueError(f"tasks.{name}: local files are supported for {sorted(LOCAL_TASKS)}; drop `path` to use "
+                                 "lm-eval's hub task")
         return self
 
 
@@ -53,7 +80,8 @@ def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
         results = _evaluate_one(ctx, cfg, model, lab)
         ctx.evals.setdefault(lab, {}).update(results)
         saved[lab] = results
-        out[lab] = {n: round(r["ppl"], 4) for n, r in results.items()}
+        out[lab] = {n: round(r["ppl"], 4) if "ppl" in r else {k: r.get(k) for k in ("acc", "acc_norm")} for n, r in results.items()
+                    if n != "speed"}
     if ctx.is_main:
         atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": saved[label], "all": saved})
     return {"label": label, **out[label], **({"control": out["control"]} if "control" in out else {})}
@@ -73,6 +101,16 @@ def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict
         r["source"] = p.source.describe()
         r["protocol"] = protocol(r["source"], p.seq_len, r["tokens"], r["windows"])
         results[name] = r
+    for name, t in cfg.tasks.items():
+        if ctx.is_main:  # HFLM on a model object is not meant for a multi-process launch
+            from stages.zeroshot import evaluate_task
+
+            results[name] = evaluate_task(model, ctx.tokenizer, name, t.path, t.limit, t.batch_size, t.num_fewshot, ctx.recipe.seed)
+    if cfg.speed is not None and ctx.is_main:
+        from stages.speed import measure_speed
+
+        s = cfg.speed
+        results["speed"] = measure_speed(model, s.prompt_len, s.new_tokens, tuple(s.batch_sizes), s.repeats, s.warmup, ctx.recipe.seed)
     return results
 
 

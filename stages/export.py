@@ -50,10 +50,12 @@ def model_card(ctx: Any) -> str:
                   for i, s in enumerate(plan["shapes_after"])]
         lines.append("")
     if ctx.evals:
-        lines += ["## Perplexity", "", "| model | dataset | PPL | protocol |", "|---|---|---|---|"]
+        from pipeline.run import describe_result
+
+        lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
         for label, results in ctx.evals.items():
             for name, r in results.items():
-                lines.append(f"| {label} | {name} | {r['ppl']:.3f} | {r['protocol']} |")
+                lines.append(f"| {label} | {name} | {describe_result(r)} | {r['protocol']} |")
         lines.append("")
     if getattr(ctx.model.config, "prunelab_layer_shapes", None):
         lines += ["Layer widths differ (adaptive width pruning): load with `from pipeline.loader import load_pruned; "

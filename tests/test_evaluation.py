@@ -1,0 +1,78 @@
+"""Evaluation: the lm-eval local ARC-Easy task on the shared file, speed measurement, report.md plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ARC = ROOT.parent / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
+
+
+@pytest.mark.skipif(not ARC.is_file(), reason="shared ARC-Easy file not present")
+def test_lm_eval_local_task_loads_the_shared_file(tmp_path):
+    """lm-eval itself builds the task from the local JSONL: all 2,376 questions, 4-way choices, targets in range."""
+    from stages.zeroshot import task_manager
+
+    manager, name = task_manager("arc_easy", str(ARC), tmp_path)
+    from lm_eval.tasks import get_task_dict
+
+    task = get_task_dict([name], manager)[name]
+    docs = list(task.test_docs())
+    assert len(docs) == 2376
+    assert task.doc_to_text(docs[0]).startswith("Question: ") and task.doc_to_text(docs[0]).endswith("\nAnswer:")
+    assert all(0 <= task.doc_to_target(d) < len(task.doc_to_choice(d)) for d in docs)
+    first = json.loads(ARC.read_text().splitlines()[0])
+    assert task.doc_to_choice(docs[0]) == first["choices"]["text"]
+
+
+def test_arc_easy_through_lm_eval_on_a_tiny_model(tiny_model):
+    from stages.tiny import byte_tokenizer
+    from stages.zeroshot import evaluate_task
+
+    r = evaluate_task(tiny_model, byte_tokenizer(), "arc_easy", str(ARC), limit=6, batch_size=6)
+    assert r["samples"] == 6 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
+    assert r["lm_eval_version"] and "acc_norm = length-normalised" in r["protocol"]
+
+
+def test_speed_reports_medians_for_each_batch_size(tiny_model):
+    from stages.speed import measure_speed
+
+    r = measure_speed(tiny_model, prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2)
+    assert set(r["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in r["decode_tok_s"].values())
+    assert r["prefill_ms"]["1"] > 0 and r["peak_memory_mb"] > 0 and "median of 2" in r["protocol"]
+
+
+def test_report_renders_every_plot_for_depth_recovery(tmp_path):
+    rc = main(["recipes/debug-recover.yaml", "--output-dir", str(tmp_path), "--no-progress",
+               "stages.recover.max_steps=2", "stages.recover.control=true",
+               f"stages.eval_pruned.tasks.arc_easy.path={ARC}", "stages.eval_pruned.tasks.arc_easy.limit=4",
+               "stages.eval_pruned.speed.new_tokens=3", "stages.eval_pruned.speed.batch_sizes=[1]",
+               "stages.eval_pruned.speed.repeats=1"])
+    assert rc == 0
+    run = tmp_path / "debug-recover"
+    for png in ("block_importance", "evaluation", "loss"):
+        assert (run / "plots" / f"{png}.png").stat().st_size > 1000
+    report = (run / "report.md").read_text()
+    assert "plots/loss.png" in report and "| control | tiny |" in report and "acc_norm" in report
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval"]["pruned"]["arc_easy"]["samples"] == 4
+    assert "decode_tok_s" in metrics["eval"]["pruned"]["speed"]
+
+
+def test_report_plots_kept_widths(tmp_path):
+    assert main(["recipes/debug-width.yaml", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    run = next(tmp_path.iterdir())
+    assert (run / "plots" / "widths.png").stat().st_size > 1000
+    assert "plots/widths.png" in (run / "report.md").read_text()
+
+
+def test_local_file_for_an_unknown_task_is_a_clear_error():
+    from pipeline.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="local files are supported for"):
+        load_recipe("recipes/debug-recover.yaml", [f"stages.eval_pruned.tasks.hellaswag.path={ARC}"])

@@ -148,9 +148,14 @@ def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
     raw = yaml.safe_load((ROOT / "recipes" / "smollm2" / name).read_text())
     budget = ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=64"]
     budget += [f"stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
+    recovers = [k for k, v in raw["stages"].items() if v["type"] == "recover"]
+    budget += [o for k in recovers for o in (f"stages.{k}.max_steps=2", f"stages.{k}.data.max_samples=8",
+                                             f"stages.{k}.control=false", f"stages.{k}.compare_plain_steps=0")]
     assert main([f"recipes/smollm2/{name}", *budget, "--output-dir", str(tmp_path), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / raw["name"] / "metrics.json").read_text())
-    assert set(metrics["eval"]) == {"dense", "pruned"}
+    assert set(metrics["eval"]) == ({"dense", "pruned", "recovered"} if recovers else {"dense", "pruned"})
+    if recovers:
+        assert metrics["recover"]["pruned"]["steps"] == 2 and (tmp_path / raw["name"] / "model" / "config.json").is_file()
     assert metrics["model"]["params_after"] < metrics["model"]["params_before"]
     prune = raw["stages"]["prune"]
     if prune.get("units") == "width":

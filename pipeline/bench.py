@@ -65,6 +65,8 @@ class BenchRecipe(StrictModel):
     model: ModelConfig
     calibration: BenchCalibration
     perplexity: dict[str, Any] = Field(..., description="name → evaluate-stage perplexity settings")
+    tasks: dict[str, Any] = Field(default_factory=dict, description="lm-eval task name → evaluate-stage task settings")
+    speed: dict[str, Any] | None = Field(None, description="evaluate-stage speed settings; adds decode speedup vs dense")
     criteria: list[str] = Field(default_factory=list, description="depth criteria, each run at every target")
     targets: list[BenchTarget] = Field(default_factory=list)
     cost_ratio: bool = Field(True, description="time the cached PPL criterion against one full forward per candidate")
@@ -87,12 +89,14 @@ def load_bench(path: str) -> BenchRecipe:
     from pydantic import ValidationError
 
     from pipeline.recipe import load_raw
-    from stages.evaluate import PerplexityConfig
+    from stages.evaluate import PerplexityConfig, SpeedConfig, TaskConfig
 
     raw = load_raw(path)
     try:
         bench = BenchRecipe.model_validate(raw)
         bench.perplexity = {k: PerplexityConfig.model_validate(v) for k, v in bench.perplexity.items()}
+        bench.tasks = {k: TaskConfig.model_validate(v) for k, v in bench.tasks.items()}
+        bench.speed = SpeedConfig.model_validate(bench.speed) if bench.speed is not None else None
         for m in bench.width:  # the prune stage's own validation: same errors as in a recipe
             width_prune_config(m, bench.width_ratio)
     except ValidationError as exc:
@@ -191,10 +195,12 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     from stages.load import load_model
     from stages.perplexity import protocol, windowed_perplexity
     from stages.prune import PruneConfig, make_plan, num_blocks_for
+    from stages.speed import measure_speed
     from stages.surgery import apply_plan
+    from stages.zeroshot import evaluate_task
 
     sources = [bench.calibration.source] + [p.source for p in bench.perplexity.values()]
-    checked = [verify_checksum(s.path) for s in sources if s.path]
+    checked = [verify_checksum(s.path) for s in sources if s.path] + [verify_checksum(t.path) for t in bench.tasks.values() if t.path]
     set_seed(bench.seed)
     t_start = time.perf_counter()
     model, tok = load_model(bench.model)
@@ -203,11 +209,18 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     eval_ids = {n: tokenize_text(tok, read_text(p.source)) for n, p in bench.perplexity.items()}
 
     def evaluate(m: Any, label: str) -> dict[str, Any]:
-        out = {}
+        t_eval = time.perf_counter()
+        out: dict[str, Any] = {}
         for n, p in bench.perplexity.items():
             r = windowed_perplexity(m, eval_ids[n], p.seq_len, p.max_tokens, p.batch_size, desc=f"ppl {label}")
             out[n] = {"ppl": r["ppl"], "seq_len": r["seq_len"], "tokens": r["tokens"],
                       "protocol": protocol(p.source.describe(), p.seq_len, r["tokens"], r["windows"])}
+        for n, t in bench.tasks.items():
+            out[n] = evaluate_task(m, tok, n, t.path, t.limit, t.batch_size, t.num_fewshot, bench.seed)
+        if bench.speed is not None:
+            sp = bench.speed
+            out["speed"] = measure_speed(m, sp.prompt_len, sp.new_tokens, tuple(sp.batch_sizes), sp.repeats, sp.warmup, bench.seed)
+        out["eval_s"] = round(time.perf_counter() - t_eval, 1)
         return out
 
     adapter = adapter_for(model)
@@ -246,24 +259,42 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     }
 
 
+def _speedup(row: dict[str, Any], dense: dict[str, Any]) -> str:
+    """Decode tokens/s relative to dense, per batch size, beside the ideal params_before / params_after."""
+    sp, dsp = row["eval"].get("speed"), dense["eval"].get("speed")
+    if not sp or not dsp:
+        return "—"
+    parts = [f"{sp['decode_tok_s'][b] / dsp['decode_tok_s'][b]:.2f}×" for b in sp["decode_tok_s"]]
+    return " / ".join(parts) + f" (ideal {dense['params'] / row['params']:.2f}×)"
+
+
 def to_markdown(report: dict[str, Any], command: str) -> str:
-    names = list(report["rows"][0]["eval"])
-    head = "| target | criterion | params | blocks | removed blocks | " + " | ".join(
-        f"{n} PPL (seq {report['rows'][0]['eval'][n]['seq_len']})" for n in names) + " | scoring s | peak RSS MB |"
-    lines = [head, "|" + "---|" * (7 + len(names))]
+    first = report["rows"][0]["eval"]
+    names = [n for n, r in first.items() if isinstance(r, dict) and "ppl" in r]
+    tasks = [n for n, r in first.items() if isinstance(r, dict) and "acc" in r]
+    speed = "speed" in first
+    head = ("| target | criterion | params | blocks | removed blocks | "
+            + " | ".join(f"{n} PPL (seq {first[n]['seq_len']})" for n in names)
+            + "".join(f" | {n} acc | {n} acc_norm" for n in tasks)
+            + " | scoring s | total s | peak RSS MB |" + (" decode speedup (bs " + "/".join(first["speed"]["decode_tok_s"]) + ") |" if speed else ""))
+    lines = [head, "|" + "---|" * (8 + len(names) + 2 * len(tasks) + int(speed))]
+    dense = report["rows"][0]
     for r in report["rows"]:
         ppl = " | ".join(f"{r['eval'][n]['ppl']:.2f}" for n in names)
+        acc = "".join(f" | {r['eval'][n]['acc']:.4f} | {r['eval'][n]['acc_norm']:.4f}" for n in tasks)
         removed = r["removed_blocks"] or ("uniform widths" if r.get("uniform") else "per-layer widths" if "uniform" in r else "—")
+        total = r["score_s"] + r["eval"].get("eval_s", 0.0)
         lines.append(f"| {r['target']} | {r['criterion']} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
-                     f"{r['layers']} | {removed} | {ppl} | {r['score_s']:.1f} | {r.get('score_peak_rss_mb') or '—'} |")
+                     f"{r['layers']} | {removed} | {ppl}{acc} | {r['score_s']:.1f} | {total:.1f} | {r.get('score_peak_rss_mb') or '—'} |"
+                     + (f" {_speedup(r, dense)} |" if speed else ""))
     cal = report["calibration"]
-    proto = report["rows"][0]["eval"][names[0]]["protocol"]
+    proto = "; ".join(first[n]["protocol"] for n in names + tasks) + (f"; speed: {first['speed']['protocol']}" if speed else "")
     lines += ["", f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
               f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
               f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "
               f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time; "
               f"{report['torch_threads']} CPU threads; peak RSS = the process's resident memory while that criterion "
-              f"scored (the dense model included). Total {report['total_s']:.0f} s, overall peak RSS "
+              f"scored (the dense model included); total s = scoring + evaluating that row. Total {report['total_s']:.0f} s, overall peak RSS "
               f"{report['peak_memory_mb']['cpu_rss']:.0f} MB."]
     c = report.get("ppl_cost_ratio")
     if c:

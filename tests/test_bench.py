@@ -33,3 +33,31 @@ def test_bench_depth_and_width_rows(tmp_path):
     assert len(sleb6["removed_blocks"]) == 2
     text = readme.read_text()
     assert "old" not in text and "| tiny-bench" not in text and "flap" in text and text.endswith("after\n")
+
+
+def test_bench_with_two_windows_arc_and_decode_speedup(tmp_path):
+    """The issue-5 columns: PPL at 128 and at 512 windows, ARC-Easy acc/acc_norm via lm-eval, decode speedup."""
+    from pathlib import Path
+
+    arc = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
+    text = {"path": "tests/data/tiny_corpus.txt"}
+    recipe = {
+        "name": "tiny-bench2", "seed": 0, "output_dir": str(tmp_path), "model": {"source": "tiny-random-llama"},
+        "calibration": {"source": text, "num_samples": 3, "seq_len": 32},
+        "perplexity": {"ppl128": {"source": text, "seq_len": 128, "max_tokens": 1024},
+                       "ppl512": {"source": text, "seq_len": 512, "max_tokens": 1024}},
+        "tasks": {"arc_easy": {"path": str(arc), "limit": 4, "batch_size": 4}},
+        "speed": {"prompt_len": 8, "new_tokens": 3, "batch_sizes": [1, 2], "repeats": 1},
+        "criteria": ["block_influence"], "targets": [{"num_blocks": 2}], "cost_ratio": False,
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main([str(path)]) == 0
+    report = json.loads((tmp_path / "tiny-bench2" / "bench.json").read_text())
+    row = report["rows"][1]
+    assert row["eval"]["ppl128"]["seq_len"] == 128 and row["eval"]["ppl512"]["seq_len"] == 512
+    assert row["eval"]["arc_easy"]["samples"] == 4 and "acc_norm" in row["eval"]["arc_easy"]
+    assert set(row["eval"]["speed"]["decode_tok_s"]) == {"1", "2"}
+    md = (tmp_path / "tiny-bench2" / "bench.md").read_text()
+    assert "ppl128 PPL (seq 128)" in md and "ppl512 PPL (seq 512)" in md and "arc_easy acc_norm" in md
+    assert "decode speedup (bs 1/2)" in md and "(ideal " in md and any(c.endswith("sha256 ok") for c in report["checksums_verified"])

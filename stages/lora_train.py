@@ -76,7 +76,7 @@ def lora_config(cfg: Any) -> Any:
                       bias="none", task_type="CAUSAL_LM")
 
 
-def trainable_model(base: torch.nn.Module, cfg: Any, work_dir: Path, device: torch.device) -> torch.nn.Module:
+def trainable_model(base: torch.nn.Module, cfg: Any, work_dir: Path | None, device: torch.device) -> torch.nn.Module:
     """A peft model to train. LoRA: a copy of ``base`` (the caller's weights stay untouched for the
     merge). QLoRA: ``base`` saved once and re-loaded with its linears in NF4 (bitsandbytes)."""
     from peft import get_peft_model
@@ -85,6 +85,8 @@ def trainable_model(base: torch.nn.Module, cfg: Any, work_dir: Path, device: tor
     if cfg.method == "lora":
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
     else:
+        if work_dir is None:
+            raise ValueError("QLoRA needs a folder for the full-precision copy it quantizes")
         model = _load_nf4(base, work_dir / "base-fp", dtype, device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -265,9 +267,9 @@ def plain_peft_step_seconds(base: torch.nn.Module, cfg: Any, dataset: Any, accum
     (same order, same accumulation), one process, no accelerate. Median step time, warm-up excluded."""
     from stages.recovery_data import collate, epoch_order
 
-    model = trainable_model(base, cfg, Path("/nonexistent"), device) if cfg.method == "lora" else None
-    if model is None:
+    if cfg.method != "lora":
         return {"skipped": "plain loop timed for method lora only"}
+    model = trainable_model(base, cfg, None, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = epoch_order(len(dataset), seed, 0, cfg.data.shuffle)

@@ -67,14 +67,12 @@ def make_accelerator(recipe: RecipeBase) -> Any:
 
     import torch
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import InitProcessGroupKwargs
 
-    handlers, cpu = [], False
+    cpu = False
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if launched and not torch.cuda.is_available():
-        if deepspeed:
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if deepspeed:  # the shared state is created once; Accelerator() below reuses it
             PartialState(backend="gloo")
         else:  # torchrun-launched DDP on CPU: accelerate's MULTI_CPU path (gloo) needs cpu=True
             cpu = True
@@ -85,7 +83,7 @@ def make_accelerator(recipe: RecipeBase) -> Any:
         accum = recovers[0].accumulation(processes) if recovers else 1
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and not plugin.zero3_init_flag:
         # accelerate registers its DeepSpeed config with transformers even with zero3_init_flag false,

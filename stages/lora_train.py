@@ -53,12 +53,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
 
-def train_dtype(name: str, device: torch.device) -> torch.dtype:
-    from stages.load import resolve_dtype
-
-    return resolve_dtype(name, device)
-
-
 def build_dataset(ctx: Any, cfg: Any) -> Any:
     from stages.data import read_text, tokenize_text
     from stages.recovery_data import alpaca_examples, packed_text, read_rows
@@ -81,7 +75,9 @@ def trainable_model(base: torch.nn.Module, cfg: Any, work_dir: Path | None, devi
     merge). QLoRA: ``base`` saved once and re-loaded with its linears in NF4 (bitsandbytes)."""
     from peft import get_peft_model
 
-    dtype = train_dtype(cfg.dtype, device)
+    from stages.load import resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.method == "lora":
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
     else:
@@ -188,7 +184,7 @@ def recover_model(ctx: Any, cfg: Any, base: torch.nn.Module, out_dir: Path, labe
     hook = acc.register_save_state_pre_hook(lambda models, weights, _dir: weights.__setitem__(
         slice(None), [_trainable_only(acc.unwrap_model(m)) for m in models]))
     step, resumed_from, state = 0, None, None
-    latest = _latest_checkpoint(ckpt_dir, chash) if getattr(ctx, "resume", False) else None
+    latest = _latest_checkpoint(ckpt_dir, chash) if ctx.resume else None
     if latest is not None:
         resumed_from, state = latest
         acc.load_state(str(resumed_from), **_load_kwargs(acc))

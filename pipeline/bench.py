@@ -54,6 +54,8 @@ class WidthMethod(StrictModel):
     allocation: str = "uniform"
     attention: str = "kv_group"
     compensation: str = "none"
+    damping: float = 0.01
+    optimal_bias: bool = True
     layers: tuple[int, int] | None = None
     mlp: bool = True
 
@@ -69,6 +71,7 @@ class BenchRecipe(StrictModel):
     speed: dict[str, Any] | None = Field(None, description="evaluate-stage speed settings; adds decode speedup vs dense")
     criteria: list[str] = Field(default_factory=list, description="depth criteria, each run at every target")
     targets: list[BenchTarget] = Field(default_factory=list)
+    laco: Any = Field(default_factory=dict, description="settings of the `laco` criterion (as score.laco in a recipe)")
     cost_ratio: bool = Field(True, description="time the cached PPL criterion against one full forward per candidate")
     width: list[WidthMethod] = Field(default_factory=list, description="width methods, all at width_ratio")
     width_ratio: float = Field(0.2, gt=0, lt=1, description="fraction of ALL parameters removed by every width method")
@@ -90,6 +93,7 @@ def load_bench(path: str) -> BenchRecipe:
 
     from pipeline.recipe import load_raw
     from stages.evaluate import PerplexityConfig, SpeedConfig, TaskConfig
+    from stages.score import LacoSettings
 
     raw = load_raw(path)
     try:
@@ -97,6 +101,7 @@ def load_bench(path: str) -> BenchRecipe:
         bench.perplexity = {k: PerplexityConfig.model_validate(v) for k, v in bench.perplexity.items()}
         bench.tasks = {k: TaskConfig.model_validate(v) for k, v in bench.tasks.items()}
         bench.speed = SpeedConfig.model_validate(bench.speed) if bench.speed is not None else None
+        bench.laco = LacoSettings.model_validate(bench.laco)
         for m in bench.width:  # the prune stage's own validation: same errors as in a recipe
             width_prune_config(m, bench.width_ratio)
     except ValidationError as exc:
@@ -108,7 +113,8 @@ def width_prune_config(m: WidthMethod, ratio: float) -> Any:
     from stages.prune import PruneConfig
 
     return PruneConfig(type="prune", units="width", criterion=m.criterion, ratio=ratio, allocation=m.allocation,
-                       attention=m.attention, compensation=m.compensation, layers=m.layers, mlp=m.mlp)
+                       attention=m.attention, compensation=m.compensation, damping=m.damping,
+                       optimal_bias=m.optimal_bias, layers=m.layers, mlp=m.mlp)
 
 
 def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
@@ -121,6 +127,8 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
 
     names = list(dict.fromkeys(m.criterion for m in bench.width))
     needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
+    if any(m.compensation == "optimal" for m in bench.width):
+        needs.add("hessian")
     with PeakRSS() as pass_mem:
         stats = collect_width_stats(model, calib, needs, batch_size=1, progress=True)
     means = summary_tensors(stats)
@@ -150,7 +158,8 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
     return rows
 
 
-def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int) -> tuple[dict[str, Any], float]:
+def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int,
+           options: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
     from pipeline.registry import CRITERIA
     from stages.arch.llama import adapter_for
     from stages.criteria.depth import CriterionInputs
@@ -162,7 +171,7 @@ def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, 
     with PeakRSS() as mem:
         stats = collect_block_stats(adapter, calib, set(spec.needs), batch_size, progress=True)
         inputs = CriterionInputs(list(range(adapter.num_blocks)), stats, model, adapter, calib, batch_size,
-                                 num_remove if spec.iterative else None, seed)
+                                 num_remove if spec.iterative else None, seed, options=options or {})
         result = spec.load()(inputs).to_json()
     result["peak_rss_mb"] = round(mem.peak_mb)
     return result, time.perf_counter() - t0
@@ -231,13 +240,20 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     rows.append({"target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
                  "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": dense})
     results: dict[str, Any] = {}
+    from stages.score import LacoSettings
+
+    options = {"laco": LacoSettings.model_validate(bench.laco).model_dump()}
     for name in bench.criteria:
         set_seed(bench.seed)
-        results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, max_k, bench.seed)
+        results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, max_k, bench.seed, options)
         results[name]["seconds"] = round(seconds, 2)
     for target, base_cfg in zip(bench.targets, prune_cfgs):
         for name in bench.criteria:
             cfg = base_cfg.model_copy(update={"criterion": name})
+            k = num_blocks_for(cfg, adapter)
+            if "merges" in results[name] and len(results[name]["order"]) != k:  # LaCo's merges depend on the target
+                results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, k, bench.seed, options)
+                results[name]["seconds"] = round(seconds, 2)
             plan = make_plan(results[name], cfg, adapter)
             pruned = apply_plan(copy.deepcopy(model), plan)
             rows.append({"target": target.label(), "criterion": name, "params": plan["params_after"],

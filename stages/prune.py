@@ -29,11 +29,12 @@ class PruneConfig(StrictModel):
     layer_ratio: float | None = Field(
         None, gt=0, lt=1, description="width: fraction of each layer's units to remove (LLM-Pruner's per-layer ratio)"
     )
-    allocation: Literal["uniform", "global", "owl"] = Field(
+    allocation: Literal["uniform", "global", "owl", "alpha"] = Field(
         "uniform",
-        description="width: same fraction per layer (vanilla config), one global ranking (FLAP AL-AM), or OWL's "
-        "outlier-weighted layer ratios (combines with any criterion)",
+        description="width: same fraction per layer (vanilla config), one global ranking (FLAP AL-AM), OWL's "
+        "outlier-weighted layer ratios, or AlphaPruning's heavy-tail (α) ratios — the last two combine with any criterion",
     )
+    alpha_epsilon: float = Field(0.08, ge=0, lt=0.5, description="AlphaPruning: layer ratios span r ± epsilon")
     owl_m: float = Field(5.0, gt=0, description="OWL: a score is an outlier above M × the layer mean")
     owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL: layer ratios span r ± lambda")
     layers: tuple[int, int] | None = Field(
@@ -41,7 +42,13 @@ class PruneConfig(StrictModel):
     )
     attention: str = Field("kv_group", description="width: kv_group | q_head | none — head_dim never changes")
     mlp: bool = Field(True, description="width: prune MLP channels")
-    compensation: Literal["none", "bias"] = Field("none", description="width: FLAP bias compensation")
+    compensation: Literal["none", "bias", "optimal"] = Field(
+        "none", description="width: FLAP's bias (removed channels' mean output), or optimal: the APT/OBS closed-form "
+        "update of the kept o_proj/down_proj columns (plus bias) on calibration inputs"
+    )
+    damping: float = Field(0.01, gt=0, description="optimal compensation: λ = damping × mean(diag XᵀX) added to XᵀX")
+    optimal_bias: bool = Field(True, description="optimal compensation: also solve for the output bias (then it is "
+                               "never worse than FLAP's bias on calibration data); false: weights only, as in APT")
 
     @field_validator("attention")
     @classmethod
@@ -158,10 +165,14 @@ def make_plan(result: dict[str, Any], cfg: PruneConfig, adapter: Any) -> dict[st
     sizes = adapter.block_param_counts()
     before = adapter.total_params()
     after = before - sum(sizes[i] for i in removed)
+    merges = result.get("merges") or []
+    if merges and sorted(j for mg in merges for j in mg["from"]) != removed:
+        raise ValueError(f"criterion {cfg.criterion} merged {[mg['from'] for mg in merges]} but {k} blocks are to be removed; re-run score")
     return {
         "kind": "depth",
         "criterion": cfg.criterion,
         "target": {"num_blocks": cfg.num_blocks, "ratio": cfg.ratio, "rounding": cfg.rounding},
+        **({"merges": [{"into": mg["into"], "from": mg["from"]} for mg in merges]} if merges else {}),
         "removed_blocks": removed,
         "num_removed": len(removed),
         "layers_before": len(sizes),
@@ -176,7 +187,7 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
     from stages.arch.llama import adapter_for
     from stages.width_select import (
-        bias_compensation, owl_offsets, ratio_to_params, removed_params, select_global, select_uniform, summarize,
+        bias_compensation, optimal_compensation, owl_offsets, ratio_to_params, removed_params, select_global, select_uniform, summarize,
     )
     from stages.width_stats import geometry
 
@@ -189,6 +200,7 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     target = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
     scores = result["layers"]
     offsets = None
+    alphas = None
     if cfg.allocation == "global":
         chosen = select_global(scores, geos, layers, cfg.mlp, attention, target)
     else:
@@ -196,24 +208,36 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
             if means is None:
                 raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
             offsets = owl_offsets(model, means["sq_norm"], layers, cfg.owl_m, cfg.owl_lambda)
+        elif cfg.allocation == "alpha":
+            from stages.criteria.alpha import alpha_offsets, layer_alphas
+
+            alphas = layer_alphas(model)
+            offsets = alpha_offsets(alphas, layers, cfg.alpha_epsilon)
         chosen = select_uniform(scores, geos, layers, attention, cfg.mlp, cfg.layer_ratio, target, offsets)
     side: dict[str, Any] = {}
     if cfg.compensation == "bias":
         if means is None:
             raise ValueError("compensation: bias needs activation means from a width `score` stage")
         side = bias_compensation(model, chosen, means)
+    elif cfg.compensation == "optimal":
+        if means is None or "gram" not in means:
+            raise ValueError("compensation: optimal needs XᵀX of o_proj/down_proj inputs from the width `score` stage "
+                             "(it collects them when a later prune stage asks for optimal compensation)")
+        side = optimal_compensation(model, chosen, means["gram"], cfg.damping, cfg.optimal_bias)
     shapes_after = summarize(chosen, geos)
-    after = before - removed_params(chosen, geos) + sum(v.numel() for v in side.values())
+    after = before - removed_params(chosen, geos) + sum(v.numel() for k, v in side.items() if k.endswith(".bias"))
     plan = {
         "kind": "width",
         "criterion": cfg.criterion,
         "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "allocation": cfg.allocation,
-                   "layers": [start, end], "attention": attention, "mlp": cfg.mlp, "compensation": cfg.compensation},
+                   "layers": [start, end], "attention": attention, "mlp": cfg.mlp, "compensation": cfg.compensation,
+                   **({"damping": cfg.damping, "optimal_bias": cfg.optimal_bias} if cfg.compensation == "optimal" else {})},
         "layers": {str(i): rem for i, rem in chosen.items() if any(rem.values())},
         "shapes_before": summarize({}, geos),
         "shapes_after": shapes_after,
         "uniform": all(s == shapes_after[0] for s in shapes_after),
         "layer_ratio_offsets": offsets,
+        "layer_alpha": alphas,
         "num_removed": sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
         "layers_before": len(geos),
         "layers_after": len(geos),

@@ -18,6 +18,15 @@ from pipeline.registry import criteria_for, register_stage
 from stages import criteria as _criteria  # noqa: F401  (registers criteria, torch-free)
 
 
+class LacoSettings(StrictModel):
+    """LaCo's trial-and-merge settings (arXiv 2402.11187, Algorithm 1); defaults from the authors' notebook."""
+
+    merge_layers: int = Field(4, ge=2, description="C: layers collapsed into one per merge (C − 1 removed)")
+    layers: tuple[int, int] | None = Field(None, description="[L, H]: lowest and highest layer a merge may touch (default: all)")
+    interval: int = Field(1, ge=1, description="I: how far down the next trial starts after a kept merge")
+    threshold: float = Field(0.45, ge=-1, lt=1, description="T: keep a merge while the last-hidden-state cosine to the dense model exceeds it")
+
+
 class ScoreConfig(StrictModel):
     type: Literal["score"]
     units: Literal["blocks", "width"] = Field("blocks", description="blocks (depth) or heads/KV groups/MLP channels (width)")
@@ -25,6 +34,7 @@ class ScoreConfig(StrictModel):
         default_factory=list, description="criteria to compute; empty means those the later prune stages use"
     )
     batch_size: int = Field(1, ge=1, description="calibration windows per forward pass")
+    laco: LacoSettings = Field(default_factory=LacoSettings, description="settings of the `laco` criterion")
     reduction: Literal["sum", "mean", "max", "prod"] = Field(
         "sum", description="width: how element importances of a coupled group's members combine (LLM-Pruner)"
     )
@@ -98,6 +108,7 @@ def run(ctx: Any, cfg: ScoreConfig) -> dict[str, Any]:
             units=list(range(adapter.num_blocks)), stats=stats, model=ctx.model, adapter=adapter,
             calibration=ctx.calibration, batch_size=cfg.batch_size,
             num_remove=_num_remove(ctx) if spec.iterative else None, seed=ctx.recipe.seed, progress=ctx.progress,
+            options={"laco": cfg.laco.model_dump()},
         )
         result = spec.load()(inputs).to_json()
         result["seconds"] = round(time.perf_counter() - t0 + (stats.seconds if spec.needs else 0.0), 3)
@@ -123,6 +134,8 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
     registry = criteria_for("width")
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
     needs = {"activations"} | set().union(*(registry.get(n).needs for n in names))  # means feed compensation
+    if any(getattr(s, "type", "") == "prune" and s.units == "width" and s.compensation == "optimal" for _, s in ctx.later_stages()):
+        needs.add("hessian")  # XᵀX of o_proj/down_proj inputs, in this same pass
     stats = collect_width_stats(ctx.model, ctx.calibration, needs, cfg.batch_size, ctx.progress)
     results: dict[str, Any] = {}
     for name in names:

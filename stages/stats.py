@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from stages.arch.llama import LlamaAdapter
 
-NEEDS = frozenset({"boundary", "removal_nll", "grad"})
+# "calibration": no statistic, the criterion runs its own passes over the calibration batches (LaCo)
+NEEDS = frozenset({"boundary", "removal_nll", "grad", "calibration"})
 
 
 @dataclass

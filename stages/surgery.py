@@ -19,6 +19,8 @@ def apply_plan(model: nn.Module, plan: dict[str, Any], side: dict[str, Any] | No
     """Apply ``plan`` (and its side tensors, e.g. compensation biases) to ``model`` in place."""
     kind = plan.get("kind")
     if kind == "depth":
+        if plan.get("merges"):
+            merge_blocks(model, plan["merges"], expected_layers=plan.get("layers_before"))
         remove_blocks(model, plan["removed_blocks"], expected_layers=plan.get("layers_before"))
         return model
     if kind == "width":
@@ -38,9 +40,37 @@ def apply_width(model: nn.Module, plan: dict[str, Any], side: dict[str, Any]) ->
             raise PlanError("plan was made for a model with other layer widths (already pruned?)")
     for key, removed in plan["layers"].items():
         prune_layer_width(model.model.layers[int(key)], removed)
-    if side:
-        add_output_biases(model, side)
+    weights = {k: v for k, v in side.items() if k.endswith(".weight")}
+    biases = {k: v for k, v in side.items() if k.endswith(".bias")}
+    if weights:
+        replace_weights(model, weights)
+    if biases:
+        add_output_biases(model, biases)
     set_width_config(model, plan["shapes_after"])
+
+
+def replace_weights(model: nn.Module, weights: dict[str, "torch.Tensor"]) -> None:
+    """Overwrite sliced weights with compensated ones (optimal compensation), checking every shape."""
+    params = dict(model.named_parameters())
+    for key, value in weights.items():
+        if key not in params:
+            raise PlanError(f"side tensor {key} names no parameter of this model")
+        if tuple(params[key].shape) != tuple(value.shape):
+            raise PlanError(f"side tensor {key} has shape {tuple(value.shape)}, the pruned parameter {tuple(params[key].shape)}")
+        params[key].data.copy_(value.to(params[key].device, params[key].dtype))
+
+
+def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers: int | None = None) -> None:
+    """LaCo's RDSC merges, in plan order, before the absorbed blocks are removed (indices are the original ones)."""
+    from stages.criteria.laco import rdsc_merge
+
+    layers = model.model.layers
+    if expected_layers is not None and len(layers) != expected_layers:
+        raise PlanError(f"plan was made for a model with {expected_layers} blocks, this one has {len(layers)} (already pruned?)")
+    for mg in merges:
+        if not all(0 <= j < len(layers) for j in [mg["into"], *mg["from"]]):
+            raise PlanError(f"merge {mg} names blocks outside [0, {len(layers)})")
+        rdsc_merge(layers[mg["into"]], [layers[j] for j in mg["from"]])
 
 
 def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | None = None) -> None:

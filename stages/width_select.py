@@ -194,3 +194,31 @@ def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], 
     for i, o in zip(layers, offs):
         out[i] = o
     return out
+
+
+def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], grams: dict[str, list[Any]],
+                         damping: float, with_bias: bool) -> dict[str, torch.Tensor]:
+    """APT / OBS multi-weight removal (``stages.compensation``) for o_proj and down_proj of every pruned layer.
+
+    Returns side tensors: the compensated kept columns as ``<param>.weight`` (shape after slicing) and, with
+    ``with_bias``, the bias change as ``<param>.bias`` (added to the existing bias, like FLAP's).
+    """
+    from stages.compensation import optimal_layer
+
+    side: dict[str, torch.Tensor] = {}
+    for i, rem in plan_layers.items():
+        layer = model.model.layers[i]
+        hd = layer.self_attn.head_dim
+        cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
+        for name, lin, idx, key in (("self_attn.o_proj", layer.self_attn.o_proj, cols, "o_proj"),
+                                    ("mlp.down_proj", layer.mlp.down_proj, rem["mlp"], "down_proj")):
+            if not idx:
+                continue
+            gram, total, count = grams[key][i]
+            w, b = optimal_layer(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, total,
+                                 count, idx, damping, with_bias)
+            side[f"model.layers.{i}.{name}.weight"] = w.to(lin.weight.dtype)
+            if b is not None:
+                old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
+                side[f"model.layers.{i}.{name}.bias"] = (b - old).to(lin.weight.dtype)
+    return side

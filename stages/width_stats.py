@@ -68,12 +68,17 @@ class ChannelStats:
     count: int = 0
     total: torch.Tensor | None = None
     total_sq: torch.Tensor | None = None
+    keep_gram: bool = False
+    gram: torch.Tensor | None = None  # Σ x xᵀ (optimal compensation's H), only when keep_gram
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
         s, sq = x.sum(0), (x * x).sum(0)
         self.total = s if self.total is None else self.total + s
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        if self.keep_gram:
+            g = x.T @ x
+            self.gram = g if self.gram is None else self.gram + g
         self.count += x.shape[0]
 
     @property
@@ -102,7 +107,7 @@ class WidthStats:
     seconds: float = 0.0
 
 
-WIDTH_NEEDS = frozenset({"activations", "grad", "fisher"})
+WIDTH_NEEDS = frozenset({"activations", "grad", "fisher", "hessian"})
 
 
 def collect_width_stats(
@@ -113,9 +118,10 @@ def collect_width_stats(
 
     t0 = time.perf_counter()
     layers = model.model.layers
-    stats = WidthStats(*([ChannelStats() for _ in layers] for _ in range(4)))
+    gram = "hessian" in needs  # XᵀX of o_proj / down_proj inputs, for compensation: optimal
+    stats = WidthStats(*([ChannelStats(keep_gram=gram and k < 2) for _ in layers] for k in range(4)))
     handles: list[Any] = []
-    if "activations" in needs:
+    if needs & {"activations", "hessian"}:
         for i, layer in enumerate(layers):
             for lin, target in ((layer.self_attn.o_proj, stats.o_proj), (layer.mlp.down_proj, stats.down_proj),
                                 (layer.self_attn.q_proj, stats.q_proj), (layer.mlp.gate_proj, stats.gate_proj)):
@@ -160,10 +166,14 @@ def _recorder(target: ChannelStats) -> Any:
 
 
 def summary_tensors(stats: WidthStats) -> dict[str, Any]:
-    """What selection needs later (and ``--resume`` restores): input means and squared norms per layer."""
-    return {
+    """What selection needs later (and ``--resume`` restores): input means and squared norms per layer,
+    and with the "hessian" statistic the float64 Gram matrices, sums and token counts of o_proj/down_proj inputs."""
+    out: dict[str, Any] = {
         "o_proj": [s.mean.float() for s in stats.o_proj],
         "down_proj": [s.mean.float() for s in stats.down_proj],
         "sq_norm": {name: [s.sq_norm.float() for s in getattr(stats, name)] for name in ("q_proj", "gate_proj", "o_proj", "down_proj")},
     }
+    if stats.o_proj and stats.o_proj[0].gram is not None:
+        out["gram"] = {name: [(s.gram, s.total, s.count) for s in getattr(stats, name)] for name in ("o_proj", "down_proj")}
+    return out
 

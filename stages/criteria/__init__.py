@@ -9,6 +9,7 @@ register_criterion("angular_distance", f"{_DEPTH}:angular_distance", "block", {"
 register_criterion("ppl", f"{_DEPTH}:ppl", "block", {"removal_nll"}, paper="Shortened LLaMA, arXiv 2402.02834")
 register_criterion("taylor_plus", f"{_DEPTH}:taylor_plus", "block", {"grad"}, paper="Shortened LLaMA, arXiv 2402.02834")
 register_criterion("sleb", f"{_DEPTH}:sleb", "block", {"removal_nll"}, iterative=True, paper="SLEB, arXiv 2402.09025")
+register_criterion("laco", "stages.criteria.laco:laco", "block", {"calibration"}, iterative=True, paper="LaCo, arXiv 2402.11187")
 register_criterion("magnitude", f"{_DEPTH}:magnitude", "block", paper="baseline")
 register_criterion("random", f"{_DEPTH}:random", "block", paper="baseline")
 

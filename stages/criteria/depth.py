@@ -32,6 +32,7 @@ class CriterionInputs:
     num_remove: int | None = None
     seed: int = 0
     progress: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # per-criterion settings, e.g. {"laco": {...}}
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""Compensation after removing input channels of a linear layer (pure maths; surgery applies the result).
+
+Width pruning removes input channels S of ``o_proj`` (the columns of dropped heads) and ``down_proj``
+(dropped MLP channels). The layer's output then loses W[:, S] X_S. Two repairs:
+
+- ``bias`` — FLAP (An et al., 2024, arXiv 2312.11983, Eq. 8): b' = b + W[:, S] · X̄_S, the removed channels'
+  mean contribution (see ``stages.width_select.bias_compensation``);
+- ``optimal`` — the closed-form multi-weight removal of "Pruning Foundation Models for High Accuracy
+  without Retraining" (Zhao et al., 2024, arXiv 2410.15567, Sec. 3, code piuzha/APT), which is Optimal
+  Brain Surgeon for a set of weights: with H = XᵀX + λI over calibration inputs X,
+
+      δW = − W[:, S] · ((H⁻¹)[S, S])⁻¹ · (H⁻¹)[S, :]                            (OBS, Hassibi & Stork 1993)
+
+  W + δW is zero on S and minimises ‖W Xᵀ − W' X_Kᵀ‖² over the kept columns K (the same solution as the
+  least squares W' = W H[:, K] H[K, K]⁻¹; a test checks both forms agree).
+
+With ``with_bias`` the input is augmented by a constant 1 (H gains the row/column Σx and N), so the bias
+is optimised together with the kept weights: FLAP's bias-only repair is then one feasible point of the
+same problem, and the optimal one is never worse on the calibration data (up to the dampening λ).
+Computed in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """H + λI with λ = damping × mean(diag H) (SparseGPT's relative dampening; keeps H invertible)."""
+    lam = damping * torch.diagonal(h).mean().clamp_min(1e-12)
+    return h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, removed: list[int], damping: float = 0.01) -> torch.Tensor:
+    """W + δW (float64, full width; zero on ``removed``) for removing input channels ``removed``."""
+    w = weight.double()
+    if not removed:
+        return w.clone()
+    hinv = torch.linalg.inv(damped(hessian.double(), damping))
+    s = torch.tensor(removed, dtype=torch.long)
+    # δW = −W_S (H⁻¹_SS)⁻¹ H⁻¹_S: ; solve instead of a second explicit inverse
+    coef = torch.linalg.solve(hinv[s][:, s], hinv[s])  # (H⁻¹_SS)⁻¹ H⁻¹_S:
+    out = w - w[:, s] @ coef
+    out[:, s] = 0.0
+    return out
+
+
+def augmented_gram(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
+    """[[XᵀX, Xᵀ1], [1ᵀX, N]]: the Gram matrix of the inputs with a constant-1 channel appended."""
+    d = gram.shape[0]
+    h = torch.empty(d + 1, d + 1, dtype=torch.float64)
+    h[:d, :d] = gram.double()
+    h[:d, d] = total.double()
+    h[d, :d] = total.double()
+    h[d, d] = float(count)
+    return h
+
+
+def optimal_layer(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, total: torch.Tensor, count: int,
+                  removed: list[int], damping: float = 0.01, with_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kept columns of the compensated weight (out × kept) and, with ``with_bias``, the new bias."""
+    keep = [j for j in range(weight.shape[1]) if j not in set(removed)]
+    if not with_bias:
+        return obs_remove(weight, gram, removed, damping)[:, keep], None
+    b0 = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    w_aug = torch.cat([weight.double(), b0[:, None]], dim=1)
+    new = obs_remove(w_aug, augmented_gram(gram, total, count), removed, damping)
+    return new[:, keep], new[:, -1]
+
+
+def output_error(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, new_weight: torch.Tensor,
+                 new_bias: torch.Tensor | None, keep: list[int]) -> float:
+    """‖(X Wᵀ + b) − (X_K W'ᵀ + b')‖²_F: how far the pruned layer's output is from the dense one."""
+    ref = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    got = x.double()[:, keep] @ new_weight.double().T + (0 if new_bias is None else new_bias.double())
+    return float(((ref - got) ** 2).sum())

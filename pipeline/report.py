@@ -61,6 +61,26 @@ def plot_widths(plan: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_alpha(plan: dict[str, Any], path: Path) -> bool:
+    """AlphaPruning: each layer's heavy-tail exponent α and the ratio offset it earned."""
+    alphas = (plan or {}).get("layer_alpha")
+    if not alphas:
+        return False
+    plt = _plt()
+    offs = plan.get("layer_ratio_offsets") or [0.0] * len(alphas)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    axes[0].bar(range(len(alphas)), alphas, color="tab:purple")
+    axes[0].set_title("Hill α of the weight spectra (mean over the layer's matrices)")
+    axes[1].bar(range(len(offs)), offs, color="tab:red")
+    axes[1].set_title("layer ratio offset (lower α → pruned less)")
+    for ax in axes:
+        ax.set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_evals(evals: dict[str, dict[str, Any]], path: Path) -> bool:
     ppl = [(label, name, r["ppl"]) for label, res in evals.items() for name, r in res.items() if "ppl" in r]
     if not ppl:
@@ -104,6 +124,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any],
     made = {
         "block_importance": plot_block_scores(scores, plots / "block_importance.png"),
         "widths": plot_widths(plan or {}, plots / "widths.png"),
+        "alpha": plot_alpha(plan or {}, plots / "alpha.png"),
         "evaluation": plot_evals(metrics["eval"], plots / "evaluation.png"),
         "loss": plot_losses(run_dir, plots / "loss.png"),
     }
@@ -115,6 +136,12 @@ def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any],
     if p.get("kind"):
         lines += [f"Plan: {p['kind']} pruning by `{p['criterion']}`, {p['achieved_ratio']:.2%} of parameters removed"
                   + (f", blocks {p['removed_blocks']}" if p["removed_blocks"] else f", {p['removed_units']} units") + ".", ""]
+    if plan and plan.get("merges"):
+        lines += ["LaCo merges (RDSC, in order): " + "; ".join(f"block {mg['into']} ← {mg['from']}" for mg in plan["merges"]) + ".", ""]
+    if plan and plan.get("layer_alpha"):
+        offs = plan.get("layer_ratio_offsets") or [0.0] * len(plan["layer_alpha"])
+        lines += ["## AlphaPruning α per layer", "", "| layer | α (Hill) | ratio offset |", "|---|---|---|"]
+        lines += [f"| {i} | {a:.3f} | {o:+.4f} |" for i, (a, o) in enumerate(zip(plan["layer_alpha"], offs))] + [""]
     if metrics["eval"]:
         lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
         for label, res in metrics["eval"].items():
@@ -129,7 +156,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any],
             lines.append(f"| {label} | {r['steps']} | {r['first_loss']:.4f} → {r['final_loss']:.4f} | {r['tokens_per_s']} | "
                          f"{f'{ratio:.2f}×' if ratio else '—'} | {r['peak_memory_mb']['cpu_rss'] if r['peak_memory_mb']['gpu'] is None else r['peak_memory_mb']['gpu']} |")
         lines.append("")
-    titles = {"block_importance": "Per-block importance", "widths": "Kept widths per layer",
+    titles = {"block_importance": "Per-block importance", "widths": "Kept widths per layer", "alpha": "AlphaPruning allocation",
               "evaluation": "Perplexity", "loss": "Recovery loss"}
     for key, ok in made.items():
         if ok:

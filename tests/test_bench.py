@@ -14,10 +14,13 @@ def test_bench_depth_and_width_rows(tmp_path):
         "name": "tiny-bench", "seed": 0, "output_dir": str(tmp_path), "model": {"source": "tiny-random-llama"},
         "calibration": {"source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 3, "seq_len": 32},
         "perplexity": {"tiny": {"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 64, "max_tokens": 512}},
-        "criteria": ["block_influence", "ppl", "sleb", "random"],
+        "criteria": ["block_influence", "ppl", "sleb", "laco", "random"],
+        "laco": {"merge_layers": 2, "threshold": -1.0},
         "targets": [{"num_blocks": 2}, {"ratio": 0.2}],
         "width_ratio": 0.15,
-        "width": [{"criterion": "flap", "allocation": "global", "compensation": "bias"}, {"criterion": "taylor"}],
+        "width": [{"criterion": "flap", "allocation": "global", "compensation": "bias"}, {"criterion": "taylor"},
+                  {"criterion": "flap", "allocation": "alpha", "compensation": "bias"},
+                  {"criterion": "wanda_sp", "compensation": "optimal", "label": "wanda-opt"}],
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -25,7 +28,13 @@ def test_bench_depth_and_width_rows(tmp_path):
     readme.write_text("before\n<!-- bench:tiny-bench:start -->\nold\n<!-- bench:tiny-bench:end -->\nafter\n")
     assert main([str(path), "--update-readme", str(readme)]) == 0
     report = json.loads((tmp_path / "tiny-bench" / "bench.json").read_text())
-    assert len(report["rows"]) == 1 + 4 * 2 + 2
+    assert len(report["rows"]) == 1 + 5 * 2 + 4
+    laco = [r for r in report["rows"] if r["criterion"] == "laco"]
+    assert len(laco) == 2 and len(laco[0]["removed_blocks"]) == 2  # re-scored per target: merges depend on it
+    assert laco[1]["layers"] == 6 - len(laco[1]["removed_blocks"])
+    opt = next(r for r in report["rows"] if r["criterion"] == "wanda-opt")
+    alpha = next(r for r in report["rows"] if r["criterion"].startswith("flap (alpha"))
+    assert opt["score_s"] > opt["plan_s"] > 0 and alpha["uniform"] is False
     assert report["rows"][0]["criterion"] == "dense"
     assert report["ppl_cost_ratio"]["max_rel_diff"] < 1e-5
     assert all(r["eval"]["tiny"]["seq_len"] == 64 for r in report["rows"])

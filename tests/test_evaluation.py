@@ -76,3 +76,14 @@ def test_local_file_for_an_unknown_task_is_a_clear_error():
 
     with pytest.raises(RecipeError, match="local files are supported for"):
         load_recipe("recipes/debug-recover.yaml", [f"stages.eval_pruned.tasks.hellaswag.path={ARC}"])
+
+
+def test_report_shows_alphapruning_alpha_per_layer(tmp_path):
+    assert main(["recipes/debug-width.yaml", "--output-dir", str(tmp_path), "--no-progress",
+                 "stages.prune.allocation=alpha", "stages.prune.compensation=none"]) == 0
+    run = next(tmp_path.iterdir())
+    report = (run / "report.md").read_text()
+    assert (run / "plots" / "alpha.png").stat().st_size > 1000 and "plots/alpha.png" in report
+    plan = json.loads(next(run.glob("*-prune/plan.json")).read_text())
+    assert len(plan["layer_alpha"]) == 6
+    assert f"| 0 | {plan['layer_alpha'][0]:.3f} |" in report

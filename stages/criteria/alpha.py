@@ -24,9 +24,14 @@ LLAMA_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of WᵀW (= squared singular values of W), ascending, float64."""
-    s = torch.linalg.svdvals(weight.detach().double())
-    return torch.sort(s * s).values
+    """Eigenvalues of WᵀW (= squared singular values of W), ascending, float64.
+
+    Computed as ``eigvalsh`` of the smaller Gram matrix (WᵀW or WWᵀ share their nonzero eigenvalues):
+    an order of magnitude faster on CPU than an SVD, and exact in float64.
+    """
+    w = weight.detach().double()
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    return torch.linalg.eigvalsh(gram).clamp_min(0)
 
 
 def hill_alpha(eigs: torch.Tensor) -> float:

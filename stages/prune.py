@@ -187,7 +187,7 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
     from stages.arch.llama import adapter_for
     from stages.width_select import (
-        bias_compensation, optimal_compensation, owl_offsets, ratio_to_params, removed_params, select_global, select_uniform, summarize,
+        bias_compensation, optimal_compensation, owl_offsets, ratio_to_params, select_global, select_uniform, summarize,
     )
     from stages.width_stats import geometry
 
@@ -225,7 +225,6 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
                              "(it collects them when a later prune stage asks for optimal compensation)")
         side = optimal_compensation(model, chosen, means["gram"], cfg.damping, cfg.optimal_bias)
     shapes_after = summarize(chosen, geos)
-    after = before - removed_params(chosen, geos) + sum(v.numel() for k, v in side.items() if k.endswith(".bias"))
     plan = {
         "kind": "width",
         "criterion": cfg.criterion,

@@ -138,20 +138,25 @@ def bias_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, l
     layer's output is unchanged. Returned as side tensors named by parameter.
     """
     side: dict[str, torch.Tensor] = {}
+    for i, name, key, lin, idx in removed_inputs(model, plan_layers):
+        shift = lin.weight.detach().double()[:, idx] @ means[key][i].double()[idx]
+        side[f"model.layers.{i}.{name}.bias"] = shift.to(lin.weight.dtype)
+    return side
+
+
+def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]]) -> list[tuple[int, str, str, torch.nn.Linear, list[int]]]:
+    """(layer, parameter path, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
+    inputs: the removed query heads' columns of o_proj, the removed MLP channels of down_proj. What compensation repairs."""
+    out = []
     for i, rem in plan_layers.items():
         layer = model.model.layers[i]
         hd = layer.self_attn.head_dim
         cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
-        for name, lin, idx, mean in (
-            ("self_attn.o_proj", layer.self_attn.o_proj, cols, means["o_proj"][i]),
-            ("mlp.down_proj", layer.mlp.down_proj, rem["mlp"], means["down_proj"][i]),
-        ):
-            if not idx:
-                continue
-            w = lin.weight.detach().double()
-            shift = w[:, idx] @ mean.double()[idx]
-            side[f"model.layers.{i}.{name}.bias"] = shift.to(lin.weight.dtype)
-    return side
+        for name, key, lin, idx in (("self_attn.o_proj", "o_proj", layer.self_attn.o_proj, cols),
+                                    ("mlp.down_proj", "down_proj", layer.mlp.down_proj, rem["mlp"])):
+            if idx:
+                out.append((i, name, key, lin, idx))
+    return out
 
 
 def ratio_to_params(ratio: float, total: int) -> int:
@@ -186,12 +191,19 @@ def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], 
             parts.append((lin.weight.detach().float().abs() * sq_norm[key][i].float().sqrt()[None]).flatten())
         scores = torch.cat(parts)
         ratios.append((scores > m * scores.mean()).double().mean().item())
-    d = torch.tensor(ratios, dtype=torch.float64)
-    span = (d.max() - d.min()).item()
-    a_l = torch.zeros_like(d) if span == 0 else (d - d.min()) / span * 2 * lam
-    offs = (-(a_l - a_l.mean())).tolist()
-    out = [0.0] * len(model.model.layers)
-    for i, o in zip(layers, offs):
+    # more outliers → pruned less: map −D_ℓ (equal to −(a_ℓ − mean a) after centring)
+    return linear_offsets([-r for r in ratios], layers, len(model.model.layers), lam)
+
+
+def linear_offsets(values: list[float], layers: list[int], num_layers: int, half_span: float) -> list[float]:
+    """Per-layer ratio offsets linear in ``values`` (one per layer in ``layers``): the lowest value gets the lowest
+    offset, the range is 2 × ``half_span``, the mean over ``layers`` is 0 (so the mean ratio stays r); layers
+    outside ``layers`` get 0. Shared by OWL (values −D_ℓ) and AlphaPruning (values α_ℓ)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    span = (v.max() - v.min()).item()
+    mapped = torch.zeros_like(v) if span == 0 else (v - v.min()) / span * 2 * half_span
+    out = [0.0] * num_layers
+    for i, o in zip(layers, (mapped - mapped.mean()).tolist()):
         out[i] = o
     return out
 
@@ -206,19 +218,12 @@ def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str
     from stages.compensation import optimal_layer
 
     side: dict[str, torch.Tensor] = {}
-    for i, rem in plan_layers.items():
-        layer = model.model.layers[i]
-        hd = layer.self_attn.head_dim
-        cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
-        for name, lin, idx, key in (("self_attn.o_proj", layer.self_attn.o_proj, cols, "o_proj"),
-                                    ("mlp.down_proj", layer.mlp.down_proj, rem["mlp"], "down_proj")):
-            if not idx:
-                continue
-            gram, total, count = grams[key][i]
-            w, b = optimal_layer(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, total,
-                                 count, idx, damping, with_bias)
-            side[f"model.layers.{i}.{name}.weight"] = w.to(lin.weight.dtype)
-            if b is not None:
-                old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
-                side[f"model.layers.{i}.{name}.bias"] = (b - old).to(lin.weight.dtype)
+    for i, name, key, lin, idx in removed_inputs(model, plan_layers):
+        gram, total, count = grams[key][i]
+        w, b = optimal_layer(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, total,
+                             count, idx, damping, with_bias)
+        side[f"model.layers.{i}.{name}.weight"] = w.to(lin.weight.dtype)
+        if b is not None:
+            old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
+            side[f"model.layers.{i}.{name}.bias"] = (b - old).to(lin.weight.dtype)
     return side

@@ -62,11 +62,6 @@ def alpha_offsets(alphas: list[float], layers: list[int], epsilon: float) -> lis
 
     Offsets for layers outside ``layers`` are 0 (they are not pruned).
     """
-    a = torch.tensor([alphas[i] for i in layers], dtype=torch.float64)
-    span = (a.max() - a.min()).item()
-    mapped = torch.zeros_like(a) if span == 0 else (a - a.min()) / span * 2 * epsilon - epsilon
-    mapped = mapped - mapped.mean()
-    out = [0.0] * len(alphas)
-    for i, o in zip(layers, mapped.tolist()):
-        out[i] = o
-    return out
+    from stages.width_select import linear_offsets
+
+    return linear_offsets([alphas[i] for i in layers], layers, len(alphas), epsilon)

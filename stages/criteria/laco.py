@@ -62,10 +62,12 @@ def similarity(reference: list[torch.Tensor], states: list[torch.Tensor]) -> flo
 def laco(inp: CriterionInputs) -> CriterionResult:
     """Trial-and-merge layer collapse until ``num_remove`` layers are gone (see the module docstring)."""
     assert inp.num_remove is not None and inp.calibration is not None, "laco needs num_remove and calibration data"
-    opts = inp.options.get("laco", {})
-    merge_size, interval, threshold = int(opts.get("merge_layers", 4)), int(opts.get("interval", 1)), float(opts.get("threshold", 0.45))
+    from stages.score import LacoSettings  # the defaults live in the schema
+
+    opts = LacoSettings.model_validate(inp.options.get("laco", {}))
+    merge_size, interval, threshold = opts.merge_layers, opts.interval, opts.threshold
     n = inp.adapter.num_blocks
-    low, high = opts.get("layers") or (0, n - 1)
+    low, high = opts.layers or (0, n - 1)
     reference = _final_states(inp.model, inp.calibration, inp.batch_size, frozenset())
     work = copy.deepcopy(inp.model)
     layers = work.model.layers

@@ -6,9 +6,12 @@ the same weights, which is what makes a run resumable and a plan reviewable.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PlanError(ValueError):
@@ -49,7 +52,7 @@ def apply_width(model: nn.Module, plan: dict[str, Any], side: dict[str, Any]) ->
     set_width_config(model, plan["shapes_after"])
 
 
-def replace_weights(model: nn.Module, weights: dict[str, "torch.Tensor"]) -> None:
+def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Overwrite sliced weights with compensated ones (optimal compensation), checking every shape."""
     params = dict(model.named_parameters())
     for key, value in weights.items():
@@ -152,7 +155,7 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]]) -> None:
             mlp.intermediate_size = len(keep_c)
 
 
-def add_output_biases(model: nn.Module, side: dict[str, "torch.Tensor"]) -> None:
+def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
     """Fold compensation vectors into o_proj / down_proj biases, keeping a vanilla-loadable layout.
 
     ``attention_bias`` makes transformers build biases on q, k, v AND o; ``mlp_bias`` on gate, up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +54,8 @@ def test_heavier_tailed_layers_are_pruned_less_and_the_mean_ratio_is_kept(tiny_m
 
 
 def test_alpha_allocation_through_the_prune_stage(tiny_model, calib):
-    from stages.prune import PruneConfig, make_width_plan
     from stages.criteria.width import WidthInputs, magnitude
+    from stages.prune import PruneConfig, make_width_plan
 
     stats = collect_width_stats(tiny_model, calib, {"activations"}, progress=False)
     scores = {"layers": magnitude(WidthInputs(tiny_model, stats))}
@@ -146,11 +147,11 @@ def test_optimal_compensation_on_a_model_brings_block_outputs_closest(tiny_model
 
 
 def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
-    from pipeline.run import main
-
     import yaml
 
-    recipe = yaml.safe_load(open("recipes/debug-width.yaml"))
+    from pipeline.run import main
+
+    recipe = yaml.safe_load(Path("recipes/debug-width.yaml").read_text())
     recipe["stages"]["prune"].update(compensation="optimal", damping=0.01)
     path = tmp_path / "opt.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -161,8 +162,8 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
 
     from safetensors.torch import load_file
 
-    from stages.load import load_model
     from pipeline.recipe import ModelConfig
+    from stages.load import load_model
 
     plan = json.loads((prune_dir / "plan.json").read_text())
     assert plan["side_file"] and plan["target"]["compensation"] == "optimal"
@@ -201,9 +202,9 @@ def _laco_inputs(model, calib, num_remove, **opts):
 
 
 def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tiny_model, calib):
+    from stages.arch.llama import adapter_for
     from stages.criteria.laco import laco
     from stages.prune import PruneConfig, make_plan
-    from stages.arch.llama import adapter_for
 
     dense = copy.deepcopy(tiny_model)
     res = laco(_laco_inputs(tiny_model, calib, 3, merge_layers=2, interval=1, threshold=-1.0)).to_json()
@@ -239,9 +240,9 @@ def test_laco_recipe_end_to_end(tmp_path):
 
     from pipeline.run import main
 
-    recipe = yaml.safe_load(open("recipes/debug.yaml"))
+    recipe = yaml.safe_load(Path("recipes/debug.yaml").read_text())
     recipe["name"] = "laco"
-    for key, st in recipe["stages"].items():
+    for st in recipe["stages"].values():
         if st["type"] == "score":
             st["criteria"] = ["laco"]
             st["laco"] = {"merge_layers": 2, "threshold": -1.0}

@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.recipe import ModelConfig, TextSource  # noqa: E402
-from stages.data import read_text, tokenize_text  # noqa: E402
-from stages.load import load_model  # noqa: E402
-from stages.lora_train import merge_adapter  # noqa: E402
-from stages.perplexity import windowed_perplexity  # noqa: E402
-from stages.surgery import apply_plan  # noqa: E402
+from pipeline.recipe import ModelConfig, TextSource
+from stages.data import read_text, tokenize_text
+from stages.load import load_model
+from stages.lora_train import merge_adapter
+from stages.perplexity import windowed_perplexity
+from stages.surgery import apply_plan
 
 run = Path(sys.argv[1])
 model, tok = load_model(ModelConfig(source="smollm2-135m", dtype="float32"))

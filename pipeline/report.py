@@ -43,8 +43,8 @@ def plot_block_scores(scores: dict[str, dict[str, Any]], path: Path) -> bool:
 
 
 def plot_widths(plan: dict[str, Any], path: Path) -> bool:
-    if not plan or plan.get("kind") != "width":
-        return False
+    if not plan or plan.get("kind") != "width" or plan.get("hidden"):
+        return False  # hidden-channel plans keep every layer's heads and channels
     plt = _plt()
     before, after = plan["shapes_before"], plan["shapes_after"]
     keys = [("num_attention_heads", "query heads"), ("num_key_value_heads", "KV heads"), ("intermediate_size", "MLP channels")]
@@ -136,6 +136,10 @@ def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any],
     if p.get("kind"):
         lines += [f"Plan: {p['kind']} pruning by `{p['criterion']}`, {p['achieved_ratio']:.2%} of parameters removed"
                   + (f", blocks {p['removed_blocks']}" if p["removed_blocks"] else f", {p['removed_units']} units") + ".", ""]
+    if plan and plan.get("hidden"):
+        h = plan["hidden"]
+        lines += [f"Hidden channels (LLM-Pruner channel mode): hidden_size {h['hidden_before']} → {h['hidden_after']} "
+                  f"in every layer, embeddings and head; RMSNorm rescaled: {h['norm_rescale']}.", ""]
     if plan and plan.get("merges"):
         lines += ["LaCo merges (RDSC, in order): " + "; ".join(f"block {mg['into']} ← {mg['from']}" for mg in plan["merges"]) + ".", ""]
     if plan and plan.get("layer_alpha"):

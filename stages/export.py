@@ -39,6 +39,13 @@ def model_card(ctx: Any) -> str:
             f"**Removed blocks** (0-based, original numbering): {plan.get('removed_blocks')} — criterion "
             f"`{plan.get('criterion')}`, {plan.get('achieved_ratio', 0):.2%} of all parameters.", "",
         ]
+    elif plan.get("kind") == "width" and plan.get("hidden"):
+        h = plan["hidden"]
+        lines += [
+            f"**Hidden channels removed** (LLM-Pruner channel mode) by `{plan['criterion']}`: hidden_size "
+            f"{h['hidden_before']} → {h['hidden_after']}, norm rescale {h['norm_rescale']}, "
+            f"{plan.get('achieved_ratio', 0):.2%} of all parameters.", "",
+        ]
     elif plan.get("kind") == "width":
         t = plan["target"]
         lines += [

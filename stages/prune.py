@@ -42,6 +42,14 @@ class PruneConfig(StrictModel):
     )
     attention: str = Field("kv_group", description="width: kv_group | q_head | none — head_dim never changes")
     mlp: bool = Field(True, description="width: prune MLP channels")
+    hidden: bool = Field(
+        False, description="width: prune hidden (residual-stream) channels instead — LLM-Pruner's channel mode; every "
+        "embedding, norm, projection and the head shrink together (set attention: none, mlp: false)"
+    )
+    hidden_norm_rescale: bool = Field(
+        True, description="hidden: scale kept RMSNorm weights by sqrt(d/d') and eps by d/d' so the pruned model equals the "
+        "masked one (zeroed channels) exactly; false slices only, as LLM-Pruner does (every norm's scale then shifts)"
+    )
     compensation: Literal["none", "bias", "optimal"] = Field(
         "none", description="width: FLAP's bias (removed channels' mean output), or optimal: the APT/OBS closed-form "
         "update of the kept o_proj/down_proj columns (plus bias) on calibration inputs"
@@ -74,6 +82,16 @@ class PruneConfig(StrictModel):
             raise ValueError("num_blocks is a depth target; for width give `ratio` or `layer_ratio`")
         if (self.ratio is None) == (self.layer_ratio is None):
             raise ValueError("give exactly one width target: `ratio` (of all parameters) or `layer_ratio` (of each layer's units)")
+        if self.hidden:
+            from stages.criteria import HIDDEN_CRITERIA
+
+            if self.attention != "none" or self.mlp:
+                raise ValueError("hidden channels are pruned on their own (LLM-Pruner's channel mode): set attention: none and mlp: false")
+            if self.allocation != "uniform" or self.layers is not None or self.compensation != "none":
+                raise ValueError("hidden channels span every layer: allocation, layers and compensation do not apply; remove them")
+            if self.criterion not in HIDDEN_CRITERIA:
+                raise ValueError(f"criterion {self.criterion!r} has no hidden-channel score; choose from {', '.join(HIDDEN_CRITERIA)}")
+            return self
         if self.allocation == "global" and self.layer_ratio is not None:
             raise ValueError("allocation: global needs `ratio` (a parameter budget), not layer_ratio")
         if self.allocation == "global" and self.attention == "q_head":
@@ -98,6 +116,10 @@ class PruneConfig(StrictModel):
                     geometries: list[Any] | None = None) -> list[str]:
         """Problems only visible once the model's size is known (checked before any heavy work)."""
         if self.units == "width":
+            if self.hidden and geometries and self.layer_ratio is not None:
+                d = geometries[0].hidden
+                if round(self.layer_ratio * d) >= d:
+                    return [f"layer_ratio={self.layer_ratio} would remove all {d} hidden channels; lower it"]
             if self.layers is not None and self.layers[1] > num_layers:
                 return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
             if geometries and self.layer_ratio is not None:
@@ -191,6 +213,8 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     )
     from stages.width_stats import geometry
 
+    if cfg.hidden:
+        return make_hidden_plan(result, cfg, model), {}
     adapter = adapter_for(model)
     geos = [geometry(layer) for layer in model.model.layers]
     start, end = cfg.layers if cfg.layers is not None else (0, len(geos))
@@ -244,6 +268,48 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
         "side_file": "compensation.safetensors" if side else None,
     }
     return plan, side
+
+
+def make_hidden_plan(result: dict[str, Any], cfg: PruneConfig, model: Any) -> dict[str, Any]:
+    """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
+    target (each channel owns the same parameters, so k = round(target / params per channel))."""
+    from stages.arch.llama import adapter_for
+    from stages.criteria.hidden import params_per_hidden_channel
+    from stages.width_select import WidthTargetError, _lowest, ratio_to_params, summarize
+    from stages.width_stats import geometry
+
+    if "hidden" not in result:
+        raise ValueError(f"criterion {cfg.criterion} has no hidden-channel scores; re-run the width score stage "
+                         "(it scores hidden channels when a later prune stage sets hidden: true)")
+    d = model.config.hidden_size
+    before = adapter_for(model).total_params()
+    per = params_per_hidden_channel(model)
+    want = cfg.layer_ratio * d if cfg.layer_ratio is not None else ratio_to_params(cfg.ratio, before) / per
+    # the kept width stays a multiple of num_attention_heads (LlamaConfig refuses anything else): nearest such k
+    heads = model.config.num_attention_heads
+    k = min((c for c in range(0, d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
+    if k >= d:
+        raise WidthTargetError(f"the target would remove all {d} hidden channels; lower it")
+    if k < 1:
+        raise WidthTargetError(f"the target removes less than one hidden channel ({per} parameters each); raise it")
+    removed = _lowest(result["hidden"], k)
+    geos = [geometry(layer) for layer in model.model.layers]
+    shapes = summarize({}, geos)
+    return {
+        "kind": "width",
+        "criterion": cfg.criterion,
+        "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "hidden": True, "norm_rescale": cfg.hidden_norm_rescale},
+        "layers": {},
+        "hidden": {"removed": removed, "hidden_before": d, "hidden_after": d - k, "norm_rescale": cfg.hidden_norm_rescale},
+        "shapes_before": shapes,
+        "shapes_after": shapes,
+        "uniform": True,
+        "num_removed": k,
+        "layers_before": len(geos),
+        "layers_after": len(geos),
+        "params_before": before,
+        "side_file": None,
+    }
 
 
 def _apply(ctx: Any, plan: dict[str, Any], side: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -41,6 +41,11 @@ def apply_width(model: nn.Module, plan: dict[str, Any], side: dict[str, Any]) ->
         got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate} for g in now]
         if got != before:
             raise PlanError("plan was made for a model with other layer widths (already pruned?)")
+    if plan.get("hidden"):
+        h = plan["hidden"]
+        if model.config.hidden_size != h["hidden_before"]:
+            raise PlanError(f"plan was made for hidden_size {h['hidden_before']}, this model has {model.config.hidden_size}")
+        prune_hidden(model, h["removed"], h.get("norm_rescale", True))
     for key, removed in plan["layers"].items():
         prune_layer_width(model.model.layers[int(key)], removed)
     weights = {k: v for k, v in side.items() if k.endswith(".weight")}
@@ -155,6 +160,67 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]]) -> None:
             mlp.intermediate_size = len(keep_c)
 
 
+def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True) -> None:
+    """Remove hidden (residual-stream) channels everywhere: embedding and untied-head columns, every RMSNorm entry,
+    q/k/v/gate/up input columns, o_proj/down_proj output rows (and bias entries). Tied embeddings stay tied.
+
+    Zeroing channel c everywhere (masking) keeps it 0 in the residual stream, but RMSNorm still divides by d. With
+    ``norm_rescale`` the kept norm weights are scaled by sqrt(d/d') and eps by d/d' (d' = d − k), which makes
+    RMSNorm over d' channels equal to RMSNorm over d channels with k zeros — removal then equals masking exactly:
+    x·w·rsqrt(S/d + ε) = x·w·sqrt(d/d')·rsqrt(S/d' + ε·d/d'),  S = Σ x².
+    """
+    import torch
+
+    cfg = model.config
+    d = cfg.hidden_size
+    drop = set(removed)
+    if not drop or any(not 0 <= c < d for c in drop) or len(drop) >= d:
+        raise PlanError(f"hidden channels to remove must be distinct, in [0, {d}) and fewer than {d}")
+    keep = [c for c in range(d) if c not in drop]
+    if not vanilla_accepts(cfg.model_type, len(keep), cfg.num_attention_heads):
+        raise PlanError(f"hidden_size {len(keep)} is not a multiple of num_attention_heads {cfg.num_attention_heads}, "
+                        "which transformers' LlamaConfig refuses; remove a number of channels that keeps it a multiple")
+    idx = torch.tensor(keep, dtype=torch.long)
+    scale = (d / len(keep)) ** 0.5 if norm_rescale else 1.0
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    emb = model.model.embed_tokens
+    new_emb = nn.Embedding(emb.num_embeddings, len(keep), padding_idx=emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
+    new_emb.weight.data.copy_(emb.weight.data[:, idx.to(emb.weight.device)])
+    model.model.embed_tokens = new_emb
+    if tied:
+        model.lm_head.weight = new_emb.weight
+    else:
+        model.lm_head = _slice_linear(model.lm_head, cols=keep)
+
+    def norm(module: nn.Module) -> None:
+        w = module.weight.data[idx.to(module.weight.device)] * scale
+        module.weight = nn.Parameter(w)
+        for attr in ("variance_epsilon", "eps"):
+            if norm_rescale and hasattr(module, attr):
+                setattr(module, attr, getattr(module, attr) * d / len(keep))
+
+    norm(model.model.norm)
+    for layer in model.model.layers:
+        norm(layer.input_layernorm)
+        norm(layer.post_attention_layernorm)
+        a, m = layer.self_attn, layer.mlp
+        a.q_proj, a.k_proj, a.v_proj = (_slice_linear(lin, cols=keep) for lin in (a.q_proj, a.k_proj, a.v_proj))
+        a.o_proj = _slice_linear(a.o_proj, rows=keep)
+        m.gate_proj, m.up_proj = (_slice_linear(lin, cols=keep) for lin in (m.gate_proj, m.up_proj))
+        m.down_proj = _slice_linear(m.down_proj, rows=keep)
+        for obj in (layer, a, m):
+            if hasattr(obj, "hidden_size"):
+                obj.hidden_size = len(keep)
+        for head_norm in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)):  # Qwen3: per-head norms share
+            if norm_rescale and head_norm is not None:  # the config's eps, so they follow it (reload = in memory)
+                head_norm.variance_epsilon *= d / len(keep)
+    cfg.head_dim = model.model.layers[0].self_attn.head_dim  # explicit before hidden_size changes: heads × head_dim ≠ hidden
+    cfg.hidden_size = len(keep)
+    if norm_rescale:
+        cfg.rms_norm_eps = cfg.rms_norm_eps * d / len(keep)
+
+
 def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
     """Fold compensation vectors into o_proj / down_proj biases, keeping a vanilla-loadable layout.
 
@@ -190,7 +256,7 @@ def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     cfg = model.config
     cfg.head_dim = model.model.layers[0].self_attn.head_dim  # explicit: heads × head_dim ≠ hidden now
     keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-    if all(s == shapes[0] for s in shapes):
+    if all(s == shapes[0] for s in shapes) and vanilla_accepts(cfg.model_type, cfg.hidden_size, shapes[0]["num_attention_heads"]):
         for k in keys:
             setattr(cfg, k, shapes[0][k])
         if hasattr(cfg, "prunelab_layer_shapes"):
@@ -198,4 +264,14 @@ def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     else:
         for k in keys:  # the largest shape, so a config without the loader fails loudly on sizes
             setattr(cfg, k, max(s[k] for s in shapes))
+        if not vanilla_accepts(cfg.model_type, cfg.hidden_size, cfg.num_attention_heads):  # e.g. Llama-7B keeping 24 of 32 heads
+            # a value LlamaConfig accepts; the loader builds every layer from prunelab_layer_shapes anyway
+            cfg.num_attention_heads = max(h for h in range(1, cfg.num_attention_heads + 1) if cfg.hidden_size % h == 0)
         cfg.prunelab_layer_shapes = shapes
+
+
+def vanilla_accepts(model_type: str, hidden_size: int, num_attention_heads: int) -> bool:
+    """Whether transformers' config class accepts this head count: ``LlamaConfig`` (5.x) insists on
+    ``hidden_size % num_attention_heads == 0`` even when ``head_dim`` is explicit; Mistral and Qwen do not.
+    A uniform result it refuses is saved with per-layer shapes for the prunelab loader instead."""
+    return model_type != "llama" or hidden_size % num_attention_heads == 0

@@ -107,7 +107,7 @@ class WidthStats:
     seconds: float = 0.0
 
 
-WIDTH_NEEDS = frozenset({"activations", "grad", "fisher", "hessian"})
+WIDTH_NEEDS = frozenset({"activations", "grad", "fisher", "hessian", "hidden"})
 
 
 def collect_width_stats(
@@ -127,6 +127,7 @@ def collect_width_stats(
                                 (layer.self_attn.q_proj, stats.q_proj), (layer.mlp.gate_proj, stats.gate_proj)):
                 handles.append(lin.register_forward_pre_hook(_recorder(target[i])))
     want_grad = bool(needs & {"grad", "fisher"})
+    every_param = "hidden" in needs  # hidden channels also own the embeddings, norms and head
     n_batches = 0
     device = next(model.parameters()).device
     try:
@@ -141,7 +142,7 @@ def collect_width_stats(
             with torch.enable_grad():
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             for name, p in model.named_parameters():
-                if p.grad is None or ".layers." not in name:
+                if p.grad is None or (".layers." not in name and not every_param):
                     continue
                 g = p.grad.detach().float()
                 stats.grad_mean[name] = stats.grad_mean.get(name, 0) + g

@@ -301,3 +301,24 @@ def test_taylor_element2_uses_per_window_fisher(tiny_model, calib):
                                             - 0.5 * w_.detach() ** 2 * stats.fisher[f"model.layers.1.{n}.weight"]).abs())
     assert members["mlp"][1][4].item() == pytest.approx(up_part, rel=1e-4)
     assert layers[1]["mlp"][4] == pytest.approx(sum(m[4].item() for m in members["mlp"]), rel=1e-6)
+
+
+def test_uniform_llama_head_count_that_llamaconfig_refuses_goes_through_the_loader(calib, tmp_path):
+    """transformers 5's LlamaConfig demands hidden_size % num_attention_heads == 0 even with an explicit head_dim
+    (Llama-7B keeping 24 of 32 heads fails it). Such a uniform result is saved with per-layer shapes instead:
+    it saves, vanilla refuses it loudly, and the prunelab loader gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.loader import load_pruned
+    from stages.tiny import tiny_llama
+
+    model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
+    removed = {"q_heads": [1], "kv_heads": [1], "mlp": [0, 3]}  # 3 heads: 64 % 3 != 0
+    apply_plan(model, _plan(model, {0: removed, 1: removed}))
+    assert model.config.prunelab_layer_shapes[0]["num_attention_heads"] == 3
+    model.save_pretrained(tmp_path)
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    fresh = load_pruned(tmp_path)
+    with torch.no_grad():
+        assert (fresh(calib).logits - model(calib).logits).abs().max().item() <= 1e-5

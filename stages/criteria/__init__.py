@@ -25,4 +25,8 @@ register_criterion("taylor_vector", f"{_WIDTH}:taylor_vector", "width", {"grad"}
 register_criterion("wanda_sp", f"{_WIDTH}:wanda_sp", "width", {"activations"}, paper="Wanda-sp, arXiv 2312.11983")
 register_criterion("flap", f"{_WIDTH}:flap", "width", {"activations"}, paper="FLAP, arXiv 2312.11983")
 
-__all__ = ["CRITERIA", "WIDTH_CRITERIA"]
+# Width criteria that also define a hidden-channel importance (LLM-Pruner's "channel" mode, stages.criteria.hidden);
+# Wanda-sp and FLAP score o_proj/down_proj inputs and have none.
+HIDDEN_CRITERIA = ("magnitude", "magnitude_l1", "random", "taylor", "taylor_element2", "taylor_vector")
+
+__all__ = ["CRITERIA", "HIDDEN_CRITERIA", "WIDTH_CRITERIA"]

@@ -1,0 +1,99 @@
+"""Hidden-channel importance: LLM-Pruner's "channel" strategy (Ma et al., 2023, arXiv 2305.11627, Sec. 3.1).
+
+A hidden (residual-stream) channel c couples, across the WHOLE model: column c of the token embedding
+(and of an untied LM head), entry c of every RMSNorm weight, input column c of every q/k/v/gate/up
+projection and output row c (plus bias entry) of every o_proj/down_proj. Removing it shrinks
+``hidden_size``; ``head_dim`` never changes.
+
+The group importance is the same element-wise estimate as for heads and MLP channels, reduced over
+the group's members with LLM-Pruner's aggregation (sum / mean / max / prod):
+
+- magnitude:        I(G) = ‖W_G‖₂               (L1: Σ|w|)
+- taylor:           I(w) = |∂L/∂w · w|                           (Eq. 4, element1)
+- taylor_element2:  I(w) = |∂L/∂w · w − ½ w F w|,  F = mean (∂L_n/∂w)²   (Eq. 5, element2)
+- taylor_vector:    I(W_i) = |Σ_k ∂L/∂W_ik · W_ik| per member vector       (Eq. 3)
+- random:           i.i.d. uniform from the seed.
+
+Wanda-sp and FLAP score the *inputs* of o_proj/down_proj; they have no definition for hidden channels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from stages.criteria import HIDDEN_CRITERIA
+from stages.criteria.width import WidthInputs, _reduce
+
+# (parameter suffix inside a decoder layer, axis of the hidden dimension): 1 = input column, 0 = output row/vector
+_LAYER_MEMBERS: tuple[tuple[str, int], ...] = (
+    ("input_layernorm.weight", 0), ("post_attention_layernorm.weight", 0),
+    ("self_attn.q_proj.weight", 1), ("self_attn.k_proj.weight", 1), ("self_attn.v_proj.weight", 1),
+    ("self_attn.o_proj.weight", 0), ("self_attn.o_proj.bias", 0),
+    ("mlp.gate_proj.weight", 1), ("mlp.up_proj.weight", 1),
+    ("mlp.down_proj.weight", 0), ("mlp.down_proj.bias", 0),
+)
+
+
+def hidden_members(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, int]]:
+    """(parameter name, tensor, hidden axis) of every member of the hidden-channel group; tied weights once."""
+    params = dict(model.named_parameters())  # named_parameters() lists a tied lm_head only once (as embed_tokens)
+    out = [("model.embed_tokens.weight", params["model.embed_tokens.weight"], 1)]
+    if "lm_head.weight" in params:
+        out.append(("lm_head.weight", params["lm_head.weight"], 1))
+    out.append(("model.norm.weight", params["model.norm.weight"], 0))
+    for i in range(len(model.model.layers)):
+        for suffix, axis in _LAYER_MEMBERS:
+            name = f"model.layers.{i}.{suffix}"
+            if name in params:
+                out.append((name, params[name], axis))
+    return out
+
+
+def params_per_hidden_channel(model: torch.nn.Module) -> int:
+    """Parameters one hidden channel owns (what removing it saves): the product of each member's other dims."""
+    return sum(t.numel() // t.shape[axis] for _, t, axis in hidden_members(model))
+
+
+def _per_channel(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum of an element-wise importance over everything but the hidden axis."""
+    if t.dim() == 1:
+        return t
+    return t.sum(0) if axis == 1 else t.sum(1)
+
+
+def hidden_channel_scores(inp: WidthInputs, criterion: str) -> list[float]:
+    """One importance per hidden channel (higher = more important); see the module docstring for the formulas."""
+    if criterion not in HIDDEN_CRITERIA:
+        raise ValueError(f"criterion {criterion!r} does not score hidden channels; choose from {', '.join(HIDDEN_CRITERIA)}")
+    members = hidden_members(inp.model)
+    d = inp.model.config.hidden_size
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(inp.seed + 7919)  # not the per-layer units' stream
+        return torch.rand(d, generator=gen, dtype=torch.float64).tolist()
+
+    def grad(name: str, table: dict[str, torch.Tensor]) -> torch.Tensor:
+        if name not in table:
+            raise ValueError(f"no gradient for {name}: the width score stage collects gradients of embeddings, norms "
+                             "and head only when a later prune stage sets hidden: true")
+        return table[name]
+
+    imp: Callable[[str, torch.Tensor], torch.Tensor]
+    if criterion in ("magnitude", "magnitude_l1"):
+        imp = (lambda n, w: w * w) if criterion == "magnitude" else (lambda n, w: w.abs())
+    elif criterion == "taylor":
+        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean)).abs()  # noqa: E731
+    elif criterion == "taylor_element2":
+        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean) - 0.5 * w * grad(n, inp.stats.fisher) * w).abs()  # noqa: E731
+    else:  # taylor_vector: |Σ_k g·w| over each member vector, i.e. the signed product summed before |·|
+        parts = []
+        for name, t, axis in members:
+            signed = t.detach().float() * grad(name, inp.stats.grad_mean)
+            parts.append(_per_channel(signed, axis).abs())
+        return _reduce(parts, inp.reduction).tolist()
+
+    parts = [_per_channel(imp(name, t.detach().float()), axis) for name, t, axis in members]
+    if criterion == "magnitude":  # the group's L2 norm is the square root of the summed squares, whatever the reduction
+        return _reduce(parts, "sum").sqrt().tolist()
+    return _reduce(parts, inp.reduction).tolist()

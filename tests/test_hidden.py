@@ -180,3 +180,32 @@ def test_hidden_recipe_through_the_cli_reaches_the_target_and_reloads(tmp_path):
     assert abs(plan["achieved_ratio"] - 0.2) < 0.02
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.hidden_size == plan["hidden"]["hidden_after"]
+
+
+def test_hidden_group_matches_torch_pruning_dependency_graph(tiny_untied):
+    """torch-pruning resolves the hidden-channel group from embed_tokens in milliseconds (unlike k_proj groups):
+    its members must be exactly ours — embedding, head, every norm, q/k/v/gate/up inputs, o/down outputs."""
+    tp = pytest.importorskip("torch_pruning")
+    import warnings
+
+    ids = torch.randint(3, 200, (1, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "unwrapped parameters": the RMSNorm weights, which it prunes on their last dim
+        graph = tp.DependencyGraph().build_dependency(tiny_untied, example_inputs={"input_ids": ids},
+                                                      output_transform=lambda out: out.logits)
+    group = graph.get_pruning_group(tiny_untied.model.embed_tokens, tp.prune_embedding_out_channels, idxs=[2, 5])
+    modules = {m: n for n, m in tiny_untied.named_modules()}
+    params = {p: n for n, p in tiny_untied.named_parameters()}
+    found = set()
+    for dep, idxs in group:
+        target = dep.target.module
+        if isinstance(target, torch.nn.Linear):
+            found.add((modules[target] + ".weight", 1 if dep.handler == tp.prune_linear_in_channels else 0))
+        elif isinstance(target, torch.nn.Embedding):
+            found.add((modules[target] + ".weight", 1))
+        elif isinstance(target, torch.nn.Parameter):
+            found.add((params[target], 0))
+        else:
+            continue
+        assert sorted(idxs) == [2, 5]
+    assert found == {(name, axis) for name, _, axis in hidden_members(tiny_untied)}

@@ -19,7 +19,7 @@ Wanda-sp and FLAP score the *inputs* of o_proj/down_proj; they have no definitio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -83,9 +83,9 @@ def hidden_channel_scores(inp: WidthInputs, criterion: str) -> list[float]:
     if criterion in ("magnitude", "magnitude_l1"):
         imp = (lambda n, w: w * w) if criterion == "magnitude" else (lambda n, w: w.abs())
     elif criterion == "taylor":
-        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean)).abs()  # noqa: E731
+        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean)).abs()
     elif criterion == "taylor_element2":
-        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean) - 0.5 * w * grad(n, inp.stats.fisher) * w).abs()  # noqa: E731
+        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean) - 0.5 * w * grad(n, inp.stats.fisher) * w).abs()
     else:  # taylor_vector: |Σ_k g·w| over each member vector, i.e. the signed product summed before |·|
         parts = []
         for name, t, axis in members:

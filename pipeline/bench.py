@@ -58,6 +58,7 @@ class WidthMethod(StrictModel):
     optimal_bias: bool = True
     layers: tuple[int, int] | None = None
     mlp: bool = True
+    hidden: bool = False  # LLM-Pruner's channel mode (then attention: none, mlp: false)
 
 
 class BenchRecipe(StrictModel):
@@ -114,12 +115,13 @@ def width_prune_config(m: WidthMethod, ratio: float) -> Any:
 
     return PruneConfig(type="prune", units="width", criterion=m.criterion, ratio=ratio, allocation=m.allocation,
                        attention=m.attention, compensation=m.compensation, damping=m.damping,
-                       optimal_bias=m.optimal_bias, layers=m.layers, mlp=m.mlp)
+                       optimal_bias=m.optimal_bias, layers=m.layers, mlp=m.mlp, hidden=m.hidden)
 
 
 def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
     """All width methods from ONE statistics pass over the shared calibration set."""
     from pipeline.registry import WIDTH_CRITERIA
+    from stages.criteria.hidden import hidden_channel_scores
     from stages.criteria.width import WidthInputs
     from stages.prune import make_width_plan
     from stages.surgery import apply_plan
@@ -127,6 +129,9 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
 
     names = list(dict.fromkeys(m.criterion for m in bench.width))
     needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
+    hidden = {m.criterion for m in bench.width if m.hidden}
+    if hidden:
+        needs.add("hidden")  # gradients of embeddings, norms and head as well
     with PeakRSS() as pass_mem:
         stats = collect_width_stats(model, calib, needs, batch_size=1, progress=True)
     means = summary_tensors(stats)
@@ -139,9 +144,12 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
     for n in names:
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            layers = WIDTH_CRITERIA.get(n).load()(WidthInputs(model, stats, bench.seed))
+            inputs = WidthInputs(model, stats, bench.seed)
+            result = {"layers": WIDTH_CRITERIA.get(n).load()(inputs)}
+            if n in hidden:
+                result["hidden"] = hidden_channel_scores(inputs, n)
         data_driven = bool(WIDTH_CRITERIA.get(n).needs)
-        scored[n] = ({"layers": layers}, time.perf_counter() - t0 + (stats.seconds if data_driven else 0.0),
+        scored[n] = (result, time.perf_counter() - t0 + (stats.seconds if data_driven else 0.0),
                      max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []
     for m in bench.width:

@@ -20,7 +20,8 @@ def test_bench_depth_and_width_rows(tmp_path):
         "width_ratio": 0.15,
         "width": [{"criterion": "flap", "allocation": "global", "compensation": "bias"}, {"criterion": "taylor"},
                   {"criterion": "flap", "allocation": "alpha", "compensation": "bias"},
-                  {"criterion": "wanda_sp", "compensation": "optimal", "label": "wanda-opt"}],
+                  {"criterion": "wanda_sp", "compensation": "optimal", "label": "wanda-opt"},
+                  {"criterion": "taylor", "hidden": True, "attention": "none", "mlp": False, "label": "taylor-hidden"}],
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -28,13 +29,15 @@ def test_bench_depth_and_width_rows(tmp_path):
     readme.write_text("before\n<!-- bench:tiny-bench:start -->\nold\n<!-- bench:tiny-bench:end -->\nafter\n")
     assert main([str(path), "--update-readme", str(readme)]) == 0
     report = json.loads((tmp_path / "tiny-bench" / "bench.json").read_text())
-    assert len(report["rows"]) == 1 + 5 * 2 + 4
+    assert len(report["rows"]) == 1 + 5 * 2 + 5
     laco = [r for r in report["rows"] if r["criterion"] == "laco"]
     assert len(laco) == 2 and len(laco[0]["removed_blocks"]) == 2  # re-scored per target: merges depend on it
     assert laco[1]["layers"] == 6 - len(laco[1]["removed_blocks"])
     opt = next(r for r in report["rows"] if r["criterion"] == "wanda-opt")
     alpha = next(r for r in report["rows"] if r["criterion"].startswith("flap (alpha"))
     assert opt["score_s"] > opt["plan_s"] > 0 and alpha["uniform"] is False
+    hidden = next(r for r in report["rows"] if r["criterion"] == "taylor-hidden")
+    assert hidden["uniform"] and abs(hidden["achieved_ratio"] - 0.15) < 0.04  # whole multiples of 4 heads
     assert report["rows"][0]["criterion"] == "dense"
     assert report["ppl_cost_ratio"]["max_rel_diff"] < 1e-5
     assert all(r["eval"]["tiny"]["seq_len"] == 64 for r in report["rows"])

@@ -118,7 +118,7 @@ class PruneConfig(StrictModel):
         if self.units == "width":
             if self.hidden and geometries and self.layer_ratio is not None:
                 d = geometries[0].hidden
-                if round(self.layer_ratio * d) >= d:
+                if hidden_channels_to_remove(d, geometries[0].n_q, self.layer_ratio * d) >= d:
                     return [f"layer_ratio={self.layer_ratio} would remove all {d} hidden channels; lower it"]
             if self.layers is not None and self.layers[1] > num_layers:
                 return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
@@ -270,6 +270,11 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     return plan, side
 
 
+def hidden_channels_to_remove(d: int, heads: int, want: float) -> int:
+    """The channel count nearest ``want`` that keeps the width a multiple of ``heads`` (LlamaConfig refuses others)."""
+    return min((c for c in range(0, d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
+
+
 def make_hidden_plan(result: dict[str, Any], cfg: PruneConfig, model: Any) -> dict[str, Any]:
     """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
     target (each channel owns the same parameters, so k = round(target / params per channel))."""
@@ -285,9 +290,7 @@ def make_hidden_plan(result: dict[str, Any], cfg: PruneConfig, model: Any) -> di
     before = adapter_for(model).total_params()
     per = params_per_hidden_channel(model)
     want = cfg.layer_ratio * d if cfg.layer_ratio is not None else ratio_to_params(cfg.ratio, before) / per
-    # the kept width stays a multiple of num_attention_heads (LlamaConfig refuses anything else): nearest such k
-    heads = model.config.num_attention_heads
-    k = min((c for c in range(0, d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
+    k = hidden_channels_to_remove(d, model.config.num_attention_heads, want)
     if k >= d:
         raise WidthTargetError(f"the target would remove all {d} hidden channels; lower it")
     if k < 1:

@@ -128,7 +128,8 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
     import torch
 
     from pipeline.rundir import atomic_write_json
-    from stages.criteria.hidden import HIDDEN_CRITERIA, hidden_channel_scores
+    from stages.criteria import HIDDEN_CRITERIA
+    from stages.criteria.hidden import hidden_channel_scores
     from stages.criteria.width import WidthInputs
     from stages.width_stats import collect_width_stats, summary_tensors
 

@@ -98,6 +98,45 @@ def test_mlp_coupling_matches_torch_pruning_dependency_graph(tiny_model):
         assert found == set(UNIT_MEMBERS["mlp"])
 
 
+def test_head_coupling_matches_torch_pruning_dependency_graph(monkeypatch):
+    """Attention heads cross-checked against torch-pruning's DependencyGraph, on a multi-head (no GQA) model.
+
+    Why the graph hung on q/k/o_proj (see the brief): RoPE's ``rotate_half`` (slice + cat) closes a cycle through
+    which every pass shifts the channel indices by head_dim/2, so the group search never revisits an index set and
+    never ends. RoPE mixes dims i and i + head_dim/2 of the *same* head only, so tracing with it replaced by the
+    identity leaves the head coupling unchanged, and the groups then resolve in ~1 ms. With GQA the graph is no
+    reference: SDPA's ``enable_gqa`` is treated as element-wise, so it pairs query channel c with key channel c
+    instead of key head c // head_dim with query heads (c // head_dim)·r … — our KV groups (and their exact
+    mask-vs-removal tests) are the GQA check; this test checks members and rows where the graph is right."""
+    tp = pytest.importorskip("torch_pruning")
+    import warnings
+
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    from stages.surgery import _heads_to_rows
+    from stages.tiny import tiny_llama
+
+    model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", lambda q, k, *args, **kwargs: (q, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs={"input_ids": torch.randint(3, 200, (1, 8))},
+                                                      output_transform=lambda out: out.logits)
+    names = {m: n for n, m in model.named_modules()}
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    for i, layer in enumerate(model.model.layers):
+        for head in range(4):
+            rows = _heads_to_rows([head], hd)
+            group = graph.get_pruning_group(layer.self_attn.k_proj, tp.prune_linear_out_channels, idxs=rows)
+            found = {}
+            for dep, idxs in group:
+                if isinstance(dep.target.module, torch.nn.Linear):
+                    side = "out" if dep.handler == tp.prune_linear_out_channels else "in"
+                    found[(names[dep.target.module].removeprefix(f"model.layers.{i}."), side)] = sorted(int(x) for x in idxs)
+            assert found == {member: rows for member in UNIT_MEMBERS["kv_group"]}
+
+
 def test_flap_bias_compensation_brings_block_outputs_closer(tiny_model, calib):
     stats = collect_width_stats(tiny_model, calib, {"activations"}, batch_size=3, progress=False)
     scores = flap(WidthInputs(tiny_model, stats))

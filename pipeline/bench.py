@@ -121,19 +121,15 @@ def width_prune_config(m: WidthMethod, ratio: float) -> Any:
 def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
     """All width methods from ONE statistics pass over the shared calibration set."""
     from pipeline.registry import WIDTH_CRITERIA
-    from stages.criteria.hidden import hidden_channel_scores
-    from stages.criteria.width import WidthInputs
     from stages.prune import make_width_plan
     from stages.surgery import apply_plan
+    from stages.width_scoring import score_width, width_needs
     from stages.width_stats import collect_width_stats, summary_tensors
 
     names = list(dict.fromkeys(m.criterion for m in bench.width))
-    needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
     hidden = {m.criterion for m in bench.width if m.hidden}
-    if hidden:
-        needs.add("hidden")  # gradients of embeddings, norms and head as well
     with PeakRSS() as pass_mem:
-        stats = collect_width_stats(model, calib, needs, batch_size=1, progress=True)
+        stats = collect_width_stats(model, calib, width_needs(names, hidden=bool(hidden)), batch_size=1, progress=True)
     means = summary_tensors(stats)
     hessian_s = 0.0
     if any(m.compensation == "optimal" for m in bench.width):  # its own pass, charged to the optimal rows only
@@ -142,15 +138,10 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
         del hstats
     scored: dict[str, tuple[dict[str, Any], float, float]] = {}
     for n in names:
-        t0 = time.perf_counter()
         with PeakRSS() as mem:
-            inputs = WidthInputs(model, stats, bench.seed)
-            result = {"layers": WIDTH_CRITERIA.get(n).load()(inputs)}
-            if n in hidden:
-                result["hidden"] = hidden_channel_scores(inputs, n)
+            result = score_width(n, model, stats, bench.seed, hidden=n in hidden)
         data_driven = bool(WIDTH_CRITERIA.get(n).needs)
-        scored[n] = (result, time.perf_counter() - t0 + (stats.seconds if data_driven else 0.0),
-                     max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
+        scored[n] = (result, result["seconds"], max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []
     for m in bench.width:
         cfg = width_prune_config(m, bench.width_ratio)
@@ -219,7 +210,7 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     from stages.load import load_model
     from stages.perplexity import protocol, windowed_perplexity
     from stages.prune import PruneConfig, make_plan, num_blocks_for
-    from stages.speed import measure_speed
+    from stages.speed import measure_speed, measure_speedup
     from stages.surgery import apply_plan
     from stages.zeroshot import evaluate_task
 
@@ -244,6 +235,9 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
         if bench.speed is not None:
             sp = bench.speed
             out["speed"] = measure_speed(m, sp.prompt_len, sp.new_tokens, tuple(sp.batch_sizes), sp.repeats, sp.warmup, bench.seed)
+            if m is not model:  # the table's speedup: paired, interleaved runs against the dense model
+                out["speed"]["paired"] = measure_speedup(m, model, sp.prompt_len, sp.new_tokens, tuple(sp.batch_sizes),
+                                                         sp.repeats, sp.warmup, bench.seed)
         out["eval_s"] = round(time.perf_counter() - t_eval, 1)
         return out
 
@@ -295,7 +289,10 @@ def _speedup(row: dict[str, Any], dense: dict[str, Any]) -> str:
     sp, dsp = row["eval"].get("speed"), dense["eval"].get("speed")
     if not sp or not dsp:
         return "—"
-    parts = [f"{sp['decode_tok_s'][b] / dsp['decode_tok_s'][b]:.2f}×" for b in sp["decode_tok_s"]]
+    if "paired" in sp:  # interleaved pairs with the dense model (stages.speed.measure_speedup)
+        parts = [f"{v:.2f}×" for v in sp["paired"]["decode_speedup"].values()]
+    else:  # older reports: two separate measurements, minutes apart
+        parts = [f"{sp['decode_tok_s'][b] / dsp['decode_tok_s'][b]:.2f}×" for b in sp["decode_tok_s"]]
     return " / ".join(parts) + f" (ideal {dense['params'] / row['params']:.2f}×)"
 
 
@@ -320,6 +317,9 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
                      + (f" {_speedup(r, dense)} |" if speed else ""))
     cal = report["calibration"]
     proto = "; ".join(first[n]["protocol"] for n in names + tasks) + (f"; speed: {first['speed']['protocol']}" if speed else "")
+    paired = next((r["eval"]["speed"]["paired"] for r in report["rows"] if "paired" in r["eval"].get("speed", {})), None)
+    if paired:
+        proto += f"; decode speedup: {paired['protocol']}"
     lines += ["", f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
               f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
               f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "

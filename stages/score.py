@@ -128,30 +128,17 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
     import torch
 
     from pipeline.rundir import atomic_write_json
-    from stages.criteria import HIDDEN_CRITERIA
-    from stages.criteria.hidden import hidden_channel_scores
-    from stages.criteria.width import WidthInputs
+    from stages.width_scoring import score_width, width_needs
     from stages.width_stats import collect_width_stats, summary_tensors
 
-    registry = criteria_for("width")
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
-    needs = {"activations"} | set().union(*(registry.get(n).needs for n in names))  # means feed compensation
     later = [s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune" and s.units == "width"]
-    if any(s.compensation == "optimal" for s in later):
-        needs.add("hessian")  # XᵀX of o_proj/down_proj inputs, in this same pass
     hidden = any(s.hidden for s in later)
-    if hidden:
-        needs.add("hidden")  # gradients of embeddings, norms and head too (LLM-Pruner's channel mode)
+    needs = width_needs(names, hidden=hidden, hessian=any(s.compensation == "optimal" for s in later))
     stats = collect_width_stats(ctx.model, ctx.calibration, needs, cfg.batch_size, ctx.progress)
     results: dict[str, Any] = {}
     for name in names:
-        t0 = time.perf_counter()
-        inputs = WidthInputs(ctx.model, stats, ctx.recipe.seed, cfg.reduction)
-        layers = registry.get(name).load()(inputs)
-        results[name] = {"units": "width", "layers": layers, "paper": registry.get(name).paper}
-        if hidden and name in HIDDEN_CRITERIA:
-            results[name]["hidden"] = hidden_channel_scores(inputs, name)
-        results[name]["seconds"] = round(time.perf_counter() - t0 + (stats.seconds if registry.get(name).needs else 0.0), 3)
+        results[name] = score_width(name, ctx.model, stats, ctx.recipe.seed, cfg.reduction, hidden)
         log.info(f"scored {name} (width) in {results[name]['seconds']:.1f}s", main_process_only=True)
     ctx.width_means = summary_tensors(stats)
     ctx.scores.update(results)

@@ -19,6 +19,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill s, decode s) of one greedy generation: decode = generate time − a separate prefill's time."""
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    model(ids, use_cache=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, use_cache=True, pad_token_id=0)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, max((t2 - t1) - (t1 - t0), 1e-9)
+
+
 @torch.no_grad()
 def measure_speed(model: Any, prompt_len: int = 128, new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 8),
                   repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
@@ -35,27 +50,46 @@ def measure_speed(model: Any, prompt_len: int = 128, new_tokens: int = 32, batch
     with PeakRSS() as rss:
         for bs in batch_sizes:
             ids = torch.randint(3, vocab, (bs, prompt_len), generator=gen).to(device)
-            prefill, total = [], []
-            for i in range(warmup + repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                model(ids, use_cache=True)
-                _sync(device)
-                t1 = time.perf_counter()
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, use_cache=True, pad_token_id=0)
-                _sync(device)
-                t2 = time.perf_counter()
-                if i >= warmup:
-                    prefill.append(t1 - t0)
-                    total.append(t2 - t1)
-            p, g = statistics.median(prefill), statistics.median(total)
+            runs = [_timed_decode(model, ids, new_tokens) for _ in range(warmup + repeats)][warmup:]
+            p, d = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             out["prefill_ms"][str(bs)] = round(p * 1000, 2)
             # generate() runs its own prefill and new_tokens-1 decode steps after it
-            out["decode_tok_s"][str(bs)] = round(bs * (new_tokens - 1) / max(g - p, 1e-9), 1)
+            out["decode_tok_s"][str(bs)] = round(bs * (new_tokens - 1) / d, 1)
     out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else round(rss.peak_mb, 1)
     out["memory_kind"] = "cuda max allocated" if device.type == "cuda" else "process RSS"
     out["protocol"] = (f"{device.type}, {str(next(model.parameters()).dtype).removeprefix('torch.')}, prompt {prompt_len} tokens, "
                        f"{new_tokens} new tokens greedy with KV cache, batch sizes {list(batch_sizes)}, "
                        f"median of {repeats} after {warmup} warm-up")
+    return out
+
+
+@torch.no_grad()
+def measure_speedup(model: Any, reference: Any, prompt_len: int = 128, new_tokens: int = 32,
+                    batch_sizes: tuple[int, ...] = (1, 8), repeats: int = 5, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Decode speedup of ``model`` over ``reference`` from interleaved, paired runs.
+
+    Why paired: on a shared CPU the machine's speed drifts by tens of percent over a long benchmark, so tokens/s
+    measured minutes apart do not divide into a trustworthy ratio. Here each repeat times both models back to back
+    on the same prompt (order alternating A-B, B-A), takes the ratio reference/model of their decode times, and
+    reports the median ratio — drift slower than one pair cancels."""
+    model.eval()
+    reference.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"decode_speedup": {}, "pair_ratios": {}}
+    for bs in batch_sizes:
+        ids = torch.randint(3, model.config.vocab_size, (bs, prompt_len), generator=gen).to(device)
+        for _ in range(warmup):
+            _timed_decode(model, ids, new_tokens), _timed_decode(reference, ids, new_tokens)
+        ratios = []
+        for r in range(repeats):
+            first, second = (model, reference) if r % 2 == 0 else (reference, model)
+            a, b = _timed_decode(first, ids, new_tokens)[1], _timed_decode(second, ids, new_tokens)[1]
+            t_model, t_ref = (a, b) if first is model else (b, a)
+            ratios.append(t_ref / t_model)
+        out["decode_speedup"][str(bs)] = round(statistics.median(ratios), 3)
+        out["pair_ratios"][str(bs)] = [round(x, 3) for x in ratios]
+    out["protocol"] = (f"{device.type}, paired with the dense model: {repeats} interleaved pairs (A-B, B-A) after {warmup} "
+                       f"warm-up, median of decode-time ratios; prompt {prompt_len}, {new_tokens} new tokens greedy, "
+                       f"batch sizes {list(batch_sizes)}")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def test_speed_reports_medians_for_each_batch_size(tiny_model):
     r = measure_speed(tiny_model, prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2)
     assert set(r["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in r["decode_tok_s"].values())
     assert r["prefill_ms"]["1"] > 0 and r["peak_memory_mb"] > 0 and "median of 2" in r["protocol"]
+
+
+def test_paired_speedup_sees_fewer_blocks_decode_faster():
+    """Interleaved pairs: a 12-block model cut to 3 blocks must decode clearly faster than its dense self, and the
+    model against itself sits near 1× (ratios of back-to-back runs, so machine drift cancels)."""
+    from stages.speed import measure_speedup
+    from stages.surgery import remove_blocks
+    from stages.tiny import tiny_llama
+
+    dense = tiny_llama(num_layers=12)
+    pruned = copy.deepcopy(dense)
+    remove_blocks(pruned, list(range(3, 12)))
+    r = measure_speedup(pruned, dense, prompt_len=8, new_tokens=6, batch_sizes=(1,), repeats=5)
+    assert len(r["pair_ratios"]["1"]) == 5 and r["decode_speedup"]["1"] > 1.5, r
+    same = measure_speedup(dense, dense, prompt_len=8, new_tokens=6, batch_sizes=(1,), repeats=5)
+    assert 0.6 < same["decode_speedup"]["1"] < 1.6, same
+    assert "interleaved pairs" in r["protocol"]
 
 
 def test_report_renders_every_plot_for_depth_recovery(tmp_path):

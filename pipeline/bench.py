@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 import time
@@ -25,10 +24,10 @@ if __package__ in (None, ""):
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path[0] = _root
 
-from pydantic import Field, field_validator  # noqa: E402
+from pydantic import Field, field_validator
 
-from pipeline.metrics import PeakRSS  # noqa: E402
-from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource  # noqa: E402
+from pipeline.metrics import PeakRSS
+from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource
 
 
 class BenchCalibration(StrictModel):
@@ -80,8 +79,8 @@ class BenchRecipe(StrictModel):
     @field_validator("criteria")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        from stages import criteria  # noqa: F401
         from pipeline.registry import CRITERIA
+        from stages import criteria  # noqa: F401
 
         bad = [n for n in names if n not in CRITERIA]
         if bad:
@@ -339,7 +338,7 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
 def update_readme(readme: Path, name: str, table: str) -> None:
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     text = readme.read_text()
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"{readme} has no {start} … {end} markers to replace")
     readme.write_text(pattern.sub(lambda _: f"{start}\n{table}{end}", text))

@@ -82,11 +82,11 @@ class PeakRSS:
             self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)

@@ -4,8 +4,9 @@ model loads (no torch import): missing data files, unreadable model paths, impos
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel
 

@@ -11,7 +11,7 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -40,7 +40,7 @@ class TextSource(StrictModel):
     join: str = Field("\n\n", description="separator used to join rows before tokenizing")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TextSource":
+    def _one_source(self) -> TextSource:
         if (self.dataset is None) == (self.path is None):
             raise ValueError("give exactly one of `dataset` (a datasets name) or `path` (a local .txt/.jsonl file)")
         if self.path is not None and not self.path.endswith((".txt", ".jsonl", ".json")):
@@ -75,8 +75,8 @@ class RecipeBase(StrictModel):
     model: ModelConfig
 
     @model_validator(mode="after")
-    def _cross_stage_rules(self) -> "RecipeBase":
-        stages: dict[str, Any] = getattr(self, "stages")
+    def _cross_stage_rules(self) -> RecipeBase:
+        stages: dict[str, Any] = self.stages
         errors: list[str] = []
         seen: list[str] = []
         for key, cfg in stages.items():
@@ -97,7 +97,7 @@ def recipe_model() -> type[RecipeBase]:
     import stages  # noqa: F401  (registers every stage; imports no torch)
 
     configs = tuple(STAGES.get(n).config_cls for n in STAGES.names())
-    union = Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
+    union = Annotated[configs, Field(discriminator="type")]  # type: ignore[valid-type]
     return create_model(
         "Recipe",
         __base__=RecipeBase,

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
     elif _root not in sys.path:
         sys.path.insert(0, _root)
 
-from pipeline.recipe import RecipeBase, RecipeError, load_recipe  # noqa: E402
+from pipeline.recipe import RecipeBase, RecipeError, load_recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

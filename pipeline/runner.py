@@ -15,7 +15,13 @@ import yaml
 
 from pipeline.recipe import RecipeBase
 from pipeline.rundir import (
-    RunDirError, atomic_write_json, atomic_write_text, chain_hash, prepare_run_dir, read_done, write_done,
+    RunDirError,
+    atomic_write_json,
+    atomic_write_text,
+    chain_hash,
+    prepare_run_dir,
+    read_done,
+    write_done,
 )
 
 
@@ -98,7 +104,6 @@ def make_accelerator(recipe: RecipeBase) -> Any:
 
 def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Run every stage; return the metrics (on the main process) and write ``metrics.json``."""
-    from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
 

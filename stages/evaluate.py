@@ -19,7 +19,7 @@ class PerplexityConfig(StrictModel):
     batch_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _budget(self) -> "PerplexityConfig":
+    def _budget(self) -> PerplexityConfig:
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise ValueError(f"max_tokens={self.max_tokens} is less than one window (seq_len={self.seq_len}); raise it")
         return self
@@ -53,7 +53,7 @@ class EvaluateConfig(StrictModel):
     speed: SpeedConfig | None = Field(None, description="measure prefill latency, decode tokens/s and peak memory")
 
     @model_validator(mode="after")
-    def _something(self) -> "EvaluateConfig":
+    def _something(self) -> EvaluateConfig:
         if not (self.perplexity or self.tasks or self.speed):
             raise ValueError("nothing to evaluate: add `perplexity: {wikitext2: {source: ..., seq_len: 512}}`, "
                              "`tasks: {arc_easy: {path: ...}}` or `speed: {}`")

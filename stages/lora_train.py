@@ -22,8 +22,9 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from accelerate.logging import get_logger

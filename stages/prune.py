@@ -68,7 +68,7 @@ class PruneConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _targets(self) -> "PruneConfig":
+    def _targets(self) -> PruneConfig:
         registry = criteria_for(self.units)
         if self.criterion not in registry:
             raise ValueError(f"unknown {self.units} criterion {self.criterion!r}; choose from {', '.join(registry.names())}")
@@ -209,7 +209,13 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
     from stages.arch.llama import adapter_for
     from stages.width_select import (
-        bias_compensation, optimal_compensation, owl_offsets, ratio_to_params, select_global, select_uniform, summarize,
+        bias_compensation,
+        optimal_compensation,
+        owl_offsets,
+        ratio_to_params,
+        select_global,
+        select_uniform,
+        summarize,
     )
     from stages.width_stats import geometry
 
@@ -272,7 +278,7 @@ def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means:
 
 def hidden_channels_to_remove(d: int, heads: int, want: float) -> int:
     """The channel count nearest ``want`` that keeps the width a multiple of ``heads`` (LlamaConfig refuses others)."""
-    return min((c for c in range(0, d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
+    return min((c for c in range(d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
 
 
 def make_hidden_plan(result: dict[str, Any], cfg: PruneConfig, model: Any) -> dict[str, Any]:

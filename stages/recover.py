@@ -61,7 +61,7 @@ class RecoverConfig(StrictModel):
     record_samples: bool = Field(True, description="write the sample indices each rank consumed (samples.json)")
 
     @model_validator(mode="after")
-    def _sizes(self) -> "RecoverConfig":
+    def _sizes(self) -> RecoverConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         unknown = [m for m in self.target_modules if m not in DECODER_LINEARS and m != "lm_head"]

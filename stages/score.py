@@ -40,7 +40,7 @@ class ScoreConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _known(self) -> "ScoreConfig":
+    def _known(self) -> ScoreConfig:
         registry = criteria_for(self.units)
         bad = [n for n in self.criteria if n not in registry]
         if bad:

@@ -9,7 +9,14 @@ import torch
 
 from stages.arch.llama import adapter_for
 from stages.criteria.depth import (
-    CriterionInputs, angular_distance, block_influence, magnitude, ppl, random, sleb, taylor_plus,
+    CriterionInputs,
+    angular_distance,
+    block_influence,
+    magnitude,
+    ppl,
+    random,
+    sleb,
+    taylor_plus,
 )
 from stages.prune import PruneConfig, _round, select_blocks
 from stages.stats import collect_block_stats, naive_removal_nll

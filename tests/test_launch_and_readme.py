@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```\n(.*?)\n```", section, re.S)
+    return re.findall(r"```\n(.*?)\n```", section, re.DOTALL)
 
 
 def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():

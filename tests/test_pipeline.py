@@ -100,8 +100,8 @@ def test_debug_recipe_end_to_end(tmp_path):
     card = (model_dir / "README.md").read_text()
     assert str(metrics["plan"]["removed_blocks"]) in card and "PPL" in card
     fresh = AutoModelForCausalLM.from_pretrained(model_dir)
-    from stages.load import load_model
     from pipeline.recipe import ModelConfig
+    from stages.load import load_model
     from stages.surgery import apply_plan as _apply
 
     pruned, _ = load_model(ModelConfig(source="tiny-random-llama"))

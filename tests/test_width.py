@@ -10,7 +10,16 @@ import torch
 
 from pipeline.recipe import RecipeError, validate
 from stages.arch.llama import UNIT_MEMBERS
-from stages.criteria.width import WidthInputs, flap, magnitude, random, taylor, taylor_element2, taylor_vector, wanda_sp
+from stages.criteria.width import (
+    WidthInputs,
+    flap,
+    magnitude,
+    random,
+    taylor,
+    taylor_element2,
+    taylor_vector,
+    wanda_sp,
+)
 from stages.surgery import PlanError, apply_plan
 from stages.width_select import bias_compensation, select_global, select_uniform, summarize
 from stages.width_stats import collect_width_stats, geometry
@@ -111,7 +120,7 @@ def test_head_coupling_matches_torch_pruning_dependency_graph(monkeypatch):
     tp = pytest.importorskip("torch_pruning")
     import warnings
 
-    import transformers.models.llama.modeling_llama as modeling_llama
+    from transformers.models.llama import modeling_llama
 
     from stages.surgery import _heads_to_rows
     from stages.tiny import tiny_llama

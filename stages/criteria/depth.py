@@ -54,7 +54,7 @@ class CriterionResult:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "CriterionResult":
+    def from_json(cls, data: dict[str, Any]) -> CriterionResult:
         data = dict(data)
         protected = data.pop("protected", [])
         scores = [math.inf if s is None else s for s in data.pop("scores")]

@@ -8,8 +8,9 @@ MLP channel) with LLM-Pruner's group reductions: sum (default), mean, max, prod.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -11,7 +11,7 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -97,7 +97,7 @@ def recipe_model() -> type[RecipeBase]:
     import stages  # noqa: F401  (registers every stage; imports no torch)
 
     configs = tuple(STAGES.get(n).config_cls for n in STAGES.names())
-    union = Annotated[configs, Field(discriminator="type")]  # type: ignore[valid-type]
+    union = Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007 (a runtime tuple of classes)
     return create_model(
         "Recipe",
         __base__=RecipeBase,

@@ -290,7 +290,7 @@ def _speedup(row: dict[str, Any], dense: dict[str, Any]) -> str:
         return "—"
     if "paired" in sp:  # interleaved pairs with the dense model (stages.speed.measure_speedup)
         parts = [f"{v:.2f}×" for v in sp["paired"]["decode_speedup"].values()]
-    else:  # older reports: two separate measurements, minutes apart
+    else:  # the dense row (it has no pair): its own tokens/s over the dense row's, 1.00×
         parts = [f"{sp['decode_tok_s'][b] / dsp['decode_tok_s'][b]:.2f}×" for b in sp["decode_tok_s"]]
     return " / ".join(parts) + f" (ideal {dense['params'] / row['params']:.2f}×)"
 

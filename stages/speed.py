@@ -84,7 +84,8 @@ def measure_speedup(model: Any, reference: Any, prompt_len: int = 128, new_token
     for bs in batch_sizes:
         ids = torch.randint(3, model.config.vocab_size, (bs, prompt_len), generator=gen).to(device)
         for _ in range(warmup):
-            _timed_decode(model, ids, new_tokens), _timed_decode(reference, ids, new_tokens)
+            _timed_decode(model, ids, new_tokens)
+            _timed_decode(reference, ids, new_tokens)
         ratios = []
         for r in range(repeats):
             first, second = (model, reference) if r % 2 == 0 else (reference, model)

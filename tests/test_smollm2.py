@@ -144,6 +144,16 @@ def one_blas_thread():
 _MLP_SETS = {"mlp": [5, 600, 1500], "mlp_block": [*range(64, 128), *range(1472, 1536)]}
 
 
+def _units_of(kind: str) -> tuple[dict[str, list[int]], list[tuple[str, int]]]:
+    """(one layer's removal for the plan, the same units for _mask) of a non-hidden unit kind."""
+    if kind == "kv_group":
+        return {"q_heads": [3, 4, 5], "kv_heads": [1], "mlp": []}, [("kv_group", 1)]
+    if kind == "q_head":
+        return {"q_heads": [0, 4, 8], "kv_heads": [], "mlp": []}, [("q_head", h) for h in (0, 4, 8)]
+    mlp = _MLP_SETS[kind]
+    return {"q_heads": [], "kv_heads": [], "mlp": mlp}, [("mlp", c) for c in mlp]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", ["mlp", "mlp_block", "kv_group", "q_head", "hidden"])
 def test_width_masking_equals_removal_on_smollm2(smollm2, one_blas_thread, kind, dtype):
@@ -171,12 +181,7 @@ def test_width_masking_equals_removal_on_smollm2(smollm2, one_blas_thread, kind,
         _mask_hidden(masked, channels)
         apply_plan(pruned, _hidden_plan(pruned, channels))
     else:
-        mlp = _MLP_SETS.get(kind, [])
-        removed = {"q_heads": [3, 4, 5], "kv_heads": [1], "mlp": []} if kind == "kv_group" else \
-            {"q_heads": [0, 4, 8], "kv_heads": [], "mlp": []} if kind == "q_head" else \
-            {"q_heads": [], "kv_heads": [], "mlp": mlp}
-        units = [("kv_group", 1)] if kind == "kv_group" else [("q_head", h) for h in (0, 4, 8)] if kind == "q_head" \
-            else [("mlp", c) for c in mlp]
+        removed, units = _units_of(kind)
         for layer in (0, 13, 29):
             for k, idx in units:
                 _mask(masked, layer, k, idx)

@@ -79,8 +79,8 @@ class BenchRecipe(StrictModel):
     @field_validator("criteria")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        from pipeline.registry import CRITERIA
         from stages import criteria  # noqa: F401
+        from stages.criteria.registry import CRITERIA
 
         bad = [n for n in names if n not in CRITERIA]
         if bad:
@@ -92,8 +92,8 @@ def load_bench(path: str) -> BenchRecipe:
     from pydantic import ValidationError
 
     from pipeline.recipe import load_raw
+    from stages.criteria.settings import LacoSettings
     from stages.evaluate import PerplexityConfig, SpeedConfig, TaskConfig
-    from stages.score import LacoSettings
 
     raw = load_raw(path)
     try:
@@ -119,11 +119,11 @@ def width_prune_config(m: WidthMethod, ratio: float) -> Any:
 
 def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
     """All width methods from ONE statistics pass over the shared calibration set."""
-    from pipeline.registry import WIDTH_CRITERIA
-    from stages.prune import make_width_plan
-    from stages.surgery import apply_plan
-    from stages.width_scoring import score_width, width_needs
-    from stages.width_stats import collect_width_stats, summary_tensors
+    from stages.calibration.width import collect_width_stats, summary_tensors
+    from stages.criteria.registry import WIDTH_CRITERIA
+    from stages.criteria.scoring import score_width, width_needs
+    from stages.selection.planning import make_width_plan
+    from stages.surgery.apply import apply_plan
 
     names = list(dict.fromkeys(m.criterion for m in bench.width))
     hidden = {m.criterion for m in bench.width if m.hidden}
@@ -165,10 +165,10 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
 
 def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int,
            options: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
-    from pipeline.registry import CRITERIA
     from stages.arch.llama import adapter_for
+    from stages.calibration.blocks import collect_block_stats
     from stages.criteria.depth import CriterionInputs
-    from stages.stats import collect_block_stats
+    from stages.criteria.registry import CRITERIA
 
     spec = CRITERIA.get(name)
     adapter = adapter_for(model)
@@ -185,7 +185,7 @@ def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, 
 def _cost_ratio(model: Any, calib: Any, batch_size: int) -> dict[str, float]:
     """Cached removal-NLL (what the PPL criterion runs) vs naive full forwards, same data, same process."""
     from stages.arch.llama import adapter_for
-    from stages.stats import collect_block_stats, naive_removal_nll
+    from stages.calibration.blocks import collect_block_stats, naive_removal_nll
 
     adapter = adapter_for(model)
     t0 = time.perf_counter()
@@ -205,13 +205,14 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
 
     from pipeline.metrics import peak_memory_mb, versions
     from stages.arch.llama import adapter_for
-    from stages.data import read_text, sample_windows, tokenize_text, verify_checksum
-    from stages.load import load_model
-    from stages.perplexity import protocol, windowed_perplexity
-    from stages.prune import PruneConfig, make_plan, num_blocks_for
-    from stages.speed import measure_speed, measure_speedup
-    from stages.surgery import apply_plan
-    from stages.zeroshot import evaluate_task
+    from stages.evaluation.perplexity import protocol, windowed_perplexity
+    from stages.evaluation.speed import measure_speed, measure_speedup
+    from stages.evaluation.zeroshot import evaluate_task
+    from stages.io.models import load_model
+    from stages.io.text import read_text, sample_windows, tokenize_text, verify_checksum
+    from stages.prune import PruneConfig
+    from stages.selection.blocks import make_plan, num_blocks_for
+    from stages.surgery.apply import apply_plan
 
     sources = [bench.calibration.source] + [p.source for p in bench.perplexity.values()]
     checked = [verify_checksum(s.path) for s in sources if s.path] + [verify_checksum(t.path) for t in bench.tasks.values() if t.path]
@@ -248,7 +249,7 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     rows.append({"target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
                  "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": dense})
     results: dict[str, Any] = {}
-    from stages.score import LacoSettings
+    from stages.criteria.settings import LacoSettings
 
     options = {"laco": LacoSettings.model_validate(bench.laco).model_dump()}
     for name in bench.criteria:
@@ -288,7 +289,7 @@ def _speedup(row: dict[str, Any], dense: dict[str, Any]) -> str:
     sp, dsp = row["eval"].get("speed"), dense["eval"].get("speed")
     if not sp or not dsp:
         return "—"
-    if "paired" in sp:  # interleaved pairs with the dense model (stages.speed.measure_speedup)
+    if "paired" in sp:  # interleaved pairs with the dense model (stages.evaluation.speed.measure_speedup)
         parts = [f"{v:.2f}×" for v in sp["paired"]["decode_speedup"].values()]
     else:  # the dense row (it has no pair): its own tokens/s over the dense row's, 1.00×
         parts = [f"{sp['decode_tok_s'][b] / dsp['decode_tok_s'][b]:.2f}×" for b in sp["decode_tok_s"]]

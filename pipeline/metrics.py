@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import platform
-import resource
 import sys
 from typing import Any
 
+from stages.evaluation.memory import PeakRSS, peak_memory_mb
+
+__all__ = ["PeakRSS", "build_metrics", "peak_memory_mb", "versions"]
+
 TIMING_KEYS = ("calibrate", "score", "prune", "recover", "evaluate")
-
-
-def peak_memory_mb() -> dict[str, float | None]:
-    import torch
-
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"cpu_rss": round(rss_kb / 1024, 1), "gpu": round(gpu, 1) if gpu is not None else None}
 
 
 def versions() -> dict[str, str]:
@@ -60,33 +55,3 @@ def build_metrics(ctx: Any) -> dict[str, Any]:
         "seed": ctx.recipe.seed,
         "versions": versions(),
     }
-
-
-class PeakRSS:
-    """Samples this process's resident memory from a thread while a block runs: ``peak_mb`` after.
-
-    ru_maxrss only knows the whole process's peak; this isolates one criterion's scoring.
-    """
-
-    def __init__(self, interval: float = 0.05) -> None:
-        import threading
-
-        import psutil
-
-        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.peak_mb = 0.0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)

@@ -26,7 +26,7 @@ def _sources(node: Any, path: str) -> Iterator[tuple[str, TextSource]]:
 
 def preflight(recipe: RecipeBase) -> dict[str, Any]:
     """Raise :class:`RecipeError` listing every problem; return facts learned (e.g. layer count)."""
-    from stages.model_source import classify, num_layers_hint
+    from stages.io.sources import classify, num_layers_hint
 
     problems: list[str] = []
     for where, src in _sources(recipe.stages, "stages"):

@@ -11,59 +11,19 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
-from pipeline.registry import STAGES
+from pipeline.registry import STAGES, listed_stage_types
+from stages.core.config import StrictModel
+from stages.io.config import ModelConfig, TextSource
+
+__all__ = ["ModelConfig", "RecipeBase", "RecipeError", "StrictModel", "TextSource", "load_recipe", "validate"]
 
 STAGE_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-
-class StrictModel(BaseModel):
-    """Base for every recipe section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class TextSource(StrictModel):
-    """Where text comes from: a `datasets` name/config/split, or a local .txt / .jsonl file."""
-
-    dataset: str | None = Field(None, description="datasets name, e.g. 'wikitext'")
-    config: str | None = Field(None, description="datasets config, e.g. 'wikitext-2-raw-v1'")
-    split: str = Field("train", description="datasets split, e.g. 'test'")
-    data_files: str | list[str] | None = Field(None, description="for builders like 'json'/'text': local files")
-    path: str | None = Field(None, description="local .txt or .jsonl file (relative to the working directory)")
-    text_field: str = Field("text", description="column / JSON key holding the text")
-    join: str = Field("\n\n", description="separator used to join rows before tokenizing")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TextSource:
-        if (self.dataset is None) == (self.path is None):
-            raise ValueError("give exactly one of `dataset` (a datasets name) or `path` (a local .txt/.jsonl file)")
-        if self.path is not None and not self.path.endswith((".txt", ".jsonl", ".json")):
-            raise ValueError(f"path {self.path!r}: only .txt and .jsonl files are supported; convert it or use `dataset:`")
-        return self
-
-    def describe(self) -> str:
-        if self.path is not None:
-            return self.path
-        return ":".join(x for x in (self.dataset, self.config, self.split) if x)
-
-
-class ModelConfig(StrictModel):
-    """The model to prune: a hub id, a local directory, a .gguf file, or a built-in alias."""
-
-    source: str = Field(..., description="hub id, local dir, path to a .gguf, or alias (e.g. 'smollm2-135m')")
-    gguf_file: str | None = Field(None, description="GGUF file name inside `source` (a dir or hub repo)")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="'auto': bfloat16 on a GPU that supports it, else float32"
-    )
-    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:0' or 'auto' (GPU when present)")
-    attn_implementation: Literal["sdpa", "eager"] | None = None
-    revision: str | None = None
 
 
 class RecipeBase(StrictModel):
@@ -94,9 +54,11 @@ class RecipeBase(StrictModel):
 @functools.cache
 def recipe_model() -> type[RecipeBase]:
     """Build the Recipe class with ``stages`` as an ordered mapping of the registered stage configs."""
-    import stages  # noqa: F401  (registers every stage; imports no torch)
+    from pipeline.registry import load_stages
 
-    configs = tuple(STAGES.get(n).config_cls for n in STAGES.names())
+    load_stages()
+
+    configs = tuple(STAGES.get(n).config_cls for n in listed_stage_types())
     union = Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007 (a runtime tuple of classes)
     return create_model(
         "Recipe",
@@ -201,11 +163,11 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{where}: unknown key; {hint}allowed keys here: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag")
-        close = difflib.get_close_matches(str(tag), STAGES.names(), n=1)
+        close = difflib.get_close_matches(str(tag), listed_stage_types(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}.type: unknown stage type {tag!r}{hint}; choose one of {', '.join(STAGES.names())}"
+        return f"{where}.type: unknown stage type {tag!r}{hint}; choose one of {', '.join(listed_stage_types())}"
     if kind == "union_tag_not_found":
-        return f"{where}: every stage needs `type:`, one of {', '.join(STAGES.names())}"
+        return f"{where}: every stage needs `type:`, one of {', '.join(listed_stage_types())}"
     if kind == "missing":
         return f"{where}: required field is missing; add it to the recipe or pass {where}=... on the command line"
     msg = err["msg"].removeprefix("Value error, ")

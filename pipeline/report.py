@@ -117,7 +117,7 @@ def plot_losses(run_dir: Path, path: Path) -> bool:
 
 def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any], plan: dict[str, Any] | None) -> Path:
     """Render every plot this run has data for and a markdown page around them and the metrics."""
-    from pipeline.run import describe_result
+    from stages.evaluation.describe import describe_result
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)

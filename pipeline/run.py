@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
         sys.path.insert(0, _root)
 
 from pipeline.recipe import RecipeBase, RecipeError, load_recipe
+from stages.evaluation.describe import describe_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,18 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     if metrics is not None:
         print(summary(metrics, run_dir))
     return 0
-
-
-def describe_result(r: dict[str, Any]) -> str:
-    """One evaluation result in a line: perplexity, a zero-shot task or speed, with its protocol."""
-    if "ppl" in r:
-        return f"PPL {r['ppl']:.3f}  (seq_len {r['seq_len']}, {r['tokens']} tokens)"
-    if "acc" in r:
-        return f"acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['samples']} questions, lm-eval {r['lm_eval_version']})"
-    if "decode_tok_s" in r:
-        dec = ", ".join(f"bs {b}: {v} tok/s" for b, v in r["decode_tok_s"].items())
-        return f"decode {dec}; prefill bs 1 {r['prefill_ms'].get('1')} ms; peak {r['peak_memory_mb']} MB"
-    return str(r)
 
 
 def summary(metrics: dict[str, Any], run_dir: Path) -> str:

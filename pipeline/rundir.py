@@ -6,15 +6,18 @@ output is written under a temporary name in the same folder and renamed into pla
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from stages.core.files import atomic_dir, atomic_write_json, atomic_write_text
+
+__all__ = ["RunDirError", "atomic_dir", "atomic_write_json", "atomic_write_text", "chain_hash", "prepare_run_dir",
+           "read_done", "write_done"]
 
 
 class RunDirError(RuntimeError):
@@ -34,45 +37,6 @@ def prepare_run_dir(path: Path, resume: bool, force: bool) -> None:
                 f"or --output-dir to write elsewhere"
             )
     path.mkdir(parents=True, exist_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in (nearly) one rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def chain_hash(previous: str, stage_type: str, settings: dict[str, Any]) -> str:

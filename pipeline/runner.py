@@ -35,17 +35,14 @@ def _stage_list(recipe: RecipeBase) -> list[tuple[str, str, Any]]:
 
 
 def _spec(stage_type: str) -> Any:
-    from pipeline.registry import STAGES, StageSpec
-    from stages import load
+    from pipeline.registry import load_stages
 
-    if stage_type == "load":
-        return StageSpec("load", type(None), load.run, None)
-    return STAGES.get(stage_type)
+    return load_stages().get(stage_type)
 
 
 def _check_model(ctx: Any) -> None:
     """Targets that need the loaded model's size, checked before calibration or scoring starts."""
-    from stages.width_stats import geometry
+    from stages.calibration.width import geometry
 
     adapter = ctx.adapter
     sizes = adapter.block_param_counts()

@@ -1,5 +1,7 @@
-"""Pipeline stages. Importing this package registers every stage (and imports no torch)."""
+"""prunelab's stages and library.
 
-from stages import calibrate, evaluate, export, prune, recover, score
-
-__all__ = ["calibrate", "evaluate", "export", "prune", "recover", "score"]
+A file directly in ``stages/`` is a stage (one config class, ``run``, ``restore``, registered with
+``pipeline.registry.register_stage``); a folder is a room of the library (``arch``, ``calibration``,
+``criteria``, ``selection``, ``surgery``, ``recovery``, ``evaluation``, ``io``, ``core``). Importing this
+package imports nothing else: the frame discovers stage modules (``pipeline.registry.load_stages``).
+"""

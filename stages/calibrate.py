@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.recipe import StrictModel, TextSource
 from pipeline.registry import register_stage
+from stages.core.config import StrictModel
+from stages.io.config import TextSource
 
 
 class CalibrateConfig(StrictModel):
@@ -21,7 +22,7 @@ class CalibrateConfig(StrictModel):
 def run(ctx: Any, cfg: CalibrateConfig) -> dict[str, Any]:
     import torch
 
-    from stages.data import read_text, sample_windows, tokenize_text
+    from stages.io.text import read_text, sample_windows, tokenize_text
 
     ids = tokenize_text(ctx.tokenizer, read_text(cfg.source))
     ctx.calibration = sample_windows(ids, cfg.num_samples, cfg.seq_len, ctx.recipe.seed)

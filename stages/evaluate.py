@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.recipe import StrictModel, TextSource
 from pipeline.registry import register_stage
+from stages.core.config import StrictModel
+from stages.io.config import TextSource
 
 
 class PerplexityConfig(StrictModel):
@@ -57,7 +58,7 @@ class EvaluateConfig(StrictModel):
         if not (self.perplexity or self.tasks or self.speed):
             raise ValueError("nothing to evaluate: add `perplexity: {wikitext2: {source: ..., seq_len: 512}}`, "
                              "`tasks: {arc_easy: {path: ...}}` or `speed: {}`")
-        from stages.zeroshot import LOCAL_TASKS
+        from stages.evaluation.zeroshot import LOCAL_TASKS
 
         for name, t in self.tasks.items():
             if t.path is not None and name not in LOCAL_TASKS:
@@ -68,7 +69,7 @@ class EvaluateConfig(StrictModel):
 
 def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
-    from pipeline.rundir import atomic_write_json
+    from stages.core.files import atomic_write_json
 
     label = cfg.label or ctx.state
     models = [(label, ctx.model)]
@@ -88,8 +89,8 @@ def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
-    from stages.data import read_text, tokenize_text
-    from stages.perplexity import protocol, windowed_perplexity
+    from stages.evaluation.perplexity import protocol, windowed_perplexity
+    from stages.io.text import read_text, tokenize_text
 
     cache = ctx.__dict__.setdefault("_token_cache", {})
     results: dict[str, Any] = {}
@@ -103,11 +104,11 @@ def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict
         results[name] = r
     for name, t in cfg.tasks.items():
         if ctx.is_main:  # HFLM on a model object is not meant for a multi-process launch
-            from stages.zeroshot import evaluate_task
+            from stages.evaluation.zeroshot import evaluate_task
 
             results[name] = evaluate_task(model, ctx.tokenizer, name, t.path, t.limit, t.batch_size, t.num_fewshot, ctx.recipe.seed)
     if cfg.speed is not None and ctx.is_main:
-        from stages.speed import measure_speed
+        from stages.evaluation.speed import measure_speed
 
         s = cfg.speed
         results["speed"] = measure_speed(model, s.prompt_len, s.new_tokens, tuple(s.batch_sizes), s.repeats, s.warmup, ctx.recipe.seed)

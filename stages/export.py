@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.recipe import StrictModel
 from pipeline.registry import register_stage
+from stages.core.config import StrictModel
 
 
 class ExportConfig(StrictModel):
@@ -57,7 +57,7 @@ def model_card(ctx: Any) -> str:
                   for i, s in enumerate(plan["shapes_after"])]
         lines.append("")
     if ctx.evals:
-        from pipeline.run import describe_result
+        from stages.evaluation.describe import describe_result
 
         lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
         for label, results in ctx.evals.items():
@@ -65,7 +65,7 @@ def model_card(ctx: Any) -> str:
                 lines.append(f"| {label} | {name} | {describe_result(r)} | {r['protocol']} |")
         lines.append("")
     if getattr(ctx.model.config, "prunelab_layer_shapes", None):
-        lines += ["Layer widths differ (adaptive width pruning): load with `from pipeline.loader import load_pruned; "
+        lines += ["Layer widths differ (adaptive width pruning): load with `from stages.io.loader import load_pruned; "
                   "model = load_pruned(path)` (pip install prunelab); plain transformers cannot build per-layer widths yet.", ""]
     else:
         lines += ["Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
@@ -76,7 +76,7 @@ def verify_reload(model: Any, path: Path, tolerance: float) -> float:
     """Max |Δlogit| between ``model`` and a fresh vanilla load of ``path``; raise above ``tolerance``."""
     import torch
 
-    from pipeline.loader import load_pruned
+    from stages.io.loader import load_pruned
 
     fresh = load_pruned(path, dtype=next(model.parameters()).dtype, device=model.device)
     ids = torch.arange(3, 3 + 24, device=model.device).unsqueeze(0) % model.config.vocab_size
@@ -90,8 +90,8 @@ def verify_reload(model: Any, path: Path, tolerance: float) -> float:
 def run(ctx: Any, cfg: ExportConfig) -> dict[str, Any]:
     from huggingface_hub import ModelCard
 
-    from pipeline.rundir import atomic_dir
-    from stages.load import DTYPES
+    from stages.core.files import atomic_dir
+    from stages.io.models import DTYPES
 
     target = ctx.run_dir / "model"
     model = ctx.model

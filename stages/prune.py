@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.recipe import StrictModel
-from pipeline.registry import criteria_for, register_stage
+from pipeline.registry import register_stage
 from stages import criteria as _criteria  # noqa: F401
+from stages.core.config import StrictModel
+from stages.criteria.registry import criteria_for
+from stages.selection.targets import blocks_for_ratio, hidden_channels_to_remove
 
 
 class PruneConfig(StrictModel):
@@ -123,7 +124,7 @@ class PruneConfig(StrictModel):
             if self.layers is not None and self.layers[1] > num_layers:
                 return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
             if geometries and self.layer_ratio is not None:
-                from stages.width_select import WidthTargetError, uniform_layer
+                from stages.selection.width import WidthTargetError, uniform_layer
 
                 start, end = self.layers or (0, num_layers)
                 for i in range(start, end):
@@ -137,7 +138,7 @@ class PruneConfig(StrictModel):
         if self.num_blocks is not None and self.num_blocks >= num_layers:
             return [f"num_blocks={self.num_blocks} but the model has {num_layers} blocks; choose at most {num_layers - 1}"]
         if self.ratio is not None and total_params and block_params:
-            k = _round(self.ratio * total_params / block_params, self.rounding)
+            k = blocks_for_ratio(self.ratio, total_params, block_params, self.rounding)
             if k >= num_layers:
                 return [f"ratio={self.ratio} would remove {k} of {num_layers} blocks; choose a smaller ratio"]
             if k < 1:
@@ -145,184 +146,8 @@ class PruneConfig(StrictModel):
         return []
 
 
-def _round(x: float, rule: str) -> int:
-    if rule == "floor":
-        return math.floor(x + 1e-9)
-    if rule == "ceil":
-        return math.ceil(x - 1e-9)
-    return math.floor(x + 0.5)
-
-
-def num_blocks_for(cfg: PruneConfig, adapter: Any) -> int:
-    """Resolve the target to a block count (blocks of one decoder are equal in size)."""
-    sizes = adapter.block_param_counts()
-    problems = cfg.check_model(len(sizes), adapter.total_params(), sum(sizes) / len(sizes))
-    if problems:
-        raise ValueError("; ".join(problems))
-    if cfg.num_blocks is not None:
-        return cfg.num_blocks
-    return _round(cfg.ratio * adapter.total_params() / (sum(sizes) / len(sizes)), cfg.rounding)
-
-
-def select_blocks(result: dict[str, Any], k: int) -> list[int]:
-    """Blocks to remove: the best window (angular), the first k of an order (SLEB), else the k lowest scores."""
-    if "windows" in result:
-        dist = result["windows"][str(k)]
-        start = min(range(len(dist)), key=lambda s: (dist[s], s))
-        return list(range(start, start + k))
-    if "order" in result:
-        if len(result["order"]) < k:
-            raise ValueError(f"criterion ordered only {len(result['order'])} blocks, {k} requested; re-run score")
-        return sorted(result["order"][:k])
-    candidates = [(s, i) for i, s in enumerate(result["scores"]) if s is not None and i not in set(result.get("protected", []))]
-    if len(candidates) < k:
-        raise ValueError(f"only {len(candidates)} blocks may be removed under this criterion's protections, {k} requested")
-    return sorted(i for _, i in sorted(candidates)[:k])
-
-
-def make_plan(result: dict[str, Any], cfg: PruneConfig, adapter: Any) -> dict[str, Any]:
-    """The depth plan for ``cfg``'s target from one criterion's saved result (plain data in, plain data out)."""
-    k = num_blocks_for(cfg, adapter)
-    removed = select_blocks(result, k)
-    sizes = adapter.block_param_counts()
-    before = adapter.total_params()
-    after = before - sum(sizes[i] for i in removed)
-    merges = result.get("merges") or []
-    if merges and sorted(j for mg in merges for j in mg["from"]) != removed:
-        raise ValueError(f"criterion {cfg.criterion} merged {[mg['from'] for mg in merges]} but {k} blocks are to be removed; re-run score")
-    return {
-        "kind": "depth",
-        "criterion": cfg.criterion,
-        "target": {"num_blocks": cfg.num_blocks, "ratio": cfg.ratio, "rounding": cfg.rounding},
-        **({"merges": [{"into": mg["into"], "from": mg["from"]} for mg in merges]} if merges else {}),
-        "removed_blocks": removed,
-        "num_removed": len(removed),
-        "layers_before": len(sizes),
-        "layers_after": len(sizes) - len(removed),
-        "params_before": before,
-        "params_after": after,
-        "achieved_ratio": round(1 - after / before, 6),
-    }
-
-
-def make_width_plan(result: dict[str, Any], cfg: PruneConfig, model: Any, means: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
-    from stages.arch.llama import adapter_for
-    from stages.width_select import (
-        bias_compensation,
-        optimal_compensation,
-        owl_offsets,
-        ratio_to_params,
-        select_global,
-        select_uniform,
-        summarize,
-    )
-    from stages.width_stats import geometry
-
-    if cfg.hidden:
-        return make_hidden_plan(result, cfg, model), {}
-    adapter = adapter_for(model)
-    geos = [geometry(layer) for layer in model.model.layers]
-    start, end = cfg.layers if cfg.layers is not None else (0, len(geos))
-    layers = list(range(start, end))
-    attention = cfg.attention
-    before = adapter.total_params()
-    target = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
-    scores = result["layers"]
-    offsets = None
-    alphas = None
-    if cfg.allocation == "global":
-        chosen = select_global(scores, geos, layers, cfg.mlp, attention, target)
-    else:
-        if cfg.allocation == "owl":
-            if means is None:
-                raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
-            offsets = owl_offsets(model, means["sq_norm"], layers, cfg.owl_m, cfg.owl_lambda)
-        elif cfg.allocation == "alpha":
-            from stages.criteria.alpha import alpha_offsets, layer_alphas
-
-            alphas = layer_alphas(model)
-            offsets = alpha_offsets(alphas, layers, cfg.alpha_epsilon)
-        chosen = select_uniform(scores, geos, layers, attention, cfg.mlp, cfg.layer_ratio, target, offsets)
-    side: dict[str, Any] = {}
-    if cfg.compensation == "bias":
-        if means is None:
-            raise ValueError("compensation: bias needs activation means from a width `score` stage")
-        side = bias_compensation(model, chosen, means)
-    elif cfg.compensation == "optimal":
-        if means is None or "gram" not in means:
-            raise ValueError("compensation: optimal needs XᵀX of o_proj/down_proj inputs from the width `score` stage "
-                             "(it collects them when a later prune stage asks for optimal compensation)")
-        side = optimal_compensation(model, chosen, means["gram"], cfg.damping, cfg.optimal_bias)
-    shapes_after = summarize(chosen, geos)
-    plan = {
-        "kind": "width",
-        "criterion": cfg.criterion,
-        "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "allocation": cfg.allocation,
-                   "layers": [start, end], "attention": attention, "mlp": cfg.mlp, "compensation": cfg.compensation,
-                   **({"damping": cfg.damping, "optimal_bias": cfg.optimal_bias} if cfg.compensation == "optimal" else {})},
-        "layers": {str(i): rem for i, rem in chosen.items() if any(rem.values())},
-        "shapes_before": summarize({}, geos),
-        "shapes_after": shapes_after,
-        "uniform": all(s == shapes_after[0] for s in shapes_after),
-        "layer_ratio_offsets": offsets,
-        "layer_alpha": alphas,
-        "num_removed": sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
-        "layers_before": len(geos),
-        "layers_after": len(geos),
-        "params_before": before,
-        "side_file": "compensation.safetensors" if side else None,
-    }
-    return plan, side
-
-
-def hidden_channels_to_remove(d: int, heads: int, want: float) -> int:
-    """The channel count nearest ``want`` that keeps the width a multiple of ``heads`` (LlamaConfig refuses others)."""
-    return min((c for c in range(d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
-
-
-def make_hidden_plan(result: dict[str, Any], cfg: PruneConfig, model: Any) -> dict[str, Any]:
-    """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
-    target (each channel owns the same parameters, so k = round(target / params per channel))."""
-    from stages.arch.llama import adapter_for
-    from stages.criteria.hidden import params_per_hidden_channel
-    from stages.width_select import WidthTargetError, _lowest, ratio_to_params, summarize
-    from stages.width_stats import geometry
-
-    if "hidden" not in result:
-        raise ValueError(f"criterion {cfg.criterion} has no hidden-channel scores; re-run the width score stage "
-                         "(it scores hidden channels when a later prune stage sets hidden: true)")
-    d = model.config.hidden_size
-    before = adapter_for(model).total_params()
-    per = params_per_hidden_channel(model)
-    want = cfg.layer_ratio * d if cfg.layer_ratio is not None else ratio_to_params(cfg.ratio, before) / per
-    k = hidden_channels_to_remove(d, model.config.num_attention_heads, want)
-    if k >= d:
-        raise WidthTargetError(f"the target would remove all {d} hidden channels; lower it")
-    if k < 1:
-        raise WidthTargetError(f"the target removes less than one hidden channel ({per} parameters each); raise it")
-    removed = _lowest(result["hidden"], k)
-    geos = [geometry(layer) for layer in model.model.layers]
-    shapes = summarize({}, geos)
-    return {
-        "kind": "width",
-        "criterion": cfg.criterion,
-        "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "hidden": True, "norm_rescale": cfg.hidden_norm_rescale},
-        "layers": {},
-        "hidden": {"removed": removed, "hidden_before": d, "hidden_after": d - k, "norm_rescale": cfg.hidden_norm_rescale},
-        "shapes_before": shapes,
-        "shapes_after": shapes,
-        "uniform": True,
-        "num_removed": k,
-        "layers_before": len(geos),
-        "layers_after": len(geos),
-        "params_before": before,
-        "side_file": None,
-    }
-
-
 def _apply(ctx: Any, plan: dict[str, Any], side: dict[str, Any] | None = None) -> dict[str, Any]:
-    from stages.surgery import apply_plan
+    from stages.surgery.apply import apply_plan
 
     apply_plan(ctx.model, plan, side)
     ctx.plan, ctx.state = plan, "pruned"
@@ -334,7 +159,9 @@ def _apply(ctx: Any, plan: dict[str, Any], side: dict[str, Any] | None = None) -
 
 
 def run(ctx: Any, cfg: PruneConfig) -> dict[str, Any]:
-    from pipeline.rundir import atomic_write_json
+    from stages.core.files import atomic_write_json
+    from stages.selection.blocks import make_plan
+    from stages.selection.planning import make_width_plan
 
     if cfg.units == "width":
         plan, side = make_width_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.width_means)

@@ -1,7 +1,7 @@
 """Stage: recover a pruned model with LoRA / QLoRA (peft), under accelerate (DDP or DeepSpeed), then
 merge the adapter into FULL-precision weights so the result is again a plain dense model.
 
-The training loop lives in :mod:`stages.lora_train`; this file is the stage's lifecycle: settings,
+The training loop lives in :mod:`stages.recovery.trainer`; this file is the stage's lifecycle: settings,
 the dense *control* (the same recovery given to the unpruned model, because in-domain fine-tuning
 alone lowers perplexity), and restoring a finished recovery on ``--resume``.
 """
@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.recipe import StrictModel, TextSource
 from pipeline.registry import register_stage
+from stages.core.config import StrictModel
+from stages.io.config import TextSource
 
 DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -86,7 +87,7 @@ class RecoverConfig(StrictModel):
 
 
 def run(ctx: Any, cfg: RecoverConfig) -> dict[str, Any]:
-    from stages.lora_train import recover_model
+    from stages.recovery.trainer import recover_model
 
     if cfg.method == "qlora" and getattr(ctx.model.config, "prunelab_layer_shapes", None):
         raise ValueError("stages.recover: method qlora needs uniform layer widths (NF4 loading builds a vanilla "
@@ -96,7 +97,7 @@ def run(ctx: Any, cfg: RecoverConfig) -> dict[str, Any]:
     ctx.state = "recovered"
     ctx.recover_info = {"pruned": info}
     if cfg.control:
-        from stages.load import load_model
+        from stages.io.models import load_model
 
         dense, _ = load_model(ctx.recipe.model)
         control = recover_model(ctx, cfg, dense, ctx.stage_dir / "control", "control")
@@ -107,13 +108,13 @@ def run(ctx: Any, cfg: RecoverConfig) -> dict[str, Any]:
 
 def restore(ctx: Any, cfg: RecoverConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     """Re-merge the saved adapters: cheaper than keeping merged copies and exact (same weights)."""
-    from stages.lora_train import merge_adapter
+    from stages.recovery.trainer import merge_adapter
 
     ctx.model = merge_adapter(ctx.model, stage_dir / "adapter")
     ctx.state = "recovered"
     ctx.recover_info = dict(outputs)
     if cfg.control:
-        from stages.load import load_model
+        from stages.io.models import load_model
 
         dense, _ = load_model(ctx.recipe.model)
         ctx.control_model = merge_adapter(dense, stage_dir / "control" / "adapter")

@@ -13,18 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.recipe import StrictModel
-from pipeline.registry import criteria_for, register_stage
+from pipeline.registry import register_stage
 from stages import criteria as _criteria  # noqa: F401  (registers criteria, torch-free)
-
-
-class LacoSettings(StrictModel):
-    """LaCo's trial-and-merge settings (arXiv 2402.11187, Algorithm 1); defaults from the authors' notebook."""
-
-    merge_layers: int = Field(4, ge=2, description="C: layers collapsed into one per merge (C − 1 removed)")
-    layers: tuple[int, int] | None = Field(None, description="[L, H]: lowest and highest layer a merge may touch (default: all)")
-    interval: int = Field(1, ge=1, description="I: how far down the next trial starts after a kept merge")
-    threshold: float = Field(0.45, ge=-1, lt=1, description="T: keep a merge while the last-hidden-state cosine to the dense model exceeds it")
+from stages.core.config import StrictModel
+from stages.criteria.registry import criteria_for
+from stages.criteria.settings import LacoSettings
 
 
 class ScoreConfig(StrictModel):
@@ -75,7 +68,7 @@ def _num_remove(ctx: Any) -> int:
 
     Blocks of one decoder are equal in size, so the count does not depend on the criterion.
     """
-    from stages.prune import num_blocks_for
+    from stages.selection.blocks import num_blocks_for
 
     stage = next(s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune" and s.units == "blocks")
     return num_blocks_for(stage, ctx.adapter)
@@ -84,9 +77,9 @@ def _num_remove(ctx: Any) -> int:
 def run(ctx: Any, cfg: ScoreConfig) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
-    from pipeline.rundir import atomic_write_json
+    from stages.calibration.blocks import collect_block_stats
+    from stages.core.files import atomic_write_json
     from stages.criteria.depth import CriterionInputs
-    from stages.stats import collect_block_stats
 
     log = get_logger(__name__)
     if cfg.units == "width":
@@ -127,9 +120,9 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
     """Width scoring: one calibration pass (hooks, plus one backward per batch for Taylor criteria)."""
     import torch
 
-    from pipeline.rundir import atomic_write_json
-    from stages.width_scoring import score_width, width_needs
-    from stages.width_stats import collect_width_stats, summary_tensors
+    from stages.calibration.width import collect_width_stats, summary_tensors
+    from stages.core.files import atomic_write_json
+    from stages.criteria.scoring import score_width, width_needs
 
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
     later = [s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune" and s.units == "width"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages.arch.llama import adapter_for
+from stages.calibration.blocks import collect_block_stats, naive_removal_nll
 from stages.criteria.depth import (
     CriterionInputs,
     angular_distance,
@@ -18,9 +19,10 @@ from stages.criteria.depth import (
     sleb,
     taylor_plus,
 )
-from stages.prune import PruneConfig, _round, select_blocks
-from stages.stats import collect_block_stats, naive_removal_nll
-from stages.surgery import remove_blocks
+from stages.prune import PruneConfig
+from stages.selection.blocks import select_blocks
+from stages.selection.targets import round_count as _round
+from stages.surgery.apply import remove_blocks
 
 
 def _inputs(model, calib, needs, **kw):
@@ -122,7 +124,7 @@ def test_taylor_plus_sums_abs_weight_times_grad_and_protects_ends(tiny_model, ca
 
 
 def test_taylor_plus_protection_on_deeper_model(calib):
-    from stages.tiny import tiny_llama
+    from stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=9)
     result = taylor_plus(_inputs(model, calib, {"grad"}))
@@ -159,7 +161,7 @@ def test_ratio_rounding():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_removal_nll_wavefront_matches_hf_forward_for_both_attention_kernels(attn, calib):
-    from stages.tiny import tiny_llama
+    from stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=5)
     model.config._attn_implementation = attn

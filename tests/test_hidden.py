@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pipeline.recipe import RecipeError, validate
+from stages.calibration.width import collect_width_stats, geometry
 from stages.criteria.hidden import hidden_channel_scores, hidden_members, params_per_hidden_channel
 from stages.criteria.width import WidthInputs
-from stages.surgery import PlanError, apply_plan
-from stages.width_select import summarize
-from stages.width_stats import collect_width_stats, geometry
+from stages.selection.width import summarize
+from stages.surgery.apply import PlanError, apply_plan
 
 
 def _mask_hidden(model, channels: list[int]) -> None:
@@ -45,7 +45,7 @@ def _perturb_norms(model) -> None:
 def test_hidden_masking_equals_removal_and_reloads_vanilla(model_type, tie, calib, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stages.tiny import tiny_llama
+    from stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=3, model_type=model_type, tie=tie)
     _perturb_norms(model)

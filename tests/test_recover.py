@@ -126,9 +126,9 @@ def test_qlora_merges_into_full_precision_weights(tmp_path, tiny_model):
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
-    from stages.lora_train import recover_model
+    from stages.io.tiny import byte_tokenizer
     from stages.recover import RecoverConfig, RecoveryData
-    from stages.tiny import byte_tokenizer
+    from stages.recovery.trainer import recover_model
 
     cfg = RecoverConfig(type="recover", method="qlora", data=RecoveryData(source={"path": "tests/data/tiny_corpus.txt"}, seq_len=32,
                         max_samples=16), batch_size=4, micro_batch_size=2, max_steps=3, lr=5e-3, dropout=0.0)
@@ -156,8 +156,8 @@ def test_qlora_merges_into_full_precision_weights(tmp_path, tiny_model):
 
 
 def test_alpaca_masks_the_prompt():
-    from stages.recovery_data import ALPACA_PROMPT_NO_INPUT, IGNORE, alpaca_examples
-    from stages.tiny import byte_tokenizer
+    from stages.io.tiny import byte_tokenizer
+    from stages.recovery.data import ALPACA_PROMPT_NO_INPUT, IGNORE, alpaca_examples
 
     tok = byte_tokenizer()
     rows = [{"instruction": "Add 2 and 2.", "input": "", "output": "4"}]
@@ -171,7 +171,7 @@ def test_alpaca_masks_the_prompt():
 
 
 def test_packed_text_blocks():
-    from stages.recovery_data import packed_text
+    from stages.recovery.data import packed_text
 
     ds = packed_text(torch.arange(1000), 64, None)
     assert len(ds) == 15 and torch.equal(ds[1]["input_ids"], torch.arange(64, 128)) and ds[1]["idx"] == 1

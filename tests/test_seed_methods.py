@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.compensation import obs_remove, optimal_layer, output_error
-from stages.criteria.alpha import alpha_offsets, esd, hill_alpha, layer_alphas
-from stages.surgery import apply_plan
-from stages.width_select import bias_compensation, optimal_compensation, select_uniform, summarize
-from stages.width_stats import collect_width_stats, geometry, summary_tensors
+from stages.calibration.width import collect_width_stats, geometry, summary_tensors
+from stages.selection.alpha import alpha_offsets, esd, hill_alpha, layer_alphas
+from stages.selection.width import bias_compensation, optimal_compensation, select_uniform, summarize
+from stages.surgery.apply import apply_plan
+from stages.surgery.compensation import obs_remove, optimal_layer, output_error
 
 
 # ----------------------------------------------------------------------------- AlphaPruning
@@ -55,7 +55,8 @@ def test_heavier_tailed_layers_are_pruned_less_and_the_mean_ratio_is_kept(tiny_m
 
 def test_alpha_allocation_through_the_prune_stage(tiny_model, calib):
     from stages.criteria.width import WidthInputs, magnitude
-    from stages.prune import PruneConfig, make_width_plan
+    from stages.prune import PruneConfig
+    from stages.selection.planning import make_width_plan
 
     stats = collect_width_stats(tiny_model, calib, {"activations"}, progress=False)
     scores = {"layers": magnitude(WidthInputs(tiny_model, stats))}
@@ -163,7 +164,7 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
     from safetensors.torch import load_file
 
     from pipeline.recipe import ModelConfig
-    from stages.load import load_model
+    from stages.io.models import load_model
 
     plan = json.loads((prune_dir / "plan.json").read_text())
     assert plan["side_file"] and plan["target"]["compensation"] == "optimal"
@@ -193,8 +194,8 @@ def test_rdsc_merge_is_the_paper_formula(tiny_model):
 
 def _laco_inputs(model, calib, num_remove, **opts):
     from stages.arch.llama import adapter_for
+    from stages.calibration.blocks import BlockStats
     from stages.criteria.depth import CriterionInputs
-    from stages.stats import BlockStats
 
     adapter = adapter_for(model)
     return CriterionInputs(list(range(adapter.num_blocks)), BlockStats(num_blocks=adapter.num_blocks), model, adapter,
@@ -204,7 +205,8 @@ def _laco_inputs(model, calib, num_remove, **opts):
 def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tiny_model, calib):
     from stages.arch.llama import adapter_for
     from stages.criteria.laco import laco
-    from stages.prune import PruneConfig, make_plan
+    from stages.prune import PruneConfig
+    from stages.selection.blocks import make_plan
 
     dense = copy.deepcopy(tiny_model)
     res = laco(_laco_inputs(tiny_model, calib, 3, merge_layers=2, interval=1, threshold=-1.0)).to_json()

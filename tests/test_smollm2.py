@@ -26,7 +26,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def smollm2():
     from pipeline.recipe import ModelConfig
-    from stages.load import load_model
+    from stages.io.models import load_model
 
     return load_model(ModelConfig(source="smollm2-135m"))
 
@@ -42,9 +42,9 @@ def test_alias_loads_the_real_model(smollm2):
 
 def test_cached_ppl_criterion_equals_removing_the_block(smollm2):
     from stages.arch.llama import adapter_for
+    from stages.calibration.blocks import collect_block_stats
     from stages.criteria.depth import CriterionInputs, ppl
-    from stages.stats import collect_block_stats
-    from stages.surgery import remove_blocks
+    from stages.surgery.apply import remove_blocks
 
     model, tok = smollm2
     ids = tok((SHARED / "wikitext2" / "valid.txt").read_text()[:4000], return_tensors="pt").input_ids[:, :48]
@@ -60,7 +60,7 @@ def test_cached_ppl_criterion_equals_removing_the_block(smollm2):
 
 
 def test_generate_with_kv_cache_on_pruned_smollm2(smollm2):
-    from stages.surgery import remove_blocks
+    from stages.surgery.apply import remove_blocks
 
     model, tok = smollm2
     pruned = copy.deepcopy(model)
@@ -96,8 +96,8 @@ def test_shortgpt_6blocks_recipe_end_to_end(tmp_path):
 def test_gguf_file_loads_directly_and_matches_the_alias(smollm2):
     """`model.source: path/to/file.gguf` goes through transformers' gguf_file loader."""
     from pipeline.recipe import ModelConfig
-    from stages.load import load_model
-    from stages.model_source import alias_dirs
+    from stages.io.models import load_model
+    from stages.io.sources import alias_dirs
 
     gguf = next(alias_dirs("smollm2-135m")[0].glob("*.gguf"))
     model, _ = load_model(ModelConfig(source=str(gguf)))
@@ -170,7 +170,7 @@ def test_width_masking_equals_removal_on_smollm2(smollm2, one_blas_thread, kind,
     from test_hidden import _hidden_plan, _mask_hidden
     from test_width import _mask, _plan
 
-    from stages.surgery import apply_plan
+    from stages.surgery.apply import apply_plan
 
     model, tok = smollm2
     ids = tok("Robert Boulter is an English film , television and theatre actor .", return_tensors="pt").input_ids

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.recipe import RecipeError, validate
 from stages.arch.llama import UNIT_MEMBERS
+from stages.calibration.width import collect_width_stats, geometry
 from stages.criteria.width import (
     WidthInputs,
     flap,
@@ -20,9 +21,8 @@ from stages.criteria.width import (
     taylor_vector,
     wanda_sp,
 )
-from stages.surgery import PlanError, apply_plan
-from stages.width_select import bias_compensation, select_global, select_uniform, summarize
-from stages.width_stats import collect_width_stats, geometry
+from stages.selection.width import bias_compensation, select_global, select_uniform, summarize
+from stages.surgery.apply import PlanError, apply_plan
 
 
 def _mask(model, layer_idx: int, kind: str, idx: int) -> None:
@@ -122,8 +122,8 @@ def test_head_coupling_matches_torch_pruning_dependency_graph(monkeypatch):
 
     from transformers.models.llama import modeling_llama
 
-    from stages.surgery import _heads_to_rows
-    from stages.tiny import tiny_llama
+    from stages.io.tiny import tiny_llama
+    from stages.surgery.apply import _heads_to_rows
 
     model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
     model.set_attn_implementation("sdpa")
@@ -192,7 +192,7 @@ def test_uniform_result_reloads_in_vanilla_transformers(tiny_model, calib, tmp_p
 
 
 def test_heterogeneous_result_reloads_through_the_prunelab_loader(tiny_model, calib, tmp_path):
-    from pipeline.loader import load_pruned
+    from stages.io.loader import load_pruned
 
     stats = collect_width_stats(tiny_model, calib, {"activations"}, progress=False)
     scores = flap(WidthInputs(tiny_model, stats))
@@ -279,8 +279,8 @@ def test_ratio_that_removes_every_head_fails_right_after_load(tmp_path, capsys):
 
 
 def test_owl_offsets_favour_outlier_rich_layers_and_keep_the_mean(tiny_model, calib):
-    from stages.width_select import owl_offsets
-    from stages.width_stats import summary_tensors
+    from stages.calibration.width import summary_tensors
+    from stages.selection.width import owl_offsets
 
     stats = collect_width_stats(tiny_model, calib, {"activations"}, progress=False)
     with torch.no_grad():  # plant strong outliers in layer 3
@@ -299,7 +299,7 @@ def test_uniform_width_pruning_across_layouts_reloads_vanilla(model_type, calib,
     """Qwen2 has q/k/v biases: they must follow the kept rows."""
     from transformers import AutoModelForCausalLM
 
-    from stages.tiny import tiny_llama
+    from stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=3, model_type=model_type)
     if model_type == "qwen2":
@@ -357,8 +357,8 @@ def test_uniform_llama_head_count_that_llamaconfig_refuses_goes_through_the_load
     it saves, vanilla refuses it loudly, and the prunelab loader gives the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.loader import load_pruned
-    from stages.tiny import tiny_llama
+    from stages.io.loader import load_pruned
+    from stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
     removed = {"q_heads": [1], "kv_heads": [1], "mlp": [0, 3]}  # 3 heads: 64 % 3 != 0

@@ -1,0 +1,1 @@
+"""Architecture adapters: the only code that names a model family modules."""

@@ -1,6 +1,6 @@
 """Criterion registry. Entries resolve lazily ("module:function") so recipe validation stays torch-free."""
 
-from pipeline.registry import CRITERIA, WIDTH_CRITERIA, register_criterion
+from stages.criteria.registry import CRITERIA, WIDTH_CRITERIA, register_criterion
 
 _DEPTH = "stages.criteria.depth"
 

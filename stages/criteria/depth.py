@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.arch.llama import LlamaAdapter
-from stages.stats import BlockStats, batches, removal_nll_batch
+from stages.calibration.blocks import BlockStats, batches, removal_nll_batch
 
 
 @dataclass

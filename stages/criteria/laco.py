@@ -14,7 +14,7 @@ Trial-and-merge (Algorithm 1): start at l = H − C, try collapsing C layers (l 
 into l; if the similarity s = mean over calibration sequences of cos(h_dense, h_merged) — the
 flattened last hidden states (after the final norm), as in the reference — exceeds T, keep it and
 step l ← l − I, else l ← l − 1; stop below L or once the target number of removed layers is reached.
-The result is a plan of merges (applied by ``stages.surgery``) and the removed layers.
+The result is a plan of merges (applied by ``stages.surgery.apply``) and the removed layers.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.arch.llama import adapter_for
+from stages.calibration.blocks import batches
 from stages.criteria.depth import CriterionInputs, CriterionResult
-from stages.stats import batches
 
 
 def rdsc_merge(base: torch.nn.Module, others: list[torch.nn.Module]) -> None:
@@ -62,7 +62,7 @@ def similarity(reference: list[torch.Tensor], states: list[torch.Tensor]) -> flo
 def laco(inp: CriterionInputs) -> CriterionResult:
     """Trial-and-merge layer collapse until ``num_remove`` layers are gone (see the module docstring)."""
     assert inp.num_remove is not None and inp.calibration is not None, "laco needs num_remove and calibration data"
-    from stages.score import LacoSettings  # the defaults live in the schema
+    from stages.criteria.settings import LacoSettings  # the defaults live in the schema
 
     opts = LacoSettings.model_validate(inp.options.get("laco", {}))
     merge_size, interval, threshold = opts.merge_layers, opts.interval, opts.threshold

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stages.width_stats import LayerGeometry, WidthStats, geometry
+from stages.calibration.width import LayerGeometry, WidthStats, geometry
 
 
 @dataclass

@@ -14,7 +14,7 @@ def width_needs(names: Iterable[str], hidden: bool = False, hessian: bool = Fals
     Activation means are always collected (they feed FLAP's bias compensation); ``hidden`` adds gradients of the
     embeddings, norms and head (LLM-Pruner's channel mode); ``hessian`` adds XᵀX of o_proj/down_proj inputs for
     optimal compensation."""
-    from pipeline.registry import WIDTH_CRITERIA
+    from stages.criteria.registry import WIDTH_CRITERIA
 
     needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
     return needs | ({"hidden"} if hidden else set()) | ({"hessian"} if hessian else set())
@@ -26,9 +26,9 @@ def score_width(name: str, model: Any, stats: Any, seed: int = 0, reduction: str
 
     ``seconds`` charges the shared calibration pass to every data-driven criterion (it is what that criterion
     would cost alone) and nothing to the data-free ones (magnitude, random)."""
-    from pipeline.registry import WIDTH_CRITERIA
     from stages.criteria import HIDDEN_CRITERIA
     from stages.criteria.hidden import hidden_channel_scores
+    from stages.criteria.registry import WIDTH_CRITERIA
     from stages.criteria.width import WidthInputs
 
     spec = WIDTH_CRITERIA.get(name)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 
-from pipeline.rundir import atomic_write_json
+from stages.core.files import atomic_write_json
 
 log = get_logger(__name__)
 TRAIN_STATE = "trainer_state.json"
@@ -46,7 +46,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        from stages.recovery_data import epoch_order
+        from stages.recovery.data import epoch_order
 
         return iter(epoch_order(self.n, self.seed, self.epoch, self.shuffle))
 
@@ -55,8 +55,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def build_dataset(ctx: Any, cfg: Any) -> Any:
-    from stages.data import read_text, tokenize_text
-    from stages.recovery_data import alpaca_examples, packed_text, read_rows
+    from stages.io.text import read_text, tokenize_text
+    from stages.recovery.data import alpaca_examples, packed_text, read_rows
 
     d = cfg.data
     if d.format == "text":
@@ -76,7 +76,7 @@ def trainable_model(base: torch.nn.Module, cfg: Any, work_dir: Path | None, devi
     merge). QLoRA: ``base`` saved once and re-loaded with its linears in NF4 (bitsandbytes)."""
     from peft import get_peft_model
 
-    from stages.load import resolve_dtype
+    from stages.io.models import resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.method == "lora":
@@ -95,7 +95,7 @@ def _load_nf4(base: torch.nn.Module, folder: Path, dtype: torch.dtype, device: t
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from pipeline.rundir import atomic_dir
+    from stages.core.files import atomic_dir
 
     if not (folder / "config.json").is_file():
         with atomic_dir(folder) as tmp:
@@ -164,7 +164,7 @@ def recover_model(ctx: Any, cfg: Any, base: torch.nn.Module, out_dir: Path, labe
     accum = cfg.accumulation(acc.num_processes)
     acc.gradient_accumulation_steps = accum
     dataset = build_dataset(ctx, cfg)
-    from stages.recovery_data import collate
+    from stages.recovery.data import collate
 
     sampler = EpochSampler(len(dataset), ctx.recipe.seed, cfg.data.shuffle)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
@@ -262,7 +262,7 @@ def plain_peft_step_seconds(base: torch.nn.Module, cfg: Any, dataset: Any, accum
                             device: torch.device) -> dict[str, Any]:
     """The baseline our loop must match: peft + torch AdamW + a bare loop over the same micro-batches
     (same order, same accumulation), one process, no accelerate. Median step time, warm-up excluded."""
-    from stages.recovery_data import collate, epoch_order
+    from stages.recovery.data import collate, epoch_order
 
     if cfg.method != "lora":
         return {"skipped": "plain loop timed for method lora only"}
@@ -341,7 +341,7 @@ def _save_adapter(acc: Any, model: Any, adapter_dir: Path) -> None:
     """
     from contextlib import nullcontext
 
-    from pipeline.rundir import atomic_dir
+    from stages.core.files import atomic_dir
 
     unwrapped = acc.unwrap_model(model)
     named = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
@@ -361,7 +361,7 @@ def _save_adapter(acc: Any, model: Any, adapter_dir: Path) -> None:
 def _summary(rec: Recorder, label: str, total: int, accum: int, processes: int, seconds: float,
              resumed_from: Path | None) -> dict[str, Any]:
     """Throughput = median tokens per step / median step time, warm-up step excluded."""
-    from pipeline.metrics import peak_memory_mb
+    from stages.evaluation.memory import peak_memory_mb
 
     timed = rec.step_seconds[1:] or rec.step_seconds  # the first step includes warm-up
     median = statistics.median(timed) if timed else float("nan")

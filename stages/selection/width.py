@@ -10,20 +10,16 @@ Two allocations:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from stages.width_stats import LayerGeometry
+from stages.calibration.width import LayerGeometry
+from stages.selection.targets import round_count
 
 
 class WidthTargetError(ValueError):
     """A target that cannot be met without breaking a layer (no heads left, KV groups split, ...)."""
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5 + 1e-9)
 
 
 def _lowest(scores: list[float], k: int) -> list[int]:
@@ -34,19 +30,19 @@ def uniform_layer(scores: dict[str, list[float]], geo: LayerGeometry, r: float, 
     """Remove fraction ``r`` of one layer's units (rounded to whole units)."""
     out: dict[str, list[int]] = {"q_heads": [], "kv_heads": [], "mlp": []}
     if mlp:
-        k = _round_half_up(r * geo.intermediate)
+        k = round_count(r * geo.intermediate)
         if k >= geo.intermediate:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove all {geo.intermediate} MLP channels")
         out["mlp"] = _lowest(scores["mlp"], k)
     if attention == "kv_group":
-        k = _round_half_up(r * geo.n_kv)
+        k = round_count(r * geo.n_kv)
         if k >= geo.n_kv:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every head (all {geo.n_kv} KV groups); lower it")
         out["kv_heads"] = _lowest(scores["kv_groups"], k)
         qg = geo.q_per_group
         out["q_heads"] = [g * qg + j for g in out["kv_heads"] for j in range(qg)]
     elif attention == "q_head":
-        per_group = _round_half_up(r * geo.q_per_group)
+        per_group = round_count(r * geo.q_per_group)
         if per_group >= geo.q_per_group:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every query head of each group; lower it")
         qg = geo.q_per_group
@@ -159,10 +155,6 @@ def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list
     return out
 
 
-def ratio_to_params(ratio: float, total: int) -> int:
-    return int(math.floor(ratio * total + 0.5))
-
-
 def summarize(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeometry]) -> list[dict[str, Any]]:
     """Per-layer kept widths (for the plan, the report and the loader)."""
     out = []
@@ -210,12 +202,12 @@ def linear_offsets(values: list[float], layers: list[int], num_layers: int, half
 
 def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], grams: dict[str, list[Any]],
                          damping: float, with_bias: bool) -> dict[str, torch.Tensor]:
-    """APT / OBS multi-weight removal (``stages.compensation``) for o_proj and down_proj of every pruned layer.
+    """APT / OBS multi-weight removal (``stages.surgery.compensation``) for o_proj and down_proj of every pruned layer.
 
     Returns side tensors: the compensated kept columns as ``<param>.weight`` (shape after slicing) and, with
     ``with_bias``, the bias change as ``<param>.bias`` (added to the existing bias, like FLAP's).
     """
-    from stages.compensation import optimal_layer
+    from stages.surgery.compensation import optimal_layer
 
     side: dict[str, torch.Tensor] = {}
     for i, name, key, lin, idx in removed_inputs(model, plan_layers):

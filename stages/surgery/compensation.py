@@ -4,7 +4,7 @@ Width pruning removes input channels S of ``o_proj`` (the columns of dropped hea
 (dropped MLP channels). The layer's output then loses W[:, S] X_S. Two repairs:
 
 - ``bias`` — FLAP (An et al., 2024, arXiv 2312.11983, Eq. 8): b' = b + W[:, S] · X̄_S, the removed channels'
-  mean contribution (see ``stages.width_select.bias_compensation``);
+  mean contribution (see ``stages.selection.width.bias_compensation``);
 - ``optimal`` — the closed-form multi-weight removal of "Pruning Foundation Models for High Accuracy
   without Retraining" (Zhao et al., 2024, arXiv 2410.15567, Sec. 3, code piuzha/APT), which is Optimal
   Brain Surgeon for a set of weights: with H = XᵀX + λI over calibration inputs X,

@@ -6,7 +6,7 @@ adaptive allocation), ``config.json`` carries ``prunelab_layer_shapes`` — one
 ``{num_attention_heads, num_key_value_heads, intermediate_size}`` per layer — which transformers
 cannot build yet, so use::
 
-    from pipeline.loader import load_pruned
+    from stages.io.loader import load_pruned
     model = load_pruned("runs/<name>/model")
 """
 

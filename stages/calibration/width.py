@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.stats import batches
+from stages.calibration.blocks import batches
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float
 def measure_speed(model: Any, prompt_len: int = 128, new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 8),
                   repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
     """Return {"prefill_ms": {bs: ms}, "decode_tok_s": {bs: tok/s}, "peak_memory_mb": ..., "protocol": ...}."""
-    from pipeline.metrics import PeakRSS
+    from stages.evaluation.memory import PeakRSS
 
     model.eval()
     device = next(model.parameters()).device

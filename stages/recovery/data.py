@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.recipe import TextSource
+from stages.io.config import TextSource
 
 IGNORE = -100
 

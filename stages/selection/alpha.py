@@ -62,6 +62,6 @@ def alpha_offsets(alphas: list[float], layers: list[int], epsilon: float) -> lis
 
     Offsets for layers outside ``layers`` are 0 (they are not pruned).
     """
-    from stages.width_select import linear_offsets
+    from stages.selection.width import linear_offsets
 
     return linear_offsets([alphas[i] for i in layers], layers, len(alphas), epsilon)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipeline.recipe import TextSource
+from stages.io.config import TextSource
 
 
 def read_text(source: TextSource) -> str:

@@ -33,7 +33,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any], side: dict[str, Any] | No
 
 
 def apply_width(model: nn.Module, plan: dict[str, Any], side: dict[str, Any]) -> None:
-    from stages.width_stats import geometry
+    from stages.calibration.width import geometry
 
     before = plan.get("shapes_before")
     if before is not None:

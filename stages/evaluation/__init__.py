@@ -1,0 +1,1 @@
+"""Evaluation: windowed perplexity, zero-shot tasks through lm-eval, decode speed."""

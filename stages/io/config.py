@@ -1,0 +1,47 @@
+"""Where a model and text come from: the settings every room that reads a model or text shares."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from stages.core.config import StrictModel
+
+
+class TextSource(StrictModel):
+    """Where text comes from: a `datasets` name/config/split, or a local .txt / .jsonl file."""
+
+    dataset: str | None = Field(None, description="datasets name, e.g. 'wikitext'")
+    config: str | None = Field(None, description="datasets config, e.g. 'wikitext-2-raw-v1'")
+    split: str = Field("train", description="datasets split, e.g. 'test'")
+    data_files: str | list[str] | None = Field(None, description="for builders like 'json'/'text': local files")
+    path: str | None = Field(None, description="local .txt or .jsonl file (relative to the working directory)")
+    text_field: str = Field("text", description="column / JSON key holding the text")
+    join: str = Field("\n\n", description="separator used to join rows before tokenizing")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TextSource:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of `dataset` (a datasets name) or `path` (a local .txt/.jsonl file)")
+        if self.path is not None and not self.path.endswith((".txt", ".jsonl", ".json")):
+            raise ValueError(f"path {self.path!r}: only .txt and .jsonl files are supported; convert it or use `dataset:`")
+        return self
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return self.path
+        return ":".join(x for x in (self.dataset, self.config, self.split) if x)
+
+
+class ModelConfig(StrictModel):
+    """The model to prune: a hub id, a local directory, a .gguf file, or a built-in alias."""
+
+    source: str = Field(..., description="hub id, local dir, path to a .gguf, or alias (e.g. 'smollm2-135m')")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` (a dir or hub repo)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="'auto': bfloat16 on a GPU that supports it, else float32"
+    )
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:0' or 'auto' (GPU when present)")
+    attn_implementation: Literal["sdpa", "eager"] | None = None
+    revision: str | None = None

@@ -1,0 +1,1 @@
+"""Recovery: the LoRA / QLoRA trainer under accelerate, its data and checkpoints."""

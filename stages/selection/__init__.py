@@ -1,0 +1,1 @@
+"""Selection: targets (ratio to counts), block selection, width allocations (uniform, global, OWL, AlphaPruning)."""

@@ -1,34 +1,46 @@
-"""The one object every stage reads and writes: model, tokenizer, data, results so far."""
+"""The one object every stage reads and writes: the model in memory and what later stages need from earlier ones.
+
+Only state that crosses stages lives here, each field typed and documented; what one stage keeps for itself
+lives in its own folder (``ctx.stage_dir``) and is reloaded by its ``restore``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.recipe import RecipeBase
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch import nn
+
+    from pipeline.recipe import RecipeBase
+    from stages.arch.llama import LlamaAdapter
 
 
 @dataclass
 class RunContext:
     recipe: RecipeBase
     run_dir: Path
-    accelerator: Any = None
+    accelerator: Accelerator | None = None
     progress: bool = True
-    model: Any = None
-    tokenizer: Any = None
-    calibration: Any = None  # LongTensor [num_samples, seq_len]
-    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # criterion → result json
-    score_seconds: dict[str, float] = field(default_factory=dict)
-    width_means: dict[str, Any] | None = None  # per layer o_proj / down_proj input means (FLAP bias)
-    plan: dict[str, Any] | None = None
-    state: str = "dense"  # dense → pruned → recovered
-    model_info: dict[str, Any] = field(default_factory=dict)
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label → dataset → result
-    timings: dict[str, float] = field(default_factory=dict)
     resume: bool = False  # --resume: stages may continue from their own checkpoints
-    recover_info: dict[str, Any] = field(default_factory=dict)  # label → training stats (steps, loss, tokens/s)
-    control_model: Any = None  # the dense model given the same recovery (evaluated as `control`)
+    # ---- the model, and its state along the run: dense → pruned → recovered
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    state: str = "dense"
+    model_info: dict[str, Any] = field(default_factory=dict)  # source, params/layers before and after
+    # ---- what stages hand to later stages
+    calibration: Any = None  # LongTensor [num_samples, seq_len] (calibrate → score, prune, recover)
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # criterion → saved result (score → prune)
+    activation_stats: dict[str, Any] | None = None  # per-layer input summaries for compensation/allocation (score → prune)
+    plan: Any = None  # the applied plan (prune → evaluate, export, report)
+    variants: dict[str, nn.Module] = field(default_factory=dict)  # other models to evaluate by label, e.g. "control"
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label → dataset → result (evaluate → export)
+    recover_info: dict[str, Any] = field(default_factory=dict)  # label → training stats (recover → metrics)
+    exported: dict[str, Any] = field(default_factory=dict)  # what export wrote (path, reload difference)
+    timings: dict[str, float] = field(default_factory=dict)
+    # ---- where the runner is
     stage_key: str = ""
     stage_dir: Path | None = None
 
@@ -37,7 +49,7 @@ class RunContext:
         return self.accelerator is None or self.accelerator.is_main_process
 
     @property
-    def adapter(self) -> Any:
+    def adapter(self) -> LlamaAdapter:
         from stages.arch.llama import adapter_for
 
         return adapter_for(self.model)

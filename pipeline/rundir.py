@@ -45,13 +45,16 @@ def chain_hash(previous: str, stage_type: str, settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_done(stage_dir: Path, expected_hash: str) -> dict[str, Any] | None:
-    """The stage's ``done.json`` if it finished with exactly these settings, else None."""
+def read_done(stage_dir: Path, expected_hash: str, legacy_hash: str | None = None) -> dict[str, Any] | None:
+    """The stage's ``done.json`` if it finished with exactly these settings, else None.
+
+    ``legacy_hash`` is the same settings chained in the version-1 (flat) schema: a run directory made before
+    the typed configs resumes as long as nothing it hashed has changed."""
     done = stage_dir / "done.json"
     if not done.is_file():
         return None
     data = json.loads(done.read_text())
-    return data if data.get("config_hash") == expected_hash else None
+    return data if data.get("config_hash") in {expected_hash, legacy_hash} - {None} else None
 
 
 def write_done(stage_dir: Path, config_hash: str, seconds: float, outputs: dict[str, Any]) -> None:

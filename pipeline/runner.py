@@ -56,6 +56,14 @@ def _check_model(ctx: Any) -> None:
         raise RunError("; ".join(problems))
 
 
+def legacy_settings(cfg: Any) -> dict[str, Any]:
+    """The settings as the flat schema of version 1 dumped them, so run directories made before the typed
+    configs still ``--resume`` (their ``done.json`` hashes chain these). A config whose shape changed defines
+    ``v1_settings()``; the others dump as they always did."""
+    v1 = getattr(cfg, "v1_settings", None)
+    return v1() if v1 is not None else cfg.model_dump(mode="json")
+
+
 def make_accelerator(recipe: RecipeBase) -> Any:
     """The run's Accelerator. Two things accelerate does not do by itself:
 
@@ -118,15 +126,16 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
     accelerator.wait_for_everyone()
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, resume=resume,
                      progress=progress and accelerator.is_local_main_process)
-    previous = ""
+    previous = legacy = ""
     for index, (key, stage_type, cfg) in enumerate(_stage_list(recipe), start=1):
         spec = _spec(stage_type)
         stage_dir = run_dir / f"{index:02d}-{key}"
         previous = chain_hash(previous, stage_type, cfg.model_dump(mode="json"))
+        legacy = chain_hash(legacy, stage_type, legacy_settings(cfg))
         ctx.stage_key, ctx.stage_dir = key, stage_dir
         stage_dir.mkdir(parents=True, exist_ok=True)
         set_seed(recipe.seed)
-        done = read_done(stage_dir, previous) if resume and spec.restore is not None else None
+        done = read_done(stage_dir, previous, legacy) if resume and spec.restore is not None else None
         t0 = time.perf_counter()
         if done is not None:
             try:

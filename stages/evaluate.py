@@ -73,8 +73,8 @@ def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
 
     label = cfg.label or ctx.state
     models = [(label, ctx.model)]
-    if label == "recovered" and ctx.control_model is not None:
-        models.append(("control", ctx.control_model))
+    if label == "recovered" and "control" in ctx.variants:
+        models.append(("control", ctx.variants["control"]))
     out: dict[str, Any] = {}
     saved = {}
     for lab, model in models:
@@ -90,15 +90,11 @@ def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
 
 def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
     from stages.evaluation.perplexity import protocol, windowed_perplexity
-    from stages.io.text import read_text, tokenize_text
+    from stages.io.text import tokenized_source
 
-    cache = ctx.__dict__.setdefault("_token_cache", {})
     results: dict[str, Any] = {}
     for name, p in cfg.perplexity.items():
-        key = p.source.model_dump_json()
-        if key not in cache:
-            cache[key] = tokenize_text(ctx.tokenizer, read_text(p.source))
-        r = windowed_perplexity(model, cache[key], p.seq_len, p.max_tokens, p.batch_size, ctx.progress, f"ppl {name} ({label})")
+        r = windowed_perplexity(model, tokenized_source(ctx.tokenizer, p.source), p.seq_len, p.max_tokens, p.batch_size, ctx.progress, f"ppl {name} ({label})")
         r["source"] = p.source.describe()
         r["protocol"] = protocol(r["source"], p.seq_len, r["tokens"], r["windows"])
         results[name] = r

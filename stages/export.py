@@ -104,8 +104,8 @@ def run(ctx: Any, cfg: ExportConfig) -> dict[str, Any]:
             ModelCard(model_card(ctx)).save(tmp / "README.md")
             if cfg.verify:
                 diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
-    ctx.__dict__["_export_diff"] = diff if ctx.is_main and cfg.verify else None
-    return {"path": str(target), "reload_max_abs_diff": ctx.__dict__["_export_diff"]}
+    ctx.exported = {"path": str(target), "reload_max_abs_diff": diff if ctx.is_main and cfg.verify else None}
+    return dict(ctx.exported)
 
 
 def restore(ctx: Any, cfg: ExportConfig, outputs: dict[str, Any], stage_dir: Path) -> None:

@@ -164,7 +164,7 @@ def run(ctx: Any, cfg: PruneConfig) -> dict[str, Any]:
     from stages.selection.planning import make_width_plan
 
     if cfg.units == "width":
-        plan, side = make_width_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.width_means)
+        plan, side = make_width_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.activation_stats)
     else:
         plan, side = make_plan(ctx.scores[cfg.criterion], cfg, ctx.adapter), {}
     outputs = _apply(ctx, plan, side)

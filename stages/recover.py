@@ -101,7 +101,7 @@ def run(ctx: Any, cfg: RecoverConfig) -> dict[str, Any]:
 
         dense, _ = load_model(ctx.recipe.model)
         control = recover_model(ctx, cfg, dense, ctx.stage_dir / "control", "control")
-        ctx.control_model = control.pop("model")
+        ctx.variants["control"] = control.pop("model")
         ctx.recover_info["control"] = control
     return ctx.recover_info
 
@@ -117,7 +117,7 @@ def restore(ctx: Any, cfg: RecoverConfig, outputs: dict[str, Any], stage_dir: Pa
         from stages.io.models import load_model
 
         dense, _ = load_model(ctx.recipe.model)
-        ctx.control_model = merge_adapter(dense, stage_dir / "control" / "adapter")
+        ctx.variants["control"] = merge_adapter(dense, stage_dir / "control" / "adapter")
 
 
 register_stage("recover", RecoverConfig, run, restore)

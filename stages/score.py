@@ -133,10 +133,10 @@ def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
     for name in names:
         results[name] = score_width(name, ctx.model, stats, ctx.recipe.seed, cfg.reduction, hidden)
         log.info(f"scored {name} (width) in {results[name]['seconds']:.1f}s", main_process_only=True)
-    ctx.width_means = summary_tensors(stats)
+    ctx.activation_stats = summary_tensors(stats)
     ctx.scores.update(results)
     if ctx.is_main:
-        torch.save(ctx.width_means, ctx.stage_dir / "activation_means.pt")
+        torch.save(ctx.activation_stats, ctx.stage_dir / "activation_means.pt")
         atomic_write_json(ctx.stage_dir / "scores.json", results)
     return {"criteria": names, "units": "width", "calibration_pass_s": round(stats.seconds, 3)}
 
@@ -146,7 +146,7 @@ def restore(ctx: Any, cfg: ScoreConfig, outputs: dict[str, Any], stage_dir: Path
     if cfg.units == "width":
         import torch
 
-        ctx.width_means = torch.load(stage_dir / "activation_means.pt")
+        ctx.activation_stats = torch.load(stage_dir / "activation_means.pt")
 
 
 register_stage("score", ScoreConfig, run, restore)

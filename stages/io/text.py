@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,19 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     """Tokenize once, as the standard perplexity protocol does: 1-D LongTensor of ids."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True, verbose=False).input_ids[0]
     return ids.to(torch.long)
+
+
+_TOKENIZED: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def tokenized_source(tokenizer: Any, source: TextSource) -> torch.Tensor:
+    """``tokenize_text(read_text(source))``, memoized per tokenizer and source: a run evaluates the same test
+    text before and after pruning, and tokenizing it is the slow part for small models."""
+    cache = _TOKENIZED.setdefault(tokenizer, {})
+    key = source.model_dump_json()
+    if key not in cache:
+        cache[key] = tokenize_text(tokenizer, read_text(source))
+    return cache[key]
 
 
 def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

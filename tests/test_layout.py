@@ -1,0 +1,125 @@
+"""The house rules of DESIGN.md v2, checked on the source itself, and run directories of version 1 resuming.
+
+Imports run one way: ``pipeline/`` (the frame) → ``stages/*.py`` (stage lifecycles) → ``stages/<room>/``
+(the library). An AST walk over every module finds each import — at top level, inside functions, under
+``TYPE_CHECKING`` — and names the ones that run the wrong way.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ROOT / "stages"
+STAGE_MODULES = {f"stages.{p.stem}" for p in STAGES.glob("*.py") if p.stem != "__init__"}
+ROOMS = sorted(p.name for p in STAGES.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+# What a stage module may take from the frame: the registry it registers with, the context it types against.
+FRAME_CORE = {"pipeline.registry", "pipeline.context"}
+STAGE_LINE_LIMIT = 150
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every imported module name (``from a.b import c`` gives ``a.b`` and ``a.b.c``), with its line."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def _targets(name: str) -> tuple[bool, bool]:
+    """(is a stage module, is in pipeline/) for an imported name."""
+    return name in STAGE_MODULES, name == "pipeline" or name.startswith("pipeline.")
+
+
+def _violations() -> list[str]:
+    bad = []
+    for path in sorted(list(STAGES.rglob("*.py")) + list((ROOT / "pipeline").rglob("*.py"))):
+        me = _module_name(path)
+        in_room = path.parent != STAGES and path.is_relative_to(STAGES)
+        for line, name in _imports(path):
+            to_stage, to_frame = _targets(name)
+            where = f"{path.relative_to(ROOT)}:{line} imports {name}"
+            if in_room and (to_stage or to_frame):
+                bad.append(f"{where}: the library never imports a stage module or pipeline/")
+            elif me in STAGE_MODULES and to_stage and name != me:
+                bad.append(f"{where}: stages never import each other; move the shared code into a room")
+            elif me in STAGE_MODULES and to_frame and not any(name == c or name.startswith(c + ".") for c in FRAME_CORE):
+                bad.append(f"{where}: a stage takes only {sorted(FRAME_CORE)} from the frame")
+            elif me.startswith("pipeline") and to_stage:
+                bad.append(f"{where}: the frame reaches stage modules only through pipeline.registry")
+    return bad
+
+
+def test_imports_run_one_way() -> None:
+    bad = _violations()
+    assert not bad, "imports that run the wrong way:\n" + "\n".join(bad)
+
+
+def test_the_walk_catches_each_wrong_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker is not vacuous: one planted import of each forbidden kind is reported."""
+    planted = {
+        STAGES / "io" / "_planted_probe.py": "from pipeline.rundir import atomic_write_json\n",
+        STAGES / "core" / "_planted_probe2.py": "def f():\n    from stages.prune import run\n",
+    }
+    try:
+        for path, text in planted.items():
+            path.write_text(text)
+        bad = _violations()
+    finally:
+        for path in planted:
+            path.unlink()
+    assert any("_planted_probe.py" in b and "pipeline.rundir" in b for b in bad)
+    assert any("_planted_probe2.py" in b and "stages.prune" in b for b in bad)
+
+
+def test_every_room_is_a_package_and_every_stage_registers() -> None:
+    from pipeline.registry import load_stages
+
+    assert {"arch", "calibration", "criteria", "selection", "surgery", "recovery", "evaluation", "io", "core"} <= set(ROOMS)
+    registered = set(load_stages().names())
+    assert {m.removeprefix("stages.") for m in STAGE_MODULES} == registered
+
+
+def test_stage_modules_are_short_or_say_why() -> None:
+    """A stage file is a lifecycle (config + run + restore): ~150 lines, or a comment saying why it is longer."""
+    long = []
+    for path in STAGES.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > STAGE_LINE_LIMIT and "# longer than 150 lines because" not in text:
+            long.append(f"{path.name}: {len(text.splitlines())} lines")
+    assert not long, long
+
+
+@pytest.mark.parametrize("name", ["debug", "debug-width", "debug-recover"])
+def test_run_directory_of_version_1_resumes(tmp_path: Path, name: str) -> None:
+    """Run directories made by the flat-schema version (commit 0f1500b, kept in tests/fixtures/v1-runs without
+    model/ and checkpoints) resume from their own ``recipe.resolved.yaml``: every stage but load (always runs) and export (whose model/
+    folder was left out) is restored, not run again, and the metrics keep their numbers."""
+    from pipeline.run import main
+
+    src = ROOT / "tests" / "fixtures" / "v1-runs" / name
+    run_dir = tmp_path / name
+    shutil.copytree(src, run_dir)
+    before = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/done.json")}
+    old_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert main([str(run_dir / "recipe.resolved.yaml"), "--resume", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    after = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/done.json")}
+    rerun = sorted(k for k in before if after[k]["finished"] != before[k]["finished"])
+    assert rerun == [k for k in sorted(before) if k.endswith(("-load", "-export"))], f"stages run again: {rerun}"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval"] == old_metrics["eval"]
+    assert metrics["model"] == old_metrics["model"]

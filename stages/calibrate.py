@@ -1,36 +1,50 @@
-"""Stage: calibration data — N windows of L tokens, drawn with the seed, saved for resume."""
+"""Stage: calibration data — N windows of L tokens, drawn with the seed, saved for resume.
+
+Sources: a file or `datasets` split, a QA file rendered as text (``qa_text``), text the dense model
+writes itself (``self_generated``, cached shard by shard in this stage's folder), or a weighted
+``mix`` of those (``stages.calibration.sources``). Whatever the source, every criterion and every
+compensation downstream reads the same ``calibration.pt``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from pipeline.registry import register_stage
+from stages.calibration.sources import CalibrationSource
 from stages.core.config import StrictModel
-from stages.io.config import TextSource
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 class CalibrateConfig(StrictModel):
     type: Literal["calibrate"]
-    source: TextSource = Field(..., description="calibration text (valid/train splits only, never test)")
+    source: CalibrationSource = Field(
+        ..., description="calibration text (valid/train splits only, never test): {path: …}, {dataset: …}, "
+        "{qa_text: file.jsonl}, {self_generated: {…}} or {mix: [{source: …, weight: …}, …]}")
     num_samples: int = Field(32, ge=1, description="number of windows N")
     seq_len: int = Field(512, ge=2, description="tokens per window L")
 
 
-def run(ctx: Any, cfg: CalibrateConfig) -> dict[str, Any]:
+def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
     import torch
 
-    from stages.io.text import read_text, sample_windows, tokenize_text
+    from stages.calibration.sources import calibration_windows
 
-    ids = tokenize_text(ctx.tokenizer, read_text(cfg.source))
-    ctx.calibration = sample_windows(ids, cfg.num_samples, cfg.seq_len, ctx.recipe.seed)
-    torch.save(ctx.calibration, ctx.stage_dir / "calibration.pt")
-    return {"source": cfg.source.describe(), "num_samples": cfg.num_samples, "seq_len": cfg.seq_len, "source_tokens": ids.numel()}
+    ctx.calibration = calibration_windows(cfg.source, ctx.model, ctx.tokenizer, cfg.num_samples, cfg.seq_len,
+                                          ctx.recipe.seed, ctx.stage_dir / "generated", ctx.progress)
+    if ctx.is_main:
+        tmp = ctx.stage_dir / ".calibration.pt.tmp"
+        torch.save(ctx.calibration, tmp)
+        tmp.replace(ctx.stage_dir / "calibration.pt")
+    return {"source": cfg.source.describe(), "num_samples": cfg.num_samples, "seq_len": cfg.seq_len}
 
 
-def restore(ctx: Any, cfg: CalibrateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: CalibrateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     import torch
 
     ctx.calibration = torch.load(stage_dir / "calibration.pt")

@@ -10,14 +10,18 @@ from typing import Any
 import torch
 
 from stages.io.config import TextSource
+from stages.io.qa import QATextSource, render_qa
 
 
-def read_text(source: TextSource) -> str:
+def read_text(source: TextSource | QATextSource) -> str:
     """All of a source's text as one string (rows joined with ``source.join``).
 
     A ``.txt`` file is taken as it is (it already is the joined text, e.g. WikiText-2 raw); a
-    ``.jsonl`` file is one row per line with the text under ``text_field``.
+    ``.jsonl`` file is one row per line with the text under ``text_field``; a ``qa_text`` file is
+    rendered question + correct answer per row (``stages.io.qa``).
     """
+    if isinstance(source, QATextSource):
+        return render_qa(source)
     if source.path is not None:
         path = Path(source.path)
         if path.suffix == ".txt":
@@ -47,7 +51,7 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
 _TOKENIZED: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def tokenized_source(tokenizer: Any, source: TextSource) -> torch.Tensor:
+def tokenized_source(tokenizer: Any, source: TextSource | QATextSource) -> torch.Tensor:
     """``tokenize_text(read_text(source))``, memoized per tokenizer and source: a run evaluates the same test
     text before and after pruning, and tokenizing it is the slow part for small models."""
     cache = _TOKENIZED.setdefault(tokenizer, {})

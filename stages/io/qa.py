@@ -1,0 +1,77 @@
+"""Question-answer JSONL rendered as plain text: a second text domain for perplexity and calibration.
+
+``{qa_text: ../shared/data/arc/arc_easy_test.jsonl}`` reads every row, keeps its question and its
+*correct* answer, and renders ``Question: …\\nAnswer: …`` (lm-eval's ARC prompt followed by the gold
+choice), rows joined by a blank line. Science exam text is far from WikiText's encyclopedia prose, so
+perplexity on it shows what calibration and recovery on WikiText do outside their own domain.
+
+Two row layouts are understood: Hugging Face ``allenai/ai2_arc`` (``question``, ``choices.text``,
+``choices.label``, ``answerKey``) and a plain ``{question, answer}`` pair.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from stages.core.config import StrictModel
+
+
+class QATextSource(StrictModel):
+    """A local QA JSONL file rendered as text (each question followed by its correct answer)."""
+
+    qa_text: str = Field(..., description="local .jsonl of questions (ARC layout or {question, answer})")
+    template: str = Field("Question: {question}\nAnswer: {answer}", description="how one row is rendered")
+    join: str = Field("\n\n", description="separator between rendered rows")
+
+    @field_validator("qa_text")
+    @classmethod
+    def _jsonl(cls, v: str) -> str:
+        if not v.endswith(".jsonl"):
+            raise ValueError(f"qa_text {v!r}: give a .jsonl file with one question per line")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _fields(cls, v: str) -> str:
+        if "{question}" not in v or "{answer}" not in v:
+            raise ValueError("template must contain {question} and {answer}")
+        return v
+
+    @property
+    def path(self) -> str:
+        """The local file (what the preflight checks exist and are readable)."""
+        return self.qa_text
+
+    def describe(self) -> str:
+        return f"qa_text:{self.qa_text}"
+
+
+def answer_of(row: dict[str, Any], where: str) -> str:
+    """The correct answer's text in either supported layout."""
+    if "answer" in row and "choices" not in row:
+        return str(row["answer"])
+    try:
+        choices = row["choices"]
+        return str(choices["text"][choices["label"].index(row["answerKey"])])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: a row is neither ARC layout (question, choices.text/label, answerKey) "
+                         f"nor {{question, answer}} ({exc!r})") from None
+
+
+def render_qa(source: QATextSource) -> str:
+    """Every row of the file as ``template`` text, joined by ``source.join``."""
+    path = Path(source.qa_text)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path}:{i + 1}"
+        if "question" not in row:
+            raise ValueError(f"{where}: a row has no 'question'")
+        out.append(source.template.format(question=str(row["question"]).strip(), answer=answer_of(row, where).strip()))
+    return source.join.join(out)

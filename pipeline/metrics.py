@@ -26,6 +26,21 @@ def versions() -> dict[str, str]:
     }
 
 
+def ratio_to_dense(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each label's perplexity on each domain divided by the dense model's on the same protocol
+    (same text, window and token count): the number that says how far a model is from dense, per domain."""
+    dense = evals.get("dense", {})
+    out: dict[str, dict[str, float]] = {}
+    for label, results in evals.items():
+        if label == "dense":
+            continue
+        for name, r in results.items():
+            d = dense.get(name)
+            if d and "ppl" in r and "ppl" in d and (r["seq_len"], r["tokens"]) == (d["seq_len"], d["tokens"]):
+                out.setdefault(label, {})[name] = round(r["ppl"] / d["ppl"], 4)
+    return out
+
+
 def build_metrics(ctx: Any) -> dict[str, Any]:
     info = ctx.model_info
     plan = ctx.plan or {}
@@ -41,6 +56,7 @@ def build_metrics(ctx: Any) -> dict[str, Any]:
             "layers_after": info.get("layers_after", info.get("layers_before")),
         },
         "eval": ctx.evals,
+        "ratio_to_dense": ratio_to_dense(ctx.evals),
         "plan": {
             "kind": plan.get("kind"),
             "criterion": plan.get("criterion"),

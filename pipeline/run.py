@@ -42,10 +42,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def describe(recipe: RecipeBase, run_dir: Path) -> str:
-    """The resolved stages, defaults filled in, one line each (what --dry-run prints)."""
-    lines = [f"recipe {recipe.name!r} (seed {recipe.seed}) → {run_dir}",
-             "  01-load: " + json.dumps(recipe.model.model_dump(mode="json", exclude_none=True))]
+def describe(recipe: RecipeBase, run_dir: Path, facts: dict[str, Any] | None = None) -> str:
+    """What --dry-run prints: the run directory, the model as its metadata describes it, and every
+    stage folder with its resolved settings (defaults filled in), one line each, in the order they run."""
+    lines = [f"recipe {recipe.name!r} (seed {recipe.seed}) → {run_dir}"]
+    if run_dir.exists():
+        lines.append("  (run directory exists: a real run needs --resume to continue it or --force to start over)")
+    known = {k: v for k, v in (facts or {}).items() if v is not None}
+    if known:
+        sizes = [f"{known['num_layers']} blocks" if "num_layers" in known else "",
+                 f"{known['total_params']:,} parameters ({known['block_params']:,} per block)" if "total_params" in known else "",
+                 f"context {known['max_positions']} tokens" if "max_positions" in known else ""]
+        lines.append(f"model {recipe.model.source} (from its metadata): " + ", ".join(x for x in sizes if x))
+    else:
+        lines.append(f"model {recipe.model.source}: no local metadata yet; block targets are checked once it loads")
+    lines.append("stages (folder: settings):")
+    lines.append("  01-load: " + json.dumps(recipe.model.model_dump(mode="json", exclude_none=True)))
     for i, (key, cfg) in enumerate(recipe.stages.items(), start=2):
         lines.append(f"  {i:02d}-{key}: " + json.dumps(cfg.model_dump(mode="json", exclude_none=True)))
     return "\n".join(lines)
@@ -60,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
         from pipeline.preflight import preflight
 
-        preflight(recipe)
+        facts = preflight(recipe)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_dir = Path(recipe.output_dir) / recipe.name
+    run_dir = recipe.run_dir
     if args.dry_run:
-        print(describe(recipe, run_dir))
-        print("recipe is valid (dry run: nothing loaded)")
+        print(describe(recipe, run_dir, facts))
+        print("recipe is valid (dry run: nothing loaded); run it without --dry-run")
         return 0
     import logging
 
@@ -99,7 +111,8 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"removed {plan['removed_units']} width units by {plan['criterion']} ({plan['achieved_ratio']:.2%} of parameters)")
     for label, results in metrics["eval"].items():
         for name, r in results.items():
-            lines.append(f"{label:>9} {name}: {describe_result(r)}")
+            ratio = metrics.get("ratio_to_dense", {}).get(label, {}).get(name)
+            lines.append(f"{label:>9} {name}: {describe_result(r)}" + (f"  {ratio:.2f}× dense" if ratio else ""))
     for label, r in metrics.get("recover", {}).items():
         lines.append(f"recover {label}: {r['steps']} steps, loss {r['first_loss']:.3f} → {r['final_loss']:.3f}, "
                      f"{r['tokens_per_s']} tokens/s" + (f" ({r['tokens_per_s_ratio_vs_plain']:.2f}× a plain peft loop)"

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from stages.core.config import StrictModel
+from stages.io.config import TextSource
 
 
 class QATextSource(StrictModel):
@@ -75,3 +76,16 @@ def render_qa(source: QATextSource) -> str:
             raise ValueError(f"{where}: a row has no 'question'")
         out.append(source.template.format(question=str(row["question"]).strip(), answer=answer_of(row, where).strip()))
     return source.join.join(out)
+
+
+def _text_or_qa(value: Any) -> str:
+    if isinstance(value, QATextSource) or (isinstance(value, dict) and "qa_text" in value):
+        return "qa_text"
+    return "text"
+
+
+# An evaluation or prompt text: a file / `datasets` split, or a QA file rendered as text.
+TextOrQASource = Annotated[
+    Union[Annotated[TextSource, Tag("text")], Annotated[QATextSource, Tag("qa_text")]],  # noqa: UP007
+    Discriminator(_text_or_qa),
+]

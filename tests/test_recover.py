@@ -17,16 +17,35 @@ from pipeline.recipe import RecipeError, load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/debug-recover.yaml"
 # Deterministic training: no dropout, no control (it is tested once below), 6 steps of a global batch of 8.
-BASE = ["stages.recover.dropout=0.0", "stages.recover.control=false", "--no-progress"]
+BASE = ["stages.recover.lora.dropout=0.0", "stages.recover.control=false", "--no-progress"]
+# A job killed after optimizer step N, from outside the library: the trainer's per-step bookkeeping is
+# wrapped to raise once step N is done (checkpoint included), then the CLI runs as usual.
+CRASH_AFTER_STEP = """
+import sys
+from stages.recovery import trainer
+from pipeline.run import main
+
+crash_after, finish_step = int(sys.argv[1]), trainer.finish_step
+
+def finish_then_crash(env, run, *args, **kwargs):
+    finish_step(env, run, *args, **kwargs)
+    if run.step == crash_after:
+        raise RuntimeError(f"simulated crash after step {run.step}")
+
+trainer.finish_step = finish_then_crash
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def _run(tmp_path: Path, name: str, launch: str | None = None, extra: list[str] | None = None,
-         env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+         crash_after: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "pipeline/run.py", RECIPE, f"name={name}", "--output-dir", str(tmp_path), *BASE, *(extra or [])]
     if launch:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{launch}", *cmd[1:]]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    if crash_after is not None:
+        cmd = [sys.executable, "-c", CRASH_AFTER_STEP, str(crash_after), *cmd[2:]]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300, check=False)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -88,7 +107,7 @@ def test_deepspeed_zero3_two_processes_gather_the_adapter(tmp_path, single_run):
 
 
 def test_resume_after_crash_continues_from_checkpoint_to_the_same_loss(tmp_path, single_run):
-    crashed = _run(tmp_path, "single", env={"PRUNELAB_FAIL_AT_STEP": "5"}, check=False)
+    crashed = _run(tmp_path, "single", crash_after=5, check=False)
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
     ckpts = sorted(p.name for p in (tmp_path / "single" / "06-recover" / "checkpoints").iterdir())
     assert ckpts == ["step-3"]  # saved every 3 steps; the crash came after step 5
@@ -105,7 +124,7 @@ def test_resume_after_crash_continues_from_checkpoint_to_the_same_loss(tmp_path,
 
 
 def test_control_is_trained_and_evaluated(single_run, tmp_path):
-    _run(tmp_path, "ctl", extra=["stages.recover.control=true", "stages.recover.max_steps=2"])
+    _run(tmp_path, "ctl", extra=["stages.recover.control=true", "stages.recover.loop.max_steps=2"])
     metrics = json.loads((tmp_path / "ctl" / "metrics.json").read_text())
     assert {"pruned", "recovered", "control"} <= set(metrics["eval"])
     assert metrics["eval"]["recovered"]["tiny"]["ppl"] < metrics["eval"]["pruned"]["tiny"]["ppl"]
@@ -121,29 +140,26 @@ def test_control_is_trained_and_evaluated(single_run, tmp_path):
 def test_qlora_merges_into_full_precision_weights(tmp_path, tiny_model):
     """The merged weight is W_fp + (alpha/r)·B·A, with W_fp the unquantized base — not dequantized NF4."""
     pytest.importorskip("bitsandbytes")
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
     from stages.io.tiny import byte_tokenizer
-    from stages.recover import RecoverConfig, RecoveryData
-    from stages.recovery.trainer import recover_model
+    from stages.recovery.config import RecoverySettings
+    from stages.recovery.trainer import TrainerEnv, recover_model
 
-    cfg = RecoverConfig(type="recover", method="qlora", data=RecoveryData(source={"path": "tests/data/tiny_corpus.txt"}, seq_len=32,
-                        max_samples=16), batch_size=4, micro_batch_size=2, max_steps=3, lr=5e-3, dropout=0.0)
-    ctx = SimpleNamespace(accelerator=Accelerator(cpu=True), tokenizer=byte_tokenizer(), recipe=SimpleNamespace(seed=0),
-                          progress=False, resume=False)
+    cfg = RecoverySettings(method="qlora", data={"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 32, "max_samples": 16},
+                           lora={"dropout": 0.0}, optimizer={"lr": 5e-3}, loop={"batch_size": 4, "micro_batch_size": 2, "max_steps": 3})
+    env = TrainerEnv(accelerator=Accelerator(cpu=True), tokenizer=byte_tokenizer(), seed=0, progress=False)
     base = tiny_model
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    info = recover_model(ctx, cfg, base, tmp_path, "pruned")
+    info = recover_model(env, cfg, base, tmp_path, "pruned")
     merged = info.pop("model")
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     name = "model.layers.1.mlp.down_proj"
     a = adapter[f"base_model.model.{name}.lora_A.weight"]
     b = adapter[f"base_model.model.{name}.lora_B.weight"]
     assert b.abs().max() > 0, "the adapter did not train"
-    expected = before[f"{name}.weight"] + (cfg.alpha / cfg.rank) * (b @ a)
+    expected = before[f"{name}.weight"] + (cfg.lora.alpha / cfg.lora.rank) * (b @ a)
     got = dict(merged.named_parameters())[f"{name}.weight"]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     # Dequantized NF4 differs from the fp base by far more than the tolerance above: the merge did not use it.
@@ -178,9 +194,10 @@ def test_packed_text_blocks():
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["stages.recover.batch_size=7"], "not a multiple of micro_batch_size"),
-    (["stages.recover.target_modules=[q_proj,attn]"], "target_modules"),
+    (["stages.recover.loop.batch_size=7"], "stages.recover.loop: batch_size=7 is not a multiple of micro_batch_size"),
+    (["stages.recover.lora.target_modules=[q_proj,attn]"], "stages.recover.lora.target_modules"),
     (["stages.recover.method=dora"], "method"),
+    (["stages.recover.loss=kl"], "stages.recover.loss"),
 ])
 def test_bad_recover_settings_are_clear_errors(override, needle):
     with pytest.raises(RecipeError) as err:

@@ -1,17 +1,20 @@
 """Recovery training data: packed plain text, or Alpaca-style instructions with loss on the response.
 
-Every example carries its index, so a distributed run can prove which rank consumed which sample.
+Every example carries its index, so a distributed run can prove which rank consumed which sample. The
+sample order is a seeded permutation per epoch, the same on every rank; accelerate shards it by batches.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stages.io.config import TextSource
+from stages.recovery.config import RecoveryData
 
 IGNORE = -100
 
@@ -111,3 +114,37 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
         return list(range(n))
     gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
     return torch.randperm(n, generator=gen).tolist()
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, identical on every rank (accelerate shards the batches)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(epoch_order(self.n, self.seed, self.epoch, self.shuffle))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def build_dataset(tokenizer: Any, data: RecoveryData) -> IndexedExamples:
+    """The recipe's training examples: packed text blocks or Alpaca rows, tokenized."""
+    from stages.io.text import read_text, tokenize_text
+
+    if data.format == "text":
+        return packed_text(tokenize_text(tokenizer, read_text(data.source)), data.seq_len, data.max_samples)
+    return alpaca_examples(read_rows(data.source), tokenizer, data.seq_len, data.train_on_inputs, data.max_samples)
+
+
+def make_loader(dataset: IndexedExamples, micro_batch_size: int, seed: int, shuffle: bool,
+                pad_id: int) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """Micro-batches in the epoch's order (incomplete last micro-batch dropped), and the sampler to set epochs on."""
+    sampler = EpochSampler(len(dataset), seed, shuffle)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler,
+                                         collate_fn=collate(pad_id), drop_last=True)
+    return loader, sampler

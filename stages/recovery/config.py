@@ -1,0 +1,175 @@
+"""Recovery settings, grouped as a reader looks for them: the adapter (``lora``), the optimizer and its
+schedule (``optimizer``), the training loop (``loop``), checkpoints (``checkpoint``); what is none of those
+(method, loss, data, dtype) sits at the top. Torch-free: recipes validate without importing torch.
+
+The trainer types against :class:`RecoverySettings`; the recover stage's ``RecoverConfig`` adds its own
+fields (``type``, ``control``) and the migration of the version-1 flat spelling, whose table is here
+(:data:`FLAT_KEYS`, :data:`V1_ORDER`) beside the groups it maps into.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from stages.core.config import StrictModel
+from stages.io.config import TextSource
+
+DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RecoveryData(StrictModel):
+    source: TextSource = Field(..., description="training text (valid/train splits, never test) or instruction rows")
+    format: Literal["text", "alpaca"] = Field(
+        "text", description="text: packed language modelling; alpaca: instruction/input/output rows, loss on the response"
+    )
+    seq_len: int = Field(256, ge=8, description="text: tokens per packed block; alpaca: cutoff length (LLM-Pruner: 256)")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N blocks / rows")
+    train_on_inputs: bool = Field(False, description="alpaca: also put loss on the prompt tokens")
+    shuffle: bool = Field(True, description="seeded shuffle per epoch (the same order on every rank)")
+
+
+class LoraSettings(StrictModel):
+    """The adapter (peft ``LoraConfig``); used by methods lora and qlora."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(DECODER_LINEARS), description="default: every decoder linear")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known(cls, modules: list[str]) -> list[str]:
+        unknown = [m for m in modules if m not in DECODER_LINEARS and m != "lm_head"]
+        if unknown:
+            raise ValueError(f"target_modules {unknown}: choose from {', '.join(DECODER_LINEARS)} (or lm_head)")
+        return modules
+
+
+class OptimizerSettings(StrictModel):
+    """AdamW and its learning-rate schedule, stepped once per optimizer step."""
+
+    lr: float = Field(1e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients (None: off)")
+
+
+class LoopSettings(StrictModel):
+    """How many steps, of how many samples, computed how, and what the loop records."""
+
+    batch_size: int = Field(64, ge=1, description="GLOBAL batch per optimizer step = micro_batch_size × accumulation × processes")
+    micro_batch_size: int = Field(4, ge=1, description="samples per forward on each process")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    epochs: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    log_every: int = Field(10, ge=1)
+    record_samples: bool = Field(True, description="write the sample indices each rank consumed (samples.json)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> LoopSettings:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+        return self
+
+
+class CheckpointSettings(StrictModel):
+    """``accelerator.save_state`` every N optimizer steps, so ``--resume`` continues a killed training."""
+
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps (None: never)")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+
+
+class RecoverySettings(StrictModel):
+    """Everything the trainer reads. Loss names are those of :mod:`stages.recovery.losses`."""
+
+    method: Literal["lora", "qlora"] = Field("lora", description="qlora: base weights in NF4 (bitsandbytes) while training")
+    loss: Literal["ce"] = Field("ce", description="ce: next-token cross-entropy on the data's labels")
+    data: RecoveryData
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of the frozen base while training; auto = bfloat16 where the GPU has it "
+        "(fp16 recovery of Llama-2 hit NaN losses in LLM-Pruner), else float32"
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    loop: LoopSettings = Field(default_factory=LoopSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    compare_plain_steps: int = Field(0, ge=0, description="time N steps of a plain peft loop (no accelerate) on the "
+                                     "same batches, in the same process, for the tokens/s comparison")
+
+    def accumulation(self, num_processes: int) -> int:
+        """Micro-batches per process per optimizer step, so that the GLOBAL batch is the recipe's."""
+        loop = self.loop
+        per_step = loop.micro_batch_size * num_processes
+        if loop.batch_size % per_step:
+            raise ValueError(
+                f"stages.recover: loop.batch_size={loop.batch_size} is not divisible by micro_batch_size × processes "
+                f"= {loop.micro_batch_size} × {num_processes}; change loop.batch_size or loop.micro_batch_size"
+            )
+        return loop.batch_size // per_step
+
+
+# ----------------------------------------------------------------------------- the version-1 flat spelling
+GROUPS: dict[str, type[BaseModel]] = {
+    "lora": LoraSettings, "optimizer": OptimizerSettings, "loop": LoopSettings, "checkpoint": CheckpointSettings,
+}
+# Every key of the flat schema (commit 0f1500b) that moved into a group: old key → (group, new key).
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    **{k: ("lora", k) for k in ("rank", "alpha", "dropout", "target_modules")},
+    **{k: ("optimizer", k) for k in ("lr", "scheduler", "warmup_steps", "weight_decay", "max_grad_norm")},
+    **{k: ("loop", k) for k in ("batch_size", "micro_batch_size", "max_steps", "epochs", "gradient_checkpointing",
+                                "log_every", "record_samples")},
+    "save_every": ("checkpoint", "save_every"),
+    "keep_checkpoints": ("checkpoint", "keep"),
+}
+# The flat schema's fields in its order (``model_dump`` of version 1); the others kept their names at the top.
+V1_ORDER = ("type", "method", "rank", "alpha", "dropout", "target_modules", "data", "batch_size", "micro_batch_size",
+            "max_steps", "epochs", "lr", "scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
+            "gradient_checkpointing", "dtype", "save_every", "keep_checkpoints", "log_every", "control",
+            "compare_plain_steps", "record_samples")
+
+
+def migrate_flat_keys(raw: Any) -> Any:
+    """Move each flat key into its group (``lr`` → ``optimizer.lr``, ``keep_checkpoints`` → ``checkpoint.keep``).
+
+    A flat key given beside the grouped one wins: that is how an old-spelling command-line override
+    (``stages.recover.lr=3e-3``) of a grouped recipe arrives. A key written in the wrong group is an error
+    naming the group it belongs to."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for old, (group, key) in FLAT_KEYS.items():
+        if old not in out:
+            continue
+        section = out.get(group)
+        if isinstance(section, BaseModel):
+            section = section.model_dump()
+        elif section is None:
+            section = {}
+        elif not isinstance(section, dict):
+            continue  # not a mapping: pydantic reports the group's type
+        section = {**section, key: out.pop(old)}
+        out[group] = section
+    problems = [_misplaced(group, key) for group, section in out.items() if group in GROUPS and isinstance(section, dict)
+                for key in section if key not in GROUPS[group].model_fields]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+def _misplaced(group: str, key: str) -> str | None:
+    """``optimizer.batch_size`` → where it belongs; unknown keys are left to ``extra="forbid"``."""
+    home = FLAT_KEYS.get(key)
+    if home is None and key in RecoverySettings.model_fields:
+        return f"{group}.{key}: `{key}` does not belong in `{group}`; write it at the top of the stage, beside method"
+    if home is None:
+        return None
+    return f"{group}.{key}: `{key}` does not belong in `{group}`; write {home[0]}.{home[1]}"
+
+
+def flat_settings(dump: dict[str, Any]) -> dict[str, Any]:
+    """A grouped ``model_dump(mode="json")`` in the version-1 flat shape, field for field and in order."""
+    return {old: dump[FLAT_KEYS[old][0]][FLAT_KEYS[old][1]] if old in FLAT_KEYS else dump[old] for old in V1_ORDER}

@@ -1,0 +1,41 @@
+"""The recovery loss registry: names are unique, ``ce`` is the next-token loss the trainer always used."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+
+
+def test_a_loss_name_registers_once():
+    from stages.recovery.losses import LOSSES, get_loss, register_loss
+
+    with pytest.raises(ValueError, match="recovery loss 'ce' is already registered"):
+        register_loss("ce", lambda model, batch, teacher: torch.zeros(()))
+    assert get_loss("ce").fn.__name__ == "next_token_ce" and not get_loss("ce").needs_teacher
+    with pytest.raises(KeyError, match=r"unknown recovery loss 'kl'; choose one of \['ce'\]"):
+        get_loss("kl")
+    assert LOSSES.names() == ["ce"]
+
+
+def test_recipes_name_exactly_the_registered_losses():
+    from stages.recovery.config import RecoverySettings
+    from stages.recovery.losses import LOSSES
+
+    assert set(typing.get_args(RecoverySettings.model_fields["loss"].annotation)) == set(LOSSES.names())
+
+
+def test_ce_is_transformers_shifted_cross_entropy(tiny_model):
+    from stages.recovery.data import IGNORE, collate
+    from stages.recovery.losses import get_loss
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE
+    batch = collate(0)([{"idx": i, "input_ids": ids[i], "labels": labels[i]} for i in range(2)])
+    batch.pop("idx")
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE)
+    torch.testing.assert_close(get_loss("ce").fn(tiny_model, batch, None), expected)

@@ -1,5 +1,11 @@
 """Checks against the file system and model metadata, run after schema validation and before any
-model loads (no torch import): missing data files, unreadable model paths, impossible targets."""
+model loads (no torch import): missing data files, unreadable model paths, impossible targets,
+windows longer than the model's context.
+
+The model's sizes come from metadata alone (``stages.io.sources.model_shape``: config.json, a GGUF
+header, the hub cache or an alias's record); each stage config that defines
+``check_model(num_layers, total_params, block_params, geometries)`` is asked about them.
+"""
 
 from __future__ import annotations
 
@@ -10,47 +16,99 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.recipe import RecipeBase, RecipeError, TextSource
+from pipeline.recipe import RecipeBase, RecipeError
 
 
-def _sources(node: Any, path: str) -> Iterator[tuple[str, TextSource]]:
-    if isinstance(node, TextSource):
-        yield path, node
-    elif isinstance(node, BaseModel):
-        for name in type(node).model_fields:
-            yield from _sources(getattr(node, name), f"{path}.{name}")
+def _local_files(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(dotted field, file) for every local file a setting names: a text source's ``path`` (or a QA
+    source's ``qa_text``, which it exposes as ``path``), anywhere in the stages, lists included."""
+    if isinstance(node, BaseModel):
+        fields = type(node).model_fields
+        file = getattr(node, "path", None)
+        if isinstance(file, str) and ("path" in fields or "qa_text" in fields):
+            yield (f"{path}.path" if "path" in fields else f"{path}.qa_text"), file
+        for name in fields:
+            yield from _local_files(getattr(node, name), f"{path}.{name}")
     elif isinstance(node, dict):
         for key, value in node.items():
-            yield from _sources(value, f"{path}.{key}")
+            yield from _local_files(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _local_files(value, f"{path}.{i}")
 
 
-def preflight(recipe: RecipeBase) -> dict[str, Any]:
-    """Raise :class:`RecipeError` listing every problem; return facts learned (e.g. layer count)."""
-    from stages.io.sources import classify, num_layers_hint
-
-    problems: list[str] = []
-    for where, src in _sources(recipe.stages, "stages"):
-        if src.path is None:
-            continue
-        p = Path(src.path).expanduser()
+def _file_problems(recipe: RecipeBase) -> list[str]:
+    problems = []
+    for where, file in _local_files(recipe.stages, "stages"):
+        p = Path(file).expanduser()
         if not p.is_file():
             problems.append(
-                f"{where}.path: file {src.path!r} not found (relative paths start at the working directory "
+                f"{where}: file {file!r} not found (relative paths start at the working directory "
                 f"{os.getcwd()}); fix the path or run from the project root"
             )
         elif not os.access(p, os.R_OK):
-            problems.append(f"{where}.path: file {src.path!r} is not readable; fix its permissions")
-    layers = None
+            problems.append(f"{where}: file {file!r} is not readable; fix its permissions")
+    return problems
+
+
+def _lengths(node: Any, path: str) -> Iterator[tuple[str, int]]:
+    """(dotted field, tokens) for every window length a stage asks of the model: each ``seq_len``
+    (calibration windows, perplexity windows, recovery blocks) and a speed test's prompt + new tokens."""
+    if isinstance(node, BaseModel):
+        fields = type(node).model_fields
+        if "prompt_len" in fields and "new_tokens" in fields:
+            yield f"{path}.prompt_len + new_tokens", node.prompt_len + node.new_tokens
+        for name in fields:
+            value = getattr(node, name)
+            if name == "seq_len" and isinstance(value, int):
+                yield f"{path}.seq_len", value
+            else:
+                yield from _lengths(value, f"{path}.{name}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _lengths(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _lengths(value, f"{path}.{i}")
+
+
+def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
+    problems = []
+    counts = shape.param_counts()
+    total, block = counts if counts is not None else (None, None)
+    for key, stage in recipe.stages.items():
+        check = getattr(stage, "check_model", None)
+        if check is not None:
+            problems.extend(f"stages.{key}: {msg}" for msg in check(shape.num_layers, total, block, None))
+    if shape.max_positions:
+        for where, tokens in _lengths(recipe.stages, "stages"):
+            if tokens > shape.max_positions:
+                problems.append(
+                    f"{where}: {tokens} tokens exceed the model's context (max_position_embeddings = "
+                    f"{shape.max_positions}); choose at most {shape.max_positions}"
+                )
+    return problems
+
+
+def preflight(recipe: RecipeBase) -> dict[str, Any]:
+    """Raise :class:`RecipeError` listing every problem; return what was learned about the model
+    (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown)."""
+    from stages.io.sources import classify, model_shape
+
+    problems = _file_problems(recipe)
+    shape = None
     try:
-        source = classify(recipe.model.source, recipe.model.gguf_file)
-        layers = num_layers_hint(source)
+        shape = model_shape(classify(recipe.model.source, recipe.model.gguf_file), recipe.model.revision)
     except (OSError, ValueError) as exc:
         problems.append(str(exc))
-    if layers is not None:
-        for key, stage in recipe.stages.items():
-            check = getattr(stage, "check_model", None)
-            if check is not None:
-                problems.extend(f"stages.{key}: {msg}" for msg in check(layers))
+    if shape is not None:
+        problems += _model_problems(recipe, shape)
     if problems:
         raise RecipeError(problems)
-    return {"num_layers": layers}
+    counts = shape.param_counts() if shape is not None else None
+    return {
+        "num_layers": shape.num_layers if shape is not None else None,
+        "total_params": counts[0] if counts else None,
+        "block_params": counts[1] if counts else None,
+        "max_positions": shape.max_positions if shape is not None else None,
+    }

@@ -26,12 +26,13 @@ from stages.evaluation.describe import describe_result
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pipeline/run.py",
-        description="Run a prunelab recipe: load → calibrate → score → prune → evaluate → export.",
+        description="Run a prunelab recipe: load → calibrate → score → prune → (recover) → evaluate → export.",
         epilog="Overrides use OmegaConf dot paths, e.g. stages.prune.num_blocks=8 model.dtype=bfloat16",
     )
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/smollm2/shortgpt-6blocks.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides merged over the recipe")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved stages, load nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe, its files and its targets against the model's metadata; print the stages; load nothing")
     p.add_argument("--resume", action="store_true", help="continue an existing run, re-using finished stages")
     p.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
     p.add_argument("--output-dir", help="parent folder of the run directory (overrides the recipe's output_dir)")
@@ -104,11 +105,11 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         f"== {metrics['recipe']} → {run_dir}",
         f"params {m['params_before']:,} → {m['params_after']:,}   blocks {m['layers_before']} → {m['layers_after']}",
     ]
-    plan = metrics["plan"]
-    if plan["removed_blocks"]:
-        lines.append(f"removed blocks {plan['removed_blocks']} by {plan['criterion']} ({plan['achieved_ratio']:.2%} of parameters)")
-    elif plan["removed_units"]:
-        lines.append(f"removed {plan['removed_units']} width units by {plan['criterion']} ({plan['achieved_ratio']:.2%} of parameters)")
+    from stages.surgery.plan import read_plan
+
+    plan = read_plan(run_dir)
+    if plan is not None:
+        lines.append(plan.describe())
     for label, results in metrics["eval"].items():
         for name, r in results.items():
             ratio = metrics.get("ratio_to_dense", {}).get(label, {}).get(name)

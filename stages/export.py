@@ -25,37 +25,17 @@ class ExportConfig(StrictModel):
 
 def model_card(ctx: Any) -> str:
     """README.md for the exported model: what was removed, how, and the metrics so far."""
-    info, plan = ctx.model_info, ctx.plan or {}
+    info, plan = ctx.model_info, ctx.plan
     lines = [
         "---", "library_name: transformers", "tags: [prunelab, pruned, structured-pruning]", "---", "",
         f"# {ctx.recipe.name}", "",
-        f"Pruned with [prunelab](https://pypi.org/project/prunelab/) from `{info.get('source')}`.", "",
+        f"Pruned with prunelab (see the README.md of the prunelab repository) from `{info.get('source')}`.", "",
         "| | before | after |", "|---|---|---|",
         f"| parameters | {info.get('params_before', 0):,} | {info.get('params_after', info.get('params_before', 0)):,} |",
         f"| decoder blocks | {info.get('layers_before')} | {info.get('layers_after', info.get('layers_before'))} |", "",
     ]
-    if plan.get("kind") == "depth":
-        lines += [
-            f"**Removed blocks** (0-based, original numbering): {plan.get('removed_blocks')} — criterion "
-            f"`{plan.get('criterion')}`, {plan.get('achieved_ratio', 0):.2%} of all parameters.", "",
-        ]
-    elif plan.get("kind") == "width" and plan.get("hidden"):
-        h = plan["hidden"]
-        lines += [
-            f"**Hidden channels removed** (LLM-Pruner channel mode) by `{plan['criterion']}`: hidden_size "
-            f"{h['hidden_before']} → {h['hidden_after']}, norm rescale {h['norm_rescale']}, "
-            f"{plan.get('achieved_ratio', 0):.2%} of all parameters.", "",
-        ]
-    elif plan.get("kind") == "width":
-        t = plan["target"]
-        lines += [
-            f"**Width pruning** by `{plan['criterion']}` ({t['allocation']} allocation, attention unit `{t['attention']}`, "
-            f"compensation `{t['compensation']}`): {plan['num_removed']} units removed, {plan.get('achieved_ratio', 0):.2%} "
-            "of all parameters.", "", "| layer | query heads | KV heads | MLP channels |", "|---|---|---|---|",
-        ]
-        lines += [f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | {s['intermediate_size']} |"
-                  for i, s in enumerate(plan["shapes_after"])]
-        lines.append("")
+    if plan is not None:  # the typed plan describes itself (stages.surgery.plan), as in report.md and the CLI summary
+        lines += [plan.describe(), ""] + ([*plan.details(), ""] if plan.details() else [])
     if ctx.evals:
         from stages.evaluation.describe import describe_result
 
@@ -65,8 +45,9 @@ def model_card(ctx: Any) -> str:
                 lines.append(f"| {label} | {name} | {describe_result(r)} | {r['protocol']} |")
         lines.append("")
     if getattr(ctx.model.config, "prunelab_layer_shapes", None):
-        lines += ["Layer widths differ (adaptive width pruning): load with `from stages.io.loader import load_pruned; "
-                  "model = load_pruned(path)` (pip install prunelab); plain transformers cannot build per-layer widths yet.", ""]
+        lines += [("Layer widths differ (adaptive width pruning): load with `from stages.io.loader import load_pruned; "
+                   "model = load_pruned(path)` (the prunelab repository, installed with `pip install -e .`); "
+                   "plain transformers cannot build per-layer widths yet."), ""]
     else:
         lines += ["Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
     return "\n".join(lines)

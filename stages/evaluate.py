@@ -10,11 +10,11 @@ from pydantic import Field, model_validator
 
 from pipeline.registry import register_stage
 from stages.core.config import StrictModel
-from stages.io.config import TextSource
+from stages.io.qa import TextOrQASource
 
 
 class PerplexityConfig(StrictModel):
-    source: TextSource = Field(..., description="evaluation text (a test split)")
+    source: TextOrQASource = Field(..., description="evaluation text: a test split, or {qa_text: file.jsonl} (questions + gold answers)")
     seq_len: int = Field(512, ge=2, description="window length; papers use 128 (LLM-Pruner, FLAP) or 2048 (SliceGPT, SLEB)")
     max_tokens: int | None = Field(None, ge=2, description="token budget: score only the first N tokens")
     batch_size: int = Field(1, ge=1)

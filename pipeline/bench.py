@@ -24,10 +24,17 @@ if __package__ in (None, ""):
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path[0] = _root
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.metrics import PeakRSS
 from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource
+from pipeline.registry import load_stages
+
+# The rows reuse the stages' own settings classes (the frame reaches stages only through the registry): a width
+# method IS a prune stage's width / hidden settings, a depth target its blocks settings, the evaluation an evaluate
+# stage's — same fields, same validation, same errors as in a recipe.
+PruneConfig: Any = load_stages().get("prune").config_cls
+EvaluateConfig: Any = load_stages().get("evaluate").config_cls
 
 
 class BenchCalibration(StrictModel):
@@ -37,55 +44,70 @@ class BenchCalibration(StrictModel):
     batch_size: int = Field(1, ge=1)
 
 
-class BenchTarget(StrictModel):
-    num_blocks: int | None = Field(None, ge=1)
-    ratio: float | None = Field(None, gt=0, lt=1)
-
-    def label(self) -> str:
-        return f"{self.num_blocks} blocks" if self.num_blocks is not None else f"{self.ratio:.0%} params"
-
-
 class WidthMethod(StrictModel):
-    """One width-pruning row: a criterion plus the prune settings that make the method."""
+    """One width-pruning row: the prune stage's settings that make the method (units width by default, or hidden;
+    its ``ratio`` is the bench's ``width_ratio``) and the row's label."""
 
-    criterion: str
     label: str | None = None
-    allocation: str = "uniform"
-    attention: str = "kv_group"
-    compensation: str = "none"
-    damping: float = 0.01
-    optimal_bias: bool = True
-    layers: tuple[int, int] | None = None
-    mlp: bool = True
-    hidden: bool = False  # LLM-Pruner's channel mode (then attention: none, mlp: false)
+    prune: PruneConfig
+
+    def name(self) -> str:
+        c = self.prune
+        if c.units == "hidden":
+            return self.label or f"{c.criterion} (hidden channels)"
+        return self.label or f"{c.criterion} ({c.allocation.type}, {c.attention}, comp {c.compensation.type})"
 
 
 class BenchRecipe(StrictModel):
+    """A bench file. ``perplexity`` / ``tasks`` / ``speed`` (written at top level) are an evaluate stage's settings;
+    ``targets`` rows are prune blocks settings without ``criterion`` (every criterion runs at every target); ``width``
+    rows are prune width / hidden settings without ``ratio``, plus an optional ``label``."""
+
     name: str
     seed: int = 0
     output_dir: str = "runs/bench"
     model: ModelConfig
     calibration: BenchCalibration
-    perplexity: dict[str, Any] = Field(..., description="name → evaluate-stage perplexity settings")
-    tasks: dict[str, Any] = Field(default_factory=dict, description="lm-eval task name → evaluate-stage task settings")
-    speed: dict[str, Any] | None = Field(None, description="evaluate-stage speed settings; adds decode speedup vs dense")
+    evaluate: EvaluateConfig = Field(..., description="perplexity, tasks (lm-eval) and speed, as an evaluate stage's")
     criteria: list[str] = Field(default_factory=list, description="depth criteria, each run at every target")
-    targets: list[BenchTarget] = Field(default_factory=list)
+    targets: list[PruneConfig] = Field(default_factory=list, description="{num_blocks: N} or {ratio: r, rounding: ...}")
     laco: Any = Field(default_factory=dict, description="settings of the `laco` criterion (as score.laco in a recipe)")
     cost_ratio: bool = Field(True, description="time the cached PPL criterion against one full forward per candidate")
     width: list[WidthMethod] = Field(default_factory=list, description="width methods, all at width_ratio")
     width_ratio: float = Field(0.2, gt=0, lt=1, description="fraction of ALL parameters removed by every width method")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_stage_settings(cls, data: Any) -> Any:
+        """Spell each section as the stage settings it is (the bench file keeps its short form)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data["evaluate"] = {"type": "evaluate", **{k: data.pop(k) for k in ("perplexity", "tasks", "speed") if k in data}}
+        ratio = data.get("width_ratio", cls.model_fields["width_ratio"].default)
+        data["width"] = [{"label": row.get("label"), "prune": {"type": "prune", "units": "width", "ratio": ratio,
+                                                              **{k: v for k, v in row.items() if k != "label"}}}
+                         if isinstance(row, dict) else row for row in data.get("width") or []]
+        first = (data.get("criteria") or [None])[0]
+        data["targets"] = [{"type": "prune", "units": "blocks", "criterion": first, **row} if isinstance(row, dict) else row
+                           for row in (data.get("targets") or [])] if first else []
+        return data
+
     @field_validator("criteria")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
         from stages import criteria  # noqa: F401
-        from stages.criteria.registry import CRITERIA
+        from stages.criteria.registry import criteria_for
 
-        bad = [n for n in names if n not in CRITERIA]
+        depth = criteria_for("blocks")
+        bad = [n for n in names if n not in depth]
         if bad:
-            raise ValueError(f"unknown criterion {bad}; choose from {', '.join(CRITERIA.names())}")
+            raise ValueError(f"unknown criterion {bad}; choose from {', '.join(depth.names())}")
         return names
+
+
+def target_label(cfg: Any) -> str:
+    return f"{cfg.num_blocks} blocks" if cfg.num_blocks is not None else f"{cfg.ratio:.0%} params"
 
 
 def load_bench(path: str) -> BenchRecipe:
@@ -93,70 +115,62 @@ def load_bench(path: str) -> BenchRecipe:
 
     from pipeline.recipe import load_raw
     from stages.criteria.settings import LacoSettings
-    from stages.evaluate import PerplexityConfig, SpeedConfig, TaskConfig
 
     raw = load_raw(path)
     try:
         bench = BenchRecipe.model_validate(raw)
-        bench.perplexity = {k: PerplexityConfig.model_validate(v) for k, v in bench.perplexity.items()}
-        bench.tasks = {k: TaskConfig.model_validate(v) for k, v in bench.tasks.items()}
-        bench.speed = SpeedConfig.model_validate(bench.speed) if bench.speed is not None else None
         bench.laco = LacoSettings.model_validate(bench.laco)
-        for m in bench.width:  # the prune stage's own validation: same errors as in a recipe
-            width_prune_config(m, bench.width_ratio)
     except ValidationError as exc:
         raise RecipeError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
     return bench
 
 
-def width_prune_config(m: WidthMethod, ratio: float) -> Any:
-    from stages.prune import PruneConfig
-
-    return PruneConfig(type="prune", units="width", criterion=m.criterion, ratio=ratio, allocation=m.allocation,
-                       attention=m.attention, compensation=m.compensation, damping=m.damping,
-                       optimal_bias=m.optimal_bias, layers=m.layers, mlp=m.mlp, hidden=m.hidden)
-
-
 def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
     """All width methods from ONE statistics pass over the shared calibration set."""
-    from stages.calibration.width import collect_width_stats, summary_tensors
-    from stages.criteria.registry import WIDTH_CRITERIA
-    from stages.criteria.scoring import score_width, width_needs
-    from stages.selection.planning import make_width_plan
+    from stages.calibration.full import collect_stats
+    from stages.calibration.width import summary_tensors
+    from stages.criteria.base import CriterionInputs
+    from stages.criteria.registry import CRITERIA
+    from stages.criteria.scoring import needs_for, score
+    from stages.selection.planning import make_hidden_plan, make_width_plan
     from stages.surgery.apply import apply_plan
 
-    names = list(dict.fromkeys(m.criterion for m in bench.width))
-    hidden = {m.criterion for m in bench.width if m.hidden}
+    names = list(dict.fromkeys(m.prune.criterion for m in bench.width))
+    hidden = {m.prune.criterion for m in bench.width if m.prune.units == "hidden"}
     with PeakRSS() as pass_mem:
-        stats = collect_width_stats(model, calib, width_needs(names, hidden=bool(hidden)), batch_size=1, progress=True)
+        stats = collect_stats(model, calib, needs_for("width", names, {"hidden"} if hidden else ()), batch_size=1, progress=True)
     means = summary_tensors(stats)
     hessian_s = 0.0
-    if any(m.compensation == "optimal" for m in bench.width):  # its own pass, charged to the optimal rows only
-        hstats = collect_width_stats(model, calib, {"hessian"}, batch_size=1, progress=True)
+    optimal = [m for m in bench.width if m.prune.units == "width" and m.prune.compensation.type == "optimal"]
+    if optimal:  # its own pass, charged to the optimal rows only
+        hstats = collect_stats(model, calib, {"hessian"}, batch_size=1, progress=True)
         means["gram"], hessian_s = summary_tensors(hstats)["gram"], hstats.seconds
         del hstats
     scored: dict[str, tuple[dict[str, Any], float, float]] = {}
     for n in names:
+        spec = CRITERIA.get("width", n)
         with PeakRSS() as mem:
-            result = score_width(n, model, stats, bench.seed, hidden=n in hidden)
-        data_driven = bool(WIDTH_CRITERIA.get(n).needs)
+            result = score(spec, CriterionInputs(model, stats, bench.seed), hidden=n in hidden).to_json()
+        data_driven = bool(spec.needs)
         scored[n] = (result, result["seconds"], max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []
     for m in bench.width:
-        cfg = width_prune_config(m, bench.width_ratio)
+        cfg, label = m.prune, m.name()
         t_plan = time.perf_counter()
-        plan, side = make_width_plan(scored[m.criterion][0], cfg, model, means)  # incl. allocation and compensation solve
+        if cfg.units == "hidden":
+            plan, side = make_hidden_plan(scored[cfg.criterion][0], cfg, model), {}
+        else:  # incl. allocation and compensation solve
+            plan, side = make_width_plan(scored[cfg.criterion][0], cfg, model, means)
         pruned = apply_plan(copy.deepcopy(model), plan, side)
         t_plan = time.perf_counter() - t_plan
         params = sum(p.numel() for p in pruned.parameters())
-        label = m.label or f"{m.criterion} ({m.allocation}, {m.attention}, comp {m.compensation})"
-        shapes = plan["shapes_after"]
+        shapes = [s_.model_dump() for s_ in plan.shapes_after]
         rows.append({"target": f"{bench.width_ratio:.0%} params (width)", "criterion": label, "params": params,
-                     "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan["params_before"], 6),
-                     "score_s": round(scored[m.criterion][1] + t_plan + (hessian_s if m.compensation == "optimal" else 0.0), 2),
+                     "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan.params_before, 6),
+                     "score_s": round(scored[cfg.criterion][1] + t_plan + (hessian_s if m in optimal else 0.0), 2),
                      "plan_s": round(t_plan, 2),
-                     "score_peak_rss_mb": round(scored[m.criterion][2]),
-                     "uniform": plan["uniform"],
+                     "score_peak_rss_mb": round(scored[cfg.criterion][2]),
+                     "uniform": plan.uniform,
                      "kept_widths": {k: [s_[k] for s_ in shapes] for k in shapes[0]},
                      "eval": evaluate(pruned, label)})
         del pruned
@@ -164,20 +178,19 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
 
 
 def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int,
-           options: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
-    from stages.arch.llama import adapter_for
-    from stages.calibration.blocks import collect_block_stats
-    from stages.criteria.depth import CriterionInputs
+           settings: Any = None) -> tuple[dict[str, Any], float]:
+    """One depth criterion alone: its own calibration pass, then the criterion (the score stage's scoring path)."""
+    from stages.calibration.full import collect_stats
+    from stages.criteria.base import CriterionInputs
     from stages.criteria.registry import CRITERIA
+    from stages.criteria.scoring import needs_for, score
 
-    spec = CRITERIA.get(name)
-    adapter = adapter_for(model)
+    spec = CRITERIA.get("depth", name)
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        stats = collect_block_stats(adapter, calib, set(spec.needs), batch_size, progress=True)
-        inputs = CriterionInputs(list(range(adapter.num_blocks)), stats, model, adapter, calib, batch_size,
-                                 num_remove if spec.iterative else None, seed, options=options or {})
-        result = spec.load()(inputs).to_json()
+        stats = collect_stats(model, calib, needs_for("depth", [name]) - {"calibration"}, batch_size, progress=True)
+        inputs = CriterionInputs(model, stats, seed, settings, calib, batch_size, num_remove if spec.iterative else None)
+        result = score(spec, inputs).to_json()
     result["peak_rss_mb"] = round(mem.peak_mb)
     return result, time.perf_counter() - t0
 
@@ -185,11 +198,12 @@ def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, 
 def _cost_ratio(model: Any, calib: Any, batch_size: int) -> dict[str, float]:
     """Cached removal-NLL (what the PPL criterion runs) vs naive full forwards, same data, same process."""
     from stages.arch.llama import adapter_for
-    from stages.calibration.blocks import collect_block_stats, naive_removal_nll
+    from stages.calibration.blocks import naive_removal_nll
+    from stages.calibration.full import collect_stats
 
     adapter = adapter_for(model)
     t0 = time.perf_counter()
-    cached = collect_block_stats(adapter, calib, {"removal_nll"}, batch_size, progress=True)
+    cached = collect_stats(model, calib, {"removal_nll"}, batch_size, progress=True)
     t_cached = time.perf_counter() - t0
     t0 = time.perf_counter()
     naive = naive_removal_nll(adapter, calib, list(range(adapter.num_blocks)), batch_size)
@@ -210,30 +224,30 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     from stages.evaluation.zeroshot import evaluate_task
     from stages.io.models import load_model
     from stages.io.text import read_text, sample_windows, tokenize_text, verify_checksum
-    from stages.prune import PruneConfig
     from stages.selection.blocks import make_plan, num_blocks_for
     from stages.surgery.apply import apply_plan
 
-    sources = [bench.calibration.source] + [p.source for p in bench.perplexity.values()]
-    checked = [verify_checksum(s.path) for s in sources if s.path] + [verify_checksum(t.path) for t in bench.tasks.values() if t.path]
+    ev = bench.evaluate
+    sources = [bench.calibration.source] + [p.source for p in ev.perplexity.values()]
+    checked = [verify_checksum(s.path) for s in sources if s.path] + [verify_checksum(t.path) for t in ev.tasks.values() if t.path]
     set_seed(bench.seed)
     t_start = time.perf_counter()
     model, tok = load_model(bench.model)
     calib = sample_windows(tokenize_text(tok, read_text(bench.calibration.source)), bench.calibration.num_samples,
                            bench.calibration.seq_len, bench.seed)
-    eval_ids = {n: tokenize_text(tok, read_text(p.source)) for n, p in bench.perplexity.items()}
+    eval_ids = {n: tokenize_text(tok, read_text(p.source)) for n, p in ev.perplexity.items()}
 
     def evaluate(m: Any, label: str) -> dict[str, Any]:
         t_eval = time.perf_counter()
         out: dict[str, Any] = {}
-        for n, p in bench.perplexity.items():
+        for n, p in ev.perplexity.items():
             r = windowed_perplexity(m, eval_ids[n], p.seq_len, p.max_tokens, p.batch_size, desc=f"ppl {label}")
             out[n] = {"ppl": r["ppl"], "seq_len": r["seq_len"], "tokens": r["tokens"],
                       "protocol": protocol(p.source.describe(), p.seq_len, r["tokens"], r["windows"])}
-        for n, t in bench.tasks.items():
+        for n, t in ev.tasks.items():
             out[n] = evaluate_task(m, tok, n, t.path, t.limit, t.batch_size, t.num_fewshot, bench.seed)
-        if bench.speed is not None:
-            sp = bench.speed
+        if ev.speed is not None:
+            sp = ev.speed
             out["speed"] = measure_speed(m, sp.prompt_len, sp.new_tokens, tuple(sp.batch_sizes), sp.repeats, sp.warmup, bench.seed)
             if m is not model:  # the table's speedup: paired, interleaved runs against the dense model
                 out["speed"]["paired"] = measure_speedup(m, model, sp.prompt_len, sp.new_tokens, tuple(sp.batch_sizes),
@@ -242,8 +256,7 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
         return out
 
     adapter = adapter_for(model)
-    prune_cfgs = [PruneConfig(type="prune", criterion=bench.criteria[0], **t.model_dump()) for t in bench.targets] if bench.criteria else []
-    max_k = max((num_blocks_for(c, adapter) for c in prune_cfgs), default=0)
+    max_k = max((num_blocks_for(c, adapter) for c in bench.targets), default=0)
     rows: list[dict[str, Any]] = []
     dense = evaluate(model, "dense")
     rows.append({"target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
@@ -251,25 +264,25 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     results: dict[str, Any] = {}
     from stages.criteria.settings import LacoSettings
 
-    options = {"laco": LacoSettings.model_validate(bench.laco).model_dump()}
+    settings = {"laco": LacoSettings.model_validate(bench.laco)}
     for name in bench.criteria:
         set_seed(bench.seed)
-        results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, max_k, bench.seed, options)
+        results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, max_k, bench.seed, settings.get(name))
         results[name]["seconds"] = round(seconds, 2)
-    for target, base_cfg in zip(bench.targets, prune_cfgs):
+    for base_cfg in bench.targets:
         for name in bench.criteria:
             cfg = base_cfg.model_copy(update={"criterion": name})
             k = num_blocks_for(cfg, adapter)
             if "merges" in results[name] and len(results[name]["order"]) != k:  # LaCo's merges depend on the target
-                results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, k, bench.seed, options)
+                results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, k, bench.seed, settings.get(name))
                 results[name]["seconds"] = round(seconds, 2)
             plan = make_plan(results[name], cfg, adapter)
             pruned = apply_plan(copy.deepcopy(model), plan)
-            rows.append({"target": target.label(), "criterion": name, "params": plan["params_after"],
-                         "layers": plan["layers_after"], "removed_blocks": plan["removed_blocks"],
-                         "achieved_ratio": plan["achieved_ratio"], "score_s": results[name]["seconds"],
+            rows.append({"target": target_label(cfg), "criterion": name, "params": plan.params_after,
+                         "layers": plan.layers_after, "removed_blocks": plan.removed_blocks,
+                         "achieved_ratio": plan.achieved_ratio, "score_s": results[name]["seconds"],
                          "score_peak_rss_mb": results[name]["peak_rss_mb"],
-                         "eval": evaluate(pruned, f"{name} @ {target.label()}")})
+                         "eval": evaluate(pruned, f"{name} @ {target_label(cfg)}")})
             del pruned
     if bench.width:
         rows += _width_rows(bench, model, calib, evaluate)
@@ -320,19 +333,19 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     paired = next((r["eval"]["speed"]["paired"] for r in report["rows"] if "paired" in r["eval"].get("speed", {})), None)
     if paired:
         proto += f"; decode speedup: {paired['protocol']}"
-    lines += ["", f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
+    lines += ["", (f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
               f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
               f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "
               f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time, "
               f"plus that row's selection, allocation and compensation solve (optimal compensation: plus its own XᵀX pass); "
               f"{report['torch_threads']} CPU threads; peak RSS = the process's resident memory while that criterion "
               f"scored (the dense model included); total s = scoring + evaluating that row. Total {report['total_s']:.0f} s, overall peak RSS "
-              f"{report['peak_memory_mb']['cpu_rss']:.0f} MB."]
+              f"{report['peak_memory_mb']['cpu_rss']:.0f} MB.")]
     c = report.get("ppl_cost_ratio")
     if c:
-        lines += ["", f"PPL-criterion cost (hidden states entering each block cached) vs one full forward per "
+        lines += ["", (f"PPL-criterion cost (hidden states entering each block cached) vs one full forward per "
                   f"candidate, same calibration set, same process: **{c['cached_s']:.1f} s vs {c['naive_s']:.1f} s = "
-                  f"{c['ratio']:.2f}×** (scores agree to {c['max_rel_diff']:.1e} relative)."]
+                  f"{c['ratio']:.2f}×** (scores agree to {c['max_rel_diff']:.1e} relative).")]
     return "\n".join(lines) + "\n"
 
 

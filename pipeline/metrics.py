@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from stages.evaluation.memory import PeakRSS, peak_memory_mb
+from stages.surgery.plan import plan_metrics
 
 __all__ = ["PeakRSS", "build_metrics", "peak_memory_mb", "versions"]
 
@@ -43,7 +44,6 @@ def ratio_to_dense(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
 
 def build_metrics(ctx: Any) -> dict[str, Any]:
     info = ctx.model_info
-    plan = ctx.plan or {}
     timing = {k: round(ctx.timings.get(k, 0.0), 3) for k in TIMING_KEYS}
     timing.update({k: round(v, 3) for k, v in ctx.timings.items() if k not in timing})
     return {
@@ -57,13 +57,7 @@ def build_metrics(ctx: Any) -> dict[str, Any]:
         },
         "eval": ctx.evals,
         "ratio_to_dense": ratio_to_dense(ctx.evals),
-        "plan": {
-            "kind": plan.get("kind"),
-            "criterion": plan.get("criterion"),
-            "removed_blocks": plan.get("removed_blocks", []),
-            "removed_units": plan.get("num_removed", 0),
-            "achieved_ratio": plan.get("achieved_ratio", 0.0),
-        },
+        "plan": plan_metrics(ctx.plan),  # kind, criterion, removed_blocks, removed_units, achieved_ratio
         "recover": ctx.recover_info,
         "scores_s": {name: r.get("seconds") for name, r in ctx.scores.items()},
         "timing_s": timing,

@@ -115,37 +115,27 @@ def plot_losses(run_dir: Path, path: Path) -> bool:
     return True
 
 
-def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any], plan: dict[str, Any] | None) -> Path:
-    """Render every plot this run has data for and a markdown page around them and the metrics."""
+def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any], plan: Any = None) -> Path:
+    """Render every plot this run has data for and a markdown page around them and the metrics (``plan``: the
+    typed plan of ``stages.surgery.plan``, described by its own ``describe()`` and ``details()``)."""
     from stages.evaluation.describe import describe_result
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
+    data = plan.to_json() if plan is not None else {}
     made = {
         "block_importance": plot_block_scores(scores, plots / "block_importance.png"),
-        "widths": plot_widths(plan or {}, plots / "widths.png"),
-        "alpha": plot_alpha(plan or {}, plots / "alpha.png"),
+        "widths": plot_widths(data, plots / "widths.png"),
+        "alpha": plot_alpha(data, plots / "alpha.png"),
         "evaluation": plot_evals(metrics["eval"], plots / "evaluation.png"),
         "loss": plot_losses(run_dir, plots / "loss.png"),
     }
     m = metrics["model"]
     lines = [f"# {metrics['recipe']}", "",
-             f"Model `{m['source']}`: {m['params_before']:,} → {m['params_after']:,} parameters, "
-             f"{m['layers_before']} → {m['layers_after']} blocks.", ""]
-    p = metrics["plan"]
-    if p.get("kind"):
-        lines += [f"Plan: {p['kind']} pruning by `{p['criterion']}`, {p['achieved_ratio']:.2%} of parameters removed"
-                  + (f", blocks {p['removed_blocks']}" if p["removed_blocks"] else f", {p['removed_units']} units") + ".", ""]
-    if plan and plan.get("hidden"):
-        h = plan["hidden"]
-        lines += [f"Hidden channels (LLM-Pruner channel mode): hidden_size {h['hidden_before']} → {h['hidden_after']} "
-                  f"in every layer, embeddings and head; RMSNorm rescaled: {h['norm_rescale']}.", ""]
-    if plan and plan.get("merges"):
-        lines += ["LaCo merges (RDSC, in order): " + "; ".join(f"block {mg['into']} ← {mg['from']}" for mg in plan["merges"]) + ".", ""]
-    if plan and plan.get("layer_alpha"):
-        offs = plan.get("layer_ratio_offsets") or [0.0] * len(plan["layer_alpha"])
-        lines += ["## AlphaPruning α per layer", "", "| layer | α (Hill) | ratio offset |", "|---|---|---|"]
-        lines += [f"| {i} | {a:.3f} | {o:+.4f} |" for i, (a, o) in enumerate(zip(plan["layer_alpha"], offs))] + [""]
+             (f"Model `{m['source']}`: {m['params_before']:,} → {m['params_after']:,} parameters, "
+              f"{m['layers_before']} → {m['layers_after']} blocks."), ""]
+    if plan is not None:
+        lines += ["## Plan", "", plan.describe(), ""] + ([*plan.details(), ""] if plan.details() else [])
     if metrics["eval"]:
         lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
         for label, res in metrics["eval"].items():

@@ -21,7 +21,7 @@ def test_bench_depth_and_width_rows(tmp_path):
         "width": [{"criterion": "flap", "allocation": "global", "compensation": "bias"}, {"criterion": "taylor"},
                   {"criterion": "flap", "allocation": "alpha", "compensation": "bias"},
                   {"criterion": "wanda_sp", "compensation": "optimal", "label": "wanda-opt"},
-                  {"criterion": "taylor", "hidden": True, "attention": "none", "mlp": False, "label": "taylor-hidden"}],
+                  {"criterion": "taylor", "units": "hidden", "label": "taylor-hidden"}],
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from pipeline.recipe import RecipeError, validate
-from stages.calibration.width import collect_width_stats, geometry
+from stages.calibration.full import collect_stats
+from stages.calibration.width import geometry
+from stages.criteria.base import CriterionInputs
 from stages.criteria.hidden import hidden_channel_scores, hidden_members, params_per_hidden_channel
-from stages.criteria.width import WidthInputs
 from stages.selection.width import summarize
 from stages.surgery.apply import PlanError, apply_plan
+from stages.surgery.plan import HiddenPlan
 
 
 def _mask_hidden(model, channels: list[int]) -> None:
@@ -26,11 +28,11 @@ def _mask_hidden(model, channels: list[int]) -> None:
                 t[channels] = 0
 
 
-def _hidden_plan(model, removed: list[int], rescale: bool = True) -> dict:
+def _hidden_plan(model, removed: list[int], rescale: bool = True) -> HiddenPlan:
     geos = [geometry(layer) for layer in model.model.layers]
     d = model.config.hidden_size
-    return {"kind": "width", "layers": {}, "shapes_before": summarize({}, geos), "shapes_after": summarize({}, geos),
-            "hidden": {"removed": removed, "hidden_before": d, "hidden_after": d - len(removed), "norm_rescale": rescale}}
+    return HiddenPlan(shapes_before=summarize({}, geos), shapes_after=summarize({}, geos),
+                      hidden={"removed": removed, "hidden_before": d, "hidden_after": d - len(removed), "norm_rescale": rescale})
 
 
 def _perturb_norms(model) -> None:
@@ -97,7 +99,7 @@ def test_bad_hidden_plans_are_refused(tiny_model):
     with pytest.raises(PlanError, match="fewer than"):
         apply_plan(tiny_model, _hidden_plan(tiny_model, list(range(64))))
     plan = _hidden_plan(tiny_model, [1])
-    plan["hidden"]["hidden_before"] = 128
+    plan.hidden.hidden_before = 128
     with pytest.raises(PlanError, match="hidden_size 128"):
         apply_plan(tiny_model, plan)
 
@@ -105,8 +107,8 @@ def test_bad_hidden_plans_are_refused(tiny_model):
 def test_hidden_taylor_is_abs_weight_times_gradient_over_every_member(tiny_untied, calib):
     """LLM-Pruner Eq. 4 summed over the channel's group: embedding column, head column, norms, q/k/v/gate/up columns,
     o/down rows — computed here by hand from autograd for one channel."""
-    stats = collect_width_stats(tiny_untied, calib, {"grad", "hidden"}, progress=False)
-    scores = hidden_channel_scores(WidthInputs(tiny_untied, stats), "taylor")
+    stats = collect_stats(tiny_untied, calib, {"grad", "hidden"}, progress=False)
+    scores = hidden_channel_scores(CriterionInputs(tiny_untied, stats), "taylor")
     c = 7
     expected = 0.0
     tiny_untied.zero_grad()
@@ -129,12 +131,12 @@ def test_hidden_taylor_is_abs_weight_times_gradient_over_every_member(tiny_untie
 def test_every_hidden_criterion_scores_every_channel(tiny_model, calib):
     from stages.criteria import HIDDEN_CRITERIA
 
-    stats = collect_width_stats(tiny_model, calib, {"grad", "fisher", "hidden"}, progress=False)
+    stats = collect_stats(tiny_model, calib, {"grad", "fisher", "hidden"}, progress=False)
     for name in HIDDEN_CRITERIA:
-        s = hidden_channel_scores(WidthInputs(tiny_model, stats), name)
+        s = hidden_channel_scores(CriterionInputs(tiny_model, stats), name)
         assert len(s) == 64 and all(math.isfinite(v) for v in s), name
     with pytest.raises(ValueError, match="no hidden-channel score|does not score hidden"):
-        hidden_channel_scores(WidthInputs(tiny_model, stats), "flap")
+        hidden_channel_scores(CriterionInputs(tiny_model, stats), "flap")
 
 
 BASE = {
@@ -142,15 +144,14 @@ BASE = {
     "stages": {
         "calibrate": {"type": "calibrate", "source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 2, "seq_len": 16},
         "score": {"type": "score", "units": "width"},
-        "prune": {"type": "prune", "units": "width", "criterion": "taylor", "hidden": True, "attention": "none",
-                  "mlp": False, "ratio": 0.2},
+        "prune": {"type": "prune", "units": "hidden", "criterion": "taylor", "ratio": 0.2},
     },
 }
 
 
 @pytest.mark.parametrize("change,expected", [
     ({"criterion": "flap"}, "has no hidden-channel score"),
-    ({"mlp": True}, "set attention: none and mlp: false"),
+    ({"mlp": True}, "hidden channels are pruned on their own (LLM-Pruner's channel mode): attention and mlp do not apply"),
     ({"compensation": "bias"}, "compensation do not apply"),
     ({"layers": [1, 3]}, "compensation do not apply"),
 ], ids=["flap", "mlp too", "compensation", "layer range"])

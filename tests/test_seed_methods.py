@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.calibration.width import collect_width_stats, geometry, summary_tensors
+from stages.calibration.full import collect_stats
+from stages.calibration.width import geometry, summary_tensors
 from stages.selection.alpha import alpha_offsets, esd, hill_alpha, layer_alphas
-from stages.selection.width import bias_compensation, optimal_compensation, select_uniform, summarize
+from stages.selection.width import select_uniform, summarize
 from stages.surgery.apply import apply_plan
-from stages.surgery.compensation import obs_remove, optimal_layer, output_error
+from stages.surgery.compensation import (
+    bias_compensation,
+    obs_remove,
+    optimal_compensation,
+    optimal_layer,
+    output_error,
+)
 
 
 # ----------------------------------------------------------------------------- AlphaPruning
@@ -54,19 +61,20 @@ def test_heavier_tailed_layers_are_pruned_less_and_the_mean_ratio_is_kept(tiny_m
 
 
 def test_alpha_allocation_through_the_prune_stage(tiny_model, calib):
-    from stages.criteria.width import WidthInputs, magnitude
+    from stages.criteria.base import CriterionInputs
+    from stages.criteria.width import magnitude
     from stages.prune import PruneConfig
     from stages.selection.planning import make_width_plan
 
-    stats = collect_width_stats(tiny_model, calib, {"activations"}, progress=False)
-    scores = {"layers": magnitude(WidthInputs(tiny_model, stats))}
+    stats = collect_stats(tiny_model, calib, {"activations"}, progress=False)
+    scores = magnitude(CriterionInputs(tiny_model, stats)).to_json()
     total = sum(p.numel() for p in tiny_model.parameters())
-    cfg = PruneConfig(type="prune", units="width", criterion="magnitude", ratio=0.2, allocation="alpha", attention="none",
-                      alpha_epsilon=0.15)
+    cfg = PruneConfig.model_validate({"type": "prune", "units": "width", "criterion": "magnitude", "ratio": 0.2,
+                                      "allocation": {"type": "alpha", "epsilon": 0.15}, "attention": "none"})
     plan, side = make_width_plan(scores, cfg, tiny_model, summary_tensors(stats))
-    assert plan["layer_alpha"] and len(plan["layer_alpha"]) == 6 and not side
-    widths = [s["intermediate_size"] for s in plan["shapes_after"]]
-    lowest_alpha = min(range(6), key=lambda i: plan["layer_alpha"][i])
+    assert plan.layer_alpha and len(plan.layer_alpha) == 6 and not side
+    widths = [s.intermediate_size for s in plan.shapes_after]
+    lowest_alpha = min(range(6), key=lambda i: plan.layer_alpha[i])
     assert widths[lowest_alpha] == max(widths)  # the heaviest tail keeps the most channels
     apply_plan(tiny_model, plan, side)
     assert abs((total - sum(p.numel() for p in tiny_model.parameters())) - 0.2 * total) < 0.02 * total
@@ -120,11 +128,12 @@ def test_removing_no_channels_changes_nothing():
 
 def test_optimal_compensation_on_a_model_brings_block_outputs_closest(tiny_model, calib):
     from stages.arch.llama import adapter_for
-    from stages.criteria.width import WidthInputs, flap
+    from stages.criteria.base import CriterionInputs
+    from stages.criteria.width import flap
 
-    stats = collect_width_stats(tiny_model, calib, {"activations", "hessian"}, batch_size=3, progress=False)
+    stats = collect_stats(tiny_model, calib, {"activations", "hessian"}, batch_size=3, progress=False)
     means = summary_tensors(stats)
-    scores = flap(WidthInputs(tiny_model, stats))
+    scores = flap(CriterionInputs(tiny_model, stats)).layers
     geos = [geometry(layer) for layer in tiny_model.model.layers]
     chosen = select_uniform(scores, geos, list(range(6)), "kv_group", True, 0.3, None)
     full = {i: chosen.get(i, {"q_heads": [], "kv_heads": [], "mlp": []}) for i in range(6)}
@@ -153,7 +162,7 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
     from pipeline.run import main
 
     recipe = yaml.safe_load(Path("recipes/debug-width.yaml").read_text())
-    recipe["stages"]["prune"].update(compensation="optimal", damping=0.01)
+    recipe["stages"]["prune"].update(compensation={"type": "optimal", "damping": 0.01})
     path = tmp_path / "opt.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main([str(path), "--output-dir", str(tmp_path), "--no-progress"]) == 0
@@ -167,7 +176,7 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
     from stages.io.models import load_model
 
     plan = json.loads((prune_dir / "plan.json").read_text())
-    assert plan["side_file"] and plan["target"]["compensation"] == "optimal"
+    assert plan["side_file"] and plan["target"]["compensation"] == {"type": "optimal", "damping": 0.01, "bias": True}
     side = load_file(str(prune_dir / plan["side_file"]))
     assert any(k.endswith("down_proj.weight") for k in side) and any(k.endswith("down_proj.bias") for k in side)
     fresh, _ = load_model(ModelConfig.model_validate(recipe["model"]))
@@ -179,7 +188,7 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
 
 # ----------------------------------------------------------------------------- LaCo
 def test_rdsc_merge_is_the_paper_formula(tiny_model):
-    from stages.criteria.laco import rdsc_merge
+    from stages.surgery.merge import rdsc_merge
 
     layers = tiny_model.model.layers
     before = {i: {n: p.detach().clone() for n, p in layers[i].named_parameters()} for i in (2, 3, 4)}
@@ -193,13 +202,12 @@ def test_rdsc_merge_is_the_paper_formula(tiny_model):
 
 
 def _laco_inputs(model, calib, num_remove, **opts):
-    from stages.arch.llama import adapter_for
-    from stages.calibration.blocks import BlockStats
-    from stages.criteria.depth import CriterionInputs
+    from stages.calibration.stats import CalibrationStats
+    from stages.criteria.base import CriterionInputs
+    from stages.criteria.settings import LacoSettings
 
-    adapter = adapter_for(model)
-    return CriterionInputs(list(range(adapter.num_blocks)), BlockStats(num_blocks=adapter.num_blocks), model, adapter,
-                           calib, 3, num_remove, 0, False, {"laco": opts})
+    stats = CalibrationStats(num_blocks=len(model.model.layers))
+    return CriterionInputs(model, stats, 0, LacoSettings(**opts), calib, 3, num_remove, progress=False)
 
 
 def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tiny_model, calib):
@@ -214,18 +222,18 @@ def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tin
         assert torch.equal(p, q)  # the criterion did not touch the model
     assert sum(len(m["from"]) for m in res["merges"]) == 3 and all(t["kept"] for t in res["trials"])
     assert res["merges"][0]["into"] == 6 - 1 - 2 + 0  # starts at H − C with H the last layer
-    cfg = PruneConfig(type="prune", criterion="laco", num_blocks=3)
+    cfg = PruneConfig.model_validate({"type": "prune", "criterion": "laco", "num_blocks": 3})
     plan = make_plan(res, cfg, adapter_for(tiny_model))
-    assert plan["merges"] and plan["layers_after"] == 3
+    assert plan.merges and plan.layers_after == 3
     pruned = apply_plan(copy.deepcopy(tiny_model), plan)
     assert len(pruned.model.layers) == 3
     # the first merge, recomputed by hand, sits in the kept base layer
-    first = plan["merges"][0]
-    base = dense.model.layers[first["into"]].mlp.down_proj.weight
-    expect = base + sum(dense.model.layers[j].mlp.down_proj.weight - base for j in first["from"])
-    if all(first["into"] not in m["from"] and m["into"] != first["into"] for m in plan["merges"][1:]):
-        kept = [i for i in range(6) if i not in plan["removed_blocks"]]
-        assert torch.allclose(pruned.model.layers[kept.index(first["into"])].mlp.down_proj.weight, expect, atol=1e-6)
+    first = plan.merges[0]
+    base = dense.model.layers[first.into].mlp.down_proj.weight
+    expect = base + sum(dense.model.layers[j].mlp.down_proj.weight - base for j in first.from_)
+    if all(first.into not in m.from_ and m.into != first.into for m in plan.merges[1:]):
+        kept = [i for i in range(6) if i not in plan.removed_blocks]
+        assert torch.allclose(pruned.model.layers[kept.index(first.into)].mlp.down_proj.weight, expect, atol=1e-6)
     with torch.no_grad():
         assert torch.isfinite(pruned(calib).logits).all()
 
@@ -233,7 +241,7 @@ def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tin
 def test_laco_threshold_that_rejects_every_merge_is_a_clear_error(tiny_model, calib):
     from stages.criteria.laco import laco
 
-    with pytest.raises(ValueError, match="lower score.laco.threshold"):
+    with pytest.raises(ValueError, match="lower score.settings.laco.threshold"):
         laco(_laco_inputs(tiny_model, calib, 2, merge_layers=2, threshold=0.999999))
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from stages.selection.owl import linear_offsets
+
 LLAMA_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -62,6 +64,4 @@ def alpha_offsets(alphas: list[float], layers: list[int], epsilon: float) -> lis
 
     Offsets for layers outside ``layers`` are 0 (they are not pruned).
     """
-    from stages.selection.width import linear_offsets
-
     return linear_offsets([alphas[i] for i in layers], layers, len(alphas), epsilon)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.selection.config import BlocksSettings
 from stages.selection.targets import blocks_for_ratio
+from stages.surgery.plan import DepthPlan, DepthTarget, Merge
 
 
-def num_blocks_for(cfg: Any, adapter: Any) -> int:
+def num_blocks_for(cfg: BlocksSettings, adapter: Any) -> int:
     """Resolve the target to a block count (blocks of one decoder are equal in size)."""
     sizes = adapter.block_param_counts()
     problems = cfg.check_model(len(sizes), adapter.total_params(), sum(sizes) / len(sizes))
@@ -34,8 +36,8 @@ def select_blocks(result: dict[str, Any], k: int) -> list[int]:
     return sorted(i for _, i in sorted(candidates)[:k])
 
 
-def make_plan(result: dict[str, Any], cfg: Any, adapter: Any) -> dict[str, Any]:
-    """The depth plan for ``cfg``'s target from one criterion's saved result (plain data in, plain data out)."""
+def make_plan(result: dict[str, Any], cfg: BlocksSettings, adapter: Any) -> DepthPlan:
+    """The depth plan for ``cfg``'s target from one criterion's saved result."""
     k = num_blocks_for(cfg, adapter)
     removed = select_blocks(result, k)
     sizes = adapter.block_param_counts()
@@ -44,16 +46,15 @@ def make_plan(result: dict[str, Any], cfg: Any, adapter: Any) -> dict[str, Any]:
     merges = result.get("merges") or []
     if merges and sorted(j for mg in merges for j in mg["from"]) != removed:
         raise ValueError(f"criterion {cfg.criterion} merged {[mg['from'] for mg in merges]} but {k} blocks are to be removed; re-run score")
-    return {
-        "kind": "depth",
-        "criterion": cfg.criterion,
-        "target": {"num_blocks": cfg.num_blocks, "ratio": cfg.ratio, "rounding": cfg.rounding},
-        **({"merges": [{"into": mg["into"], "from": mg["from"]} for mg in merges]} if merges else {}),
-        "removed_blocks": removed,
-        "num_removed": len(removed),
-        "layers_before": len(sizes),
-        "layers_after": len(sizes) - len(removed),
-        "params_before": before,
-        "params_after": after,
-        "achieved_ratio": round(1 - after / before, 6),
-    }
+    return DepthPlan(
+        criterion=cfg.criterion,
+        target=DepthTarget(num_blocks=cfg.num_blocks, ratio=cfg.ratio, rounding=cfg.rounding),
+        merges=[Merge(into=mg["into"], from_=mg["from"]) for mg in merges],
+        removed_blocks=removed,
+        num_removed=len(removed),
+        layers_before=len(sizes),
+        layers_after=len(sizes) - len(removed),
+        params_before=before,
+        params_after=after,
+        achieved_ratio=round(1 - after / before, 6),
+    )

@@ -4,80 +4,74 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.selection.config import HiddenSettings, WidthSettings
 from stages.selection.targets import hidden_channels_to_remove, ratio_to_params
+from stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPlan, WidthTarget
 
 
-def make_width_plan(result: dict[str, Any], cfg: Any, model: Any, means: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None) -> tuple[WidthPlan, dict[str, Any]]:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
     from stages.arch.llama import adapter_for
     from stages.calibration.width import geometry
-    from stages.selection.width import (
-        bias_compensation,
-        optimal_compensation,
-        owl_offsets,
-        select_global,
-        select_uniform,
-        summarize,
-    )
+    from stages.selection.width import select_global, select_uniform, summarize
+    from stages.surgery.compensation import bias_compensation, optimal_compensation
 
-    if cfg.hidden:
-        return make_hidden_plan(result, cfg, model), {}
     adapter = adapter_for(model)
     geos = [geometry(layer) for layer in model.model.layers]
     start, end = cfg.layers if cfg.layers is not None else (0, len(geos))
     layers = list(range(start, end))
-    attention = cfg.attention
     before = adapter.total_params()
     target = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
     scores = result["layers"]
+    alloc, comp = cfg.allocation, cfg.compensation
     offsets = None
     alphas = None
-    if cfg.allocation == "global":
-        chosen = select_global(scores, geos, layers, cfg.mlp, attention, target)
+    if alloc.type == "global":
+        chosen = select_global(scores, geos, layers, cfg.mlp, cfg.attention, target)
     else:
-        if cfg.allocation == "owl":
+        if alloc.type == "owl":
+            from stages.selection.owl import owl_offsets
+
             if means is None:
                 raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
-            offsets = owl_offsets(model, means["sq_norm"], layers, cfg.owl_m, cfg.owl_lambda)
-        elif cfg.allocation == "alpha":
+            offsets = owl_offsets(model, means["sq_norm"], layers, alloc.m, alloc.lambda_)
+        elif alloc.type == "alpha":
             from stages.selection.alpha import alpha_offsets, layer_alphas
 
             alphas = layer_alphas(model)
-            offsets = alpha_offsets(alphas, layers, cfg.alpha_epsilon)
-        chosen = select_uniform(scores, geos, layers, attention, cfg.mlp, cfg.layer_ratio, target, offsets)
+            offsets = alpha_offsets(alphas, layers, alloc.epsilon)
+        chosen = select_uniform(scores, geos, layers, cfg.attention, cfg.mlp, cfg.layer_ratio, target, offsets)
     side: dict[str, Any] = {}
-    if cfg.compensation == "bias":
+    if comp.type == "bias":
         if means is None:
             raise ValueError("compensation: bias needs activation means from a width `score` stage")
         side = bias_compensation(model, chosen, means)
-    elif cfg.compensation == "optimal":
+    elif comp.type == "optimal":
         if means is None or "gram" not in means:
             raise ValueError("compensation: optimal needs XᵀX of o_proj/down_proj inputs from the width `score` stage "
                              "(it collects them when a later prune stage asks for optimal compensation)")
-        side = optimal_compensation(model, chosen, means["gram"], cfg.damping, cfg.optimal_bias)
+        side = optimal_compensation(model, chosen, means["gram"], comp.damping, comp.bias)
     shapes_after = summarize(chosen, geos)
-    plan = {
-        "kind": "width",
-        "criterion": cfg.criterion,
-        "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "allocation": cfg.allocation,
-                   "layers": [start, end], "attention": attention, "mlp": cfg.mlp, "compensation": cfg.compensation,
-                   **({"damping": cfg.damping, "optimal_bias": cfg.optimal_bias} if cfg.compensation == "optimal" else {})},
-        "layers": {str(i): rem for i, rem in chosen.items() if any(rem.values())},
-        "shapes_before": summarize({}, geos),
-        "shapes_after": shapes_after,
-        "uniform": all(s == shapes_after[0] for s in shapes_after),
-        "layer_ratio_offsets": offsets,
-        "layer_alpha": alphas,
-        "num_removed": sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
-        "layers_before": len(geos),
-        "layers_after": len(geos),
-        "params_before": before,
-        "side_file": "compensation.safetensors" if side else None,
-    }
+    plan = WidthPlan(
+        criterion=cfg.criterion,
+        target=WidthTarget(ratio=cfg.ratio, layer_ratio=cfg.layer_ratio, allocation=alloc, layers=(start, end),
+                           attention=cfg.attention, mlp=cfg.mlp, compensation=comp),
+        layers={str(i): rem for i, rem in chosen.items() if any(rem.values())},
+        shapes_before=summarize({}, geos),
+        shapes_after=shapes_after,
+        uniform=all(s == shapes_after[0] for s in shapes_after),
+        layer_ratio_offsets=offsets,
+        layer_alpha=alphas,
+        num_removed=sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
+        layers_before=len(geos),
+        layers_after=len(geos),
+        params_before=before,
+        side_file="compensation.safetensors" if side else None,
+    )
     return plan, side
 
 
-def make_hidden_plan(result: dict[str, Any], cfg: Any, model: Any) -> dict[str, Any]:
+def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) -> HiddenPlan:
     """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
     target (each channel owns the same parameters, so k = round(target / params per channel))."""
     from stages.arch.llama import adapter_for
@@ -87,7 +81,7 @@ def make_hidden_plan(result: dict[str, Any], cfg: Any, model: Any) -> dict[str, 
 
     if "hidden" not in result:
         raise ValueError(f"criterion {cfg.criterion} has no hidden-channel scores; re-run the width score stage "
-                         "(it scores hidden channels when a later prune stage sets hidden: true)")
+                         "(it scores hidden channels when a later prune stage sets units: hidden)")
     d = model.config.hidden_size
     before = adapter_for(model).total_params()
     per = params_per_hidden_channel(model)
@@ -97,21 +91,18 @@ def make_hidden_plan(result: dict[str, Any], cfg: Any, model: Any) -> dict[str, 
         raise WidthTargetError(f"the target would remove all {d} hidden channels; lower it")
     if k < 1:
         raise WidthTargetError(f"the target removes less than one hidden channel ({per} parameters each); raise it")
-    removed = _lowest(result["hidden"], k)
     geos = [geometry(layer) for layer in model.model.layers]
     shapes = summarize({}, geos)
-    return {
-        "kind": "width",
-        "criterion": cfg.criterion,
-        "target": {"ratio": cfg.ratio, "layer_ratio": cfg.layer_ratio, "hidden": True, "norm_rescale": cfg.hidden_norm_rescale},
-        "layers": {},
-        "hidden": {"removed": removed, "hidden_before": d, "hidden_after": d - k, "norm_rescale": cfg.hidden_norm_rescale},
-        "shapes_before": shapes,
-        "shapes_after": shapes,
-        "uniform": True,
-        "num_removed": k,
-        "layers_before": len(geos),
-        "layers_after": len(geos),
-        "params_before": before,
-        "side_file": None,
-    }
+    return HiddenPlan(
+        criterion=cfg.criterion,
+        target=HiddenTarget(ratio=cfg.ratio, layer_ratio=cfg.layer_ratio, norm_rescale=cfg.norm_rescale),
+        hidden=HiddenRemoval(removed=_lowest(result["hidden"], k), hidden_before=d, hidden_after=d - k,
+                             norm_rescale=cfg.norm_rescale),
+        shapes_before=shapes,
+        shapes_after=shapes,
+        uniform=True,
+        num_removed=k,
+        layers_before=len(geos),
+        layers_after=len(geos),
+        params_before=before,
+    )

@@ -6,13 +6,13 @@ Two allocations:
 - ``global``: KV groups and MLP channels of all layers in range are ranked on one scale and removed
   cheapest-first, each weighted by its parameter cost (FLAP's adaptive structure, "AL-AM"); layer
   widths then differ and the model needs the prunelab loader.
+``select_uniform`` also takes per-layer ratio offsets from OWL (``stages.selection.owl``) or AlphaPruning
+(``stages.selection.alpha``). Compensation of what is removed lives in ``stages.surgery.compensation``.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 from stages.calibration.width import LayerGeometry
 from stages.selection.targets import round_count
@@ -127,34 +127,6 @@ def select_global(scores: list[dict[str, list[float]]], geos: list[LayerGeometry
     return out
 
 
-def bias_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], means: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """FLAP's baseline bias (arXiv 2312.11983, Eq. 8): b' = b + W[:, S] · X̄[S] for removed input channels S.
-
-    A removed channel's average contribution is folded into the output bias, so on average the
-    layer's output is unchanged. Returned as side tensors named by parameter.
-    """
-    side: dict[str, torch.Tensor] = {}
-    for i, name, key, lin, idx in removed_inputs(model, plan_layers):
-        shift = lin.weight.detach().double()[:, idx] @ means[key][i].double()[idx]
-        side[f"model.layers.{i}.{name}.bias"] = shift.to(lin.weight.dtype)
-    return side
-
-
-def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]]) -> list[tuple[int, str, str, torch.nn.Linear, list[int]]]:
-    """(layer, parameter path, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
-    inputs: the removed query heads' columns of o_proj, the removed MLP channels of down_proj. What compensation repairs."""
-    out = []
-    for i, rem in plan_layers.items():
-        layer = model.model.layers[i]
-        hd = layer.self_attn.head_dim
-        cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
-        for name, key, lin, idx in (("self_attn.o_proj", "o_proj", layer.self_attn.o_proj, cols),
-                                    ("mlp.down_proj", "down_proj", layer.mlp.down_proj, rem["mlp"])):
-            if idx:
-                out.append((i, name, key, lin, idx))
-    return out
-
-
 def summarize(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeometry]) -> list[dict[str, Any]]:
     """Per-layer kept widths (for the plan, the report and the loader)."""
     out = []
@@ -163,59 +135,3 @@ def summarize(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeom
         out.append({"num_attention_heads": g.n_q - len(rem["q_heads"]), "num_key_value_heads": g.n_kv - len(rem["kv_heads"]),
                     "intermediate_size": g.intermediate - len(rem["mlp"])})
     return out
-
-
-def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], layers: list[int], m: float, lam: float) -> list[float]:
-    """OWL layer allocation (Yin et al., 2023, arXiv 2310.05175, Sec. 3.2), as a per-layer ratio offset.
-
-    Layer outlier ratio D_ℓ = |{A_ij > M · mean(A)}| / |A| over the Wanda scores A_ij = |W_ij| · ‖X_j‖₂
-    of all the layer's projections. Layers richer in outliers are pruned less: the layer ratio is
-    r_ℓ = r − (a_ℓ − mean(a)),  a_ℓ = 2λ (D_ℓ − min D) / (max D − min D),  so r_ℓ ∈ [r − λ, r + λ]
-    and the mean over the pruned layers stays r. Returns offsets for every layer (0 outside ``layers``).
-    """
-    ratios = []
-    for i in layers:
-        layer = model.model.layers[i]
-        a, mm = layer.self_attn, layer.mlp
-        parts = []
-        for lin, key in ((a.q_proj, "q_proj"), (a.k_proj, "q_proj"), (a.v_proj, "q_proj"), (a.o_proj, "o_proj"),
-                         (mm.gate_proj, "gate_proj"), (mm.up_proj, "gate_proj"), (mm.down_proj, "down_proj")):
-            parts.append((lin.weight.detach().float().abs() * sq_norm[key][i].float().sqrt()[None]).flatten())
-        scores = torch.cat(parts)
-        ratios.append((scores > m * scores.mean()).double().mean().item())
-    # more outliers → pruned less: map −D_ℓ (equal to −(a_ℓ − mean a) after centring)
-    return linear_offsets([-r for r in ratios], layers, len(model.model.layers), lam)
-
-
-def linear_offsets(values: list[float], layers: list[int], num_layers: int, half_span: float) -> list[float]:
-    """Per-layer ratio offsets linear in ``values`` (one per layer in ``layers``): the lowest value gets the lowest
-    offset, the range is 2 × ``half_span``, the mean over ``layers`` is 0 (so the mean ratio stays r); layers
-    outside ``layers`` get 0. Shared by OWL (values −D_ℓ) and AlphaPruning (values α_ℓ)."""
-    v = torch.tensor(values, dtype=torch.float64)
-    span = (v.max() - v.min()).item()
-    mapped = torch.zeros_like(v) if span == 0 else (v - v.min()) / span * 2 * half_span
-    out = [0.0] * num_layers
-    for i, o in zip(layers, (mapped - mapped.mean()).tolist()):
-        out[i] = o
-    return out
-
-
-def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], grams: dict[str, list[Any]],
-                         damping: float, with_bias: bool) -> dict[str, torch.Tensor]:
-    """APT / OBS multi-weight removal (``stages.surgery.compensation``) for o_proj and down_proj of every pruned layer.
-
-    Returns side tensors: the compensated kept columns as ``<param>.weight`` (shape after slicing) and, with
-    ``with_bias``, the bias change as ``<param>.bias`` (added to the existing bias, like FLAP's).
-    """
-    from stages.surgery.compensation import optimal_layer
-
-    side: dict[str, torch.Tensor] = {}
-    for i, name, key, lin, idx in removed_inputs(model, plan_layers):
-        gram, total, count = grams[key][i]
-        w, b = optimal_layer(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, total,
-                             count, idx, damping, with_bias)
-        side[f"model.layers.{i}.{name}.weight"] = w.to(lin.weight.dtype)
-        if b is not None:
-            old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
-            side[f"model.layers.{i}.{name}.bias"] = (b - old).to(lin.weight.dtype)
-    return side

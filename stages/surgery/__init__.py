@@ -1,1 +1,2 @@
-"""Surgery: applying a plan to a model (slicing, block removal, merges) and compensation of removed units."""
+"""Surgery: the typed plan (plan), applying it to a model (apply: slicing, block removal, merges) and compensation
+of removed units (compensation)."""

@@ -1,7 +1,7 @@
 """Surgery: the only code that edits weights or architecture. It executes a plan; it never decides.
 
-A plan is plain data (``plan.json``). ``apply_plan`` applied to a fresh copy of the same model gives
-the same weights, which is what makes a run resumable and a plan reviewable.
+A plan is a typed record (``stages.surgery.plan``) saved as ``plan.json``. ``apply_plan`` applied to a fresh copy
+of the same model gives the same weights, which is what makes a run resumable and a plan reviewable.
 """
 
 from __future__ import annotations
@@ -10,51 +10,57 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan
+
 if TYPE_CHECKING:
     import torch
 
-
-class PlanError(ValueError):
-    """A plan that does not fit the model it is applied to."""
+__all__ = ["PlanError", "apply_plan", "merge_blocks", "prune_hidden", "prune_layer_width", "remove_blocks"]
 
 
-def apply_plan(model: nn.Module, plan: dict[str, Any], side: dict[str, Any] | None = None) -> nn.Module:
-    """Apply ``plan`` (and its side tensors, e.g. compensation biases) to ``model`` in place."""
-    kind = plan.get("kind")
-    if kind == "depth":
-        if plan.get("merges"):
-            merge_blocks(model, plan["merges"], expected_layers=plan.get("layers_before"))
-        remove_blocks(model, plan["removed_blocks"], expected_layers=plan.get("layers_before"))
+def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict[str, Any],
+               side: dict[str, Any] | None = None) -> nn.Module:
+    """Apply ``plan`` (a typed plan, or ``plan.json``'s mapping, validated first) and its side tensors (e.g.
+    compensation) to ``model`` in place."""
+    plan = load_plan(plan)
+    if isinstance(plan, DepthPlan):
+        if plan.merges:
+            merge_blocks(model, [m.model_dump(by_alias=True) for m in plan.merges], expected_layers=plan.layers_before)
+        remove_blocks(model, plan.removed_blocks, expected_layers=plan.layers_before)
         return model
-    if kind == "width":
-        apply_width(model, plan, side or {})
+    _check_shapes(model, plan.shapes_before)
+    if isinstance(plan, HiddenPlan):
+        h = plan.hidden
+        if model.config.hidden_size != h.hidden_before:
+            raise PlanError(f"plan was made for hidden_size {h.hidden_before}, this model has {model.config.hidden_size}")
+        prune_hidden(model, h.removed, h.norm_rescale)
+        if plan.shapes_after is not None:
+            set_width_config(model, [s.model_dump() for s in plan.shapes_after])
         return model
-    raise PlanError(f"unknown plan kind {kind!r}; this version applies: depth, width")
+    apply_width(model, plan, side or {})
+    return model
 
 
-def apply_width(model: nn.Module, plan: dict[str, Any], side: dict[str, Any]) -> None:
+def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
     from stages.calibration.width import geometry
 
-    before = plan.get("shapes_before")
     if before is not None:
         now = [geometry(layer) for layer in model.model.layers]
         got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate} for g in now]
-        if got != before:
+        if got != [s.model_dump() for s in before]:
             raise PlanError("plan was made for a model with other layer widths (already pruned?)")
-    if plan.get("hidden"):
-        h = plan["hidden"]
-        if model.config.hidden_size != h["hidden_before"]:
-            raise PlanError(f"plan was made for hidden_size {h['hidden_before']}, this model has {model.config.hidden_size}")
-        prune_hidden(model, h["removed"], h.get("norm_rescale", True))
-    for key, removed in plan["layers"].items():
-        prune_layer_width(model.model.layers[int(key)], removed)
+
+
+def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None:
+    for key, removed in plan.layers.items():
+        prune_layer_width(model.model.layers[int(key)], removed.model_dump())
     weights = {k: v for k, v in side.items() if k.endswith(".weight")}
     biases = {k: v for k, v in side.items() if k.endswith(".bias")}
     if weights:
         replace_weights(model, weights)
     if biases:
         add_output_biases(model, biases)
-    set_width_config(model, plan["shapes_after"])
+    set_width_config(model, [s.model_dump() for s in plan.shapes_after])
 
 
 def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -70,7 +76,7 @@ def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers: int | None = None) -> None:
     """LaCo's RDSC merges, in plan order, before the absorbed blocks are removed (indices are the original ones)."""
-    from stages.criteria.laco import rdsc_merge
+    from stages.surgery.merge import rdsc_merge
 
     layers = model.model.layers
     if expected_layers is not None and len(layers) != expected_layers:

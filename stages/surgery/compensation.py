@@ -4,7 +4,7 @@ Width pruning removes input channels S of ``o_proj`` (the columns of dropped hea
 (dropped MLP channels). The layer's output then loses W[:, S] X_S. Two repairs:
 
 - ``bias`` — FLAP (An et al., 2024, arXiv 2312.11983, Eq. 8): b' = b + W[:, S] · X̄_S, the removed channels'
-  mean contribution (see ``stages.selection.width.bias_compensation``);
+  mean contribution (``bias_compensation``);
 - ``optimal`` — the closed-form multi-weight removal of "Pruning Foundation Models for High Accuracy
   without Retraining" (Zhao et al., 2024, arXiv 2410.15567, Sec. 3, code piuzha/APT), which is Optimal
   Brain Surgeon for a set of weights: with H = XᵀX + λI over calibration inputs X,
@@ -17,10 +17,13 @@ Width pruning removes input channels S of ``o_proj`` (the columns of dropped hea
 With ``with_bias`` the input is augmented by a constant 1 (H gains the row/column Σx and N), so the bias
 is optimised together with the kept weights: FLAP's bias-only repair is then one feasible point of the
 same problem, and the optimal one is never worse on the calibration data (up to the dampening λ).
-Computed in float64.
+Computed in float64. ``bias_compensation`` and ``optimal_compensation`` apply these to every o_proj / down_proj a
+width plan shrinks and return side tensors named by parameter, which surgery adds after slicing.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -74,3 +77,51 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
     ref = x.double() @ weight.double().T + (0 if bias is None else bias.double())
     got = x.double()[:, keep] @ new_weight.double().T + (0 if new_bias is None else new_bias.double())
     return float(((ref - got) ** 2).sum())
+
+
+# ----------------------------------------------------------------------------- on a model, from a width plan
+def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]]) -> list[tuple[int, str, str, torch.nn.Linear, list[int]]]:
+    """(layer, parameter path, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
+    inputs: the removed query heads' columns of o_proj, the removed MLP channels of down_proj. What compensation repairs."""
+    out = []
+    for i, rem in plan_layers.items():
+        layer = model.model.layers[i]
+        hd = layer.self_attn.head_dim
+        cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
+        for name, key, lin, idx in (("self_attn.o_proj", "o_proj", layer.self_attn.o_proj, cols),
+                                    ("mlp.down_proj", "down_proj", layer.mlp.down_proj, rem["mlp"])):
+            if idx:
+                out.append((i, name, key, lin, idx))
+    return out
+
+
+def bias_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], means: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """FLAP's baseline bias (arXiv 2312.11983, Eq. 8): b' = b + W[:, S] · X̄[S] for removed input channels S.
+
+    A removed channel's average contribution is folded into the output bias, so on average the
+    layer's output is unchanged. Returned as side tensors named by parameter.
+    """
+    side: dict[str, torch.Tensor] = {}
+    for i, name, key, lin, idx in removed_inputs(model, plan_layers):
+        shift = lin.weight.detach().double()[:, idx] @ means[key][i].double()[idx]
+        side[f"model.layers.{i}.{name}.bias"] = shift.to(lin.weight.dtype)
+    return side
+
+
+def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], grams: dict[str, list[Any]],
+                         damping: float, with_bias: bool) -> dict[str, torch.Tensor]:
+    """APT / OBS multi-weight removal (``optimal_layer``) for o_proj and down_proj of every pruned layer.
+
+    Returns side tensors: the compensated kept columns as ``<param>.weight`` (shape after slicing) and, with
+    ``with_bias``, the bias change as ``<param>.bias`` (added to the existing bias, like FLAP's).
+    """
+    side: dict[str, torch.Tensor] = {}
+    for i, name, key, lin, idx in removed_inputs(model, plan_layers):
+        gram, total, count = grams[key][i]
+        w, b = optimal_layer(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, total,
+                             count, idx, damping, with_bias)
+        side[f"model.layers.{i}.{name}.weight"] = w.to(lin.weight.dtype)
+        if b is not None:
+            old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
+            side[f"model.layers.{i}.{name}.bias"] = (b - old).to(lin.weight.dtype)
+    return side

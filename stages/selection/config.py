@@ -1,0 +1,331 @@
+"""Typed settings of a selection: what to remove (blocks, width units, hidden channels), how much, and the
+allocation and compensation rules of width pruning. Torch-free: validating a recipe imports this.
+
+Each mode's settings are their own class, so a setting of another mode is an error naming it. ``allocation``
+and ``compensation`` are tagged by ``type`` and carry their own settings; a bare name is short for that
+type with its defaults (``allocation: global`` ≡ ``allocation: {type: global}``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from stages.core.config import StrictModel
+from stages.selection.targets import blocks_for_ratio, hidden_channels_to_remove
+
+
+# ----------------------------------------------------------------------------- key checks with messages that help
+def _error(key: str, message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=(key,), input=value)
+
+
+def allowed_keys(cls: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in cls.model_fields.items()]
+
+
+def validate_as(cls: type[BaseModel], data: Mapping[str, Any], explain: Mapping[str, str]) -> Any:
+    """``cls.model_validate(data)``, but a key ``cls`` does not have is reported with ``explain[key]`` (why it does
+    not apply here) or as an unknown key with the closest allowed one, together with every other error."""
+    allowed = allowed_keys(cls)
+    errors = []
+    for key, value in data.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            errors.append(_error(key, explain.get(key) or f"unknown key; {hint}allowed keys here: {', '.join(sorted(allowed))}", value))
+    if not errors:
+        return cls.model_validate(dict(data))
+    try:
+        cls.model_validate({k: v for k, v in data.items() if k in allowed})
+    except ValidationError as exc:  # field errors too; cross-field rules only once the keys are right (as pydantic does)
+        errors += [InitErrorDetails(type=PydanticCustomError(e["type"], "{message}", {"message": e["msg"]}), loc=e["loc"],
+                                    input=e["input"]) for e in exc.errors() if e["loc"]]
+    raise ValidationError.from_exception_data(cls.__name__, errors)
+
+
+def tagged(kinds: dict[str, type[BaseModel]], what: str) -> BeforeValidator:
+    """A field holding one of ``kinds`` by its ``type``: a bare name is that type with its defaults."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value
+        if isinstance(value, str):
+            value = {"type": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"{what}: give a name ({' | '.join(kinds)}) or a mapping with `type:` and its settings")  # noqa: TRY004
+        cls = kinds.get(value.get("type"))  # type: ignore[arg-type]
+        if cls is None:
+            raise ValueError(f"{what} {value.get('type')!r}: choose {' | '.join(kinds)}")
+        return validate_as(cls, value, {})
+
+    return BeforeValidator(parse)
+
+
+class _Tagged(StrictModel):
+    type: str
+    what: ClassVar[str] = ""
+
+    def describe(self) -> str:
+        """A few words for the plan's summary (``stages.surgery.plan``)."""
+        return f"{self.type} {self.what}"
+
+
+# ----------------------------------------------------------------------------- allocation: how much each layer loses
+class _Allocation(_Tagged):
+    what: ClassVar[str] = "allocation"
+
+
+class UniformAllocation(_Allocation):
+    """Every layer in range loses the same fraction of its units (the result keeps a vanilla config)."""
+
+    type: Literal["uniform"] = "uniform"
+
+
+class GlobalAllocation(_Allocation):
+    """One ranking across layers, each unit weighted by its parameter cost (FLAP's adaptive structure, AL-AM)."""
+
+    type: Literal["global"] = "global"
+
+
+class OwlAllocation(_Allocation):
+    """OWL's outlier-weighted layer ratios (arXiv 2310.05175): layers richer in outliers are pruned less."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    type: Literal["owl"] = "owl"
+    m: float = Field(5.0, gt=0, description="a score is an outlier above M × the layer mean")
+    lambda_: float = Field(0.08, ge=0, lt=0.5, alias="lambda", description="layer ratios span r ± lambda")
+
+    def describe(self) -> str:
+        return f"OWL allocation (M = {self.m:g}, λ = {self.lambda_:g})"
+
+
+class AlphaAllocation(_Allocation):
+    """AlphaPruning's heavy-tail (α) layer ratios (arXiv 2410.10912): heavier-tailed layers are pruned less."""
+
+    type: Literal["alpha"] = "alpha"
+    epsilon: float = Field(0.08, ge=0, lt=0.5, description="layer ratios span r ± epsilon")
+
+    def describe(self) -> str:
+        return f"AlphaPruning allocation (ε = {self.epsilon:g})"
+
+
+ALLOCATIONS: dict[str, type[BaseModel]] = {"uniform": UniformAllocation, "global": GlobalAllocation, "owl": OwlAllocation,
+                                           "alpha": AlphaAllocation}
+Allocation = Annotated[UniformAllocation | GlobalAllocation | OwlAllocation | AlphaAllocation, tagged(ALLOCATIONS, "allocation")]
+
+
+# ----------------------------------------------------------------------------- compensation: repairing what was removed
+class _Compensation(_Tagged):
+    what: ClassVar[str] = "compensation"
+
+
+class NoCompensation(_Compensation):
+    type: Literal["none"] = "none"
+
+    def describe(self) -> str:
+        return "no compensation"
+
+
+class BiasCompensation(_Compensation):
+    """FLAP's bias (arXiv 2312.11983, Eq. 8): the removed channels' mean output folded into the output bias."""
+
+    type: Literal["bias"] = "bias"
+
+
+class OptimalCompensation(_Compensation):
+    """The APT/OBS closed-form update of the kept o_proj/down_proj columns on calibration inputs (arXiv 2410.15567)."""
+
+    type: Literal["optimal"] = "optimal"
+    damping: float = Field(0.01, gt=0, description="λ = damping × mean(diag XᵀX) added to XᵀX")
+    bias: bool = Field(True, description="also solve for the output bias (then never worse than FLAP's bias on "
+                       "calibration data); false: weights only, as in APT")
+
+    def describe(self) -> str:
+        return f"optimal compensation (damping {self.damping:g}, {'with' if self.bias else 'without'} bias)"
+
+
+COMPENSATIONS: dict[str, type[BaseModel]] = {"none": NoCompensation, "bias": BiasCompensation, "optimal": OptimalCompensation}
+Compensation = Annotated[NoCompensation | BiasCompensation | OptimalCompensation, tagged(COMPENSATIONS, "compensation")]
+
+
+# ----------------------------------------------------------------------------- what to remove, and how much
+class _Selection(StrictModel):
+    scored_units: ClassVar[Literal["blocks", "width"]] = "width"  # the `units` of the score stage that feeds it
+    criterion: str = Field(..., description="which computed criterion decides (see `score`)")
+    ratio: float | None = Field(
+        None, gt=0, lt=1, description="remove this fraction of ALL parameters (embeddings included, as Shortened LLaMA counts)"
+    )
+
+    @model_validator(mode="after")
+    def _known_criterion(self) -> _Selection:
+        from stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
+        from stages.criteria.registry import criteria_for
+
+        registry = criteria_for(self.scored_units)
+        if self.criterion not in registry:
+            raise ValueError(f"unknown {self.scored_units} criterion {self.criterion!r}; choose from {', '.join(registry.names())}")
+        return self
+
+
+class _WidthTarget(_Selection):
+    layer_ratio: float | None = Field(
+        None, gt=0, lt=1, description="fraction of each layer's units to remove (LLM-Pruner's per-layer ratio)"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> _WidthTarget:
+        if (self.ratio is None) == (self.layer_ratio is None):
+            raise ValueError("give exactly one width target: `ratio` (of all parameters) or `layer_ratio` (of each layer's units)")
+        return self
+
+
+class BlocksSettings(_Selection):
+    """Remove whole decoder blocks."""
+
+    scored_units: ClassVar[Literal["blocks", "width"]] = "blocks"
+    units: Literal["blocks"] = Field("blocks", description="remove decoder blocks")
+    num_blocks: int | None = Field(None, ge=1, description="remove exactly this many blocks")
+    rounding: Literal["nearest", "floor", "ceil"] = Field("nearest", description="how a ratio becomes a whole number of blocks")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> BlocksSettings:
+        if (self.num_blocks is None) == (self.ratio is None):
+            raise ValueError("give exactly one target: `num_blocks` (a count) or `ratio` (a fraction of parameters in (0, 1))")
+        return self
+
+    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
+                    geometries: list[Any] | None = None) -> list[str]:
+        """Problems only visible once the model's size is known (checked before any heavy work)."""
+        if self.num_blocks is not None and self.num_blocks >= num_layers:
+            return [f"num_blocks={self.num_blocks} but the model has {num_layers} blocks; choose at most {num_layers - 1}"]
+        if self.ratio is not None and total_params and block_params:
+            k = blocks_for_ratio(self.ratio, total_params, block_params, self.rounding)
+            if k >= num_layers:
+                return [f"ratio={self.ratio} would remove {k} of {num_layers} blocks; choose a smaller ratio"]
+            if k < 1:
+                return [f"ratio={self.ratio} is less than one block ({block_params / total_params:.3f}); raise it or use num_blocks"]
+        return []
+
+
+class WidthSettings(_WidthTarget):
+    """Remove attention heads / KV groups and MLP channels inside the layers."""
+
+    units: Literal["width"] = Field("width", description="remove heads / KV groups / MLP channels")
+    allocation: Allocation = Field(default_factory=UniformAllocation, description="how the target spreads over layers: "
+                                   "uniform | global | owl {m, lambda} | alpha {epsilon} (the last two combine with any criterion)")
+    layers: tuple[int, int] | None = Field(None, description="[start, end) layer range to prune; LLM-Pruner keeps the first and last layers")
+    attention: Literal["kv_group", "q_head", "none"] = Field("kv_group", description="attention unit — head_dim never changes")
+    mlp: bool = Field(True, description="prune MLP channels")
+    compensation: Compensation = Field(default_factory=NoCompensation, description="repair of the removed inputs of "
+                                       "o_proj/down_proj: none | bias (FLAP) | optimal {damping, bias} (APT/OBS)")
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _attention(cls, v: Any) -> Any:
+        if isinstance(v, str) and (v == "head_dim" or "dim" in v):
+            raise ValueError("head_dim never changes: prune whole heads with attention: kv_group or q_head")
+        if v not in ("kv_group", "q_head", "none"):
+            raise ValueError(f"attention {v!r}: choose kv_group (whole GQA groups), q_head (query heads inside groups) or none")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> WidthSettings:
+        if self.allocation.type == "global" and self.layer_ratio is not None:
+            raise ValueError("allocation: global needs `ratio` (a parameter budget), not layer_ratio")
+        if self.allocation.type == "global" and self.attention == "q_head":
+            raise ValueError("allocation: global ranks whole KV groups; use attention: kv_group or allocation: uniform")
+        if self.attention == "none" and not self.mlp:
+            raise ValueError("nothing to prune: enable mlp or choose an attention unit")
+        if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
+            raise ValueError(f"layers {list(self.layers)} must be [start, end) with 0 <= start < end")
+        return self
+
+    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
+                    geometries: list[Any] | None = None) -> list[str]:
+        if self.layers is not None and self.layers[1] > num_layers:
+            return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
+        if geometries and self.layer_ratio is not None:
+            from stages.selection.width import WidthTargetError, uniform_layer
+
+            start, end = self.layers or (0, num_layers)
+            for i in range(start, end):
+                g = geometries[i]
+                dummy = {"q_heads": [0.0] * g.n_q, "kv_groups": [0.0] * g.n_kv, "mlp": [0.0] * g.intermediate}
+                try:
+                    uniform_layer(dummy, g, self.layer_ratio, self.attention, self.mlp, i)
+                except WidthTargetError as exc:
+                    return [f"layer_ratio={self.layer_ratio}: {exc}"]
+        return []
+
+
+class HiddenSettings(_WidthTarget):
+    """Remove hidden (residual-stream) channels — LLM-Pruner's channel mode: every embedding, norm, projection and
+    the head shrink together; heads and MLP channels stay."""
+
+    units: Literal["hidden"] = Field("hidden", description="remove hidden (residual-stream) channels")
+    norm_rescale: bool = Field(
+        True, description="scale kept RMSNorm weights by sqrt(d/d') and eps by d/d' so the pruned model equals the "
+        "masked one (zeroed channels) exactly; false slices only, as LLM-Pruner does (every norm's scale then shifts)"
+    )
+
+    @model_validator(mode="after")
+    def _hidden_criterion(self) -> HiddenSettings:
+        from stages.criteria import HIDDEN_CRITERIA
+
+        if self.criterion not in HIDDEN_CRITERIA:
+            raise ValueError(f"criterion {self.criterion!r} has no hidden-channel score; choose from {', '.join(HIDDEN_CRITERIA)}")
+        return self
+
+    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
+                    geometries: list[Any] | None = None) -> list[str]:
+        if geometries and self.layer_ratio is not None:
+            d = geometries[0].hidden
+            if hidden_channels_to_remove(d, geometries[0].n_q, self.layer_ratio * d) >= d:
+                return [f"layer_ratio={self.layer_ratio} would remove all {d} hidden channels; lower it"]
+        return []
+
+
+Selection = BlocksSettings | WidthSettings | HiddenSettings
+
+# Why a key of one mode is refused in another (the key check names the key; this says what to do instead).
+_WIDTH_ONLY = "layer_ratio, allocation and compensation are width settings; set units: width"
+_HIDDEN_SPAN = "hidden channels span every layer: allocation, layers and compensation do not apply; remove them"
+_HIDDEN_ALONE = "hidden channels are pruned on their own (LLM-Pruner's channel mode): attention and mlp do not apply; remove them"
+_ROUNDING = "rounding is a blocks setting (width and hidden targets round to the nearest unit); remove it"
+NOT_APPLICABLE: dict[str, dict[str, str]] = {
+    "blocks": {"layer_ratio": _WIDTH_ONLY, "allocation": _WIDTH_ONLY, "compensation": _WIDTH_ONLY,
+               **dict.fromkeys(("layers", "attention", "mlp"), "{key} is a width setting; set units: width"),
+               "norm_rescale": "norm_rescale is a hidden-channel setting; set units: hidden"},
+    "width": {"num_blocks": "num_blocks is a depth target; for width give `ratio` or `layer_ratio`", "rounding": _ROUNDING,
+              "norm_rescale": "norm_rescale is a hidden-channel setting; set units: hidden"},
+    "hidden": {"num_blocks": "num_blocks is a depth target; for hidden channels give `ratio` or `layer_ratio`",
+               "rounding": _ROUNDING, "allocation": _HIDDEN_SPAN, "layers": _HIDDEN_SPAN, "compensation": _HIDDEN_SPAN,
+               "attention": _HIDDEN_ALONE, "mlp": _HIDDEN_ALONE},
+}
+
+
+def validate_selection(data: Any, variants: Mapping[str, type[BaseModel]], explain_old: Callable[[str, str], str | None]) -> Any:
+    """Validate prune settings as the variant their ``units`` names (blocks by default), every key that does not
+    apply to that mode reported by name with what to do instead (``explain_old`` covers the version-1 keys)."""
+    if not isinstance(data, dict):
+        raise ValueError("prune settings are a mapping: type, units, criterion and the settings of that mode")  # noqa: TRY004
+    units = data.get("units", "blocks")
+    cls = variants.get(units)
+    if cls is None:
+        raise ValueError(f"units {units!r}: choose {' | '.join(variants)}")
+    explain = {k: m.format(key=k) for k, m in NOT_APPLICABLE[units].items()}
+    explain.update({k: msg for k in data if (msg := explain_old(k, units))})
+    return validate_as(cls, data, explain)

@@ -1,6 +1,6 @@
 """Benchmark: every listed criterion × every target on ONE model, ONE calibration set, in ONE process.
 
-    python pipeline/bench.py recipes/bench/smollm2-depth.yaml [--update-readme README.md]
+    python pipeline/bench.py recipes/bench/smollm2-depth.yaml [--update-readme docs/results.md]
 
 Writes ``bench.json`` and ``bench.md`` under ``<output_dir>/<name>/`` and prints the table. Each
 criterion is scored on its own (its own calibration pass), so the scoring seconds are what that
@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.metrics import PeakRSS
-from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource
+from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource, check_run_name
 from pipeline.registry import load_stages
 
 # The rows reuse the stages' own settings classes (the frame reaches stages only through the registry): a width
@@ -67,6 +67,11 @@ class BenchRecipe(StrictModel):
     seed: int = 0
     output_dir: str = "runs/bench"
     model: ModelConfig
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)  # the bench writes under <output_dir>/<name>, like a run
     calibration: BenchCalibration
     evaluate: EvaluateConfig = Field(..., description="perplexity, tasks (lm-eval) and speed, as an evaluate stage's")
     criteria: list[str] = Field(default_factory=list, description="depth criteria, each run at every target")

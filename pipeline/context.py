@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from pipeline.recipe import RecipeBase
     from stages.arch.llama import LlamaAdapter
+    from stages.surgery.plan import Plan
 
 
 @dataclass
@@ -34,7 +35,7 @@ class RunContext:
     calibration: Any = None  # LongTensor [num_samples, seq_len] (calibrate → score, prune, recover)
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # criterion → saved result (score → prune)
     activation_stats: dict[str, Any] | None = None  # per-layer input summaries for compensation/allocation (score → prune)
-    plan: Any = None  # the applied plan (prune → evaluate, export, report)
+    plan: Plan | None = None  # the applied plan (prune → evaluate, export, report)
     variants: dict[str, nn.Module] = field(default_factory=dict)  # other models to evaluate by label, e.g. "control"
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label → dataset → result (evaluate → export)
     recover_info: dict[str, Any] = field(default_factory=dict)  # label → training stats (recover → metrics)

@@ -1,23 +1,27 @@
 """Stage: score units with one or more criteria. Statistics come from ONE calibration pass.
 
-Each criterion's result is saved as soon as it is done (``partial/<criterion>.json``), so a run
-killed in the middle of scoring resumes without recomputing finished criteria.
+Depth and width take the same path (``stages.criteria.scoring.score_criteria``): each criterion's result is saved
+as soon as it is done (``partial/<criterion>.json``), so a run killed in the middle of scoring resumes without
+recomputing finished criteria. Width scoring also leaves the projection-input summaries that the prune stage
+reads for compensation and allocation (``ctx.activation_stats``, saved here as ``activation_means.pt``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.registry import register_stage
-from stages import criteria as _criteria  # noqa: F401  (registers criteria, torch-free)
 from stages.core.config import StrictModel
-from stages.criteria.registry import criteria_for
-from stages.criteria.settings import LacoSettings
+from stages.criteria.registry import criteria_for, kind_of, validate_settings  # the package registers all
+from stages.criteria.settings import migrate_version_1, version_1_keys
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 class ScoreConfig(StrictModel):
@@ -27,10 +31,20 @@ class ScoreConfig(StrictModel):
         default_factory=list, description="criteria to compute; empty means those the later prune stages use"
     )
     batch_size: int = Field(1, ge=1, description="calibration windows per forward pass")
-    laco: LacoSettings = Field(default_factory=LacoSettings, description="settings of the `laco` criterion")
-    reduction: Literal["sum", "mean", "max", "prod"] = Field(
-        "sum", description="width: how element importances of a coupled group's members combine (LLM-Pruner)"
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="each criterion's own settings, checked against its settings model, e.g. "
+        "{laco: {threshold: 0.4}} or {taylor: {reduction: mean}} (version 1's top-level `laco:`/`reduction:` migrate)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_1(cls, data: Any) -> Any:
+        return migrate_version_1(data) if isinstance(data, dict) else data
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return validate_settings(kind_of(info.data["units"]), raw) if "units" in info.data else raw
 
     @model_validator(mode="after")
     def _known(self) -> ScoreConfig:
@@ -40,108 +54,87 @@ class ScoreConfig(StrictModel):
             raise ValueError(f"unknown {self.units} criterion {bad}; choose from {', '.join(registry.names())}")
         return self
 
+    def v1_settings(self) -> dict[str, Any]:
+        """The flat dump of version 1, so run directories made before still resume (``pipeline.runner``)."""
+        return {"type": self.type, "units": self.units, "criteria": list(self.criteria), "batch_size": self.batch_size,
+                **version_1_keys(kind_of(self.units), self.criteria, self.settings)}
+
     def effective_criteria(self, key: str, stages: dict[str, Any]) -> list[str]:
         if self.criteria:
             return list(self.criteria)
-        keys = list(stages)
-        later = [stages[k] for k in keys[keys.index(key) + 1 :]]
-        return list(dict.fromkeys(s.criterion for s in later if getattr(s, "type", "") == "prune" and s.units == self.units))
+        return list(dict.fromkeys(s.criterion for s in _later_prunes(key, stages, self.units)))
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         names = self.effective_criteria(key, stages)
         if not names:
             return ["no criteria: list them in `criteria:` or add a later prune stage with `criterion:`"]
-        problems = []
+        problems = [f"settings.{n}: this stage does not score {n!r}; remove it" for n in self.settings if n not in names]
         registry = criteria_for(self.units)
         need_data = [n for n in names if registry.get(n).needs]
         if need_data and not any(stages[k].type == "calibrate" for k in seen):
             problems.append(f"criteria {need_data} need calibration data; add a `calibrate` stage before this one")
         iterative = [n for n in names if registry.get(n).iterative]
-        keys = list(stages)
-        if iterative and not any(stages[k].type == "prune" and stages[k].units == "blocks" for k in keys[keys.index(key) + 1 :]):
+        if iterative and not _later_prunes(key, stages, "blocks"):
             problems.append(f"iterative criteria {iterative} stop at a target size: add a later `prune` stage")
         return problems
 
 
-def _num_remove(ctx: Any) -> int:
-    """Target block count of the later prune stage (iterative criteria stop there).
-
-    Blocks of one decoder are equal in size, so the count does not depend on the criterion.
-    """
-    from stages.selection.blocks import num_blocks_for
-
-    stage = next(s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune" and s.units == "blocks")
-    return num_blocks_for(stage, ctx.adapter)
+def _later_prunes(key: str, stages: dict[str, Any], units: str) -> list[Any]:
+    """Prune stages after ``key`` that read scores of ``units`` (hidden channels are scored by width criteria)."""
+    keys, kind = list(stages), kind_of(units)
+    later = [stages[k] for k in keys[keys.index(key) + 1 :] if getattr(stages[k], "type", "") == "prune"]
+    return [s for s in later if s.units in ("blocks", "width", "hidden") and kind_of(s.units) == kind]
 
 
-def run(ctx: Any, cfg: ScoreConfig) -> dict[str, Any]:
+def _extra_needs(prunes: list[Any]) -> set[str]:
+    """Beyond their criteria, later prunes need hidden-channel gradients, or XᵀX for optimal compensation."""
+    hidden = {"hidden"} if any(s.units == "hidden" for s in prunes) else set()
+    optimal = any(getattr(getattr(s, "compensation", None), "type", None) == "optimal" for s in prunes)
+    return hidden | ({"hessian"} if optimal else set())
+
+
+def _inputs_key(ctx: RunContext) -> str:
+    """What partial/ results are valid for: the whole recipe (iterative criteria depend on the later prune target)."""
+    recipe = json.dumps(ctx.recipe.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True, default=str)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
-    from stages.calibration.blocks import collect_block_stats
     from stages.core.files import atomic_write_json
-    from stages.criteria.depth import CriterionInputs
+    from stages.criteria.scoring import PartialResults, score_criteria
+    from stages.selection.blocks import num_blocks_for
 
     log = get_logger(__name__)
-    if cfg.units == "width":
-        return _run_width(ctx, cfg, log)
-    CRITERIA = criteria_for("blocks")
+    kind = kind_of(cfg.units)
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
-    partial = ctx.stage_dir / "partial"
-    done = {n: json.loads((partial / f"{n}.json").read_text()) for n in names if (partial / f"{n}.json").is_file()}
-    todo = [n for n in names if n not in done]
-    if done:
-        log.info(f"re-using finished criteria {sorted(done)} from {partial}", main_process_only=True)
-    needs: set[str] = set().union(*(CRITERIA.get(n).needs for n in todo)) if todo else set()
-    adapter = ctx.adapter
-    stats = collect_block_stats(adapter, ctx.calibration, needs, cfg.batch_size, ctx.progress)
-    for name in todo:
-        spec = CRITERIA.get(name)
-        t0 = time.perf_counter()
-        inputs = CriterionInputs(
-            units=list(range(adapter.num_blocks)), stats=stats, model=ctx.model, adapter=adapter,
-            calibration=ctx.calibration, batch_size=cfg.batch_size,
-            num_remove=_num_remove(ctx) if spec.iterative else None, seed=ctx.recipe.seed, progress=ctx.progress,
-            options={"laco": cfg.laco.model_dump()},
-        )
-        result = spec.load()(inputs).to_json()
-        result["seconds"] = round(time.perf_counter() - t0 + (stats.seconds if spec.needs else 0.0), 3)
-        result["paper"] = spec.paper
-        done[name] = result
-        if ctx.is_main:
-            atomic_write_json(partial / f"{name}.json", result)
-        log.info(f"scored {name} in {result['seconds']:.1f}s", main_process_only=True)
-    ctx.scores.update({n: done[n] for n in names})
-    if ctx.is_main:
-        atomic_write_json(ctx.stage_dir / "scores.json", {n: done[n] for n in names})
-    return {"criteria": names, "calibration_pass_s": round(stats.seconds, 3)}
-
-
-def _run_width(ctx: Any, cfg: ScoreConfig, log: Any) -> dict[str, Any]:
-    """Width scoring: one calibration pass (hooks, plus one backward per batch for Taylor criteria)."""
-    import torch
-
-    from stages.calibration.width import collect_width_stats, summary_tensors
-    from stages.core.files import atomic_write_json
-    from stages.criteria.scoring import score_width, width_needs
-
-    names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
-    later = [s for _, s in ctx.later_stages() if getattr(s, "type", "") == "prune" and s.units == "width"]
-    hidden = any(s.hidden for s in later)
-    needs = width_needs(names, hidden=hidden, hessian=any(s.compensation == "optimal" for s in later))
-    stats = collect_width_stats(ctx.model, ctx.calibration, needs, cfg.batch_size, ctx.progress)
-    results: dict[str, Any] = {}
-    for name in names:
-        results[name] = score_width(name, ctx.model, stats, ctx.recipe.seed, cfg.reduction, hidden)
-        log.info(f"scored {name} (width) in {results[name]['seconds']:.1f}s", main_process_only=True)
-    ctx.activation_stats = summary_tensors(stats)
+    prunes = _later_prunes(ctx.stage_key, ctx.recipe.stages, cfg.units)
+    extra = _extra_needs(prunes) if kind == "width" else set()
+    results, stats = score_criteria(
+        kind, names, ctx.model, ctx.calibration, settings=cfg.settings, seed=ctx.recipe.seed, batch_size=cfg.batch_size,
+        extra_needs=extra, hidden="hidden" in extra,
+        num_remove=lambda: num_blocks_for(prunes[0], ctx.adapter),  # blocks are equal in size: any criterion's count
+        partial=PartialResults(ctx.stage_dir / "partial", _inputs_key(ctx), write=ctx.is_main),
+        progress=ctx.progress, log=lambda m: log.info(m, main_process_only=True),
+    )
     ctx.scores.update(results)
+    out: dict[str, Any] = {"criteria": names, "calibration_pass_s": round(stats.seconds, 3)}
+    if kind == "width":
+        import torch
+
+        from stages.calibration.width import summary_tensors
+
+        ctx.activation_stats = summary_tensors(stats)
+        if ctx.is_main:
+            torch.save(ctx.activation_stats, ctx.stage_dir / "activation_means.pt")
+        out["units"] = "width"
     if ctx.is_main:
-        torch.save(ctx.activation_stats, ctx.stage_dir / "activation_means.pt")
         atomic_write_json(ctx.stage_dir / "scores.json", results)
-    return {"criteria": names, "units": "width", "calibration_pass_s": round(stats.seconds, 3)}
+    return out
 
 
-def restore(ctx: Any, cfg: ScoreConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: ScoreConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     ctx.scores.update(json.loads((stage_dir / "scores.json").read_text()))
     if cfg.units == "width":
         import torch

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from stages.arch.llama import adapter_for
-from stages.calibration.blocks import collect_block_stats, naive_removal_nll
+from stages.calibration.blocks import naive_removal_nll
+from stages.calibration.full import collect_stats
+from stages.criteria.base import CriterionInputs
 from stages.criteria.depth import (
-    CriterionInputs,
     angular_distance,
     block_influence,
     magnitude,
@@ -26,10 +27,8 @@ from stages.surgery.apply import remove_blocks
 
 
 def _inputs(model, calib, needs, **kw):
-    adapter = adapter_for(model)
-    stats = collect_block_stats(adapter, calib, needs, batch_size=2, progress=False)
-    return CriterionInputs(units=list(range(adapter.num_blocks)), stats=stats, model=model, adapter=adapter,
-                           calibration=calib, batch_size=2, progress=False, **kw)
+    stats = collect_stats(model, calib, needs, batch_size=2, progress=False)
+    return CriterionInputs(model, stats, calibration=calib, batch_size=2, progress=False, **kw)
 
 
 def _hidden_states(model, ids):
@@ -153,7 +152,7 @@ def test_selection_rules():
 def test_ratio_rounding():
     assert _round(7.6, "nearest") == 8 and _round(7.4, "nearest") == 7
     assert _round(7.6, "floor") == 7 and _round(7.2, "ceil") == 8 and _round(7.0, "ceil") == 7
-    cfg = PruneConfig(type="prune", criterion="ppl", ratio=0.2)
+    cfg = PruneConfig.model_validate({"type": "prune", "criterion": "ppl", "ratio": 0.2})
     assert cfg.check_model(30, 134_515_008, 3_540_096) == []
     assert "would remove" in cfg.check_model(2, 100, 10)[0]
     assert "less than one block" in cfg.check_model(30, 100, 50)[0]
@@ -166,7 +165,7 @@ def test_removal_nll_wavefront_matches_hf_forward_for_both_attention_kernels(att
     model = tiny_llama(num_layers=5)
     model.config._attn_implementation = attn
     adapter = adapter_for(model)
-    stats = collect_block_stats(adapter, calib, {"removal_nll"}, batch_size=3, progress=False)
+    stats = collect_stats(model, calib, {"removal_nll"}, batch_size=3, progress=False)
     naive = naive_removal_nll(adapter, calib, list(range(5)), batch_size=1)
     assert stats.removal_nll.tolist() == pytest.approx(naive, rel=1e-5)
     assert [layer for layer in model.model.layers] == list(adapter.layers)  # reference restored the blocks

@@ -41,16 +41,15 @@ def test_alias_loads_the_real_model(smollm2):
 
 
 def test_cached_ppl_criterion_equals_removing_the_block(smollm2):
-    from stages.arch.llama import adapter_for
-    from stages.calibration.blocks import collect_block_stats
-    from stages.criteria.depth import CriterionInputs, ppl
+    from stages.calibration.full import collect_stats
+    from stages.criteria.base import CriterionInputs
+    from stages.criteria.depth import ppl
     from stages.surgery.apply import remove_blocks
 
     model, tok = smollm2
     ids = tok((SHARED / "wikitext2" / "valid.txt").read_text()[:4000], return_tensors="pt").input_ids[:, :48]
-    adapter = adapter_for(model)
-    stats = collect_block_stats(adapter, ids, {"removal_nll"}, progress=False)
-    result = ppl(CriterionInputs(list(range(30)), stats, model, adapter, ids))
+    stats = collect_stats(model, ids, {"removal_nll"}, progress=False)
+    result = ppl(CriterionInputs(model, stats, calibration=ids))
     for block in (0, 14, 29):
         pruned = copy.deepcopy(model)
         remove_blocks(pruned, [block])

@@ -1,45 +1,29 @@
-"""Statistics for block criteria, gathered in ONE calibration pass for every criterion at once.
+"""Block-boundary observers: per calibration batch, the hidden state at every block boundary, computed once.
 
-Per calibration batch we compute the hidden state at every block boundary once (x_0 … x_L, held
-for that batch only), and from it update whatever the requested criteria declared they need:
+From x_0 … x_L (held for that batch only) we update whatever the requested criteria declared they need:
 
 - ``boundary``: Σ_t cos(x_i,t, x_{i+1},t) for consecutive boundaries (ShortGPT BI) and, for every
   pair (ℓ, ℓ+n), Σ_samples arccos(cos(x_ℓ,T, x_ℓ+n,T))/π at the last token T (Gromov et al.).
 - ``removal_nll``: calibration NLL with each block removed. The hidden state entering block i is
   the dense x_i, so candidate i only runs blocks i+1…L-1 and the head: about half the block
   evaluations of "one full forward per candidate" (the naive reference is kept for the benchmark).
-- ``grad``: Σ_batches ∂L/∂w from one forward+backward per batch (Taylor criteria).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from stages.arch.llama import LlamaAdapter
 
-# "calibration": no statistic, the criterion runs its own passes over the calibration batches (LaCo)
-NEEDS = frozenset({"boundary", "removal_nll", "grad", "calibration"})
+if TYPE_CHECKING:
+    from stages.calibration.stats import CalibrationStats
 
-
-@dataclass
-class BlockStats:
-    num_blocks: int
-    bi_cos_sum: torch.Tensor | None = None  # [L]   Σ_t cos(x_i, x_{i+1})
-    bi_tokens: int = 0
-    angular_sum: torch.Tensor | None = None  # [L+1, L+1] Σ_samples arccos(cos_T)/π, upper triangle
-    angular_samples: int = 0
-    removal_nll: torch.Tensor | None = None  # [L] Σ NLL with block i removed
-    dense_nll: float = 0.0
-    nll_tokens: int = 0
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name → Σ_batches ∂L/∂w
-    seconds: float = 0.0
+OBSERVED = frozenset({"boundary", "removal_nll"})
 
 
 def batches(calibration: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
@@ -106,9 +90,9 @@ def naive_removal_nll(adapter: LlamaAdapter, calibration: torch.Tensor, kept: li
     return totals
 
 
-def _update_boundary(stats: BlockStats, states: list[torch.Tensor]) -> None:
+def _update_boundary(stats: CalibrationStats, states: list[torch.Tensor]) -> None:
     normed = [torch.nn.functional.normalize(s.float(), dim=-1) for s in states]
-    cos_next = torch.stack([(a * b).sum(-1).sum() for a, b in zip(normed[:-1], normed[1:])])
+    cos_next = torch.stack([(a * b).sum(-1).sum() for a, b in itertools.pairwise(normed)])
     stats.bi_cos_sum += cos_next.cpu().double()
     stats.bi_tokens += normed[0].shape[0] * normed[0].shape[1]
     last = torch.stack([s[:, -1] for s in normed])  # [L+1, B, H]
@@ -117,48 +101,24 @@ def _update_boundary(stats: BlockStats, states: list[torch.Tensor]) -> None:
     stats.angular_samples += last.shape[1]
 
 
-def _accumulate_grads(model: torch.nn.Module, ids: torch.Tensor, stats: BlockStats) -> None:
-    with torch.enable_grad():
-        model.zero_grad(set_to_none=True)
-        ids = ids.to(next(model.parameters()).device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            g = p.grad.detach().float()
-            stats.grads[name] = stats.grads[name] + g if name in stats.grads else g.clone()
-    model.zero_grad(set_to_none=True)
-
-
-def collect_block_stats(
-    adapter: LlamaAdapter, calibration: torch.Tensor, needs: set[str], batch_size: int = 1, progress: bool = True
-) -> BlockStats:
-    """One pass over the calibration batches gathering every requested statistic."""
-    unknown = set(needs) - NEEDS
-    if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(NEEDS)}")
-    n = adapter.num_blocks
-    stats = BlockStats(num_blocks=n)
+def start_block_observers(stats: CalibrationStats, needs: set[str]) -> None:
+    n = stats.num_blocks
     if "boundary" in needs:
         stats.bi_cos_sum = torch.zeros(n, dtype=torch.float64)
         stats.angular_sum = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     if "removal_nll" in needs:
         stats.removal_nll = torch.zeros(n, dtype=torch.float64)
-    t0 = time.perf_counter()
-    kept = list(range(n))
-    for ids in tqdm(list(batches(calibration, batch_size)), desc="calibration pass", disable=not progress):
-        if needs & {"boundary", "removal_nll"}:
-            with torch.inference_mode():
-                states = adapter.boundary_states(ids)
-                if "boundary" in needs:
-                    _update_boundary(stats, states)
-                if "removal_nll" in needs:
-                    stats.removal_nll += torch.tensor(removal_nll_batch(adapter, states, kept, ids), dtype=torch.float64)
-                    dense, count = adapter.nll_sum(states[-1], ids)
-                    stats.dense_nll += dense
-                    stats.nll_tokens += count
-                del states
-        if "grad" in needs:
-            _accumulate_grads(adapter.model, ids, stats)
-    stats.seconds = time.perf_counter() - t0
-    return stats
+
+
+@torch.inference_mode()
+def observe_blocks(adapter: LlamaAdapter, ids: torch.Tensor, stats: CalibrationStats, needs: set[str]) -> None:
+    """One batch: the boundary states once, then every requested block statistic from them."""
+    states = adapter.boundary_states(ids)
+    if "boundary" in needs:
+        _update_boundary(stats, states)
+    if "removal_nll" in needs:
+        kept = list(range(stats.num_blocks))
+        stats.removal_nll += torch.tensor(removal_nll_batch(adapter, states, kept, ids), dtype=torch.float64)
+        dense, count = adapter.nll_sum(states[-1], ids)
+        stats.dense_nll += dense
+        stats.nll_tokens += count

@@ -1,4 +1,4 @@
-"""Width units and the statistics width criteria need, from ONE calibration pass.
+"""Width units and the observers of their inputs.
 
 Units of a Llama-layout layer (``head_dim`` never changes):
 - KV group g: K head g, V head g, the ``n_q / n_kv`` query heads that share them, and those heads'
@@ -7,20 +7,25 @@ Units of a Llama-layout layer (``head_dim`` never changes):
   across groups so ``num_attention_heads`` stays a multiple of ``num_key_value_heads``;
 - MLP channel c: ``gate_proj`` row c, ``up_proj`` row c, ``down_proj`` column c.
 
-Statistics (forward hooks on ``o_proj`` and ``down_proj``, whose inputs are exactly the channels
-those units own): per input channel, the mean (FLAP's bias compensation), the sample variance
-(FLAP's fluctuation) and the squared norm (Wanda-sp), accumulated in float64.
+Observers (forward pre-hooks on ``o_proj`` and ``down_proj``, whose inputs are exactly the channels
+those units own, and on ``q_proj`` and ``gate_proj`` for OWL's outlier ratios): per input channel, the
+mean (FLAP's bias compensation), the sample variance (FLAP's fluctuation) and the squared norm
+(Wanda-sp), accumulated in float64; with the ``hessian`` statistic also XᵀX of o_proj/down_proj inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
-from stages.calibration.blocks import batches
+if TYPE_CHECKING:
+    from stages.calibration.stats import CalibrationStats
+
+OBSERVED = ("o_proj", "down_proj", "q_proj", "gate_proj")  # CalibrationStats fields, one ChannelStats per layer
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,6 @@ class LayerGeometry:
     @property
     def q_per_group(self) -> int:
         return self.n_q // self.n_kv
-
-    def group_of(self, q_head: int) -> int:
-        return q_head // self.q_per_group
 
     def params_per_kv_group(self) -> int:
         """q rows + k rows + v rows + o columns of one group (biases ignored)."""
@@ -96,67 +98,26 @@ class ChannelStats:
         return self.total_sq
 
 
-@dataclass
-class WidthStats:
-    o_proj: list[ChannelStats] = field(default_factory=list)
-    down_proj: list[ChannelStats] = field(default_factory=list)
-    q_proj: list[ChannelStats] = field(default_factory=list)  # input of q/k/v (for OWL's outlier ratio)
-    gate_proj: list[ChannelStats] = field(default_factory=list)  # input of gate/up
-    grad_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (1/B) Σ_b ∂L_b/∂w
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # (1/B) Σ_b (∂L_b/∂w)²
-    seconds: float = 0.0
+def start_input_observers(model: torch.nn.Module, stats: CalibrationStats, gram: bool) -> None:
+    """One ``ChannelStats`` per layer and observed projection; XᵀX for o_proj/down_proj inputs when ``gram``."""
+    for name in OBSERVED:
+        keep = gram and name in ("o_proj", "down_proj")
+        setattr(stats, name, [ChannelStats(keep_gram=keep) for _ in model.model.layers])
 
 
-WIDTH_NEEDS = frozenset({"activations", "grad", "fisher", "hessian", "hidden"})
-
-
-def collect_width_stats(
-    model: torch.nn.Module, calibration: torch.Tensor, needs: set[str], batch_size: int = 1, progress: bool = True
-) -> WidthStats:
-    """One pass: hooks record o_proj/down_proj inputs; one backward per batch when gradients are needed."""
-    import time
-
-    t0 = time.perf_counter()
-    layers = model.model.layers
-    gram = "hessian" in needs  # XᵀX of o_proj / down_proj inputs, for compensation: optimal
-    stats = WidthStats(*([ChannelStats(keep_gram=gram and k < 2) for _ in layers] for k in range(4)))
+@contextmanager
+def observing_inputs(model: torch.nn.Module, stats: CalibrationStats) -> Iterator[None]:
+    """Forward pre-hooks recording the projections' inputs into ``stats`` while the block runs."""
     handles: list[Any] = []
-    if needs & {"activations", "hessian"}:
-        for i, layer in enumerate(layers):
-            for lin, target in ((layer.self_attn.o_proj, stats.o_proj), (layer.mlp.down_proj, stats.down_proj),
-                                (layer.self_attn.q_proj, stats.q_proj), (layer.mlp.gate_proj, stats.gate_proj)):
-                handles.append(lin.register_forward_pre_hook(_recorder(target[i])))
-    want_grad = bool(needs & {"grad", "fisher"})
-    every_param = "hidden" in needs  # hidden channels also own the embeddings, norms and head
-    n_batches = 0
-    device = next(model.parameters()).device
     try:
-        for ids in tqdm(list(batches(calibration, batch_size)), desc="width statistics", disable=not progress):
-            ids = ids.to(device)
-            n_batches += 1
-            if not want_grad:
-                with torch.inference_mode():
-                    model.model(input_ids=ids, use_cache=False)
-                continue
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            for name, p in model.named_parameters():
-                if p.grad is None or (".layers." not in name and not every_param):
-                    continue
-                g = p.grad.detach().float()
-                stats.grad_mean[name] = stats.grad_mean.get(name, 0) + g
-                if "fisher" in needs:
-                    stats.fisher[name] = stats.fisher.get(name, 0) + g * g
-            model.zero_grad(set_to_none=True)
+        for i, layer in enumerate(model.model.layers):
+            for lin, name in ((layer.self_attn.o_proj, "o_proj"), (layer.mlp.down_proj, "down_proj"),
+                              (layer.self_attn.q_proj, "q_proj"), (layer.mlp.gate_proj, "gate_proj")):
+                handles.append(lin.register_forward_pre_hook(_recorder(getattr(stats, name)[i])))
+        yield
     finally:
         for h in handles:
             h.remove()
-    for d in (stats.grad_mean, stats.fisher):
-        for k in d:
-            d[k] = d[k] / n_batches
-    stats.seconds = time.perf_counter() - t0
-    return stats
 
 
 def _recorder(target: ChannelStats) -> Any:
@@ -166,7 +127,7 @@ def _recorder(target: ChannelStats) -> Any:
     return hook
 
 
-def summary_tensors(stats: WidthStats) -> dict[str, Any]:
+def summary_tensors(stats: CalibrationStats) -> dict[str, Any]:
     """What selection needs later (and ``--resume`` restores): input means and squared norms per layer,
     and with the "hessian" statistic the float64 Gram matrices, sums and token counts of o_proj/down_proj inputs."""
     out: dict[str, Any] = {
@@ -177,4 +138,3 @@ def summary_tensors(stats: WidthStats) -> dict[str, Any]:
     if stats.o_proj and stats.o_proj[0].gram is not None:
         out["gram"] = {name: [(s.gram, s.total, s.count) for s in getattr(stats, name)] for name in ("o_proj", "down_proj")}
     return out
-

@@ -1,4 +1,4 @@
-"""Block (depth) importance criteria: pure functions of (units, stats, model) → scores.
+"""Block (depth) importance criteria: pure functions ``(CriterionInputs) -> CriterionResult``.
 
 Convention: a higher score means more important (kept longer). Criteria that do not rank blocks
 independently say so in their result: SLEB returns a removal ``order``; the angular distance returns
@@ -9,63 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from stages.arch.llama import LlamaAdapter
-from stages.calibration.blocks import BlockStats, batches, removal_nll_batch
-
-
-@dataclass
-class CriterionInputs:
-    """Everything a criterion may read. Criteria must not modify the model."""
-
-    units: list[int]
-    stats: BlockStats
-    model: torch.nn.Module
-    adapter: LlamaAdapter
-    calibration: torch.Tensor | None = None
-    batch_size: int = 1
-    num_remove: int | None = None
-    seed: int = 0
-    progress: bool = True
-    options: dict[str, Any] = field(default_factory=dict)  # per-criterion settings, e.g. {"laco": {...}}
-
-
-@dataclass
-class CriterionResult:
-    scores: list[float]
-    order: list[int] | None = None
-    windows: dict[int, list[float]] | None = None
-    protected: list[int] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"scores": [None if math.isinf(s) else s for s in self.scores]}
-        if self.order is not None:
-            out["order"] = self.order
-        if self.windows is not None:
-            out["windows"] = {str(k): v for k, v in self.windows.items()}
-        out["protected"] = self.protected
-        out.update(self.extra)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CriterionResult:
-        data = dict(data)
-        protected = data.pop("protected", [])
-        scores = [math.inf if s is None else s for s in data.pop("scores")]
-        windows = data.pop("windows", None)
-        return cls(
-            scores=scores,
-            order=data.pop("order", None),
-            windows={int(k): v for k, v in windows.items()} if windows is not None else None,
-            protected=protected,
-            extra=data,
-        )
+from stages.calibration.blocks import batches, removal_nll_batch
+from stages.criteria.base import CriterionInputs, CriterionResult
 
 
 def block_influence(inp: CriterionInputs) -> CriterionResult:
@@ -125,7 +75,7 @@ def taylor_plus(inp: CriterionInputs) -> CriterionResult:
     every weight matrix and norm weight of the block. The "+" is the paper's heuristic of keeping
     the first four and the last two blocks, which Taylor alone tends to remove (protected here).
     """
-    grads = inp.stats.grads
+    grads = inp.stats.grad_sum
     assert grads, "taylor_plus needs the 'grad' statistics"
     scores = []
     for i, layer in enumerate(inp.adapter.layers):

@@ -20,11 +20,12 @@ Wanda-sp and FLAP score the *inputs* of o_proj/down_proj; they have no definitio
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from stages.criteria import HIDDEN_CRITERIA
-from stages.criteria.width import WidthInputs, _reduce
+from stages.criteria.base import CriterionInputs
+from stages.criteria.width import _reduce, reduction
 
 # (parameter suffix inside a decoder layer, axis of the hidden dimension): 1 = input column, 0 = output row/vector
 _LAYER_MEMBERS: tuple[tuple[str, int], ...] = (
@@ -63,37 +64,52 @@ def _per_channel(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.sum(0) if axis == 1 else t.sum(1)
 
 
-def hidden_channel_scores(inp: WidthInputs, criterion: str) -> list[float]:
-    """One importance per hidden channel (higher = more important); see the module docstring for the formulas."""
-    if criterion not in HIDDEN_CRITERIA:
-        raise ValueError(f"criterion {criterion!r} does not score hidden channels; choose from {', '.join(HIDDEN_CRITERIA)}")
-    members = hidden_members(inp.model)
-    d = inp.model.config.hidden_size
-    if criterion == "random":
-        gen = torch.Generator().manual_seed(inp.seed + 7919)  # not the per-layer units' stream
-        return torch.rand(d, generator=gen, dtype=torch.float64).tolist()
+def hidden_channel_scores(inp: CriterionInputs, criterion: str) -> list[float]:
+    """One importance per hidden channel (higher = more important) from the width criterion's hidden form."""
+    from stages.criteria.registry import CRITERIA
 
-    def grad(name: str, table: dict[str, torch.Tensor]) -> torch.Tensor:
-        if name not in table:
-            raise ValueError(f"no gradient for {name}: the width score stage collects gradients of embeddings, norms "
-                             "and head only when a later prune stage sets hidden: true")
-        return table[name]
+    return CRITERIA.get("width", criterion).load_hidden()(inp)
 
-    imp: Callable[[str, torch.Tensor], torch.Tensor]
-    if criterion in ("magnitude", "magnitude_l1"):
-        imp = (lambda n, w: w * w) if criterion == "magnitude" else (lambda n, w: w.abs())
-    elif criterion == "taylor":
-        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean)).abs()
-    elif criterion == "taylor_element2":
-        imp = lambda n, w: (w * grad(n, inp.stats.grad_mean) - 0.5 * w * grad(n, inp.stats.fisher) * w).abs()
-    else:  # taylor_vector: |Σ_k g·w| over each member vector, i.e. the signed product summed before |·|
-        parts = []
-        for name, t, axis in members:
-            signed = t.detach().float() * grad(name, inp.stats.grad_mean)
-            parts.append(_per_channel(signed, axis).abs())
-        return _reduce(parts, inp.reduction).tolist()
 
-    parts = [_per_channel(imp(name, t.detach().float()), axis) for name, t, axis in members]
-    if criterion == "magnitude":  # the group's L2 norm is the square root of the summed squares, whatever the reduction
-        return _reduce(parts, "sum").sqrt().tolist()
-    return _reduce(parts, inp.reduction).tolist()
+def _grad(name: str, table: Any) -> torch.Tensor:
+    if name not in table:
+        raise ValueError(f"no gradient for {name}: the width score stage collects gradients of embeddings, norms "
+                         "and head only when a later prune stage prunes hidden channels")
+    return table[name]
+
+
+def _elementwise(inp: CriterionInputs, imp: Callable[[str, torch.Tensor], torch.Tensor], how: str) -> torch.Tensor:
+    parts = [_per_channel(imp(name, t.detach().float()), axis) for name, t, axis in hidden_members(inp.model)]
+    return _reduce(parts, how)
+
+
+def magnitude(inp: CriterionInputs) -> list[float]:
+    """The group's L2 norm: the square root of the summed squares, whatever the reduction."""
+    return _elementwise(inp, lambda n, w: w * w, "sum").sqrt().tolist()
+
+
+def magnitude_l1(inp: CriterionInputs) -> list[float]:
+    return _elementwise(inp, lambda n, w: w.abs(), reduction(inp)).tolist()
+
+
+def random(inp: CriterionInputs) -> list[float]:
+    gen = torch.Generator().manual_seed(inp.seed + 7919)  # not the per-layer units' stream
+    return torch.rand(inp.model.config.hidden_size, generator=gen, dtype=torch.float64).tolist()
+
+
+def taylor(inp: CriterionInputs) -> list[float]:
+    grad = inp.stats.grad_mean
+    return _elementwise(inp, lambda n, w: (w * _grad(n, grad)).abs(), reduction(inp)).tolist()
+
+
+def taylor_element2(inp: CriterionInputs) -> list[float]:
+    grad, fisher = inp.stats.grad_mean, inp.stats.fisher
+    return _elementwise(inp, lambda n, w: (w * _grad(n, grad) - 0.5 * w * _grad(n, fisher) * w).abs(),
+                        reduction(inp)).tolist()
+
+
+def taylor_vector(inp: CriterionInputs) -> list[float]:
+    """|Σ_k g·w| over each member vector: the signed product summed before |·|."""
+    grad = inp.stats.grad_mean
+    parts = [_per_channel(t.detach().float() * _grad(name, grad), axis).abs() for name, t, axis in hidden_members(inp.model)]
+    return _reduce(parts, reduction(inp)).tolist()

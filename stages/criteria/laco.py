@@ -6,9 +6,8 @@ RDSC layer merge ("Reserving Differences while Seeking Common", Eq. 2), for laye
 
     θ* = θ_l + Σ_{k=1}^{m} (θ_{l+k} − θ_l)
 
-applied to every linear weight (and bias) of the block; the norms keep layer l's weights, as in the
-authors' notebook. (That notebook accumulates the differences against the already-updated θ_l, which
-leaves θ_{l+m}; we implement the paper's formula.)
+applied to every linear weight (and bias) of the block (``stages.surgery.merge.rdsc_merge``: it edits weights,
+so it lives with the surgery that applies the plan; the trials here run it on a copy).
 
 Trial-and-merge (Algorithm 1): start at l = H − C, try collapsing C layers (l and the C − 1 after it)
 into l; if the similarity s = mean over calibration sequences of cos(h_dense, h_merged) — the
@@ -27,21 +26,9 @@ from tqdm.auto import tqdm
 
 from stages.arch.llama import adapter_for
 from stages.calibration.blocks import batches
-from stages.criteria.depth import CriterionInputs, CriterionResult
-
-
-def rdsc_merge(base: torch.nn.Module, others: list[torch.nn.Module]) -> None:
-    """θ_base ← θ_base + Σ_k (θ_k − θ_base) for every Linear of the block, in place (float64 sums)."""
-    for name, lin in base.named_modules():
-        if not isinstance(lin, torch.nn.Linear):
-            continue
-        for attr in ("weight", "bias"):
-            p = getattr(lin, attr)
-            if p is None:
-                continue
-            w = p.data.double()
-            delta = sum(getattr(o.get_submodule(name), attr).data.double() - w for o in others)
-            p.data.copy_((w + delta).to(p.dtype))
+from stages.criteria.base import CriterionInputs, CriterionResult
+from stages.criteria.settings import LacoSettings
+from stages.surgery.merge import rdsc_merge
 
 
 def _final_states(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int, skip: frozenset[int]) -> list[torch.Tensor]:
@@ -62,9 +49,7 @@ def similarity(reference: list[torch.Tensor], states: list[torch.Tensor]) -> flo
 def laco(inp: CriterionInputs) -> CriterionResult:
     """Trial-and-merge layer collapse until ``num_remove`` layers are gone (see the module docstring)."""
     assert inp.num_remove is not None and inp.calibration is not None, "laco needs num_remove and calibration data"
-    from stages.criteria.settings import LacoSettings  # the defaults live in the schema
-
-    opts = LacoSettings.model_validate(inp.options.get("laco", {}))
+    opts = inp.settings or LacoSettings()
     merge_size, interval, threshold = opts.merge_layers, opts.interval, opts.threshold
     n = inp.adapter.num_blocks
     low, high = opts.layers or (0, n - 1)
@@ -105,7 +90,7 @@ def laco(inp: CriterionInputs) -> CriterionResult:
         raise ValueError(
             f"LaCo merged away only {removed} of {inp.num_remove} layers: no further merge keeps the similarity above "
             f"threshold={threshold} (last trials: {[round(t['similarity'], 3) for t in trials[-3:]]}); lower "
-            f"score.laco.threshold, widen score.laco.layers or lower the target"
+            f"score.settings.laco.threshold, widen score.settings.laco.layers or lower the target"
         )
     order = [j for mg in merges for j in mg["from"]]
     scores = [0.0 if i in set(order) else 1.0 for i in range(n)]

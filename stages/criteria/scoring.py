@@ -1,41 +1,106 @@
-"""Width scoring shared by the score stage and the benchmark: which statistics a set of criteria needs, and one
-criterion's unit scores from a finished statistics pass. One place, so a recipe and a bench row score alike."""
+"""The one scoring path, for depth and width, shared by the score stage and the benchmark: which statistics a set
+of criteria needs, one criterion's typed result from a finished calibration pass, and ``score_criteria`` — the
+pass plus every criterion, each result saved the moment it is done (``partial/<criterion>.json``) so a killed
+run resumes without recomputing it.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.criteria.registry import CRITERIA, CriterionSpec
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from stages.calibration.stats import CalibrationStats
+    from stages.criteria.base import CriterionInputs, CriterionResult
+
+# Width passes always observe projection inputs: FLAP's bias compensation and OWL's allocation read them.
+ALWAYS: dict[str, frozenset[str]] = {"depth": frozenset(), "width": frozenset({"activations"})}
 
 
-def width_needs(names: Iterable[str], hidden: bool = False, hessian: bool = False) -> set[str]:
-    """Statistics one calibration pass must collect for ``names``.
+def needs_for(kind: str, names: Iterable[str], extra: Iterable[str] = ()) -> set[str]:
+    """Statistics one calibration pass must collect for the criteria ``names`` of ``kind``.
 
-    Activation means are always collected (they feed FLAP's bias compensation); ``hidden`` adds gradients of the
-    embeddings, norms and head (LLM-Pruner's channel mode); ``hessian`` adds XᵀX of o_proj/down_proj inputs for
-    optimal compensation."""
-    from stages.criteria.registry import WIDTH_CRITERIA
-
-    needs = {"activations"} | set().union(*(WIDTH_CRITERIA.get(n).needs for n in names))
-    return needs | ({"hidden"} if hidden else set()) | ({"hessian"} if hessian else set())
+    ``extra``: what the later prune stage needs beyond its criterion — ``hidden`` (gradients of the embeddings,
+    norms and head for hidden channels), ``hessian`` (XᵀX of o_proj/down_proj inputs for optimal compensation)."""
+    return set(ALWAYS[kind]) | set(extra) | set().union(*(CRITERIA.get(kind, n).needs for n in names))
 
 
-def score_width(name: str, model: Any, stats: Any, seed: int = 0, reduction: str = "sum",
-                hidden: bool = False) -> dict[str, Any]:
-    """One width criterion's scores: per-layer unit scores, plus hidden-channel scores when asked and defined.
-
-    ``seconds`` charges the shared calibration pass to every data-driven criterion (it is what that criterion
+def score(spec: CriterionSpec, inputs: CriterionInputs, hidden: bool = False) -> CriterionResult:
+    """One criterion's result, with its paper and ``seconds``; ``hidden`` adds the hidden-channel scores where the
+    criterion defines them. ``seconds`` charges the shared calibration pass to every data-driven criterion (what it
     would cost alone) and nothing to the data-free ones (magnitude, random)."""
-    from stages.criteria import HIDDEN_CRITERIA
-    from stages.criteria.hidden import hidden_channel_scores
-    from stages.criteria.registry import WIDTH_CRITERIA
-    from stages.criteria.width import WidthInputs
-
-    spec = WIDTH_CRITERIA.get(name)
     t0 = time.perf_counter()
-    inputs = WidthInputs(model, stats, seed, reduction)
-    result: dict[str, Any] = {"units": "width", "layers": spec.load()(inputs), "paper": spec.paper}
-    if hidden and name in HIDDEN_CRITERIA:
-        result["hidden"] = hidden_channel_scores(inputs, name)
-    result["seconds"] = round(time.perf_counter() - t0 + (stats.seconds if spec.needs else 0.0), 3)
+    result = spec.load()(inputs)
+    if hidden and spec.hidden is not None:
+        result.hidden = spec.load_hidden()(inputs)
+    result.paper = spec.paper
+    result.seconds = round(time.perf_counter() - t0 + (inputs.stats.seconds if spec.needs else 0.0), 3)
     return result
+
+
+class PartialResults:
+    """``<folder>/<criterion>.json``, written as each criterion finishes; ``<folder>/inputs.json`` records the key
+    of what they were computed from (a digest of every setting up to the score stage). Results under another key,
+    or under none (an older version), are stale: they are removed, never reused."""
+
+    def __init__(self, folder: Path, key: str, write: bool = True) -> None:
+        self.folder, self.key, self.write = folder, key, write
+
+    def load(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        try:
+            trusted = json.loads((self.folder / "inputs.json").read_text()).get("key") == self.key
+        except FileNotFoundError:  # none yet, or the main process is removing stale ones
+            trusted = False
+        if trusted:
+            return {n: json.loads(p.read_text()) for n in names if (p := self.folder / f"{n}.json").is_file()}
+        if self.write and self.folder.exists():
+            shutil.rmtree(self.folder)
+        return {}
+
+    def save(self, name: str, result: dict[str, Any]) -> None:
+        if not self.write:
+            return
+        from stages.core.files import atomic_write_json
+
+        if not (self.folder / "inputs.json").is_file():
+            atomic_write_json(self.folder / "inputs.json", {"key": self.key})
+        atomic_write_json(self.folder / f"{name}.json", result)
+
+
+def score_criteria(
+    kind: str, names: list[str], model: Any, calibration: Any, *, settings: dict[str, BaseModel] | None = None,
+    seed: int = 0, batch_size: int = 1, extra_needs: Iterable[str] = (), hidden: bool = False,
+    num_remove: Callable[[], int] | None = None, partial: PartialResults | None = None, progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], CalibrationStats]:
+    """Every criterion's saved result (``to_json``), in ``names`` order, and the statistics of the one pass.
+
+    Finished criteria found in ``partial`` are re-used; the pass collects what the others need plus ``extra_needs``
+    (and, for width, the projection inputs). ``num_remove`` gives iterative criteria the later prune stage's target."""
+    from stages.calibration.full import collect_stats
+    from stages.criteria.base import CriterionInputs
+
+    settings = settings or {}
+    done = partial.load(names) if partial is not None else {}
+    todo = [n for n in names if n not in done]
+    if done and log is not None:
+        log(f"re-using finished criteria {sorted(done)}")
+    stats = collect_stats(model, calibration, needs_for(kind, todo, extra_needs), batch_size, progress)
+    for name in todo:
+        spec = CRITERIA.get(kind, name)
+        inputs = CriterionInputs(model, stats, seed, settings.get(name), calibration, batch_size,
+                                 num_remove() if spec.iterative and num_remove is not None else None, progress)
+        done[name] = score(spec, inputs, hidden).to_json()
+        if partial is not None:
+            partial.save(name, done[name])
+        if log is not None:
+            log(f"scored {name} ({kind}) in {done[name]['seconds']:.1f}s")
+    return {n: done[n] for n in names}, stats

@@ -1,28 +1,34 @@
-"""Width criteria: pure functions scoring every KV group, query head and MLP channel of every layer.
+"""Width criteria: pure functions ``(CriterionInputs) -> CriterionResult`` scoring every KV group, query head
+and MLP channel of every layer.
 
-Convention: higher = more important. Each returns per layer ``{"q_heads": [n_q], "kv_groups":
+Convention: higher = more important. Each result holds per layer ``{"q_heads": [n_q], "kv_groups":
 [n_kv], "mlp": [intermediate]}``. Element-wise importances are reduced over the members of a
 coupled group (q/k/v rows and o columns of a head group; gate/up rows and the down column of an
-MLP channel) with LLM-Pruner's group reductions: sum (default), mean, max, prod.
+MLP channel) with LLM-Pruner's group reductions: sum (default), mean, max, prod — the ``reduction``
+of the criterion's ``WidthGroupSettings``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from stages.calibration.width import LayerGeometry, WidthStats, geometry
+from stages.calibration.width import LayerGeometry, geometry
+from stages.criteria.base import CriterionInputs, CriterionResult
+from stages.criteria.settings import WidthGroupSettings
+
+Layers = list[dict[str, list[float]]]
 
 
-@dataclass
-class WidthInputs:
-    model: torch.nn.Module
-    stats: WidthStats
-    seed: int = 0
-    reduction: str = "sum"
+def reduction(inp: CriterionInputs) -> str:
+    """The group reduction of a criterion with ``WidthGroupSettings`` (its default, sum, when none are given)."""
+    return (inp.settings or WidthGroupSettings()).reduction
+
+
+def _result(layers: Layers) -> CriterionResult:
+    return CriterionResult(kind="width", layers=layers)
 
 
 # ----------------------------------------------------------------------------- group plumbing
@@ -61,37 +67,32 @@ def _reduce(parts: list[torch.Tensor], how: str) -> torch.Tensor:
     raise ValueError(f"unknown group reduction {how!r}; choose sum, mean, max or prod")
 
 
-def _elementwise(inp: WidthInputs, imp: Callable[[int, str, torch.Tensor], torch.Tensor]) -> list[dict[str, list[float]]]:
+def _elementwise(inp: CriterionInputs, imp: Callable[[int, str, torch.Tensor], torch.Tensor], how: str) -> Layers:
     out = []
     for i, layer in enumerate(inp.model.model.layers):
         geo = geometry(layer)
         members = _member_scores(layer, geo, lambda name, w, i=i: imp(i, name, w.detach().float()))
-        out.append({kind: _reduce(parts, inp.reduction).tolist() for kind, parts in members.items()})
+        out.append({kind: _reduce(parts, how).tolist() for kind, parts in members.items()})
     return out
 
 
-def _grad(inp: WidthInputs, i: int, name: str, table: dict[str, torch.Tensor]) -> torch.Tensor:
+def _grad(i: int, name: str, table: Any) -> torch.Tensor:
     return table[f"model.layers.{i}.{name}.weight"]
 
 
 # ----------------------------------------------------------------------------- criteria
-def magnitude(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def magnitude(inp: CriterionInputs) -> CriterionResult:
     """Magnitude baseline (L2): I(G) = ‖W_G‖₂ = sqrt(Σ_{w ∈ G} w²) over every weight of the group."""
-    red = inp.reduction
-    inp.reduction = "sum"
-    try:
-        sq = _elementwise(inp, lambda i, n, w: w * w)
-    finally:
-        inp.reduction = red
-    return [{k: [v**0.5 for v in vals] for k, vals in layer.items()} for layer in sq]
+    sq = _elementwise(inp, lambda i, n, w: w * w, "sum")
+    return _result([{k: [v**0.5 for v in vals] for k, vals in layer.items()} for layer in sq])
 
 
-def magnitude_l1(inp: WidthInputs) -> list[dict[str, list[float]]]:
-    """Magnitude baseline (L1): I(G) = Σ_{w ∈ G} |w|."""
-    return _elementwise(inp, lambda i, n, w: w.abs())
+def magnitude_l1(inp: CriterionInputs) -> CriterionResult:
+    """Magnitude baseline (L1): I(G) = Σ_{w ∈ G} |w|, reduced over the group's members."""
+    return _result(_elementwise(inp, lambda i, n, w: w.abs(), reduction(inp)))
 
 
-def random(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def random(inp: CriterionInputs) -> CriterionResult:
     """Random baseline: i.i.d. uniform scores from the recipe seed."""
     gen = torch.Generator().manual_seed(inp.seed)
     out = []
@@ -99,45 +100,48 @@ def random(inp: WidthInputs) -> list[dict[str, list[float]]]:
         geo = geometry(layer)
         out.append({k: torch.rand(n, generator=gen, dtype=torch.float64).tolist()
                     for k, n in (("q_heads", geo.n_q), ("kv_groups", geo.n_kv), ("mlp", geo.intermediate))})
-    return out
+    return _result(out)
 
 
-def taylor(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def taylor(inp: CriterionInputs) -> CriterionResult:
     """LLM-Pruner element-wise first order (Ma et al., 2023, arXiv 2305.11627, Eq. 4–5):
 
         I(W_k^i) = | ∂L(D)/∂W_k^i · W_k^i |,   I(G) = Σ_{i,k ∈ G} I(W_k^i)   (group "sum")
 
     with ∂L/∂W the mean calibration-loss gradient (one forward+backward per batch).
     """
-    return _elementwise(inp, lambda i, n, w: (w * _grad(inp, i, n, inp.stats.grad_mean)).abs())
+    grad = inp.stats.grad_mean
+    return _result(_elementwise(inp, lambda i, n, w: (w * _grad(i, n, grad)).abs(), reduction(inp)))
 
 
-def taylor_element2(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def taylor_element2(inp: CriterionInputs) -> CriterionResult:
     """LLM-Pruner element-wise second order (arXiv 2305.11627, Eq. 5), Hessian ≈ Fisher diagonal:
 
         I(W_k^i) = | ∂L/∂W_k^i · W_k^i − ½ · W_k^i · F_kk · W_k^i |,   F = (1/N) Σ_n (∂L_n/∂W)²
 
     (LLM-Pruner's ``param_mix``; the sign inside |·| does not matter).
     """
+    grad, fisher = inp.stats.grad_mean, inp.stats.fisher
+
     def imp(i: int, n: str, w: torch.Tensor) -> torch.Tensor:
-        g, f = _grad(inp, i, n, inp.stats.grad_mean), _grad(inp, i, n, inp.stats.fisher)
+        g, f = _grad(i, n, grad), _grad(i, n, fisher)
         return (w * g - 0.5 * w * f * w).abs()
 
-    return _elementwise(inp, imp)
+    return _result(_elementwise(inp, imp, reduction(inp)))
 
 
-def taylor_vector(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def taylor_vector(inp: CriterionInputs) -> CriterionResult:
     """LLM-Pruner vector-wise (arXiv 2305.11627, Eq. 3): I(W_i) = | Σ_k ∂L/∂W_i,k · W_i,k | per member
     vector (a head's rows or columns in one matrix, a channel's row or column), reduced over members."""
-    out = []
+    out, grad, how = [], inp.stats.grad_mean, reduction(inp)
     for i, layer in enumerate(inp.model.model.layers):
         geo = geometry(layer)
-        signed = _member_scores(layer, geo, lambda n, w, i=i: w.detach().float() * _grad(inp, i, n, inp.stats.grad_mean))
-        out.append({kind: _reduce([p.abs() for p in parts], inp.reduction).tolist() for kind, parts in signed.items()})
-    return out
+        signed = _member_scores(layer, geo, lambda n, w, i=i: w.detach().float() * _grad(i, n, grad))
+        out.append({kind: _reduce([p.abs() for p in parts], how).tolist() for kind, parts in signed.items()})
+    return _result(out)
 
 
-def wanda_sp(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def wanda_sp(inp: CriterionInputs) -> CriterionResult:
     """Wanda-sp (structured Wanda, as in An et al., 2024, arXiv 2312.11983, baseline; Sun et al. 2023):
 
         S_j = mean_i |W_ij| · ‖X_j‖₂   for input channel j of o_proj / down_proj,
@@ -151,10 +155,10 @@ def wanda_sp(inp: WidthInputs) -> list[dict[str, list[float]]]:
         sd = layer.mlp.down_proj.weight.detach().double().abs().mean(0) * inp.stats.down_proj[i].sq_norm.sqrt()
         heads = so.view(geo.n_q, geo.head_dim).sum(1)
         out.append({"q_heads": heads.tolist(), "kv_groups": heads.view(geo.n_kv, -1).sum(1).tolist(), "mlp": sd.tolist()})
-    return out
+    return _result(out)
 
 
-def flap(inp: WidthInputs) -> list[dict[str, list[float]]]:
+def flap(inp: CriterionInputs) -> CriterionResult:
     """FLAP fluctuation metric, WIFV (An et al., 2024, arXiv 2312.11983, Eq. 5), standardized:
 
         S_j = (1/(N−1)) Σ_n (X_n,j − X̄_j)² · ‖W_:,j‖²₂
@@ -176,7 +180,7 @@ def flap(inp: WidthInputs) -> list[dict[str, list[float]]]:
             "kv_groups": attn.view(geo.n_kv, -1).mean(1).tolist(),
             "mlp": mlp.tolist(),
         })
-    return out
+    return _result(out)
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:

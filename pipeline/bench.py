@@ -76,7 +76,7 @@ class BenchRecipe(StrictModel):
     evaluate: EvaluateConfig = Field(..., description="perplexity, tasks (lm-eval) and speed, as an evaluate stage's")
     criteria: list[str] = Field(default_factory=list, description="depth criteria, each run at every target")
     targets: list[PruneConfig] = Field(default_factory=list, description="{num_blocks: N} or {ratio: r, rounding: ...}")
-    laco: Any = Field(default_factory=dict, description="settings of the `laco` criterion (as score.laco in a recipe)")
+    laco: Any = Field(default_factory=dict, description="settings of the `laco` criterion (as score.settings.laco in a recipe)")
     cost_ratio: bool = Field(True, description="time the cached PPL criterion against one full forward per candidate")
     width: list[WidthMethod] = Field(default_factory=list, description="width methods, all at width_ratio")
     width_ratio: float = Field(0.2, gt=0, lt=1, description="fraction of ALL parameters removed by every width method")

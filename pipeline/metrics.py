@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages.evaluation.memory import PeakRSS, peak_memory_mb
 from stages.surgery.plan import plan_metrics
@@ -12,6 +12,9 @@ from stages.surgery.plan import plan_metrics
 __all__ = ["PeakRSS", "build_metrics", "peak_memory_mb", "versions"]
 
 TIMING_KEYS = ("calibrate", "score", "prune", "recover", "evaluate")
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 def versions() -> dict[str, str]:
@@ -42,7 +45,7 @@ def ratio_to_dense(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     return out
 
 
-def build_metrics(ctx: Any) -> dict[str, Any]:
+def build_metrics(ctx: RunContext) -> dict[str, Any]:
     info = ctx.model_info
     timing = {k: round(ctx.timings.get(k, 0.0), 3) for k in TIMING_KEYS}
     timing.update({k: round(v, 3) for k, v in ctx.timings.items() if k not in timing})

@@ -19,27 +19,33 @@ from pydantic import BaseModel
 from pipeline.recipe import RecipeBase, RecipeError
 
 
-def _local_files(node: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(dotted field, file) for every local file a setting names: a text source's ``path`` (or a QA
-    source's ``qa_text``, which it exposes as ``path``), anywhere in the stages, lists included."""
+def _settings(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
+    """(dotted path, settings object) for every pydantic settings object in the stages, lists and mappings included."""
     if isinstance(node, BaseModel):
+        yield path, node
+        for name in type(node).model_fields:
+            yield from _settings(getattr(node, name), f"{path}.{name}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _settings(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _settings(value, f"{path}.{i}")
+
+
+def _local_files(stages: Any) -> Iterator[tuple[str, str]]:
+    """(dotted field, file) for every local file a setting names: a text source's ``path`` (or a QA
+    source's ``qa_text``, which it exposes as ``path``)."""
+    for path, node in _settings(stages, "stages"):
         fields = type(node).model_fields
         file = getattr(node, "path", None)
         if isinstance(file, str) and ("path" in fields or "qa_text" in fields):
             yield (f"{path}.path" if "path" in fields else f"{path}.qa_text"), file
-        for name in fields:
-            yield from _local_files(getattr(node, name), f"{path}.{name}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from _local_files(value, f"{path}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _local_files(value, f"{path}.{i}")
 
 
 def _file_problems(recipe: RecipeBase) -> list[str]:
     problems = []
-    for where, file in _local_files(recipe.stages, "stages"):
+    for where, file in _local_files(recipe.stages):
         p = Path(file).expanduser()
         if not p.is_file():
             problems.append(
@@ -51,25 +57,15 @@ def _file_problems(recipe: RecipeBase) -> list[str]:
     return problems
 
 
-def _lengths(node: Any, path: str) -> Iterator[tuple[str, int]]:
+def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
     """(dotted field, tokens) for every window length a stage asks of the model: each ``seq_len``
     (calibration windows, perplexity windows, recovery blocks) and a speed test's prompt + new tokens."""
-    if isinstance(node, BaseModel):
+    for path, node in _settings(stages, "stages"):
         fields = type(node).model_fields
         if "prompt_len" in fields and "new_tokens" in fields:
             yield f"{path}.prompt_len + new_tokens", node.prompt_len + node.new_tokens
-        for name in fields:
-            value = getattr(node, name)
-            if name == "seq_len" and isinstance(value, int):
-                yield f"{path}.seq_len", value
-            else:
-                yield from _lengths(value, f"{path}.{name}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from _lengths(value, f"{path}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _lengths(value, f"{path}.{i}")
+        if isinstance(getattr(node, "seq_len", None), int) and "seq_len" in fields:
+            yield f"{path}.seq_len", node.seq_len
 
 
 def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
@@ -81,7 +77,7 @@ def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
         if check is not None:
             problems.extend(f"stages.{key}: {msg}" for msg in check(shape.num_layers, total, block, None))
     if shape.max_positions:
-        for where, tokens in _lengths(recipe.stages, "stages"):
+        for where, tokens in _lengths(recipe.stages):
             if tokens > shape.max_positions:
                 problems.append(
                     f"{where}: {tokens} tokens exceed the model's context (max_position_embeddings = "

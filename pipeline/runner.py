@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -23,6 +23,9 @@ from pipeline.rundir import (
     read_done,
     write_done,
 )
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 class RunError(RuntimeError):
@@ -40,7 +43,7 @@ def _spec(stage_type: str) -> Any:
     return load_stages().get(stage_type)
 
 
-def _check_model(ctx: Any) -> None:
+def _check_model(ctx: RunContext) -> None:
     """Targets that need the loaded model's size, checked before calibration or scoring starts."""
     from stages.calibration.width import geometry
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.registry import register_stage
 from stages.core.config import StrictModel
 from stages.io.qa import TextOrQASource
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 class PerplexityConfig(StrictModel):
@@ -67,7 +70,7 @@ class EvaluateConfig(StrictModel):
         return self
 
 
-def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
     from stages.core.files import atomic_write_json
 
@@ -88,7 +91,7 @@ def run(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
     return {"label": label, **out[label], **({"control": out["control"]} if "control" in out else {})}
 
 
-def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
+def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
     from stages.evaluation.perplexity import protocol, windowed_perplexity
     from stages.io.text import tokenized_source
 
@@ -111,7 +114,7 @@ def _evaluate_one(ctx: Any, cfg: EvaluateConfig, model: Any, label: str) -> dict
     return results
 
 
-def restore(ctx: Any, cfg: EvaluateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: EvaluateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     data = json.loads((stage_dir / "results.json").read_text())
     for label, results in data.get("all", {data["label"]: data["results"]}).items():
         ctx.evals.setdefault(label, {}).update(results)

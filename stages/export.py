@@ -8,12 +8,15 @@ leaves a ``model/`` that looks complete. After writing, a fresh ``AutoModelForCa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from pipeline.registry import register_stage
 from stages.core.config import StrictModel
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 class ExportConfig(StrictModel):
@@ -23,7 +26,7 @@ class ExportConfig(StrictModel):
     tolerance: float = Field(1e-5, gt=0, description="max |Δlogit| allowed by the reload check (float32)")
 
 
-def model_card(ctx: Any) -> str:
+def model_card(ctx: RunContext) -> str:
     """README.md for the exported model: what was removed, how, and the metrics so far."""
     info, plan = ctx.model_info, ctx.plan
     lines = [
@@ -68,7 +71,7 @@ def verify_reload(model: Any, path: Path, tolerance: float) -> float:
     return diff
 
 
-def run(ctx: Any, cfg: ExportConfig) -> dict[str, Any]:
+def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     from huggingface_hub import ModelCard
 
     from stages.core.files import atomic_dir
@@ -89,7 +92,7 @@ def run(ctx: Any, cfg: ExportConfig) -> dict[str, Any]:
     return dict(ctx.exported)
 
 
-def restore(ctx: Any, cfg: ExportConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: ExportConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     if not (ctx.run_dir / "model" / "config.json").is_file():
         raise FileNotFoundError("export was marked done but model/ is missing; re-run with --force")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,6 +18,9 @@ from stages.selection.config import (
     allowed_keys,
     validate_selection,
 )
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
 
 
 class PruneConfig(StrictModel):
@@ -88,7 +91,7 @@ VARIANTS: dict[str, type[PruneConfig]] = {"blocks": BlocksPrune, "width": WidthP
 Prune = BlocksPrune | WidthPrune | HiddenPrune
 
 
-def _apply(ctx: Any, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
+def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
     from stages.surgery.apply import apply_plan
 
     apply_plan(ctx.model, plan, side)
@@ -99,7 +102,7 @@ def _apply(ctx: Any, plan: Any, side: dict[str, Any] | None = None) -> dict[str,
     return plan.outputs()
 
 
-def run(ctx: Any, cfg: Prune) -> dict[str, Any]:
+def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
     from stages.core.files import atomic_write_json
     from stages.selection.blocks import make_plan
     from stages.selection.planning import make_hidden_plan, make_width_plan
@@ -124,7 +127,7 @@ def run(ctx: Any, cfg: Prune) -> dict[str, Any]:
     return outputs
 
 
-def restore(ctx: Any, cfg: Prune, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: Prune, outputs: dict[str, Any], stage_dir: Path) -> None:
     from stages.surgery.plan import load_plan
 
     plan = load_plan(json.loads((stage_dir / "plan.json").read_text()))

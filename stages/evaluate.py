@@ -1,4 +1,8 @@
-"""Stage: evaluate the model as it is now (dense, pruned, recovered) — perplexity with its protocol."""
+"""Stage: evaluate the model as it is now (dense, pruned, recovered) — perplexity with its protocol.
+
+With no settings it runs the default suite on two text domains and ARC-Easy in full
+(``stages.evaluation.suite``); metrics.json adds each domain's ratio to dense (``ratio_to_dense``).
+"""
 
 from __future__ import annotations
 
@@ -56,11 +60,16 @@ class EvaluateConfig(StrictModel):
     tasks: dict[str, TaskConfig] = Field(default_factory=dict, description="lm-eval task name → settings, e.g. arc_easy")
     speed: SpeedConfig | None = Field(None, description="measure prefill latency, decode tokens/s and peak memory")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _suite(cls, raw: Any) -> Any:
+        """Nothing named: the default two-domain suite (stages.evaluation.suite), written out in the resolved recipe."""
+        from stages.evaluation.suite import with_default_suite
+
+        return with_default_suite(raw)
+
     @model_validator(mode="after")
-    def _something(self) -> EvaluateConfig:
-        if not (self.perplexity or self.tasks or self.speed):
-            raise ValueError("nothing to evaluate: add `perplexity: {wikitext2: {source: ..., seq_len: 512}}`, "
-                             "`tasks: {arc_easy: {path: ...}}` or `speed: {}`")
+    def _local_tasks(self) -> EvaluateConfig:
         from stages.evaluation.zeroshot import LOCAL_TASKS
 
         for name, t in self.tasks.items():

@@ -95,7 +95,6 @@ BAD = [
     ("two data sources", _with("stages.calibrate.source.dataset", "wikitext"), "exactly one of `dataset`"),
     ("unsupported file type", _with("stages.calibrate.source.path", "data.csv"), "only .txt and .jsonl"),
     ("budget below one window", _with("stages.eval.perplexity.tiny.max_tokens", 8), "less than one window"),
-    ("evaluate with nothing", _with("stages.eval.perplexity", {}), "nothing to evaluate"),
     ("non-positive samples", _with("stages.calibrate.num_samples", 0), "stages.calibrate.num_samples"),
     ("bad stage name", _with("stages.bad name", {"type": "export"}), "stage names use letters"),
 ]
@@ -108,6 +107,19 @@ PREFLIGHT_BAD = [
     ("missing gguf", _with("model.source", "./missing.gguf"), "GGUF file './missing.gguf' not found"),
     ("nonsense model id", _with("model.source", "not-a-model"), "neither an existing path, a hub id"),
 ]
+
+
+def test_evaluate_with_nothing_named_runs_the_two_domain_suite():
+    """An evaluate stage that names nothing gets WikiText-2 test, the ARC question-answer text and ARC-Easy in full."""
+    from stages.evaluation.suite import DEFAULT_SUITE
+
+    recipe = validate(_with("stages.eval", {"type": "evaluate"}))
+    ev = recipe.stages["eval"]
+    assert sorted(ev.perplexity) == ["arc_qa_text", "wikitext2"] and sorted(ev.tasks) == ["arc_easy"]
+    assert ev.tasks["arc_easy"].limit is None  # all 2,376 questions
+    assert ev.perplexity["arc_qa_text"].source.describe() == "qa_text:" + DEFAULT_SUITE["perplexity"]["arc_qa_text"]["source"]["qa_text"]
+    named = validate(GOOD).stages["eval"]
+    assert list(named.perplexity) == ["tiny"] and not named.tasks  # a recipe's own settings replace the suite
 
 
 @pytest.mark.parametrize("why,raw,expected", BAD, ids=[b[0] for b in BAD])

@@ -7,7 +7,7 @@ The spec names base recipes (methods), calibration sources (by label) and the ev
 pair runs as a normal recipe through the CLI in its own process — same code path as a user run, and it
 resumes: rows whose ``metrics.json`` exists are read back, not re-run. The dense model is evaluated once
 with the same evaluation. Prints a markdown table (perplexity and ratio to dense per domain) and writes
-``calibration.json`` beside the runs.
+``<spec name>.json`` beside the runs (``--finished-only`` tabulates the rows already run).
 """
 
 from __future__ import annotations
@@ -60,10 +60,12 @@ def _dense(base: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
             "stages": {"eval": {"type": "evaluate", "label": "dense", **evaluation}}}
 
 
-def _run(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
+def _run(recipe: dict[str, Any], out: Path, finished_only: bool = False) -> dict[str, Any] | None:
     metrics = out / recipe["name"] / "metrics.json"
     if metrics.is_file() and (out / recipe["name"] / "report.md").is_file():
         return json.loads(metrics.read_text())
+    if finished_only:
+        return None
     path = out / "recipes" / f"{recipe['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -94,25 +96,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("spec")
     p.add_argument("--out", default="bench-out/calibration")
+    p.add_argument("--finished-only", action="store_true", help="tabulate the rows already run; run nothing")
     args = p.parse_args(argv)
     spec = yaml.safe_load(Path(args.spec).read_text())
     out = Path(args.out)
     evaluation = spec["evaluation"]
     domains = list(evaluation["perplexity"])
     bases = {m: _base(entry) for m, entry in spec["methods"].items()}
-    dense = _run(_dense(next(iter(bases.values())), evaluation), out)["eval"]["dense"]
+    dense_metrics = _run(_dense(next(iter(bases.values())), evaluation), out, args.finished_only)
+    if dense_metrics is None:
+        raise SystemExit(f"no finished dense row in {out}; run without --finished-only first")
+    dense = dense_metrics["eval"]["dense"]
     rows = [{"method": "dense", "calibration": "-", "params": None, "ppl": {d: dense[d]["ppl"] for d in domains},
              "ratio": dict.fromkeys(domains, 1.0)}]
     for method, base in bases.items():
         for label, source in spec["calibrations"].items():
-            m = _run(_recipe(base, f"{method}--{label}", source, evaluation), out)
+            m = _run(_recipe(base, f"{method}--{label}", source, evaluation), out, args.finished_only)
+            if m is None:
+                continue
             ev = m["eval"]["pruned"]
             rows.append({"method": method, "calibration": label, "params": m["model"]["params_after"],
                          "ppl": {d: ev[d]["ppl"] for d in domains},
                          "ratio": {d: ev[d]["ppl"] / dense[d]["ppl"] for d in domains}})
-    rows[0]["params"] = m["model"]["params_before"]
+    rows[0]["params"] = dense_metrics["model"]["params_before"]
     protocol = {d: dense[d]["protocol"] for d in domains}
-    (out / "calibration.json").write_text(json.dumps({"spec": spec, "protocol": protocol, "rows": rows}, indent=2))
+    (out / f"{Path(args.spec).stem}.json").write_text(json.dumps({"spec": spec, "protocol": protocol, "rows": rows}, indent=2))
     print(table(rows, domains))
     for d, text in protocol.items():
         print(f"- {d}: {text}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
 from stages.core.config import StrictModel
 from stages.io.config import TextSource
@@ -82,11 +82,66 @@ class CheckpointSettings(StrictModel):
     keep: int = Field(2, ge=1, description="newest checkpoints kept on disk")
 
 
+class IntermediateLoss(StrictModel):
+    """A distance between the teacher's block outputs and the student's kept blocks (the mapping from the plan)."""
+
+    weight: float = Field(1.0, gt=0, description="added to the loss as weight × distance")
+    kind: Literal["cosine", "mse"] = Field("cosine", description="cosine: mean (1 − cos) per token; mse: mean squared error")
+
+
+KD_KEYS = ("temperature", "top_k", "intermediate")
+
+
+class LossSettings(StrictModel):
+    """What the student is trained to match. ``loss: kd`` is short for ``loss: {type: kd}``.
+
+    - ``ce``: next-token cross-entropy on the data's labels;
+    - ``kd``: forward KL from the dense teacher's logits, KL(softmax(t/T) ‖ softmax(s/T))·T² (Model-Optimizer's
+      ``LogitsDistillationLoss``), optionally over the teacher's ``top_k`` logits only;
+    - ``ce+kd``: (1 − kd_ratio)·ce + kd_ratio·kd (torchtune's knowledge-distillation recipes).
+    Only positions with a label count (labels != -100), so Alpaca response-only masking applies to KD too."""
+
+    type: Literal["ce", "kd", "ce+kd"] = Field("ce", description="ce | kd | ce+kd")
+    temperature: float = Field(1.0, gt=0, description="kd: softmax temperature T (the loss is scaled by T²)")
+    top_k: int = Field(0, ge=0, description="kd: 0 = the whole vocabulary; k = the teacher's k largest logits per "
+                       "position, both distributions renormalised over that set")
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="ce+kd: loss = (1 − kd_ratio)·ce + kd_ratio·kd")
+    intermediate: IntermediateLoss | None = Field(None, description="kd, ce+kd: also match block outputs (not built yet)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _applies(self) -> LossSettings:
+        given = self.model_fields_set
+        if self.type == "ce" and given & set(KD_KEYS + ("kd_ratio",)):
+            raise ValueError(f"{sorted(given & set(KD_KEYS + ('kd_ratio',)))} apply to type kd or ce+kd, not ce")
+        if self.type == "kd" and "kd_ratio" in given:
+            raise ValueError("kd_ratio mixes ce and kd: it applies to type ce+kd only")
+        if self.intermediate is not None:
+            raise ValueError("intermediate: the block-output loss is not built yet; leave it out")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.type != "ce"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        """``ce`` with nothing else dumps as the string it was before the group, so settings hashes do not move."""
+        out = handler(self)
+        return "ce" if self == LossSettings() else out
+
+
 class RecoverySettings(StrictModel):
     """Everything the trainer reads. Loss names are those of :mod:`stages.recovery.losses`."""
 
-    method: Literal["lora", "qlora"] = Field("lora", description="qlora: base weights in NF4 (bitsandbytes) while training")
-    loss: Literal["ce"] = Field("ce", description="ce: next-token cross-entropy on the data's labels")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora: an adapter on the frozen pruned weights; qlora: the same on NF4 base weights "
+        "(bitsandbytes); full: every weight of the pruned model trains (no adapter)")
+    loss: LossSettings = Field(default_factory=LossSettings, description="ce | kd | ce+kd, or {type, temperature, ...}")
     data: RecoveryData
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype of the frozen base while training; auto = bfloat16 where the GPU has it "
@@ -114,6 +169,7 @@ class RecoverySettings(StrictModel):
 # ----------------------------------------------------------------------------- the version-1 flat spelling
 GROUPS: dict[str, type[BaseModel]] = {
     "lora": LoraSettings, "optimizer": OptimizerSettings, "loop": LoopSettings, "checkpoint": CheckpointSettings,
+    "loss": LossSettings,
 }
 # Every key of the flat schema (commit 0f1500b) that moved into a group: old key → (group, new key).
 FLAT_KEYS: dict[str, tuple[str, str]] = {
@@ -154,6 +210,8 @@ def migrate_flat_keys(raw: Any) -> Any:
         out[group] = section
     problems = [_misplaced(group, key) for group, section in out.items() if group in GROUPS and isinstance(section, dict)
                 for key in section if key not in GROUPS[group].model_fields]
+    problems += [f"{key}: `{key}` is a loss setting; write loss.{key} (and loss.type: kd or ce+kd)"
+                 for key in out if key in LossSettings.model_fields and key != "type"]
     problems = [p for p in problems if p]
     if problems:
         raise ValueError("; ".join(problems))
@@ -163,6 +221,8 @@ def migrate_flat_keys(raw: Any) -> Any:
 def _misplaced(group: str, key: str) -> str | None:
     """``optimizer.batch_size`` → where it belongs; unknown keys are left to ``extra="forbid"``."""
     home = FLAT_KEYS.get(key)
+    if home is None and key in LossSettings.model_fields and group != "loss" and key != "type":
+        return f"{group}.{key}: `{key}` does not belong in `{group}`; write loss.{key}"
     if home is None and key in RecoverySettings.model_fields:
         return f"{group}.{key}: `{key}` does not belong in `{group}`; write it at the top of the stage, beside method"
     if home is None:
@@ -170,6 +230,15 @@ def _misplaced(group: str, key: str) -> str | None:
     return f"{group}.{key}: `{key}` does not belong in `{group}`; write {home[0]}.{home[1]}"
 
 
+# Settings version 1 could not say, with the value that means "as version 1 did".
+V1_ABSENT = {"loss": "ce"}
+
+
 def flat_settings(dump: dict[str, Any]) -> dict[str, Any]:
-    """A grouped ``model_dump(mode="json")`` in the version-1 flat shape, field for field and in order."""
-    return {old: dump[FLAT_KEYS[old][0]][FLAT_KEYS[old][1]] if old in FLAT_KEYS else dump[old] for old in V1_ORDER}
+    """A grouped ``model_dump(mode="json")`` in the version-1 flat shape, field for field and in order.
+
+    Settings version 1 could not say (a distillation loss, ``method: full``) are appended after the old keys,
+    so such settings never share a hash with a version-1 run directory or checkpoint."""
+    out = {old: dump[FLAT_KEYS[old][0]][FLAT_KEYS[old][1]] if old in FLAT_KEYS else dump[old] for old in V1_ORDER}
+    out.update({key: dump[key] for key, v1 in V1_ABSENT.items() if dump.get(key, v1) != v1})
+    return out

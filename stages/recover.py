@@ -1,10 +1,12 @@
-"""Stage: recover a pruned model with LoRA / QLoRA (peft), under accelerate (DDP or DeepSpeed), then
-merge the adapter into FULL-precision weights so the result is again a plain dense model.
+"""Stage: recover a pruned model with LoRA / QLoRA (peft) or full fine-tuning, under accelerate (DDP or DeepSpeed),
+by cross-entropy or by distillation from the dense model, then merge the adapter into FULL-precision weights so
+the result is again a plain dense model.
 
 The trainer and its settings live in :mod:`stages.recovery`; this file is the stage's lifecycle: its
 recipe section, the dense *control* (the same recovery given to the unpruned model, because in-domain
-fine-tuning alone lowers perplexity, handed to later stages as ``ctx.variants["control"]``), and
-restoring a finished recovery on ``--resume`` from its own folder.
+fine-tuning alone lowers perplexity, handed to later stages as ``ctx.variants["control"]``), the dense
+*teacher* of a distillation loss (reloaded from the recipe's model source: prune changed ``ctx.model`` in
+place), and restoring a finished recovery on ``--resume`` from its own folder.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class RecoverConfig(RecoverySettings):
     ```yaml
     recover:
       type: recover
-      method: lora                  # lora | qlora
+      method: lora                  # lora | qlora | full
+      loss: {type: kd, temperature: 1.0, top_k: 0}   # ce | kd | ce+kd (kd_ratio); kd needs the dense teacher
+                                    # + intermediate: {weight, kind}, teacher_cache: true (with top_k > 0)
       data: {source: {path: ../shared/data/wikitext2/valid.txt}, seq_len: 256}
       lora: {rank: 8, alpha: 16, dropout: 0.05}
       optimizer: {lr: 3.0e-3, warmup_steps: 10}
@@ -45,7 +49,8 @@ class RecoverConfig(RecoverySettings):
     ``checkpoint.save_every``; ``keep_checkpoints`` → ``checkpoint.keep``. A flat key beside its grouped
     spelling wins (an old command-line override such as ``stages.recover.lr=3e-3``). ``method data dtype
     control compare_plain_steps`` kept their place. :meth:`v1_settings` gives the flat dump back, so run
-    directories and checkpoints made before the groups still resume.
+    directories and checkpoints made before the groups still resume (a loss version 1 could not say is
+    appended to it, so it never matches their hashes).
     """
 
     type: Literal["recover"]
@@ -80,7 +85,7 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
         raise ValueError("stages.recover: method qlora needs uniform layer widths (NF4 loading builds a vanilla "
                          "model); use method: lora, or prune with allocation: uniform")
     env = _env(ctx)
-    info = recover_model(env, cfg, ctx.model, ctx.stage_dir, "pruned")
+    info = recover_model(env, cfg, ctx.model, ctx.stage_dir, "pruned", _teacher(ctx, cfg), ctx.plan)
     ctx.model = info.pop("model")
     ctx.state = "recovered"
     ctx.recover_info = {"pruned": info}
@@ -88,24 +93,34 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
         from stages.io.models import load_model
 
         dense, _ = load_model(ctx.recipe.model)
-        control = recover_model(env, cfg, dense, ctx.stage_dir / "control", "control")
+        control = recover_model(env, cfg, dense, ctx.stage_dir / "control", "control", _teacher(ctx, cfg))
         ctx.variants["control"] = control.pop("model")
         ctx.recover_info["control"] = control
     return ctx.recover_info
 
 
-def restore(ctx: RunContext, cfg: RecoverConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
-    """Re-merge the saved adapters: cheaper than keeping merged copies and exact (same weights)."""
-    from stages.recovery.model import merge_adapter
+def _teacher(ctx: RunContext, cfg: RecoverConfig) -> Any:
+    """The run's dense model, reloaded from its source, when the loss distils from it."""
+    if not cfg.loss.needs_teacher:
+        return None
+    from stages.io.models import load_model
 
-    ctx.model = merge_adapter(ctx.model, stage_dir / "adapter")
+    return load_model(ctx.recipe.model)[0]
+
+
+def restore(ctx: RunContext, cfg: RecoverConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+    """Re-merge the saved adapters (``full``: reload the trained weights): exact, and cheaper than merged copies."""
+    from stages.recovery.model import apply_trained, trained_folder
+
+    folder = trained_folder(cfg.method)
+    ctx.model = apply_trained(ctx.model, stage_dir / folder, cfg.method)
     ctx.state = "recovered"
     ctx.recover_info = dict(outputs)
     if cfg.control:
         from stages.io.models import load_model
 
         dense, _ = load_model(ctx.recipe.model)
-        ctx.variants["control"] = merge_adapter(dense, stage_dir / "control" / "adapter")
+        ctx.variants["control"] = apply_trained(dense, stage_dir / "control" / folder, cfg.method)
 
 
 register_stage("recover", RecoverConfig, run, restore)

@@ -52,9 +52,11 @@ def _run(tmp_path: Path, name: str, launch: str | None = None, extra: list[str] 
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors: the adapter, or (method full) every weight."""
     from safetensors.torch import load_file
 
-    return load_file(str(next((run_dir / "06-recover" / "adapter").glob("*.safetensors"))))
+    folder = next(f for f in (run_dir / "06-recover" / "adapter", run_dir / "06-recover" / "weights") if f.is_dir())
+    return load_file(str(next(folder.glob("*.safetensors"))))
 
 
 def _check_sharded(run_dir: Path, single: Path) -> None:
@@ -104,6 +106,54 @@ def test_deepspeed_zero3_two_processes_gather_the_adapter(tmp_path, single_run):
     mine, theirs = _adapter(tmp_path / "zero3"), _adapter(single_run)
     for k in mine:  # the saved adapter is whole (gathered from shards) and equals the 1-process one
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=2e-5)
+
+
+KD = ["stages.recover.loss={type: kd, temperature: 2.0, top_k: 32}"]
+FULL = ["stages.recover.method=full", "stages.recover.optimizer.lr=1e-4"]
+
+
+@pytest.fixture(scope="module")
+def single_kd(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single-kd")
+    _run(out, "kd", extra=KD)
+    return out / "kd"
+
+
+def test_two_process_ddp_distillation_matches_one_process(tmp_path, single_kd):
+    """loss kd: every rank holds the frozen teacher and runs it on its own micro-batches."""
+    _run(tmp_path, "kd-ddp", launch="cpu-ddp-2proc.yaml", extra=KD)
+    _check_sharded(tmp_path / "kd-ddp", single_kd)
+    info = json.loads((tmp_path / "kd-ddp" / "metrics.json").read_text())["recover"]["pruned"]
+    assert info["loss"] == "kd" and info["processes"] == 2 and info["teacher"]["s_per_step"] > 0
+    assert not info["teacher"]["sharded"]  # DDP: every rank holds the whole teacher
+
+
+def test_two_process_ddp_teacher_cache_matches_the_live_teacher(tmp_path, single_kd):
+    """teacher_cache under DDP: each rank reads the cached top-k logits of its own samples."""
+    _run(tmp_path, "kd-cache", launch="cpu-ddp-2proc.yaml", extra=[*KD, "stages.recover.loss.teacher_cache=true"])
+    _check_sharded(tmp_path / "kd-cache", single_kd)
+    assert json.loads((tmp_path / "kd-cache" / "metrics.json").read_text())["recover"]["pruned"]["teacher"]["cached"]
+
+
+def test_deepspeed_zero3_distillation_shards_the_teacher_too(tmp_path, single_kd):
+    """loss kd under ZeRO-3: the teacher is sharded for inference by its own engine; the adapter equals one process."""
+    pytest.importorskip("deepspeed")
+    _run(tmp_path, "kd-z3", launch="cpu-deepspeed-zero3-2proc.yaml", extra=KD)
+    mine, theirs = _adapter(tmp_path / "kd-z3"), _adapter(single_kd)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=2e-5)
+    assert json.loads((tmp_path / "kd-z3" / "metrics.json").read_text())["recover"]["pruned"]["teacher"]["sharded"]
+    loss = json.loads((tmp_path / "kd-z3" / "06-recover" / "loss.json").read_text())["loss"]
+    assert loss == pytest.approx(json.loads((single_kd / "06-recover" / "loss.json").read_text())["loss"], rel=1e-4)
+
+
+def test_full_fine_tuning_under_zero2_matches_one_process(tmp_path):
+    """method full: every weight trains, optimizer states sharded by ZeRO-2; the same weights as one process."""
+    pytest.importorskip("deepspeed")
+    _run(tmp_path, "full", extra=FULL)
+    _run(tmp_path, "full-z2", launch="cpu-deepspeed-zero2-2proc.yaml", extra=FULL)
+    _check_sharded(tmp_path / "full-z2", tmp_path / "full")
+    assert len(_adapter(tmp_path / "full")) == 2 + 4 * 9  # embeddings, final norm, 4 blocks × 9 tensors
 
 
 def test_resume_after_crash_continues_from_checkpoint_to_the_same_loss(tmp_path, single_run):

@@ -53,7 +53,7 @@ def test_settings_are_grouped():
     cfg = _recover()
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optimizer.lr, cfg.checkpoint.save_every) == (8, 16.0, 1e-3, 3)
     assert (cfg.loop.batch_size, cfg.loop.micro_batch_size, cfg.loop.max_steps) == (8, 2, 6)
-    assert (cfg.method, cfg.loss, cfg.control, cfg.accumulation(2)) == ("lora", "ce", True, 2)
+    assert (cfg.method, cfg.loss.type, cfg.control, cfg.accumulation(2)) == ("lora", "ce", True, 2)
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -126,13 +126,14 @@ def test_shipped_recipes_are_grouped_and_round_trip(path):
     import yaml
 
     from stages.recover import RecoverConfig
-    from stages.recovery.config import FLAT_KEYS, V1_ORDER
+    from stages.recovery.config import FLAT_KEYS, V1_ABSENT, V1_ORDER
 
     raw = next(s for s in yaml.safe_load((ROOT / path).read_text())["stages"].values() if s.get("type") == "recover")
     assert not set(raw) & set(FLAT_KEYS), f"{path}: write the recover settings in their groups"
     cfg = _recover(path=path)
     v1 = cfg.v1_settings()
-    assert tuple(v1) == V1_ORDER
+    # Settings version 1 could not say (loss kd, ...) come after its keys, so they never share its hash.
+    assert tuple(v1)[:len(V1_ORDER)] == V1_ORDER and set(tuple(v1)[len(V1_ORDER):]) <= set(V1_ABSENT)
     assert RecoverConfig.model_validate(v1) == cfg
 
 

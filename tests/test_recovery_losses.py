@@ -1,4 +1,5 @@
-"""The recovery loss registry: names are unique, ``ce`` is the next-token loss the trainer always used."""
+"""The recovery loss registry: names are unique, ``ce`` is the next-token loss the trainer always used, ``kd`` and
+``ce+kd`` need the teacher (their maths: tests/test_distill.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ def test_a_loss_name_registers_once():
     with pytest.raises(ValueError, match="recovery loss 'ce' is already registered"):
         register_loss("ce", lambda model, batch, teacher: torch.zeros(()))
     assert get_loss("ce").fn.__name__ == "next_token_ce" and not get_loss("ce").needs_teacher
-    with pytest.raises(KeyError, match=r"unknown recovery loss 'kl'; choose one of \['ce'\]"):
+    with pytest.raises(KeyError, match=r"unknown recovery loss 'kl'; choose one of"):
         get_loss("kl")
-    assert LOSSES.names() == ["ce"]
+    assert sorted(LOSSES.names()) == ["ce", "ce+kd", "kd"]
+    assert get_loss("kd").needs_teacher and get_loss("ce+kd").needs_teacher
 
 
 def test_recipes_name_exactly_the_registered_losses():
-    from stages.recovery.config import RecoverySettings
+    from stages.recovery.config import LossSettings
     from stages.recovery.losses import LOSSES
 
-    assert set(typing.get_args(RecoverySettings.model_fields["loss"].annotation)) == set(LOSSES.names())
+    assert set(typing.get_args(LossSettings.model_fields["type"].annotation)) == set(LOSSES.names())
 
 
 def test_ce_is_transformers_shifted_cross_entropy(tiny_model):

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
+from stages.arch.base_names import LORA_TARGETS
 from stages.core.config import StrictModel
 from stages.io.config import TextSource
 
-DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target modules
 
 
 class RecoveryData(StrictModel):
@@ -89,7 +90,7 @@ class IntermediateLoss(StrictModel):
     kind: Literal["cosine", "mse"] = Field("cosine", description="cosine: mean (1 − cos) per token; mse: mean squared error")
 
 
-KD_KEYS = ("temperature", "top_k", "intermediate")
+KD_KEYS = ("temperature", "top_k", "intermediate", "teacher_cache")
 
 
 class LossSettings(StrictModel):
@@ -106,7 +107,10 @@ class LossSettings(StrictModel):
     top_k: int = Field(0, ge=0, description="kd: 0 = the whole vocabulary; k = the teacher's k largest logits per "
                        "position, both distributions renormalised over that set")
     kd_ratio: float = Field(0.5, ge=0, le=1, description="ce+kd: loss = (1 − kd_ratio)·ce + kd_ratio·kd")
-    intermediate: IntermediateLoss | None = Field(None, description="kd, ce+kd: also match block outputs (not built yet)")
+    intermediate: IntermediateLoss | None = Field(None, description="kd, ce+kd: also match the teacher's block outputs "
+                                                  "(student block j ↔ teacher block kept[j] of a depth plan)")
+    teacher_cache: bool = Field(False, description="kd, ce+kd: write the teacher's top_k logits of every sample to disk "
+                                "in one pass before training and read them back (the teacher is freed for training)")
 
     @model_validator(mode="before")
     @classmethod
@@ -120,8 +124,9 @@ class LossSettings(StrictModel):
             raise ValueError(f"{sorted(given & set(KD_KEYS + ('kd_ratio',)))} apply to type kd or ce+kd, not ce")
         if self.type == "kd" and "kd_ratio" in given:
             raise ValueError("kd_ratio mixes ce and kd: it applies to type ce+kd only")
-        if self.intermediate is not None:
-            raise ValueError("intermediate: the block-output loss is not built yet; leave it out")
+        if self.teacher_cache and (not self.top_k or self.intermediate is not None):
+            raise ValueError("teacher_cache stores the teacher's top-k logits only: set top_k > 0 (e.g. 64) and leave "
+                             "intermediate out")
         return self
 
     @property
@@ -130,9 +135,18 @@ class LossSettings(StrictModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
-        """``ce`` with nothing else dumps as the string it was before the group, so settings hashes do not move."""
+        """Only the settings that apply, so a dump validates again; ``ce`` dumps as the string it was before the
+        group, so the settings hashes of ``ce`` runs did not move."""
+        if self.type == "ce":
+            return "ce"
         out = handler(self)
-        return "ce" if self == LossSettings() else out
+        if self.type == "kd":
+            out.pop("kd_ratio", None)
+        if self.intermediate is None:
+            out.pop("intermediate", None)
+        if not self.teacher_cache:
+            out.pop("teacher_cache", None)
+        return out
 
 
 class RecoverySettings(StrictModel):

@@ -1,5 +1,6 @@
-"""The model that trains and what comes out of it: a LoRA copy or an NF4 (QLoRA) reload of the base, the
-adapter gathered from every shard, and the merge back into the caller's FULL-precision weights.
+"""The model that trains and what comes out of it: a LoRA copy or an NF4 (QLoRA) reload of the base, or (method
+``full``) a plain copy whose every weight trains; the trained tensors gathered from every shard, and the merge
+back into the caller's FULL-precision weights (for ``full``: the trained weights copied into them).
 
 Merging always goes through peft onto the caller's full-precision model: for QLoRA that is the
 unquantized pruned weights, never the dequantized NF4 ones.
@@ -31,6 +32,12 @@ def trainable_model(base: torch.nn.Module, cfg: RecoverySettings, work_dir: Path
     from stages.io.models import resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.method == "full":
+        model = copy.deepcopy(base).to(device=device, dtype=dtype).requires_grad_(True)
+        model.config.use_cache = False
+        if cfg.loop.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
     if cfg.method == "lora":
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
     else:
@@ -61,6 +68,34 @@ def load_nf4(base: torch.nn.Module, folder: Path, dtype: torch.dtype, device: to
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def trained_folder(method: str) -> str:
+    """Where a training's result is saved in its folder: the adapter, or (``full``) every trained weight."""
+    return "weights" if method == "full" else "adapter"
+
+
+def apply_trained(base: torch.nn.Module, folder: Path, method: str) -> torch.nn.Module:
+    """The trained model on ``base``'s full-precision weights: the adapter merged, or (``full``) loaded."""
+    return load_full(base, folder) if method == "full" else merge_adapter(base, folder)
+
+
+def load_full(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """``full``: the trained weights copied into ``base`` (its dtype and per-layer shapes); nothing to merge."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if not state:
+        raise FileNotFoundError(f"no trained weights in {folder}")
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    tied = {n for n, _ in base.named_parameters(remove_duplicate=False)} - {n for n, _ in base.named_parameters()}
+    untrained = [m for m in missing if m not in tied and m in dict(base.named_parameters())]
+    if unexpected or untrained:
+        raise ValueError(f"{folder}: weights do not fit the model (unexpected {unexpected[:3]}, missing {untrained[:3]})")
+    base.eval()
+    return base
+
+
 def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     """Fold the saved adapter into ``base`` (full precision) with peft and return a plain model."""
     from peft import PeftModel
@@ -86,7 +121,7 @@ def rank_fingerprints(acc: Any, model: Any) -> list[list[float]]:
 
 
 def save_adapter(acc: Any, model: Any, adapter_dir: Path) -> None:
-    """Adapter weights gathered from every shard, written by the main process only.
+    """Adapter weights (method ``full``: every weight) gathered from every shard, written by the main process only.
 
     Only the trainable tensors are gathered (``GatheredParameters`` under ZeRO-3), so this needs no
     ``stage3_gather_16bit_weights_on_model_save`` and never materialises the frozen base twice.

@@ -1,4 +1,4 @@
-"""LoRA / QLoRA training under accelerate (one process, DDP or DeepSpeed), in torchtune's recipe shape:
+"""LoRA / QLoRA / full training under accelerate (one process, DDP or DeepSpeed), in torchtune's recipe shape:
 :func:`setup` → :func:`loss_step` → :func:`train` → :func:`save`, driven by :func:`recover_model`.
 
 Why this shape:
@@ -9,9 +9,10 @@ Why this shape:
 - Checkpoints (:mod:`stages.recovery.checkpoints`) hold only the adapter plus optimizer, scheduler and RNG
   states; ``--resume`` loads the newest and skips the batches already consumed (``skip_first_batches``),
   so the resumed run ends with the same loss as an uninterrupted one.
-- The loss is looked up by name (:mod:`stages.recovery.losses`); the model, its merge and the adapter's
-  gathering live in :mod:`stages.recovery.model`, the plain-peft speed baseline in
-  :mod:`stages.recovery.plain_loop`.
+- The loss is looked up by name (:mod:`stages.recovery.losses`); a distillation loss gets the frozen dense
+  teacher, called on the same micro-batch (every rank holds it under DDP and ZeRO-1/2; under ZeRO-3 it is
+  sharded for inference by its own DeepSpeed engine). The model, its merge and the adapter's gathering
+  live in :mod:`stages.recovery.model`, the plain-peft speed baseline in :mod:`stages.recovery.plain_loop`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from accelerate.logging import get_logger
 from stages.core.files import atomic_write_json
 from stages.recovery.checkpoints import Checkpoints, settings_hashes
 from stages.recovery.config import RecoverySettings
-from stages.recovery.losses import Loss, get_loss
+from stages.recovery.losses import Loss, Teacher, block_pairs, get_loss
 
 log = get_logger(__name__)
 
@@ -78,20 +79,27 @@ class TrainState:
     total: int
     loss: Loss
     checkpoints: Checkpoints
-    teacher: Any = None  # the frozen model a distillation loss compares against
+    teacher: Teacher | None = None  # the frozen model a distillation loss compares against
+    loss_settings: Any = None  # the recipe's ``loss`` group
     step: int = 0
+    first_step: int = 0  # where this session started (after a resume)
     resumed_from: Path | None = None
     recorder: Recorder = field(init=False)
 
 
-def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir: Path, label: str) -> TrainState:
-    """Data, trainable model, optimizer and schedule, prepared by accelerate; resumed if asked and possible."""
+def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir: Path, label: str,
+          teacher: torch.nn.Module | None = None, plan: Any = None) -> TrainState:
+    """Data, trainable model, optimizer and schedule, prepared by accelerate; the teacher (if the loss needs
+    one) frozen on this rank's device, its blocks paired with ``base``'s by ``plan``; resumed if asked and possible."""
     from transformers import get_scheduler
 
     from stages.recovery.data import build_dataset, make_loader
     from stages.recovery.model import trainable_model
 
     acc = env.accelerator
+    loss = get_loss(cfg.loss.type)
+    if loss.needs_teacher and teacher is None:
+        raise ValueError(f"stages.recover: loss {loss.name!r} needs the dense teacher model and none was given")
     out_dir.mkdir(parents=True, exist_ok=True)
     accum = cfg.accumulation(acc.num_processes)
     acc.gradient_accumulation_steps = accum
@@ -101,6 +109,11 @@ def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    frozen = _teacher(acc, cfg, teacher) if loss.needs_teacher else None  # after prepare: DeepSpeed's config is whole
+    if frozen is not None and cfg.loss.intermediate is not None:
+        frozen.pairs = block_pairs(plan, teacher.config.num_hidden_layers, base.config.num_hidden_layers)
+    if frozen is not None and cfg.loss.teacher_cache:
+        frozen = _cache(acc, cfg, frozen, dataset, out_dir, label, teacher.config.vocab_size)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
         raise ValueError(f"stages.recover: {len(dataset)} samples make no full optimizer step of {cfg.loop.batch_size}; "
@@ -111,9 +124,54 @@ def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir
                               num_training_steps=total)
     ckpts = Checkpoints(acc, out_dir / "checkpoints", settings_hashes(cfg, label, acc.num_processes), cfg.checkpoint)
     run = TrainState(label, model, optimizer, scheduler, loader, sampler, dataset, params, accum, steps_per_epoch, total,
-                     get_loss(cfg.loss), ckpts)
+                     loss, ckpts, teacher=frozen, loss_settings=cfg.loss)
     _resume(env, run)
+    run.first_step = run.step
     return run
+
+
+def _teacher(acc: Any, cfg: RecoverySettings, teacher: torch.nn.Module) -> Teacher:
+    """The dense model, frozen and in eval mode, in the student's compute dtype on this rank's device.
+
+    DDP, ZeRO-1/2: every rank holds the whole teacher. ZeRO-3: the teacher is sharded for inference like the
+    student, by its own DeepSpeed engine (no optimizer) made from the run's DeepSpeed config, as TRL's
+    ``prepare_deepspeed`` does for its reference models."""
+    from accelerate.utils import DistributedType
+
+    from stages.io.models import resolve_dtype
+
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    zero3 = acc.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+    dtype = resolve_dtype(cfg.dtype, acc.device)
+    # ZeRO-3: not moved whole onto the device first; the engine places each rank's shard there.
+    model = (teacher.to(dtype=dtype) if zero3 else teacher.to(device=acc.device, dtype=dtype)).eval().requires_grad_(False)
+    model.config.use_cache = False
+    if zero3:
+        import copy
+
+        import deepspeed
+
+        ds = copy.deepcopy(plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            ds.pop(key, None)
+        model, *_ = deepspeed.initialize(model=model, config=ds)
+    frozen = Teacher(model)
+    frozen.sharded = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 partitioned parameters
+    return frozen
+
+
+def _cache(acc: Any, cfg: RecoverySettings, live: Teacher, dataset: Any, out_dir: Path, label: str, vocab: int) -> Teacher:
+    """One pass of the live teacher writes its top-k logits; its weights are then released (moved to the meta
+    device) and training reads the cache."""
+    from stages.recovery.teacher_cache import cached_teacher
+
+    meta = {"label": label, "data": cfg.data.model_dump(mode="json"), "dtype": cfg.dtype}
+    cached = cached_teacher(acc, live, dataset, cfg.loss.top_k, meta, out_dir, vocab)
+    cached.seconds = 0.0  # the cache is read in training; the pass is reported apart
+    cached.pass_seconds = live.seconds
+    if not live.sharded:
+        live.model.to("meta")
+    return cached
 
 
 def _resume(env: TrainerEnv, run: TrainState) -> None:
@@ -131,7 +189,7 @@ def loss_step(run: TrainState, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss of one micro-batch (mean over it), by the loss the settings name."""
     if run.loss.needs_teacher and run.teacher is None:
         raise ValueError(f"loss {run.loss.name!r} needs a teacher model and none was given")
-    return run.loss.fn(run.model, batch, run.teacher)
+    return run.loss.fn(run.model, batch, run.teacher, run.loss_settings)
 
 
 def _micro_step(acc: Any, run: TrainState, batch: dict[str, torch.Tensor], max_grad_norm: float | None) -> torch.Tensor:
@@ -151,6 +209,8 @@ def _optimizer_steps(acc: Any, run: TrainState, cfg: RecoverySettings, batches: 
     micro, step_loss, step_tokens = 0, 0.0, 0
     for batch in batches:
         idx = batch.pop("idx")
+        if run.teacher is not None:
+            run.teacher.idx = idx  # a cached teacher reads its logits by sample index
         if cfg.loop.record_samples:
             gathered = acc.gather(idx)
             if acc.is_main_process:
@@ -208,11 +268,11 @@ def train(env: TrainerEnv, run: TrainState, cfg: RecoverySettings) -> float:
 
 def save(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, out_dir: Path, seconds: float) -> dict[str, Any]:
     """Adapter (gathered from every shard), loss curve and samples; returns the training's summary."""
-    from stages.recovery.model import rank_fingerprints, save_adapter
+    from stages.recovery.model import rank_fingerprints, save_adapter, trained_folder
 
     acc, rec = env.accelerator, run.recorder
     fingerprints = rank_fingerprints(acc, run.model)
-    save_adapter(acc, run.model, out_dir / "adapter")
+    save_adapter(acc, run.model, out_dir / trained_folder(cfg.method))
     info = _summary(run, acc.num_processes, seconds)
     if acc.is_main_process:
         atomic_write_json(out_dir / "loss.json", {"label": run.label, "steps": list(range(1, len(rec.losses) + 1)),
@@ -225,16 +285,20 @@ def save(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, out_dir: Path,
     return info
 
 
-def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir: Path, label: str) -> dict[str, Any]:
-    """Train an adapter on ``base``; write adapter, loss curve, samples; return stats and the merged model."""
-    from stages.recovery.model import merge_adapter
+def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir: Path, label: str,
+                  teacher: torch.nn.Module | None = None, plan: Any = None) -> dict[str, Any]:
+    """Train ``base`` (an adapter on it, or every weight for ``full``); write the trained tensors, loss curve,
+    samples; return stats and the merged model. ``teacher``: the dense model, for a distillation loss;
+    ``plan``: the pruning plan that made ``base`` from it (the block mapping of ``loss.intermediate``)."""
+    from stages.recovery.model import apply_trained, trained_folder
     from stages.recovery.plain_loop import compare_with_plain
 
-    run = setup(env, cfg, base, out_dir, label)
+    run = setup(env, cfg, base, out_dir, label, teacher, plan)
     seconds = train(env, run, cfg)
     info = save(env, run, cfg, out_dir, seconds)
+    run.teacher = None
     compare_with_plain(info, base, cfg, run.dataset, run.accum, env.seed, env.accelerator)
-    info["model"] = merge_adapter(base, out_dir / "adapter")
+    info["model"] = apply_trained(base, out_dir / trained_folder(cfg.method), cfg.method)
     return info
 
 
@@ -246,8 +310,17 @@ def _summary(run: TrainState, processes: int, seconds: float) -> dict[str, Any]:
     timed = rec.step_seconds[1:] or rec.step_seconds  # the first step includes warm-up
     median = statistics.median(timed) if timed else float("nan")
     tokens_per_step = int(statistics.median(rec.step_tokens)) if rec.step_tokens else 0
+    extra: dict[str, Any] = {"loss": run.loss.name}
+    if run.teacher is not None and run.step > run.first_step:
+        # The teacher's forwards are timed inside each step; without them a step takes (step − teacher) seconds.
+        teacher_s = run.teacher.seconds / (run.step - run.first_step)
+        student_s = median - teacher_s if timed else float("nan")
+        extra["teacher"] = {"sharded": run.teacher.sharded, "cached": hasattr(run.teacher, "pass_seconds"),
+                            "cache_pass_s": round(getattr(run.teacher, "pass_seconds", 0.0), 3),
+                            "s_per_step": round(teacher_s, 4), "share_of_step": round(teacher_s / median, 3) if timed else None,
+                            "tokens_per_s_without_teacher": round(tokens_per_step / student_s, 1) if student_s > 0 else None}
     return {
-        "label": run.label, "steps": run.total, "accumulation": run.accum, "processes": processes,
+        **extra, "label": run.label, "steps": run.total, "accumulation": run.accum, "processes": processes,
         "tokens_per_step": tokens_per_step, "seconds": round(seconds, 2),
         "median_step_s": round(median, 4), "tokens_per_s": round(tokens_per_step / median, 1) if timed else None,
         "first_loss": rec.losses[0] if rec.losses else None, "final_loss": rec.losses[-1] if rec.losses else None,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.recipe import RecipeBase
-    from stages.arch.llama import LlamaAdapter
+    from stages.arch.base import ArchAdapter
     from stages.surgery.plan import Plan
 
 
@@ -50,8 +50,8 @@ class RunContext:
         return self.accelerator is None or self.accelerator.is_main_process
 
     @property
-    def adapter(self) -> LlamaAdapter:
-        from stages.arch.llama import adapter_for
+    def adapter(self) -> ArchAdapter:
+        from stages.arch import adapter_for
 
         return adapter_for(self.model)
 

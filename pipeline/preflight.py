@@ -68,8 +68,25 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
             yield f"{path}.seq_len", node.seq_len
 
 
-def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
+def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
+    """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
+    from stages.arch import FAMILY_MODULES, compensation_refusal, unsupported_message
+
+    if model_type is None:
+        return []
+    if model_type not in FAMILY_MODULES:
+        return [f"model.source: {unsupported_message(model_type)}"]
     problems = []
+    refusal = compensation_refusal(model_type)
+    for path, node in _settings(recipe.stages, "stages"):
+        kind = getattr(node, "type", None) if path.endswith(".compensation") else None
+        if refusal and (kind == "bias" or (kind == "optimal" and getattr(node, "bias", False))):
+            problems.append(f"{path}: {kind} compensation — {refusal}")
+    return problems
+
+
+def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
+    problems = _family_problems(recipe, shape.model_type)
     counts = shape.param_counts()
     total, block = counts if counts is not None else (None, None)
     for key, stage in recipe.stages.items():
@@ -89,12 +106,15 @@ def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
 def preflight(recipe: RecipeBase) -> dict[str, Any]:
     """Raise :class:`RecipeError` listing every problem; return what was learned about the model
     (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown)."""
-    from stages.io.sources import classify, model_shape
+    from stages.io.sources import classify, model_shape, model_type_of
 
     problems = _file_problems(recipe)
     shape = None
     try:
-        shape = model_shape(classify(recipe.model.source, recipe.model.gguf_file), recipe.model.revision)
+        src = classify(recipe.model.source, recipe.model.gguf_file)
+        shape = model_shape(src, recipe.model.revision)
+        if shape is None and src.kind == "local":  # sizes under other names (gpt2's n_layer): still check the family
+            problems += _family_problems(recipe, model_type_of(src))
     except (OSError, ValueError) as exc:
         problems.append(str(exc))
     if shape is not None:

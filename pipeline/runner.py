@@ -45,11 +45,9 @@ def _spec(stage_type: str) -> Any:
 
 def _check_model(ctx: RunContext) -> None:
     """Targets that need the loaded model's size, checked before calibration or scoring starts."""
-    from stages.calibration.width import geometry
-
     adapter = ctx.adapter
     sizes = adapter.block_param_counts()
-    geos = [geometry(layer) for layer in adapter.layers]
+    geos = adapter.geometries()
     problems = []
     for key, cfg in ctx.recipe.stages.items():
         check = getattr(cfg, "check_model", None)

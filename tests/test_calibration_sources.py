@@ -9,7 +9,13 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from stages.calibration.sources import CalibrationSource, MixSource, SelfGeneratedSource, calibration_windows, split_counts
+from stages.calibration.sources import (
+    CalibrationSource,
+    MixSource,
+    SelfGeneratedSource,
+    calibration_windows,
+    split_counts,
+)
 from stages.io.qa import QATextSource, render_qa
 from stages.io.text import read_text
 from stages.io.tiny import byte_tokenizer, tiny_llama

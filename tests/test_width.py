@@ -126,8 +126,8 @@ def test_head_coupling_matches_torch_pruning_dependency_graph(monkeypatch):
 
     from transformers.models.llama import modeling_llama
 
+    from stages.arch.base import heads_to_rows as _heads_to_rows
     from stages.io.tiny import tiny_llama
-    from stages.surgery.apply import _heads_to_rows
 
     model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
     model.set_attn_implementation("sdpa")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stages.arch.llama import LlamaAdapter
+from stages.arch.base import ArchAdapter
 
 if TYPE_CHECKING:
     from stages.calibration.stats import CalibrationStats
@@ -33,7 +33,7 @@ def batches(calibration: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor
 
 @torch.inference_mode()
 def removal_nll_batch(
-    adapter: LlamaAdapter, states: list[torch.Tensor], kept: list[int], ids: torch.Tensor, max_stack: int = 64
+    adapter: ArchAdapter, states: list[torch.Tensor], kept: list[int], ids: torch.Tensor, max_stack: int = 64
 ) -> list[float]:
     """NLL sum of this batch with each kept block removed in turn, re-using the cached boundary states.
 
@@ -68,25 +68,26 @@ def _repeat(inputs: Any, times: int) -> Any:
 
 
 @torch.inference_mode()
-def naive_removal_nll(adapter: LlamaAdapter, calibration: torch.Tensor, kept: list[int], batch_size: int) -> list[float]:
+def naive_removal_nll(adapter: ArchAdapter, calibration: torch.Tensor, kept: list[int], batch_size: int) -> list[float]:
     """Reference: one full Hugging Face forward per candidate, as the Shortened LLaMA code does.
 
     The model's block list is swapped for the candidate's for the duration of the forward (no
     copy of the weights); the loss is transformers' own. What the cached version must equal and beat.
     """
-    model, inner = adapter.model, adapter.inner
-    original, n_layers = inner.layers, model.config.num_hidden_layers
+    model = adapter.model
+    original, n_layers = adapter.layers, model.config.num_hidden_layers
     totals = [0.0] * len(kept)
     try:
         for ids in batches(calibration, batch_size):
             ids = ids.to(adapter.device)
             for p, block in enumerate(kept):
-                inner.layers = torch.nn.ModuleList([original[i] for i in kept if i != block])
-                model.config.num_hidden_layers = len(inner.layers)
+                adapter.set_layers([original[i] for i in kept if i != block])
+                model.config.num_hidden_layers = adapter.num_blocks
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 totals[p] += loss.item() * ids[:, 1:].numel()
     finally:
-        inner.layers, model.config.num_hidden_layers = original, n_layers
+        adapter.set_layers(original)
+        model.config.num_hidden_layers = n_layers
     return totals
 
 
@@ -111,7 +112,7 @@ def start_block_observers(stats: CalibrationStats, needs: set[str]) -> None:
 
 
 @torch.inference_mode()
-def observe_blocks(adapter: LlamaAdapter, ids: torch.Tensor, stats: CalibrationStats, needs: set[str]) -> None:
+def observe_blocks(adapter: ArchAdapter, ids: torch.Tensor, stats: CalibrationStats, needs: set[str]) -> None:
     """One batch: the boundary states once, then every requested block statistic from them."""
     states = adapter.boundary_states(ids)
     if "boundary" in needs:

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from stages.arch.llama import adapter_for
+from stages.arch import adapter_for
 from stages.calibration.blocks import OBSERVED as BLOCK_NEEDS
 from stages.calibration.blocks import batches, observe_blocks, start_block_observers
 from stages.calibration.stats import NEEDS, CalibrationStats, accumulate_gradients

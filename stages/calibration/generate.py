@@ -8,8 +8,8 @@ same tokens as an uninterrupted one; a shard is trusted only if its recorded set
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 from pathlib import Path
 from typing import Any
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stages.arch.base import STAT_KEYS
 from stages.calibration.width import ChannelStats
 
 NEEDS = frozenset({"boundary", "removal_nll", "grad", "fisher", "hidden", "activations", "hessian", "calibration"})
@@ -62,12 +63,16 @@ class CalibrationStats:
     grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_b ∂L_b/∂w
     grad_sq_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_b (∂L_b/∂w)²
     grad_batches: int = 0
-    # activations, hessian: inputs of o_proj, down_proj, q/k/v (q_proj) and gate/up (gate_proj), one per layer
-    o_proj: list[ChannelStats] = field(default_factory=list)
-    down_proj: list[ChannelStats] = field(default_factory=list)
-    q_proj: list[ChannelStats] = field(default_factory=list)
-    gate_proj: list[ChannelStats] = field(default_factory=list)
+    # activations, hessian: inputs of the attention output, MLP output, q/k/v and gate/up projections, one
+    # ChannelStats per layer, keyed by the slot names of stages.arch.base.STAT_KEYS (also readable as attributes)
+    inputs: dict[str, list[ChannelStats]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def __getattr__(self, name: str) -> list[ChannelStats]:
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and name in STAT_KEYS.values():
+            return inputs.get(name, [])
+        raise AttributeError(name)
 
     @property
     def grad_mean(self) -> Mapping[str, torch.Tensor]:
@@ -83,12 +88,15 @@ class CalibrationStats:
 def accumulate_gradients(model: torch.nn.Module, ids: torch.Tensor, stats: CalibrationStats, squares: bool = False,
                          every_parameter: bool = False) -> None:
     """One forward+backward of the calibration loss on ``ids``, added to the sums (and squared sums) of ``stats``."""
+    from stages.arch import adapter_class
+
+    adapter = adapter_class(model.config.model_type)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         ids = ids.to(next(model.parameters()).device)
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     for name, p in model.named_parameters():
-        if p.grad is None or (".layers." not in name and not every_parameter):
+        if p.grad is None or (not adapter.is_block_param(name) and not every_parameter):
             continue
         g = p.grad.detach().float()
         stats.grad_sum[name] = stats.grad_sum[name] + g if name in stats.grad_sum else g.clone()

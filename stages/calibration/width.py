@@ -22,45 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stages.arch import adapter_for, layer_adapter
+from stages.arch.base import OBSERVED_ROLES, STAT_KEYS, LayerGeometry
+
 if TYPE_CHECKING:
     from stages.calibration.stats import CalibrationStats
 
-OBSERVED = ("o_proj", "down_proj", "q_proj", "gate_proj")  # CalibrationStats fields, one ChannelStats per layer
+__all__ = ["OBSERVED", "ChannelStats", "LayerGeometry", "geometry", "observing_inputs", "start_input_observers", "summary_tensors"]
 
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    n_q: int
-    n_kv: int
-    head_dim: int
-    intermediate: int
-    hidden: int
-
-    @property
-    def q_per_group(self) -> int:
-        return self.n_q // self.n_kv
-
-    def params_per_kv_group(self) -> int:
-        """q rows + k rows + v rows + o columns of one group (biases ignored)."""
-        return self.hidden * self.head_dim * (2 * self.q_per_group + 2)
-
-    def params_per_q_head(self) -> int:
-        return 2 * self.hidden * self.head_dim
-
-    def params_per_mlp_channel(self) -> int:
-        return 3 * self.hidden
+OBSERVED = tuple(STAT_KEYS[r] for r in OBSERVED_ROLES)  # CalibrationStats fields, one ChannelStats per layer
+COMPENSATED = (STAT_KEYS["o"], STAT_KEYS["down"])  # slots whose XᵀX optimal compensation needs
 
 
 def geometry(layer: torch.nn.Module) -> LayerGeometry:
-    attn, mlp = layer.self_attn, layer.mlp
-    head_dim = attn.head_dim
-    return LayerGeometry(
-        n_q=attn.q_proj.out_features // head_dim,
-        n_kv=attn.k_proj.out_features // head_dim,
-        head_dim=head_dim,
-        intermediate=mlp.gate_proj.out_features,
-        hidden=attn.q_proj.in_features,
-    )
+    """A lone layer's geometry, as its family's adapter reads it; with a model at hand ask ``adapter_for(model)``."""
+    return layer_adapter(layer).geometry(layer)
 
 
 @dataclass
@@ -100,9 +76,9 @@ class ChannelStats:
 
 def start_input_observers(model: torch.nn.Module, stats: CalibrationStats, gram: bool) -> None:
     """One ``ChannelStats`` per layer and observed projection; XᵀX for o_proj/down_proj inputs when ``gram``."""
+    n = adapter_for(model).num_blocks
     for name in OBSERVED:
-        keep = gram and name in ("o_proj", "down_proj")
-        setattr(stats, name, [ChannelStats(keep_gram=keep) for _ in model.model.layers])
+        stats.inputs[name] = [ChannelStats(keep_gram=gram and name in COMPENSATED) for _ in range(n)]
 
 
 @contextmanager
@@ -110,10 +86,11 @@ def observing_inputs(model: torch.nn.Module, stats: CalibrationStats) -> Iterato
     """Forward pre-hooks recording the projections' inputs into ``stats`` while the block runs."""
     handles: list[Any] = []
     try:
-        for i, layer in enumerate(model.model.layers):
-            for lin, name in ((layer.self_attn.o_proj, "o_proj"), (layer.mlp.down_proj, "down_proj"),
-                              (layer.self_attn.q_proj, "q_proj"), (layer.mlp.gate_proj, "gate_proj")):
-                handles.append(lin.register_forward_pre_hook(_recorder(getattr(stats, name)[i])))
+        adapter = adapter_for(model)
+        for i, layer in enumerate(adapter.layers):
+            for role in OBSERVED_ROLES:
+                lin = adapter.linear(layer, role)
+                handles.append(lin.register_forward_pre_hook(_recorder(stats.inputs[STAT_KEYS[role]][i])))
         yield
     finally:
         for h in handles:
@@ -130,11 +107,9 @@ def _recorder(target: ChannelStats) -> Any:
 def summary_tensors(stats: CalibrationStats) -> dict[str, Any]:
     """What selection needs later (and ``--resume`` restores): input means and squared norms per layer,
     and with the "hessian" statistic the float64 Gram matrices, sums and token counts of o_proj/down_proj inputs."""
-    out: dict[str, Any] = {
-        "o_proj": [s.mean.float() for s in stats.o_proj],
-        "down_proj": [s.mean.float() for s in stats.down_proj],
-        "sq_norm": {name: [s.sq_norm.float() for s in getattr(stats, name)] for name in ("q_proj", "gate_proj", "o_proj", "down_proj")},
-    }
-    if stats.o_proj and stats.o_proj[0].gram is not None:
-        out["gram"] = {name: [(s.gram, s.total, s.count) for s in getattr(stats, name)] for name in ("o_proj", "down_proj")}
+    out: dict[str, Any] = {name: [s.mean.float() for s in stats.inputs[name]] for name in COMPENSATED}
+    out["sq_norm"] = {STAT_KEYS[r]: [s.sq_norm.float() for s in stats.inputs[STAT_KEYS[r]]] for r in ("q", "gate", "o", "down")}
+    first = stats.inputs.get(COMPENSATED[0])
+    if first and first[0].gram is not None:
+        out["gram"] = {name: [(s.gram, s.total, s.count) for s in stats.inputs[name]] for name in COMPENSATED}
     return out

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
-    from stages.arch.llama import LlamaAdapter
+    from stages.arch.base import ArchAdapter
     from stages.calibration.stats import CalibrationStats
 
 
@@ -32,8 +32,8 @@ class CriterionInputs:
     progress: bool = True
 
     @cached_property
-    def adapter(self) -> LlamaAdapter:
-        from stages.arch.llama import adapter_for
+    def adapter(self) -> ArchAdapter:
+        from stages.arch import adapter_for
 
         return adapter_for(self.model)
 

@@ -83,7 +83,7 @@ def taylor_plus(inp: CriterionInputs) -> CriterionResult:
         for name, p in layer.named_parameters():
             if not name.endswith("weight"):
                 continue
-            g = grads[f"model.layers.{i}.{name}"]
+            g = grads[f"{inp.adapter.block_prefix(i)}.{name}"]
             total += (p.detach().float() * g).abs().sum().item()
         scores.append(total)
     n = len(scores)

@@ -24,32 +24,14 @@ from typing import Any
 
 import torch
 
+from stages.arch import adapter_for
 from stages.criteria.base import CriterionInputs
 from stages.criteria.width import _reduce, reduction
-
-# (parameter suffix inside a decoder layer, axis of the hidden dimension): 1 = input column, 0 = output row/vector
-_LAYER_MEMBERS: tuple[tuple[str, int], ...] = (
-    ("input_layernorm.weight", 0), ("post_attention_layernorm.weight", 0),
-    ("self_attn.q_proj.weight", 1), ("self_attn.k_proj.weight", 1), ("self_attn.v_proj.weight", 1),
-    ("self_attn.o_proj.weight", 0), ("self_attn.o_proj.bias", 0),
-    ("mlp.gate_proj.weight", 1), ("mlp.up_proj.weight", 1),
-    ("mlp.down_proj.weight", 0), ("mlp.down_proj.bias", 0),
-)
 
 
 def hidden_members(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, int]]:
     """(parameter name, tensor, hidden axis) of every member of the hidden-channel group; tied weights once."""
-    params = dict(model.named_parameters())  # named_parameters() lists a tied lm_head only once (as embed_tokens)
-    out = [("model.embed_tokens.weight", params["model.embed_tokens.weight"], 1)]
-    if "lm_head.weight" in params:
-        out.append(("lm_head.weight", params["lm_head.weight"], 1))
-    out.append(("model.norm.weight", params["model.norm.weight"], 0))
-    for i in range(len(model.model.layers)):
-        for suffix, axis in _LAYER_MEMBERS:
-            name = f"model.layers.{i}.{suffix}"
-            if name in params:
-                out.append((name, params[name], axis))
-    return out
+    return adapter_for(model).hidden_members()
 
 
 def params_per_hidden_channel(model: torch.nn.Module) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.arch.llama import adapter_for
+from stages.arch import adapter_for
 from stages.calibration.blocks import batches
 from stages.criteria.base import CriterionInputs, CriterionResult
 from stages.criteria.settings import LacoSettings
@@ -36,7 +36,7 @@ def _final_states(model: torch.nn.Module, calibration: torch.Tensor, batch_size:
     out = []
     with torch.inference_mode():
         for ids in batches(calibration, batch_size):
-            out.append(adapter.inner.norm(adapter.boundary_states(ids, skip=skip)[-1]).float())
+            out.append(adapter.final_norm(adapter.boundary_states(ids, skip=skip)[-1]).float())
     return out
 
 
@@ -55,7 +55,7 @@ def laco(inp: CriterionInputs) -> CriterionResult:
     low, high = opts.layers or (0, n - 1)
     reference = _final_states(inp.model, inp.calibration, inp.batch_size, frozenset())
     work = copy.deepcopy(inp.model)
-    layers = work.model.layers
+    layers = adapter_for(work).layers
     alive = list(range(n))  # original indices of the layers still in the collapsed model
     merges: list[dict[str, Any]] = []
     trials: list[dict[str, Any]] = []

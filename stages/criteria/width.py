@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from stages.calibration.width import LayerGeometry, geometry
+from stages.arch.base import STAT_KEYS, ArchAdapter, LayerGeometry
 from stages.criteria.base import CriterionInputs, CriterionResult
 from stages.criteria.settings import WidthGroupSettings
 
@@ -32,20 +32,31 @@ def _result(layers: Layers) -> CriterionResult:
 
 
 # ----------------------------------------------------------------------------- group plumbing
-def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[str, torch.Tensor], torch.Tensor],
+                   ad: type[ArchAdapter] | ArchAdapter = ArchAdapter) -> dict[str, Any]:
     """Per-unit sums of an element-wise importance, one tensor per member matrix.
 
-    ``imp(member_name, weight)`` returns a tensor shaped like the weight. Returns, per unit kind, a
+    ``imp(member path, weight)`` (the path inside the layer, as the adapter ``ad`` names it) returns a tensor shaped like the weight. Returns, per unit kind, a
     list of per-member contribution vectors to be reduced across members.
     """
-    a, m, hd = layer.self_attn, layer.mlp, geo.head_dim
-    q = imp("self_attn.q_proj", a.q_proj.weight).sum(1).view(geo.n_q, hd).sum(1)
-    k = imp("self_attn.k_proj", a.k_proj.weight).sum(1).view(geo.n_kv, hd).sum(1)
-    v = imp("self_attn.v_proj", a.v_proj.weight).sum(1).view(geo.n_kv, hd).sum(1)
-    o = imp("self_attn.o_proj", a.o_proj.weight).sum(0).view(geo.n_q, hd).sum(1)
-    gate = imp("mlp.gate_proj", m.gate_proj.weight).sum(1)
-    up = imp("mlp.up_proj", m.up_proj.weight).sum(1)
-    down = imp("mlp.down_proj", m.down_proj.weight).sum(0)
+    hd = geo.head_dim
+    fused: dict[str, torch.Tensor] = {}
+
+    def w(role: str) -> torch.Tensor:
+        path, rows = ad.LINEARS[role], ad.role_rows(layer, role)
+        if rows is None:
+            return imp(path, ad.linear(layer, role).weight)
+        if path not in fused:  # element-wise importances: score the fused matrix once, then take the role's rows
+            fused[path] = imp(path, layer.get_submodule(path).weight)
+        return fused[path][rows]
+
+    q = w("q").sum(1).view(geo.n_q, hd).sum(1)
+    k = w("k").sum(1).view(geo.n_kv, hd).sum(1)
+    v = w("v").sum(1).view(geo.n_kv, hd).sum(1)
+    o = w("o").sum(0).view(geo.n_q, hd).sum(1)
+    gate = w("gate").sum(1)
+    up = w("up").sum(1)
+    down = w("down").sum(0)
     qg = geo.q_per_group
     return {
         "q_heads": [q, o],
@@ -68,16 +79,16 @@ def _reduce(parts: list[torch.Tensor], how: str) -> torch.Tensor:
 
 
 def _elementwise(inp: CriterionInputs, imp: Callable[[int, str, torch.Tensor], torch.Tensor], how: str) -> Layers:
-    out = []
-    for i, layer in enumerate(inp.model.model.layers):
-        geo = geometry(layer)
-        members = _member_scores(layer, geo, lambda name, w, i=i: imp(i, name, w.detach().float()))
+    out, ad = [], inp.adapter
+    for i, layer in enumerate(ad.layers):
+        geo = ad.geometry(layer)
+        members = _member_scores(layer, geo, lambda name, w, i=i: imp(i, name, w.detach().float()), ad)
         out.append({kind: _reduce(parts, how).tolist() for kind, parts in members.items()})
     return out
 
 
-def _grad(i: int, name: str, table: Any) -> torch.Tensor:
-    return table[f"model.layers.{i}.{name}.weight"]
+def _grad(ad: ArchAdapter, i: int, name: str, table: Any) -> torch.Tensor:
+    return table[f"{ad.block_prefix(i)}.{name}.weight"]
 
 
 # ----------------------------------------------------------------------------- criteria
@@ -96,8 +107,7 @@ def random(inp: CriterionInputs) -> CriterionResult:
     """Random baseline: i.i.d. uniform scores from the recipe seed."""
     gen = torch.Generator().manual_seed(inp.seed)
     out = []
-    for layer in inp.model.model.layers:
-        geo = geometry(layer)
+    for geo in inp.adapter.geometries():
         out.append({k: torch.rand(n, generator=gen, dtype=torch.float64).tolist()
                     for k, n in (("q_heads", geo.n_q), ("kv_groups", geo.n_kv), ("mlp", geo.intermediate))})
     return _result(out)
@@ -110,8 +120,8 @@ def taylor(inp: CriterionInputs) -> CriterionResult:
 
     with ∂L/∂W the mean calibration-loss gradient (one forward+backward per batch).
     """
-    grad = inp.stats.grad_mean
-    return _result(_elementwise(inp, lambda i, n, w: (w * _grad(i, n, grad)).abs(), reduction(inp)))
+    grad, ad = inp.stats.grad_mean, inp.adapter
+    return _result(_elementwise(inp, lambda i, n, w: (w * _grad(ad, i, n, grad)).abs(), reduction(inp)))
 
 
 def taylor_element2(inp: CriterionInputs) -> CriterionResult:
@@ -121,10 +131,10 @@ def taylor_element2(inp: CriterionInputs) -> CriterionResult:
 
     (LLM-Pruner's ``param_mix``; the sign inside |·| does not matter).
     """
-    grad, fisher = inp.stats.grad_mean, inp.stats.fisher
+    grad, fisher, ad = inp.stats.grad_mean, inp.stats.fisher, inp.adapter
 
     def imp(i: int, n: str, w: torch.Tensor) -> torch.Tensor:
-        g, f = _grad(i, n, grad), _grad(i, n, fisher)
+        g, f = _grad(ad, i, n, grad), _grad(ad, i, n, fisher)
         return (w * g - 0.5 * w * f * w).abs()
 
     return _result(_elementwise(inp, imp, reduction(inp)))
@@ -133,10 +143,10 @@ def taylor_element2(inp: CriterionInputs) -> CriterionResult:
 def taylor_vector(inp: CriterionInputs) -> CriterionResult:
     """LLM-Pruner vector-wise (arXiv 2305.11627, Eq. 3): I(W_i) = | Σ_k ∂L/∂W_i,k · W_i,k | per member
     vector (a head's rows or columns in one matrix, a channel's row or column), reduced over members."""
-    out, grad, how = [], inp.stats.grad_mean, reduction(inp)
-    for i, layer in enumerate(inp.model.model.layers):
-        geo = geometry(layer)
-        signed = _member_scores(layer, geo, lambda n, w, i=i: w.detach().float() * _grad(i, n, grad))
+    out, grad, how, ad = [], inp.stats.grad_mean, reduction(inp), inp.adapter
+    for i, layer in enumerate(ad.layers):
+        geo = ad.geometry(layer)
+        signed = _member_scores(layer, geo, lambda n, w, i=i: w.detach().float() * _grad(ad, i, n, grad), ad)
         out.append({kind: _reduce([p.abs() for p in parts], how).tolist() for kind, parts in signed.items()})
     return _result(out)
 
@@ -148,11 +158,11 @@ def wanda_sp(inp: CriterionInputs) -> CriterionResult:
 
     summed over a head's (or KV group's) channels; an MLP channel's score is its S_j.
     """
-    out = []
-    for i, layer in enumerate(inp.model.model.layers):
-        geo = geometry(layer)
-        so = layer.self_attn.o_proj.weight.detach().double().abs().mean(0) * inp.stats.o_proj[i].sq_norm.sqrt()
-        sd = layer.mlp.down_proj.weight.detach().double().abs().mean(0) * inp.stats.down_proj[i].sq_norm.sqrt()
+    out, ad, xo, xd = [], inp.adapter, inp.stats.inputs[STAT_KEYS["o"]], inp.stats.inputs[STAT_KEYS["down"]]
+    for i, layer in enumerate(ad.layers):
+        geo = ad.geometry(layer)
+        so = ad.linear(layer, "o").weight.detach().double().abs().mean(0) * xo[i].sq_norm.sqrt()
+        sd = ad.linear(layer, "down").weight.detach().double().abs().mean(0) * xd[i].sq_norm.sqrt()
         heads = so.view(geo.n_q, geo.head_dim).sum(1)
         out.append({"q_heads": heads.tolist(), "kv_groups": heads.view(geo.n_kv, -1).sum(1).tolist(), "mlp": sd.tolist()})
     return _result(out)
@@ -168,13 +178,13 @@ def flap(inp: CriterionInputs) -> CriterionResult:
     standardized separately, (S − mean)/std (Eq. 7), so heads and channels of all layers compete
     on one scale (adaptive structure); a head (KV group) scores the mean of its channels.
     """
-    out = []
-    for i, layer in enumerate(inp.model.model.layers):
-        geo = geometry(layer)
-        wo = layer.self_attn.o_proj.weight.detach().double().pow(2).sum(0)
-        wd = layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)
-        attn = _standardize((inp.stats.o_proj[i].variance * wo) ** 2)
-        mlp = _standardize(inp.stats.down_proj[i].variance * wd)
+    out, ad, xo, xd = [], inp.adapter, inp.stats.inputs[STAT_KEYS["o"]], inp.stats.inputs[STAT_KEYS["down"]]
+    for i, layer in enumerate(ad.layers):
+        geo = ad.geometry(layer)
+        wo = ad.linear(layer, "o").weight.detach().double().pow(2).sum(0)
+        wd = ad.linear(layer, "down").weight.detach().double().pow(2).sum(0)
+        attn = _standardize((xo[i].variance * wo) ** 2)
+        mlp = _standardize(xd[i].variance * wd)
         out.append({
             "q_heads": attn.view(geo.n_q, geo.head_dim).mean(1).tolist(),
             "kv_groups": attn.view(geo.n_kv, -1).mean(1).tolist(),

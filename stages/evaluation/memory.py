@@ -33,7 +33,7 @@ class PeakRSS:
             self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034 (typing.Self needs 3.11; we support 3.10)
         self._thread.start()
         return self
 

@@ -20,27 +20,6 @@ import torch
 from torch import nn
 
 
-def _resize_layer(layer: nn.Module, shape: dict[str, int]) -> None:
-    attn, mlp = layer.self_attn, layer.mlp
-    hd = attn.head_dim
-    hidden = attn.q_proj.in_features
-
-    def linear(i: int, o: int, like: nn.Linear) -> nn.Linear:
-        return nn.Linear(i, o, bias=like.bias is not None, dtype=like.weight.dtype, device=like.weight.device)
-
-    nq, nkv, inter = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
-    attn.q_proj = linear(hidden, nq * hd, attn.q_proj)
-    attn.k_proj = linear(hidden, nkv * hd, attn.k_proj)
-    attn.v_proj = linear(hidden, nkv * hd, attn.v_proj)
-    attn.o_proj = linear(nq * hd, hidden, attn.o_proj)
-    attn.num_key_value_groups = nq // nkv
-    mlp.gate_proj = linear(hidden, inter, mlp.gate_proj)
-    mlp.up_proj = linear(hidden, inter, mlp.up_proj)
-    mlp.down_proj = linear(inter, hidden, mlp.down_proj)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = inter
-
-
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -63,20 +42,23 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     shapes = getattr(config, "prunelab_layer_shapes", None)
     if not shapes:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+    from stages.arch import adapter_for
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    for layer, shape in zip(model.model.layers, shapes):
-        _resize_layer(layer, shape)
+    ad = adapter_for(model)
+    for layer, shape in zip(ad.layers, shapes):
+        ad.resize_layer(layer, shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"])
     state = _state_dict(path)
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed_missing = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    allowed_missing = {f"{ad.head_name()}.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     bad = [k for k in missing if k not in allowed_missing and "rotary_emb" not in k]
     if bad or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match its per-layer shapes (missing {bad[:5]}, unexpected {unexpected[:5]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)  # its buffers were on meta
+    adapter_for(model).reset_rotary(config, device)  # its buffers were on meta
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -78,10 +78,9 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "tiny":
-        from stages.io.sources import TINY_ALIASES
-        from stages.io.tiny import byte_tokenizer, tiny_llama
+        from stages.io.tiny import byte_tokenizer, tiny_alias
 
-        model, tokenizer = tiny_llama(num_layers=TINY_ALIASES[src.path]).to(dtype), byte_tokenizer()
+        model, tokenizer = tiny_alias(src.path).to(dtype), byte_tokenizer()
     elif src.kind == "alias":
         model, tokenizer = _load_alias(src.path, cfg, dtype)
     else:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # model_type values (config.json) / general.architecture values (GGUF) whose blocks llama_param_counts counts.
-DENSE_LAYOUTS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+DENSE_LAYOUTS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3"})
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,20 @@ ALIASES: dict[str, Alias] = {
 }
 
 # Built on the spot from a fixed seed (no download): for recipes/debug.yaml and quick experiments.
-TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6}
-# stages.io.tiny.tiny_llama's defaults (a test builds the model and checks these against it).
+# One per supported family (alias → number of blocks; the family is the name's last part, see TINY_FAMILY).
+TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6, "tiny-random-mistral": 4, "tiny-random-qwen2": 4,
+                                "tiny-random-qwen3": 4, "tiny-random-granite": 4}
+TINY_FAMILY: dict[str, str] = {name: name.rsplit("-", 1)[-1] for name in TINY_ALIASES}
+# stages.io.tiny.tiny_alias's models (a test builds each and checks these against it).
+_TINY = {"vocab": 259, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "max_positions": 1024}
 TINY_SHAPES: dict[str, ModelShape] = {
     "tiny-random-llama": ModelShape(num_layers=6, vocab=259, hidden=64, intermediate=128, heads=4, kv_heads=2,
                                     head_dim=16, tie_word_embeddings=True, max_positions=1024, model_type="llama"),
+    "tiny-random-mistral": ModelShape(num_layers=4, head_dim=16, tie_word_embeddings=True, model_type="mistral", **_TINY),
+    "tiny-random-qwen2": ModelShape(num_layers=4, qkv_bias=True, model_type="qwen2", **_TINY),
+    "tiny-random-granite": ModelShape(num_layers=4, tie_word_embeddings=True, model_type="granite", **_TINY),
+    "tiny-random-qwen3": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, qk_norm=True, model_type="qwen3",
+                                    **_TINY),
 }
 
 
@@ -184,6 +193,14 @@ def model_shape(src: ResolvedSource, revision: str | None = None) -> ModelShape 
         cached = _hub_cached_config(src.path, revision)
         return shape_from_config(_read_config(cached)) if cached is not None else None
     return None
+
+
+def model_type_of(src: ResolvedSource) -> str | None:
+    """A local model folder's ``model_type`` from its config.json alone."""
+    if src.kind != "local":
+        return None
+    value = _read_config(Path(src.path) / "config.json").get("model_type")
+    return value if isinstance(value, str) else None
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tiny random Llama models and a byte-level tokenizer, for tests and ``recipes/debug.yaml``.
+"""Tiny random models of every supported family and a byte-level tokenizer, for tests and the debug recipes.
 
 Built from a fixed seed, so every machine gets the same weights without downloading anything.
 """
@@ -27,15 +27,16 @@ def byte_tokenizer() -> Any:
 
 def tiny_llama(
     num_layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
-    vocab: int = 259, tie: bool = True, seed: int = 0, model_type: str = "llama",
+    vocab: int = 259, tie: bool = True, seed: int = 0, model_type: str = "llama", **extra: Any,
 ) -> torch.nn.Module:
-    """A randomly initialised Llama-layout causal LM (GQA by default) in float32, eval mode."""
+    """A randomly initialised Llama-layout causal LM (GQA by default) in float32, eval mode; ``extra`` goes
+    to the family's config class."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
         model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, pad_token_id=2, **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -46,3 +47,41 @@ def tiny_llama(
                 p.normal_(0.0, 0.08 + (0.02 * (int(name.split(".")[2]) % 3) if ".layers." in name else 0.0))
     return model.eval()
 
+
+
+# Per family: what its tiny model sets beyond tiny_llama's defaults (each exercises what makes the family differ).
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 12},  # a window shorter than the test sequences: the sliding mask matters
+    "qwen2": {"tie": False},  # q/k/v biases (randomised below), no bias on o_proj / down_proj
+    "qwen3": {"head_dim": 24},  # per-head q_norm / k_norm; head_dim ≠ hidden / heads
+    "granite": {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                "logits_scaling": 2.0},  # every multiplier away from 1
+    "phi3": {},  # fused qkv_proj and gate_up_proj
+}
+
+
+def tiny_family(model_type: str, num_layers: int = 4, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The tiny random model of a family, built offline from its transformers config class. Beyond tiny_llama's
+    weights, biases and norm weights are randomised too, so nothing a unit owns is trivially zero or one."""
+    kw = {**TINY_FAMILIES[model_type], **overrides}
+    model = tiny_llama(num_layers=num_layers, seed=seed, model_type=model_type, **kw)
+    if model_type != "llama":  # the Llama tiny model stays bit-identical to the one the pinned tests use
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 1 and name.endswith("bias"):
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                elif p.ndim == 1:
+                    p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def tiny_alias(name: str) -> torch.nn.Module:
+    """The model a ``tiny-random-<family>`` source names (stages.io.sources.TINY_ALIASES)."""
+    from stages.io.sources import TINY_ALIASES, TINY_FAMILY
+
+    family = TINY_FAMILY[name]
+    if family == "llama":  # as it always was: recipes/debug*.yaml pin its numbers
+        return tiny_llama(num_layers=TINY_ALIASES[name])
+    return tiny_family(family, num_layers=TINY_ALIASES[name])

@@ -21,9 +21,6 @@ import torch
 
 from stages.selection.owl import linear_offsets
 
-LLAMA_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of WᵀW (= squared singular values of W), ascending, float64.
@@ -50,11 +47,16 @@ def hill_alpha(eigs: torch.Tensor) -> float:
     return 1.0 + tail.numel() / denom
 
 
-def layer_alphas(model: torch.nn.Module, matrices: tuple[str, ...] = LLAMA_MATRICES) -> list[float]:
-    """Mean Hill α over each decoder layer's weight matrices."""
+def layer_alphas(model: torch.nn.Module, roles: tuple[str, ...] | None = None) -> list[float]:
+    """Mean Hill α over each decoder layer's weight matrices (the family adapter's linears of ``roles``; default:
+    every distinct linear, a fused one once)."""
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
+    roles = roles or tuple(ad.distinct_roles())
     out = []
-    for layer in model.model.layers:
-        vals = [hill_alpha(esd(layer.get_submodule(name).weight)) for name in matrices]
+    for layer in ad.layers:
+        vals = [hill_alpha(esd(ad.linear(layer, role).weight)) for role in roles]
         out.append(sum(vals) / len(vals))
     return out
 

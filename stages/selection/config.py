@@ -230,7 +230,7 @@ class WidthSettings(_WidthTarget):
     attention: Literal["kv_group", "q_head", "none"] = Field("kv_group", description="attention unit — head_dim never changes")
     mlp: bool = Field(True, description="prune MLP channels")
     compensation: Compensation = Field(default_factory=NoCompensation, description="repair of the removed inputs of "
-                                       "o_proj/down_proj: none | bias (FLAP) | optimal {damping, bias} (APT/OBS)")
+                                       "the attention/MLP output projections: none | bias (FLAP) | optimal {damping, bias} (APT/OBS)")
 
     @field_validator("attention", mode="before")
     @classmethod

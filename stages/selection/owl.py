@@ -18,18 +18,21 @@ def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], 
     r_ℓ = r − (a_ℓ − mean(a)),  a_ℓ = 2λ (D_ℓ − min D) / (max D − min D),  so r_ℓ ∈ [r − λ, r + λ]
     and the mean over the pruned layers stays r. Returns offsets for every layer (0 outside ``layers``).
     """
+    from stages.arch import adapter_for
+    from stages.arch.base import INPUT_OF, STAT_KEYS
+
+    ad = adapter_for(model)
     ratios = []
     for i in layers:
-        layer = model.model.layers[i]
-        a, mm = layer.self_attn, layer.mlp
+        layer = ad.layers[i]
         parts = []
-        for lin, key in ((a.q_proj, "q_proj"), (a.k_proj, "q_proj"), (a.v_proj, "q_proj"), (a.o_proj, "o_proj"),
-                         (mm.gate_proj, "gate_proj"), (mm.up_proj, "gate_proj"), (mm.down_proj, "down_proj")):
+        for role in ad.distinct_roles():
+            lin, key = ad.linear(layer, role), STAT_KEYS[INPUT_OF[role]]
             parts.append((lin.weight.detach().float().abs() * sq_norm[key][i].float().sqrt()[None]).flatten())
         scores = torch.cat(parts)
         ratios.append((scores > m * scores.mean()).double().mean().item())
     # more outliers → pruned less: map −D_ℓ (equal to −(a_ℓ − mean a) after centring)
-    return linear_offsets([-r for r in ratios], layers, len(model.model.layers), lam)
+    return linear_offsets([-r for r in ratios], layers, ad.num_blocks, lam)
 
 
 def linear_offsets(values: list[float], layers: list[int], num_layers: int, half_span: float) -> list[float]:

@@ -11,13 +11,12 @@ from stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPl
 
 def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None) -> tuple[WidthPlan, dict[str, Any]]:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
-    from stages.arch.llama import adapter_for
-    from stages.calibration.width import geometry
+    from stages.arch import adapter_for
     from stages.selection.width import select_global, select_uniform, summarize
     from stages.surgery.compensation import bias_compensation, optimal_compensation
 
     adapter = adapter_for(model)
-    geos = [geometry(layer) for layer in model.model.layers]
+    geos = adapter.geometries()
     start, end = cfg.layers if cfg.layers is not None else (0, len(geos))
     layers = list(range(start, end))
     before = adapter.total_params()
@@ -48,7 +47,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         side = bias_compensation(model, chosen, means)
     elif comp.type == "optimal":
         if means is None or "gram" not in means:
-            raise ValueError("compensation: optimal needs XᵀX of o_proj/down_proj inputs from the width `score` stage "
+            raise ValueError("compensation: optimal needs XᵀX of the attention/MLP output projections' inputs from the width `score` stage "
                              "(it collects them when a later prune stage asks for optimal compensation)")
         side = optimal_compensation(model, chosen, means["gram"], comp.damping, comp.bias)
     shapes_after = summarize(chosen, geos)
@@ -74,8 +73,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
 def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) -> HiddenPlan:
     """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
     target (each channel owns the same parameters, so k = round(target / params per channel))."""
-    from stages.arch.llama import adapter_for
-    from stages.calibration.width import geometry
+    from stages.arch import adapter_for
     from stages.criteria.hidden import params_per_hidden_channel
     from stages.selection.width import WidthTargetError, _lowest, summarize
 
@@ -91,7 +89,7 @@ def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) ->
         raise WidthTargetError(f"the target would remove all {d} hidden channels; lower it")
     if k < 1:
         raise WidthTargetError(f"the target removes less than one hidden channel ({per} parameters each); raise it")
-    geos = [geometry(layer) for layer in model.model.layers]
+    geos = adapter_for(model).geometries()
     shapes = summarize({}, geos)
     return HiddenPlan(
         criterion=cfg.criterion,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from stages.arch.base import ArchAdapter
 from stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan
 
 if TYPE_CHECKING:
@@ -42,18 +43,24 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
 
 
 def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
-    from stages.calibration.width import geometry
+    from stages.arch import adapter_for
 
     if before is not None:
-        now = [geometry(layer) for layer in model.model.layers]
+        now = adapter_for(model).geometries()
         got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate} for g in now]
         if got != [s.model_dump() for s in before]:
             raise PlanError("plan was made for a model with other layer widths (already pruned?)")
 
 
 def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None:
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
+    if ad.UNIFORM_WIDTHS_ONLY and any(s != plan.shapes_after[0] for s in plan.shapes_after):
+        raise PlanError(f"{ad.family} reads its head counts from the shared config, so its layers cannot differ in "
+                        "width; use a uniform allocation (layer_ratio, allocation: uniform)")
     for key, removed in plan.layers.items():
-        prune_layer_width(model.model.layers[int(key)], removed.model_dump())
+        prune_layer_width(ad.layers[int(key)], removed.model_dump(), type(ad))
     weights = {k: v for k, v in side.items() if k.endswith(".weight")}
     biases = {k: v for k, v in side.items() if k.endswith(".bias")}
     if weights:
@@ -76,9 +83,10 @@ def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers: int | None = None) -> None:
     """LaCo's RDSC merges, in plan order, before the absorbed blocks are removed (indices are the original ones)."""
+    from stages.arch import adapter_for
     from stages.surgery.merge import rdsc_merge
 
-    layers = model.model.layers
+    layers = adapter_for(model).layers
     if expected_layers is not None and len(layers) != expected_layers:
         raise PlanError(f"plan was made for a model with {expected_layers} blocks, this one has {len(layers)} (already pruned?)")
     for mg in merges:
@@ -89,7 +97,10 @@ def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers
 
 def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | None = None) -> None:
     """Physically drop decoder blocks; renumber ``layer_idx`` so the KV cache indexes stay dense."""
-    layers = model.model.layers
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
+    layers = ad.layers
     n = len(layers)
     if expected_layers is not None and n != expected_layers:
         raise PlanError(f"plan was made for a model with {expected_layers} blocks, this one has {n} (already pruned?)")
@@ -99,8 +110,8 @@ def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | N
     if len(removed) >= n:
         raise PlanError(f"cannot remove all {n} blocks")
     keep = [i for i in range(n) if i not in set(removed)]
-    model.model.layers = nn.ModuleList([layers[i] for i in keep])
-    for new_idx, layer in enumerate(model.model.layers):
+    ad.set_layers([layers[i] for i in keep])
+    for new_idx, layer in enumerate(ad.layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
@@ -128,15 +139,22 @@ def _slice_linear(lin: nn.Linear, rows: list[int] | None = None, cols: list[int]
     return new
 
 
-def _heads_to_rows(heads: list[int], head_dim: int) -> list[int]:
-    return [h * head_dim + d for h in heads for d in range(head_dim)]
+def _slice_member(layer: nn.Module, path: str, axis: str, idx: list[int]) -> None:
+    parent, name = path.rsplit(".", 1)
+    owner = layer.get_submodule(parent)
+    lin = getattr(owner, name)
+    setattr(owner, name, _slice_linear(lin, rows=idx) if axis == "out" else _slice_linear(lin, cols=idx))
 
 
-def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]]) -> None:
-    """Physically remove query heads, KV heads and MLP channels of one decoder layer."""
-    attn, mlp = layer.self_attn, layer.mlp
-    hd = attn.head_dim
-    n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]], arch: type[ArchAdapter] | None = None) -> None:
+    """Physically remove query heads, KV heads and MLP channels of one decoder layer (the members of each unit
+    come from the family's adapter ``arch``; the default is the Llama layout)."""
+    if arch is None:
+        from stages.arch import layer_adapter
+
+        arch = layer_adapter(layer)
+    geo = arch.geometry(layer)
+    n_q, n_kv = geo.n_q, geo.n_kv
     keep_q = [h for h in range(n_q) if h not in set(removed.get("q_heads", []))]
     keep_kv = [h for h in range(n_kv) if h not in set(removed.get("kv_heads", []))]
     if not keep_q or not keep_kv:
@@ -148,27 +166,29 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]]) -> None:
         members = [h for h in keep_q if h // qpg_old == g]
         if (g in keep_kv) != bool(members) or (members and len(members) != len(keep_q) // len(keep_kv)):
             raise PlanError(f"KV group {g} would be split: query heads {members} kept, KV head kept={g in keep_kv}")
-    if len(keep_q) < n_q or len(keep_kv) < n_kv:
-        attn.q_proj = _slice_linear(attn.q_proj, rows=_heads_to_rows(keep_q, hd))
-        attn.k_proj = _slice_linear(attn.k_proj, rows=_heads_to_rows(keep_kv, hd))
-        attn.v_proj = _slice_linear(attn.v_proj, rows=_heads_to_rows(keep_kv, hd))
-        attn.o_proj = _slice_linear(attn.o_proj, cols=_heads_to_rows(keep_q, hd))
-        attn.num_key_value_groups = len(keep_q) // len(keep_kv)
-    inter = mlp.gate_proj.out_features
-    keep_c = [c for c in range(inter) if c not in set(removed.get("mlp", []))]
+    keep_c = [c for c in range(geo.intermediate) if c not in set(removed.get("mlp", []))]
     if not keep_c:
         raise PlanError("a layer must keep at least one MLP channel")
-    if len(keep_c) < inter:
-        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep_c)
-        mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep_c)
-        mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep_c)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(keep_c)
+    # what every member loses: the union over unit kinds of its index map (a fused qkv_proj loses q, k and v rows)
+    lost: dict[tuple[str, str], set[int]] = {}
+    for kind, units in (("q_head", removed.get("q_heads", [])), ("kv_group", removed.get("kv_heads", [])),
+                        ("mlp_channel", removed.get("mlp", []))):
+        for m in arch.members(kind):
+            lost.setdefault((m.path, m.axis), set()).update(m.index(sorted(units), geo))
+    for (path, axis), gone in lost.items():
+        if gone:
+            lin = layer.get_submodule(path)
+            size = lin.out_features if axis == "out" else lin.in_features
+            _slice_member(layer, path, axis, [r for r in range(size) if r not in gone])
+    if len(keep_q) < n_q or len(keep_kv) < n_kv:
+        arch.set_attention_groups(layer, len(keep_q), len(keep_kv))
+    if len(keep_c) < geo.intermediate:
+        arch.set_intermediate(layer, len(keep_c))
 
 
 def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True) -> None:
     """Remove hidden (residual-stream) channels everywhere: embedding and untied-head columns, every RMSNorm entry,
-    q/k/v/gate/up input columns, o_proj/down_proj output rows (and bias entries). Tied embeddings stay tied.
+    q/k/v/gate/up input columns, o/down output rows (and bias entries). Tied embeddings stay tied.
 
     Zeroing channel c everywhere (masking) keeps it 0 in the residual stream, but RMSNorm still divides by d. With
     ``norm_rescale`` the kept norm weights are scaled by sqrt(d/d') and eps by d/d' (d' = d − k), which makes
@@ -177,6 +197,9 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
     """
     import torch
 
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
     cfg = model.config
     d = cfg.hidden_size
     drop = set(removed)
@@ -190,14 +213,14 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
     scale = (d / len(keep)) ** 0.5 if norm_rescale else 1.0
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
-    emb = model.model.embed_tokens
+    emb = ad.embed_tokens
     new_emb = nn.Embedding(emb.num_embeddings, len(keep), padding_idx=emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
     new_emb.weight.data.copy_(emb.weight.data[:, idx.to(emb.weight.device)])
-    model.model.embed_tokens = new_emb
+    ad.set_embed_tokens(new_emb)
     if tied:
-        model.lm_head.weight = new_emb.weight
+        ad.head.weight = new_emb.weight
     else:
-        model.lm_head = _slice_linear(model.lm_head, cols=keep)
+        ad.set_head(_slice_linear(ad.head, cols=keep))
 
     def norm(module: nn.Module) -> None:
         w = module.weight.data[idx.to(module.weight.device)] * scale
@@ -206,61 +229,67 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
             if norm_rescale and hasattr(module, attr):
                 setattr(module, attr, getattr(module, attr) * d / len(keep))
 
-    norm(model.model.norm)
-    for layer in model.model.layers:
-        norm(layer.input_layernorm)
-        norm(layer.post_attention_layernorm)
-        a, m = layer.self_attn, layer.mlp
-        a.q_proj, a.k_proj, a.v_proj = (_slice_linear(lin, cols=keep) for lin in (a.q_proj, a.k_proj, a.v_proj))
-        a.o_proj = _slice_linear(a.o_proj, rows=keep)
-        m.gate_proj, m.up_proj = (_slice_linear(lin, cols=keep) for lin in (m.gate_proj, m.up_proj))
-        m.down_proj = _slice_linear(m.down_proj, rows=keep)
-        for obj in (layer, a, m):
-            if hasattr(obj, "hidden_size"):
-                obj.hidden_size = len(keep)
-        for head_norm in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)):  # Qwen3: per-head norms share
-            if norm_rescale and head_norm is not None:  # the config's eps, so they follow it (reload = in memory)
+    norm(ad.final_norm)
+    for layer in ad.layers:
+        for layer_norm in ad.layer_norms(layer):
+            norm(layer_norm)
+        for path in ad.linear_paths():
+            lin = layer.get_submodule(path)
+            ad.set_module(layer, path, _slice_linear(lin, rows=keep) if path in ad.output_paths() else _slice_linear(lin, cols=keep))
+        ad.set_layer_hidden(layer, len(keep))
+        for head_norm in ad.head_norms(layer):  # Qwen3: per-head norms share the config's eps,
+            if norm_rescale:  # so they follow it (reload = in memory)
                 head_norm.variance_epsilon *= d / len(keep)
-    cfg.head_dim = model.model.layers[0].self_attn.head_dim  # explicit before hidden_size changes: heads × head_dim ≠ hidden
+    cfg.head_dim = ad.attention(ad.layers[0]).head_dim  # explicit before hidden_size changes: heads × head_dim ≠ hidden
     cfg.hidden_size = len(keep)
     if norm_rescale:
         cfg.rms_norm_eps = cfg.rms_norm_eps * d / len(keep)
 
 
 def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
-    """Fold compensation vectors into o_proj / down_proj biases, keeping a vanilla-loadable layout.
+    """Fold compensation vectors into the attention-output / MLP-output biases, keeping a vanilla-loadable layout.
 
-    ``attention_bias`` makes transformers build biases on q, k, v AND o; ``mlp_bias`` on gate, up
+    Llama's ``attention_bias`` makes transformers build biases on q, k, v AND o; ``mlp_bias`` on gate, up
     AND down. So when a flag is switched on, every such projection of every layer gets a bias,
-    zero except where compensation put a value.
+    zero except where compensation put a value. A family whose output projections cannot hold a bias
+    (the adapter's ``bias_flags``) is refused: a vanilla reload would drop it.
     """
     import torch
 
+    from stages.arch import adapter_for, compensation_refusal
+
+    ad = adapter_for(model)
     cfg = model.config
-    need_attn = any(".self_attn." in k for k in side) or getattr(cfg, "attention_bias", False)
-    need_mlp = any(".mlp." in k for k in side) or getattr(cfg, "mlp_bias", False)
-    for i, layer in enumerate(model.model.layers):
-        groups = []
-        if need_attn:
-            groups.append(("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")))
-        if need_mlp:
-            groups.append(("mlp", ("gate_proj", "up_proj", "down_proj")))
-        for parent, names in groups:
-            for name in names:
-                lin = getattr(getattr(layer, parent), name)
+    flags = ad.bias_flags()
+    groups = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+    wanted = {part: any(ad.param_name(i, r, "bias") in side for i in range(ad.num_blocks) for r in roles)
+              for part, roles in groups.items()}
+    for part, want in wanted.items():
+        if want and part not in flags:
+            raise PlanError(compensation_refusal(cfg.model_type) or f"{ad.family} cannot hold a {part} output bias")
+    need = {part: wanted[part] or bool(getattr(cfg, flags[part], False)) for part in flags}
+    for i, layer in enumerate(ad.layers):
+        for part, roles in groups.items():
+            if not need.get(part):
+                continue
+            for role in roles:
+                lin = ad.linear(layer, role)
                 if lin.bias is None:
                     lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-                key = f"model.layers.{i}.{parent}.{name}.bias"
+                key = ad.param_name(i, role, "bias")
                 if key in side:
                     lin.bias.data += side[key].to(lin.bias.device, lin.bias.dtype)
-    cfg.attention_bias = bool(need_attn)
-    cfg.mlp_bias = bool(need_mlp)
+    for part, flag in flags.items():
+        setattr(cfg, flag, bool(need[part]))
 
 
 def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     """Uniform widths → a vanilla config; otherwise keep per-layer shapes for the prunelab loader."""
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
     cfg = model.config
-    cfg.head_dim = model.model.layers[0].self_attn.head_dim  # explicit: heads × head_dim ≠ hidden now
+    cfg.head_dim = ad.attention(ad.layers[0]).head_dim  # explicit: heads × head_dim ≠ hidden now
     keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     if all(s == shapes[0] for s in shapes) and vanilla_accepts(cfg.model_type, cfg.hidden_size, shapes[0]["num_attention_heads"]):
         for k in keys:

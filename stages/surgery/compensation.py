@@ -81,17 +81,20 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
 
 # ----------------------------------------------------------------------------- on a model, from a width plan
 def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]]) -> list[tuple[int, str, str, torch.nn.Linear, list[int]]]:
-    """(layer, parameter path, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
+    """(layer, parameter prefix, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
     inputs: the removed query heads' columns of o_proj, the removed MLP channels of down_proj. What compensation repairs."""
+    from stages.arch import adapter_for
+    from stages.arch.base import STAT_KEYS
+
     out = []
+    ad = adapter_for(model)
     for i, rem in plan_layers.items():
-        layer = model.model.layers[i]
-        hd = layer.self_attn.head_dim
+        layer = ad.layers[i]
+        hd = ad.attention(layer).head_dim
         cols = [h * hd + d for h in rem["q_heads"] for d in range(hd)]
-        for name, key, lin, idx in (("self_attn.o_proj", "o_proj", layer.self_attn.o_proj, cols),
-                                    ("mlp.down_proj", "down_proj", layer.mlp.down_proj, rem["mlp"])):
+        for role, idx in (("o", cols), ("down", rem["mlp"])):
             if idx:
-                out.append((i, name, key, lin, idx))
+                out.append((i, ad.param_name(i, role, ""), STAT_KEYS[role], ad.linear(layer, role), idx))
     return out
 
 
@@ -104,7 +107,7 @@ def bias_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str, l
     side: dict[str, torch.Tensor] = {}
     for i, name, key, lin, idx in removed_inputs(model, plan_layers):
         shift = lin.weight.detach().double()[:, idx] @ means[key][i].double()[idx]
-        side[f"model.layers.{i}.{name}.bias"] = shift.to(lin.weight.dtype)
+        side[f"{name}bias"] = shift.to(lin.weight.dtype)
     return side
 
 
@@ -120,8 +123,8 @@ def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str
         gram, total, count = grams[key][i]
         w, b = optimal_layer(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, total,
                              count, idx, damping, with_bias)
-        side[f"model.layers.{i}.{name}.weight"] = w.to(lin.weight.dtype)
+        side[f"{name}weight"] = w.to(lin.weight.dtype)
         if b is not None:
             old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
-            side[f"model.layers.{i}.{name}.bias"] = (b - old).to(lin.weight.dtype)
+            side[f"{name}bias"] = (b - old).to(lin.weight.dtype)
     return side

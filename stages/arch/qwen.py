@@ -1,0 +1,43 @@
+"""Qwen2 and Qwen3: Llama's layout with family-specific biases and norms.
+
+- Qwen2 builds q/k/v with a bias and o_proj/down_proj without one (whatever the config says), so
+  bias/optimal compensation has nowhere to put its shift that a vanilla reload keeps;
+- Qwen3 adds per-head RMSNorms (``q_norm``, ``k_norm`` over head_dim) — width units remove whole
+  heads, so they are untouched; ``attention_bias`` switches q/k/v/o biases on, down_proj has none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages.arch import register_arch
+from stages.arch.base import ArchAdapter
+
+
+class Qwen2Adapter(ArchAdapter):
+    family = "Qwen2"
+
+    @classmethod
+    def bias_holders(cls, config: Any) -> dict[str, bool]:
+        return {"o": False, "down": False}
+
+    @classmethod
+    def bias_flags(cls) -> dict[str, str]:
+        return {}
+
+
+class Qwen3Adapter(ArchAdapter):
+    family = "Qwen3"
+    HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+
+    @classmethod
+    def bias_holders(cls, config: Any) -> dict[str, bool]:
+        return {"o": True, "down": False}
+
+    @classmethod
+    def bias_flags(cls) -> dict[str, str]:
+        return {"attn": "attention_bias"}
+
+
+register_arch(Qwen2Adapter, model_types=("qwen2",))
+register_arch(Qwen3Adapter, model_types=("qwen3",))

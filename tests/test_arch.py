@@ -1,0 +1,439 @@
+"""The architecture adapters (stages/arch/): the registry, the rule that only adapters name modules, and the
+family matrix — every supported family's tiny random model (built offline from its transformers config class)
+pruned per unit kind: masked == removed, vanilla ``from_pretrained`` reload equal, KV-cache ``generate``."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# A projection name, or the Llama block list, spelled outside stages/arch/.
+MODULE_NAME = re.compile(r"\b(?:q|k|v|o|gate|up|down|qkv|gate_up)_proj\b|\bmodel\.layers\b")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                out.add(id(first.value))
+    return out
+
+
+def _spellings(path: Path) -> list[str]:
+    """Module names in code (identifiers, attributes, non-docstring strings, ``model.layers`` chains); comments and
+    docstrings are prose and may name them."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = _docstrings(tree)
+    bad = []
+    for node in ast.walk(tree):
+        text = None
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            text = node.value
+        elif isinstance(node, ast.Attribute):
+            text = f"{ast.unparse(node.value).rsplit('.', 1)[-1]}.{node.attr}"
+        elif isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.arg, ast.keyword)):
+            text = getattr(node, "name", None) or getattr(node, "arg", None)
+        if text and MODULE_NAME.search(text):
+            bad.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}: {text!r}")
+    return bad
+
+
+def test_only_adapters_name_modules() -> None:
+    files = [p for p in sorted((ROOT / "stages").rglob("*.py")) + sorted((ROOT / "pipeline").rglob("*.py"))
+             if not p.is_relative_to(ROOT / "stages" / "arch")]
+    bad = [b for p in files for b in _spellings(p)]
+    assert not bad, "module names belong in stages/arch/ (ask the adapter):\n" + "\n".join(bad)
+
+
+def test_the_scan_sees_a_spelling(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text('"""o_proj in a docstring is fine."""\n# so is q_proj in a comment\nx = model.model.layers\ny = "mlp.down_proj"\n')
+    found = [b.split(": ", 1)[1] for b in _spellings_at(probe)]
+    assert found == ["'model.layers'", "'mlp.down_proj'"]
+
+
+def _spellings_at(path: Path) -> list[str]:
+    global ROOT
+    saved, ROOT = ROOT, path.parent
+    try:
+        return _spellings(path)
+    finally:
+        ROOT = saved
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
+    from stages.arch import adapter_class, register_arch, supported_model_types, unsupported_message
+    from stages.arch.base import ArchAdapter
+
+    assert supported_model_types() == ["granite", "llama", "mistral", "phi3", "qwen2", "qwen3"]
+    for t in supported_model_types():
+        assert t in adapter_class(t).model_types
+    with pytest.raises(ValueError, match="already registered"):
+        register_arch(ArchAdapter, model_types=("llama",))
+    with pytest.raises(ValueError, match="no architecture adapter.*granite, llama, mistral, phi3, qwen2, qwen3.*geometry"):
+        adapter_class("gpt2")
+    assert "register_arch" in unsupported_message("gpt2")
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3"]
+LORA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite"]  # phi3: recovery's LoRA targets are not fused yet
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_says_where_compensation_biases_can_live(family: str) -> None:
+    """``NO_OUTPUT_BIAS`` (torch-free, read by --dry-run) agrees with the adapter and with what transformers builds
+    when every bias flag the adapter knows is switched on."""
+    from stages.arch import NO_OUTPUT_BIAS, adapter_class, compensation_refusal
+    from stages.io.tiny import tiny_family
+
+    cls = adapter_class(family)
+    holders = cls.bias_holders(None)
+    assert {r for r, ok in holders.items() if not ok} == set(NO_OUTPUT_BIAS.get(family, ()))
+    assert (compensation_refusal(family) is None) == all(holders.values())
+    model = tiny_family(family, num_layers=1, **{flag: True for flag in cls.bias_flags().values()})
+    layer = cls(model).layers[0]
+    assert {r: cls.linear(layer, r).bias is not None for r in ("o", "down")} == holders
+
+
+# ----------------------------------------------------------------------------- the family matrix
+def _family(family: str):
+    from stages.io.tiny import tiny_family
+
+    return tiny_family(family, num_layers=3)
+
+
+def _mask_units(model, layer_idx: int, kind: str, units: list[int]) -> None:
+    """Zero what a unit owns, as the adapter's members say (rows and bias entries of "out" members, columns of
+    "in" members) — the masking twin of physical removal."""
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
+    layer = ad.layers[layer_idx]
+    geo = ad.geometry(layer)
+    with torch.no_grad():
+        for m in ad.members(kind):
+            lin = layer.get_submodule(m.path)
+            idx = m.index(units, geo)
+            if m.axis == "out":
+                lin.weight[idx] = 0
+                if lin.bias is not None:
+                    lin.bias[idx] = 0
+            else:
+                lin.weight[:, idx] = 0
+
+
+def _mask_block(model, index: int) -> None:
+    """A block whose output projections (and their biases) are zero adds nothing to the residual stream."""
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
+    with torch.no_grad():
+        for role in ("o", "down"):
+            lin = ad.linear(ad.layers[index], role)
+            lin.weight.zero_()
+            if lin.bias is not None:
+                lin.bias.zero_()
+
+
+UNITS = {  # unit kind → (masked units per layer, the width plan's removal per layer)
+    "kv_group": ([1], {"q_heads": [2, 3], "kv_heads": [1], "mlp": []}),
+    "q_head": ([0, 3], {"q_heads": [0, 3], "kv_heads": [], "mlp": []}),
+    "mlp_channel": ([3, 17, 100], {"q_heads": [], "kv_heads": [], "mlp": [3, 17, 100]}),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_wise_forward_equals_the_model(family: str, calib) -> None:
+    """The adapter's block-by-block run (what SLEB, the PPL criterion, LaCo use) reproduces the model's loss —
+    masks (Mistral's window of 12 < 24 tokens), rotary, per-head norms included."""
+    from stages.arch import adapter_for
+
+    model = _family(family)
+    ad = adapter_for(model)
+    with torch.no_grad():
+        nll, n = ad.nll_sum(ad.boundary_states(calib)[-1], calib)
+        ref = model(input_ids=calib, labels=calib).loss.item()
+    assert nll / n == pytest.approx(ref, rel=1e-5)
+
+
+def _prune(model, kind: str, masked=None) -> None:
+    """Remove one unit kind from ``model`` (width units: the same units in every layer, so widths stay uniform)
+    and, when given, mask the same units in ``masked``."""
+    from stages.surgery.apply import apply_plan
+    from tests.test_hidden import _hidden_plan, _mask_hidden
+    from tests.test_width import _plan
+
+    n = model.config.num_hidden_layers
+    if kind == "block":
+        if masked is not None:
+            _mask_block(masked, 1)
+        apply_plan(model, {"kind": "depth", "removed_blocks": [1], "layers_before": n})
+    elif kind == "hidden_channel":
+        removed = [0, 5, 17, 22, 31, 40, 50, 63]
+        if masked is not None:
+            _mask_hidden(masked, removed)
+        apply_plan(model, _hidden_plan(model, removed))
+    else:
+        units, removal = UNITS[kind]
+        for i in range(n):
+            if masked is not None:
+                _mask_units(masked, i, kind, units)
+        apply_plan(model, _plan(model, dict.fromkeys(range(n), removal)))
+
+
+@pytest.mark.parametrize("kind", ["block", *UNITS, "hidden_channel"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_equals_removed_and_reloads_vanilla(family: str, kind: str, calib, tmp_path: Path) -> None:
+    """One unit kind removed (width units: the same units in every layer, so the widths stay uniform): the logits
+    equal the masked model's, and a vanilla ``from_pretrained`` of the saved result gives them again."""
+    from transformers import AutoModelForCausalLM
+
+    model = _family(family)
+    masked = copy.deepcopy(model)
+    _prune(model, kind, masked)
+    assert not hasattr(model.config, "prunelab_layer_shapes")
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = model(calib).logits
+        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
+        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_width_pruning_reloads_vanilla_and_generates_with_cache(family: str, calib, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from stages.surgery.apply import apply_plan
+    from tests.test_width import _plan
+
+    model = _family(family)
+    removed = {"q_heads": [0, 1], "kv_heads": [0], "mlp": [1, 9, 40]}
+    apply_plan(model, _plan(model, {i: removed for i in range(3)}))
+    assert not hasattr(model.config, "prunelab_layer_shapes")
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (fresh(calib).logits - model(calib).logits).abs().max().item() <= 1e-5
+        a = fresh.generate(calib[:1, :5], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=2)
+        b = fresh.generate(calib[:1, :5], max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=2)
+    assert a.shape[1] == 13 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["block", *UNITS, "hidden_channel"])
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_lora_recovers_every_unit_kind(family: str, kind: str, calib, tmp_path: Path) -> None:
+    """Recovery's default LoRA targets are the adapter's; on the pruned model they wrap every decoder linear, a
+    training step lowers nothing to NaN, and the merged model reloads in vanilla transformers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.arch import adapter_for
+    from stages.recovery.config import LoraSettings
+
+    model = _family(family)
+    ad = adapter_for(model)
+    assert LoraSettings().target_modules == ad.lora_targets()
+    _prune(model, kind)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=ad.lora_targets(), init_lora_weights=False))
+    assert len([n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]) == ad.num_blocks * len(ad.lora_targets())
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model.train()
+    loss = peft_model(input_ids=calib, labels=calib).loss
+    loss.backward()
+    opt.step()
+    merged = peft_model.merge_and_unload().eval()
+    merged.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = merged(calib).logits
+        assert torch.isfinite(out).all()
+        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- --dry-run: families and compensation
+def _debug_width_on(source: str, tmp_path: Path, *extra: str) -> tuple[int, str]:
+    """recipes/debug-width.yaml (FLAP, global allocation, bias compensation) with only ``model.source`` changed."""
+    import contextlib
+    import io
+
+    from pipeline.run import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+        rc = main(["recipes/debug-width.yaml", "--output-dir", str(tmp_path), "--no-progress", "--dry-run",
+                   f"model.source={source}", *extra])
+    return rc, err.getvalue()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_dry_run_refuses_compensation_bias_a_family_cannot_hold(family: str, tmp_path: Path) -> None:
+    """Issue 16 item 5: on Qwen2 such a run used to reach the end and fail the export's reload check."""
+    rc, out = _debug_width_on(f"tiny-random-{family}", tmp_path)
+    assert rc != 0 and "bias compensation" in out and "without a bias" in out, out
+    rc, out = _debug_width_on(f"tiny-random-{family}", tmp_path, "stages.prune.compensation=none")
+    assert rc == 0, out
+
+
+def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None:
+    """Issue 16 item 6: the message lists the supported families and what an adapter provides."""
+    import json
+
+    configs = {"gpt2": {"model_type": "gpt2", "n_layer": 2, "vocab_size": 259},  # sizes under other names
+               "olmo2": {"model_type": "olmo2", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                        "num_attention_heads": 4, "vocab_size": 259}}
+    for model_type, config in configs.items():
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        rc, out = _debug_width_on(str(folder), tmp_path)
+        assert rc != 0 and f"{model_type!r} has no architecture adapter" in out, out
+        assert "granite, llama, mistral, phi3, qwen2, qwen3" in out and "register_arch" in out and "geometry" in out
+
+
+# ----------------------------------------------------------------------------- one recipe per family, through the CLI
+DEBUG_RECIPES = sorted((ROOT / "recipes").glob("debug-*.yaml"))
+
+
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_every_family_has_a_debug_recipe_on_its_tiny_model(family: str) -> None:
+    import yaml
+
+    path = ROOT / "recipes" / f"debug-{family}.yaml"
+    assert path in DEBUG_RECIPES
+    assert yaml.safe_load(path.read_text())["model"]["source"] == f"tiny-random-{family}"
+
+
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_debug_family_recipe_prunes_recovers_and_exports(family: str, tmp_path: Path) -> None:
+    """prune (uniform width) + recover (LoRA) + export through the CLI; the export's own reload check passes and
+    a vanilla from_pretrained of the export generates with the KV cache."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.run import main
+
+    assert main([f"recipes/debug-{family}.yaml", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    run = tmp_path / f"debug-{family}"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"]["params_after"] < metrics["model"]["params_before"]
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    assert model.config.model_type == family
+    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=2)
+        b = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=2)
+    assert torch.equal(a, b)
+
+
+def test_the_family_table_names_tests_that_exist() -> None:
+    """docs/families.md: every cell's test is a parametrization of a test in this file."""
+    text = (ROOT / "docs" / "families.md").read_text()
+    short = {"M": "test_masked_equals_removed_and_reloads_vanilla", "L": "test_lora_recovers_every_unit_kind",
+             "R": "test_debug_family_recipe_prunes_recovers_and_exports"}
+    kinds = {"block", *UNITS, "hidden_channel"}
+    cells = [c for c in re.findall(r"`([MLR])\[([a-z0-9]+)-?([a-z_]*)\]`", text) if c[1] != "f"]  # not the legend
+    assert len(cells) >= (len(FAMILIES) + len(LORA_FAMILIES)) * len(kinds)
+    for letter, family, kind in cells:
+        assert short[letter] in globals() and family in FAMILIES and (kind in kinds or (letter == "R" and not kind))
+    for name in re.findall(r"`(test_[a-z_0-9]+)", text):
+        assert name in globals(), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_criterion_scores_every_unit_on_every_family(family: str, calib) -> None:
+    """Issue 16 item 4: every depth criterion, every width criterion (with its hidden-channel scores) and every
+    allocation's inputs (OWL's outlier ratios, AlphaPruning's α) on each family's tiny model."""
+    import math
+
+    from stages.arch import adapter_for
+    from stages.calibration.full import collect_stats
+    from stages.calibration.width import summary_tensors
+    from stages.criteria import CRITERIA, criteria_for
+    from stages.criteria.base import CriterionInputs
+    from stages.criteria.scoring import needs_for, score
+    from stages.criteria.settings import LacoSettings
+    from stages.selection.alpha import layer_alphas
+    from stages.selection.owl import owl_offsets
+
+    model = _family(family)
+    ad = adapter_for(model)
+    geos = ad.geometries()
+    for kind, units in (("width", "width"), ("depth", "blocks")):
+        names = list(criteria_for(units))
+        stats = collect_stats(model, calib, needs_for(kind, names, {"hidden", "hessian"} if kind == "width" else ()),
+                              batch_size=1, progress=False)
+        for name in names:
+            settings = LacoSettings(merge_layers=2, threshold=-0.99) if name == "laco" else None
+            res = score(CRITERIA.get(kind, name), CriterionInputs(model, stats, calibration=calib, num_remove=1,
+                                                                  settings=settings, progress=False), hidden=kind == "width")
+            if kind == "depth":
+                assert len(res.scores) == ad.num_blocks, name
+                continue
+            assert [(len(r["q_heads"]), len(r["kv_groups"]), len(r["mlp"])) for r in res.layers] == \
+                [(g.n_q, g.n_kv, g.intermediate) for g in geos], name
+            assert all(math.isfinite(v) for r in res.layers for v in r["mlp"] + r["q_heads"]), name
+            assert res.hidden is None or len(res.hidden) == model.config.hidden_size, name
+        if kind == "width":
+            offsets = owl_offsets(model, summary_tensors(stats)["sq_norm"], list(range(ad.num_blocks)), m=5.0, lam=0.08)
+            assert len(offsets) == ad.num_blocks and len(layer_alphas(model)) == ad.num_blocks
+
+
+@pytest.mark.parametrize("method", ["bias", "optimal", "optimal_weights_only"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compensation_is_saved_where_the_family_can_hold_it(family: str, method: str, calib, tmp_path: Path) -> None:
+    """Bias and optimal compensation reload in vanilla transformers where the adapter says the output projections
+    hold a bias; elsewhere surgery refuses the bias with the reason (and --dry-run already did). Optimal
+    compensation without a bias changes weights only and works on every family."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.arch import compensation_refusal
+    from stages.calibration.full import collect_stats
+    from stages.calibration.width import summary_tensors
+    from stages.surgery.apply import PlanError, apply_plan
+    from stages.surgery.compensation import bias_compensation, optimal_compensation
+    from tests.test_width import _plan
+
+    model = _family(family)
+    stats = collect_stats(model, calib, {"activations", "hessian"}, progress=False)
+    means = summary_tensors(stats)
+    chosen = dict.fromkeys(range(3), UNITS["kv_group"][1] | {"mlp": [1, 9, 40]})
+    if method == "bias":
+        side = bias_compensation(model, chosen, means)
+    else:
+        side = optimal_compensation(model, chosen, means["gram"], 1e-2, method == "optimal")
+    refusal = compensation_refusal(family) if method != "optimal_weights_only" else None
+    if refusal:
+        with pytest.raises(PlanError, match="without a bias"):
+            apply_plan(model, _plan(model, chosen), side)
+        return
+    apply_plan(model, _plan(model, chosen), side)
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (fresh(calib).logits - model(calib).logits).abs().max().item() <= 1e-5
+
+
+def test_phi3_fused_members_refuse_heterogeneous_widths() -> None:
+    """Phi-3 splits its fused qkv_proj with the shared config's head counts: layers of different widths would
+    split wrongly, so surgery refuses them before touching a weight."""
+    from stages.surgery.apply import PlanError, apply_plan
+    from tests.test_width import _plan
+
+    model = _family("phi3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match="uniform allocation"):
+        apply_plan(model, _plan(model, {1: UNITS["kv_group"][1]}))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -87,7 +87,7 @@ def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3"]
-LORA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite"]  # phi3: recovery's LoRA targets are not fused yet
+LORA_FAMILIES = FAMILIES  # fused targets (Phi-3) resolve through the adapter (stages.recovery.model.lora_config)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -234,19 +234,23 @@ def test_uniform_width_pruning_reloads_vanilla_and_generates_with_cache(family: 
 @pytest.mark.parametrize("kind", ["block", *UNITS, "hidden_channel"])
 @pytest.mark.parametrize("family", LORA_FAMILIES)
 def test_lora_recovers_every_unit_kind(family: str, kind: str, calib, tmp_path: Path) -> None:
-    """Recovery's default LoRA targets are the adapter's; on the pruned model they wrap every decoder linear, a
-    training step lowers nothing to NaN, and the merged model reloads in vanilla transformers."""
-    from peft import LoraConfig, get_peft_model
+    """Recovery's default LoRA targets resolve through the adapter to every decoder linear of the family (a fused
+    ``qkv_proj`` / ``gate_up_proj`` once); on the pruned model a training step lowers nothing to NaN, and the merged
+    model reloads in vanilla transformers."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from stages.arch import adapter_for
     from stages.recovery.config import LoraSettings
+    from stages.recovery.model import lora_config
 
     model = _family(family)
     ad = adapter_for(model)
-    assert LoraSettings().target_modules == ad.lora_targets()
+    config = lora_config(LoraSettings(rank=2), model)
+    assert sorted(config.target_modules) == sorted(ad.lora_targets())
+    config.init_lora_weights = False
     _prune(model, kind)
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=ad.lora_targets(), init_lora_weights=False))
+    peft_model = get_peft_model(model, config)
     assert len([n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]) == ad.num_blocks * len(ad.lora_targets())
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
     peft_model.train()

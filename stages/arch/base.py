@@ -127,6 +127,13 @@ class ArchAdapter:
         return [p.rsplit(".", 1)[-1] for p in cls.linear_paths()]
 
     @classmethod
+    def lora_modules(cls, requested: list[str]) -> list[str]:
+        """``requested`` target names (the Llama-layout role names recipes use, or this family's own) as this
+        family's module names: on a fused layout ``q_proj``/``k_proj``/``v_proj`` all mean ``qkv_proj``."""
+        by_llama_name = {LINEAR_NAMES[r]: cls.linear_name(r) for r in ROLES}
+        return list(dict.fromkeys(by_llama_name.get(name, name) for name in requested))
+
+    @classmethod
     def linear_paths(cls) -> list[str]:
         """Every decoder linear's path inside a layer, once (a fused ``qkv_proj`` serves three roles), in role order."""
         return list(dict.fromkeys(cls.LINEARS[r] for r in ROLES))

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
-from stages.arch.base_names import LORA_TARGETS
+from stages.arch.base_names import FUSED_NAMES, LORA_TARGETS
 from stages.core.config import StrictModel
 from stages.io.config import TextSource
 
@@ -42,7 +42,7 @@ class LoraSettings(StrictModel):
     @field_validator("target_modules")
     @classmethod
     def _known(cls, modules: list[str]) -> list[str]:
-        unknown = [m for m in modules if m not in DECODER_LINEARS and m != "lm_head"]
+        unknown = [m for m in modules if m not in DECODER_LINEARS and m not in FUSED_NAMES and m != "lm_head"]
         if unknown:
             raise ValueError(f"target_modules {unknown}: choose from {', '.join(DECODER_LINEARS)} (or lm_head)")
         return modules

@@ -17,10 +17,15 @@ import torch
 from stages.recovery.config import LoraSettings, RecoverySettings
 
 
-def lora_config(lora: LoraSettings) -> Any:
+def lora_config(lora: LoraSettings, model: torch.nn.Module) -> Any:
+    """peft's LoraConfig; target names go through the model's adapter, so a fused family (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``) gets its own module names for the Llama-layout names a recipe lists."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+    from stages.arch import adapter_for
+
+    targets = adapter_for(model).lora_modules(list(lora.target_modules))
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
 
 
@@ -47,7 +52,7 @@ def trainable_model(base: torch.nn.Module, cfg: RecoverySettings, work_dir: Path
     model.config.use_cache = False
     if cfg.loop.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lora_config(cfg.lora))
+    return get_peft_model(model, lora_config(cfg.lora, model))
 
 
 def load_nf4(base: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

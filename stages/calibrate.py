@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from pipeline.registry import register_stage
 from stages.calibration.sources import CalibrationSource
 from stages.core.config import StrictModel
+from stages.io.config import TextSource
 
 if TYPE_CHECKING:
     from pipeline.context import RunContext
@@ -28,6 +29,25 @@ class CalibrateConfig(StrictModel):
         "{qa_text: file.jsonl}, {self_generated: {…}} or {mix: [{source: …, weight: …}, …]}")
     num_samples: int = Field(32, ge=1, description="number of windows N")
     seq_len: int = Field(512, ge=2, description="tokens per window L")
+    sampling: Literal["windows", "llm_pruner"] = Field(
+        "windows", description="windows: N windows at seeded offsets of the joined token stream; llm_pruner: as the "
+        "official LLM-Pruner, N distinct rows (lines of a .txt) of ≥ L tokens drawn with Python's random(seed), one "
+        "random L-token slice each (a file or dataset source only; docs/llm-pruner-parity.md)")
+
+    @model_validator(mode="after")
+    def _rows_need_text(self) -> CalibrateConfig:
+        if self.sampling == "llm_pruner" and type(self.source) is not TextSource:
+            raise ValueError("sampling: llm_pruner draws rows of a file or dataset source ({path: …} or {dataset: …}); "
+                             "use sampling: windows for this source")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # `sampling` came later: left at its default it stays out of dumps, so settings hashes of earlier runs hold.
+        data = handler(self)
+        if self.sampling == "windows":
+            data.pop("sampling", None)
+        return data
 
 
 def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
@@ -35,8 +55,14 @@ def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
 
     from stages.calibration.sources import calibration_windows
 
-    ctx.calibration = calibration_windows(cfg.source, ctx.model, ctx.tokenizer, cfg.num_samples, cfg.seq_len,
-                                          ctx.recipe.seed, ctx.stage_dir / "generated", ctx.progress)
+    if cfg.sampling == "llm_pruner":
+        from stages.calibration.rows import llm_pruner_windows, text_rows
+
+        ctx.calibration = llm_pruner_windows(text_rows(cfg.source), ctx.tokenizer, cfg.num_samples, cfg.seq_len,
+                                             ctx.recipe.seed)
+    else:
+        ctx.calibration = calibration_windows(cfg.source, ctx.model, ctx.tokenizer, cfg.num_samples, cfg.seq_len,
+                                              ctx.recipe.seed, ctx.stage_dir / "generated", ctx.progress)
     if ctx.is_main:
         tmp = ctx.stage_dir / ".calibration.pt.tmp"
         torch.save(ctx.calibration, tmp)

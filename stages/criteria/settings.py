@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from stages.core.config import StrictModel
 
@@ -29,6 +29,21 @@ class WidthGroupSettings(StrictModel):
     reduction: Literal["sum", "mean", "max", "prod"] = Field(
         "sum", description="how the members' importances combine into the group's (LLM-Pruner's aggregation)"
     )
+    grouping: Literal["units", "llm_pruner"] = Field(
+        "units", description="units: a KV group's score counts the query heads that share it, each member summed over "
+        "the unit, then reduced; llm_pruner: as the official code (torch-pruning fork) does on GQA models — members "
+        "reduced per head-dim channel, q_proj rows and o_proj columns folded onto k_proj's channels with stride "
+        "n_kv·head_dim (so KV group j counts query heads j, j+n_kv, …, not the ones that share it), then summed over "
+        "the head (docs/llm-pruner-parity.md)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # `grouping` came later: left at its default it stays out of dumps, so settings hashes of earlier runs hold.
+        data = handler(self)
+        if self.grouping == "units":
+            data.pop("grouping", None)
+        return data
 
 
 # ----------------------------------------------------------------------------- version 1 spellings

@@ -32,14 +32,9 @@ def _result(layers: Layers) -> CriterionResult:
 
 
 # ----------------------------------------------------------------------------- group plumbing
-def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[str, torch.Tensor], torch.Tensor],
-                   ad: type[ArchAdapter] | ArchAdapter = ArchAdapter) -> dict[str, Any]:
-    """Per-unit sums of an element-wise importance, one tensor per member matrix.
-
-    ``imp(member path, weight)`` (the path inside the layer, as the adapter ``ad`` names it) returns a tensor shaped like the weight. Returns, per unit kind, a
-    list of per-member contribution vectors to be reduced across members.
-    """
-    hd = geo.head_dim
+def _role_importance(layer: torch.nn.Module, imp: Callable[[str, torch.Tensor], torch.Tensor],
+                     ad: type[ArchAdapter] | ArchAdapter) -> Callable[[str], torch.Tensor]:
+    """``role → imp(member path, weight)`` restricted to the role's rows (a fused matrix is scored once)."""
     fused: dict[str, torch.Tensor] = {}
 
     def w(role: str) -> torch.Tensor:
@@ -50,6 +45,18 @@ def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[st
             fused[path] = imp(path, layer.get_submodule(path).weight)
         return fused[path][rows]
 
+    return w
+
+
+def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[str, torch.Tensor], torch.Tensor],
+                   ad: type[ArchAdapter] | ArchAdapter = ArchAdapter) -> dict[str, Any]:
+    """Per-unit sums of an element-wise importance, one tensor per member matrix.
+
+    ``imp(member path, weight)`` (the path inside the layer, as the adapter ``ad`` names it) returns a tensor shaped like the weight. Returns, per unit kind, a
+    list of per-member contribution vectors to be reduced across members.
+    """
+    hd = geo.head_dim
+    w = _role_importance(layer, imp, ad)
     q = w("q").sum(1).view(geo.n_q, hd).sum(1)
     k = w("k").sum(1).view(geo.n_kv, hd).sum(1)
     v = w("v").sum(1).view(geo.n_kv, hd).sum(1)
@@ -78,11 +85,49 @@ def _reduce(parts: list[torch.Tensor], how: str) -> torch.Tensor:
     raise ValueError(f"unknown group reduction {how!r}; choose sum, mean, max or prod")
 
 
+def _llm_pruner_layer(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[str, torch.Tensor], torch.Tensor],
+                      ad: type[ArchAdapter] | ArchAdapter, how: str, vector: bool = False) -> dict[str, list[float]]:
+    """One layer's scores as the official LLM-Pruner (torch-pruning fork, ``TaylorImportance.__call__``) ranks them.
+
+    A KV group's coupled members are k_proj and v_proj rows (n_kv·hd), q_proj rows and o_proj columns (n_q·hd).
+    Each member gives one value per row/column (``vector``: |Σ| of the signed products, "vectorize"; otherwise
+    Σ|·|, "param_first"); the longer ones are aligned to k_proj's n_kv·hd channels by ``view(q_per_group,
+    n_kv·hd).sum(0)`` — channel c collects q rows c, c + n_kv·hd, … (query heads j, j + n_kv, … for KV head j,
+    whereas the heads that share KV head j, and that the official code removes with it, are j·q_per_group …);
+    the members are reduced per channel (``how``), and ``consecutive_groups`` sums each head's hd channels.
+    MLP channels: gate/up rows and the down column, reduced per channel (the same as ``grouping: units``).
+    Query heads (no official GQA counterpart) score as with ``grouping: units``.
+    """
+    hd, width = geo.head_dim, geo.n_kv * geo.head_dim
+    w = _role_importance(layer, imp, ad)
+
+    def per(role: str, axis: int) -> torch.Tensor:
+        m = w(role).sum(axis)
+        return m.abs() if vector else m
+
+    q, k, v, o = per("q", 1), per("k", 1), per("v", 1), per("o", 0)
+    channels = [k, v, q.view(-1, width).sum(0), o.view(-1, width).sum(0)]
+    heads = [q.view(geo.n_q, hd).sum(1), o.view(geo.n_q, hd).sum(1)]
+    return {
+        "q_heads": _reduce(heads, how).tolist(),
+        "kv_groups": _reduce(channels, how).view(geo.n_kv, hd).sum(1).tolist(),
+        "mlp": _reduce([per("gate", 1), per("up", 1), per("down", 0)], how).tolist(),
+    }
+
+
+def _grouping(inp: CriterionInputs) -> str:
+    return (inp.settings or WidthGroupSettings()).grouping
+
+
 def _elementwise(inp: CriterionInputs, imp: Callable[[int, str, torch.Tensor], torch.Tensor], how: str) -> Layers:
     out, ad = [], inp.adapter
     for i, layer in enumerate(ad.layers):
         geo = ad.geometry(layer)
-        members = _member_scores(layer, geo, lambda name, w, i=i: imp(i, name, w.detach().float()), ad)
+        fn = lambda name, w, i=i: imp(i, name, w.detach().float())
+        if _grouping(inp) == "llm_pruner":
+            out.append(_llm_pruner_layer(layer, geo, fn, ad, how))
+            continue
+        members = _member_scores(layer, geo, fn, ad)
         out.append({kind: _reduce(parts, how).tolist() for kind, parts in members.items()})
     return out
 
@@ -146,7 +191,11 @@ def taylor_vector(inp: CriterionInputs) -> CriterionResult:
     out, grad, how, ad = [], inp.stats.grad_mean, reduction(inp), inp.adapter
     for i, layer in enumerate(ad.layers):
         geo = ad.geometry(layer)
-        signed = _member_scores(layer, geo, lambda n, w, i=i: w.detach().float() * _grad(ad, i, n, grad), ad)
+        fn = lambda n, w, i=i: w.detach().float() * _grad(ad, i, n, grad)
+        if _grouping(inp) == "llm_pruner":
+            out.append(_llm_pruner_layer(layer, geo, fn, ad, how, vector=True))
+            continue
+        signed = _member_scores(layer, geo, fn, ad)
         out.append({kind: _reduce([p.abs() for p in parts], how).tolist() for kind, parts in signed.items()})
     return _result(out)
 

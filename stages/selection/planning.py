@@ -39,7 +39,8 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
 
             alphas = layer_alphas(model)
             offsets = alpha_offsets(alphas, layers, alloc.epsilon)
-        chosen = select_uniform(scores, geos, layers, cfg.attention, cfg.mlp, cfg.layer_ratio, target, offsets)
+        chosen = select_uniform(scores, geos, layers, cfg.attention, cfg.mlp, cfg.layer_ratio, target, offsets,
+                                getattr(alloc, "counts", "nearest"))
     side: dict[str, Any] = {}
     if comp.type == "bias":
         if means is None:

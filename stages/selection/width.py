@@ -26,23 +26,35 @@ def _lowest(scores: list[float], k: int) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k])
 
 
-def uniform_layer(scores: dict[str, list[float]], geo: LayerGeometry, r: float, attention: str, mlp: bool, index: int) -> dict[str, list[int]]:
-    """Remove fraction ``r`` of one layer's units (rounded to whole units)."""
+def _llm_pruner_count(r: float, units: int, width: int = 1) -> int:
+    """The official LLM-Pruner count (torch-pruning fork, ``MetaPruner.prune_local``): of ``units · width``
+    channels it prunes ``n − int(n · (1 − r))``, then whole units of ``width`` consecutive channels (``//``)."""
+    n = units * width
+    return (n - int(n * (1 - r))) // width
+
+
+def uniform_layer(scores: dict[str, list[float]], geo: LayerGeometry, r: float, attention: str, mlp: bool, index: int,
+                  counts: str = "nearest") -> dict[str, list[int]]:
+    """Remove fraction ``r`` of one layer's units (rounded to whole units: ``counts`` nearest, or llm_pruner's rule)."""
     out: dict[str, list[int]] = {"q_heads": [], "kv_heads": [], "mlp": []}
+
+    def count(units: int, width: int = 1) -> int:
+        return _llm_pruner_count(r, units, width) if counts == "llm_pruner" else round_count(r * units)
+
     if mlp:
-        k = round_count(r * geo.intermediate)
+        k = count(geo.intermediate)
         if k >= geo.intermediate:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove all {geo.intermediate} MLP channels")
         out["mlp"] = _lowest(scores["mlp"], k)
     if attention == "kv_group":
-        k = round_count(r * geo.n_kv)
+        k = count(geo.n_kv, geo.head_dim)
         if k >= geo.n_kv:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every head (all {geo.n_kv} KV groups); lower it")
         out["kv_heads"] = _lowest(scores["kv_groups"], k)
         qg = geo.q_per_group
         out["q_heads"] = [g * qg + j for g in out["kv_heads"] for j in range(qg)]
     elif attention == "q_head":
-        per_group = round_count(r * geo.q_per_group)
+        per_group = count(geo.q_per_group, geo.head_dim)
         if per_group >= geo.q_per_group:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every query head of each group; lower it")
         qg = geo.q_per_group
@@ -63,14 +75,15 @@ def removed_params(plan_layers: dict[int, dict[str, list[int]]], geos: list[Laye
 
 def select_uniform(scores: list[dict[str, list[float]]], geos: list[LayerGeometry], layers: list[int], attention: str,
                    mlp: bool, layer_ratio: float | None, target_params: int | None,
-                   offsets: list[float] | None = None) -> dict[int, dict[str, list[int]]]:
+                   offsets: list[float] | None = None, counts: str = "nearest") -> dict[int, dict[str, list[int]]]:
     """Per-layer allocation: a given unit ratio r, or the r whose removal is nearest ``target_params``.
 
-    With ``offsets`` (OWL, AlphaPruning, ...) layer i uses r + offsets[i] instead of r.
+    With ``offsets`` (OWL, AlphaPruning, ...) layer i uses r + offsets[i] instead of r; ``counts`` is the
+    rounding rule of ``uniform_layer``.
     """
     def build(r: float) -> dict[int, dict[str, list[int]]]:
         return {i: uniform_layer(scores[i], geos[i], min(max(r + (offsets[i] if offsets else 0.0), 0.0), 0.99),
-                                 attention, mlp, i) for i in layers}
+                                 attention, mlp, i, counts) for i in layers}
 
     if layer_ratio is not None:
         return build(layer_ratio)

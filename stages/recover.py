@@ -35,6 +35,7 @@ class RecoverConfig(RecoverySettings):
       loss: {type: kd, temperature: 1.0, top_k: 0}   # ce | kd | ce+kd (kd_ratio); kd needs the dense teacher
                                     # + intermediate: {weight, kind}, teacher_cache: true (with top_k > 0)
       data: {source: {path: ../shared/data/wikitext2/valid.txt}, seq_len: 256}
+                                    # + teacher_generate: {num_samples: 256, prompt_tokens: 32} (the dense model's text)
       lora: {rank: 8, alpha: 16, dropout: 0.05}
       optimizer: {lr: 3.0e-3, warmup_steps: 10}
       loop: {batch_size: 4, micro_batch_size: 4, max_steps: 150}
@@ -66,7 +67,7 @@ class RecoverConfig(RecoverySettings):
         return flat_settings(self.model_dump(mode="json"))
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
-        if not any(stages[k].type == "prune" for k in seen):
+        if not any(stages[k].type in ("prune", "iterate") for k in seen):
             return ["recovery heals a pruned model: put a `prune` stage before it"]
         return []
 
@@ -85,7 +86,9 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
         raise ValueError("stages.recover: method qlora needs uniform layer widths (NF4 loading builds a vanilla "
                          "model); use method: lora, or prune with allocation: uniform")
     env = _env(ctx)
-    info = recover_model(env, cfg, ctx.model, ctx.stage_dir, "pruned", _teacher(ctx, cfg), ctx.plan)
+    teacher = _teacher(ctx, cfg)
+    generated = _generated(ctx, cfg, teacher)
+    info = recover_model(env, cfg, ctx.model, ctx.stage_dir, "pruned", teacher, ctx.plan, generated)
     ctx.model = info.pop("model")
     ctx.state = "recovered"
     ctx.recover_info = {"pruned": info}
@@ -93,7 +96,7 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
         from stages.io.models import load_model
 
         dense, _ = load_model(ctx.recipe.model)
-        control = recover_model(env, cfg, dense, ctx.stage_dir / "control", "control", _teacher(ctx, cfg))
+        control = recover_model(env, cfg, dense, ctx.stage_dir / "control", "control", _teacher(ctx, cfg), None, generated)
         ctx.variants["control"] = control.pop("model")
         ctx.recover_info["control"] = control
     return ctx.recover_info
@@ -106,6 +109,18 @@ def _teacher(ctx: RunContext, cfg: RecoverConfig) -> Any:
     from stages.io.models import load_model
 
     return load_model(ctx.recipe.model)[0]
+
+
+def _generated(ctx: RunContext, cfg: RecoverConfig, teacher: Any) -> Any:
+    """``data.teacher_generate``: the dense model's continuations, cached in ``teacher-generated/`` of this stage."""
+    if cfg.data.teacher_generate is None:
+        return None
+    from stages.io.models import load_model
+    from stages.recovery.generated import generate_once
+
+    dense = teacher if teacher is not None else load_model(ctx.recipe.model)[0]
+    return generate_once(ctx.accelerator, cfg.data, dense, ctx.tokenizer, ctx.recipe.seed,
+                         ctx.stage_dir / "teacher-generated", ctx.progress)
 
 
 def restore(ctx: RunContext, cfg: RecoverConfig, outputs: dict[str, Any], stage_dir: Path) -> None:

@@ -20,6 +20,22 @@ from stages.io.config import TextSource
 DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target modules
 
 
+class TeacherGenerate(StrictModel):
+    """Text the dense teacher writes from prompts drawn from the data's ``source``: ``num_samples`` prompts of
+    ``prompt_tokens`` tokens (seeded windows of the source) continued to ``seq_len`` tokens by seeded sampling
+    (``stages.calibration.generate``), cached shard by shard in the recover stage's folder. Distillation needs
+    no labels, so this widens the data beyond the source; with ``ce`` it is sequence-level distillation."""
+
+    num_samples: int = Field(..., ge=1, description="generated sequences (each one training block of seq_len tokens)")
+    prompt_tokens: int = Field(32, ge=1, description="tokens of the source that start each sequence")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature at the first generated token")
+    temperature_end: float | None = Field(None, gt=0, description="temperature at the last token (linear); none: constant")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling threshold (1 disables)")
+    top_k: int = Field(0, ge=0, description="keep only the k most likely tokens (0 disables)")
+    batch_size: int = Field(8, ge=1, description="sequences generated together (one cached shard per batch)")
+    with_source: bool = Field(True, description="also train on the source's own blocks (false: the generated text alone)")
+
+
 class RecoveryData(StrictModel):
     source: TextSource = Field(..., description="training text (valid/train splits, never test) or instruction rows")
     format: Literal["text", "alpaca"] = Field(
@@ -29,6 +45,25 @@ class RecoveryData(StrictModel):
     max_samples: int | None = Field(None, ge=1, description="use only the first N blocks / rows")
     train_on_inputs: bool = Field(False, description="alpaca: also put loss on the prompt tokens")
     shuffle: bool = Field(True, description="seeded shuffle per epoch (the same order on every rank)")
+    teacher_generate: TeacherGenerate | None = Field(
+        None, description="format text: add continuations the dense model samples from prompts drawn from `source`")
+
+    @model_validator(mode="after")
+    def _generate_text(self) -> RecoveryData:
+        if self.teacher_generate is not None and self.format != "text":
+            raise ValueError("teacher_generate continues windows of plain text: use format: text")
+        if self.teacher_generate is not None and self.teacher_generate.prompt_tokens >= self.seq_len:
+            raise ValueError(f"teacher_generate.prompt_tokens={self.teacher_generate.prompt_tokens} leaves nothing to "
+                             f"generate at seq_len={self.seq_len}; lower it")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        """``teacher_generate`` only when set, so the dumps (and settings hashes) of older recipes do not move."""
+        out = handler(self)
+        if isinstance(out, dict) and self.teacher_generate is None:
+            out.pop("teacher_generate", None)
+        return out
 
 
 class LoraSettings(StrictModel):

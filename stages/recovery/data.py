@@ -132,10 +132,19 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
 
-def build_dataset(tokenizer: Any, data: RecoveryData) -> IndexedExamples:
-    """The recipe's training examples: packed text blocks or Alpaca rows, tokenized."""
+def build_dataset(tokenizer: Any, data: RecoveryData, generated: torch.Tensor | None = None) -> IndexedExamples:
+    """The recipe's training examples: packed text blocks or Alpaca rows, tokenized; ``generated`` (the teacher's
+    sequences of ``data.teacher_generate``, [n, seq_len]) come after the source's blocks, or alone."""
     from stages.io.text import read_text, tokenize_text
 
+    if data.teacher_generate is not None and generated is None:
+        raise ValueError("data.teacher_generate: the teacher's sequences were not generated (pass `generated`)")
+    if generated is not None:
+        extra = [{"input_ids": row, "labels": row.clone()} for row in generated]
+        if not data.teacher_generate or not data.teacher_generate.with_source:
+            return IndexedExamples(extra)
+        own = packed_text(tokenize_text(tokenizer, read_text(data.source)), data.seq_len, data.max_samples)
+        return IndexedExamples(own.examples + extra)
     if data.format == "text":
         return packed_text(tokenize_text(tokenizer, read_text(data.source)), data.seq_len, data.max_samples)
     return alpaca_examples(read_rows(data.source), tokenizer, data.seq_len, data.train_on_inputs, data.max_samples)

@@ -88,9 +88,10 @@ class TrainState:
 
 
 def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir: Path, label: str,
-          teacher: torch.nn.Module | None = None, plan: Any = None) -> TrainState:
+          teacher: torch.nn.Module | None = None, plan: Any = None, generated: torch.Tensor | None = None) -> TrainState:
     """Data, trainable model, optimizer and schedule, prepared by accelerate; the teacher (if the loss needs
-    one) frozen on this rank's device, its blocks paired with ``base``'s by ``plan``; resumed if asked and possible."""
+    one) frozen on this rank's device, its blocks paired with ``base``'s by ``plan``; resumed if asked and possible.
+    ``generated``: the teacher's sequences of ``data.teacher_generate`` (:mod:`stages.recovery.generated`)."""
     from transformers import get_scheduler
 
     from stages.recovery.data import build_dataset, make_loader
@@ -103,7 +104,7 @@ def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     accum = cfg.accumulation(acc.num_processes)
     acc.gradient_accumulation_steps = accum
-    dataset = build_dataset(env.tokenizer, cfg.data)
+    dataset = build_dataset(env.tokenizer, cfg.data, generated)
     loader, sampler = make_loader(dataset, cfg.loop.micro_batch_size, env.seed, cfg.data.shuffle, env.tokenizer.pad_token_id)
     model = trainable_model(base, cfg, out_dir, acc.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -286,14 +287,15 @@ def save(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, out_dir: Path,
 
 
 def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir: Path, label: str,
-                  teacher: torch.nn.Module | None = None, plan: Any = None) -> dict[str, Any]:
+                  teacher: torch.nn.Module | None = None, plan: Any = None,
+                  generated: torch.Tensor | None = None) -> dict[str, Any]:
     """Train ``base`` (an adapter on it, or every weight for ``full``); write the trained tensors, loss curve,
     samples; return stats and the merged model. ``teacher``: the dense model, for a distillation loss;
     ``plan``: the pruning plan that made ``base`` from it (the block mapping of ``loss.intermediate``)."""
     from stages.recovery.model import apply_trained, trained_folder
     from stages.recovery.plain_loop import compare_with_plain
 
-    run = setup(env, cfg, base, out_dir, label, teacher, plan)
+    run = setup(env, cfg, base, out_dir, label, teacher, plan, generated)
     seconds = train(env, run, cfg)
     info = save(env, run, cfg, out_dir, seconds)
     run.teacher = None

@@ -1,0 +1,143 @@
+"""Stage: iterative pruning — ``cycles`` rounds of score → prune → recover that reach the target step by step.
+
+Why a stage of its own, not a ``schedule`` inside prune or recover: one cycle crosses three stages (the scores
+of the model the previous cycle recovered, its plan, its recovery), and stages never call each other. So this
+stage holds the three settings — the prune target of the whole run (of the DENSE model, split evenly over the
+cycles: ``num_blocks: 4`` in 2 cycles removes 2 + 2), the criterion's scoring settings, and the recovery every
+cycle gets — and runs the library's functions per cycle (:mod:`stages.recovery.iterative`). It writes
+``cycle-NN/{plan.json, recover/, done.json}`` in its folder, resumes from the last finished cycle, and leaves
+``plan.json``: the cycles' plans composed into the original block numbering, which metrics, report and export
+read. It needs a ``calibrate`` stage before it (the same windows score every cycle) and replaces both ``prune``
+and ``recover`` (a ``recover`` after it gives a final, longer healing). Depth (blocks) only, for now.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.registry import register_stage
+from stages.core.config import StrictModel
+from stages.criteria.registry import criteria_for, validate_settings
+from stages.recovery.config import RecoverySettings
+from stages.selection.config import BlocksSettings
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
+
+
+class IterateConfig(StrictModel):
+    """```yaml
+    iterate:
+      type: iterate
+      cycles: 4                                   # 4 × (1/4 of the target)
+      prune: {criterion: block_influence, ratio: 0.2}   # the WHOLE target, of the dense model (blocks)
+      batch_size: 1                               # calibration windows per forward when scoring
+      settings: {}                                # the criterion's own settings, as in `score`
+      recover: {method: lora, loss: kd, data: {...}, loop: {max_steps: 50}}   # every cycle's recovery
+    ```"""
+
+    type: Literal["iterate"]
+    cycles: int = Field(..., ge=1, description="prune → recover rounds; each removes its share of the target")
+    prune: BlocksSettings = Field(..., description="criterion and the whole target (num_blocks or ratio of the dense model)")
+    batch_size: int = Field(1, ge=1, description="calibration windows per forward pass when scoring")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the criterion's settings, e.g. {laco: {...}}")
+    recover: RecoverySettings = Field(..., description="the recovery each cycle gets (the recover stage's settings)")
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        return validate_settings("depth", raw)
+
+    def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
+        problems = [f"iterate prunes and recovers by itself: remove the `{stages[k].type}` stage {k!r} before it"
+                    for k in seen if stages[k].type in ("prune", "iterate")]
+        problems += [f"settings.{n}: this stage scores {self.prune.criterion!r} only" for n in self.settings
+                     if n != self.prune.criterion]
+        if criteria_for("blocks").get(self.prune.criterion).needs and not any(stages[k].type == "calibrate" for k in seen):
+            problems.append(f"criterion {self.prune.criterion!r} needs calibration data; add a `calibrate` stage before it")
+        return problems
+
+    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
+                    geometries: list[Any] | None = None) -> list[str]:
+        problems = self.prune.check_model(num_layers, total_params, block_params)
+        if problems or self.prune.num_blocks is None or self.prune.num_blocks >= self.cycles:
+            return problems
+        return [f"num_blocks={self.prune.num_blocks} cannot be split over cycles={self.cycles}; lower cycles"]
+
+
+def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
+    from accelerate.logging import get_logger
+
+    from stages.criteria.scoring import PartialResults, score_criteria
+    from stages.io.models import load_model
+    from stages.recovery.iterative import run_cycles, settings_key
+    from stages.recovery.trainer import TrainerEnv, recover_model
+
+    log = get_logger(__name__)
+    name, rec = cfg.prune.criterion, cfg.recover
+    state = _cycles(ctx, cfg, lambda m: log.info(m, main_process_only=True))
+    env = TrainerEnv(accelerator=ctx.accelerator, tokenizer=ctx.tokenizer, seed=ctx.recipe.seed, resume=ctx.resume,
+                     progress=ctx.progress)
+    generated = None
+    if rec.data.teacher_generate is not None:
+        from stages.recovery.generated import generate_once
+
+        generated = generate_once(ctx.accelerator, rec.data, load_model(ctx.recipe.model)[0], ctx.tokenizer,
+                                  ctx.recipe.seed, ctx.stage_dir / "teacher-generated", ctx.progress)
+
+    def score(model: Any, k: int, folder: Path) -> dict[str, Any]:
+        results, _ = score_criteria("depth", [name], model, ctx.calibration, settings=cfg.settings, seed=ctx.recipe.seed,
+                                    batch_size=cfg.batch_size, num_remove=lambda: k, progress=ctx.progress,
+                                    partial=PartialResults(folder / "partial", settings_key(state.key, k), write=ctx.is_main))
+        return results[name]
+
+    def recover(model: Any, out_dir: Path, label: str, plan: Any) -> dict[str, Any]:
+        teacher = load_model(ctx.recipe.model)[0] if rec.loss.needs_teacher else None
+        return recover_model(env, rec, model, out_dir, label, teacher, plan, generated)
+
+    ctx.model, plan = run_cycles(state, ctx.model, score, recover)
+    return _finish(ctx, state, plan)
+
+
+def _cycles(ctx: RunContext, cfg: IterateConfig, log: Any) -> Any:
+    from stages.recovery.iterative import Cycles, settings_key
+
+    keys = list(ctx.recipe.stages)
+    upto = [ctx.recipe.stages[k].model_dump(mode="json") for k in keys[: keys.index(ctx.stage_key) + 1]]
+    key = settings_key(ctx.recipe.model.model_dump(mode="json"), ctx.recipe.seed, upto)
+    return Cycles(ctx.stage_dir, key, cfg.prune, cfg.cycles, cfg.recover.method, ctx.recipe.seed, ctx.is_main,
+                  ctx.resume, log)
+
+
+def _finish(ctx: RunContext, state: Any, plan: Any) -> dict[str, Any]:
+    from stages.core.files import atomic_write_json
+
+    ctx.plan, ctx.state = plan, "recovered"
+    ctx.model_info.update(params_after=plan.params_after, layers_after=plan.layers_after)
+    infos = [r["recover"] for r in state.done]
+    ctx.recover_info = {"pruned": {**infos[-1], "steps": sum(i["steps"] for i in infos), "first_loss": infos[0]["first_loss"],
+                                   "seconds": round(sum(i["seconds"] for i in infos), 2), "cycles": infos}}
+    if ctx.is_main:
+        atomic_write_json(ctx.stage_dir / "plan.json", plan.to_json())
+    return {**plan.outputs(), "cycles": [r["plan"]["removed_blocks"] for r in state.done],
+            "final_loss": [i["final_loss"] for i in infos]}
+
+
+def restore(ctx: RunContext, cfg: IterateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+    """Replay every finished cycle: its plan applied, its trained tensors merged (as the run did)."""
+    from stages.recovery.iterative import run_cycles
+
+    state = _cycles(ctx, cfg, lambda m: None)
+    state.resume = True
+    missing = [c for c in range(1, cfg.cycles + 1) if state.finished(c) is None]
+    if missing or len(json.loads((stage_dir / "plan.json").read_text())["removed_blocks"]) != outputs["num_removed"]:
+        raise FileNotFoundError(f"cycles {missing} of the finished run have no matching done.json")  # checked before
+    ctx.model, plan = run_cycles(state, ctx.model, None, None)  # the model is touched: every cycle is replayed
+    _finish(ctx, state, plan)
+
+
+register_stage("iterate", IterateConfig, run, restore)

@@ -76,17 +76,17 @@ def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
     from stages.arch import adapter_class, register_arch, supported_model_types, unsupported_message
     from stages.arch.base import ArchAdapter
 
-    assert supported_model_types() == ["granite", "llama", "mistral", "phi3", "qwen2", "qwen3"]
+    assert supported_model_types() == ["gemma2", "gemma3_text", "granite", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3"]
     for t in supported_model_types():
         assert t in adapter_class(t).model_types
     with pytest.raises(ValueError, match="already registered"):
         register_arch(ArchAdapter, model_types=("llama",))
-    with pytest.raises(ValueError, match="no architecture adapter.*granite, llama, mistral, phi3, qwen2, qwen3.*geometry"):
+    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3.*geometry"):
         adapter_class("gpt2")
     assert "register_arch" in unsupported_message("gpt2")
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3_text", "olmo2"]
 LORA_FAMILIES = FAMILIES  # fused targets (Phi-3) resolve through the adapter (stages.recovery.model.lora_config)
 
 
@@ -123,6 +123,8 @@ def _mask_units(model, layer_idx: int, kind: str, units: list[int]) -> None:
     geo = ad.geometry(layer)
     with torch.no_grad():
         for m in ad.members(kind):
+            if m.axis == "norm":  # a norm over the projection (OLMo 2) sees zeros there already; removal rescales it
+                continue
             lin = layer.get_submodule(m.path)
             idx = m.index(units, geo)
             if m.axis == "out":
@@ -281,7 +283,7 @@ def _debug_width_on(source: str, tmp_path: Path, *extra: str) -> tuple[int, str]
     return rc, err.getvalue()
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2"])
 def test_dry_run_refuses_compensation_bias_a_family_cannot_hold(family: str, tmp_path: Path) -> None:
     """Issue 16 item 5: on Qwen2 such a run used to reach the end and fail the export's reload check."""
     rc, out = _debug_width_on(f"tiny-random-{family}", tmp_path)
@@ -295,7 +297,7 @@ def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None
     import json
 
     configs = {"gpt2": {"model_type": "gpt2", "n_layer": 2, "vocab_size": 259},  # sizes under other names
-               "olmo2": {"model_type": "olmo2", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+               "olmo": {"model_type": "olmo", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                         "num_attention_heads": 4, "vocab_size": 259}}
     for model_type, config in configs.items():
         folder = tmp_path / model_type
@@ -303,7 +305,7 @@ def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None
         (folder / "config.json").write_text(json.dumps(config))
         rc, out = _debug_width_on(str(folder), tmp_path)
         assert rc != 0 and f"{model_type!r} has no architecture adapter" in out, out
-        assert "granite, llama, mistral, phi3, qwen2, qwen3" in out and "register_arch" in out and "geometry" in out
+        assert "gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3" in out and "register_arch" in out and "geometry" in out
 
 
 # ----------------------------------------------------------------------------- one recipe per family, through the CLI
@@ -346,9 +348,9 @@ def test_the_family_table_names_tests_that_exist() -> None:
     """docs/families.md: every cell's test is a parametrization of a test in this file."""
     text = (ROOT / "docs" / "families.md").read_text()
     short = {"M": "test_masked_equals_removed_and_reloads_vanilla", "L": "test_lora_recovers_every_unit_kind",
-             "R": "test_debug_family_recipe_prunes_recovers_and_exports"}
+             "R": "test_debug_family_recipe_prunes_recovers_and_exports", "G": "test_adapter_groups_equal_the_dependency_graph"}
     kinds = {"block", *UNITS, "hidden_channel"}
-    cells = [c for c in re.findall(r"`([MLR])\[([a-z0-9]+)-?([a-z_]*)\]`", text) if c[1] != "f"]  # not the legend
+    cells = [c for c in re.findall(r"`([MLRG])\[([a-z0-9_]+?)(?:-([a-z_]+))?\]`", text) if c[1] != "f"]  # not the legend
     assert len(cells) >= (len(FAMILIES) + len(LORA_FAMILIES)) * len(kinds)
     for letter, family, kind in cells:
         assert short[letter] in globals() and family in FAMILIES and (kind in kinds or (letter == "R" and not kind))
@@ -441,3 +443,160 @@ def test_phi3_fused_members_refuse_heterogeneous_widths() -> None:
     with pytest.raises(PlanError, match="uniform allocation"):
         apply_plan(model, _plan(model, {1: UNITS["kv_group"][1]}))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- coupling vs torch-pruning's graph
+GRAPH_SKIPS = {
+    "block": "a block is removed whole (the residual stream bypasses it): there is no channel group to resolve",
+    "q_head": "the graph has no GQA pairing: SDPA's enable_gqa / repeat_kv is traced element-wise, so it pairs query "
+              "channel c with key channel c instead of query heads (c // head_dim)·r … with key head c // head_dim; on "
+              "a multi-head model a query head is a KV group. The exact masked == removed tests are the check",
+}
+
+
+def _graph_group(model, layer_index: int, kind: str, units: list[int]) -> dict[tuple[str, str], list[int]]:
+    """torch-pruning's group for ``units`` of one layer, started from the adapter's first member, as
+    {(path inside the layer, "out" | "in" | "norm"): sorted indices}; the graph's internal ops (reshape, concat …)
+    and the per-head norms' broadcast weights (head_dim entries, which the graph indexes by projection channel) are
+    left out. Traced with the family's rotary replaced by the identity (see test_width's head-coupling test: RoPE's
+    rotate_half closes a cycle the group search never leaves; it mixes channels within a head only)."""
+    import warnings
+
+    tp = pytest.importorskip("torch_pruning")
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs={"input_ids": torch.randint(3, 200, (1, 8))},
+                                                      output_transform=lambda out: out.logits)
+    prefix = f"{ad.block_prefix(layer_index)}."
+    modules = {m: n for n, m in model.named_modules()}
+    params = {id(p): n.rsplit(".", 1)[0] for n, p in model.named_parameters()}
+    layer, geo = ad.layers[layer_index], ad.geometry(ad.layers[layer_index])
+    first = ad.members(kind)[0]
+    found: dict[tuple[str, str], list[int]] = {}
+    for dep, idxs in graph.get_pruning_group(layer.get_submodule(first.path), tp.prune_linear_out_channels,
+                                             idxs=first.index(units, geo)):
+        target = dep.target.module
+        if isinstance(target, torch.nn.Linear):
+            side = "out" if dep.handler == tp.prune_linear_out_channels else "in"
+            found[(modules[target].removeprefix(prefix), side)] = sorted(int(x) for x in idxs)
+        elif isinstance(target, torch.nn.Parameter):
+            path = params[id(target)].removeprefix(prefix)
+            if not (path in ad.HEAD_NORMS and target.numel() == geo.head_dim):  # per-head: not a projection's channel
+                found[(path, "norm")] = sorted(int(x) for x in idxs)
+    return found
+
+
+def _graph_hidden_group(model, channels: list[int]) -> dict[str, list[int]]:
+    """torch-pruning's group for hidden channels, started from the token embedding: {parameter name: indices} of
+    every weight it cuts (a tied head is the embedding's weight)."""
+    import warnings
+
+    tp = pytest.importorskip("torch_pruning")
+    from stages.arch import adapter_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs={"input_ids": torch.randint(3, 200, (1, 8))},
+                                                      output_transform=lambda out: out.logits)
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, list[int]] = {}
+    for dep, idxs in graph.get_pruning_group(adapter_for(model).embed_tokens, tp.prune_embedding_out_channels, idxs=channels):
+        target = dep.target.module
+        weight = target if isinstance(target, torch.nn.Parameter) else getattr(target, "weight", None)
+        if isinstance(weight, torch.nn.Parameter):
+            found[names[id(weight)]] = sorted(int(x) for x in idxs)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["block", *UNITS, "hidden_channel"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_groups_equal_the_dependency_graph(family: str, kind: str, monkeypatch) -> None:
+    """Issue 16 item 3: every width unit's members (module, axis, indices — fused row maps and OLMo 2's projection
+    norms included) equal the group torch-pruning's DependencyGraph finds, on the family's tiny model made
+    multi-head (kv_heads = heads, so the graph's element-wise view of attention is right) with the rotary traced as
+    the identity. Where the graph cannot resolve a unit, the skip says why."""
+    import importlib
+
+    from stages.arch import adapter_for
+    from stages.io.tiny import tiny_family
+
+    if kind in GRAPH_SKIPS:
+        pytest.skip(GRAPH_SKIPS[kind])
+    model = tiny_family(family, num_layers=2, kv_heads=4)
+    modeling = importlib.import_module(type(model).__module__)
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", lambda q, k, *args, **kwargs: (q, k))
+    ad = adapter_for(model)
+    if kind == "hidden_channel":  # every weight of the adapter's hidden members (embedding, head, norms, linears)
+        channels = [3, 7, 40]
+        assert _graph_hidden_group(model, channels) == {name: channels for name, _, _ in ad.hidden_members()
+                                                        if name.endswith(".weight")}
+        return
+    units = {"kv_group": [1], "mlp_channel": [2, 5, 100]}[kind]
+    for i in range(ad.num_blocks):
+        geo = ad.geometry(ad.layers[i])
+        want = {(m.path, m.axis): sorted(m.index(units, geo)) for m in ad.members(kind)}
+        assert _graph_group(model, i, kind, units) == want
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi3"])  # Phi-3: test_phi3_fused_members_refuse_…
+def test_heterogeneous_widths_reload_through_the_prunelab_loader(family: str, calib, tmp_path: Path) -> None:
+    """Layers of different widths (a non-uniform allocation) are saved with per-layer shapes; the prunelab loader
+    rebuilds every layer through the adapter (OLMo 2's projection norms at their new widths too) and gives the same
+    logits."""
+    from stages.io.loader import load_pruned
+    from stages.surgery.apply import apply_plan
+    from tests.test_width import _plan
+
+    model = _family(family)
+    apply_plan(model, _plan(model, {0: UNITS["kv_group"][1], 1: UNITS["mlp_channel"][1]}))
+    assert model.config.prunelab_layer_shapes
+    model.save_pretrained(tmp_path)
+    fresh = load_pruned(tmp_path).eval()
+    with torch.no_grad():
+        assert (fresh(calib).logits - model(calib).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_hidden_channels_keep_the_embedding_scale_exact(family: str, tie: bool, calib, tmp_path: Path) -> None:
+    """Gemma multiplies embeddings by sqrt(hidden_size), which hidden-channel pruning lowers: the kept embedding
+    weights take sqrt(d/d'), and a tied head's extra factor comes back out of the final norm's (1 + w) — masked ==
+    removed, vanilla reload equal, tied or not."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.io.tiny import tiny_family
+
+    model = tiny_family(family, num_layers=3, tie=tie)
+    masked = copy.deepcopy(model)
+    _prune(model, "hidden_channel", masked)
+    assert model.get_input_embeddings().embed_scale.item() == pytest.approx(model.config.hidden_size**0.5)
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = model(calib).logits
+        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
+        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["q_head", "kv_group", "hidden_channel"])
+def test_olmo2_projection_norms_stay_exact_when_heads_go(kind: str, calib, tmp_path: Path) -> None:
+    """OLMo 2's q_norm / k_norm divide by the RMS over every query / key channel, so removing heads changes the
+    divisor: the norm's kept weights take sqrt(D/D') and the projection feeding it sqrt(D'/D), which also keeps ε
+    exact (it is the config's one rms_norm_eps). With an ε as large as the activations' mean square, an ε left
+    alone would show; removal still equals masking, and a vanilla reload gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.io.tiny import tiny_family
+
+    model = tiny_family("olmo2", num_layers=3, rms_norm_eps=1e-2)
+    masked = copy.deepcopy(model)
+    _prune(model, kind, masked)
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = model(calib).logits
+        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
+        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5

@@ -26,10 +26,14 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3": "stages.arch.qwen",
     "granite": "stages.arch.granite",
     "phi3": "stages.arch.phi3",
+    "gemma2": "stages.arch.gemma",
+    "gemma3_text": "stages.arch.gemma",
+    "olmo2": "stages.arch.olmo2",
 }
 # model_types whose o_proj/down_proj cannot hold a compensation bias (checked by a test against the adapters).
 NO_OUTPUT_BIAS: dict[str, tuple[str, ...]] = {"mistral": ("o", "down"), "qwen2": ("o", "down"), "qwen3": ("down",),
-                                              "phi3": ("o", "down")}
+                                              "phi3": ("o", "down"), "gemma2": ("down",), "gemma3_text": ("down",),
+                                              "olmo2": ("down",)}
 
 ARCHS: Registry[Any] = Registry("architecture")
 

@@ -63,7 +63,10 @@ def heads_to_rows(heads: list[int], head_dim: int) -> list[int]:
 @dataclass(frozen=True)
 class Member:
     """One coupled piece of a width unit: a linear inside a decoder layer, the axis cut ("out": output rows
-    and bias entries, "in": input columns) and the index map from unit indices to rows/columns."""
+    and bias entries, "in": input columns) and the index map from unit indices to rows/columns. "norm": an RMSNorm
+    over a whole projection's output (OLMo 2's q_norm / k_norm) loses the same entries, and its kept weights are
+    rescaled by sqrt(D/D') so that it divides by what it divided by before (as the hidden-channel rescale does); the
+    projection feeding it (the adapter's ``NORM_INPUTS``) keeps ε exact (``stages.surgery.apply``)."""
 
     path: str
     axis: str
@@ -87,7 +90,7 @@ class BlockInputs:
     """What every block needs besides the hidden state; computed once per batch."""
 
     masks: dict[str, Any]
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: Any  # rotary (cos, sin); Gemma: one pair per layer type, keyed by it
     position_ids: torch.Tensor
 
 
@@ -108,6 +111,12 @@ class ArchAdapter:
     LAYER_NORMS: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm")
     # per-head norms (Qwen3's q_norm / k_norm): over head_dim, untouched by width units
     HEAD_NORMS: ClassVar[tuple[str, ...]] = ()
+    # the role of the projection each HEAD_NORMS entry normalises: an RMSNorm's output does not change when its input
+    # is scaled, except through ε, so scaling that projection's rows moves the norm's effective ε (surgery uses it to
+    # keep removal exact when a norm's ε or width changes)
+    NORM_INPUTS: ClassVar[dict[str, str]] = {}
+    # RMSNorms multiply by (NORM_OFFSET + weight): 0 for Llama's w, 1 for Gemma's (1 + w)
+    NORM_OFFSET: ClassVar[float] = 0.0
     UNIT_KINDS: ClassVar[tuple[str, ...]] = ("block", "kv_group", "q_head", "mlp_channel", "hidden_channel")
     # transformers reads per-layer widths from the shared config (Phi-3's fused split): no heterogeneous widths
     UNIFORM_WIDTHS_ONLY: ClassVar[bool] = False
@@ -273,7 +282,20 @@ class ArchAdapter:
 
     @classmethod
     def head_norms(cls, layer: nn.Module) -> list[nn.Module]:
+        """Norms inside attention whose width is not the hidden size (per-head, or over a whole projection); they
+        read the config's eps, so hidden-channel pruning's eps rescale reaches them on reload too."""
         return [layer.get_submodule(n) for n in cls.HEAD_NORMS]
+
+    def hidden_embedding(self, weight: torch.Tensor, padding_idx: int | None, d_before: int) -> nn.Module:
+        """The token embedding after hidden-channel pruning, holding ``weight`` (the kept columns). Families that
+        scale embeddings by a function of the hidden size (Gemma) rebuild their own module and rescale it."""
+        new = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=padding_idx, device=weight.device, dtype=weight.dtype)
+        new.weight.data.copy_(weight)
+        return new
+
+    def embedding_rescale(self, d_before: int, d_after: int) -> float:
+        """What ``hidden_embedding`` multiplied the kept embedding weights by (1: nothing)."""
+        return 1.0
 
     @classmethod
     def geometry(cls, layer: nn.Module) -> LayerGeometry:
@@ -373,8 +395,11 @@ class ArchAdapter:
         masks: dict[str, Any] = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        pos = self.model.get_submodule(self.ROTARY)(hidden, position_ids=position_ids)
-        return BlockInputs(masks, pos, position_ids)
+        return BlockInputs(masks, self.position_embeddings(hidden, position_ids), position_ids)
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """The rotary (cos, sin) every block reads (Gemma 3: one pair per layer type)."""
+        return self.model.get_submodule(self.ROTARY)(hidden, position_ids=position_ids)
 
     def run_block(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         layer = self.layers[index]

@@ -3,12 +3,14 @@
 - Qwen2 builds q/k/v with a bias and o_proj/down_proj without one (whatever the config says), so
   bias/optimal compensation has nowhere to put its shift that a vanilla reload keeps;
 - Qwen3 adds per-head RMSNorms (``q_norm``, ``k_norm`` over head_dim) — width units remove whole
-  heads, so they are untouched; ``attention_bias`` switches q/k/v/o biases on, down_proj has none.
+  heads, so they are untouched (hidden-channel pruning rescales their ε with the config's and scales q_proj /
+  k_proj by sqrt(d/d'), which takes it back out: ``NORM_INPUTS``); ``attention_bias`` switches q/k/v/o biases on,
+  down_proj has none.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.arch import register_arch
 from stages.arch.base import ArchAdapter
@@ -29,6 +31,7 @@ class Qwen2Adapter(ArchAdapter):
 class Qwen3Adapter(ArchAdapter):
     family = "Qwen3"
     HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+    NORM_INPUTS: ClassVar[dict[str, str]] = {"self_attn.q_norm": "q", "self_attn.k_norm": "k"}
 
     @classmethod
     def bias_holders(cls, config: Any) -> dict[str, bool]:

@@ -32,7 +32,7 @@ class WidthGroupSettings(StrictModel):
     grouping: Literal["units", "llm_pruner"] = Field(
         "units", description="units: a KV group's score counts the query heads that share it, each member summed over "
         "the unit, then reduced; llm_pruner: as the official code (torch-pruning fork) does on GQA models — members "
-        "reduced per head-dim channel, q_proj rows and o_proj columns folded onto k_proj's channels with stride "
+        "reduced per head-dim channel, query rows and output-projection columns folded onto the key projection's channels with stride "
         "n_kv·head_dim (so KV group j counts query heads j, j+n_kv, …, not the ones that share it), then summed over "
         "the head (docs/llm-pruner-parity.md)"
     )

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 # model_type values (config.json) / general.architecture values (GGUF) whose blocks llama_param_counts counts.
-DENSE_LAYOUTS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3"})
+DENSE_LAYOUTS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3_text", "olmo2"})
+# Hidden-sized RMSNorms per block where not two (Gemma: before and after each sublayer).
+LAYER_NORMS_PER_BLOCK = {"gemma2": 4, "gemma3_text": 4}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class ModelShape:
     attention_bias: bool = False  # Llama's flag: q, k, v and o all have biases
     qkv_bias: bool = False  # Qwen2: q, k, v have biases, o does not
     qk_norm: bool = False  # Qwen3: an RMSNorm of head_dim on queries and keys in every block
+    proj_qk_norm: bool = False  # OLMo 2: an RMSNorm over the whole q and k projections in every block
+    layer_norms: int = 2  # hidden-sized norms per block
     mlp_bias: bool = False
     max_positions: int | None = None
     model_type: str | None = None
@@ -55,14 +59,16 @@ class ModelShape:
         return llama_param_counts(
             self.vocab, self.hidden, self.intermediate, self.heads, self.kv_heads, self.num_layers,
             head_dim=self.head_dim, tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, mlp_bias=self.mlp_bias,
+            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, mlp_bias=self.mlp_bias, proj_qk_norm=self.proj_qk_norm,
+            layer_norms=self.layer_norms,
         )
 
 
 def llama_param_counts(
     vocab: int, hidden: int, intermediate: int, heads: int, kv_heads: int, num_layers: int, *,
     head_dim: int | None = None, tie_word_embeddings: bool = False, attention_bias: bool = False,
-    qkv_bias: bool = False, qk_norm: bool = False, mlp_bias: bool = False,
+    qkv_bias: bool = False, qk_norm: bool = False, mlp_bias: bool = False, proj_qk_norm: bool = False,
+    layer_norms: int = 2,
 ) -> tuple[int, int]:
     """(all parameters, parameters of one decoder block) of a Llama-layout model, counted as
     ``sum(p.numel() for p in model.parameters())`` counts them: embeddings and head included, a tied
@@ -77,8 +83,10 @@ def llama_param_counts(
         attn += hidden
     if qk_norm:
         attn += 2 * hd
+    if proj_qk_norm:
+        attn += q + kv
     mlp = 3 * hidden * intermediate + ((2 * intermediate + hidden) if mlp_bias else 0)
-    block = attn + mlp + 2 * hidden
+    block = attn + mlp + layer_norms * hidden
     total = vocab * hidden * (1 if tie_word_embeddings else 2) + num_layers * block + hidden
     return total, block
 
@@ -102,7 +110,8 @@ ALIASES: dict[str, Alias] = {
 # Built on the spot from a fixed seed (no download): for recipes/debug.yaml and quick experiments.
 # One per supported family (alias → number of blocks; the family is the name's last part, see TINY_FAMILY).
 TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6, "tiny-random-mistral": 4, "tiny-random-qwen2": 4,
-                                "tiny-random-qwen3": 4, "tiny-random-granite": 4}
+                                "tiny-random-qwen3": 4, "tiny-random-granite": 4, "tiny-random-gemma2": 4,
+                                "tiny-random-gemma3_text": 4, "tiny-random-olmo2": 4, "tiny-random-phi3": 4}
 TINY_FAMILY: dict[str, str] = {name: name.rsplit("-", 1)[-1] for name in TINY_ALIASES}
 # stages.io.tiny.tiny_alias's models (a test builds each and checks these against it).
 _TINY = {"vocab": 259, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "max_positions": 1024}
@@ -114,6 +123,13 @@ TINY_SHAPES: dict[str, ModelShape] = {
     "tiny-random-granite": ModelShape(num_layers=4, tie_word_embeddings=True, model_type="granite", **_TINY),
     "tiny-random-qwen3": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, qk_norm=True, model_type="qwen3",
                                     **_TINY),
+    "tiny-random-gemma2": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, layer_norms=4,
+                                     model_type="gemma2", **_TINY),
+    "tiny-random-gemma3_text": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, layer_norms=4, qk_norm=True,
+                                          model_type="gemma3_text", **_TINY),
+    "tiny-random-phi3": ModelShape(num_layers=4, tie_word_embeddings=True, model_type="phi3", **_TINY),
+    "tiny-random-olmo2": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, proj_qk_norm=True,
+                                    model_type="olmo2", **_TINY),
 }
 
 
@@ -238,7 +254,8 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
         intermediate=cfg.get("intermediate_size"), heads=heads, kv_heads=cfg.get("num_key_value_heads", heads),
         head_dim=cfg.get("head_dim"), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)), qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3", mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=model_type in ("qwen3", "gemma3_text"), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        proj_qk_norm=model_type == "olmo2", layer_norms=LAYER_NORMS_PER_BLOCK.get(model_type or "", 2),
         max_positions=cfg.get("max_position_embeddings"), model_type=model_type,
         experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
     )

@@ -58,6 +58,14 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "granite": {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                 "logits_scaling": 2.0},  # every multiplier away from 1
     "phi3": {},  # fused qkv_proj and gate_up_proj
+    # head_dim ≠ hidden/heads, (1 + w) norms before and after each sublayer, sqrt(hidden) embedding scale, soft-capped
+    # attention scores and logits (caps low enough to bend random logits), sliding window (12 < the test sequences)
+    # on every other layer
+    "gemma2": {"head_dim": 24, "sliding_window": 12, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0},
+    # as Gemma 2 plus per-head q/k norms and a local rope base of its own on the sliding layers
+    "gemma3_text": {"head_dim": 24, "sliding_window": 12, "sliding_window_pattern": 2, "final_logit_softcapping": 3.0,
+                    "rope_local_base_freq": 100.0},
+    "olmo2": {"head_dim": 24},  # norms after the sublayers; q/k RMSNorm over the whole projection
 }
 
 

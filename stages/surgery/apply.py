@@ -146,6 +146,29 @@ def _slice_member(layer: nn.Module, path: str, axis: str, idx: list[int]) -> Non
     setattr(owner, name, _slice_linear(lin, rows=idx) if axis == "out" else _slice_linear(lin, cols=idx))
 
 
+def _slice_projection_norm(layer: nn.Module, path: str, gone: set[int], arch: type[ArchAdapter]) -> None:
+    """An RMSNorm over a whole projection (D entries, OLMo 2's q_norm / k_norm) loses ``gone``. Over the kept D'
+    entries it must still divide by rsqrt(S/D + ε) (S = Σ x² over the kept entries, the removed ones being zero):
+    its kept effective weights (offset + w) are scaled by sqrt(D/D'), and the projection feeding it by sqrt(D'/D),
+    which turns the ε it adds into ε·D/D' (the norm is scale-invariant but for ε):
+    w·sqrt(D/D')·αx·rsqrt(α²S/D' + ε) = w·x·rsqrt(S/D + ε) with α² = D'/D — exact, and ε itself (the config's one
+    ``rms_norm_eps``, shared by every norm) stays as it is, so a vanilla reload gives the same model."""
+    import torch
+
+    norm = layer.get_submodule(path)
+    size = norm.weight.shape[0]
+    keep = torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long, device=norm.weight.device)
+    off = arch.NORM_OFFSET
+    norm.weight = nn.Parameter((norm.weight.data[keep] + off) * (size / len(keep)) ** 0.5 - off)
+    _scale_rows(arch.linear(layer, arch.NORM_INPUTS[path]), (len(keep) / size) ** 0.5)
+
+
+def _scale_rows(lin: nn.Linear, factor: float) -> None:
+    lin.weight.data.mul_(factor)
+    if lin.bias is not None:
+        lin.bias.data.mul_(factor)
+
+
 def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]], arch: type[ArchAdapter] | None = None) -> None:
     """Physically remove query heads, KV heads and MLP channels of one decoder layer (the members of each unit
     come from the family's adapter ``arch``; the default is the Llama layout)."""
@@ -176,10 +199,13 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]], arch: typ
         for m in arch.members(kind):
             lost.setdefault((m.path, m.axis), set()).update(m.index(sorted(units), geo))
     for (path, axis), gone in lost.items():
-        if gone:
+        if gone and axis != "norm":
             lin = layer.get_submodule(path)
             size = lin.out_features if axis == "out" else lin.in_features
             _slice_member(layer, path, axis, [r for r in range(size) if r not in gone])
+    for (path, axis), gone in lost.items():  # after the projections feeding them are sliced
+        if gone and axis == "norm":
+            _slice_projection_norm(layer, path, gone, arch)
     if len(keep_q) < n_q or len(keep_kv) < n_kv:
         arch.set_attention_groups(layer, len(keep_q), len(keep_kv))
     if len(keep_c) < geo.intermediate:
@@ -214,22 +240,25 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
     emb = ad.embed_tokens
-    new_emb = nn.Embedding(emb.num_embeddings, len(keep), padding_idx=emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
-    new_emb.weight.data.copy_(emb.weight.data[:, idx.to(emb.weight.device)])
+    new_emb = ad.hidden_embedding(emb.weight.data[:, idx.to(emb.weight.device)], emb.padding_idx, d)
     ad.set_embed_tokens(new_emb)
+    # Gemma scales the embedding by sqrt(hidden): the adapter multiplied the kept weights by sqrt(d/d') so the embedded
+    # state is unchanged; a tied head then reads those scaled weights, so the final norm takes the factor back out.
+    emb_factor = ad.embedding_rescale(d, len(keep))
     if tied:
         ad.head.weight = new_emb.weight
     else:
         ad.set_head(_slice_linear(ad.head, cols=keep))
+    off = ad.NORM_OFFSET  # Gemma's (1 + w): the effective weight (off + w) is what gets rescaled
 
-    def norm(module: nn.Module) -> None:
-        w = module.weight.data[idx.to(module.weight.device)] * scale
+    def norm(module: nn.Module, factor: float = 1.0) -> None:
+        w = (module.weight.data[idx.to(module.weight.device)] + off) * (scale * factor) - off
         module.weight = nn.Parameter(w)
         for attr in ("variance_epsilon", "eps"):
             if norm_rescale and hasattr(module, attr):
                 setattr(module, attr, getattr(module, attr) * d / len(keep))
 
-    norm(ad.final_norm)
+    norm(ad.final_norm, 1.0 / emb_factor if tied else 1.0)
     for layer in ad.layers:
         for layer_norm in ad.layer_norms(layer):
             norm(layer_norm)
@@ -237,9 +266,12 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
             lin = layer.get_submodule(path)
             ad.set_module(layer, path, _slice_linear(lin, rows=keep) if path in ad.output_paths() else _slice_linear(lin, cols=keep))
         ad.set_layer_hidden(layer, len(keep))
-        for head_norm in ad.head_norms(layer):  # Qwen3: per-head norms share the config's eps,
-            if norm_rescale:  # so they follow it (reload = in memory)
-                head_norm.variance_epsilon *= d / len(keep)
+        for path, head_norm in zip(ad.HEAD_NORMS, ad.head_norms(layer), strict=True):
+            if norm_rescale:  # Qwen3, OLMo 2: these norms read the config's eps too, so they follow it (reload = in
+                attr = "variance_epsilon" if hasattr(head_norm, "variance_epsilon") else "eps"  # memory)
+                setattr(head_norm, attr, getattr(head_norm, attr) * d / len(keep))
+                if path in ad.NORM_INPUTS:  # ... and their input scales by sqrt(d/d'), which takes that back out
+                    _scale_rows(ad.linear(layer, ad.NORM_INPUTS[path]), (d / len(keep)) ** 0.5)
     cfg.head_dim = ad.attention(ad.layers[0]).head_dim  # explicit before hidden_size changes: heads × head_dim ≠ hidden
     cfg.hidden_size = len(keep)
     if norm_rescale:

@@ -107,6 +107,9 @@ class ArchAdapter:
     ATTN: ClassVar[str] = "self_attn"
     MLP: ClassVar[str] = "mlp"
     LINEARS: ClassVar[dict[str, str]] = {r: f"{'self_attn' if r in ATTN_ROLES else 'mlp'}.{n}" for r, n in LINEAR_NAMES.items()}
+    # Output projections that may carry a bias a vanilla reload keeps, and the config flags that switch biases on.
+    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": True}
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias", "mlp": "mlp_bias"}
     # hidden-sized norms inside a layer (hidden-channel pruning slices them)
     LAYER_NORMS: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm")
     # per-head norms (Qwen3's q_norm / k_norm): over head_dim, untouched by width units
@@ -194,12 +197,12 @@ class ArchAdapter:
     def bias_holders(cls, config: Any) -> dict[str, bool]:
         """Whether the output projections (``"o"``, ``"down"``) can carry a bias that a vanilla
         ``from_pretrained`` reload keeps — where bias and optimal compensation put their shift."""
-        return {"o": True, "down": True}
+        return dict(cls.BIAS_HOLDERS)
 
     @classmethod
     def bias_flags(cls) -> dict[str, str]:
         """Config flag that switches on the biases of a sublayer's projections (Llama: all four / all three)."""
-        return {"attn": "attention_bias", "mlp": "mlp_bias"}
+        return dict(cls.BIAS_FLAGS)
 
     # ------------------------------------------------------------------ structure
     @property

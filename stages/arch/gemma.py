@@ -31,13 +31,8 @@ class Gemma2Adapter(ArchAdapter):
     LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
     NORM_OFFSET = 1.0
 
-    @classmethod
-    def bias_holders(cls, config: Any) -> dict[str, bool]:
-        return {"o": True, "down": False}
-
-    @classmethod
-    def bias_flags(cls) -> dict[str, str]:
-        return {"attn": "attention_bias"}
+    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
 
     def hidden_embedding(self, weight: torch.Tensor, padding_idx: int | None, d_before: int) -> nn.Module:
         d_after = weight.shape[1]

@@ -13,7 +13,7 @@ projection.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
@@ -37,13 +37,8 @@ class Olmo2Adapter(ArchAdapter):
     HEAD_NORMS = (Q_NORM, K_NORM)  # read the config's eps (hidden-channel pruning rescales it)
     NORM_INPUTS: ClassVar[dict[str, str]] = {Q_NORM: "q", K_NORM: "k"}
 
-    @classmethod
-    def bias_holders(cls, config: Any) -> dict[str, bool]:
-        return {"o": True, "down": False}
-
-    @classmethod
-    def bias_flags(cls) -> dict[str, str]:
-        return {"attn": "attention_bias"}
+    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
 
     @classmethod
     def members(cls, kind: str) -> tuple[Member, ...]:

@@ -7,7 +7,7 @@ layer must keep the same widths (uniform allocation); no projection has a bias.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
@@ -47,13 +47,8 @@ class Phi3Adapter(ArchAdapter):
                                          "gate": GATE_UP, "up": GATE_UP, "down": "mlp.down_proj"}
     UNIFORM_WIDTHS_ONLY = True
 
-    @classmethod
-    def bias_holders(cls, config: Any) -> dict[str, bool]:
-        return {"o": False, "down": False}
-
-    @classmethod
-    def bias_flags(cls) -> dict[str, str]:
-        return {}
+    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def geometry(cls, layer: nn.Module) -> LayerGeometry:

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from stages.arch import register_arch
 from stages.arch.base import ArchAdapter
@@ -19,13 +19,8 @@ from stages.arch.base import ArchAdapter
 class Qwen2Adapter(ArchAdapter):
     family = "Qwen2"
 
-    @classmethod
-    def bias_holders(cls, config: Any) -> dict[str, bool]:
-        return {"o": False, "down": False}
-
-    @classmethod
-    def bias_flags(cls) -> dict[str, str]:
-        return {}
+    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {}
 
 
 class Qwen3Adapter(ArchAdapter):
@@ -33,13 +28,8 @@ class Qwen3Adapter(ArchAdapter):
     HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
     NORM_INPUTS: ClassVar[dict[str, str]] = {"self_attn.q_norm": "q", "self_attn.k_norm": "k"}
 
-    @classmethod
-    def bias_holders(cls, config: Any) -> dict[str, bool]:
-        return {"o": True, "down": False}
-
-    @classmethod
-    def bias_flags(cls) -> dict[str, str]:
-        return {"attn": "attention_bias"}
+    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
 
 
 register_arch(Qwen2Adapter, model_types=("qwen2",))

@@ -25,17 +25,22 @@ from stages.io.config import TextSource
 from stages.io.qa import QATextSource
 
 
-class SelfGeneratedSettings(StrictModel):
-    """How the dense model writes its own calibration text."""
+class SamplingSettings(StrictModel):
+    """How the dense model samples text (self-generated calibration, teacher-generated recovery data)."""
 
-    prompt: Literal["bos"] | TextSource | QATextSource = Field(
-        "bos", description="'bos': start from the BOS token only; or a text source whose windows' first tokens start each sequence")
-    prompt_tokens: int = Field(8, ge=1, description="prompt length when prompts come from a text source")
     temperature: float = Field(1.0, gt=0, description="sampling temperature at the first generated token")
     temperature_end: float | None = Field(None, gt=0, description="temperature at the last token (linear schedule); none: constant")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling threshold (1 disables)")
     top_k: int = Field(0, ge=0, description="keep only the k most likely tokens (0 disables)")
     batch_size: int = Field(8, ge=1, description="sequences generated together (one cached shard per batch)")
+
+
+class SelfGeneratedSettings(SamplingSettings):
+    """How the dense model writes its own calibration text."""
+
+    prompt: Literal["bos"] | TextSource | QATextSource = Field(
+        "bos", description="'bos': start from the BOS token only; or a text source whose windows' first tokens start each sequence")
+    prompt_tokens: int = Field(8, ge=1, description="prompt length when prompts come from a text source")
 
 
 class SelfGeneratedSource(StrictModel):

@@ -14,13 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
 from stages.arch.base_names import FUSED_NAMES, LORA_TARGETS
+from stages.calibration.sources import SamplingSettings
 from stages.core.config import StrictModel
 from stages.io.config import TextSource
 
 DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target modules
 
 
-class TeacherGenerate(StrictModel):
+class TeacherGenerate(SamplingSettings):
     """Text the dense teacher writes from prompts drawn from the data's ``source``: ``num_samples`` prompts of
     ``prompt_tokens`` tokens (seeded windows of the source) continued to ``seq_len`` tokens by seeded sampling
     (``stages.calibration.generate``), cached shard by shard in the recover stage's folder. Distillation needs
@@ -28,11 +29,6 @@ class TeacherGenerate(StrictModel):
 
     num_samples: int = Field(..., ge=1, description="generated sequences (each one training block of seq_len tokens)")
     prompt_tokens: int = Field(32, ge=1, description="tokens of the source that start each sequence")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature at the first generated token")
-    temperature_end: float | None = Field(None, gt=0, description="temperature at the last token (linear); none: constant")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling threshold (1 disables)")
-    top_k: int = Field(0, ge=0, description="keep only the k most likely tokens (0 disables)")
-    batch_size: int = Field(8, ge=1, description="sequences generated together (one cached shard per batch)")
     with_source: bool = Field(True, description="also train on the source's own blocks (false: the generated text alone)")
 
 

@@ -22,14 +22,13 @@ def teacher_text(data: RecoveryData, model: Any, tokenizer: Any, seed: int, cach
     """LongTensor [num_samples, seq_len]: prompts of ``prompt_tokens`` tokens from ``data.source``, continued by
     ``model`` to ``data.seq_len`` tokens."""
     from stages.calibration.generate import self_generate
-    from stages.calibration.sources import SelfGeneratedSettings
+    from stages.calibration.sources import SamplingSettings, SelfGeneratedSettings
 
     g = data.teacher_generate
     if g is None:
         raise ValueError("data.teacher_generate is not set")
-    settings = SelfGeneratedSettings(prompt=data.source, prompt_tokens=g.prompt_tokens, temperature=g.temperature,
-                                     temperature_end=g.temperature_end, top_p=g.top_p, top_k=g.top_k,
-                                     batch_size=g.batch_size)
+    sampling = {k: getattr(g, k) for k in SamplingSettings.model_fields}
+    settings = SelfGeneratedSettings(prompt=data.source, prompt_tokens=g.prompt_tokens, **sampling)
     return self_generate(model, tokenizer, settings, g.num_samples, data.seq_len, seed, cache_dir, progress)
 
 

@@ -90,6 +90,18 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma2", "
 LORA_FAMILIES = FAMILIES  # fused targets (Phi-3) resolve through the adapter (stages.recovery.model.lora_config)
 
 
+def _assert_masked_and_reload_equal(model: torch.nn.Module, masked: torch.nn.Module, calib: torch.Tensor, tmp_path: Path) -> None:
+    """The pruned model's logits equal the masked model's, and a vanilla ``from_pretrained`` of it gives them again."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = model(calib).logits
+        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
+        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_says_where_compensation_biases_can_live(family: str) -> None:
     """``NO_OUTPUT_BIAS`` (torch-free, read by --dry-run) agrees with the adapter and with what transformers builds
@@ -199,18 +211,12 @@ def _prune(model, kind: str, masked=None) -> None:
 def test_masked_equals_removed_and_reloads_vanilla(family: str, kind: str, calib, tmp_path: Path) -> None:
     """One unit kind removed (width units: the same units in every layer, so the widths stay uniform): the logits
     equal the masked model's, and a vanilla ``from_pretrained`` of the saved result gives them again."""
-    from transformers import AutoModelForCausalLM
 
     model = _family(family)
     masked = copy.deepcopy(model)
     _prune(model, kind, masked)
     assert not hasattr(model.config, "prunelab_layer_shapes")
-    model.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = model(calib).logits
-        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
-        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+    _assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -565,7 +571,6 @@ def test_gemma_hidden_channels_keep_the_embedding_scale_exact(family: str, tie: 
     """Gemma multiplies embeddings by sqrt(hidden_size), which hidden-channel pruning lowers: the kept embedding
     weights take sqrt(d/d'), and a tied head's extra factor comes back out of the final norm's (1 + w) — masked ==
     removed, vanilla reload equal, tied or not."""
-    from transformers import AutoModelForCausalLM
 
     from stages.io.tiny import tiny_family
 
@@ -573,12 +578,7 @@ def test_gemma_hidden_channels_keep_the_embedding_scale_exact(family: str, tie: 
     masked = copy.deepcopy(model)
     _prune(model, "hidden_channel", masked)
     assert model.get_input_embeddings().embed_scale.item() == pytest.approx(model.config.hidden_size**0.5)
-    model.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = model(calib).logits
-        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
-        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+    _assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["q_head", "kv_group", "hidden_channel"])
@@ -587,16 +587,10 @@ def test_olmo2_projection_norms_stay_exact_when_heads_go(kind: str, calib, tmp_p
     divisor: the norm's kept weights take sqrt(D/D') and the projection feeding it sqrt(D'/D), which also keeps ε
     exact (it is the config's one rms_norm_eps). With an ε as large as the activations' mean square, an ε left
     alone would show; removal still equals masking, and a vanilla reload gives the same logits."""
-    from transformers import AutoModelForCausalLM
 
     from stages.io.tiny import tiny_family
 
     model = tiny_family("olmo2", num_layers=3, rms_norm_eps=1e-2)
     masked = copy.deepcopy(model)
     _prune(model, kind, masked)
-    model.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = model(calib).logits
-        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
-        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+    _assert_masked_and_reload_equal(model, masked, calib, tmp_path)

@@ -9,9 +9,9 @@ compensation downstream reads the same ``calibration.pt``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.registry import register_stage
 from stages.calibration.sources import CalibrationSource
@@ -29,6 +29,7 @@ class CalibrateConfig(StrictModel):
         "{qa_text: file.jsonl}, {self_generated: {…}} or {mix: [{source: …, weight: …}, …]}")
     num_samples: int = Field(32, ge=1, description="number of windows N")
     seq_len: int = Field(512, ge=2, description="tokens per window L")
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"sampling": "windows"}  # added later: left out of dumps at its default
     sampling: Literal["windows", "llm_pruner"] = Field(
         "windows", description="windows: N windows at seeded offsets of the joined token stream; llm_pruner: as the "
         "official LLM-Pruner, N distinct rows (lines of a .txt) of ≥ L tokens drawn with Python's random(seed), one "
@@ -41,13 +42,6 @@ class CalibrateConfig(StrictModel):
                              "use sampling: windows for this source")
         return self
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        # `sampling` came later: left at its default it stays out of dumps, so settings hashes of earlier runs hold.
-        data = handler(self)
-        if self.sampling == "windows":
-            data.pop("sampling", None)
-        return data
 
 
 def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:

@@ -5,9 +5,9 @@ A score stage spells them per criterion: ``settings: {laco: {threshold: 0.4}, ta
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field
 
 from stages.core.config import StrictModel
 
@@ -29,6 +29,7 @@ class WidthGroupSettings(StrictModel):
     reduction: Literal["sum", "mean", "max", "prod"] = Field(
         "sum", description="how the members' importances combine into the group's (LLM-Pruner's aggregation)"
     )
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"grouping": "units"}  # added later: left out of dumps at its default
     grouping: Literal["units", "llm_pruner"] = Field(
         "units", description="units: a KV group's score counts the query heads that share it, each member summed over "
         "the unit, then reduced; llm_pruner: as the official code (torch-pruning fork) does on GQA models — members "
@@ -37,13 +38,6 @@ class WidthGroupSettings(StrictModel):
         "the head (docs/llm-pruner-parity.md)"
     )
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        # `grouping` came later: left at its default it stays out of dumps, so settings hashes of earlier runs hold.
-        data = handler(self)
-        if self.grouping == "units":
-            data.pop("grouping", None)
-        return data
 
 
 # ----------------------------------------------------------------------------- version 1 spellings

@@ -9,7 +9,7 @@ fields (``type``, ``control``) and the migration of the version-1 flat spelling,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
@@ -41,6 +41,7 @@ class RecoveryData(StrictModel):
     max_samples: int | None = Field(None, ge=1, description="use only the first N blocks / rows")
     train_on_inputs: bool = Field(False, description="alpaca: also put loss on the prompt tokens")
     shuffle: bool = Field(True, description="seeded shuffle per epoch (the same order on every rank)")
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"teacher_generate": None}  # added later: left out of dumps at its default
     teacher_generate: TeacherGenerate | None = Field(
         None, description="format text: add continuations the dense model samples from prompts drawn from `source`")
 
@@ -53,13 +54,6 @@ class RecoveryData(StrictModel):
                              f"generate at seq_len={self.seq_len}; lower it")
         return self
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> Any:
-        """``teacher_generate`` only when set, so the dumps (and settings hashes) of older recipes do not move."""
-        out = handler(self)
-        if isinstance(out, dict) and self.teacher_generate is None:
-            out.pop("teacher_generate", None)
-        return out
 
 
 class LoraSettings(StrictModel):

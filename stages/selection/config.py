@@ -19,7 +19,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -93,19 +92,13 @@ class UniformAllocation(_Allocation):
     """Every layer in range loses the same fraction of its units (the result keeps a vanilla config)."""
 
     type: Literal["uniform"] = "uniform"
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"counts": "nearest"}  # added later: left out of dumps at its default
     counts: Literal["nearest", "llm_pruner"] = Field(
         "nearest", description="how a layer's fraction r becomes whole units: nearest (round r·n); llm_pruner (the "
         "official code's rule per coupled group: remove n − int(n·(1 − r)) MLP channels, and "
         "(n_kv·hd − int(n_kv·hd·(1 − r))) // hd KV groups)"
     )
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        # `counts` came later: left at its default it stays out of dumps, so settings hashes of earlier runs hold.
-        data = handler(self)
-        if self.counts == "nearest":
-            data.pop("counts", None)
-        return data
 
 
 class GlobalAllocation(_Allocation):

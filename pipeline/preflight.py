@@ -70,7 +70,7 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
 
 def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
-    from stages.arch import FAMILY_MODULES, compensation_refusal, unsupported_message
+    from stages.arch import FAMILY_MODULES, compensation_refusal, moe_refusals, unsupported_message
 
     if model_type is None:
         return []
@@ -82,6 +82,9 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
         kind = getattr(node, "type", None) if path.endswith(".compensation") else None
         if refusal and (kind == "bias" or (kind == "optimal" and getattr(node, "bias", False))):
             problems.append(f"{path}: {kind} compensation — {refusal}")
+    for key, stage in recipe.stages.items():  # expert units on a dense model, dense MLP units on a MoE model
+        if getattr(stage, "type", None) == "prune":
+            problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
     return problems
 
 

@@ -66,8 +66,9 @@ class PruneConfig(StrictModel):
         scorers = [stages[k] for k in seen if stages[k].type == "score" and stages[k].units == units]
         if not scorers:
             return [f"needs a `score` stage with units: {units} before it"]
-        if not any(not s.criteria or self.criterion in s.criteria for s in scorers):
-            return [f"criterion {self.criterion!r} is not computed by an earlier score stage; add it to its `criteria`"]
+        for name in getattr(self, "criteria", lambda: [self.criterion])():  # width: experts' criteria too
+            if not any(not s.criteria or name in s.criteria for s in scorers):
+                return [f"criterion {name!r} is not computed by an earlier score stage; add it to its `criteria`"]
         return []
 
     def v1_settings(self) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
     result = ctx.scores[cfg.criterion]
     side: dict[str, Any] = {}
     if isinstance(cfg, WidthPrune):
-        plan, side = make_width_plan(result, cfg, ctx.model, ctx.activation_stats)
+        plan, side = make_width_plan(result, cfg, ctx.model, ctx.activation_stats, ctx.scores)
     elif isinstance(cfg, HiddenPrune):
         plan = make_hidden_plan(result, cfg, ctx.model)
     else:

@@ -62,7 +62,8 @@ class ScoreConfig(StrictModel):
     def effective_criteria(self, key: str, stages: dict[str, Any]) -> list[str]:
         if self.criteria:
             return list(self.criteria)
-        return list(dict.fromkeys(s.criterion for s in _later_prunes(key, stages, self.units)))
+        later = _later_prunes(key, stages, self.units)  # a width prune may name expert criteria too
+        return list(dict.fromkeys(n for s in later for n in getattr(s, "criteria", lambda s=s: [s.criterion])()))
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         names = self.effective_criteria(key, stages)

@@ -76,12 +76,13 @@ def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
     from stages.arch import adapter_class, register_arch, supported_model_types, unsupported_message
     from stages.arch.base import ArchAdapter
 
-    assert supported_model_types() == ["gemma2", "gemma3_text", "granite", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3"]
+    assert supported_model_types() == ["gemma2", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3",
+                                       "qwen2", "qwen3", "qwen3_moe"]
     for t in supported_model_types():
         assert t in adapter_class(t).model_types
     with pytest.raises(ValueError, match="already registered"):
         register_arch(ArchAdapter, model_types=("llama",))
-    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3.*geometry"):
+    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe.*geometry"):
         adapter_class("gpt2")
     assert "register_arch" in unsupported_message("gpt2")
 
@@ -311,7 +312,7 @@ def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None
         (folder / "config.json").write_text(json.dumps(config))
         rc, out = _debug_width_on(str(folder), tmp_path)
         assert rc != 0 and f"{model_type!r} has no architecture adapter" in out, out
-        assert "gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3" in out and "register_arch" in out and "geometry" in out
+        assert "gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe" in out and "register_arch" in out and "geometry" in out
 
 
 # ----------------------------------------------------------------------------- one recipe per family, through the CLI
@@ -384,7 +385,8 @@ def test_every_criterion_scores_every_unit_on_every_family(family: str, calib) -
     ad = adapter_for(model)
     geos = ad.geometries()
     for kind, units in (("width", "width"), ("depth", "blocks")):
-        names = list(criteria_for(units))
+        # expert-only criteria (reap, expert_frequency_norm: tests/test_moe.py) score nothing on a dense model
+        names = [n for n in criteria_for(units) if "kv_groups" in CRITERIA.get(kind, n).units]
         stats = collect_stats(model, calib, needs_for(kind, names, {"hidden", "hessian"} if kind == "width" else ()),
                               batch_size=1, progress=False)
         for name in names:

@@ -29,7 +29,11 @@ FAMILY_MODULES: dict[str, str] = {
     "gemma2": "stages.arch.gemma",
     "gemma3_text": "stages.arch.gemma",
     "olmo2": "stages.arch.olmo2",
+    "mixtral": "stages.arch.mixtral",
+    "qwen3_moe": "stages.arch.qwen3_moe",
 }
+# Mixture-of-experts families (stages.arch.moe): expert and expert-channel units, no dense MLP channels.
+MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe")
 # model_types whose o_proj/down_proj cannot hold a compensation bias (checked by a test against the adapters).
 NO_OUTPUT_BIAS: dict[str, tuple[str, ...]] = {"mistral": ("o", "down"), "qwen2": ("o", "down"), "qwen3": ("down",),
                                               "phi3": ("o", "down"), "gemma2": ("down",), "gemma3_text": ("down",),
@@ -67,6 +71,9 @@ def compensation_refusal(model_type: str | None) -> str | None:
     """Torch-free: why bias/optimal compensation cannot be saved for a family, or None."""
     from stages.arch.base_names import LINEAR_NAMES
 
+    if model_type in MOE_FAMILIES:
+        return (f"model_type {model_type!r} is a mixture of experts: its experts' outputs have no bias and per-expert "
+                "compensation is not implemented; use compensation: none")
     missing = NO_OUTPUT_BIAS.get(model_type or "", ())
     if not missing:
         return None
@@ -74,6 +81,26 @@ def compensation_refusal(model_type: str | None) -> str | None:
     return (f"model_type {model_type!r}: transformers builds {names} without a bias, so the bias that bias/optimal "
             "compensation adds would be dropped by a vanilla from_pretrained reload (logits change); use "
             "compensation: none, or optimal with bias: false")
+
+
+def moe_refusals(model_type: str | None, settings: Any) -> list[str]:
+    """Torch-free, for ``--dry-run``: width settings that do not fit the family's MLP (expert units on a dense
+    model; dense MLP channels, hidden channels or a layer range on a mixture of experts), each with what to do."""
+    units, moe = getattr(settings, "units", None), model_type in MOE_FAMILIES
+    wants = [k for k in ("experts", "expert_channels") if getattr(settings, k, None) is not None]
+    if wants and not moe:
+        return [(f"{k}: model_type {model_type!r} has no experts (mixture-of-experts families: "
+                 f"{', '.join(MOE_FAMILIES)}); remove it") for k in wants]
+    if not moe:
+        return []
+    if units == "hidden":
+        return [("units: hidden — hidden-channel pruning of mixture-of-experts models "
+                 f"({model_type!r}) is not implemented (the fused expert tensors are not sliced); prune experts or "
+                 "expert_channels instead")]
+    if units == "width" and getattr(settings, "mlp", False):
+        return [(f"mlp: true — the {model_type!r} MLP is a mixture of experts with no dense MLP channels; set "
+                 "mlp: false and prune `experts` and/or `expert_channels`")]
+    return []
 
 
 def adapter_class(model_type: str | None) -> type[ArchAdapter]:

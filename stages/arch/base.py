@@ -40,6 +40,10 @@ class LayerGeometry:
     head_dim: int
     intermediate: int
     hidden: int
+    # mixture of experts (0 on dense layers): routed experts, each expert's intermediate width, experts per token
+    experts: int = 0
+    expert_intermediate: int = 0
+    top_k: int = 0
 
     @property
     def q_per_group(self) -> int:
@@ -54,6 +58,10 @@ class LayerGeometry:
 
     def params_per_mlp_channel(self) -> int:
         return 3 * self.hidden
+
+    def params_per_expert(self) -> int:
+        """gate/up rows, down columns and the router row of one expert."""
+        return 3 * self.hidden * self.expert_intermediate + self.hidden
 
 
 def heads_to_rows(heads: list[int], head_dim: int) -> list[int]:
@@ -142,26 +150,32 @@ class ArchAdapter:
     def lora_modules(cls, requested: list[str]) -> list[str]:
         """``requested`` target names (the Llama-layout role names recipes use, or this family's own) as this
         family's module names: on a fused layout ``q_proj``/``k_proj``/``v_proj`` all mean ``qkv_proj``."""
-        by_llama_name = {LINEAR_NAMES[r]: cls.linear_name(r) for r in ROLES}
-        return list(dict.fromkeys(by_llama_name.get(name, name) for name in requested))
+        by_llama_name = {LINEAR_NAMES[r]: cls.linear_name(r) for r in cls.roles()}
+        absent = {LINEAR_NAMES[r] for r in ROLES if r not in cls.LINEARS}  # MoE: no dense MLP linears to target
+        return list(dict.fromkeys(by_llama_name.get(name, name) for name in requested if name not in absent))
+
+    @classmethod
+    def roles(cls) -> list[str]:
+        """The roles this family has a linear for (MoE families: attention only; experts are fused tensors)."""
+        return [r for r in ROLES if r in cls.LINEARS]
 
     @classmethod
     def linear_paths(cls) -> list[str]:
         """Every decoder linear's path inside a layer, once (a fused ``qkv_proj`` serves three roles), in role order."""
-        return list(dict.fromkeys(cls.LINEARS[r] for r in ROLES))
+        return list(dict.fromkeys(cls.LINEARS[r] for r in cls.roles()))
 
     @classmethod
     def distinct_roles(cls) -> list[str]:
         """One role per distinct linear, in role order (a fused qkv_proj once, under q)."""
         seen: dict[str, str] = {}
-        for role in ROLES:
+        for role in cls.roles():
             seen.setdefault(cls.LINEARS[role], role)
         return list(seen.values())
 
     @classmethod
     def output_paths(cls) -> set[str]:
         """The linears whose output rows are hidden channels (the attention and MLP output projections)."""
-        return {cls.LINEARS["o"], cls.LINEARS["down"]}
+        return {cls.LINEARS[r] for r in ("o", "down") if r in cls.LINEARS}
 
     @classmethod
     def role_rows(cls, layer: nn.Module, role: str) -> slice | None:
@@ -268,7 +282,7 @@ class ArchAdapter:
 
     @classmethod
     def linears(cls, layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-        for role in ROLES:
+        for role in cls.roles():
             yield role, cls.linear(layer, role)
 
     @classmethod

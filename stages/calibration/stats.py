@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,6 +67,8 @@ class CalibrationStats:
     # activations, hessian: inputs of the attention output, MLP output, q/k/v and gate/up projections, one
     # ChannelStats per layer, keyed by the slot names of stages.arch.base.STAT_KEYS (also readable as attributes)
     inputs: dict[str, list[ChannelStats]] = field(default_factory=dict)
+    # experts: routing statistics per MoE layer (None for dense layers; stages.calibration.experts.ExpertStats)
+    experts: list[Any] = field(default_factory=list)
     seconds: float = 0.0
 
     def __getattr__(self, name: str) -> list[ChannelStats]:

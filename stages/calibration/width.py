@@ -60,8 +60,9 @@ class ChannelStats:
         self.count += x.shape[0]
 
     @property
-    def mean(self) -> torch.Tensor:
-        return self.total / self.count
+    def mean(self) -> torch.Tensor | None:
+        """None when nothing was observed (a MoE layer has no dense MLP input)."""
+        return None if self.total is None else self.total / self.count
 
     @property
     def variance(self) -> torch.Tensor:
@@ -75,10 +76,14 @@ class ChannelStats:
 
 
 def start_input_observers(model: torch.nn.Module, stats: CalibrationStats, gram: bool) -> None:
-    """One ``ChannelStats`` per layer and observed projection; XᵀX for o_proj/down_proj inputs when ``gram``."""
-    n = adapter_for(model).num_blocks
+    """One ``ChannelStats`` per layer and observed projection; XᵀX for o_proj/down_proj inputs when ``gram``; on
+    mixture-of-experts models the routing statistics of every MoE layer (``stages.calibration.experts``)."""
+    from stages.calibration.experts import start_expert_observers
+
+    adapter = adapter_for(model)
     for name in OBSERVED:
-        stats.inputs[name] = [ChannelStats(keep_gram=gram and name in COMPENSATED) for _ in range(n)]
+        stats.inputs[name] = [ChannelStats(keep_gram=gram and name in COMPENSATED) for _ in range(adapter.num_blocks)]
+    stats.experts = start_expert_observers(adapter)
 
 
 @contextmanager
@@ -86,11 +91,16 @@ def observing_inputs(model: torch.nn.Module, stats: CalibrationStats) -> Iterato
     """Forward pre-hooks recording the projections' inputs into ``stats`` while the block runs."""
     handles: list[Any] = []
     try:
+        from stages.calibration.experts import expert_hooks
+
         adapter = adapter_for(model)
         for i, layer in enumerate(adapter.layers):
             for role in OBSERVED_ROLES:
+                if role not in adapter.LINEARS:  # MoE layers: no dense MLP linear (experts are observed below)
+                    continue
                 lin = adapter.linear(layer, role)
                 handles.append(lin.register_forward_pre_hook(_recorder(stats.inputs[STAT_KEYS[role]][i])))
+        handles += expert_hooks(adapter, stats.experts)
         yield
     finally:
         for h in handles:
@@ -107,9 +117,14 @@ def _recorder(target: ChannelStats) -> Any:
 def summary_tensors(stats: CalibrationStats) -> dict[str, Any]:
     """What selection needs later (and ``--resume`` restores): input means and squared norms per layer,
     and with the "hessian" statistic the float64 Gram matrices, sums and token counts of o_proj/down_proj inputs."""
-    out: dict[str, Any] = {name: [s.mean.float() for s in stats.inputs[name]] for name in COMPENSATED}
-    out["sq_norm"] = {STAT_KEYS[r]: [s.sq_norm.float() for s in stats.inputs[STAT_KEYS[r]]] for r in ("q", "gate", "o", "down")}
+    out: dict[str, Any] = {name: [_float(s.mean) for s in stats.inputs[name]] for name in COMPENSATED}
+    out["sq_norm"] = {STAT_KEYS[r]: [_float(s.sq_norm) for s in stats.inputs[STAT_KEYS[r]]] for r in ("q", "gate", "o", "down")}
     first = stats.inputs.get(COMPENSATED[0])
     if first and first[0].gram is not None:
         out["gram"] = {name: [(s.gram, s.total, s.count) for s in stats.inputs[name]] for name in COMPENSATED}
     return out
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor:
+    """Float32, or an empty tensor for a slot nothing was observed in (MoE layers' dense MLP slots)."""
+    return torch.zeros(0) if t is None else t.float()

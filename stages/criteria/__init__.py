@@ -3,7 +3,7 @@
 Score functions resolve lazily ("module:function") so validating a recipe stays torch-free.
 """
 
-from stages.criteria.registry import CRITERIA, criteria_for, hidden_criteria, register_criterion
+from stages.criteria.registry import CRITERIA, WIDTH_UNITS, criteria_for, hidden_criteria, register_criterion
 from stages.criteria.settings import LacoSettings, WidthGroupSettings
 
 _DEPTH = "stages.criteria.depth"
@@ -25,19 +25,30 @@ register_criterion("random", f"{_DEPTH}:random", "depth", paper="baseline")
 _WIDTH, _HIDDEN = "stages.criteria.width", "stages.criteria.hidden"
 _LLMP = "LLM-Pruner, arXiv 2305.11627"
 _GROUP = WidthGroupSettings
+# On mixture-of-experts layers (stages.criteria.expert): magnitude and random also score experts and expert channels,
+# Wanda-sp and FLAP expert channels (from routed-token statistics); REAP and frequency × norm score experts only.
+_ALL, _CHANNELS = (*WIDTH_UNITS, "experts", "expert_channels"), (*WIDTH_UNITS, "expert_channels")
 
-register_criterion("magnitude", f"{_WIDTH}:magnitude", "width", hidden=f"{_HIDDEN}:magnitude", paper="baseline (L2 of the group)")
+register_criterion("magnitude", f"{_WIDTH}:magnitude", "width", hidden=f"{_HIDDEN}:magnitude", paper="baseline (L2 of the group)",
+                   units=_ALL)
 register_criterion("magnitude_l1", f"{_WIDTH}:magnitude_l1", "width", settings=_GROUP, hidden=f"{_HIDDEN}:magnitude_l1",
                    paper="baseline (L1 of the group)")
-register_criterion("random", f"{_WIDTH}:random", "width", hidden=f"{_HIDDEN}:random", paper="baseline")
+register_criterion("random", f"{_WIDTH}:random", "width", hidden=f"{_HIDDEN}:random", paper="baseline", units=_ALL)
 register_criterion("taylor", f"{_WIDTH}:taylor", "width", {"grad"}, settings=_GROUP, hidden=f"{_HIDDEN}:taylor",
                    paper=f"{_LLMP}, element1")
 register_criterion("taylor_element2", f"{_WIDTH}:taylor_element2", "width", {"grad", "fisher"}, settings=_GROUP,
                    hidden=f"{_HIDDEN}:taylor_element2", paper=f"{_LLMP}, element2")
 register_criterion("taylor_vector", f"{_WIDTH}:taylor_vector", "width", {"grad"}, settings=_GROUP,
                    hidden=f"{_HIDDEN}:taylor_vector", paper=f"{_LLMP}, vector-wise")
-register_criterion("wanda_sp", f"{_WIDTH}:wanda_sp", "width", {"activations"}, paper="Wanda-sp, arXiv 2312.11983")
-register_criterion("flap", f"{_WIDTH}:flap", "width", {"activations"}, paper="FLAP, arXiv 2312.11983")
+register_criterion("wanda_sp", f"{_WIDTH}:wanda_sp", "width", {"activations"}, paper="Wanda-sp, arXiv 2312.11983",
+                   units=_CHANNELS)
+register_criterion("flap", f"{_WIDTH}:flap", "width", {"activations"}, paper="FLAP, arXiv 2312.11983", units=_CHANNELS)
+# Experts only; the routing statistics are observed with the projection inputs ("activations").
+_EXPERT = "stages.criteria.expert"
+register_criterion("expert_frequency_norm", f"{_EXPERT}:expert_frequency_norm", "width", {"activations"},
+                   paper="router top-k frequency × mean expert output norm (baseline)", units=("experts",))
+register_criterion("reap", f"{_EXPERT}:reap", "width", {"activations"},
+                   paper="REAP, Lasby et al., arXiv 2510.13999", units=("experts",))
 
 HIDDEN_CRITERIA = tuple(hidden_criteria())
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from stages.criteria.base import CriterionInputs, CriterionResult
 
 Kind = Literal["depth", "width"]
+# What a width criterion's result scores per layer (stages.criteria.base.CriterionResult.layers keys).
+WIDTH_UNITS: tuple[str, ...] = ("q_heads", "kv_groups", "mlp")
 KINDS: tuple[Kind, ...] = ("depth", "width")
 _UNITS_KIND: dict[str, Kind] = {"blocks": "depth", "depth": "depth", "width": "width", "hidden": "width"}
 
@@ -66,6 +68,7 @@ class CriterionSpec:
     hidden: str | Callable[..., Any] | None = None
     iterative: bool = False
     paper: str = ""
+    units: tuple[str, ...] = WIDTH_UNITS
 
     def load(self) -> Callable[[CriterionInputs], CriterionResult]:
         return _resolve(self.score_fn)
@@ -112,8 +115,9 @@ def register_criterion(
     hidden: str | Callable[..., Any] | None = None,
     iterative: bool = False,
     paper: str = "",
+    units: tuple[str, ...] = WIDTH_UNITS,
 ) -> CriterionSpec:
-    return CRITERIA.register(CriterionSpec(name, kind, score_fn, frozenset(needs), settings, hidden, iterative, paper))
+    return CRITERIA.register(CriterionSpec(name, kind, score_fn, frozenset(needs), settings, hidden, iterative, paper, units))
 
 
 def criteria_for(units: str) -> Registry[CriterionSpec]:

@@ -27,8 +27,18 @@ def reduction(inp: CriterionInputs) -> str:
     return (inp.settings or WidthGroupSettings()).reduction
 
 
-def _result(layers: Layers) -> CriterionResult:
+def _result(layers: Layers, inp: CriterionInputs | None = None, experts: str | None = None) -> CriterionResult:
+    """A width result; with ``experts`` (magnitude | random | wanda_sp | flap) MoE layers also score their experts
+    and expert channels (``stages.criteria.expert``)."""
+    if experts is not None and inp is not None:
+        from stages.criteria.expert import add_expert_scores
+
+        layers = add_expert_scores(inp, layers, experts)
     return CriterionResult(kind="width", layers=layers)
+
+
+def _none() -> torch.Tensor:
+    return torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------- group plumbing
@@ -38,6 +48,8 @@ def _role_importance(layer: torch.nn.Module, imp: Callable[[str, torch.Tensor], 
     fused: dict[str, torch.Tensor] = {}
 
     def w(role: str) -> torch.Tensor:
+        if role not in ad.LINEARS:  # MoE layers: no dense MLP (experts are scored apart)
+            return torch.zeros(0, 0)
         path, rows = ad.LINEARS[role], ad.role_rows(layer, role)
         if rows is None:
             return imp(path, ad.linear(layer, role).weight)
@@ -140,7 +152,7 @@ def _grad(ad: ArchAdapter, i: int, name: str, table: Any) -> torch.Tensor:
 def magnitude(inp: CriterionInputs) -> CriterionResult:
     """Magnitude baseline (L2): I(G) = ‖W_G‖₂ = sqrt(Σ_{w ∈ G} w²) over every weight of the group."""
     sq = _elementwise(inp, lambda i, n, w: w * w, "sum")
-    return _result([{k: [v**0.5 for v in vals] for k, vals in layer.items()} for layer in sq])
+    return _result([{k: [v**0.5 for v in vals] for k, vals in layer.items()} for layer in sq], inp, "magnitude")
 
 
 def magnitude_l1(inp: CriterionInputs) -> CriterionResult:
@@ -155,7 +167,7 @@ def random(inp: CriterionInputs) -> CriterionResult:
     for geo in inp.adapter.geometries():
         out.append({k: torch.rand(n, generator=gen, dtype=torch.float64).tolist()
                     for k, n in (("q_heads", geo.n_q), ("kv_groups", geo.n_kv), ("mlp", geo.intermediate))})
-    return _result(out)
+    return _result(out, inp, "random")
 
 
 def taylor(inp: CriterionInputs) -> CriterionResult:
@@ -211,10 +223,10 @@ def wanda_sp(inp: CriterionInputs) -> CriterionResult:
     for i, layer in enumerate(ad.layers):
         geo = ad.geometry(layer)
         so = ad.linear(layer, "o").weight.detach().double().abs().mean(0) * xo[i].sq_norm.sqrt()
-        sd = ad.linear(layer, "down").weight.detach().double().abs().mean(0) * xd[i].sq_norm.sqrt()
+        sd = ad.linear(layer, "down").weight.detach().double().abs().mean(0) * xd[i].sq_norm.sqrt() if geo.intermediate else _none()
         heads = so.view(geo.n_q, geo.head_dim).sum(1)
         out.append({"q_heads": heads.tolist(), "kv_groups": heads.view(geo.n_kv, -1).sum(1).tolist(), "mlp": sd.tolist()})
-    return _result(out)
+    return _result(out, inp, "wanda_sp")
 
 
 def flap(inp: CriterionInputs) -> CriterionResult:
@@ -231,15 +243,17 @@ def flap(inp: CriterionInputs) -> CriterionResult:
     for i, layer in enumerate(ad.layers):
         geo = ad.geometry(layer)
         wo = ad.linear(layer, "o").weight.detach().double().pow(2).sum(0)
-        wd = ad.linear(layer, "down").weight.detach().double().pow(2).sum(0)
         attn = _standardize((xo[i].variance * wo) ** 2)
-        mlp = _standardize(xd[i].variance * wd)
+        if geo.intermediate:
+            mlp = _standardize(xd[i].variance * ad.linear(layer, "down").weight.detach().double().pow(2).sum(0))
+        else:  # MoE layers: no dense MLP
+            mlp = _none()
         out.append({
             "q_heads": attn.view(geo.n_q, geo.head_dim).mean(1).tolist(),
             "kv_groups": attn.view(geo.n_kv, -1).mean(1).tolist(),
             "mlp": mlp.tolist(),
         })
-    return _result(out)
+    return _result(out, inp, "flap")
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,8 @@ ALIASES: dict[str, Alias] = {
 # One per supported family (alias → number of blocks; the family is the name's last part, see TINY_FAMILY).
 TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6, "tiny-random-mistral": 4, "tiny-random-qwen2": 4,
                                 "tiny-random-qwen3": 4, "tiny-random-granite": 4, "tiny-random-gemma2": 4,
-                                "tiny-random-gemma3_text": 4, "tiny-random-olmo2": 4, "tiny-random-phi3": 4}
+                                "tiny-random-gemma3_text": 4, "tiny-random-olmo2": 4, "tiny-random-phi3": 4,
+                                "tiny-random-mixtral": 4, "tiny-random-qwen3_moe": 4}
 TINY_FAMILY: dict[str, str] = {name: name.rsplit("-", 1)[-1] for name in TINY_ALIASES}
 # stages.io.tiny.tiny_alias's models (a test builds each and checks these against it).
 _TINY = {"vocab": 259, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "max_positions": 1024}
@@ -130,6 +131,10 @@ TINY_SHAPES: dict[str, ModelShape] = {
     "tiny-random-phi3": ModelShape(num_layers=4, tie_word_embeddings=True, model_type="phi3", **_TINY),
     "tiny-random-olmo2": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, proj_qk_norm=True,
                                     model_type="olmo2", **_TINY),
+    "tiny-random-mixtral": ModelShape(num_layers=4, tie_word_embeddings=True, experts=4,
+                                      model_type="mixtral", **_TINY),
+    "tiny-random-qwen3_moe": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, experts=4,
+                                        model_type="qwen3_moe", **_TINY),
 }
 
 

@@ -66,6 +66,10 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3_text": {"head_dim": 24, "sliding_window": 12, "sliding_window_pattern": 2, "final_logit_softcapping": 3.0,
                     "rope_local_base_freq": 100.0},
     "olmo2": {"head_dim": 24},  # norms after the sublayers; q/k RMSNorm over the whole projection
+    # mixture of experts: 4 experts, top-2 (the router renormalises); each expert 128 wide (`intermediate_size`)
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    # Qwen3 attention + 4 experts of width 32, top-2, probabilities not renormalised (norm_topk_prob false)
+    "qwen3_moe": {"head_dim": 24, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
 }
 
 
@@ -82,6 +86,8 @@ def tiny_family(model_type: str, num_layers: int = 4, seed: int = 0, **overrides
                     p.copy_(0.3 * torch.randn(p.shape, generator=gen))
                 elif p.ndim == 1:
                     p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+                elif p.ndim == 3:  # fused expert tensors [E, out, in] (stages.arch.moe): as wide as the linears
+                    p.copy_(0.08 * torch.randn(p.shape, generator=gen))
     return model.eval()
 
 

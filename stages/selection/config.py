@@ -168,6 +168,34 @@ COMPENSATIONS: dict[str, type[BaseModel]] = {"none": NoCompensation, "bias": Bia
 Compensation = Annotated[NoCompensation | BiasCompensation | OptimalCompensation, tagged(COMPENSATIONS, "compensation")]
 
 
+# ----------------------------------------------------------------------------- mixture of experts
+class ExpertUnits(StrictModel):
+    """Experts (or channels inside every expert) of each mixture-of-experts layer to remove, and who scores them."""
+
+    criterion: str | None = Field(None, description="width criterion that scores these units (default: the prune's "
+                                  "`criterion`): reap | expert_frequency_norm | magnitude | random for experts; "
+                                  "magnitude | random | wanda_sp | flap for expert channels")
+    ratio: float = Field(..., gt=0, lt=1, description="fraction of each MoE layer's experts (of each expert's channels) "
+                         "to remove, rounded to the nearest count; the same count in every layer and expert, since "
+                         "transformers reads one expert count and one expert width from the config")
+
+    def describe(self, what: str) -> str:
+        return f"{self.ratio:g} of {what} by `{self.criterion}`"
+
+
+def _check_scores(criterion: str, unit: str, field: str) -> None:
+    """``criterion`` must be a width criterion that scores ``unit`` (experts, expert_channels, kv_groups, ...)."""
+    from stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
+    from stages.criteria.registry import criteria_for
+
+    registry = criteria_for("width")
+    if criterion not in registry:
+        raise ValueError(f"{field}: unknown width criterion {criterion!r}; choose from {', '.join(registry.names())}")
+    if unit not in registry.get(criterion).units:
+        able = [n for n in registry.names() if unit in registry.get(n).units]
+        raise ValueError(f"{field}: criterion {criterion!r} does not score {unit.replace('_', ' ')}; choose from {', '.join(able)}")
+
+
 # ----------------------------------------------------------------------------- what to remove, and how much
 class _Selection(StrictModel):
     scored_units: ClassVar[Literal["blocks", "width"]] = "width"  # the `units` of the score stage that feeds it
@@ -228,7 +256,10 @@ class BlocksSettings(_Selection):
 
 
 class WidthSettings(_WidthTarget):
-    """Remove attention heads / KV groups and MLP channels inside the layers."""
+    """Remove attention heads / KV groups and MLP channels inside the layers; on mixture-of-experts models also
+    whole experts (``experts``) and channels inside every expert (``expert_channels``)."""
+
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"experts": None, "expert_channels": None}
 
     units: Literal["width"] = Field("width", description="remove heads / KV groups / MLP channels")
     allocation: Allocation = Field(default_factory=UniformAllocation, description="how the target spreads over layers: "
@@ -238,6 +269,48 @@ class WidthSettings(_WidthTarget):
     mlp: bool = Field(True, description="prune MLP channels")
     compensation: Compensation = Field(default_factory=NoCompensation, description="repair of the removed inputs of "
                                        "the attention/MLP output projections: none | bias (FLAP) | optimal {damping, bias} (APT/OBS)")
+    experts: ExpertUnits | None = Field(None, description="mixture of experts: {ratio, criterion} — whole experts "
+                                        "(router row + weights) removed in every MoE layer")
+    expert_channels: ExpertUnits | None = Field(None, description="mixture of experts: {ratio, criterion} — "
+                                                "intermediate channels removed inside every expert")
+
+    def moe_units(self) -> dict[str, ExpertUnits]:
+        """The expert unit kinds this prune removes, by their score key."""
+        return {k: u for k, u in (("experts", self.experts), ("expert_channels", self.expert_channels)) if u is not None}
+
+    def dense_units(self) -> bool:
+        """Whether attention units or MLP channels are pruned (they need the top-level target)."""
+        return self.attention != "none" or self.mlp
+
+    def criteria(self) -> list[str]:
+        """Every criterion this prune reads (the score stage computes them)."""
+        return list(dict.fromkeys([self.criterion, *(u.criterion or self.criterion for u in self.moe_units().values())]))
+
+    @model_validator(mode="after")
+    def _one_target(self) -> WidthSettings:
+        if not self.dense_units() and self.moe_units():
+            if self.ratio is not None or self.layer_ratio is not None:
+                raise ValueError("attention: none and mlp: false prune experts only: their `ratio` lives in `experts` / "
+                                 "`expert_channels`; remove the top-level ratio / layer_ratio")
+        elif (self.ratio is None) == (self.layer_ratio is None):
+            raise ValueError("give exactly one width target: `ratio` (of all parameters) or `layer_ratio` (of each layer's units)")
+        return self
+
+    @model_validator(mode="after")
+    def _moe(self) -> WidthSettings:
+        for key, units in self.moe_units().items():
+            units.criterion = units.criterion or self.criterion
+            _check_scores(units.criterion, key, f"{key}.criterion")
+        if self.dense_units():
+            for unit, on in (("kv_groups", self.attention != "none"), ("mlp", self.mlp)):
+                if on:
+                    _check_scores(self.criterion, unit, "criterion")
+        if self.moe_units() and self.layers is not None:
+            raise ValueError("experts and expert_channels are removed in every MoE layer (transformers reads one expert "
+                             "count and width from the config); remove `layers`")
+        if self.moe_units() and self.compensation.type != "none":
+            raise ValueError("compensation repairs dense output projections; with experts / expert_channels use compensation: none")
+        return self
 
     @field_validator("attention", mode="before")
     @classmethod
@@ -254,8 +327,8 @@ class WidthSettings(_WidthTarget):
             raise ValueError("allocation: global needs `ratio` (a parameter budget), not layer_ratio")
         if self.allocation.type == "global" and self.attention == "q_head":
             raise ValueError("allocation: global ranks whole KV groups; use attention: kv_group or allocation: uniform")
-        if self.attention == "none" and not self.mlp:
-            raise ValueError("nothing to prune: enable mlp or choose an attention unit")
+        if self.attention == "none" and not self.mlp and not self.moe_units():
+            raise ValueError("nothing to prune: enable mlp, choose an attention unit, or set experts / expert_channels")
         if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
             raise ValueError(f"layers {list(self.layers)} must be [start, end) with 0 <= start < end")
         return self
@@ -315,13 +388,15 @@ _HIDDEN_ALONE = "hidden channels are pruned on their own (LLM-Pruner's channel m
 _ROUNDING = "rounding is a blocks setting (width and hidden targets round to the nearest unit); remove it"
 NOT_APPLICABLE: dict[str, dict[str, str]] = {
     "blocks": {"layer_ratio": _WIDTH_ONLY, "allocation": _WIDTH_ONLY, "compensation": _WIDTH_ONLY,
-               **dict.fromkeys(("layers", "attention", "mlp"), "{key} is a width setting; set units: width"),
+               **dict.fromkeys(("layers", "attention", "mlp", "experts", "expert_channels"),
+                               "{key} is a width setting; set units: width"),
                "norm_rescale": "norm_rescale is a hidden-channel setting; set units: hidden"},
     "width": {"num_blocks": "num_blocks is a depth target; for width give `ratio` or `layer_ratio`", "rounding": _ROUNDING,
               "norm_rescale": "norm_rescale is a hidden-channel setting; set units: hidden"},
     "hidden": {"num_blocks": "num_blocks is a depth target; for hidden channels give `ratio` or `layer_ratio`",
                "rounding": _ROUNDING, "allocation": _HIDDEN_SPAN, "layers": _HIDDEN_SPAN, "compensation": _HIDDEN_SPAN,
-               "attention": _HIDDEN_ALONE, "mlp": _HIDDEN_ALONE},
+               "attention": _HIDDEN_ALONE, "mlp": _HIDDEN_ALONE, "experts": _HIDDEN_ALONE,
+               "expert_channels": _HIDDEN_ALONE},
 }
 
 

@@ -9,10 +9,12 @@ from stages.selection.targets import hidden_channels_to_remove, ratio_to_params
 from stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPlan, WidthTarget
 
 
-def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None) -> tuple[WidthPlan, dict[str, Any]]:
-    """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation)."""
+def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None,
+                    results: dict[str, Any] | None = None) -> tuple[WidthPlan, dict[str, Any]]:
+    """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation). ``results``: every
+    criterion's result by name (the expert units' criteria; default: ``result`` for all)."""
     from stages.arch import adapter_for
-    from stages.selection.width import select_global, select_uniform, summarize
+    from stages.selection.width import WidthTargetError, select_global, select_uniform, summarize
     from stages.surgery.compensation import bias_compensation, optimal_compensation
 
     adapter = adapter_for(model)
@@ -25,7 +27,12 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     alloc, comp = cfg.allocation, cfg.compensation
     offsets = None
     alphas = None
-    if alloc.type == "global":
+    if cfg.mlp and geos and any(g.experts for g in geos):
+        raise WidthTargetError(f"mlp: true — {adapter.family} MLPs are mixtures of experts with no dense MLP channels; set "
+                               "mlp: false and prune `experts` and/or `expert_channels`")
+    if not cfg.dense_units():
+        chosen = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in layers}
+    elif alloc.type == "global":
         chosen = select_global(scores, geos, layers, cfg.mlp, cfg.attention, target)
     else:
         if alloc.type == "owl":
@@ -51,18 +58,26 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
             raise ValueError("compensation: optimal needs XᵀX of the attention/MLP output projections' inputs from the width `score` stage "
                              "(it collects them when a later prune stage asks for optimal compensation)")
         side = optimal_compensation(model, chosen, means["gram"], comp.damping, comp.bias)
+    if cfg.moe_units():
+        from stages.selection.experts import select_experts
+
+        by_key = {k: (results or {}).get(u.criterion, result)["layers"] for k, u in cfg.moe_units().items()}
+        for i, rem in select_experts(by_key, geos, cfg.experts, cfg.expert_channels).items():
+            chosen.setdefault(i, {"q_heads": [], "kv_heads": [], "mlp": []}).update(rem)
     shapes_after = summarize(chosen, geos)
     plan = WidthPlan(
         criterion=cfg.criterion,
         target=WidthTarget(ratio=cfg.ratio, layer_ratio=cfg.layer_ratio, allocation=alloc, layers=(start, end),
-                           attention=cfg.attention, mlp=cfg.mlp, compensation=comp),
+                           attention=cfg.attention, mlp=cfg.mlp, compensation=comp, experts=cfg.experts,
+                           expert_channels=cfg.expert_channels),
         layers={str(i): rem for i, rem in chosen.items() if any(rem.values())},
         shapes_before=summarize({}, geos),
         shapes_after=shapes_after,
         uniform=all(s == shapes_after[0] for s in shapes_after),
         layer_ratio_offsets=offsets,
         layer_alpha=alphas,
-        num_removed=sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) for r in chosen.values()),
+        num_removed=sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) + len(r.get("experts", []))
+                        + sum(map(len, r.get("expert_channels", []))) for r in chosen.values()),
         layers_before=len(geos),
         layers_after=len(geos),
         params_before=before,

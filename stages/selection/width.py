@@ -147,4 +147,8 @@ def summarize(plan_layers: dict[int, dict[str, list[int]]], geos: list[LayerGeom
         rem = plan_layers.get(i, {"q_heads": [], "kv_heads": [], "mlp": []})
         out.append({"num_attention_heads": g.n_q - len(rem["q_heads"]), "num_key_value_heads": g.n_kv - len(rem["kv_heads"]),
                     "intermediate_size": g.intermediate - len(rem["mlp"])})
+        if g.experts:  # MoE layers: experts left, and each expert's width (the same in every expert)
+            channels = rem.get("expert_channels") or [[]]
+            out[-1].update(num_experts=g.experts - len(rem.get("experts", [])),
+                           expert_intermediate_size=g.expert_intermediate - len(channels[0]))
     return out

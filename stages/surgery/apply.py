@@ -36,7 +36,7 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
             raise PlanError(f"plan was made for hidden_size {h.hidden_before}, this model has {model.config.hidden_size}")
         prune_hidden(model, h.removed, h.norm_rescale)
         if plan.shapes_after is not None:
-            set_width_config(model, [s.model_dump() for s in plan.shapes_after])
+            set_width_config(model, [s.model_dump(exclude_none=True) for s in plan.shapes_after])
         return model
     apply_width(model, plan, side or {})
     return model
@@ -47,8 +47,10 @@ def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
 
     if before is not None:
         now = adapter_for(model).geometries()
-        got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate} for g in now]
-        if got != [s.model_dump() for s in before]:
+        got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate,
+                **({"num_experts": g.experts, "expert_intermediate_size": g.expert_intermediate} if g.experts else {})}
+               for g in now]
+        if got != [s.model_dump(exclude_none=True) for s in before]:
             raise PlanError("plan was made for a model with other layer widths (already pruned?)")
 
 
@@ -57,17 +59,21 @@ def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None
 
     ad = adapter_for(model)
     if ad.UNIFORM_WIDTHS_ONLY and any(s != plan.shapes_after[0] for s in plan.shapes_after):
-        raise PlanError(f"{ad.family} reads its head counts from the shared config, so its layers cannot differ in "
-                        "width; use a uniform allocation (layer_ratio, allocation: uniform)")
+        raise PlanError(f"{ad.family} reads its head counts (and expert count and width) from the shared config, so "
+                        "its layers cannot differ in width; use a uniform allocation (layer_ratio, allocation: uniform)")
     for key, removed in plan.layers.items():
         prune_layer_width(ad.layers[int(key)], removed.model_dump(), type(ad))
+        if removed.experts or removed.expert_channels:
+            from stages.surgery.experts import prune_layer_experts
+
+            prune_layer_experts(ad.layers[int(key)], removed.experts, removed.expert_channels, type(ad))
     weights = {k: v for k, v in side.items() if k.endswith(".weight")}
     biases = {k: v for k, v in side.items() if k.endswith(".bias")}
     if weights:
         replace_weights(model, weights)
     if biases:
         add_output_biases(model, biases)
-    set_width_config(model, [s.model_dump() for s in plan.shapes_after])
+    set_width_config(model, [s.model_dump(exclude_none=True) for s in plan.shapes_after])
 
 
 def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -190,12 +196,14 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]], arch: typ
         if (g in keep_kv) != bool(members) or (members and len(members) != len(keep_q) // len(keep_kv)):
             raise PlanError(f"KV group {g} would be split: query heads {members} kept, KV head kept={g in keep_kv}")
     keep_c = [c for c in range(geo.intermediate) if c not in set(removed.get("mlp", []))]
-    if not keep_c:
+    if not keep_c and (geo.intermediate or removed.get("mlp")):  # MoE layers have no dense MLP channels
         raise PlanError("a layer must keep at least one MLP channel")
     # what every member loses: the union over unit kinds of its index map (a fused qkv_proj loses q, k and v rows)
     lost: dict[tuple[str, str], set[int]] = {}
     for kind, units in (("q_head", removed.get("q_heads", [])), ("kv_group", removed.get("kv_heads", [])),
                         ("mlp_channel", removed.get("mlp", []))):
+        if not units:  # a kind this layer loses nothing of (MoE layers have no MLP channel members at all)
+            continue
         for m in arch.members(kind):
             lost.setdefault((m.path, m.axis), set()).update(m.index(sorted(units), geo))
     for (path, axis), gone in lost.items():
@@ -322,7 +330,15 @@ def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     ad = adapter_for(model)
     cfg = model.config
     cfg.head_dim = ad.attention(ad.layers[0]).head_dim  # explicit: heads × head_dim ≠ hidden now
-    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    keys: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    moe = [s for s in shapes if s.get("num_experts") is not None]
+    if moe:  # MoE layers: no dense MLP width to write; one expert count and width for all (the config holds one)
+        keys = keys[:2]
+        if any((s["num_experts"], s["expert_intermediate_size"]) != (moe[0]["num_experts"], moe[0]["expert_intermediate_size"])
+               for s in moe):
+            raise PlanError("every MoE layer must keep the same number of experts and expert width (transformers reads "
+                            "them from the shared config)")
+        ad.set_expert_config(cfg, moe[0]["num_experts"], moe[0]["expert_intermediate_size"])
     if all(s == shapes[0] for s in shapes) and vanilla_accepts(cfg.model_type, cfg.hidden_size, shapes[0]["num_attention_heads"]):
         for k in keys:
             setattr(cfg, k, shapes[0][k])

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from stages.selection.config import Allocation, Compensation, NoCompensation, UniformAllocation
+from stages.selection.config import Allocation, Compensation, ExpertUnits, NoCompensation, UniformAllocation
 from stages.selection.legacy import fold
 
 PLAN_VERSION = 2
@@ -43,12 +43,18 @@ class LayerRemoval(_Record):
     q_heads: list[int] = []
     kv_heads: list[int] = []
     mlp: list[int] = []
+    # mixture of experts (left out of plan.json when empty): removed experts, and per expert (original numbering,
+    # one list per expert) the channels removed inside it
+    experts: list[int] = Field(default_factory=list, exclude_if=lambda v: not v)
+    expert_channels: list[list[int]] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 class LayerShape(_Record):
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    num_experts: int | None = Field(None, exclude_if=lambda v: v is None)  # MoE layers only
+    expert_intermediate_size: int | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class Merge(_Record):
@@ -72,6 +78,8 @@ class WidthTarget(_Record):
     attention: str = "kv_group"
     mlp: bool = True
     compensation: Compensation = Field(default_factory=NoCompensation)
+    experts: ExpertUnits | None = Field(None, exclude_if=lambda v: v is None)
+    expert_channels: ExpertUnits | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="before")
     @classmethod
@@ -158,16 +166,23 @@ class WidthPlan(_Plan):
     def describe(self) -> str:
         t = self.target
         units = [u for u, on in (("KV groups" if t.attention == "kv_group" else "query heads", t.attention != "none"),
-                                 ("MLP channels", t.mlp)) if on]
+                                 ("MLP channels", t.mlp), (f"experts by `{t.experts and t.experts.criterion}`", t.experts),
+                                 (f"expert channels by `{t.expert_channels and t.expert_channels.criterion}`",
+                                  t.expert_channels)) if on]
         span = f" in layers {t.layers[0]}–{t.layers[1] - 1}" if t.layers else ""
         return (f"Width pruning by `{self.criterion}` ({t.allocation.describe()}, {t.compensation.describe()}): "
                 f"{self.num_removed} units removed ({' and '.join(units)}){span}{self._share()}; "
                 f"{'uniform widths' if self.uniform else 'layer widths differ'}.")
 
     def details(self) -> list[str]:
-        lines = ["| layer | query heads | KV heads | MLP channels |", "|---|---|---|---|"]
-        lines += [f"| {i} | {s.num_attention_heads} | {s.num_key_value_heads} | {s.intermediate_size} |"
-                  for i, s in enumerate(self.shapes_after)]
+        if any(s.num_experts is not None for s in self.shapes_after):
+            lines = ["| layer | query heads | KV heads | experts | expert width |", "|---|---|---|---|---|"]
+            lines += [f"| {i} | {s.num_attention_heads} | {s.num_key_value_heads} | {s.num_experts} | "
+                      f"{s.expert_intermediate_size} |" for i, s in enumerate(self.shapes_after)]
+        else:
+            lines = ["| layer | query heads | KV heads | MLP channels |", "|---|---|---|---|"]
+            lines += [f"| {i} | {s.num_attention_heads} | {s.num_key_value_heads} | {s.intermediate_size} |"
+                      for i, s in enumerate(self.shapes_after)]
         if self.layer_alpha:
             offs = self.layer_ratio_offsets or [0.0] * len(self.layer_alpha)
             lines += ["", "AlphaPruning α per layer:", "", "| layer | α (Hill) | ratio offset |", "|---|---|---|"]

@@ -2,28 +2,30 @@
 
 Why a stage of its own, not a ``schedule`` inside prune or recover: one cycle crosses three stages (the scores
 of the model the previous cycle recovered, its plan, its recovery), and stages never call each other. So this
-stage holds the three settings — the prune target of the whole run (of the DENSE model, split evenly over the
-cycles: ``num_blocks: 4`` in 2 cycles removes 2 + 2), the criterion's scoring settings, and the recovery every
-cycle gets — and runs the library's functions per cycle (:mod:`stages.recovery.iterative`). It writes
-``cycle-NN/{plan.json, recover/, done.json}`` in its folder, resumes from the last finished cycle, and leaves
-``plan.json``: the cycles' plans composed into the original block numbering, which metrics, report and export
-read. It needs a ``calibrate`` stage before it (the same windows score every cycle) and replaces both ``prune``
-and ``recover`` (a ``recover`` after it gives a final, longer healing). Depth (blocks) only, for now.
+stage holds the three settings — the prune target of the whole run (of the DENSE model, ``units: blocks`` or
+``width`` as in ``prune``: ``num_blocks: 4`` in 2 cycles removes 2 + 2 blocks; width ``ratio: 0.2`` in 4 cycles leaves
+95, 90, 85, 80% of the dense parameters), the criterion's settings, and every cycle's recovery — and runs the
+library's functions per cycle (:mod:`stages.recovery.iterative`). It writes ``cycle-NN/{plan.json, recover/,
+done.json}`` (width: and the cycle's compensation), resumes from the last finished cycle, and leaves ``plan.json``:
+the cycles' plans composed into the dense model's numbering (blocks, or each layer's heads / KV groups / MLP
+channels), which metrics, report and export read. It needs a ``calibrate`` stage before it (the same windows score
+every cycle) and replaces score, prune and recover (a ``recover`` after it gives a final, longer healing).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from pipeline.registry import register_stage
 from stages.core.config import StrictModel
-from stages.criteria.registry import criteria_for, validate_settings
+from stages.criteria.registry import criteria_for, kind_of, validate_settings
 from stages.recovery.config import RecoverySettings
-from stages.selection.config import BlocksSettings
+from stages.recovery.iterative import prune_settings
+from stages.selection.config import BlocksSettings, WidthSettings
 
 if TYPE_CHECKING:
     from pipeline.context import RunContext
@@ -34,7 +36,8 @@ class IterateConfig(StrictModel):
     iterate:
       type: iterate
       cycles: 4                                   # 4 × (1/4 of the target)
-      prune: {criterion: block_influence, ratio: 0.2}   # the WHOLE target, of the dense model (blocks)
+      prune: {criterion: block_influence, ratio: 0.2}   # the WHOLE target, of the dense model (blocks), or
+      # prune: {units: width, criterion: flap, ratio: 0.2, allocation: global, compensation: optimal}
       batch_size: 1                               # calibration windows per forward when scoring
       settings: {}                                # the criterion's own settings, as in `score`
       recover: {method: lora, loss: kd, data: {...}, loop: {max_steps: 50}}   # every cycle's recovery
@@ -42,29 +45,31 @@ class IterateConfig(StrictModel):
 
     type: Literal["iterate"]
     cycles: int = Field(..., ge=1, description="prune → recover rounds; each removes its share of the target")
-    prune: BlocksSettings = Field(..., description="criterion and the whole target (num_blocks or ratio of the dense model)")
+    prune: Annotated[BlocksSettings | WidthSettings, BeforeValidator(prune_settings)] = Field(
+        ..., description="units (blocks | width), criterion and the whole target of the dense model, as in `prune`")
     batch_size: int = Field(1, ge=1, description="calibration windows per forward pass when scoring")
     settings: dict[str, Any] = Field(default_factory=dict, description="the criterion's settings, e.g. {laco: {...}}")
     recover: RecoverySettings = Field(..., description="the recovery each cycle gets (the recover stage's settings)")
 
     @field_validator("settings")
     @classmethod
-    def _settings(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return validate_settings("depth", raw)
+    def _settings(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return validate_settings(kind_of(info.data["prune"].units), raw) if "prune" in info.data else raw
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         problems = [f"iterate prunes and recovers by itself: remove the `{stages[k].type}` stage {k!r} before it"
                     for k in seen if stages[k].type in ("prune", "iterate")]
         problems += [f"settings.{n}: this stage scores {self.prune.criterion!r} only" for n in self.settings
                      if n != self.prune.criterion]
-        if criteria_for("blocks").get(self.prune.criterion).needs and not any(stages[k].type == "calibrate" for k in seen):
+        needs = criteria_for(self.prune.units).get(self.prune.criterion).needs or self.prune.units == "width"
+        if needs and not any(stages[k].type == "calibrate" for k in seen):  # width always observes projection inputs
             problems.append(f"criterion {self.prune.criterion!r} needs calibration data; add a `calibrate` stage before it")
         return problems
 
     def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
                     geometries: list[Any] | None = None) -> list[str]:
-        problems = self.prune.check_model(num_layers, total_params, block_params)
-        if problems or self.prune.num_blocks is None or self.prune.num_blocks >= self.cycles:
+        problems = self.prune.check_model(num_layers, total_params, block_params, geometries)
+        if problems or getattr(self.prune, "num_blocks", None) is None or self.prune.num_blocks >= self.cycles:
             return problems
         return [f"num_blocks={self.prune.num_blocks} cannot be split over cycles={self.cycles}; lower cycles"]
 
@@ -89,11 +94,12 @@ def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
         generated = generate_once(ctx.accelerator, rec.data, load_model(ctx.recipe.model)[0], ctx.tokenizer,
                                   ctx.recipe.seed, ctx.stage_dir / "teacher-generated", ctx.progress)
 
-    def score(model: Any, k: int, folder: Path) -> dict[str, Any]:
-        results, _ = score_criteria("depth", [name], model, ctx.calibration, settings=cfg.settings, seed=ctx.recipe.seed,
-                                    batch_size=cfg.batch_size, num_remove=lambda: k, progress=ctx.progress,
-                                    partial=PartialResults(folder / "partial", settings_key(state.key, k), write=ctx.is_main))
-        return results[name]
+    def score(model: Any, folder: Path, k: int | None, extra: set[str]) -> tuple[dict[str, Any], Any]:
+        results, stats = score_criteria(kind_of(cfg.prune.units), [name], model, ctx.calibration, settings=cfg.settings,
+                                        seed=ctx.recipe.seed, batch_size=cfg.batch_size, extra_needs=extra,
+                                        num_remove=lambda: k, progress=ctx.progress,
+                                        partial=PartialResults(folder / "partial", settings_key(state.key, k), write=ctx.is_main))
+        return results[name], stats
 
     def recover(model: Any, out_dir: Path, label: str, plan: Any) -> dict[str, Any]:
         teacher = load_model(ctx.recipe.model)[0] if rec.loss.needs_teacher else None
@@ -123,7 +129,7 @@ def _finish(ctx: RunContext, state: Any, plan: Any) -> dict[str, Any]:
                                    "seconds": round(sum(i["seconds"] for i in infos), 2), "cycles": infos}}
     if ctx.is_main:
         atomic_write_json(ctx.stage_dir / "plan.json", plan.to_json())
-    return {**plan.outputs(), "cycles": [r["plan"]["removed_blocks"] for r in state.done],
+    return {**plan.outputs(), "cycles": [r["plan"].get("removed_blocks", r["plan"]["num_removed"]) for r in state.done],
             "final_loss": [i["final_loss"] for i in infos]}
 
 
@@ -134,7 +140,7 @@ def restore(ctx: RunContext, cfg: IterateConfig, outputs: dict[str, Any], stage_
     state = _cycles(ctx, cfg, lambda m: None)
     state.resume = True
     missing = [c for c in range(1, cfg.cycles + 1) if state.finished(c) is None]
-    if missing or len(json.loads((stage_dir / "plan.json").read_text())["removed_blocks"]) != outputs["num_removed"]:
+    if missing or json.loads((stage_dir / "plan.json").read_text())["num_removed"] != outputs["num_removed"]:
         raise FileNotFoundError(f"cycles {missing} of the finished run have no matching done.json")  # checked before
     ctx.model, plan = run_cycles(state, ctx.model, None, None)  # the model is touched: every cycle is replayed
     _finish(ctx, state, plan)

@@ -60,6 +60,14 @@ class RecipeBase(StrictModel):
         """``<output_dir>/<name>``, which validation guarantees is a folder directly inside ``output_dir``."""
         return Path(self.output_dir) / self.name
 
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as plain data with every default filled in, each stage dumped by its OWN class: pydantic
+        serialises a value by the field's declared type, so dumping the whole recipe would drop the fields of a
+        stage whose settings are a subclass chosen at validation (prune: blocks | width | hidden)."""
+        out = self.model_dump(mode="json", exclude={"stages"})
+        out["stages"] = {key: cfg.model_dump(mode="json") for key, cfg in self.stages.items()}
+        return out
+
     @model_validator(mode="after")
     def _run_dir_inside(self) -> RecipeBase:
         base = Path(os.path.normpath(self.output_dir or "."))

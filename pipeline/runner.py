@@ -123,7 +123,7 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
             prepare_run_dir(run_dir, resume=resume, force=force)
         except RunDirError as exc:
             raise RunError(str(exc)) from None
-        atomic_write_text(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
     accelerator.wait_for_everyone()
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, resume=resume,
                      progress=progress and accelerator.is_local_main_process)

@@ -96,7 +96,7 @@ def _extra_needs(prunes: list[Any]) -> set[str]:
 
 def _inputs_key(ctx: RunContext) -> str:
     """What partial/ results are valid for: the whole recipe (iterative criteria depend on the later prune target)."""
-    recipe = json.dumps(ctx.recipe.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True, default=str)
+    recipe = json.dumps({**ctx.recipe.resolved(), "output_dir": None}, sort_keys=True, default=str)
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 

@@ -68,6 +68,22 @@ def _with(path: str, value):
     return raw
 
 
+RUN_RECIPES = [p for p in RECIPES if "pipeline/run.py" in p.read_text().splitlines()[0]]
+
+
+@pytest.mark.parametrize("path", RUN_RECIPES, ids=[str(p.relative_to(ROOT)) for p in RUN_RECIPES])
+def test_resolved_recipe_keeps_every_stage_setting(path):
+    """recipe.resolved.yaml is what a run records of its settings: it must hold every field of every stage (a
+    whole-recipe model_dump drops a width/hidden prune's fields: it serialises by the declared union) and
+    validate back to the same settings."""
+    recipe = load_recipe(path)
+    resolved = recipe.resolved()
+    for key, cfg in recipe.stages.items():
+        assert resolved["stages"][key] == cfg.model_dump(mode="json"), key
+    again = validate(yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False)))
+    assert {k: c.model_dump(mode="json") for k, c in again.stages.items()} == resolved["stages"]
+
+
 def test_good_recipe_is_valid_and_ordered():
     recipe = validate(GOOD)
     preflight(recipe)

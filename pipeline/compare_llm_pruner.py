@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.official / "LLMPruner" / "torch_pruning").is_dir():
         raise SystemExit(f"--official {args.official}: no LLMPruner/torch_pruning inside; pass the repository root")
     warnings.filterwarnings("ignore")
-    from stages.evaluation.perplexity import windowed_perplexity
+    from stages.evaluation.perplexity import protocol, windowed_perplexity
     from stages.io.config import ModelConfig, TextSource
     from stages.io.models import load_model
     from stages.io.text import tokenized_source
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenized_source(tok, TextSource(**ppl_cfg["source"]))
     with torch.no_grad():
         ppl = windowed_perplexity(model, ids, ppl_cfg["seq_len"], ppl_cfg.get("max_tokens"), 4, True, "official model")
+    ppl["protocol"] = protocol(str(ppl_cfg["source"].get("path")), ppl_cfg["seq_len"], ppl["tokens"], ppl["windows"])
     ours_ppl = json.loads((args.run / "metrics.json").read_text())["eval"]["pruned"]
     report = {"run": str(args.run), "layers": list(layers), "ratio": prune["layer_ratio"],
               "identical_kv_layers": sum(v["kv_heads"] for v in same.values()),

@@ -72,5 +72,7 @@ def test_bench_with_two_windows_arc_and_decode_speedup(tmp_path):
     assert set(row["eval"]["speed"]["decode_tok_s"]) == {"1", "2"}
     assert set(row["eval"]["speed"]["paired"]["decode_speedup"]) == {"1", "2"} and "paired" not in report["rows"][0]["eval"]["speed"]
     md = (tmp_path / "tiny-bench2" / "bench.md").read_text()
-    assert "ppl128 PPL (seq 128)" in md and "ppl512 PPL (seq 512)" in md and "arc_easy acc_norm" in md
+    assert "ppl128 PPL (seq 128; × dense)" in md and "ppl512 PPL (seq 512; × dense)" in md and "arc_easy acc_norm" in md
+    dense_line = next(line for line in md.splitlines() if "| dense |" in line)
+    assert dense_line.count("(1.00×)") == 2  # every perplexity carries its ratio to the dense row
     assert "decode speedup (bs 1/2)" in md and "(ideal " in md and "interleaved pairs" in md and any(c.endswith("sha256 ok") for c in report["checksums_verified"])

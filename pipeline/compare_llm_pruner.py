@@ -45,30 +45,30 @@ def official_plan(model: Any, windows: torch.Tensor, official: Path, layers: ran
     from LLMPruner.pruner import hf_llama_pruner as llama_pruner
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    blocks = model.model.layers
-    hd = blocks[0].self_attn.head_dim
+    from stages.arch import adapter_for
+
+    ad = adapter_for(model)  # the official code names the Llama modules; we ask the adapter for the same ones
+    blocks = ad.layers
+    hd = ad.geometry(blocks[0]).head_dim
+    roots = {ad.linear(blocks[i], "k"): (i, "kv_heads") for i in layers}
+    roots.update({ad.linear(blocks[i], "gate"): (i, "mlp") for i in layers})
     model.config._attn_implementation = "eager"
     for p in model.parameters():
         p.requires_grad_(True)
     pruner = tp.pruner.MetaPruner(
         model, windows[:2, :16], importance=llama_pruner.TaylorImportance(group_reduction="sum", taylor="param_first"),
         global_pruning=False, iterative_steps=1, ch_sparsity=ratio, ignored_layers=[], channel_groups={},
-        consecutive_groups={b.self_attn.k_proj: hd for b in blocks},
+        consecutive_groups={ad.linear(b, "k"): hd for b in blocks},
         customized_pruners={LlamaRMSNorm: llama_pruner.hf_rmsnorm_pruner}, root_module_types=None,
-        output_transform=lambda o: o.logits,
-        root_instances=[blocks[i].self_attn.k_proj for i in layers] + [blocks[i].mlp.gate_proj for i in layers])
+        output_transform=lambda o: o.logits, root_instances=list(roots))
     model.zero_grad()
     model(windows, labels=windows).loss.backward()
-    names = {m: n for n, m in model.named_modules()}
     plan: dict[str, Any] = {}
     for group in pruner.step(interactive=True):
         dep, idxs = group[0][0], group[0][1]
-        name = names[dep.target.module]
-        entry = plan.setdefault(name.split(".")[2], {})
-        if name.endswith("k_proj"):
-            entry["kv_heads"] = sorted({i // hd for i in idxs})
-        else:
-            entry["mlp"] = sorted(idxs)
+        index, unit = roots[dep.target.module]
+        entry = plan.setdefault(str(index), {})
+        entry[unit] = sorted({i // hd for i in idxs}) if unit == "kv_heads" else sorted(idxs)
         group.prune()
     for p in model.parameters():
         p.grad = None
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the run must prune width by `taylor` with `layer_ratio:` (the official --pruning_ratio)")
     start, end = prune.get("layers") or [0, None]
     model, tok = load_model(ModelConfig(**recipe["model"]))
-    layers = range(start, end if end is not None else len(model.model.layers))
+    from stages.arch import adapter_for
+
+    layers = range(start, end if end is not None else adapter_for(model).num_blocks)
     windows = torch.load(_stage_dir(args.run, "calibrate") / "calibration.pt")
     official = official_plan(model, windows, args.official, layers, prune["layer_ratio"])
     ours = saved["layers"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from exactness import assert_masked_and_reload_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 # A projection name, or the Llama block list, spelled outside stages/arch/.
@@ -89,18 +90,6 @@ def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3_text", "olmo2"]
 LORA_FAMILIES = FAMILIES  # fused targets (Phi-3) resolve through the adapter (stages.recovery.model.lora_config)
-
-
-def _assert_masked_and_reload_equal(model: torch.nn.Module, masked: torch.nn.Module, calib: torch.Tensor, tmp_path: Path) -> None:
-    """The pruned model's logits equal the masked model's, and a vanilla ``from_pretrained`` of it gives them again."""
-    from transformers import AutoModelForCausalLM
-
-    model.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = model(calib).logits
-        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
-        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -217,7 +206,7 @@ def test_masked_equals_removed_and_reloads_vanilla(family: str, kind: str, calib
     masked = copy.deepcopy(model)
     _prune(model, kind, masked)
     assert not hasattr(model.config, "prunelab_layer_shapes")
-    _assert_masked_and_reload_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -580,7 +569,7 @@ def test_gemma_hidden_channels_keep_the_embedding_scale_exact(family: str, tie: 
     masked = copy.deepcopy(model)
     _prune(model, "hidden_channel", masked)
     assert model.get_input_embeddings().embed_scale.item() == pytest.approx(model.config.hidden_size**0.5)
-    _assert_masked_and_reload_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["q_head", "kv_group", "hidden_channel"])
@@ -595,4 +584,4 @@ def test_olmo2_projection_norms_stay_exact_when_heads_go(kind: str, calib, tmp_p
     model = tiny_family("olmo2", num_layers=3, rms_norm_eps=1e-2)
     masked = copy.deepcopy(model)
     _prune(model, kind, masked)
-    _assert_masked_and_reload_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)

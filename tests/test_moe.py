@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from exactness import assert_masked_and_reload_equal
 
 MOE = ["mixtral", "qwen3_moe"]
 
@@ -70,17 +71,6 @@ def _mask_channels(model, layer: int, channels: list[list[int]]) -> None:
             down[e][:, cs] = 0
 
 
-def _logits_equal(model, masked, calib, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = model(calib).logits
-        assert (masked(calib).logits - out).abs().max().item() <= 1e-5
-        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
-
-
 # ----------------------------------------------------------------------------- adapters and depth
 @pytest.mark.parametrize("family", MOE)
 def test_moe_adapter_is_registered_and_reads_the_expert_geometry(family: str) -> None:
@@ -120,7 +110,7 @@ def test_block_removal_equals_masking_and_reloads_vanilla(family: str, calib, tm
         ad.expert_weights(ad.layers[1])[1].zero_()
     apply_plan(model, {"kind": "depth", "removed_blocks": [1], "layers_before": 3})
     assert model.config.num_hidden_layers == 2
-    _logits_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 # ----------------------------------------------------------------------------- expert units: masked == removed
@@ -138,7 +128,7 @@ def test_expert_removal_equals_router_masking_and_reloads_vanilla(family: str, c
     assert ad.EXPERT_CONFIG and getattr(model.config, ad.EXPERT_CONFIG[0]) == 3
     assert model.config.num_experts_per_tok == 2
     assert not hasattr(model.config, "prunelab_layer_shapes")
-    _logits_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -158,7 +148,7 @@ def test_expert_channel_removal_equals_masking_and_reloads_vanilla(
     ad = _adapter(model)
     assert {g.expert_intermediate for g in ad.geometries()} == {inter - 8}
     assert getattr(model.config, ad.EXPERT_CONFIG[1]) == inter - 8
-    _logits_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -181,7 +171,7 @@ def test_experts_channels_and_kv_groups_together_reload_and_generate_with_cache(
             hd = ad.geometry(ad.layers[i]).head_dim
             ad.linear(ad.layers[i], "o").weight[:, 2 * hd :] = 0
     apply_plan(model, _plan(model, {i: removed for i in range(3)}))
-    _logits_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         a = fresh.generate(calib[:1, :5], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=2)
@@ -211,7 +201,7 @@ def test_attention_units_on_moe_layers_equal_masking_and_reload(
             for h in heads:
                 ad.linear(layer, "o").weight[:, h * hd : (h + 1) * hd] = 0
     apply_plan(model, _plan(model, {i: removal for i in range(3)}))
-    _logits_equal(model, masked, calib, tmp_path)
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
 @pytest.mark.parametrize("family", MOE)

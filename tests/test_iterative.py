@@ -100,6 +100,26 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(next((run / "model").glob("*.safetensors"))))
 
 
+def _kill_in_cycle_2_then_resume(monkeypatch, trainer, main, argv: list[str]) -> list[str]:
+    """Run ``argv`` killed as cycle 2's recovery starts, then ``--resume`` it: cycle 1 must be replayed (not trained
+    again) and only cycle 2 trained. Returns the list that keeps recording which recoveries run."""
+    real, labels = trainer.recover_model, []
+
+    def crash_in_cycle_2(env, cfg, base, out_dir, label, *args, **kwargs):
+        labels.append(label)
+        if label == "cycle-02":
+            raise RuntimeError("simulated kill")
+        return real(env, cfg, base, out_dir, label, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "recover_model", crash_in_cycle_2)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(argv)
+    monkeypatch.setattr(trainer, "recover_model", lambda *a, **k: labels.append(a[4]) or real(*a, **k))
+    assert main([*argv, "--resume"]) == 0
+    assert labels == ["cycle-01", "cycle-02", "cycle-02"]
+    return labels
+
+
 def test_cycles_reach_the_target_and_a_run_killed_after_cycle_1_resumes_to_the_same_model(tmp_path, monkeypatch):
     from pipeline.run import main
     from stages.recovery import trainer
@@ -123,20 +143,7 @@ def test_cycles_reach_the_target_and_a_run_killed_after_cycle_1_resumes_to_the_s
     assert json.loads((stage / "cycle-01" / "recover" / "samples.json").read_text())["dataset_size"] == 32 + 8
 
     # Killed as cycle 2's recovery starts; resumed: cycle 1 is replayed (not trained again), cycle 2 runs.
-    real, labels = trainer.recover_model, []
-
-    def crash_in_cycle_2(env, cfg, base, out_dir, label, *args, **kwargs):
-        labels.append(label)
-        if label == "cycle-02":
-            raise RuntimeError("simulated kill")
-        return real(env, cfg, base, out_dir, label, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "recover_model", crash_in_cycle_2)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main([RECIPE, "--output-dir", str(tmp_path / "b"), *FAST])
-    monkeypatch.setattr(trainer, "recover_model", lambda *a, **k: labels.append(a[4]) or real(*a, **k))
-    assert main([RECIPE, "--output-dir", str(tmp_path / "b"), *FAST, "--resume"]) == 0
-    assert labels == ["cycle-01", "cycle-02", "cycle-02"]
+    labels = _kill_in_cycle_2_then_resume(monkeypatch, trainer, main, [RECIPE, "--output-dir", str(tmp_path / "b"), *FAST])
     resumed = tmp_path / "b" / "debug-iterative"
     assert json.loads((resumed / "04-iterate" / "plan.json").read_text())["removed_blocks"] == composed["removed_blocks"]
     a, b = _weights(run), _weights(resumed)
@@ -371,20 +378,7 @@ def test_width_cycles_run_from_the_cli_and_a_run_killed_after_cycle_1_resumes_to
     assert "Width pruning by `flap`" in (run / "model" / "README.md").read_text()
 
     # Killed as cycle 2's recovery starts; resumed: cycle 1 is replayed (compensation + adapter), cycle 2 runs.
-    real, labels = trainer.recover_model, []
-
-    def crash_in_cycle_2(env, cfg, base, out_dir, label, *args, **kwargs):
-        labels.append(label)
-        if label == "cycle-02":
-            raise RuntimeError("simulated kill")
-        return real(env, cfg, base, out_dir, label, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "recover_model", crash_in_cycle_2)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main([WIDTH, "--output-dir", str(tmp_path / "b"), *fast])
-    monkeypatch.setattr(trainer, "recover_model", lambda *a, **k: labels.append(a[4]) or real(*a, **k))
-    assert main([WIDTH, "--output-dir", str(tmp_path / "b"), *fast, "--resume"]) == 0
-    assert labels == ["cycle-01", "cycle-02", "cycle-02"]
+    _kill_in_cycle_2_then_resume(monkeypatch, trainer, main, [WIDTH, "--output-dir", str(tmp_path / "b"), *fast])
     resumed = tmp_path / "b" / "debug-iterative-width"
     assert json.loads((resumed / "04-iterate" / "plan.json").read_text()) == composed
     assert (_logits(run / "model") - _logits(resumed / "model")).abs().max().item() <= 1e-5

@@ -359,6 +359,26 @@ def test_dry_run_refuses_expert_units_on_a_dense_model_and_dense_units_on_moe(tm
         assert rc == 0, out
 
 
+@pytest.mark.parametrize("family", MOE)
+def test_attention_groups_on_moe_models_equal_the_dependency_graph(family: str, monkeypatch) -> None:
+    """Issue 16 item 3 on the MoE families: where the graph resolves — a KV group's members (k/v rows, q rows,
+    o_proj columns, Qwen3-MoE's per-head norms left out as on Qwen3) on the tiny model made multi-head, rotary traced
+    as the identity — the adapter's group equals torch-pruning's, through the routed experts between the blocks."""
+    import importlib
+
+    from test_arch import _graph_group
+
+    from stages.io.tiny import tiny_family
+
+    model = tiny_family(family, num_layers=2, kv_heads=4)
+    monkeypatch.setattr(importlib.import_module(type(model).__module__), "apply_rotary_pos_emb", lambda q, k, *a, **kw: (q, k))
+    ad = _adapter(model)
+    for i in range(ad.num_blocks):
+        geo = ad.geometry(ad.layers[i])
+        want = {(m.path, m.axis): sorted(m.index([1], geo)) for m in ad.members("kv_group")}
+        assert _graph_group(model, i, "kv_group", [1]) == want
+
+
 def test_expert_units_against_the_dependency_graph() -> None:
     """Issue 16 item 3 for the expert kinds: the skip says why the graph cannot be the reference."""
     pytest.skip(

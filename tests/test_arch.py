@@ -157,10 +157,11 @@ UNITS = {  # unit kind → (masked units per layer, the width plan's removal per
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "mixtral", "qwen3_moe"])
 def test_block_wise_forward_equals_the_model(family: str, calib) -> None:
     """The adapter's block-by-block run (what SLEB, the PPL criterion, LaCo use) reproduces the model's loss —
-    masks (Mistral's window of 12 < 24 tokens), rotary, per-head norms included."""
+    masks (Mistral's window of 12 < 24 tokens), rotary, per-head norms, MoE layers (whose router outputs the
+    layer does not return) included."""
     from stages.arch import adapter_for
 
     model = _family(family)

@@ -55,7 +55,8 @@ def prune_layer_experts(layer: nn.Module, experts: list[int], channels: list[lis
             raise PlanError(
                 f"expert_channels lists {len(channels)} experts; the layer has {n} (one list per expert)"
             )
-        kept_channels = [[c for c in range(inter) if c not in set(channels[e])] for e in keep]
+        gone_channels = [set(ch) for ch in channels]
+        kept_channels = [[c for c in range(inter) if c not in gone_channels[e]] for e in keep]
         widths = {len(k) for k in kept_channels}
         if len(widths) != 1 or 0 in widths or any(not 0 <= c < inter for ch in channels for c in ch):
             raise PlanError(

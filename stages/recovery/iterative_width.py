@@ -67,6 +67,11 @@ class WidthSchedule:
         return compose_width(plans, self.prune.ratio)
 
 
+def _widths(shapes: list[Any]) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, MLP channels) of every layer of a plan's shapes."""
+    return [(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in shapes]
+
+
 def compose_width(plans: list[WidthPlan], ratio: float | None = None) -> WidthPlan:
     """One width plan in the dense model's numbering from the cycles' plans (each in the numbering of its own input):
     per layer, the original query heads, KV heads and MLP channels every cycle removed. ``ratio``: the whole target
@@ -79,7 +84,7 @@ def compose_width(plans: list[WidthPlan], ratio: float | None = None) -> WidthPl
     removed: list[dict[str, list[int]]] = [{k: [] for k in UNIT_KINDS} for _ in alive]
     for n, plan in enumerate(plans, start=1):
         now = [(len(a["q_heads"]), len(a["kv_heads"]), len(a["mlp"])) for a in alive]
-        made = [(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in plan.shapes_before or []]
+        made = _widths(plan.shapes_before or [])
         if made != now:
             raise ValueError(f"cycle plan {n} was made for layer widths {made}; the cycles before leave {now}")
         for key, rem in plan.layers.items():
@@ -91,7 +96,7 @@ def compose_width(plans: list[WidthPlan], ratio: float | None = None) -> WidthPl
                 removed[i][kind] += [alive[i][kind][j] for j in sorted(gone)]
                 alive[i][kind] = [o for j, o in enumerate(alive[i][kind]) if j not in gone]
     after = [(len(a["q_heads"]), len(a["kv_heads"]), len(a["mlp"])) for a in alive]
-    if after != [(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in last.shapes_after]:
+    if after != _widths(last.shapes_after):
         raise ValueError(f"the composed removals leave widths {after}, the last cycle's plan {last.shapes_after}")
     layers = {str(i): LayerRemoval(**{k: sorted(v) for k, v in r.items()}) for i, r in enumerate(removed) if any(r.values())}
     return WidthPlan(

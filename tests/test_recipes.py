@@ -138,6 +138,23 @@ def test_evaluate_with_nothing_named_runs_the_two_domain_suite():
     assert list(named.perplexity) == ["tiny"] and not named.tasks  # a recipe's own settings replace the suite
 
 
+def test_a_tweak_of_a_suite_entry_keeps_the_suite():
+    """`perplexity.wikitext2.max_tokens=1024` on an evaluate stage that names nothing shrinks that entry only."""
+    from stages.evaluation.suite import DEFAULT_SUITE
+
+    ev = validate(_with("stages.eval", {"type": "evaluate", "perplexity": {"wikitext2": {"max_tokens": 1024}},
+                                        "tasks": {"arc_easy": {"limit": 10}}})).stages["eval"]
+    assert sorted(ev.perplexity) == ["arc_qa_text", "wikitext2"] and sorted(ev.tasks) == ["arc_easy"]
+    assert ev.perplexity["wikitext2"].max_tokens == 1024 and ev.tasks["arc_easy"].limit == 10
+    assert ev.perplexity["wikitext2"].source.describe().endswith(DEFAULT_SUITE["perplexity"]["wikitext2"]["source"]["path"])
+    assert ev.perplexity["arc_qa_text"].max_tokens == DEFAULT_SUITE["perplexity"]["arc_qa_text"].get("max_tokens")
+    # next to an entry with its own data, a suite-named tweak still gets the suite's data; the rest is not added
+    mixed = validate(_with("stages.eval", {"type": "evaluate", "perplexity": {
+        "wikitext2": {"max_tokens": 1024}, "mine": {"source": {"path": "tests/data/tiny_corpus.txt"}}}})).stages["eval"]
+    assert sorted(mixed.perplexity) == ["mine", "wikitext2"] and not mixed.tasks
+    assert mixed.perplexity["wikitext2"].max_tokens == 1024
+
+
 @pytest.mark.parametrize("why,raw,expected", BAD, ids=[b[0] for b in BAD])
 def test_bad_recipe_schema(why, raw, expected):
     with pytest.raises(RecipeError) as exc:

@@ -216,6 +216,9 @@ def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
     # LaCo's threshold is a similarity on ITS calibration text: keep the recipe's (16 × 256, ~8 trials)
     budget = [] if laco else ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=64"]
     budget += [f"stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
+    suite = [k for k, v in raw["stages"].items()  # the default two-domain suite: shrink its other two entries too
+             if v["type"] == "evaluate" and not any(v.get(s) for s in ("perplexity", "tasks", "speed"))]
+    budget += [o for k in suite for o in (f"stages.{k}.perplexity.arc_qa_text.max_tokens=1024", f"stages.{k}.tasks.arc_easy.limit=8")]
     recovers = [k for k, v in raw["stages"].items() if v["type"] == "recover"]
     budget += [o for k in recovers for o in (f"stages.{k}.max_steps=2", f"stages.{k}.data.max_samples=8",
                                              f"stages.{k}.control=false", f"stages.{k}.compare_plain_steps=0")]

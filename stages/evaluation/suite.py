@@ -9,7 +9,10 @@ calibration domain shows itself.
 - ``arc_easy``: ARC-Easy zero-shot through lm-eval in full (2,376 questions; acc and acc_norm with stderr).
 
 Paths point at the project's reference data (``../shared/data``, relative to the project root, as the
-recipes use them); a recipe that names its own ``perplexity`` / ``tasks`` / ``speed`` replaces the suite.
+recipes use them). A recipe that names its own data (an entry with a ``source`` / ``path``, or ``speed``)
+replaces the suite; an entry named after a suite entry without its own data is a *tweak* of that entry
+(``stages.eval.perplexity.wikitext2.max_tokens=1024`` on the command line shrinks the suite's WikiText-2
+budget and keeps the rest of the suite).
 """
 
 from __future__ import annotations
@@ -27,8 +30,34 @@ DEFAULT_SUITE: dict[str, Any] = {
 }
 
 
+_DATA_KEYS = {"perplexity": "source", "tasks": "path"}
+
+
+def _is_tweak(section: str, name: str, entry: Any) -> bool:
+    """An entry that names a suite entry and brings no data of its own: it adjusts the suite's settings."""
+    return name in DEFAULT_SUITE[section] and isinstance(entry, dict) and _DATA_KEYS[section] not in entry
+
+
 def with_default_suite(raw: Any) -> Any:
-    """An evaluate stage's raw settings, the default suite filled in when it names nothing to evaluate."""
-    if isinstance(raw, dict) and not any(raw.get(k) for k in ("perplexity", "tasks", "speed")):
-        return {**raw, **DEFAULT_SUITE}
-    return raw
+    """An evaluate stage's raw settings with the default suite filled in.
+
+    Nothing named → the whole suite. Only tweaks of suite entries → the whole suite, the tweaks merged in.
+    Any entry with its own data (or ``speed``) → the recipe's entries alone, suite-named tweaks still given
+    the suite's data, so ``perplexity: {wikitext2: {max_tokens: 1024}}`` next to a custom set stays valid.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    sections = {k: raw.get(k) or {} for k in _DATA_KEYS}
+    if not all(isinstance(v, dict) for v in sections.values()):
+        return raw  # let the schema report the wrong type
+    only_tweaks = not raw.get("speed") and all(
+        _is_tweak(sec, name, entry) for sec, entries in sections.items() for name, entry in entries.items())
+    out = dict(raw)
+    for sec, entries in sections.items():
+        base = DEFAULT_SUITE[sec] if only_tweaks else {}
+        merged = {name: dict(entry) for name, entry in base.items()}
+        for name, entry in entries.items():
+            merged[name] = {**DEFAULT_SUITE[sec][name], **entry} if _is_tweak(sec, name, entry) else entry
+        if merged:
+            out[sec] = merged
+    return out

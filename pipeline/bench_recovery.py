@@ -1,6 +1,7 @@
 """Recovery table: one pruned model per base recipe, healed by each listed recovery, each on every domain.
 
-``python pipeline/bench_recovery.py recipes/bench/smollm2-recovery.yaml [--out DIR] [--rows a,b] [--finished-only]``
+``python pipeline/bench_recovery.py recipes/bench/smollm2-recovery.yaml [--out DIR] [--rows a,b] [--finished-only]
+[--previous OLD.json]``
 
 The spec names base recipes (a method: its calibrate / score / prune stages), one shared ``recover`` block
 (every recovered row merges its own ``recover`` keys over it, so all rows train the same optimizer steps ×
@@ -17,7 +18,10 @@ tokens unless a row says otherwise), and the rows:
 Every row gets the same evaluation (the spec's ``evaluation``, else the evaluate stage's default suite: two
 text domains and ARC-Easy in full). Rows run as normal recipes through the CLI, each in its own process (as
 ``bench_calibration``: same code path as a user run; finished rows are read back, a killed row resumes).
-Prints a markdown table (perplexity and its ratio to dense per domain, ARC-Easy acc / acc_norm, training
+``--previous`` reads rows of an earlier run of the SAME spec from its JSON (a table grown over several sessions:
+each row costs up to an hour on two CPU cores): a row is taken from there only when its folder is absent from
+``--out`` and its definition — the row, its base, the shared ``recover`` block, the evaluation — is unchanged;
+such rows are marked ``"from"`` in the JSON. Prints a markdown table (perplexity and its ratio to dense per domain, ARC-Easy acc / acc_norm, training
 tokens/s with and without the teacher's forward) and writes ``<spec name>.json`` beside the runs.
 """
 
@@ -91,6 +95,29 @@ def _iterate(name: str, prune: dict[str, Any], all_stages: dict[str, Any], it: d
             **({"batch_size": score["batch_size"]} if score.get("batch_size") else {})}
 
 
+def previous_rows(spec: dict[str, Any], old: dict[str, Any], source: str) -> dict[str, list[dict[str, Any]]]:
+    """The rows of an earlier bench JSON whose definition equals this spec's, keyed by spec row name.
+
+    A row's definition is its entry, its base's entry, the shared ``recover`` block and the evaluation; any
+    difference (another step count, another base recipe) drops the old row, so it is run again."""
+    same_shared = all(spec.get(k) == old["spec"].get(k) for k in ("recover", "evaluation"))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in old["rows"]:
+        name = line["row"].split(" → ")[0]
+        row = spec["rows"].get(name)
+        if row is None or row != old["spec"]["rows"].get(name):
+            continue
+        base = row.get("base")
+        if base is not None and spec["bases"].get(base) != old["spec"]["bases"].get(base):
+            continue
+        if not same_shared and not row.get("dense"):
+            continue
+        if row.get("dense") and spec.get("evaluation") != old["spec"].get("evaluation"):
+            continue
+        out.setdefault(name, []).append({**line, "from": source})
+    return out
+
+
 def summarize(name: str, m: dict[str, Any], dense: dict[str, Any]) -> list[dict[str, Any]]:
     """A finished row's table lines: the row's last label (dense / pruned / recovered) and, if any, its control."""
     evals = m["eval"]
@@ -139,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-out/recovery")
     p.add_argument("--rows", default="", help="comma-separated row names to run (default: all, in spec order)")
     p.add_argument("--finished-only", action="store_true", help="tabulate the rows already run; run nothing")
+    p.add_argument("--previous", default=None,
+                   help="JSON of an earlier run of this spec: its unchanged rows count as finished when absent from --out")
     args = p.parse_args(argv)
     spec = yaml.safe_load(Path(args.spec).read_text())
     out = Path(args.out)
+    old = previous_rows(spec, json.loads(Path(args.previous).read_text()), args.previous) if args.previous else {}
     bases = {b: _base(entry) for b, entry in spec["bases"].items()}
     wanted = [r for r in args.rows.split(",") if r]
     missing = [r for r in wanted if r not in spec["rows"]]
@@ -153,15 +183,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the spec needs a row {dense: true}: every ratio is to the dense model")
     finished: dict[str, dict[str, Any]] = {}
     for n, recipe in recipes.items():
-        only = args.finished_only or (wanted and n not in wanted and n != dense_name)
+        here = (out / n / "metrics.json").is_file()
+        only = args.finished_only or (wanted and n not in wanted and n != dense_name) or (n in old and not here)
         m = _run(recipe, out, bool(only))
         if m is not None:
             finished[n] = m
-    if dense_name not in finished:
+    if dense_name in finished:
+        dense = finished[dense_name]["eval"]["dense"]
+        protocol = {d: v["protocol"] for d, v in dense.items() if "protocol" in v}
+    elif dense_name in old:
+        dense = {d: {"ppl": v} for d, v in old[dense_name][0]["ppl"].items()}
+        protocol = json.loads(Path(args.previous).read_text()).get("protocol", {})
+    else:
         raise SystemExit(f"no finished dense row in {out}; run it first")
-    dense = finished[dense_name]["eval"]["dense"]
-    rows = [line for n, m in finished.items() for line in summarize(n, m, dense)]
-    protocol = {d: v["protocol"] for d, v in dense.items() if "protocol" in v}
+    rows = []
+    for n in recipes:  # spec order; a row run here wins over the same row in --previous
+        rows += summarize(n, finished[n], dense) if n in finished else old.get(n, [])
     payload = {"spec": spec, "protocol": protocol, "rows": rows}
     (out / f"{Path(args.spec).stem}.json").write_text(json.dumps(payload, indent=2))
     print(table(rows))

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.bench_calibration import _base
-from pipeline.bench_recovery import row_recipe, summarize, table
+from pipeline.bench_recovery import previous_rows, row_recipe, summarize, table
 from pipeline.recipe import validate
 
 SPEC = Path("recipes/bench/smollm2-recovery.yaml")
@@ -74,3 +74,26 @@ def test_summary_and_table() -> None:
     text = table(rows)
     assert "| r | 1.5M | 15.00 (1.50×) | 50.0 ± 1.0 / 45.0 | 100 × 1024 | 200.0 (260.0) |" in text
     assert "| r → dense control | 2.0M | 9.00 (0.90×) | – | 100 × 1024 | 180.0 |" in text
+
+
+def test_previous_rows_are_reused_only_when_their_definition_is_unchanged() -> None:
+    """--previous: an old row counts only if its entry, base, shared recover block and evaluation are the same."""
+    import copy
+
+    spec, _ = _spec()
+    line = {"row": "flap-optimal--lora-kd", "ppl": {"wt": 20.0}}
+    old = {"spec": copy.deepcopy(spec), "rows": [{"row": "dense", "ppl": {"wt": 10.0}}, line,
+                                                  {"row": "flap-optimal--lora-ce-control → dense control", "ppl": {"wt": 9.0}},
+                                                  {"row": "gone", "ppl": {"wt": 1.0}}]}
+    got = previous_rows(spec, old, "old.json")
+    assert sorted(got) == ["dense", "flap-optimal--lora-ce-control", "flap-optimal--lora-kd"]
+    assert got["flap-optimal--lora-kd"] == [{**line, "from": "old.json"}]
+    changed = copy.deepcopy(spec)
+    changed["recover"]["loop"]["max_steps"] = 300  # every recovered row trains differently now: only dense stays
+    assert sorted(previous_rows(changed, old, "old.json")) == ["dense"]
+    changed = copy.deepcopy(spec)
+    changed["bases"]["flap-optimal"] = "recipes/smollm2/flap-20.yaml"
+    assert "flap-optimal--lora-kd" not in previous_rows(changed, old, "old.json")
+    changed = copy.deepcopy(spec)
+    changed["rows"]["flap-optimal--lora-kd"] = {"base": "flap-optimal", "recover": {"loss": "kd", "lr": 1.0}}
+    assert "flap-optimal--lora-kd" not in previous_rows(changed, old, "old.json")

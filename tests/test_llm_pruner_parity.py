@@ -174,7 +174,8 @@ def test_llm_pruner_sampling_is_an_option_of_text_sources_only():
 
     recipe = load_recipe("recipes/smollm2/llm-pruner-official-20.yaml")
     assert recipe.stages["calibrate"].sampling == "llm_pruner"
-    assert "sampling" not in load_recipe("recipes/smollm2/llm-pruner-20.yaml").stages["calibrate"].model_dump()
+    assert "sampling" not in load_recipe("recipes/smollm2/llm-pruner-units-20.yaml").stages["calibrate"].model_dump()
+    assert load_recipe("recipes/smollm2/llm-pruner-20.yaml").stages["calibrate"].sampling == "llm_pruner"
     raw = load_raw("recipes/smollm2/llm-pruner-official-20.yaml")
     raw["stages"]["calibrate"]["source"] = {"self_generated": {}}
     with pytest.raises(RecipeError, match="sampling"):

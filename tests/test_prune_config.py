@@ -165,7 +165,8 @@ V1_DUMPS = {
     "recipes/smollm2/angular-25.yaml": {"criterion": "angular_distance", "num_blocks": 8},
     "recipes/smollm2/flap-20.yaml": {"units": "width", "criterion": "flap", "ratio": 0.2, "allocation": "global", "compensation": "bias"},
     "recipes/smollm2/laco-20.yaml": {"criterion": "laco", "ratio": 0.2},
-    "recipes/smollm2/llm-pruner-20.yaml": {"units": "width", "criterion": "taylor", "ratio": 0.2, "layers": [4, 28]},
+    # shipped then as recipes/smollm2/llm-pruner-20.yaml (renamed; that name now holds the official options)
+    "recipes/smollm2/llm-pruner-units-20.yaml": {"units": "width", "criterion": "taylor", "ratio": 0.2, "layers": [4, 28]},
     "recipes/smollm2/llm-pruner-channel-20.yaml": {"units": "width", "criterion": "taylor", "ratio": 0.2, "attention": "none",
                                                    "mlp": False, "hidden": True},
     "recipes/smollm2/optimal-comp-20.yaml": {"units": "width", "criterion": "flap", "ratio": 0.2, "allocation": "global",

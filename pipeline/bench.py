@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if __package__ in (None, ""):
     _root = str(Path(__file__).resolve().parents[1])
@@ -42,6 +43,9 @@ class BenchCalibration(StrictModel):
     num_samples: int = Field(16, ge=1)
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(1, ge=1)
+    sampling: Literal["windows", "llm_pruner"] = Field(
+        "windows", description="as the calibrate stage's: seeded windows of the joined stream, or the official "
+        "LLM-Pruner sampler (distinct rows, one random slice each; docs/llm-pruner-parity.md)")
 
 
 class WidthMethod(StrictModel):
@@ -50,6 +54,21 @@ class WidthMethod(StrictModel):
 
     label: str | None = None
     prune: PruneConfig
+    settings: dict[str, Any] = Field(default_factory=dict, description="the criterion's own settings (as a score "
+                                     "stage's settings.<criterion>), e.g. {reduction: sum, grouping: llm_pruner} for taylor")
+
+    @model_validator(mode="after")
+    def _criterion_settings(self) -> WidthMethod:
+        from stages import criteria  # noqa: F401  (registers the criteria)
+        from stages.criteria.registry import validate_settings
+
+        if self.settings:
+            validate_settings("width", {self.prune.criterion: self.settings})
+        return self
+
+    def settings_key(self) -> str:
+        """Rows share a scoring pass when criterion and settings agree."""
+        return self.prune.criterion + (json.dumps(self.settings, sort_keys=True) if self.settings else "")
 
     def name(self) -> str:
         c = self.prune
@@ -90,8 +109,9 @@ class BenchRecipe(StrictModel):
         data = dict(data)
         data["evaluate"] = {"type": "evaluate", **{k: data.pop(k) for k in ("perplexity", "tasks", "speed") if k in data}}
         ratio = data.get("width_ratio", cls.model_fields["width_ratio"].default)
-        data["width"] = [{"label": row.get("label"), "prune": {"type": "prune", "units": "width", "ratio": ratio,
-                                                              **{k: v for k, v in row.items() if k != "label"}}}
+        data["width"] = [{"label": row.get("label"), "settings": row.get("settings") or {},
+                          "prune": {"type": "prune", "units": "width", **({} if "layer_ratio" in row else {"ratio": ratio}),
+                                    **{k: v for k, v in row.items() if k not in ("label", "settings")}}}
                          if isinstance(row, dict) else row for row in data.get("width") or []]
         first = (data.get("criteria") or [None])[0]
         data["targets"] = [{"type": "prune", "units": "blocks", "criterion": first, **row} if isinstance(row, dict) else row
@@ -135,12 +155,13 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
     from stages.calibration.full import collect_stats
     from stages.calibration.width import summary_tensors
     from stages.criteria.base import CriterionInputs
-    from stages.criteria.registry import CRITERIA
+    from stages.criteria.registry import CRITERIA, validate_settings
     from stages.criteria.scoring import needs_for, score
     from stages.selection.planning import make_hidden_plan, make_width_plan
     from stages.surgery.apply import apply_plan
 
     names = list(dict.fromkeys(m.prune.criterion for m in bench.width))
+    keyed = {m.settings_key(): m for m in bench.width}  # one score per (criterion, settings)
     hidden = {m.prune.criterion for m in bench.width if m.prune.units == "hidden"}
     with PeakRSS() as pass_mem:
         stats = collect_stats(model, calib, needs_for("width", names, {"hidden"} if hidden else ()), batch_size=1, progress=True)
@@ -152,29 +173,31 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
         means["gram"], hessian_s = summary_tensors(hstats)["gram"], hstats.seconds
         del hstats
     scored: dict[str, tuple[dict[str, Any], float, float]] = {}
-    for n in names:
+    for key, m in keyed.items():
+        n = m.prune.criterion
         spec = CRITERIA.get("width", n)
+        own = validate_settings("width", {n: m.settings})[n] if m.settings else None
         with PeakRSS() as mem:
-            result = score(spec, CriterionInputs(model, stats, bench.seed), hidden=n in hidden).to_json()
+            result = score(spec, CriterionInputs(model, stats, bench.seed, own), hidden=n in hidden).to_json()
         data_driven = bool(spec.needs)
-        scored[n] = (result, result["seconds"], max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
+        scored[key] = (result, result["seconds"], max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []
     for m in bench.width:
-        cfg, label = m.prune, m.name()
+        cfg, label, key = m.prune, m.name(), m.settings_key()
         t_plan = time.perf_counter()
         if cfg.units == "hidden":
-            plan, side = make_hidden_plan(scored[cfg.criterion][0], cfg, model), {}
+            plan, side = make_hidden_plan(scored[key][0], cfg, model), {}
         else:  # incl. allocation and compensation solve
-            plan, side = make_width_plan(scored[cfg.criterion][0], cfg, model, means)
+            plan, side = make_width_plan(scored[key][0], cfg, model, means)
         pruned = apply_plan(copy.deepcopy(model), plan, side)
         t_plan = time.perf_counter() - t_plan
         params = sum(p.numel() for p in pruned.parameters())
         shapes = [s_.model_dump() for s_ in plan.shapes_after]
         rows.append({"target": f"{bench.width_ratio:.0%} params (width)", "criterion": label, "params": params,
                      "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan.params_before, 6),
-                     "score_s": round(scored[cfg.criterion][1] + t_plan + (hessian_s if m in optimal else 0.0), 2),
+                     "score_s": round(scored[key][1] + t_plan + (hessian_s if m in optimal else 0.0), 2),
                      "plan_s": round(t_plan, 2),
-                     "score_peak_rss_mb": round(scored[cfg.criterion][2]),
+                     "score_peak_rss_mb": round(scored[key][2]),
                      "uniform": plan.uniform,
                      "kept_widths": {k: [s_[k] for s_ in shapes] for k in shapes[0]},
                      "eval": evaluate(pruned, label)})
@@ -238,8 +261,13 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     set_seed(bench.seed)
     t_start = time.perf_counter()
     model, tok = load_model(bench.model)
-    calib = sample_windows(tokenize_text(tok, read_text(bench.calibration.source)), bench.calibration.num_samples,
-                           bench.calibration.seq_len, bench.seed)
+    cal = bench.calibration
+    if cal.sampling == "llm_pruner":
+        from stages.calibration.rows import llm_pruner_windows, text_rows
+
+        calib = llm_pruner_windows(text_rows(cal.source), tok, cal.num_samples, cal.seq_len, bench.seed)
+    else:
+        calib = sample_windows(tokenize_text(tok, read_text(cal.source)), cal.num_samples, cal.seq_len, bench.seed)
     eval_ids = {n: tokenize_text(tok, read_text(p.source)) for n, p in ev.perplexity.items()}
 
     def evaluate(m: Any, label: str) -> dict[str, Any]:

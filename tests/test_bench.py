@@ -76,3 +76,57 @@ def test_bench_with_two_windows_arc_and_decode_speedup(tmp_path):
     dense_line = next(line for line in md.splitlines() if "| dense |" in line)
     assert dense_line.count("(1.00×)") == 2  # every perplexity carries its ratio to the dense row
     assert "decode speedup (bs 1/2)" in md and "(ideal " in md and "interleaved pairs" in md and any(c.endswith("sha256 ok") for c in report["checksums_verified"])
+
+
+def test_a_bench_row_with_the_official_llm_pruner_options_makes_the_recipe_s_plan(tmp_path):
+    """Bench calibration `sampling: llm_pruner` and a width row's own criterion `settings`: the row removes exactly
+    what the pipeline removes with the same options, and differs from the row without the settings' scoring."""
+    from pipeline.run import main as run_main
+
+    opts = {"criterion": "taylor", "layer_ratio": 0.5, "allocation": {"type": "uniform", "counts": "llm_pruner"},
+            "layers": [1, 5], "attention": "kv_group"}
+    taylor = {"reduction": "sum", "grouping": "llm_pruner"}
+    bench = {
+        "name": "tiny-llmp", "seed": 3, "output_dir": str(tmp_path), "model": {"source": "tiny-random-llama"},
+        "calibration": {"source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 4, "seq_len": 32,
+                        "sampling": "llm_pruner"},
+        "perplexity": {"tiny": {"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 64, "max_tokens": 512}},
+        "width": [{**opts, "settings": taylor, "label": "official"}, {**opts, "label": "units"}],
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(bench, sort_keys=False))
+    assert main([str(path)]) == 0
+    rows = {r["criterion"]: r for r in json.loads((tmp_path / "tiny-llmp" / "bench.json").read_text())["rows"]}
+    recipe = {"name": "tiny-llmp-run", "seed": 3, "model": {"source": "tiny-random-llama"}, "stages": {
+        "calibrate": {"type": "calibrate", "source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 4, "seq_len": 32,
+                      "sampling": "llm_pruner"},
+        "score": {"type": "score", "units": "width", "criteria": ["taylor"], "settings": {"taylor": taylor}},
+        "prune": {"type": "prune", "units": "width", **opts},
+        "eval": {"type": "evaluate", **{"perplexity": bench["perplexity"]}}}}
+    rpath = tmp_path / "run.yaml"
+    rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert run_main([str(rpath), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    plan = json.loads(next((tmp_path / "runs" / "tiny-llmp-run").glob("*prune/plan.json")).read_text())
+    metrics = json.loads((tmp_path / "runs" / "tiny-llmp-run" / "metrics.json").read_text())
+    kept = {k: [s_[k] for s_ in plan["shapes_after"]] for k in plan["shapes_after"][0]}
+    assert rows["official"]["kept_widths"] == kept and kept["num_key_value_heads"] == [2, 1, 1, 1, 1, 2]
+    assert rows["official"]["params"] == metrics["model"]["params_after"] == plan["params_after"]
+    ppl = metrics["eval"]["pruned"]["tiny"]["ppl"]
+    assert abs(rows["official"]["eval"]["tiny"]["ppl"] - ppl) < 1e-4 * ppl  # same units removed (gradients summed per window)
+    assert rows["units"]["eval"]["tiny"]["ppl"] != rows["official"]["eval"]["tiny"]["ppl"]  # the settings were applied
+
+
+def test_a_bench_row_s_settings_are_checked_against_its_criterion(tmp_path):
+    from pipeline.bench import load_bench
+    from pipeline.recipe import RecipeError
+
+    bench = {"name": "b", "model": {"source": "tiny-random-llama"},
+             "calibration": {"source": {"path": "tests/data/tiny_corpus.txt"}},
+             "perplexity": {"tiny": {"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 64}},
+             "width": [{"criterion": "taylor", "settings": {"grouping": "nope"}}]}
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    import pytest
+
+    with pytest.raises(RecipeError, match="grouping"):
+        load_bench(str(path))

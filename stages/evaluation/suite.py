@@ -12,7 +12,8 @@ Paths point at the project's reference data (``../shared/data``, relative to the
 recipes use them). A recipe that names its own data (an entry with a ``source`` / ``path``, or ``speed``)
 replaces the suite; an entry named after a suite entry without its own data is a *tweak* of that entry
 (``stages.eval.perplexity.wikitext2.max_tokens=1024`` on the command line shrinks the suite's WikiText-2
-budget and keeps the rest of the suite).
+budget and keeps the rest of the suite). ``tasks: {arc_easy: {path: null}}`` names lm-eval's hub task instead
+of the suite's local file.
 """
 
 from __future__ import annotations

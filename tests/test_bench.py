@@ -102,7 +102,7 @@ def test_a_bench_row_with_the_official_llm_pruner_options_makes_the_recipe_s_pla
                       "sampling": "llm_pruner"},
         "score": {"type": "score", "units": "width", "criteria": ["taylor"], "settings": {"taylor": taylor}},
         "prune": {"type": "prune", "units": "width", **opts},
-        "eval": {"type": "evaluate", **{"perplexity": bench["perplexity"]}}}}
+        "eval": {"type": "evaluate", "perplexity": bench["perplexity"]}}}
     rpath = tmp_path / "run.yaml"
     rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert run_main([str(rpath), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 0

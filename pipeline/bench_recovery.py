@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     spec = yaml.safe_load(Path(args.spec).read_text())
     out = Path(args.out)
-    old = previous_rows(spec, json.loads(Path(args.previous).read_text()), args.previous) if args.previous else {}
+    prev = json.loads(Path(args.previous).read_text()) if args.previous else {}
+    old = previous_rows(spec, prev, args.previous) if args.previous else {}
     bases = {b: _base(entry) for b, entry in spec["bases"].items()}
     wanted = [r for r in args.rows.split(",") if r]
     missing = [r for r in wanted if r not in spec["rows"]]
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol = {d: v["protocol"] for d, v in dense.items() if "protocol" in v}
     elif dense_name in old:
         dense = {d: {"ppl": v} for d, v in old[dense_name][0]["ppl"].items()}
-        protocol = json.loads(Path(args.previous).read_text()).get("protocol", {})
+        protocol = prev.get("protocol", {})
     else:
         raise SystemExit(f"no finished dense row in {out}; run it first")
     rows = []

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path[0] = _root
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from pipeline.metrics import PeakRSS
 from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource, check_run_name
@@ -56,15 +56,20 @@ class WidthMethod(StrictModel):
     prune: PruneConfig
     settings: dict[str, Any] = Field(default_factory=dict, description="the criterion's own settings (as a score "
                                      "stage's settings.<criterion>), e.g. {reduction: sum, grouping: llm_pruner} for taylor")
+    _own: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _criterion_settings(self) -> WidthMethod:
         from stages import criteria  # noqa: F401  (registers the criteria)
         from stages.criteria.registry import validate_settings
 
-        if self.settings:
-            validate_settings("width", {self.prune.criterion: self.settings})
+        if self.settings:  # validated once, before any model loads; the scoring pass takes the model made here
+            self._own = validate_settings("width", {self.prune.criterion: self.settings})[self.prune.criterion]
         return self
+
+    def criterion_settings(self) -> Any:
+        """The criterion's validated settings model (None: the criterion's defaults)."""
+        return self._own
 
     def settings_key(self) -> str:
         """Rows share a scoring pass when criterion and settings agree."""
@@ -155,7 +160,7 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
     from stages.calibration.full import collect_stats
     from stages.calibration.width import summary_tensors
     from stages.criteria.base import CriterionInputs
-    from stages.criteria.registry import CRITERIA, validate_settings
+    from stages.criteria.registry import CRITERIA
     from stages.criteria.scoring import needs_for, score
     from stages.selection.planning import make_hidden_plan, make_width_plan
     from stages.surgery.apply import apply_plan
@@ -176,9 +181,8 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
     for key, m in keyed.items():
         n = m.prune.criterion
         spec = CRITERIA.get("width", n)
-        own = validate_settings("width", {n: m.settings})[n] if m.settings else None
         with PeakRSS() as mem:
-            result = score(spec, CriterionInputs(model, stats, bench.seed, own), hidden=n in hidden).to_json()
+            result = score(spec, CriterionInputs(model, stats, bench.seed, m.criterion_settings()), hidden=n in hidden).to_json()
         data_driven = bool(spec.needs)
         scored[key] = (result, result["seconds"], max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []

@@ -89,7 +89,12 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
 
 
 def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
+    from stages.arch import dense_moe_layers_refusal
+
     problems = _family_problems(recipe, shape.model_type)
+    refusal = dense_moe_layers_refusal(shape.model_type, list(shape.dense_mlp_layers))
+    if refusal:
+        problems.append(f"model.source: {refusal}")
     counts = shape.param_counts()
     total, block = counts if counts is not None else (None, None)
     for key, stage in recipe.stages.items():

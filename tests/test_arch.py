@@ -78,12 +78,12 @@ def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
     from stages.arch.base import ArchAdapter
 
     assert supported_model_types() == ["gemma2", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3",
-                                       "qwen2", "qwen3", "qwen3_moe"]
+                                       "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
     for t in supported_model_types():
         assert t in adapter_class(t).model_types
     with pytest.raises(ValueError, match="already registered"):
         register_arch(ArchAdapter, model_types=("llama",))
-    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe.*geometry"):
+    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe.*geometry"):
         adapter_class("gpt2")
     assert "register_arch" in unsupported_message("gpt2")
 
@@ -157,7 +157,7 @@ UNITS = {  # unit kind → (masked units per layer, the width plan's removal per
 }
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", [*FAMILIES, "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_block_wise_forward_equals_the_model(family: str, calib) -> None:
     """The adapter's block-by-block run (what SLEB, the PPL criterion, LaCo use) reproduces the model's loss —
     masks (Mistral's window of 12 < 24 tokens), rotary, per-head norms, MoE layers (whose router outputs the
@@ -302,7 +302,7 @@ def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None
         (folder / "config.json").write_text(json.dumps(config))
         rc, out = _debug_width_on(str(folder), tmp_path)
         assert rc != 0 and f"{model_type!r} has no architecture adapter" in out, out
-        assert "gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe" in out and "register_arch" in out and "geometry" in out
+        assert "gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe" in out and "register_arch" in out and "geometry" in out
 
 
 # ----------------------------------------------------------------------------- one recipe per family, through the CLI

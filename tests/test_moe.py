@@ -1,8 +1,9 @@
-"""Mixture-of-experts families (Mixtral, Qwen3-MoE; ``stages/arch/moe.py``) on tiny random models built offline from
-their transformers config classes: block removal, the expert and expert-channel units — removal equals masking (an
-expert: its router logit −∞ before the top-k; a channel: zeroed), vanilla ``from_pretrained`` reload equal, KV-cache
-``generate`` equal to uncached — the expert criteria (REAP, frequency × norm, magnitude, random, Wanda-sp, FLAP), the
-typed settings and their refusals, and each family's debug recipe through the CLI."""
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE; ``stages/arch/moe.py``) on tiny random models built
+offline from their transformers config classes: block removal, the expert and expert-channel units — removal equals
+masking (an expert: its router logit −∞ before the top-k; a channel: zeroed), vanilla ``from_pretrained`` reload equal,
+KV-cache ``generate`` equal to uncached — Qwen2-MoE's shared expert (a dense MLP: the ``mlp_channel`` unit), the expert
+criteria (REAP, frequency × norm, magnitude, random, Wanda-sp, FLAP), the typed settings and their refusals, and each
+family's debug recipe through the CLI."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import pytest
 import torch
 from exactness import assert_masked_and_reload_equal
 
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
+# per family: (each expert's width, the dense MLP width — Qwen2-MoE's shared expert; 0: no dense MLP)
+WIDTHS = {"mixtral": (128, 0), "qwen3_moe": (32, 0), "qwen2_moe": (32, 48)}
 
 
-def _model(family: str, layers: int = 3):
+def _model(family: str, layers: int = 3, **extra):
     from stages.io.tiny import tiny_family
 
-    return tiny_family(family, num_layers=layers)
+    return tiny_family(family, num_layers=layers, **extra)
 
 
 def _adapter(model):
@@ -59,6 +62,19 @@ def _mask_router(model, removed: dict[int, list[int]]) -> None:
         router.forward = forward
 
 
+def _mask_shared(model, layer: int, channels: list[int]) -> None:
+    """Zero shared-expert channels as the adapter's ``mlp_channel`` members say: gate/up rows, down columns."""
+    ad = _adapter(model)
+    geo = ad.geometry(ad.layers[layer])
+    with torch.no_grad():
+        for m in ad.members("mlp_channel"):
+            weight = ad.layers[layer].get_submodule(m.path).weight
+            if m.axis == "out":
+                weight[m.index(channels, geo)] = 0
+            else:
+                weight[:, m.index(channels, geo)] = 0
+
+
 def _mask_channels(model, layer: int, channels: list[list[int]]) -> None:
     """Zero channel c of expert e: rows c and I + c of its gate_up slice, column c of its down slice."""
     ad = _adapter(model)
@@ -81,14 +97,16 @@ def test_moe_adapter_is_registered_and_reads_the_expert_geometry(family: str) ->
     assert family in supported_model_types() and family in MOE_FAMILIES
     assert {"expert", "expert_channel", "block", "kv_group"} <= set(ad.UNIT_KINDS)
     g = ad.geometry(ad.layers[0])
-    assert (g.experts, g.top_k, g.intermediate) == (4, 2, 0)
-    assert g.expert_intermediate == (128 if family == "mixtral" else 32)
-    assert ad.lora_modules(["q_proj", "gate_proj", "down_proj", "o_proj"]) == ["q_proj", "o_proj"]
+    assert (g.experts, g.top_k, g.expert_intermediate, g.intermediate) == (4, 2, *WIDTHS[family])
+    # LoRA: the attention projections, and the shared expert's where there is one (never the fused experts)
+    dense = ["gate_proj", "down_proj"] if g.intermediate else []
+    assert ad.lora_modules(["q_proj", "gate_proj", "down_proj", "o_proj"]) == ["q_proj", *dense, "o_proj"]
 
 
 @pytest.mark.parametrize("family", MOE)
 def test_block_removal_equals_masking_and_reloads_vanilla(family: str, calib, tmp_path: Path) -> None:
-    """A block whose attention output and every expert's down projection are zero adds nothing: removing it is exact."""
+    """A block whose attention output and every expert's (and the shared expert's) down projection are zero adds
+    nothing: removing it is exact."""
     from stages.surgery.apply import apply_plan
 
     model = _model(family)
@@ -97,6 +115,8 @@ def test_block_removal_equals_masking_and_reloads_vanilla(family: str, calib, tm
     with torch.no_grad():
         ad.linear(ad.layers[1], "o").weight.zero_()
         ad.expert_weights(ad.layers[1])[1].zero_()
+        if "down" in ad.roles():  # Qwen2-MoE: the shared expert
+            ad.linear(ad.layers[1], "down").weight.zero_()
     apply_plan(model, {"kind": "depth", "removed_blocks": [1], "layers_before": 3})
     assert model.config.num_hidden_layers == 2
     assert_masked_and_reload_equal(model, masked, calib, tmp_path)
@@ -151,10 +171,14 @@ def test_experts_channels_and_kv_groups_together_reload_and_generate_with_cache(
     model = _model(family)
     channels = [list(range(e, 8 + e)) for e in range(4)]
     removed = {"q_heads": [2, 3], "kv_heads": [1], "experts": [2], "expert_channels": channels}
+    shared = [1, 9, 40] if WIDTHS[family][1] else []  # Qwen2-MoE: shared-expert channels too
+    removed["mlp"] = shared
     masked = copy.deepcopy(model)
     _mask_router(masked, {i: [2] for i in range(3)})
     for i in range(3):
         _mask_channels(masked, i, channels)
+        if shared:
+            _mask_shared(masked, i, shared)
         ad = _adapter(masked)
         with torch.no_grad():  # KV group 1: query heads 2, 3 → their o_proj columns
             hd = ad.geometry(ad.layers[i]).head_dim
@@ -209,6 +233,114 @@ def test_top_k_stays_valid_and_expert_widths_stay_equal(family: str) -> None:
     model = _model(family)
     with pytest.raises(PlanError, match="multiple of 8"):
         apply_plan(model, _plan(model, {i: {"expert_channels": [[1, 2, 3]] * 4} for i in range(3)}))
+
+
+# ----------------------------------------------------------------------------- Qwen2-MoE's shared expert
+def test_shared_expert_channel_removal_equals_masking_and_reloads_vanilla(calib, tmp_path: Path) -> None:
+    """The shared expert is a dense MLP beside the routed experts: removing its channel c (gate/up row c, down column c)
+    equals zeroing it — ``shared_expert_gate`` reads the hidden state, not a channel, and stays as it is — and the
+    config's one ``shared_expert_intermediate_size`` follows (the dense ``intermediate_size`` is not its width), so a
+    vanilla ``from_pretrained`` gives the same logits."""
+    from stages.surgery.apply import apply_plan
+
+    model = _model("qwen2_moe")
+    channels = [3, 17, 40]  # any count: the shared expert is plain linears (no grouped_mm alignment)
+    masked = copy.deepcopy(model)
+    for i in range(3):
+        _mask_shared(masked, i, channels)
+    gates = [ad_layer.mlp.shared_expert_gate.weight.clone() for ad_layer in _adapter(model).layers]
+    apply_plan(model, _plan(model, {i: {"mlp": channels} for i in range(3)}))
+    ad = _adapter(model)
+    assert {(g.intermediate, g.experts, g.expert_intermediate) for g in ad.geometries()} == {(45, 4, 32)}
+    assert (model.config.shared_expert_intermediate_size, model.config.intermediate_size) == (45, 128)
+    assert not hasattr(model.config, "prunelab_layer_shapes")
+    assert all(torch.equal(layer.mlp.shared_expert_gate.weight, g) for layer, g in zip(ad.layers, gates, strict=True))
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
+
+
+def test_shared_expert_widths_stay_uniform_and_mlp_is_refused_without_one() -> None:
+    """transformers reads one shared-expert width from the config: different widths per layer are refused before a
+    weight changes. Mixtral and Qwen3-MoE have no dense MLP: a plan with MLP channels is refused there."""
+    from stages.surgery.apply import apply_plan
+    from stages.surgery.plan import PlanError
+
+    model = _model("qwen2_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match="uniform allocation"):
+        apply_plan(model, _plan(model, {1: {"mlp": [3, 4]}}))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for family in ("mixtral", "qwen3_moe"):
+        model = _model(family)
+        assert "mlp_channel" not in _adapter(model).UNIT_KINDS
+        with pytest.raises(PlanError, match="MLP channel"):
+            apply_plan(model, _plan(model, {i: {"mlp": [3]} for i in range(3)}))
+
+
+def test_lora_targets_attention_and_the_shared_expert(calib, tmp_path: Path) -> None:
+    """On Qwen2-MoE recovery's default LoRA targets are the attention projections and the shared expert's three (the
+    fused experts are parameters, the router and the shared expert's gate are not targeted); after shared-expert
+    channels go, a training step, the merge and a vanilla reload work."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.recovery.config import LoraSettings
+    from stages.recovery.model import lora_config
+    from stages.surgery.apply import apply_plan
+
+    model = _model("qwen2_moe")
+    apply_plan(model, _plan(model, {i: {"mlp": [0, 1, 2, 3]} for i in range(3)}))
+    config = lora_config(LoraSettings(rank=2), model)
+    config.init_lora_weights = False
+    peft_model = get_peft_model(model, config)
+    wrapped = {n.split(".layers.0.", 1)[1].removesuffix(".lora_A") for n, _ in peft_model.named_modules()
+               if ".layers.0." in n and n.endswith(".lora_A")}
+    assert wrapped == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")}
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model.train()
+    peft_model(input_ids=calib, labels=calib).loss.backward()
+    opt.step()
+    merged = peft_model.merge_and_unload().eval()
+    merged.save_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = merged(calib).logits
+        assert torch.isfinite(out).all() and (fresh(calib).logits - out).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("extra", [{"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}])
+def test_qwen2_moe_dense_mlp_layers_are_refused_with_the_reason(extra: dict, tmp_path: Path) -> None:
+    """Layers that ``mlp_only_layers`` / ``decoder_sparse_step`` make a plain dense MLP are not supported: the adapter
+    refuses the model, and --dry-run refuses its config.json before any work, saying why."""
+    from stages.arch import adapter_for
+
+    model = _model("qwen2_moe", **extra)
+    with pytest.raises(ValueError, match=r"dense-MLP layers \[.*mlp_only_layers"):
+        adapter_for(model)
+    folder = tmp_path / "model"
+    model.config.save_pretrained(folder)
+    rc, out = _dry_run("recipes/debug-qwen2_moe.yaml", tmp_path, f"model.source={folder}")
+    assert rc != 0 and "dense-MLP layers" in out and "decoder_sparse_step: 1" in out, out
+
+
+def test_shared_expert_channels_equal_the_dependency_graph(monkeypatch) -> None:
+    """Issue 16 item 3 on Qwen2-MoE's shared expert: the ``mlp_channel`` members (gate/up rows, down columns of
+    ``mlp.shared_expert``) equal the group torch-pruning's DependencyGraph finds from the shared gate_proj — the scalar
+    ``shared_expert_gate`` and the routed experts are not in it — on the tiny model made multi-head, rotary traced as
+    the identity."""
+    import importlib
+
+    from test_arch import _graph_group
+
+    from stages.io.tiny import tiny_family
+
+    model = tiny_family("qwen2_moe", num_layers=2, kv_heads=4)
+    monkeypatch.setattr(importlib.import_module(type(model).__module__), "apply_rotary_pos_emb", lambda q, k, *a, **kw: (q, k))
+    ad = _adapter(model)
+    units = [2, 5, 40]
+    for i in range(ad.num_blocks):
+        geo = ad.geometry(ad.layers[i])
+        want = {(m.path, m.axis): sorted(m.index(units, geo)) for m in ad.members("mlp_channel")}
+        assert _graph_group(model, i, "mlp_channel", units) == want
 
 
 # ----------------------------------------------------------------------------- criteria
@@ -266,8 +398,8 @@ def test_every_expert_criterion_scores_every_moe_layer(family: str, calib) -> No
                 assert len(layer["experts"]) == 4
             if "expert_channels" in units:
                 assert [len(c) for c in layer["expert_channels"]] == [inter] * 4
-            if "kv_groups" in units:
-                assert len(layer["kv_groups"]) == 2 and layer["mlp"] == []
+            if "kv_groups" in units:  # "mlp": Qwen2-MoE's shared-expert channels, none elsewhere
+                assert len(layer["kv_groups"]) == 2 and len(layer["mlp"]) == WIDTHS[family][1]
 
 
 def test_reap_picks_an_expert_that_adds_nothing(calib) -> None:
@@ -341,11 +473,15 @@ def _dry_run(recipe: str, tmp_path: Path, *overrides: str) -> tuple[int, str]:
 def test_dry_run_refuses_expert_units_on_a_dense_model_and_dense_units_on_moe(tmp_path: Path) -> None:
     rc, out = _dry_run("recipes/debug-mixtral.yaml", tmp_path, "model.source=tiny-random-llama")
     assert rc != 0 and "has no experts" in out and "experts:" in out and "expert_channels:" in out, out
-    rc, out = _dry_run("recipes/debug-mixtral.yaml", tmp_path, "stages.prune.mlp=true")
-    assert rc != 0 and "no dense MLP channels" in out, out
-    for family in MOE:
+    for family in MOE:  # mlp: true prunes Qwen2-MoE's shared expert; Mixtral and Qwen3-MoE have no dense MLP
+        rc, out = _dry_run("recipes/debug-mixtral.yaml", tmp_path, f"model.source=tiny-random-{family}", "stages.prune.mlp=true")
+        assert (rc == 0) == (family == "qwen2_moe") and (rc == 0 or "no dense MLP channels" in out), out
+    for family in MOE:  # recipes/debug-qwen2_moe.yaml prunes shared-expert channels (mlp: true)
         rc, out = _dry_run(f"recipes/debug-{family}.yaml", tmp_path)
         assert rc == 0, out
+    # layers of different widths cannot be saved for a MoE family (one config width): refused before any work
+    rc, out = _dry_run("recipes/debug-qwen2_moe.yaml", tmp_path, "stages.prune.allocation=owl")
+    assert rc != 0 and "cannot differ in width" in out, out
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -380,8 +516,9 @@ def test_expert_units_against_the_dependency_graph() -> None:
 # ----------------------------------------------------------------------------- one recipe per family, through the CLI
 @pytest.mark.parametrize("family", MOE)
 def test_debug_moe_recipe_prunes_recovers_and_exports(family: str, tmp_path: Path) -> None:
-    """experts + expert channels (+ KV groups on Mixtral) + LoRA + export through the CLI; the export's reload check
-    passes and a vanilla from_pretrained of the export generates with the KV cache."""
+    """experts + expert channels (+ KV groups on Mixtral, + KV groups and shared-expert channels on Qwen2-MoE) + LoRA +
+    export through the CLI; the export's reload check passes and a vanilla from_pretrained of the export generates
+    with the KV cache."""
     import json
 
     from transformers import AutoModelForCausalLM
@@ -395,6 +532,7 @@ def test_debug_moe_recipe_prunes_recovers_and_exports(family: str, tmp_path: Pat
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     ad = _adapter(model)
     assert model.config.model_type == family and {g.experts for g in ad.geometries()} == {3}
+    assert {g.intermediate for g in ad.geometries()} == {WIDTHS[family][1] // 2}  # Qwen2-MoE: half its shared expert
     ids = torch.tensor([[5, 9, 11, 40, 7]])
     with torch.no_grad():
         a = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=2)

@@ -31,9 +31,12 @@ FAMILY_MODULES: dict[str, str] = {
     "olmo2": "stages.arch.olmo2",
     "mixtral": "stages.arch.mixtral",
     "qwen3_moe": "stages.arch.qwen3_moe",
+    "qwen2_moe": "stages.arch.qwen2_moe",
 }
-# Mixture-of-experts families (stages.arch.moe): expert and expert-channel units, no dense MLP channels.
-MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe")
+# Mixture-of-experts families (stages.arch.moe): expert and expert-channel units.
+MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe", "qwen2_moe")
+# ... of which these run a dense shared expert beside the routed ones: its channels are the `mlp: true` units.
+SHARED_EXPERT_FAMILIES: tuple[str, ...] = ("qwen2_moe",)
 # model_types whose o_proj/down_proj cannot hold a compensation bias (checked by a test against the adapters).
 NO_OUTPUT_BIAS: dict[str, tuple[str, ...]] = {"mistral": ("o", "down"), "qwen2": ("o", "down"), "qwen3": ("down",),
                                               "phi3": ("o", "down"), "gemma2": ("down",), "gemma3_text": ("down",),
@@ -85,7 +88,8 @@ def compensation_refusal(model_type: str | None) -> str | None:
 
 def moe_refusals(model_type: str | None, settings: Any) -> list[str]:
     """Torch-free, for ``--dry-run``: width settings that do not fit the family's MLP (expert units on a dense
-    model; dense MLP channels, hidden channels or a layer range on a mixture of experts), each with what to do."""
+    model; dense MLP channels without a shared expert, hidden channels, or layers of different widths on a mixture of
+    experts), each with what to do."""
     units, moe = getattr(settings, "units", None), model_type in MOE_FAMILIES
     wants = [k for k in ("experts", "expert_channels") if getattr(settings, k, None) is not None]
     if wants and not moe:
@@ -97,10 +101,42 @@ def moe_refusals(model_type: str | None, settings: Any) -> list[str]:
         return [("units: hidden — hidden-channel pruning of mixture-of-experts models "
                  f"({model_type!r}) is not implemented (the fused expert tensors are not sliced); prune experts or "
                  "expert_channels instead")]
-    if units == "width" and getattr(settings, "mlp", False):
-        return [(f"mlp: true — the {model_type!r} MLP is a mixture of experts with no dense MLP channels; set "
-                 "mlp: false and prune `experts` and/or `expert_channels`")]
+    if units == "width" and getattr(settings, "mlp", False) and model_type not in SHARED_EXPERT_FAMILIES:
+        return [(f"mlp: true — the {model_type!r} MLP is a mixture of experts with no dense MLP channels (only "
+                 f"{', '.join(SHARED_EXPERT_FAMILIES)} has a dense shared expert); set mlp: false and prune `experts` "
+                 "and/or `expert_channels`")]
+    dense = units == "width" and (getattr(settings, "attention", "none") != "none" or getattr(settings, "mlp", False))
+    allocation = getattr(getattr(settings, "allocation", None), "type", "uniform")
+    layers = getattr(settings, "layers", None)
+    if dense and (allocation != "uniform" or layers is not None):
+        what = f"layers: {list(layers)}" if layers is not None else f"allocation: {allocation}"
+        return [(f"{what} — the layers of a mixture of experts ({model_type!r}) cannot differ in width (transformers "
+                 "reads the head counts and MLP widths from the shared config; the prunelab loader does not rebuild MoE "
+                 "layers); use allocation: uniform over every layer")]
     return []
+
+
+def dense_mlp_layers(model_type: str | None, config: Any) -> list[int]:
+    """Torch-free: the layers of a Qwen2-MoE ``config`` (a config object or config.json's mapping) that transformers
+    builds with a plain dense MLP instead of the MoE block (``Qwen2MoeDecoderLayer``: listed in ``mlp_only_layers``,
+    or skipped by ``decoder_sparse_step``); [] for every other family."""
+    if model_type != "qwen2_moe":
+        return []
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    only, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
+    experts = get("num_experts") or 0
+    return [i for i in range(get("num_hidden_layers") or 0) if i in only or not (experts > 0 and (i + 1) % step == 0)]
+
+
+def dense_moe_layers_refusal(model_type: str | None, dense: list[int]) -> str | None:
+    """Torch-free: why a Qwen2-MoE config whose ``mlp_only_layers`` / ``decoder_sparse_step`` make some layers a plain
+    dense MLP is not supported (None when every layer is a MoE layer, or the family is not Qwen2-MoE)."""
+    if model_type != "qwen2_moe" or not dense:
+        return None
+    return (f"model_type 'qwen2_moe' with dense-MLP layers {dense} (mlp_only_layers / decoder_sparse_step): not "
+            "supported — those layers' MLP has other module paths and another width (intermediate_size) than the "
+            "shared expert, and removing blocks would renumber mlp_only_layers; prunelab supports Qwen2-MoE configs "
+            "whose every layer is a MoE layer (mlp_only_layers: [], decoder_sparse_step: 1), as Qwen1.5-MoE-A2.7B's is")
 
 
 def adapter_class(model_type: str | None) -> type[ArchAdapter]:

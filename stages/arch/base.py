@@ -131,6 +131,8 @@ class ArchAdapter:
     UNIT_KINDS: ClassVar[tuple[str, ...]] = ("block", "kv_group", "q_head", "mlp_channel", "hidden_channel")
     # transformers reads per-layer widths from the shared config (Phi-3's fused split): no heterogeneous widths
     UNIFORM_WIDTHS_ONLY: ClassVar[bool] = False
+    # the config key transformers reads the MLP width (the ``mlp_channel`` unit's count) from; None: no dense MLP
+    MLP_CONFIG: ClassVar[str | None] = "intermediate_size"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

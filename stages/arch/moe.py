@@ -1,4 +1,5 @@
-"""Mixture-of-experts layers (Mixtral, Qwen3-MoE): attention as Llama, the MLP a router plus routed experts.
+"""Mixture-of-experts layers (Mixtral, Qwen3-MoE, Qwen2-MoE): attention as Llama, the MLP a router plus routed experts
+(Qwen2-MoE adds a dense shared expert: ``stages.arch.qwen2_moe``).
 
 In transformers 5 the experts are fused 3-D parameters, not per-expert linears: ``mlp.experts.gate_up_proj``
 [E, 2I, H] (gate's I rows, then up's) and ``mlp.experts.down_proj`` [E, H, I]; the router ``mlp.gate`` holds
@@ -45,6 +46,7 @@ class MoeAdapter(ArchAdapter):
     LINEARS: ClassVar[dict[str, str]] = {r: f"self_attn.{LINEAR_NAMES[r]}" for r in ATTN_ROLES}
     UNIT_KINDS: ClassVar[tuple[str, ...]] = ("block", "kv_group", "q_head", "expert", "expert_channel")
     UNIFORM_WIDTHS_ONLY = True
+    MLP_CONFIG: ClassVar[str | None] = None  # no dense MLP (Qwen2-MoE: its shared expert's width)
     BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}
     EXPERT_CONFIG: ClassVar[tuple[str, str]] = ("num_local_experts", "intermediate_size")

@@ -49,6 +49,7 @@ class ModelShape:
     max_positions: int | None = None
     model_type: str | None = None
     experts: int = 0  # mixture-of-experts layers: the dense count below does not apply
+    dense_mlp_layers: tuple[int, ...] = ()  # Qwen2-MoE: layers with a plain dense MLP (refused: stages.arch)
 
     def param_counts(self) -> tuple[int, int] | None:
         """(all parameters, parameters of one block), or None when a size is unknown or the layout is not
@@ -112,7 +113,7 @@ ALIASES: dict[str, Alias] = {
 TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6, "tiny-random-mistral": 4, "tiny-random-qwen2": 4,
                                 "tiny-random-qwen3": 4, "tiny-random-granite": 4, "tiny-random-gemma2": 4,
                                 "tiny-random-gemma3_text": 4, "tiny-random-olmo2": 4, "tiny-random-phi3": 4,
-                                "tiny-random-mixtral": 4, "tiny-random-qwen3_moe": 4}
+                                "tiny-random-mixtral": 4, "tiny-random-qwen3_moe": 4, "tiny-random-qwen2_moe": 4}
 TINY_FAMILY: dict[str, str] = {name: name.rsplit("-", 1)[-1] for name in TINY_ALIASES}
 # stages.io.tiny.tiny_alias's models (a test builds each and checks these against it).
 _TINY = {"vocab": 259, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "max_positions": 1024}
@@ -135,6 +136,7 @@ TINY_SHAPES: dict[str, ModelShape] = {
                                       model_type="mixtral", **_TINY),
     "tiny-random-qwen3_moe": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, experts=4,
                                         model_type="qwen3_moe", **_TINY),
+    "tiny-random-qwen2_moe": ModelShape(num_layers=4, qkv_bias=True, experts=4, model_type="qwen2_moe", **_TINY),
 }
 
 
@@ -248,6 +250,8 @@ def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
 
 def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
     """A ModelShape from a transformers ``config.json`` (Llama, Mistral, Qwen2/3 field names)."""
+    from stages.arch import dense_mlp_layers
+
     cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
     layers = cfg.get("num_hidden_layers")
     if not isinstance(layers, int):
@@ -258,11 +262,13 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
         num_layers=layers, vocab=cfg.get("vocab_size"), hidden=cfg.get("hidden_size"),
         intermediate=cfg.get("intermediate_size"), heads=heads, kv_heads=cfg.get("num_key_value_heads", heads),
         head_dim=cfg.get("head_dim"), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)), qkv_bias=model_type == "qwen2",
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(cfg.get("qkv_bias", True))),
         qk_norm=model_type in ("qwen3", "gemma3_text"), mlp_bias=bool(cfg.get("mlp_bias", False)),
         proj_qk_norm=model_type == "olmo2", layer_norms=LAYER_NORMS_PER_BLOCK.get(model_type or "", 2),
         max_positions=cfg.get("max_position_embeddings"), model_type=model_type,
         experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+        dense_mlp_layers=tuple(dense_mlp_layers(model_type, cfg)),
     )
 
 

@@ -70,6 +70,10 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     # Qwen3 attention + 4 experts of width 32, top-2, probabilities not renormalised (norm_topk_prob false)
     "qwen3_moe": {"head_dim": 24, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    # Qwen2 attention (q/k/v biases) + 4 experts of width 32, top-2, not renormalised, and a shared expert of width 48
+    # (another width than the experts', so the two cannot be confused) behind its sigmoid gate
+    "qwen2_moe": {"tie": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48},
 }
 
 

@@ -27,7 +27,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     alloc, comp = cfg.allocation, cfg.compensation
     offsets = None
     alphas = None
-    if cfg.mlp and geos and any(g.experts for g in geos):
+    if cfg.mlp and geos and any(g.experts and not g.intermediate for g in geos):  # Qwen2-MoE: its shared expert
         raise WidthTargetError(f"mlp: true — {adapter.family} MLPs are mixtures of experts with no dense MLP channels; set "
                                "mlp: false and prune `experts` and/or `expert_channels`")
     if not cfg.dense_units():

@@ -330,23 +330,26 @@ def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     ad = adapter_for(model)
     cfg = model.config
     cfg.head_dim = ad.attention(ad.layers[0]).head_dim  # explicit: heads × head_dim ≠ hidden now
-    keys: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    # plan shape key → config key (the MLP width lives where the adapter says: none on Mixtral, Qwen2-MoE's shared
+    # expert width)
+    keys = {"num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads"}
+    if ad.MLP_CONFIG is not None:
+        keys["intermediate_size"] = ad.MLP_CONFIG
     moe = [s for s in shapes if s.get("num_experts") is not None]
-    if moe:  # MoE layers: no dense MLP width to write; one expert count and width for all (the config holds one)
-        keys = keys[:2]
+    if moe:  # one expert count and width for all MoE layers (the config holds one)
         if any((s["num_experts"], s["expert_intermediate_size"]) != (moe[0]["num_experts"], moe[0]["expert_intermediate_size"])
                for s in moe):
             raise PlanError("every MoE layer must keep the same number of experts and expert width (transformers reads "
                             "them from the shared config)")
         ad.set_expert_config(cfg, moe[0]["num_experts"], moe[0]["expert_intermediate_size"])
     if all(s == shapes[0] for s in shapes) and vanilla_accepts(cfg.model_type, cfg.hidden_size, shapes[0]["num_attention_heads"]):
-        for k in keys:
-            setattr(cfg, k, shapes[0][k])
+        for k, attr in keys.items():
+            setattr(cfg, attr, shapes[0][k])
         if hasattr(cfg, "prunelab_layer_shapes"):
             del cfg.prunelab_layer_shapes
     else:
-        for k in keys:  # the largest shape, so a config without the loader fails loudly on sizes
-            setattr(cfg, k, max(s[k] for s in shapes))
+        for k, attr in keys.items():  # the largest shape, so a config without the loader fails loudly on sizes
+            setattr(cfg, attr, max(s[k] for s in shapes))
         if not vanilla_accepts(cfg.model_type, cfg.hidden_size, cfg.num_attention_heads):  # e.g. Llama-7B keeping 24 of 32 heads
             # a value LlamaConfig accepts; the loader builds every layer from prunelab_layer_shapes anyway
             cfg.num_attention_heads = max(h for h in range(1, cfg.num_attention_heads + 1) if cfg.hidden_size % h == 0)

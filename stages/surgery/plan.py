@@ -176,9 +176,12 @@ class WidthPlan(_Plan):
 
     def details(self) -> list[str]:
         if any(s.num_experts is not None for s in self.shapes_after):
-            lines = ["| layer | query heads | KV heads | experts | expert width |", "|---|---|---|---|---|"]
-            lines += [f"| {i} | {s.num_attention_heads} | {s.num_key_value_heads} | {s.num_experts} | "
-                      f"{s.expert_intermediate_size} |" for i, s in enumerate(self.shapes_after)]
+            shared = any(s.intermediate_size for s in self.shapes_after)  # Qwen2-MoE's shared expert: its MLP channels
+            lines = [f"| layer | query heads | KV heads |{' MLP channels |' if shared else ''} experts | expert width |",
+                     "|---|---|---|---|---|" + ("---|" if shared else "")]
+            lines += [f"| {i} | {s.num_attention_heads} | {s.num_key_value_heads} | "
+                      f"{f'{s.intermediate_size} | ' if shared else ''}{s.num_experts} | {s.expert_intermediate_size} |"
+                      for i, s in enumerate(self.shapes_after)]
         else:
             lines = ["| layer | query heads | KV heads | MLP channels |", "|---|---|---|---|"]
             lines += [f"| {i} | {s.num_attention_heads} | {s.num_key_value_heads} | {s.intermediate_size} |"

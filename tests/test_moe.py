@@ -122,6 +122,24 @@ def test_block_removal_equals_masking_and_reloads_vanilla(family: str, calib, tm
     assert_masked_and_reload_equal(model, masked, calib, tmp_path)
 
 
+def test_block_removal_renumbers_qwen3_moe_dense_mlp_layers(calib, tmp_path: Path) -> None:
+    """Qwen3-MoE builds a plain MLP in the layers ``mlp_only_layers`` names: after removing a block before one, the
+    list follows it (else the vanilla reload would build experts where the dense MLP was, and fail or differ)."""
+    from stages.surgery.apply import apply_plan
+
+    model = _model("qwen3_moe", layers=4, mlp_only_layers=[2])
+    ad = _adapter(model)
+    assert [ad.is_moe(layer) for layer in ad.layers] == [True, True, False, True]
+    masked = copy.deepcopy(model)
+    mad = _adapter(masked)
+    with torch.no_grad():
+        mad.linear(mad.layers[1], "o").weight.zero_()
+        mad.expert_weights(mad.layers[1])[1].zero_()
+    apply_plan(model, {"kind": "depth", "removed_blocks": [1], "layers_before": 4})
+    assert model.config.mlp_only_layers == [1] and model.config.decoder_sparse_step == 1
+    assert_masked_and_reload_equal(model, masked, calib, tmp_path)
+
+
 # ----------------------------------------------------------------------------- expert units: masked == removed
 @pytest.mark.parametrize("family", MOE)
 def test_expert_removal_equals_router_masking_and_reloads_vanilla(family: str, calib, tmp_path: Path) -> None:

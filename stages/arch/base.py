@@ -233,6 +233,14 @@ class ArchAdapter:
         parent, name = self.BLOCKS.rsplit(".", 1)
         setattr(self.model.get_submodule(parent), name, layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers))
 
+    def keep_blocks_config(self, keep: list[int]) -> None:
+        """After ``set_layers`` with the blocks ``keep`` (old indices): the config's per-layer entries follow them, so a
+        vanilla reload builds each kept layer as it was (Gemma's ``layer_types``)."""
+        cfg = self.model.config
+        cfg.num_hidden_layers = len(keep)
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = [cfg.layer_types[i] for i in keep]
+
     @property
     def num_blocks(self) -> int:
         return len(self.layers)

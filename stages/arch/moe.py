@@ -57,6 +57,16 @@ class MoeAdapter(ArchAdapter):
     def is_moe(cls, layer: nn.Module) -> bool:
         return isinstance(getattr(cls.mlp(layer), "experts", None), nn.Module)
 
+    def keep_blocks_config(self, keep: list[int]) -> None:
+        """Qwen2/3-MoE build a plain dense MLP in the layers ``mlp_only_layers`` lists or ``decoder_sparse_step`` skips:
+        after block removal the list is rewritten from the kept layers themselves (step 1), else a reload would put
+        experts where a dense MLP was, or the reverse."""
+        super().keep_blocks_config(keep)
+        cfg = self.model.config
+        if hasattr(cfg, "mlp_only_layers"):
+            cfg.mlp_only_layers = [i for i, layer in enumerate(self.layers) if not self.is_moe(layer)]
+            cfg.decoder_sparse_step = 1
+
     @classmethod
     def router(cls, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(ROUTER)

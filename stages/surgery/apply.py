@@ -121,10 +121,7 @@ def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | N
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-    cfg = model.config
-    cfg.num_hidden_layers = len(keep)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    ad.keep_blocks_config(keep)
 
 
 # ----------------------------------------------------------------------------- width

@@ -62,7 +62,7 @@ def test_readme_is_a_front_page_and_the_results_live_in_docs():
     """What a newcomer reads first stays short; every benchmark table (with its markers, which
     `pipeline/bench.py --update-readme docs/results.md` rewrites) lives in docs/results.md."""
     readme = (ROOT / "README.md").read_text()
-    assert len(readme.splitlines()) < 120
+    assert len(readme.splitlines()) < 135  # the family matrix (issue 16) lives here too
     assert "<!-- bench:" not in readme
     results = (ROOT / "docs" / "results.md").read_text()
     for name in ("smollm2-depth", "smollm2-width", "smollm2-20", "smollm2-speed"):

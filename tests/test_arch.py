@@ -265,6 +265,41 @@ def test_lora_recovers_every_unit_kind(family: str, kind: str, calib, tmp_path: 
         assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "mixtral", "qwen3_moe", "qwen2_moe"])
+def test_qlora_trains_the_adapter_targets_of_every_family(family: str, tmp_path: Path) -> None:
+    """QLoRA (NF4 base on CPU through bitsandbytes) finds the family's targets through the adapter — a fused
+    ``qkv_proj`` once, a MoE model's attention (and Qwen2-MoE's shared expert) but never its fused experts — trains
+    them, and merges into full-precision weights that reload in vanilla transformers."""
+    pytest.importorskip("bitsandbytes")
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from stages.arch import adapter_for
+    from stages.io.tiny import byte_tokenizer
+    from stages.recovery.config import RecoverySettings
+    from stages.recovery.trainer import TrainerEnv, recover_model
+
+    model = _family(family)
+    ad = adapter_for(model)
+    cfg = RecoverySettings(method="qlora", data={"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 32,
+                                                 "max_samples": 8},
+                           lora={"dropout": 0.0, "rank": 2}, optimizer={"lr": 5e-3},
+                           loop={"batch_size": 2, "micro_batch_size": 2, "max_steps": 2})
+    env = TrainerEnv(accelerator=Accelerator(cpu=True), tokenizer=byte_tokenizer(), seed=0, progress=False)
+    merged = recover_model(env, cfg, model, tmp_path, "pruned").pop("model")
+    trained = {k.split(".lora_A")[0].rsplit(".", 1)[-1]
+               for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")) if ".lora_A" in k}
+    assert trained == set(ad.lora_targets())
+    merged.save_pretrained(tmp_path / "merged")
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.arange(3, 35).view(1, -1)
+    with torch.no_grad():
+        out = merged.eval()(ids).logits
+        assert torch.isfinite(out).all()
+        assert (fresh(ids).logits - out).abs().max().item() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- --dry-run: families and compensation
 def _debug_width_on(source: str, tmp_path: Path, *extra: str) -> tuple[int, str]:
     """recipes/debug-width.yaml (FLAP, global allocation, bias compensation) with only ``model.source`` changed."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from exactness import assert_masked_and_reload_equal
+from exactness import assert_lora_step_merges_and_reloads, assert_masked_and_reload_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 # A projection name, or the Llama block list, spelled outside stages/arch/.
@@ -237,7 +237,6 @@ def test_lora_recovers_every_unit_kind(family: str, kind: str, calib, tmp_path: 
     ``qkv_proj`` / ``gate_up_proj`` once); on the pruned model a training step lowers nothing to NaN, and the merged
     model reloads in vanilla transformers."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from stages.arch import adapter_for
     from stages.recovery.config import LoraSettings
@@ -251,18 +250,7 @@ def test_lora_recovers_every_unit_kind(family: str, kind: str, calib, tmp_path: 
     _prune(model, kind)
     peft_model = get_peft_model(model, config)
     assert len([n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]) == ad.num_blocks * len(ad.lora_targets())
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    peft_model.train()
-    loss = peft_model(input_ids=calib, labels=calib).loss
-    loss.backward()
-    opt.step()
-    merged = peft_model.merge_and_unload().eval()
-    merged.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = merged(calib).logits
-        assert torch.isfinite(out).all()
-        assert (fresh(calib).logits - out).abs().max().item() <= 1e-5
+    assert_lora_step_merges_and_reloads(peft_model, calib, tmp_path)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "mixtral", "qwen3_moe", "qwen2_moe"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from exactness import assert_masked_and_reload_equal
+from exactness import assert_lora_step_merges_and_reloads, assert_masked_and_reload_equal
 
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 # per family: (each expert's width, the dense MLP width — Qwen2-MoE's shared expert; 0: no dense MLP)
@@ -299,7 +299,6 @@ def test_lora_targets_attention_and_the_shared_expert(calib, tmp_path: Path) -> 
     fused experts are parameters, the router and the shared expert's gate are not targeted); after shared-expert
     channels go, a training step, the merge and a vanilla reload work."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from stages.recovery.config import LoraSettings
     from stages.recovery.model import lora_config
@@ -313,16 +312,7 @@ def test_lora_targets_attention_and_the_shared_expert(calib, tmp_path: Path) -> 
     wrapped = {n.split(".layers.0.", 1)[1].removesuffix(".lora_A") for n, _ in peft_model.named_modules()
                if ".layers.0." in n and n.endswith(".lora_A")}
     assert wrapped == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")}
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    peft_model.train()
-    peft_model(input_ids=calib, labels=calib).loss.backward()
-    opt.step()
-    merged = peft_model.merge_and_unload().eval()
-    merged.save_pretrained(tmp_path)
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        out = merged(calib).logits
-        assert torch.isfinite(out).all() and (fresh(calib).logits - out).abs().max().item() <= 1e-5
+    assert_lora_step_merges_and_reloads(peft_model, calib, tmp_path)
 
 
 @pytest.mark.parametrize("extra", [{"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}])

@@ -4,7 +4,7 @@
 [--previous OLD.json] [--finished-only]``
 
 The spec names base recipes (methods), calibration sources (by label) and the evaluation every row gets
-(it replaces the recipes' own evaluate stages; their export stages are dropped). Each (method, source)
+(it replaces the recipes' own evaluate stages; their recover and export stages are dropped: pruning only). Each (method, source)
 pair runs as a normal recipe through the CLI in its own process — same code path as a user run, and it
 resumes: rows whose ``metrics.json`` exists are read back, not re-run. The dense model is evaluated once
 with the same evaluation. Prints a markdown table (perplexity and ratio to dense per domain) and writes
@@ -31,12 +31,14 @@ import yaml
 
 
 def _recipe(base: dict[str, Any], name: str, source: dict[str, Any] | None, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with its calibration source swapped, its evaluate/export stages replaced by one evaluation."""
+    """``base`` with its calibration source swapped, its evaluate/export stages replaced by one evaluation and its
+    recover stage dropped: the table compares what calibration does to the *pruning* (recovery has its own bench,
+    ``bench_recovery``, where every row trains the same steps)."""
     r = copy.deepcopy(base)
     r["name"] = name
     stages: dict[str, Any] = {}
     for key, cfg in r["stages"].items():
-        if cfg["type"] in ("evaluate", "export"):
+        if cfg["type"] in ("evaluate", "export", "recover"):
             continue
         if cfg["type"] == "calibrate" and source is not None:
             cfg = {**cfg, "source": source}

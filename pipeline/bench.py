@@ -2,7 +2,8 @@
 
     python pipeline/bench.py recipes/bench/smollm2-depth.yaml [--update-readme docs/results.md]
 
-Writes ``bench.json`` and ``bench.md`` under ``<output_dir>/<name>/`` and prints the table. Each
+Writes ``bench.json`` and ``bench.md`` under ``<output_dir>/<name>/`` and prints the table; every finished row is
+also kept under ``rows/`` the moment it is done, so ``--resume`` continues a killed run (``pipeline/bench_rows.py``). Each
 criterion is scored on its own (its own calibration pass), so the scoring seconds are what that
 criterion costs alone. The PPL criterion's cost is also measured against the naive "one full
 forward per candidate" on the same calibration set, side by side, and reported as a ratio.
@@ -27,6 +28,7 @@ if __package__ in (None, ""):
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from pipeline.bench_rows import BenchRowsError, RowCache
 from pipeline.metrics import PeakRSS
 from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource, check_run_name
 from pipeline.registry import load_stages
@@ -155,8 +157,13 @@ def load_bench(path: str) -> BenchRecipe:
     return bench
 
 
-def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> list[dict[str, Any]]:
-    """All width methods from ONE statistics pass over the shared calibration set."""
+def _width_spec(m: WidthMethod) -> dict[str, Any]:
+    return {"label": m.label, "prune": m.prune.model_dump(mode="json"), "settings": m.settings}
+
+
+def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache: RowCache) -> list[dict[str, Any]]:
+    """All width methods from ONE statistics pass over the shared calibration set (skipped when every row is
+    already in ``cache``)."""
     from stages.calibration.full import collect_stats
     from stages.calibration.width import summary_tensors
     from stages.criteria.base import CriterionInputs
@@ -165,6 +172,9 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
     from stages.selection.planning import make_hidden_plan, make_width_plan
     from stages.surgery.apply import apply_plan
 
+    done = {id(m): cache.get("width", _width_spec(m)) for m in bench.width}
+    if all(row is not None for row in done.values()):
+        return [done[id(m)] for m in bench.width]
     names = list(dict.fromkeys(m.prune.criterion for m in bench.width))
     keyed = {m.settings_key(): m for m in bench.width}  # one score per (criterion, settings)
     hidden = {m.prune.criterion for m in bench.width if m.prune.units == "hidden"}
@@ -179,6 +189,8 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
         del hstats
     scored: dict[str, tuple[dict[str, Any], float, float]] = {}
     for key, m in keyed.items():
+        if all(done[id(r)] is not None for r in bench.width if r.settings_key() == key):
+            continue  # every row of this scoring is finished
         n = m.prune.criterion
         spec = CRITERIA.get("width", n)
         with PeakRSS() as mem:
@@ -187,6 +199,9 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
         scored[key] = (result, result["seconds"], max(mem.peak_mb, pass_mem.peak_mb if data_driven else 0.0))
     rows = []
     for m in bench.width:
+        if done[id(m)] is not None:
+            rows.append(done[id(m)])
+            continue
         cfg, label, key = m.prune, m.name(), m.settings_key()
         t_plan = time.perf_counter()
         if cfg.units == "hidden":
@@ -197,14 +212,15 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any) -> li
         t_plan = time.perf_counter() - t_plan
         params = sum(p.numel() for p in pruned.parameters())
         shapes = [s_.model_dump() for s_ in plan.shapes_after]
-        rows.append({"target": f"{bench.width_ratio:.0%} params (width)", "criterion": label, "params": params,
-                     "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan.params_before, 6),
-                     "score_s": round(scored[key][1] + t_plan + (hessian_s if m in optimal else 0.0), 2),
-                     "plan_s": round(t_plan, 2),
-                     "score_peak_rss_mb": round(scored[key][2]),
-                     "uniform": plan.uniform,
-                     "kept_widths": {k: [s_[k] for s_ in shapes] for k in shapes[0]},
-                     "eval": evaluate(pruned, label)})
+        rows.append(cache.put("width", _width_spec(m), {
+            "target": f"{bench.width_ratio:.0%} params (width)", "criterion": label, "params": params,
+            "layers": len(shapes), "removed_blocks": [], "achieved_ratio": round(1 - params / plan.params_before, 6),
+            "score_s": round(scored[key][1] + t_plan + (hessian_s if m in optimal else 0.0), 2),
+            "plan_s": round(t_plan, 2),
+            "score_peak_rss_mb": round(scored[key][2]),
+            "uniform": plan.uniform,
+            "kept_widths": {k: [s_[k] for s_ in shapes] for k in shapes[0]},
+            "eval": evaluate(pruned, label)}))
         del pruned
     return rows
 
@@ -245,7 +261,13 @@ def _cost_ratio(model: Any, calib: Any, batch_size: int) -> dict[str, float]:
             "max_rel_diff": worst}
 
 
-def run_bench(bench: BenchRecipe) -> dict[str, Any]:
+def shared_settings(bench: BenchRecipe) -> dict[str, Any]:
+    """What every row of the bench depends on: a cached row is reused only when all of it is unchanged."""
+    return bench.model_dump(mode="json", include={"model", "seed", "calibration", "evaluate"})
+
+
+def run_bench(bench: BenchRecipe, cache: RowCache | None = None) -> dict[str, Any]:
+    """Every row of the bench; ``cache`` (see ``pipeline/bench_rows.py``) returns finished rows of a killed run."""
     import torch
     from accelerate.utils import set_seed
 
@@ -259,6 +281,7 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     from stages.selection.blocks import make_plan, num_blocks_for
     from stages.surgery.apply import apply_plan
 
+    cache = cache or RowCache(None, {})
     ev = bench.evaluate
     sources = [bench.calibration.source] + [p.source for p in ev.perplexity.values()]
     checked = [verify_checksum(s.path) for s in sources if s.path] + [verify_checksum(t.path) for t in ev.tasks.values() if t.path]
@@ -295,42 +318,52 @@ def run_bench(bench: BenchRecipe) -> dict[str, Any]:
     adapter = adapter_for(model)
     max_k = max((num_blocks_for(c, adapter) for c in bench.targets), default=0)
     rows: list[dict[str, Any]] = []
-    dense = evaluate(model, "dense")
-    rows.append({"target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
-                 "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": dense})
-    results: dict[str, Any] = {}
+    rows.append(cache.fetch("dense", {}, lambda: {
+        "target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
+        "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": evaluate(model, "dense")}))
     from stages.criteria.settings import LacoSettings
 
     settings = {"laco": LacoSettings.model_validate(bench.laco)}
-    for name in bench.criteria:
-        set_seed(bench.seed)
-        results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, max_k, bench.seed, settings.get(name))
-        results[name]["seconds"] = round(seconds, 2)
+
+    def scored(name: str, k: int) -> dict[str, Any]:
+        """One criterion's scores for removing ``k`` blocks (iterative criteria and LaCo depend on k), kept."""
+        def run() -> dict[str, Any]:
+            set_seed(bench.seed)
+            result, seconds = _score(name, model, calib, bench.calibration.batch_size, k, bench.seed, settings.get(name))
+            return {**result, "seconds": round(seconds, 2)}
+        own = settings.get(name)
+        return cache.fetch("score", {"criterion": name, "num_remove": k,
+                                     "settings": own.model_dump(mode="json") if own is not None else None}, run)
+
+    results: dict[str, Any] = {name: scored(name, max_k) for name in bench.criteria}
     for base_cfg in bench.targets:
         for name in bench.criteria:
             cfg = base_cfg.model_copy(update={"criterion": name})
             k = num_blocks_for(cfg, adapter)
             if "merges" in results[name] and len(results[name]["order"]) != k:  # LaCo's merges depend on the target
-                results[name], seconds = _score(name, model, calib, bench.calibration.batch_size, k, bench.seed, settings.get(name))
-                results[name]["seconds"] = round(seconds, 2)
-            plan = make_plan(results[name], cfg, adapter)
-            pruned = apply_plan(copy.deepcopy(model), plan)
-            rows.append({"target": target_label(cfg), "criterion": name, "params": plan.params_after,
-                         "layers": plan.layers_after, "removed_blocks": plan.removed_blocks,
-                         "achieved_ratio": plan.achieved_ratio, "score_s": results[name]["seconds"],
-                         "score_peak_rss_mb": results[name]["peak_rss_mb"],
-                         "eval": evaluate(pruned, f"{name} @ {target_label(cfg)}")})
-            del pruned
+                results[name] = scored(name, k)
+
+            def row(name: str = name, cfg: Any = cfg) -> dict[str, Any]:
+                plan = make_plan(results[name], cfg, adapter)
+                pruned = apply_plan(copy.deepcopy(model), plan)
+                return {"target": target_label(cfg), "criterion": name, "params": plan.params_after,
+                        "layers": plan.layers_after, "removed_blocks": plan.removed_blocks,
+                        "achieved_ratio": plan.achieved_ratio, "score_s": results[name]["seconds"],
+                        "score_peak_rss_mb": results[name]["peak_rss_mb"],
+                        "eval": evaluate(pruned, f"{name} @ {target_label(cfg)}")}
+            scores = {f: v for f, v in results[name].items() if f not in ("seconds", "peak_rss_mb")}
+            rows.append(cache.fetch("depth", {"target": cfg.model_dump(mode="json"), "scores": scores}, row))
     if bench.width:
-        rows += _width_rows(bench, model, calib, evaluate)
-    cost = _cost_ratio(model, calib, bench.calibration.batch_size) if bench.cost_ratio and bench.criteria else None
+        rows += _width_rows(bench, model, calib, evaluate, cache)
+    cost = (cache.fetch("cost_ratio", {}, lambda: _cost_ratio(model, calib, bench.calibration.batch_size))
+            if bench.cost_ratio and bench.criteria else None)
     return {
         "name": bench.name, "model": bench.model.source, "seed": bench.seed,
         "calibration": {"source": bench.calibration.source.describe(), "num_samples": bench.calibration.num_samples,
                         "seq_len": bench.calibration.seq_len},
         "checksums_verified": checked, "rows": rows, "scores": results, "ppl_cost_ratio": cost,
         "total_s": round(time.perf_counter() - t_start, 1), "peak_memory_mb": peak_memory_mb(), "versions": versions(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "resumed": list(cache.reused),
     }
 
 
@@ -385,6 +418,9 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
               f"{report['torch_threads']} CPU threads; peak RSS = the process's resident memory while that criterion "
               f"scored (the dense model included); total s = scoring + evaluating that row. Total {report['total_s']:.0f} s, overall peak RSS "
               f"{report['peak_memory_mb']['cpu_rss']:.0f} MB.")]
+    if report.get("resumed"):
+        lines += ["", (f"Resumed (`--resume`): {len(report['resumed'])} finished entries (rows, scores) came from an "
+                  f"earlier run of this bench with the same settings; their seconds are that run's.")]
     c = report.get("ppl_cost_ratio")
     if c:
         lines += ["", (f"PPL-criterion cost (hidden states entering each block cached) vs one full forward per "
@@ -406,15 +442,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pipeline/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
     p.add_argument("--update-readme", metavar="FILE", help="replace the table between this benchmark's markers")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="reuse the rows an earlier (killed) run of this bench finished with the same settings")
+    again.add_argument("--force", action="store_true", help="delete an earlier run's rows and start over")
     args = p.parse_args(argv)
     try:
         bench = load_bench(args.recipe)
-    except RecipeError as exc:
+        out = Path(bench.output_dir) / bench.name
+        cache = RowCache.open(out / "rows", shared_settings(bench), args.resume, args.force)
+    except (RecipeError, BenchRowsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = run_bench(bench)
-    out = Path(bench.output_dir) / bench.name
-    out.mkdir(parents=True, exist_ok=True)
+    report = run_bench(bench, cache)
     from pipeline.rundir import atomic_write_json, atomic_write_text
 
     table = to_markdown(report, f"python pipeline/bench.py {args.recipe}")

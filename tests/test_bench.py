@@ -130,3 +130,61 @@ def test_a_bench_row_s_settings_are_checked_against_its_criterion(tmp_path):
 
     with pytest.raises(RecipeError, match="grouping"):
         load_bench(str(path))
+
+
+def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
+    """A bench killed mid-way keeps every finished row; ``--resume`` recomputes only the rest (the same numbers),
+    a plain re-run refuses to mix with them, and a changed setting gets a new row instead of the stale one."""
+    import pytest
+
+    import stages.evaluation.perplexity as ppl_mod
+
+    text = {"path": "tests/data/tiny_corpus.txt"}
+    recipe = {
+        "name": "tiny-resume", "seed": 0, "output_dir": str(tmp_path), "model": {"source": "tiny-random-llama"},
+        "calibration": {"source": text, "num_samples": 3, "seq_len": 32},
+        "perplexity": {"tiny": {"source": text, "seq_len": 64, "max_tokens": 512}},
+        "criteria": ["block_influence", "random"], "targets": [{"num_blocks": 2}], "cost_ratio": False,
+        "width_ratio": 0.15, "width": [{"criterion": "wanda_sp", "label": "w1"}, {"criterion": "flap", "label": "w2"}],
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    evaluated: list[str] = []
+    inner = ppl_mod.windowed_perplexity
+    kill_at = ["ppl w2"]
+
+    def counting(*args, **kwargs):
+        if kwargs.get("desc") in kill_at:
+            kill_at.clear()
+            raise KeyboardInterrupt  # what a kill looks like from inside: this row never finishes
+        evaluated.append(kwargs.get("desc", ""))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(ppl_mod, "windowed_perplexity", counting)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(path)])
+    out = tmp_path / "tiny-resume"
+    assert sorted(p.name.split("-")[0] for p in (out / "rows").iterdir()) == ["dense", "depth", "depth", "score",
+                                                                             "score", "width"]
+    assert not (out / "bench.json").exists()
+    assert main([str(path)]) == 2  # neither --resume nor --force: refuse before any work
+
+    evaluated.clear()
+    assert main([str(path), "--resume"]) == 0
+    assert evaluated == ["ppl w2"]  # the dense, depth and first width rows came back from disk
+    resumed = json.loads((out / "bench.json").read_text())
+    assert len(resumed["resumed"]) == 6
+    assert [r["criterion"] for r in resumed["rows"]] == ["dense", "block_influence", "random", "w1", "w2"]
+    assert "Resumed (`--resume`): 6 finished entries" in (out / "bench.md").read_text()
+
+    evaluated.clear()
+    assert main([str(path), "--force"]) == 0  # start over: every row again, the same numbers
+    fresh = json.loads((out / "bench.json").read_text())
+    assert len(evaluated) == 5 and fresh["resumed"] == []
+    assert [r["eval"]["tiny"]["ppl"] for r in fresh["rows"]] == [r["eval"]["tiny"]["ppl"] for r in resumed["rows"]]
+
+    evaluated.clear()
+    recipe["width"][1]["compensation"] = "bias"  # one row's settings change: only that row runs again
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main([str(path), "--resume"]) == 0
+    assert evaluated == ["ppl w2"]

@@ -182,7 +182,8 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache
         stats = collect_stats(model, calib, needs_for("width", names, {"hidden"} if hidden else ()), batch_size=1, progress=True)
     means = summary_tensors(stats)
     hessian_s = 0.0
-    optimal = [m for m in bench.width if m.prune.units == "width" and m.prune.compensation.type == "optimal"]
+    optimal = [m for m in bench.width if m.prune.units == "width" and m.prune.compensation.type == "optimal"
+               and done[id(m)] is None]
     if optimal:  # its own pass, charged to the optimal rows only
         hstats = collect_stats(model, calib, {"hessian"}, batch_size=1, progress=True)
         means["gram"], hessian_s = summary_tensors(hstats)["gram"], hstats.seconds

@@ -314,6 +314,7 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None) -> dict[str, An
                 out["speed"]["paired"] = measure_speedup(m, model, sp.prompt_len, sp.new_tokens, tuple(sp.batch_sizes),
                                                          sp.repeats, sp.warmup, bench.seed)
         out["eval_s"] = round(time.perf_counter() - t_eval, 1)
+        out["torch_threads"] = torch.get_num_threads()  # a resumed bench may mix processes: each row says its own
         return out
 
     adapter = adapter_for(model)
@@ -386,6 +387,13 @@ def _acc(result: dict[str, Any], key: str) -> str:
     return f"{result[key]:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) else "")
 
 
+def _threads(report: dict[str, Any]) -> str:
+    """The CPU threads the timings ran at; rows from an earlier (resumed) process at another count are marked †."""
+    own = report["torch_threads"]
+    others = sorted({r["eval"].get("torch_threads", own) for r in report["rows"]} - {own})
+    return f"{own} CPU threads" + (f" († rows ran in an earlier process at {'/'.join(map(str, others))})" if others else "")
+
+
 def to_markdown(report: dict[str, Any], command: str) -> str:
     first = report["rows"][0]["eval"]
     names = [n for n, r in first.items() if isinstance(r, dict) and "ppl" in r]
@@ -403,7 +411,8 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         acc = "".join(f" | {_acc(r['eval'][n], 'acc')} | {_acc(r['eval'][n], 'acc_norm')}" for n in tasks)
         removed = r["removed_blocks"] or ("uniform widths" if r.get("uniform") else "per-layer widths" if "uniform" in r else "—")
         total = r["score_s"] + r["eval"].get("eval_s", 0.0)
-        lines.append(f"| {r['target']} | {r['criterion']} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
+        other = r["eval"].get("torch_threads", report["torch_threads"]) != report["torch_threads"]
+        lines.append(f"| {r['target']} | {r['criterion']}{' †' if other else ''} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
                      f"{r['layers']} | {removed} | {ppl}{acc} | {r['score_s']:.1f} | {total:.1f} | {r.get('score_peak_rss_mb') or '—'} |"
                      + (f" {_speedup(r, dense)} |" if speed else ""))
     cal = report["calibration"]
@@ -416,7 +425,7 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
               f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "
               f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time, "
               f"plus that row's selection, allocation and compensation solve (optimal compensation: plus its own XᵀX pass); "
-              f"{report['torch_threads']} CPU threads; peak RSS = the process's resident memory while that criterion "
+              f"{_threads(report)}; peak RSS = the process's resident memory while that criterion "
               f"scored (the dense model included); total s = scoring + evaluating that row. Total {report['total_s']:.0f} s, overall peak RSS "
               f"{report['peak_memory_mb']['cpu_rss']:.0f} MB.")]
     if report.get("resumed"):

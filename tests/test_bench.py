@@ -137,6 +137,7 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     a plain re-run refuses to mix with them, and a changed setting gets a new row instead of the stale one."""
     import pytest
 
+    import pipeline.bench as bench_mod
     import stages.evaluation.perplexity as ppl_mod
 
     text = {"path": "tests/data/tiny_corpus.txt"}
@@ -176,6 +177,12 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     assert len(resumed["resumed"]) == 6
     assert [r["criterion"] for r in resumed["rows"]] == ["dense", "block_influence", "random", "w1", "w2"]
     assert "Resumed (`--resume`): 6 finished entries" in (out / "bench.md").read_text()
+    assert all(r["eval"]["torch_threads"] == resumed["torch_threads"] for r in resumed["rows"])
+    other = json.loads((out / "bench.json").read_text())
+    other["rows"][1]["eval"]["torch_threads"] = resumed["torch_threads"] + 1  # as if resumed at another count
+    md = bench_mod.to_markdown(other, "cmd")
+    assert "| block_influence † |" in md and f"earlier process at {resumed['torch_threads'] + 1})" in md
+    assert "| dense |" in md
 
     evaluated.clear()
     assert main([str(path), "--force"]) == 0  # start over: every row again, the same numbers

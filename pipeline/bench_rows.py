@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,15 +37,13 @@ class RowCache:
     @classmethod
     def open(cls, root: Path, shared: dict[str, Any], resume: bool, force: bool) -> RowCache:
         """Refuse to mix with an earlier run's rows unless ``--resume`` (reuse) or ``--force`` (delete) says so."""
-        if root.is_dir() and any(root.iterdir()):
-            if force:
-                trash = root.with_name(f".{root.name}.removing-{os.getpid()}")
-                root.rename(trash)
-                shutil.rmtree(trash)
-            elif not resume:
-                raise BenchRowsError(f"{root} holds rows of an earlier run of this bench; pass --resume to reuse the "
-                                     f"ones whose settings are unchanged, or --force to start over")
-        root.mkdir(parents=True, exist_ok=True)
+        from pipeline.rundir import RunDirError, prepare_run_dir
+
+        try:
+            prepare_run_dir(root, resume, force)
+        except RunDirError:
+            raise BenchRowsError(f"{root} holds rows of an earlier run of this bench; pass --resume to reuse the "
+                                 f"ones whose settings are unchanged, or --force to start over") from None
         return cls(root, shared)
 
     def path(self, kind: str, spec: dict[str, Any]) -> Path | None:

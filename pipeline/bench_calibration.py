@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.rundir import atomic_write_json
+
 
 def _recipe(base: dict[str, Any], name: str, source: dict[str, Any] | None, evaluation: dict[str, Any]) -> dict[str, Any]:
     """``base`` with its calibration source swapped, its evaluate/export stages replaced by one evaluation and its
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": method, "calibration": label, "params": m["model"]["params_after"],
                          "ppl": {d: ev[d]["ppl"] for d in domains},
                          "ratio": {d: ev[d]["ppl"] / dense[d] for d in domains}})
-    (out / f"{Path(args.spec).stem}.json").write_text(json.dumps({"spec": spec, "protocol": protocol, "rows": rows}, indent=2))
+    atomic_write_json(out / f"{Path(args.spec).stem}.json", {"spec": spec, "protocol": protocol, "rows": rows})
     print(table(rows, domains))
     for d, text in protocol.items():
         print(f"- {d}: {text}")

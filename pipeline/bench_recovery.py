@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.rundir import atomic_write_json
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in recipes:  # spec order; a row run here wins over the same row in --previous
         rows += summarize(n, finished[n], dense) if n in finished else old.get(n, [])
     payload = {"spec": spec, "protocol": protocol, "rows": rows}
-    (out / f"{Path(args.spec).stem}.json").write_text(json.dumps(payload, indent=2))
+    atomic_write_json(out / f"{Path(args.spec).stem}.json", payload)
     print(table(rows))
     for d, text in protocol.items():
         print(f"- {d}: {text}")

@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,9 +162,10 @@ def _width_spec(m: WidthMethod) -> dict[str, Any]:
     return {"label": m.label, "prune": m.prune.model_dump(mode="json"), "settings": m.settings}
 
 
-def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache: RowCache) -> list[dict[str, Any]]:
+def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache: RowCache,
+                mine: Callable[[int], bool] = lambda i: True) -> list[dict[str, Any]]:
     """All width methods from ONE statistics pass over the shared calibration set (skipped when every row is
-    already in ``cache``)."""
+    already in ``cache``). Rows for which ``mine(index)`` is False are another shard's: neither run nor returned."""
     from stages.calibration.full import collect_stats
     from stages.calibration.width import summary_tensors
     from stages.criteria.base import CriterionInputs
@@ -172,9 +174,9 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache
     from stages.selection.planning import make_hidden_plan, make_width_plan
     from stages.surgery.apply import apply_plan
 
-    done = {id(m): cache.get("width", _width_spec(m)) for m in bench.width}
+    done = {id(m): cache.get("width", _width_spec(m)) if mine(i) else {} for i, m in enumerate(bench.width)}
     if all(row is not None for row in done.values()):
-        return [done[id(m)] for m in bench.width]
+        return [done[id(m)] for m in bench.width if done[id(m)]]
     names = list(dict.fromkeys(m.prune.criterion for m in bench.width))
     keyed = {m.settings_key(): m for m in bench.width}  # one score per (criterion, settings)
     hidden = {m.prune.criterion for m in bench.width if m.prune.units == "hidden"}
@@ -201,7 +203,7 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache
     rows = []
     for m in bench.width:
         if done[id(m)] is not None:
-            rows.append(done[id(m)])
+            rows += [done[id(m)]] if done[id(m)] else []
             continue
         cfg, label, key = m.prune, m.name(), m.settings_key()
         t_plan = time.perf_counter()
@@ -267,8 +269,15 @@ def shared_settings(bench: BenchRecipe) -> dict[str, Any]:
     return bench.model_dump(mode="json", include={"model", "seed", "calibration", "evaluate"})
 
 
-def run_bench(bench: BenchRecipe, cache: RowCache | None = None) -> dict[str, Any]:
-    """Every row of the bench; ``cache`` (see ``pipeline/bench_rows.py``) returns finished rows of a killed run."""
+def run_bench(bench: BenchRecipe, cache: RowCache | None = None, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Every row of the bench; ``cache`` (see ``pipeline/bench_rows.py``) returns finished rows of a killed run.
+
+    ``shard`` (i, n) runs only every n-th depth and width row from the i-th (shard 0 also the dense row and the
+    cost ratio), so n processes sharing one ``cache`` split a long bench; a run without a shard then assembles it."""
+    index, count = shard
+
+    def mine(i: int) -> bool:
+        return i % count == index
     import torch
     from accelerate.utils import set_seed
 
@@ -320,9 +329,10 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None) -> dict[str, An
     adapter = adapter_for(model)
     max_k = max((num_blocks_for(c, adapter) for c in bench.targets), default=0)
     rows: list[dict[str, Any]] = []
-    rows.append(cache.fetch("dense", {}, lambda: {
-        "target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
-        "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": evaluate(model, "dense")}))
+    if index == 0:
+        rows.append(cache.fetch("dense", {}, lambda: {
+            "target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
+            "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": evaluate(model, "dense")}))
     from stages.criteria.settings import LacoSettings
 
     settings = {"laco": LacoSettings.model_validate(bench.laco)}
@@ -337,9 +347,12 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None) -> dict[str, An
         return cache.fetch("score", {"criterion": name, "num_remove": k,
                                      "settings": own.model_dump(mode="json") if own is not None else None}, run)
 
-    results: dict[str, Any] = {name: scored(name, max_k) for name in bench.criteria}
-    for base_cfg in bench.targets:
-        for name in bench.criteria:
+    jobs = [(t, name) for t in range(len(bench.targets)) for name in bench.criteria]
+    results: dict[str, Any] = {name: scored(name, max_k) for name in bench.criteria
+                               if any(mine(i) for i, (_, n) in enumerate(jobs) if n == name)}
+    for i, (t, name) in enumerate(jobs):
+        if mine(i):
+            base_cfg = bench.targets[t]
             cfg = base_cfg.model_copy(update={"criterion": name})
             k = num_blocks_for(cfg, adapter)
             if "merges" in results[name] and len(results[name]["order"]) != k:  # LaCo's merges depend on the target
@@ -356,9 +369,9 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None) -> dict[str, An
             scores = {f: v for f, v in results[name].items() if f not in ("seconds", "peak_rss_mb")}
             rows.append(cache.fetch("depth", {"target": cfg.model_dump(mode="json"), "scores": scores}, row))
     if bench.width:
-        rows += _width_rows(bench, model, calib, evaluate, cache)
+        rows += _width_rows(bench, model, calib, evaluate, cache, lambda j: mine(len(jobs) + j))
     cost = (cache.fetch("cost_ratio", {}, lambda: _cost_ratio(model, calib, bench.calibration.batch_size))
-            if bench.cost_ratio and bench.criteria else None)
+            if bench.cost_ratio and bench.criteria and index == 0 else None)
     return {
         "name": bench.name, "model": bench.model.source, "seed": bench.seed,
         "calibration": {"source": bench.calibration.source.describe(), "num_samples": bench.calibration.num_samples,
@@ -448,6 +461,17 @@ def update_readme(readme: Path, name: str, table: str) -> None:
     readme.write_text(pattern.sub(lambda _: f"{start}\n{table}{end}", text))
 
 
+def _parse_shard(text: str | None, resume: bool) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not int(m[1]) < int(m[2]):
+        raise ValueError(f"--shard {text}: write I/N with 0 <= I < N, e.g. --shard 0/2")
+    if not resume:
+        raise ValueError("--shard needs --resume: the shards share the rows folder, each reuses what the others finished")
+    return int(m[1]), int(m[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pipeline/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
@@ -456,7 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("--resume", action="store_true",
                        help="reuse the rows an earlier (killed) run of this bench finished with the same settings")
     again.add_argument("--force", action="store_true", help="delete an earlier run's rows and start over")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="run only every N-th row from the I-th (0-based), keeping them under rows/ for a later "
+                        "--resume run without --shard to assemble; N processes with --resume split a long bench")
     args = p.parse_args(argv)
+    try:
+        shard = _parse_shard(args.shard, args.resume)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         bench = load_bench(args.recipe)
         out = Path(bench.output_dir) / bench.name
@@ -464,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, BenchRowsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = run_bench(bench, cache)
+    report = run_bench(bench, cache, shard or (0, 1))
+    if shard:
+        print(f"shard {shard[0]}/{shard[1]}: {len(report['rows'])} rows kept under {out / 'rows'} "
+              f"({len(cache.reused)} were already there); run without --shard, with --resume, to write the table")
+        return 0
     from pipeline.rundir import atomic_write_json, atomic_write_text
 
     table = to_markdown(report, f"python pipeline/bench.py {args.recipe}")

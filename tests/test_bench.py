@@ -195,3 +195,53 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main([str(path), "--resume"]) == 0
     assert evaluated == ["ppl w2"]
+
+
+def test_two_shards_split_a_bench_and_a_resume_assembles_the_same_table(tmp_path, monkeypatch):
+    """``--shard 0/2`` and ``--shard 1/2`` each evaluate their half of the rows (shard 0 also the dense row);
+    the run without a shard evaluates nothing and writes the table a single run writes."""
+    import pytest
+
+    import stages.evaluation.perplexity as ppl_mod
+
+    text = {"path": "tests/data/tiny_corpus.txt"}
+    recipe = {
+        "name": "tiny-shards", "seed": 0, "output_dir": str(tmp_path / "a"), "model": {"source": "tiny-random-llama"},
+        "calibration": {"source": text, "num_samples": 3, "seq_len": 32},
+        "perplexity": {"tiny": {"source": text, "seq_len": 64, "max_tokens": 512}},
+        "criteria": ["block_influence", "random", "ppl"], "targets": [{"num_blocks": 2}],
+        "width_ratio": 0.15, "width": [{"criterion": "wanda_sp", "label": "w1"}, {"criterion": "flap", "label": "w2"}],
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    evaluated: list[str] = []
+    inner = ppl_mod.windowed_perplexity
+
+    def counting(*args, **kwargs):
+        evaluated.append(kwargs.get("desc", ""))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(ppl_mod, "windowed_perplexity", counting)
+    with pytest.raises(SystemExit):
+        main([str(path), "--shard", "1/2"])  # a shard without --resume: refused by the argument parser
+    with pytest.raises(SystemExit):
+        main([str(path), "--shard", "2/2", "--resume"])
+    assert main([str(path), "--shard", "1/2", "--resume"]) == 0
+    assert evaluated == ["ppl random @ 2 blocks", "ppl w1"]  # rows 1 and 3 of the five pruned rows
+    evaluated.clear()
+    assert main([str(path), "--shard", "0/2", "--resume"]) == 0
+    assert evaluated == ["ppl dense", "ppl block_influence @ 2 blocks", "ppl ppl @ 2 blocks", "ppl w2"]
+    assert not (tmp_path / "a" / "tiny-shards" / "bench.json").exists()  # a shard writes rows, not the table
+    evaluated.clear()
+    assert main([str(path), "--resume"]) == 0
+    assert evaluated == []
+    sharded = json.loads((tmp_path / "a" / "tiny-shards" / "bench.json").read_text())
+
+    recipe["output_dir"] = str(tmp_path / "b")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main([str(path)]) == 0
+    single = json.loads((tmp_path / "b" / "tiny-shards" / "bench.json").read_text())
+    assert [r["criterion"] for r in sharded["rows"]] == [r["criterion"] for r in single["rows"]]
+    assert [r["eval"]["tiny"]["ppl"] for r in sharded["rows"]] == pytest.approx(
+        [r["eval"]["tiny"]["ppl"] for r in single["rows"]], rel=1e-6)
+    assert sharded["scores"].keys() == single["scores"].keys() and sharded["ppl_cost_ratio"] is not None

@@ -274,10 +274,6 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None, shard: tuple[in
 
     ``shard`` (i, n) runs only every n-th depth and width row from the i-th (shard 0 also the dense row and the
     cost ratio), so n processes sharing one ``cache`` split a long bench; a run without a shard then assembles it."""
-    index, count = shard
-
-    def mine(i: int) -> bool:
-        return i % count == index
     import torch
     from accelerate.utils import set_seed
 
@@ -292,6 +288,11 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None, shard: tuple[in
     from stages.surgery.apply import apply_plan
 
     cache = cache or RowCache(None, {})
+    index, count = shard
+
+    def mine(i: int) -> bool:
+        return i % count == index
+
     ev = bench.evaluate
     sources = [bench.calibration.source] + [p.source for p in ev.perplexity.values()]
     checked = [verify_checksum(s.path) for s in sources if s.path] + [verify_checksum(t.path) for t in ev.tasks.values() if t.path]

@@ -69,7 +69,11 @@ def gen_setup():
     return tiny_llama(num_layers=2), byte_tokenizer()
 
 
-def test_self_generated_is_seeded_cached_and_resumes_without_regenerating(gen_setup, tmp_path: Path, monkeypatch) -> None:
+def test_self_generated_is_seeded_cached_and_resumes_without_regenerating(gen_setup, tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="stages.calibration.generate")
     model, tok = gen_setup
     src = SOURCE.validate_python({"self_generated": {"batch_size": 2, "temperature": 1.0}})
     first = calibration_windows(src, model, tok, 5, 24, 7, tmp_path / "a", progress=False)
@@ -88,9 +92,11 @@ def test_self_generated_is_seeded_cached_and_resumes_without_regenerating(gen_se
     resumed = calibration_windows(src, model, tok, 5, 24, 7, tmp_path / "a", progress=False)
     assert torch.equal(resumed, first)
     assert 0 < len(calls) <= 24  # one batch of (24 - 1) decode steps + its prefill, not three
+    assert "(2 of 3 batches read back from the cache)" in caplog.text  # said even with the bar off
     calls.clear()
     calibration_windows(src, model, tok, 5, 24, 7, tmp_path / "a", progress=False)
     assert calls == []  # everything cached
+    assert "self-generating 5 × 24 tokens in 3 batches" in caplog.text and "(3 of 3 batches" in caplog.text
     changed = SOURCE.validate_python({"self_generated": {"batch_size": 2, "temperature": 0.7}})
     assert not torch.equal(calibration_windows(changed, model, tok, 5, 24, 7, tmp_path / "a", progress=False), first)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.calibration.sources import SelfGeneratedSettings
+
+log = logging.getLogger(__name__)
 
 
 def _prompts(tokenizer: Any, s: SelfGeneratedSettings, n: int, seed: int) -> torch.Tensor:
@@ -77,6 +81,9 @@ def self_generate(model: Any, tokenizer: Any, s: SelfGeneratedSettings, n: int, 
     model.eval()
     shards = []
     starts = range(0, n, s.batch_size)
+    t0, reused = time.perf_counter(), 0
+    # a log line, not only the bar: with --no-progress (the benches) this can be half an hour of silence otherwise
+    log.info("self-generating %d × %d tokens in %d batches (cached in %s)", n, seq_len, len(starts), cache_dir)
     for b, start in enumerate(tqdm(starts, desc="self-generating calibration", disable=not progress)):
         rows = prompts[start : start + s.batch_size]
         key = _key(s, seed, seq_len, b, rows.shape[0])
@@ -85,6 +92,7 @@ def self_generate(model: Any, tokenizer: Any, s: SelfGeneratedSettings, n: int, 
             saved = torch.load(path)
             if saved.get("key") == key:
                 shards.append(saved["ids"])
+                reused += 1
                 continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
         ids = sample(model, rows, seq_len, s, gen)
@@ -93,4 +101,6 @@ def self_generate(model: Any, tokenizer: Any, s: SelfGeneratedSettings, n: int, 
         tmp.replace(path)
         shards.append(ids)
     model.train(was_training)
+    log.info("self-generated %d × %d tokens in %.1f s (%d of %d batches read back from the cache)",
+             n, seq_len, time.perf_counter() - t0, reused, len(starts))
     return torch.cat(shards)

@@ -10,13 +10,12 @@ version is not in the key, so after a change to the library, start over with ``-
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.core.files import atomic_write_json
+from pipeline.rundir import RunDirError, atomic_write_json, chain_hash, prepare_run_dir
 
 __all__ = ["BenchRowsError", "RowCache"]
 
@@ -37,8 +36,6 @@ class RowCache:
     @classmethod
     def open(cls, root: Path, shared: dict[str, Any], resume: bool, force: bool) -> RowCache:
         """Refuse to mix with an earlier run's rows unless ``--resume`` (reuse) or ``--force`` (delete) says so."""
-        from pipeline.rundir import RunDirError, prepare_run_dir
-
         try:
             prepare_run_dir(root, resume, force)
         except RunDirError:
@@ -49,8 +46,7 @@ class RowCache:
     def path(self, kind: str, spec: dict[str, Any]) -> Path | None:
         if self.root is None:
             return None
-        blob = json.dumps([self._shared, kind, spec], sort_keys=True, default=str)
-        return self.root / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+        return self.root / f"{kind}-{chain_hash(self._shared, kind, spec)}.json"  # the run directory's stage hash
 
     def get(self, kind: str, spec: dict[str, Any]) -> Any | None:
         """The stored value, or None. A file that does not parse (writes are atomic, so only a hand edit makes

@@ -401,6 +401,17 @@ def _acc(result: dict[str, Any], key: str) -> str:
     return f"{result[key]:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) else "")
 
 
+def _totals(report: dict[str, Any]) -> str:
+    """The run's wall time and peak memory; a resumed run's are only its own (the reused rows ran in earlier
+    processes), so it says so and adds the rows' own seconds rather than pass off an assembly's as the bench's."""
+    own = f"{report['total_s']:.0f} s, peak RSS {report['peak_memory_mb']['cpu_rss']:.0f} MB"
+    if not report.get("resumed"):
+        return f"Total {own.replace('peak RSS', 'overall peak RSS')}."
+    rows = sum(r["score_s"] + r["eval"].get("eval_s", 0.0) for r in report["rows"])
+    return (f"This resumed run itself: {own}; the rows' total s add up to {rows:.0f} s (the shared width statistics "
+            f"pass counted once per data-driven width row, so more than the machine time).")
+
+
 def _threads(report: dict[str, Any]) -> str:
     """The CPU threads the timings ran at; rows from an earlier (resumed) process at another count are marked †."""
     own = report["torch_threads"]
@@ -440,8 +451,7 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
               f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time, "
               f"plus that row's selection, allocation and compensation solve (optimal compensation: plus its own XᵀX pass); "
               f"{_threads(report)}; peak RSS = the process's resident memory while that criterion "
-              f"scored (the dense model included); total s = scoring + evaluating that row. Total {report['total_s']:.0f} s, overall peak RSS "
-              f"{report['peak_memory_mb']['cpu_rss']:.0f} MB.")]
+              f"scored (the dense model included); total s = scoring + evaluating that row. {_totals(report)}")]
     if report.get("resumed"):
         lines += ["", (f"Resumed (`--resume`): {len(report['resumed'])} finished entries (rows, scores) came from an "
                   f"earlier run of this bench with the same settings; their seconds are that run's.")]

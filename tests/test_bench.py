@@ -177,6 +177,9 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     assert len(resumed["resumed"]) == 6
     assert [r["criterion"] for r in resumed["rows"]] == ["dense", "block_influence", "random", "w1", "w2"]
     assert "Resumed (`--resume`): 6 finished entries" in (out / "bench.md").read_text()
+    rows_s = sum(r["score_s"] + r["eval"]["eval_s"] for r in resumed["rows"])
+    assert f"This resumed run itself: {resumed['total_s']:.0f} s" in (out / "bench.md").read_text()
+    assert f"the rows' total s add up to {rows_s:.0f} s" in (out / "bench.md").read_text()
     assert all(r["eval"]["torch_threads"] == resumed["torch_threads"] for r in resumed["rows"])
     other = json.loads((out / "bench.json").read_text())
     other["rows"][1]["eval"]["torch_threads"] = resumed["torch_threads"] + 1  # as if resumed at another count
@@ -188,6 +191,7 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     assert main([str(path), "--force"]) == 0  # start over: every row again, the same numbers
     fresh = json.loads((out / "bench.json").read_text())
     assert len(evaluated) == 5 and fresh["resumed"] == []
+    assert f"Total {fresh['total_s']:.0f} s, overall peak RSS" in (out / "bench.md").read_text()
     assert [r["eval"]["tiny"]["ppl"] for r in fresh["rows"]] == [r["eval"]["tiny"]["ppl"] for r in resumed["rows"]]
 
     evaluated.clear()

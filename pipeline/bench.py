@@ -401,14 +401,19 @@ def _acc(result: dict[str, Any], key: str) -> str:
     return f"{result[key]:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) else "")
 
 
+def _row_total(row: dict[str, Any]) -> float:
+    """A row's "total s" column: its scoring plus its evaluation."""
+    return row["score_s"] + row["eval"].get("eval_s", 0.0)
+
+
 def _totals(report: dict[str, Any]) -> str:
     """The run's wall time and peak memory; a resumed run's are only its own (the reused rows ran in earlier
     processes), so it says so and adds the rows' own seconds rather than pass off an assembly's as the bench's."""
-    own = f"{report['total_s']:.0f} s, peak RSS {report['peak_memory_mb']['cpu_rss']:.0f} MB"
+    seconds, rss = f"{report['total_s']:.0f} s", f"{report['peak_memory_mb']['cpu_rss']:.0f} MB"
     if not report.get("resumed"):
-        return f"Total {own.replace('peak RSS', 'overall peak RSS')}."
-    rows = sum(r["score_s"] + r["eval"].get("eval_s", 0.0) for r in report["rows"])
-    return (f"This resumed run itself: {own}; the rows' total s add up to {rows:.0f} s (the shared width statistics "
+        return f"Total {seconds}, overall peak RSS {rss}."
+    rows = sum(_row_total(r) for r in report["rows"])
+    return (f"This resumed run itself: {seconds}, peak RSS {rss}; the rows' total s add up to {rows:.0f} s (the shared width statistics "
             f"pass counted once per data-driven width row, so more than the machine time).")
 
 
@@ -435,7 +440,7 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         ppl = " | ".join(f"{r['eval'][n]['ppl']:.2f} ({r['eval'][n]['ppl'] / dense['eval'][n]['ppl']:.2f}×)" for n in names)
         acc = "".join(f" | {_acc(r['eval'][n], 'acc')} | {_acc(r['eval'][n], 'acc_norm')}" for n in tasks)
         removed = r["removed_blocks"] or ("uniform widths" if r.get("uniform") else "per-layer widths" if "uniform" in r else "—")
-        total = r["score_s"] + r["eval"].get("eval_s", 0.0)
+        total = _row_total(r)
         other = r["eval"].get("torch_threads", report["torch_threads"]) != report["torch_threads"]
         lines.append(f"| {r['target']} | {r['criterion']}{' †' if other else ''} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
                      f"{r['layers']} | {removed} | {ppl}{acc} | {r['score_s']:.1f} | {total:.1f} | {r.get('score_peak_rss_mb') or '—'} |"

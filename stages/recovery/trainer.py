@@ -55,6 +55,8 @@ class Recorder:
         self.losses: list[float] = state.get("losses", [])
         self.samples: list[list[int]] = state.get("samples", [[] for _ in range(processes)])
         self.step_seconds: list[float] = []
+        self.teacher_seconds: list[float] = []  # the teacher's share of each step (same steps as step_seconds)
+        self._teacher_total = 0.0
         self.step_tokens: list[int] = []  # global input tokens per optimizer step
 
     def add_samples(self, gathered: torch.Tensor, processes: int) -> None:
@@ -234,6 +236,9 @@ def finish_step(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, loss: t
     rec.losses.append(acc.reduce(loss.reshape(1), reduction="mean").item())
     rec.step_tokens.append(int(acc.reduce(torch.tensor([tokens], device=acc.device), reduction="sum").item()))
     rec.step_seconds.append(seconds)
+    if run.teacher is not None:  # per step, so the student's time is a difference of the same step's two clocks
+        rec.teacher_seconds.append(max(0.0, run.teacher.seconds - rec._teacher_total))
+        rec._teacher_total = run.teacher.seconds
     progress.update(1)
     progress.set_postfix(loss=f"{rec.losses[-1]:.4f}")
     if run.step % cfg.loop.log_every == 0 or run.step == run.total:
@@ -314,13 +319,17 @@ def _summary(run: TrainState, processes: int, seconds: float) -> dict[str, Any]:
     tokens_per_step = int(statistics.median(rec.step_tokens)) if rec.step_tokens else 0
     extra: dict[str, Any] = {"loss": run.loss.name}
     if run.teacher is not None and run.step > run.first_step:
-        # The teacher's forwards are timed inside each step; without them a step takes (step − teacher) seconds.
+        # The teacher's forwards are timed inside each step; without them that step takes (step − teacher) seconds.
+        # Both medians are over the same steps' own differences (never a median minus a mean, which can go ≤ 0
+        # under load); a step is at least as long as the teacher's part of it, so the difference is never negative.
         teacher_s = run.teacher.seconds / (run.step - run.first_step)
-        student_s = median - teacher_s if timed else float("nan")
+        pairs = list(zip(rec.step_seconds, rec.teacher_seconds))
+        pairs = pairs[1:] or pairs  # the same warm-up step excluded
+        student_s = statistics.median(max(s - t, 1e-9) for s, t in pairs) if pairs else float("nan")
         extra["teacher"] = {"sharded": run.teacher.sharded, "cached": hasattr(run.teacher, "pass_seconds"),
                             "cache_pass_s": round(getattr(run.teacher, "pass_seconds", 0.0), 3),
                             "s_per_step": round(teacher_s, 4), "share_of_step": round(teacher_s / median, 3) if timed else None,
-                            "tokens_per_s_without_teacher": round(tokens_per_step / student_s, 1) if student_s > 0 else None}
+                            "tokens_per_s_without_teacher": round(tokens_per_step / student_s, 1) if pairs else None}
     return {
         **extra, "label": run.label, "steps": run.total, "accumulation": run.accum, "processes": processes,
         "tokens_per_step": tokens_per_step, "seconds": round(seconds, 2),

@@ -71,6 +71,7 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
 def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
     from stages.arch import FAMILY_MODULES, compensation_refusal, moe_refusals, unsupported_message
+    from stages.selection.engines import engine_refusals
 
     if model_type is None:
         return []
@@ -85,6 +86,7 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     for key, stage in recipe.stages.items():  # expert units on a dense model, dense MLP units on a MoE model
         if getattr(stage, "type", None) == "prune":
             problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
+            problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
     return problems
 
 

@@ -259,7 +259,8 @@ class WidthSettings(_WidthTarget):
     """Remove attention heads / KV groups and MLP channels inside the layers; on mixture-of-experts models also
     whole experts (``experts``) and channels inside every expert (``expert_channels``)."""
 
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"experts": None, "expert_channels": None}
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"experts": None, "expert_channels": None, "engines": ["transformers"],
+                                              "round_to": 1}
 
     units: Literal["width"] = Field("width", description="remove heads / KV groups / MLP channels")
     allocation: Allocation = Field(default_factory=UniformAllocation, description="how the target spreads over layers: "
@@ -273,6 +274,14 @@ class WidthSettings(_WidthTarget):
                                         "(router row + weights) removed in every MoE layer")
     expert_channels: ExpertUnits | None = Field(None, description="mixture of experts: {ratio, criterion} — "
                                                 "intermediate channels removed inside every expert")
+    engines: list[Literal["transformers", "llama.cpp", "vllm"]] = Field(
+        default_factory=lambda: ["transformers"], min_length=1, description="engines the pruned model must run in; "
+        "selection honours what they run (stages.selection.engines): transformers — everything the prunelab loader "
+        "runs; llama.cpp — per-layer widths for Llama-layout families (as `deci`), uniform widths for the others; "
+        "vllm — the same, and query heads uniform across layers (attention pruned alike in every layer, MLP per layer)")
+    round_to: int = Field(1, ge=1, description="kept MLP widths are multiples of this (Torch-Pruning's round_to; "
+                          "Minitron keeps multiples of 64): the highest-scoring channels kept, the target then met as "
+                          "closely as those steps allow; heads are whole head_dim units already and are not rounded")
 
     def moe_units(self) -> dict[str, ExpertUnits]:
         """The expert unit kinds this prune removes, by their score key."""
@@ -329,6 +338,10 @@ class WidthSettings(_WidthTarget):
             raise ValueError("allocation: global ranks whole KV groups; use attention: kv_group or allocation: uniform")
         if self.attention == "none" and not self.mlp and not self.moe_units():
             raise ValueError("nothing to prune: enable mlp, choose an attention unit, or set experts / expert_channels")
+        if self.round_to > 1 and not self.mlp:
+            raise ValueError(f"round_to={self.round_to} rounds kept MLP widths, but mlp: false; remove round_to or set mlp: true")
+        if len(set(self.engines)) != len(self.engines):
+            raise ValueError(f"engines {self.engines} names an engine twice; list each once")
         if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
             raise ValueError(f"layers {list(self.layers)} must be [start, end) with 0 <= start < end")
         return self
@@ -337,6 +350,14 @@ class WidthSettings(_WidthTarget):
                     geometries: list[Any] | None = None) -> list[str]:
         if self.layers is not None and self.layers[1] > num_layers:
             return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
+        if geometries and self.mlp and self.round_to > 1:
+            from stages.selection.width import WidthTargetError, check_round_to
+
+            start, end = self.layers or (0, num_layers)
+            try:
+                check_round_to(self.round_to, geometries, list(range(start, end)))
+            except WidthTargetError as exc:
+                return [str(exc)]
         if geometries and self.layer_ratio is not None:
             from stages.selection.width import WidthTargetError, uniform_layer
 
@@ -346,7 +367,7 @@ class WidthSettings(_WidthTarget):
                 dummy = {"q_heads": [0.0] * g.n_q, "kv_groups": [0.0] * g.n_kv, "mlp": [0.0] * g.intermediate}
                 try:
                     uniform_layer(dummy, g, self.layer_ratio, self.attention, self.mlp, i,
-                                  getattr(self.allocation, "counts", "nearest"))
+                                  getattr(self.allocation, "counts", "nearest"), self.round_to)
                 except WidthTargetError as exc:
                     return [f"layer_ratio={self.layer_ratio}: {exc}"]
         return []
@@ -388,7 +409,7 @@ _HIDDEN_ALONE = "hidden channels are pruned on their own (LLM-Pruner's channel m
 _ROUNDING = "rounding is a blocks setting (width and hidden targets round to the nearest unit); remove it"
 NOT_APPLICABLE: dict[str, dict[str, str]] = {
     "blocks": {"layer_ratio": _WIDTH_ONLY, "allocation": _WIDTH_ONLY, "compensation": _WIDTH_ONLY,
-               **dict.fromkeys(("layers", "attention", "mlp", "experts", "expert_channels"),
+               **dict.fromkeys(("layers", "attention", "mlp", "experts", "expert_channels", "engines", "round_to"),
                                "{key} is a width setting; set units: width"),
                "norm_rescale": "norm_rescale is a hidden-channel setting; set units: hidden"},
     "width": {"num_blocks": "num_blocks is a depth target; for width give `ratio` or `layer_ratio`", "rounding": _ROUNDING,
@@ -396,7 +417,8 @@ NOT_APPLICABLE: dict[str, dict[str, str]] = {
     "hidden": {"num_blocks": "num_blocks is a depth target; for hidden channels give `ratio` or `layer_ratio`",
                "rounding": _ROUNDING, "allocation": _HIDDEN_SPAN, "layers": _HIDDEN_SPAN, "compensation": _HIDDEN_SPAN,
                "attention": _HIDDEN_ALONE, "mlp": _HIDDEN_ALONE, "experts": _HIDDEN_ALONE,
-               "expert_channels": _HIDDEN_ALONE},
+               "expert_channels": _HIDDEN_ALONE,
+               **dict.fromkeys(("engines", "round_to"), "{key} is a setting of units: width (heads and MLP channels); remove it")},
 }
 
 

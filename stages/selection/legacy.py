@@ -115,6 +115,8 @@ def v1_settings(cfg: Any) -> dict[str, Any]:
             out.update(alpha_epsilon=alloc.epsilon)
         if comp.type == "optimal":
             out.update(damping=comp.damping, optimal_bias=comp.bias)
+        out.update({k: v for k, v in (("engines", cfg.engines), ("round_to", cfg.round_to))  # later settings: a run
+                    if v != cfg.LATER_FIELDS[k]})  # made before them never stands for one that uses them
     else:
         out.update(units="width", layer_ratio=cfg.layer_ratio, attention="none", mlp=False, hidden=True,
                    hidden_norm_rescale=cfg.norm_rescale)

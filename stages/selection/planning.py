@@ -14,7 +14,13 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation). ``results``: every
     criterion's result by name (the expert units' criteria; default: ``result`` for all)."""
     from stages.arch import adapter_for
-    from stages.selection.width import WidthTargetError, select_global, select_uniform, summarize
+    from stages.selection.engines import (
+        engine_refusals,
+        needs_uniform_attention,
+        query_heads_uniform,
+        uniform_attention,
+    )
+    from stages.selection.width import WidthTargetError, removed_params, select_global, select_uniform, summarize
     from stages.surgery.compensation import bias_compensation, optimal_compensation
 
     adapter = adapter_for(model)
@@ -30,10 +36,13 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     if cfg.mlp and geos and any(g.experts and not g.intermediate for g in geos):  # Qwen2-MoE: its shared expert
         raise WidthTargetError(f"mlp: true — {adapter.family} MLPs are mixtures of experts with no dense MLP channels; set "
                                "mlp: false and prune `experts` and/or `expert_channels`")
+    refusals = engine_refusals(model.config.model_type, cfg)
+    if refusals:
+        raise WidthTargetError("; ".join(refusals))
     if not cfg.dense_units():
         chosen = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in layers}
     elif alloc.type == "global":
-        chosen = select_global(scores, geos, layers, cfg.mlp, cfg.attention, target)
+        chosen = select_global(scores, geos, layers, cfg.mlp, cfg.attention, target, cfg.round_to)
     else:
         if alloc.type == "owl":
             from stages.selection.owl import owl_offsets
@@ -47,7 +56,19 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
             alphas = layer_alphas(model)
             offsets = alpha_offsets(alphas, layers, alloc.epsilon)
         chosen = select_uniform(scores, geos, layers, cfg.attention, cfg.mlp, cfg.layer_ratio, target, offsets,
-                                getattr(alloc, "counts", "nearest"))
+                                getattr(alloc, "counts", "nearest"), cfg.round_to)
+    if cfg.dense_units() and needs_uniform_attention(cfg, alloc.type == "global" or offsets is not None):
+        # vLLM: one global query-head count — attention made uniform, MLP re-selected for the rest of the target
+        chosen = uniform_attention(chosen, scores, geos, layers, cfg.attention)
+        rest = None if target is None else target - removed_params(chosen, geos)
+        if cfg.mlp and (rest is None or rest > 0):
+            if alloc.type == "global":
+                mlp_only = select_global(scores, geos, layers, True, "none", rest, cfg.round_to)
+            else:
+                mlp_only = select_uniform(scores, geos, layers, "none", True, cfg.layer_ratio, rest, offsets,
+                                          getattr(alloc, "counts", "nearest"), cfg.round_to)
+            for i in layers:
+                chosen[i]["mlp"] = mlp_only[i]["mlp"]
     side: dict[str, Any] = {}
     if comp.type == "bias":
         if means is None:
@@ -65,6 +86,10 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         for i, rem in select_experts(by_key, geos, cfg.experts, cfg.expert_channels).items():
             chosen.setdefault(i, {"q_heads": [], "kv_heads": [], "mlp": []}).update(rem)
     shapes_after = summarize(chosen, geos)
+    if "vllm" in cfg.engines and not query_heads_uniform(shapes_after):  # layers of different geometries to begin with
+        raise WidthTargetError("engines: vllm — the plan's layers keep different query-head counts "
+                               f"({sorted({s['num_attention_heads'] for s in shapes_after})}), which vLLM's DeciLM cannot "
+                               "hold (one global num_attention_heads); set attention: none or leave vllm out")
     plan = WidthPlan(
         criterion=cfg.criterion,
         target=WidthTarget(ratio=cfg.ratio, layer_ratio=cfg.layer_ratio, allocation=alloc, layers=(start, end),

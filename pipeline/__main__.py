@@ -1,0 +1,8 @@
+"""``python -m prunelab ...`` is the ``prunelab`` command (``pipeline.cli``)."""
+
+import sys
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

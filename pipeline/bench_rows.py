@@ -38,7 +38,9 @@ class RowCache:
         """Refuse to mix with an earlier run's rows unless ``--resume`` (reuse) or ``--force`` (delete) says so."""
         try:
             prepare_run_dir(root, resume, force)
-        except RunDirError:
+        except RunDirError as exc:
+            if force:  # --force refused: a folder prunelab did not make (pipeline.rundir.force_refusal)
+                raise BenchRowsError(str(exc)) from None
             raise BenchRowsError(f"{root} holds rows of an earlier run of this bench; pass --resume to reuse the "
                                  f"ones whose settings are unchanged, or --force to start over") from None
         return cls(root, shared)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.arch import adapter_for
 
     layers = range(start, end if end is not None else adapter_for(model).num_blocks)
-    windows = torch.load(_stage_dir(args.run, "calibrate") / "calibration.pt")
+    windows = torch.load(_stage_dir(args.run, "calibrate") / "calibration.pt", weights_only=True)
     official = official_plan(model, windows, args.official, layers, prune["layer_ratio"])
     ours = saved["layers"]
     same = {k: {u: official[k].get(u) == ours[k][u] for u in ("kv_heads", "mlp")} for k in official}

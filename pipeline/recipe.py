@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
 from pipeline.registry import STAGES, listed_stage_types
-from stages.core.config import StrictModel
+from stages.core.config import PathStr, StrictModel
 from stages.io.config import ModelConfig, TextSource
 
 __all__ = ["ModelConfig", "RecipeBase", "RecipeError", "StrictModel", "TextSource", "load_recipe", "validate"]
@@ -47,7 +47,7 @@ class RecipeBase(StrictModel):
 
     name: str = Field(..., description="run name, one plain folder name; the run directory is <output_dir>/<name>")
     seed: int = Field(0, description="seed for sampling, random criteria and torch")
-    output_dir: str = Field("runs", description="parent folder of run directories")
+    output_dir: PathStr = Field("runs", description="parent folder of run directories")
     model: ModelConfig
 
     @field_validator("name")
@@ -89,6 +89,10 @@ class RecipeBase(StrictModel):
             if check is not None:
                 errors.extend(f"stages.{key}: {msg}" for msg in check(key, seen, stages))
             seen.append(key)
+        exports = [key for key, cfg in stages.items() if getattr(cfg, "type", None) == "export"]
+        for key in exports[1:]:
+            errors.append(f"stages.{key}: a second export stage would overwrite model/ written by stages.{exports[0]}; "
+                          f"keep one export stage (at the end)")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -132,12 +136,71 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, 
                "e.g. 'stages.calibrate.source.path=\"my data.txt\"'")
         raise RecipeError([msg]) from None
     try:
-        raw = OmegaConf.to_container(OmegaConf.merge(base, dotlist), resolve=True)
+        merged = OmegaConf.merge(base, dotlist)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:  # `model=[1,2]` over a mapping: TypeError
+        raise RecipeError([_merge_problem(base, overrides or [], exc)]) from None
+    problems = _resolver_problems(OmegaConf.to_container(merged, resolve=False), "")
+    if problems:
+        raise RecipeError(problems)
+    try:
+        raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise RecipeError([f"{path}: {_one_line(exc)}"]) from None
     if not isinstance(raw, dict):
         raise RecipeError([f"{path}: a recipe is a YAML mapping with name, model and stages (see recipes/debug.yaml)"])
     return raw
+
+
+def _merge_problem(base: DictConfig, overrides: list[str], exc: BaseException) -> str:
+    """An override whose shape does not fit the recipe (a list over a mapping, a mapping over a number, ...)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        try:
+            OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, TypeError, ValueError):
+            old = OmegaConf.select(base, key, default=None, throw_on_missing=False)
+            kind = type(OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old).__name__
+            return (f"{key}: the override {item!r} does not fit the recipe, where {key} is a {kind}; give a value of "
+                    f"that shape, or set its keys one by one (e.g. {key}.source=...)")
+        except Exception:  # noqa: BLE001 (reported below, as the merge's own error)
+            break
+    return f"overrides {overrides}: {_one_line(exc)}; each override sets one key.path=value of the recipe's shape"
+
+
+# Resolver calls allowed in recipes (``${name:args}``). None by default: ``oc.env`` would put environment variables
+# (tokens, user names) into run names, folder names and model cards; ``oc.decode``/``oc.create`` build values from
+# strings. ``oc.select`` only reads another key of this recipe (with a default), like a plain ``${a.b}``, which
+# stays allowed: an interpolation of other recipe keys reads nothing outside the recipe.
+SAFE_RESOLVERS: frozenset[str] = frozenset({"oc.select"})
+
+
+def _resolver_problems(node: Any, where: str) -> list[str]:
+    """Every ``${resolver:...}`` (nested ones included) outside :data:`SAFE_RESOLVERS`, by field."""
+    from omegaconf import grammar_parser
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _resolver_problems(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _resolver_problems(v, f"{where}.{i}")]
+    if not isinstance(node, str) or "${" not in node:
+        return []
+    try:
+        tree = grammar_parser.parse(node)
+    except Exception as exc:  # noqa: BLE001 (the grammar's own error types vary)
+        return [f"{where}: {node!r} is not a valid interpolation ({_one_line(exc)}); escape a literal as \\${{...}}"]
+    names, stack = [], [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, OmegaConfGrammarParser.InterpolationResolverContext):
+            names.append(n.resolverName().getText())
+        stack.extend(n.getChild(i) for i in range(n.getChildCount()) if hasattr(n.getChild(i), "getChildCount"))
+    bad = sorted({n for n in names if n not in SAFE_RESOLVERS})
+    if not bad:
+        return []
+    return [f"{where}: {node!r} calls the resolver {', '.join(map(repr, bad))}; resolvers are off in recipes (they would "
+            f"write environment variables and secrets into run names and artifacts); write the value itself, or refer "
+            f"to another key of the recipe with ${{key.path}}"]
 
 
 def _read_text(path: Path) -> str:

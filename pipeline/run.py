@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = recipe.run_dir
     if args.dry_run:
         print(describe(recipe, run_dir, facts))
+        if args.force:  # what --force would delete, or why it would refuse (pipeline.rundir)
+            from pipeline.rundir import describe_force
+
+            print(describe_force(run_dir) or f"--force: {run_dir} does not exist; nothing would be deleted")
         print("recipe is valid (dry run: nothing loaded); run it without --dry-run")
         return 0
     import logging

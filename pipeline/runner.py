@@ -1,12 +1,20 @@
 """Execute a validated recipe: stages in order over one RunContext, each leaving ``done.json``.
 
 ``--resume`` re-uses a stage whose ``done.json`` carries the same chained config hash (its settings
-and every setting before it), restoring its artifacts (calibration tokens, scores, plan) instead of
-recomputing; the first stage that is not done, and everything after it, runs again.
+and every setting before it) AND the same chained hash of its input files' content (the model's weights,
+config and tokenizer; every data file a setting names — see ``stages.core.fingerprint``), restoring its
+artifacts (calibration tokens, scores, plan) instead of recomputing; the first stage that is not done, and
+everything after it, runs again, and the log says which setting or file changed.
+
+One process at a time works in a run directory (``stages.core.lock``); a resumed run first removes the temporary
+files and folders that a killed process left (``stages.core.files.clean_stale_temps``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,10 +27,14 @@ from pipeline.rundir import (
     atomic_write_json,
     atomic_write_text,
     chain_hash,
+    match_done,
     prepare_run_dir,
-    read_done,
     write_done,
 )
+from stages.core.config import input_files
+from stages.core.files import clean_stale_temps
+from stages.core.fingerprint import digest, file_fingerprint
+from stages.core.lock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
     from pipeline.context import RunContext
@@ -55,6 +67,76 @@ def _check_model(ctx: RunContext) -> None:
             problems += [f"stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes), geos)]
     if problems:
         raise RunError("; ".join(problems))
+
+
+MODEL_FILES = (".json", ".safetensors", ".bin", ".pt", ".gguf", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_fingerprint_cached(path: str, size: int, mtime_ns: int, inode: int) -> dict[str, Any]:
+    """One fingerprint per file state within a process (the same test text is read by several evaluate stages);
+    across processes — every resume — the content is read again: timestamps are never trusted between runs."""
+    return file_fingerprint(path)
+
+
+def _fingerprint(path: Path, folder: bool = False) -> Any:
+    if folder:
+        return {p.name: _fingerprint(p) for p in sorted(path.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.name.endswith(MODEL_FILES)}
+    st = path.stat()
+    return _file_fingerprint_cached(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def data_inputs(cfg: Any, where: str) -> dict[str, Any]:
+    """``{dotted field: {"path", "fingerprint"}}`` for every local file a stage's settings name (text, JSONL, task
+    files; ``data_files`` globs expanded). A file that is missing is recorded as such: the stage reports it when it runs."""
+    import glob
+
+    out: dict[str, Any] = {}
+    for field, file in input_files(cfg, where):
+        matches = [Path(file)] if Path(file).is_file() else [Path(m) for m in sorted(glob.glob(file)) if Path(m).is_file()]
+        if not matches:
+            out[field] = {"path": file, "fingerprint": None}
+        elif len(matches) == 1 and str(matches[0]) == file:
+            out[field] = {"path": file, "fingerprint": _fingerprint(matches[0])}
+        else:
+            out[field] = {"path": file, "fingerprint": {str(m): _fingerprint(m) for m in matches}}
+    return out
+
+
+def model_inputs(cfg: Any) -> dict[str, Any]:
+    """``{"model.source": {"path", "fingerprint"}}``: the files the load stage read, taken after it ran (an alias or a
+    hub model is fetched into the cache on first use). The files of a local folder or of the alias's converted copy
+    (config, weights, index, tokenizer), or the .gguf file; a built-in tiny model is built from code (no files); a hub
+    model not found in the local cache is keyed by its id and revision only."""
+    from stages.io.sources import alias_dirs, classify
+
+    src = classify(cfg.source, cfg.gguf_file)
+    if src.kind == "tiny":
+        return {}
+    if src.kind == "alias":
+        gguf_dir, hf_dir = alias_dirs(src.path)
+        return {"model.source": {"path": str(hf_dir), "fingerprint": _fingerprint(hf_dir, folder=True)}}
+    if src.kind == "gguf":
+        file = Path(src.path) / str(src.gguf_file)
+        return {"model.source": {"path": str(file), "fingerprint": _fingerprint(file)}}
+    if src.kind == "local":
+        return {"model.source": {"path": src.path, "fingerprint": _fingerprint(Path(src.path), folder=True)}}
+    snapshot = _hub_snapshot(src.path, cfg.revision)
+    if snapshot is None:
+        return {"model.source": {"path": src.path, "fingerprint": {"revision": cfg.revision}}}
+    return {"model.source": {"path": str(snapshot), "fingerprint": _fingerprint(snapshot, folder=True)}}
+
+
+def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The local hub-cache folder of ``repo`` at ``revision`` (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 (an odd cache layout means: not cached)
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def legacy_settings(cfg: Any) -> dict[str, Any]:
@@ -109,25 +191,47 @@ def make_accelerator(recipe: RecipeBase) -> Any:
 
 
 def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    """Run every stage; return the metrics (on the main process) and write ``metrics.json``."""
+    """Run every stage; return the metrics (on the main process) and write ``metrics.json``.
+
+    The main process holds the run directory's lock from before ``--force`` deletes anything to the end."""
+    from accelerate.logging import get_logger
+
+    accelerator = make_accelerator(recipe)
+    log = get_logger(__name__)
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            try:
+                lock = stack.enter_context(RunLock(run_dir))
+            except RunLockedError as exc:
+                raise RunError(str(exc)) from None
+            if lock.took_over:
+                log.warning(f"took over the lock of {run_dir} left by a process that is gone ({lock.took_over})",
+                            main_process_only=True)
+            try:
+                prepare_run_dir(run_dir, resume=resume, force=force, name=recipe.name)
+            except RunDirError as exc:
+                raise RunError(str(exc)) from None
+            if resume:
+                for path in clean_stale_temps(run_dir):
+                    log.info(f"removed {path.relative_to(run_dir)}, left by a killed process", main_process_only=True)
+            atomic_write_text(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        accelerator.wait_for_everyone()
+        metrics = _run_stages(recipe, run_dir, accelerator, resume, progress)
+    return metrics
+
+
+def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: bool, progress: bool) -> dict[str, Any] | None:
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
 
     from pipeline.context import RunContext
     from pipeline.metrics import build_metrics
 
-    accelerator = make_accelerator(recipe)
     log = get_logger(__name__)
-    if accelerator.is_main_process:
-        try:
-            prepare_run_dir(run_dir, resume=resume, force=force)
-        except RunDirError as exc:
-            raise RunError(str(exc)) from None
-        atomic_write_text(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
-    accelerator.wait_for_everyone()
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, resume=resume,
                      progress=progress and accelerator.is_local_main_process)
-    previous = legacy = ""
+    previous = legacy = inputs_chain = ""
+    rerun = False  # a stage before this one was not restored (its reason was logged)
     for index, (key, stage_type, cfg) in enumerate(_stage_list(recipe), start=1):
         spec = _spec(stage_type)
         stage_dir = run_dir / f"{index:02d}-{key}"
@@ -136,7 +240,15 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
         ctx.stage_key, ctx.stage_dir = key, stage_dir
         stage_dir.mkdir(parents=True, exist_ok=True)
         set_seed(recipe.seed)
-        done = read_done(stage_dir, previous, legacy) if resume and spec.restore is not None else None
+        inputs = data_inputs(cfg, "model" if stage_type == "load" else f"stages.{key}")
+        stage_chain = chain_hash(inputs_chain, key, {k: digest(v) for k, v in inputs.items()})
+        done, why = None, None
+        if resume and spec.restore is not None:
+            done, why = match_done(stage_dir, previous, legacy, stage_chain, inputs)
+        if why is not None:
+            later = "" if rerun else "; running it and every later stage again"
+            log.info(f"{stage_dir.name}: not restored: {why}{later}", main_process_only=True)
+            rerun = True
         t0 = time.perf_counter()
         if done is not None:
             try:
@@ -146,12 +258,20 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
             except FileNotFoundError as exc:
                 log.warning(f"{stage_dir.name}: cannot restore ({exc}); running it again", main_process_only=True)
                 done = None
+        if done is not None and done.get("legacy_inputs") and accelerator.is_main_process:
+            log.warning(f"{stage_dir.name}: finished before prunelab recorded its input files; trusting them as they are "
+                        "now (later changes will be detected)", main_process_only=True)
+            write_done(stage_dir, previous, seconds, done["outputs"], inputs, stage_chain, finished=done.get("finished"))
         if done is None:
             log.info(f"{stage_dir.name}: running", main_process_only=True)
             outputs = spec.run(ctx, cfg)
             seconds = time.perf_counter() - t0
+            if stage_type == "load":  # what it read, once it has been fetched into the cache
+                inputs = {**inputs, **model_inputs(cfg)}
+                stage_chain = chain_hash(inputs_chain, key, {k: digest(v) for k, v in inputs.items()})
             if accelerator.is_main_process:
-                write_done(stage_dir, previous, seconds, outputs)
+                write_done(stage_dir, previous, seconds, outputs, inputs, stage_chain)
+        inputs_chain = stage_chain
         ctx.timings[stage_type] = ctx.timings.get(stage_type, 0.0) + seconds
         if stage_type == "load":
             _check_model(ctx)

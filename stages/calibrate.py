@@ -67,7 +67,7 @@ def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
 def restore(ctx: RunContext, cfg: CalibrateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     import torch
 
-    ctx.calibration = torch.load(stage_dir / "calibration.pt")
+    ctx.calibration = torch.load(stage_dir / "calibration.pt", weights_only=True)
 
 
 register_stage("calibrate", CalibrateConfig, run, restore)

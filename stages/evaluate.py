@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.registry import register_stage
-from stages.core.config import StrictModel
+from stages.core.config import InputFile, StrictModel
 from stages.io.qa import TextOrQASource
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class PerplexityConfig(StrictModel):
 class TaskConfig(StrictModel):
     """A zero-shot task run by lm-evaluation-harness on the in-memory model (main process only)."""
 
-    path: str | None = Field(None, description="local JSONL (offline); e.g. ../shared/data/arc/arc_easy_test.jsonl. "
+    path: InputFile | None = Field(None, description="local JSONL (offline); e.g. ../shared/data/arc/arc_easy_test.jsonl. "
                              "None: lm-eval's own task, downloaded from the hub")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N questions (state it next to the number)")
     num_fewshot: int = Field(0, ge=0)

@@ -140,7 +140,7 @@ def restore(ctx: RunContext, cfg: ScoreConfig, outputs: dict[str, Any], stage_di
     if cfg.units == "width":
         import torch
 
-        ctx.activation_stats = torch.load(stage_dir / "activation_means.pt")
+        ctx.activation_stats = torch.load(stage_dir / "activation_means.pt", weights_only=True)
 
 
 register_stage("score", ScoreConfig, run, restore)

@@ -89,7 +89,7 @@ def self_generate(model: Any, tokenizer: Any, s: SelfGeneratedSettings, n: int, 
         key = _key(s, seed, seq_len, b, rows.shape[0])
         path = cache_dir / f"shard-{b:04d}.pt"
         if path.is_file():
-            saved = torch.load(path)
+            saved = torch.load(path, weights_only=True)
             if saved.get("key") == key:
                 shards.append(saved["ids"])
                 reused += 1

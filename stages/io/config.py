@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.core.config import StrictModel
+from stages.core.config import InputFile, PathStr, StrictModel
 
 
 class TextSource(StrictModel):
@@ -15,8 +15,8 @@ class TextSource(StrictModel):
     dataset: str | None = Field(None, description="datasets name, e.g. 'wikitext'")
     config: str | None = Field(None, description="datasets config, e.g. 'wikitext-2-raw-v1'")
     split: str = Field("train", description="datasets split, e.g. 'test'")
-    data_files: str | list[str] | None = Field(None, description="for builders like 'json'/'text': local files")
-    path: str | None = Field(None, description="local .txt or .jsonl file (relative to the working directory)")
+    data_files: InputFile | list[InputFile] | None = Field(None, description="for builders like 'json'/'text': local files")
+    path: InputFile | None = Field(None, description="local .txt or .jsonl file (relative to the working directory)")
     text_field: str = Field("text", description="column / JSON key holding the text")
     join: str = Field("\n\n", description="separator used to join rows before tokenizing")
 
@@ -37,7 +37,7 @@ class TextSource(StrictModel):
 class ModelConfig(StrictModel):
     """The model to prune: a hub id, a local directory, a .gguf file, or a built-in alias."""
 
-    source: str = Field(..., description="hub id, local dir, path to a .gguf, or alias (e.g. 'smollm2-135m')")
+    source: PathStr = Field(..., description="hub id, local dir, path to a .gguf, or alias (e.g. 'smollm2-135m')")
     gguf_file: str | None = Field(None, description="GGUF file name inside `source` (a dir or hub repo)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="'auto': bfloat16 on a GPU that supports it, else float32"

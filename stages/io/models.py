@@ -38,6 +38,8 @@ def strip_quantization_leftovers(model: torch.nn.Module) -> None:
         model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
+    if hasattr(model.config, "auto_map"):  # custom-code pointers: never imported here, never exported
+        del model.config.auto_map
 
 
 def _from_pretrained(path: str, gguf_file: str | None, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -54,6 +56,7 @@ def _from_pretrained(path: str, gguf_file: str | None, cfg: ModelConfig, dtype: 
     tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision")}
     tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
     strip_quantization_leftovers(model)
+    getattr(tokenizer, "init_kwargs", {}).pop("auto_map", None)  # nor the tokenizer's custom-code pointer
     return model, tokenizer
 
 

@@ -17,14 +17,14 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator
 
-from stages.core.config import StrictModel
+from stages.core.config import InputFile, StrictModel
 from stages.io.config import TextSource
 
 
 class QATextSource(StrictModel):
     """A local QA JSONL file rendered as text (each question followed by its correct answer)."""
 
-    qa_text: str = Field(..., description="local .jsonl of questions (ARC layout or {question, answer})")
+    qa_text: InputFile = Field(..., description="local .jsonl of questions (ARC layout or {question, answer})")
     template: str = Field("Question: {question}\nAnswer: {answer}", description="how one row is rendered")
     join: str = Field("\n\n", description="separator between rendered rows")
 

@@ -417,7 +417,9 @@ class ArchAdapter:
 
         cfg = self.model.config
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kwargs = {"config": cfg, "inputs_embeds": hidden, "attention_mask": None, "past_key_values": None,
+        from stages.core.compat import cache_kwargs
+
+        kwargs = {"config": cfg, "inputs_embeds": hidden, "attention_mask": None, **cache_kwargs(create_causal_mask),
                   "position_ids": position_ids}
         masks: dict[str, Any] = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
@@ -436,7 +438,6 @@ class ArchAdapter:
             attention_mask=inputs.masks.get(kind, inputs.masks["full_attention"]),
             position_embeddings=inputs.position_embeddings,
             position_ids=inputs.position_ids,
-            past_key_values=None,
             use_cache=False,
         )
         return out[0] if isinstance(out, tuple) else out

@@ -69,7 +69,6 @@ class Gemma2Adapter(ArchAdapter):
             attention_mask=inputs.masks[kind],
             position_embeddings=inputs.position_embeddings[kind],
             position_ids=inputs.position_ids,
-            past_key_values=None,
             use_cache=False,
         )
         return out[0] if isinstance(out, tuple) else out

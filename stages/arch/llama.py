@@ -47,10 +47,13 @@ class MistralAdapter(ArchAdapter):
     def prepare(self, hidden: torch.Tensor) -> BlockInputs:
         from transformers.masking_utils import create_sliding_window_causal_mask
 
+        from stages.core.compat import cache_kwargs
+
         inputs = super().prepare(hidden)
         if getattr(self.model.config, "sliding_window", None) is not None:  # MistralModel uses it for every layer
             inputs.masks["full_attention"] = create_sliding_window_causal_mask(
-                config=self.model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+                **cache_kwargs(create_sliding_window_causal_mask),
                 position_ids=inputs.position_ids)
         return inputs
 

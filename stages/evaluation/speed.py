@@ -31,10 +31,12 @@ def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float
     out = model(ids, use_cache=True)
     _sync(device)
     t1 = time.perf_counter()
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    from stages.core.compat import cache_kwargs, output_cache
+
+    past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 1):
-        out = model(token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, **cache_kwargs(type(model).forward, past), use_cache=True)
+        past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     _sync(device)
     return t1 - t0, time.perf_counter() - t1
 

@@ -129,6 +129,9 @@ def preflight(recipe: RecipeBase) -> dict[str, Any]:
         problems.append(str(exc))
     if shape is not None:
         problems += _model_problems(recipe, shape)
+    from stages.evaluation.zeroshot import recipe_task_problems
+
+    problems += recipe_task_problems(recipe)  # lm-eval task names (cached index) and, offline, their data
     if problems:
         raise RecipeError(problems)
     counts = shape.param_counts() if shape is not None else None

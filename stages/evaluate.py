@@ -65,7 +65,10 @@ class EvaluateConfig(StrictModel):
     def _suite(cls, raw: Any) -> Any:
         """Nothing named: the default two-domain suite (stages.evaluation.suite), written out in the resolved recipe."""
         from stages.evaluation.suite import with_default_suite
+        from stages.evaluation.zeroshot import expand_preset
 
+        if isinstance(raw, dict) and isinstance(raw.get("tasks"), str):  # tasks: zeroshot_suite (a preset's name)
+            raw = {**raw, "tasks": expand_preset(raw["tasks"])}
         return with_default_suite(raw)
 
     @model_validator(mode="after")

@@ -9,8 +9,10 @@ def describe_result(r: dict[str, Any]) -> str:
     """One evaluation result in a line: perplexity, a zero-shot task or speed, with its protocol."""
     if "ppl" in r:
         return f"PPL {r['ppl']:.3f}  (seq_len {r['seq_len']}, {r['tokens']} tokens)"
-    if "acc" in r:
-        return f"acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['samples']} questions, lm-eval {r['lm_eval_version']})"
+    if "lm_eval_version" in r:  # a zero-shot task: whichever metrics it reported (BoolQ: acc only)
+        from stages.evaluation.zeroshot import describe_task
+
+        return describe_task(r)
     if "decode_tok_s" in r:
         dec = ", ".join(f"bs {b}: {v} tok/s" for b, v in r["decode_tok_s"].items())
         return f"decode {dec}; prefill bs 1 {r['prefill_ms'].get('1')} ms; peak {r['peak_memory_mb']} MB"

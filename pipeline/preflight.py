@@ -1,6 +1,9 @@
 """Checks against the file system and model metadata, run after schema validation and before any
 model loads (no torch import): missing data files, unreadable model paths, impossible targets,
-windows longer than the model's context.
+windows longer than the model's context — and content, read cheaply enough for any model size
+(``stages.io.content``): data files decoded and parsed from their head (file and line named) and their
+tokens bounded against what each stage needs, safetensors headers matched to ``config.json``, devices,
+speed settings, an output folder that is a file, a hub id that is not in the local cache.
 
 The model's sizes come from metadata alone (``stages.io.sources.model_shape``: config.json, a GGUF
 header, the hub cache or an alias's record); each stage config that defines
@@ -10,6 +13,8 @@ header, the hub cache or an alias's record); each stage config that defines
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +60,214 @@ def _file_problems(recipe: RecipeBase) -> list[str]:
         elif not os.access(p, os.R_OK):
             problems.append(f"{where}: file {file!r} is not readable; fix its permissions")
     return problems
+
+
+def _data_problems(recipe: RecipeBase) -> list[str]:
+    """Every local data file a stage reads, decoded (and parsed, for JSONL) from its head, and counted against the
+    tokens the stage needs from it: an empty, binary or too-short text, a bad JSON line, a row without the text
+    field or with a bad ``answerKey`` is named with its file and line before a model loads."""
+    from stages.calibration.sources import MixSource, SelfGeneratedSource, split_counts
+    from stages.io.config import TextSource
+    from stages.io.content import (jsonl_text_tokens, qa_problem, qa_tokens, read_text_head,
+                                   text_field_problem)
+    from stages.io.qa import QATextSource
+
+    read: dict[str, Any] = {}
+    bad: set[str] = set()  # files already refused for their content
+    problems: list[str] = []
+    needs: list[tuple[str, Any, int, str]] = []  # (setting, source, tokens needed, what needs them and the fix)
+    fields: dict[int, tuple[str, ...]] = {}  # id(TextSource) → the JSONL fields it reads (default: its text_field)
+
+    def need_windows(where: str, source: Any, n: int, seq_len: int) -> None:
+        if isinstance(source, MixSource):
+            counts = split_counts([p.weight for p in source.mix], n)
+            for i, (part, count) in enumerate(zip(source.mix, counts, strict=True)):
+                if count == 0:
+                    problems.append(f"{where}.mix.{i}.weight: {part.weight} is {part.weight / sum(p.weight for p in source.mix):.2g} "
+                                    f"of the weights, which gives 0 of the {n} windows; raise it or drop the part")
+                else:
+                    need_windows(f"{where}.mix.{i}.source", part.source, count, seq_len)
+        elif isinstance(source, SelfGeneratedSource):
+            prompt = source.self_generated.prompt
+            if not isinstance(prompt, str):
+                needs.append((f"{where}.self_generated.prompt", prompt, source.self_generated.prompt_tokens + 1,
+                              "prompt windows of prompt_tokens; lower prompt_tokens or use more text"))
+        elif isinstance(source, (TextSource, QATextSource)):
+            needs.append((where, source, seq_len + 1, f"one window of seq_len={seq_len}; lower seq_len or use more text"))
+            if n * seq_len > seq_len + 1:
+                needs.append((where, source, n * seq_len, f"{n} windows × seq_len {seq_len} = {n * seq_len} tokens of "
+                              "text (fewer repeats the same text); lower num_samples or seq_len, or use more text"))
+
+    for path, node in _settings(recipe.stages, "stages"):
+        names = type(node).model_fields
+        if {"source", "num_samples", "seq_len"} <= set(names) and getattr(node, "sampling", "windows") == "windows":
+            need_windows(f"{path}.source", node.source, node.num_samples, node.seq_len)
+        elif {"source", "seq_len", "max_tokens"} <= set(names):  # perplexity: at least one window
+            needs.append((f"{path}.source", node.source, node.seq_len, f"one window of seq_len={node.seq_len}; lower "
+                          "seq_len or use more text"))
+        elif {"source", "format", "seq_len"} <= set(names) and isinstance(node.source, TextSource):  # recovery data
+            if node.format == "alpaca":
+                fields[id(node.source)] = ("instruction", "output")
+            else:
+                needs.append((f"{path}.source", node.source, node.seq_len, f"one training block of seq_len={node.seq_len}; "
+                              "lower seq_len or use more text"))
+    for path, node in _settings(recipe.stages, "stages"):
+        if not isinstance(node, (TextSource, QATextSource)) or node.path is None or not Path(node.path).is_file():
+            continue  # a missing file is _file_problems'
+        qa = isinstance(node, QATextSource)
+        jsonl = qa or not node.path.endswith(".txt")
+        key = f"{node.path}\0{jsonl}"
+        try:
+            facts = read.get(key) or read.setdefault(key, read_text_head(node.path, jsonl))
+        except OSError as exc:
+            problems.append(f"{path}: cannot read {node.path!r} ({exc.strerror}); fix the path or its permissions")
+            continue
+        where = f"{path}.qa_text" if qa else f"{path}.path"
+        if facts.problem is not None:
+            problems.append(f"{where}: {facts.problem}")
+            bad.add(node.path)
+            continue
+        if qa:
+            problem = qa_problem(facts, node.path)
+        else:
+            wanted = fields.get(id(node), (node.text_field,))
+            problem = next((p for f in wanted if jsonl and (p := text_field_problem(
+                facts, node.path, f, f"{path}.text_field" if f == node.text_field else f"the field {f!r}"))), None)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            bad.add(node.path)
+    counted: set[str] = set()
+    for where, source, tokens, what in needs:
+        if getattr(source, "path", None) is None or source.path in bad or where in counted or not Path(source.path).is_file():
+            continue
+        qa = isinstance(source, QATextSource)
+        facts = read.get(f"{source.path}\0{qa or not source.path.endswith('.txt')}")
+        if facts is None or facts.problem is not None:
+            continue
+        if qa:
+            most = qa_tokens(facts, source.template, source.join)
+        elif source.path.endswith(".txt"):
+            most = facts.max_tokens
+        else:
+            most = jsonl_text_tokens(facts, source.text_field, source.join)
+        if most is not None and most < tokens:
+            counted.add(where)
+            problems.append(f"{where}: {source.path!r} holds at most {most} tokens (its UTF-8 bytes), and this stage "
+                            f"needs {what}")
+    return problems
+
+
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|hpu|npu|meta)(?::(\d+))?$")
+
+
+def _device_problems(device: str) -> list[str]:
+    """``model.device`` parsed as ``torch.device`` would (without importing torch: two seconds), and a GPU asked
+    for where none is visible."""
+    if device == "auto":
+        return []
+    m = _DEVICE.match(device)
+    if m is None:
+        return [f"model.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto (GPU when present)"]
+    kind, index = m.group(1), int(m.group(2) or 0)
+    if kind == "cuda":
+        count = _cuda_count()
+        if count == 0:
+            return [f"model.device: {device!r} but no CUDA device is visible; use device: cpu or auto"]
+        if count is not None and index >= count:
+            return [f"model.device: {device!r} but {count} CUDA device(s) are visible (cuda:0 … cuda:{count - 1}); "
+                    "choose one of them"]
+    if kind == "mps" and sys.platform != "darwin":
+        return [f"model.device: {device!r} is Apple's GPU, not on this machine; use device: cpu or auto"]
+    return []
+
+
+def _cuda_count() -> int | None:
+    """Visible CUDA devices: torch's answer when torch is already imported, else the driver's device files and
+    CUDA_VISIBLE_DEVICES (None: unknown)."""
+    if "torch" in sys.modules:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    nodes = [p for p in Path("/dev").glob("nvidia[0-9]*")] if Path("/dev").is_dir() else []
+    if not nodes:
+        return 0 if sys.platform.startswith("linux") else None
+    return min(len(nodes), len(visible.split(","))) if visible else len(nodes)
+
+
+def _speed_problems(recipe: RecipeBase) -> list[str]:
+    """Speed settings a measurement cannot run with (a batch of 0 sequences)."""
+    problems = []
+    for path, node in _settings(recipe.stages, "stages"):
+        sizes = getattr(node, "batch_sizes", None)
+        if "batch_sizes" in type(node).model_fields and isinstance(sizes, list):
+            bad = [b for b in sizes if b < 1]
+            if bad:
+                problems.append(f"{path}.batch_sizes: {bad} — a batch holds at least 1 sequence; give sizes ≥ 1, e.g. [1, 8]")
+    return problems
+
+
+def _output_problems(recipe: RecipeBase) -> list[str]:
+    """An output_dir (or a folder above it) that is a file, or a run directory that is one."""
+    run_dir = recipe.run_dir
+    for p in [run_dir, *run_dir.parents]:
+        if p.exists():
+            if not p.is_dir():
+                what = "the run directory" if p == run_dir else "output_dir" if p == run_dir.parent else "a folder above output_dir"
+                return [f"output_dir: {what} {str(p)!r} is a file, not a folder; choose another output_dir (--output-dir) or name"]
+            if not os.access(p, os.W_OK | os.X_OK):
+                return [f"output_dir: {str(p)!r} is not writable; choose another output_dir (--output-dir)"]
+            break
+    return []
+
+
+def _weights_problems(src: Any, revision: str | None) -> list[str]:
+    """A local (or hub-cached) model folder's weights opened by their headers and matched to its config.json."""
+    from stages.io.content import weights_problems
+    from stages.io.sources import _read_config
+
+    if src.kind == "local":
+        folder = Path(src.path)
+    elif src.kind == "alias":
+        from stages.io.sources import alias_dirs
+
+        folder = alias_dirs(src.path)[1]
+        if not (folder / "config.json").is_file():
+            return []
+    else:
+        return []
+    try:
+        return weights_problems(folder, _read_config(folder / "config.json"))
+    except OSError as exc:
+        return [f"model.source: cannot read the weights in {folder} ({exc}); fix the files or their permissions"]
+
+
+def _hub_problems(src: Any, revision: str | None) -> list[str]:
+    """A hub id is read from the local Hugging Face cache only: one not there is refused at once (a download
+    or a network timeout would come minutes later, inside the load stage)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    wanted = src.gguf_file or "config.json"
+    try:
+        found = try_to_load_from_cache(src.path, wanted, revision=revision)
+    except ValueError as exc:
+        return [f"model.source: {src.path!r} is not a valid hub id ({exc}); give 'org/name', a local path or an alias"]
+    if isinstance(found, str):
+        if src.gguf_file is None:
+            from stages.io.content import weights_problems
+            from stages.io.sources import _read_config
+
+            folder = Path(found).parent
+            if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
+                return weights_problems(folder, _read_config(Path(found)))
+            return [f"model.source: the hub model {src.path!r} is only partly in the local cache (no weights); fetch "
+                    f"it with `huggingface-cli download {src.path}`, or give a local folder path"]
+        return []
+    return [f"model.source: the hub model {src.path!r} ({wanted}) is not in the local Hugging Face cache, and prunelab "
+            f"does not download inside a run: fetch it first with `huggingface-cli download {src.path}` (later runs "
+            "then need no network; HF_HUB_OFFLINE=1 makes sure of it), or give a local folder path or an alias"]
 
 
 def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
@@ -118,10 +331,15 @@ def preflight(recipe: RecipeBase) -> dict[str, Any]:
     (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown)."""
     from stages.io.sources import classify, model_shape, model_type_of
 
-    problems = _file_problems(recipe)
+    problems = _file_problems(recipe) + _data_problems(recipe) + _device_problems(recipe.model.device)
+    problems += _speed_problems(recipe) + _output_problems(recipe)
     shape = None
     try:
         src = classify(recipe.model.source, recipe.model.gguf_file)
+        if src.kind == "hub":
+            problems += _hub_problems(src, recipe.model.revision)
+        else:
+            problems += _weights_problems(src, recipe.model.revision)
         shape = model_shape(src, recipe.model.revision)
         if shape is None and src.kind == "local":  # sizes under other names (gpt2's n_layer): still check the family
             problems += _family_problems(recipe, model_type_of(src))
@@ -131,7 +349,10 @@ def preflight(recipe: RecipeBase) -> dict[str, Any]:
         problems += _model_problems(recipe, shape)
     from stages.evaluation.zeroshot import recipe_task_problems
 
+    from stages.io.hub import push_problems
+
     problems += recipe_task_problems(recipe)  # lm-eval task names (cached index) and, offline, their data
+    problems += [p for k, c in recipe.stages.items() for p in push_problems(getattr(c, "push_to_hub", None), f"stages.{k}")]
     if problems:
         raise RecipeError(problems)
     counts = shape.param_counts() if shape is not None else None

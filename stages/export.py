@@ -8,12 +8,13 @@ leaves a ``model/`` that looks complete. After writing, a fresh ``AutoModelForCa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from pipeline.registry import register_stage
 from stages.core.config import StrictModel
+from stages.io.hub import PushToHubConfig
 
 if TYPE_CHECKING:
     from pipeline.context import RunContext
@@ -24,36 +25,16 @@ class ExportConfig(StrictModel):
     dtype: Literal["same", "float32", "bfloat16", "float16"] = Field("same", description="dtype of the saved weights")
     verify: bool = Field(True, description="reload with vanilla transformers and compare logits")
     tolerance: float = Field(1e-5, gt=0, description="max |Δlogit| allowed by the reload check (float32)")
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None}  # added later: left out of dumps when unused
+    push_to_hub: PushToHubConfig | None = Field(None, description="{repo_id: user/name, private: true}: publish model/ "
+                                                "to the Hugging Face Hub in one commit after it is written and verified")
 
 
 def model_card(ctx: RunContext) -> str:
-    """README.md for the exported model: what was removed, how, and the metrics so far."""
-    info, plan = ctx.model_info, ctx.plan
-    lines = [
-        "---", "library_name: transformers", "tags: [prunelab, pruned, structured-pruning]", "---", "",
-        f"# {ctx.recipe.name}", "",
-        f"Pruned with prunelab (see the README.md of the prunelab repository) from `{info.get('source')}`.", "",
-        "| | before | after |", "|---|---|---|",
-        f"| parameters | {info.get('params_before', 0):,} | {info.get('params_after', info.get('params_before', 0)):,} |",
-        f"| decoder blocks | {info.get('layers_before')} | {info.get('layers_after', info.get('layers_before'))} |", "",
-    ]
-    if plan is not None:  # the typed plan describes itself (stages.surgery.plan), as in report.md and the CLI summary
-        lines += [plan.describe(), ""] + ([*plan.details(), ""] if plan.details() else [])
-    if ctx.evals:
-        from stages.evaluation.describe import describe_result
+    """README.md for the exported model (``stages.io.card``: Hub front matter, plan, metrics)."""
+    from stages.io.card import model_card as card
 
-        lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
-        for label, results in ctx.evals.items():
-            for name, r in results.items():
-                lines.append(f"| {label} | {name} | {describe_result(r)} | {r['protocol']} |")
-        lines.append("")
-    if getattr(ctx.model.config, "prunelab_layer_shapes", None):
-        lines += [("Layer widths differ (adaptive width pruning): load with `from stages.io.loader import load_pruned; "
-                   "model = load_pruned(path)` (the prunelab repository, installed with `pip install -e .`); "
-                   "plain transformers cannot build per-layer widths yet."), ""]
-    else:
-        lines += ["Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
-    return "\n".join(lines)
+    return card(ctx)
 
 
 def verify_reload(model: Any, path: Path, tolerance: float) -> float:
@@ -89,6 +70,10 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
             if cfg.verify:
                 diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
     ctx.exported = {"path": str(target), "reload_max_abs_diff": diff if ctx.is_main and cfg.verify else None}
+    if cfg.push_to_hub is not None and ctx.is_main:
+        from stages.io.hub import push_folder
+
+        ctx.exported["hub"] = push_folder(target, cfg.push_to_hub, f"prunelab: {ctx.recipe.name}")
     return dict(ctx.exported)
 
 

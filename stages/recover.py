@@ -89,6 +89,12 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
     teacher = _teacher(ctx, cfg)
     generated = _generated(ctx, cfg, teacher)
     info = recover_model(env, cfg, ctx.model, ctx.stage_dir, "pruned", teacher, ctx.plan, generated)
+    if ctx.is_main:  # the adapter's README.md: peft wrote its empty template
+        from stages.io.card import write_adapter_card
+        from stages.recovery.model import trained_folder
+
+        write_adapter_card(ctx.stage_dir / trained_folder(cfg.method), ctx.recipe.model.source, ctx.recipe.model.revision,
+                           cfg.method, info, cfg.model_dump(mode="json"), ctx.recipe.name)
     ctx.model = info.pop("model")
     ctx.state = "recovered"
     ctx.recover_info = {"pruned": info}

@@ -2,6 +2,10 @@
 
 A crash or ``kill -9`` must never leave a file or folder that looks complete but is not, so every
 output is written under a temporary name in the same folder and renamed into place.
+
+``<output_dir>/<name>`` may be anyone's folder (``out/Documents``), so a run directory prunelab creates carries a
+marker file (:data:`MARKER`) and ``--force`` deletes nothing else. The marker guards against mistakes, not against
+someone who copies it into a folder on purpose.
 """
 
 from __future__ import annotations

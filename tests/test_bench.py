@@ -165,7 +165,7 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main([str(path)])
     out = tmp_path / "tiny-resume"
-    assert sorted(p.name.split("-")[0] for p in (out / "rows").iterdir()) == ["dense", "depth", "depth", "score",
+    assert sorted(p.name.split("-")[0] for p in (out / "rows").glob("[!.]*")) == ["dense", "depth", "depth", "score",
                                                                              "score", "width"]
     assert not (out / "bench.json").exists()
     assert main([str(path)]) == 2  # neither --resume nor --force: refuse before any work

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,39 @@ def test_a_second_process_is_refused_at_once_then_a_killed_holder_is_taken_over(
         assert _run(tmp_path, "--resume") == 0
     assert f"'pid': {holder.pid}" in caplog.text and "took over the lock" in caplog.text
     assert not lock_path(run_dir).exists()
+
+
+def test_two_real_runs_into_one_folder_then_kill_9(tmp_path):
+    """The issue's example: a second `--resume` run with another num_blocks into a folder a run is writing is refused
+    (it used to exit 0 and leave results.json and metrics.json disagreeing); after a kill -9 of the first, the second
+    takes the stale lock over, finishes, and leaves no temporary name behind."""
+    cmd = [sys.executable, "pipeline/run.py", "recipes/debug.yaml", "--no-progress", "--output-dir", str(tmp_path)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS.read_text() * 4)
+    slow = [f"stages.calibrate.source.path={corpus}", "stages.calibrate.num_samples=1024",
+            "stages.calibrate.seq_len=128"]  # scoring outlasts a second process's start
+    first = subprocess.Popen([*cmd, *slow], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir, partial = tmp_path / "debug", tmp_path / "debug" / "04-score" / "partial"
+    try:
+        deadline = time.monotonic() + 600
+        while first.poll() is None and time.monotonic() < deadline and not (partial.is_dir() and any(partial.glob("*.json"))):
+            time.sleep(0.02)
+        second = subprocess.run([*cmd, *slow, "--resume", "stages.prune.num_blocks=3"], cwd=ROOT, capture_output=True,
+                                text=True)
+        assert second.returncode == 2 and f"PID {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert first.poll() is None, "the first run ended before the kill"
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert json.loads(lock_path(run_dir).read_text())["pid"] == first.pid
+    again = subprocess.run([*cmd, "--resume", "stages.prune.num_blocks=3"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"'pid': {first.pid}" in again.stderr and "took over the lock" in again.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    plan = json.loads((run_dir / "05-prune" / "plan.json").read_text())
+    assert metrics["model"]["layers_after"] == 3 and metrics["plan"]["removed_blocks"] == plan["removed_blocks"]
+    assert not lock_path(run_dir).exists() and not [p for p in run_dir.rglob(".*") if p.name != MARKER]
 
 
 def test_a_stale_lock_file_is_taken_over(tmp_path):

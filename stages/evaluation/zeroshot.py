@@ -213,7 +213,11 @@ def evaluate_task(model: Any, tokenizer: Any, name: str, path: str | None, limit
                   num_fewshot: int = 0, seed: int = 0, include_path: str | Path | None = None) -> dict[str, Any]:
     """Run one lm-eval task on ``model``: every metric it reports with its stderr (``metrics`` lists their names, in
     lm-eval's order), the sample count, the versions and the protocol in words."""
-    import lm_eval
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise ImportError(f"zero-shot task {name!r} runs through lm-evaluation-harness, which is not installed: "
+                          "pip install 'prunelab[eval]'") from exc
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 

@@ -57,6 +57,11 @@ def trainable_model(base: torch.nn.Module, cfg: RecoverySettings, work_dir: Path
 
 def load_nf4(base: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """``base`` written once to ``folder`` (full precision) and read back with its linears in NF4."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # an extra: the base install has no NF4
+        raise ImportError("recovery method qlora needs bitsandbytes, which is not installed: pip install 'prunelab[qlora]' "
+                          "(or use method: lora)")
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

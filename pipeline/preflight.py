@@ -244,9 +244,10 @@ def _weights_problems(src: Any, revision: str | None) -> list[str]:
         return [f"model.source: cannot read the weights in {folder} ({exc}); fix the files or their permissions"]
 
 
-def _hub_problems(src: Any, revision: str | None) -> list[str]:
-    """A hub id is read from the local Hugging Face cache only: one not there is refused at once (a download
-    or a network timeout would come minutes later, inside the load stage)."""
+def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
+    """A hub id found in the local Hugging Face cache has its weights checked like a local folder. One not there
+    is refused at once where it cannot be downloaded — HF_HUB_OFFLINE set, or (``probe``: before a real run) the
+    hub unreachable — instead of a network timeout close to a minute later, inside the load stage."""
     from huggingface_hub import try_to_load_from_cache
 
     wanted = src.gguf_file or "config.json"
@@ -265,9 +266,37 @@ def _hub_problems(src: Any, revision: str | None) -> list[str]:
             return [f"model.source: the hub model {src.path!r} is only partly in the local cache (no weights); fetch "
                     f"it with `huggingface-cli download {src.path}`, or give a local folder path"]
         return []
-    return [f"model.source: the hub model {src.path!r} ({wanted}) is not in the local Hugging Face cache, and prunelab "
-            f"does not download inside a run: fetch it first with `huggingface-cli download {src.path}` (later runs "
-            "then need no network; HF_HUB_OFFLINE=1 makes sure of it), or give a local folder path or an alias"]
+    fix = (f"fetch it where there is a network with `huggingface-cli download {src.path}` (runs then read the cache "
+           "with no network; HF_HUB_OFFLINE=1 makes sure of it), or give a local folder path or an alias")
+    if _offline():
+        return [f"model.source: the hub model {src.path!r} ({wanted}) is not in the local Hugging Face cache and "
+                f"HF_HUB_OFFLINE is set, so it cannot be downloaded; {fix}"]
+    if probe and (why := _hub_unreachable()) is not None:
+        return [f"model.source: the hub model {src.path!r} ({wanted}) is not in the local Hugging Face cache and the hub "
+                f"cannot be reached ({why}); {fix}"]
+    return []
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set the way huggingface_hub reads it."""
+    return any(os.environ.get(k, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_unreachable(timeout: float = 1.5) -> str | None:
+    """Why the hub's host cannot be reached within ``timeout`` seconds (name lookup and one TCP connect), or None.
+    Asked only before a real run that would download anyway: without a network the download's retries take
+    close to a minute to fail."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
 
 
 def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
@@ -326,9 +355,11 @@ def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
     return problems
 
 
-def preflight(recipe: RecipeBase) -> dict[str, Any]:
+def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
     """Raise :class:`RecipeError` listing every problem; return what was learned about the model
-    (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown)."""
+    (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown).
+    ``probe_hub``: a hub id not in the cache is refused if the hub cannot be reached (before a real run; a dry
+    run touches no network)."""
     from stages.io.sources import classify, model_shape, model_type_of
 
     problems = _file_problems(recipe) + _data_problems(recipe) + _device_problems(recipe.model.device)
@@ -337,7 +368,7 @@ def preflight(recipe: RecipeBase) -> dict[str, Any]:
     try:
         src = classify(recipe.model.source, recipe.model.gguf_file)
         if src.kind == "hub":
-            problems += _hub_problems(src, recipe.model.revision)
+            problems += _hub_problems(src, recipe.model.revision, probe_hub)
         else:
             problems += _weights_problems(src, recipe.model.revision)
         shape = model_shape(src, recipe.model.revision)

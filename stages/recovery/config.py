@@ -93,6 +93,11 @@ class LoopSettings(StrictModel):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     log_every: int = Field(10, ge=1)
     record_samples: bool = Field(True, description="write the sample indices each rank consumed (samples.json)")
+    divergence_factor: float | None = Field(
+        3.0, gt=1, description="stop when a step's loss exceeds this × the first loss after warm-up (a NaN/Inf loss or "
+        "weight always stops); None: only non-finite values stop")
+
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"divergence_factor": 3.0}  # added later: left out of dumps at its default
 
     @model_validator(mode="after")
     def _sizes(self) -> LoopSettings:

@@ -36,6 +36,13 @@ from stages.recovery.losses import Loss, Teacher, block_pairs, get_loss
 log = get_logger(__name__)
 
 
+class TrainingDiverged(RuntimeError):
+    """Recovery training blew up (a NaN/Inf or exploding loss, non-finite weights): stopped before a checkpoint or
+    a merge could keep the damage. A user's setting (usually the learning rate), not a bug: ``user_error``."""
+
+    user_error = True
+
+
 @dataclass
 class TrainerEnv:
     """What the trainer takes from the run (not the run context, so the library is callable on its own)."""
@@ -85,6 +92,7 @@ class TrainState:
     loss_settings: Any = None  # the recipe's ``loss`` group
     step: int = 0
     first_step: int = 0  # where this session started (after a resume)
+    weight_scale: float | None = None  # the model's largest |weight| when training started (check_divergence)
     resumed_from: Path | None = None
     recorder: Recorder = field(init=False)
 
@@ -239,12 +247,53 @@ def finish_step(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, loss: t
     if run.teacher is not None:  # per step, so the student's time is a difference of the same step's two clocks
         rec.teacher_seconds.append(max(0.0, run.teacher.seconds - rec._teacher_total))
         rec._teacher_total = run.teacher.seconds
+    check_divergence(acc, run, cfg)
     progress.update(1)
     progress.set_postfix(loss=f"{rec.losses[-1]:.4f}")
     if run.step % cfg.loop.log_every == 0 or run.step == run.total:
         log.info(f"recover ({run.label}) step {run.step}/{run.total} loss {rec.losses[-1]:.4f}", main_process_only=True)
     if run.checkpoints.due(run.step, run.total):
         run.checkpoints.save(run.step, run.scheduler, rec.losses, rec.samples)
+
+
+def check_divergence(acc: Any, run: TrainState, cfg: RecoverySettings) -> None:
+    """Raise :class:`TrainingDiverged` when the step just recorded is not finite or has exploded: its loss above
+    ``divergence_factor`` × the first loss after warm-up, or a trained weight NaN/Inf (checked at log and checkpoint
+    steps: one pass over the trained tensors). The loss is the ranks' reduced mean and the weight flag is summed
+    over ranks, so every rank stops at the same step (none is left waiting in a collective)."""
+    rec, step = run.recorder, run.step
+    loss = rec.losses[-1]
+    warm = min(cfg.optimizer.warmup_steps, len(rec.losses) - 1)  # the first loss after warm-up (or the last one yet)
+    reference = rec.losses[warm]
+    fix = (f"lower the recover stage's optimizer.lr (now {cfg.optimizer.lr:g}), add optimizer.warmup_steps or keep "
+           "optimizer.max_grad_norm on; the pruned model is kept (--resume re-runs only recovery and what follows)")
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"recovery ({run.label}) diverged: the loss at step {step} is {loss}; {fix}")
+    factor = cfg.loop.divergence_factor
+    if factor is not None and len(rec.losses) > warm + 1 and math.isfinite(reference) and loss > factor * reference:
+        raise TrainingDiverged(f"recovery ({run.label}) diverged: the loss at step {step} is {loss:.4g}, above "
+                               f"{factor:g} × {reference:.4g} (the first loss after warm-up; loop.divergence_factor); {fix}")
+    if step % cfg.loop.log_every == 0 or step == run.total or run.checkpoints.due(step, run.total):
+        peak = _peak(acc, run.params)
+        if not math.isfinite(peak):
+            raise TrainingDiverged(f"recovery ({run.label}) diverged: a trained tensor holds NaN/Inf at step {step}; {fix}")
+        if run.weight_scale and peak > WEIGHT_BLOWUP * run.weight_scale:
+            raise TrainingDiverged(f"recovery ({run.label}) diverged: a trained weight reached {peak:.3g} at step {step}, "
+                                   f"over {WEIGHT_BLOWUP:g} × the largest weight of the model before training "
+                                   f"({run.weight_scale:.3g}); {fix}")
+
+
+WEIGHT_BLOWUP = 100.0  # trained weights this many times the model's largest weight: no learning rate meant that
+
+
+def _peak(acc: Any, params: Any) -> float:
+    """The largest |value| over ``params`` on every rank (NaN/Inf if any is): the same answer on all of them."""
+    with torch.no_grad():
+        local = torch.zeros(1, device=acc.device)
+        for p in params:
+            if p.numel():  # a ZeRO-3 placeholder holds nothing on this rank
+                local = torch.maximum(local, p.detach().abs().max().float().reshape(1).to(acc.device))  # NaN propagates
+        return float(acc.gather(local).max().item())
 
 
 def train(env: TrainerEnv, run: TrainState, cfg: RecoverySettings) -> float:
@@ -255,6 +304,7 @@ def train(env: TrainerEnv, run: TrainState, cfg: RecoverySettings) -> float:
     run.model.train()
     progress = tqdm(total=run.total, initial=run.step, desc=f"recover ({run.label})", disable=not env.progress,
                     dynamic_ncols=True)
+    run.weight_scale = _peak(acc, run.model.parameters())  # the divergence guard's yardstick (check_divergence)
     t_train = time.perf_counter()
     with run.checkpoints.adapter_only():
         while run.step < run.total:

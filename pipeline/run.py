@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
         from pipeline.preflight import preflight
 
-        facts = preflight(recipe)
+        facts = preflight(recipe, probe_hub=not args.dry_run)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.runner import RunError, execute
+    from pipeline.runlog import RunLog, failure_message, quiet_progress
 
-    try:
-        metrics = execute(recipe, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
-    except RunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tty = sys.stderr.isatty()  # redirected to a file, a bar's carriage returns would make one endless line
+    with RunLog(run_dir, resume=args.resume) as runlog, quiet_progress(not tty):
+        try:
+            from pipeline.runner import execute
+
+            metrics = execute(recipe, run_dir, resume=args.resume, force=args.force,
+                              progress=not args.no_progress and tty)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (every failure becomes one paragraph and a log)
+            code, message = failure_message(exc, args.recipe, run_dir, runlog.write_traceback(exc))
+            print(message, file=sys.stderr)
+            return code
     if metrics is not None:
         print(summary(metrics, run_dir))
     return 0
@@ -119,6 +125,9 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             ratio = metrics.get("ratio_to_dense", {}).get(label, {}).get(name)
             lines.append(f"{label:>9} {name}: {describe_result(r)}" + (f"  {ratio:.2f}× dense" if ratio else ""))
     for label, r in metrics.get("recover", {}).items():
+        if r.get("recovery_worse_than_pruned"):
+            lines.append(f"WARNING recover {label}: the recovered model is WORSE than the pruned one on "
+                         f"{', '.join(r.get('worse_on', {})) or 'perplexity'}; this is not a recovery (see metrics.json)")
         lines.append(f"recover {label}: {r['steps']} steps, loss {r['first_loss']:.3f} → {r['final_loss']:.3f}, "
                      f"{r['tokens_per_s']} tokens/s" + (f" ({r['tokens_per_s_ratio_vs_plain']:.2f}× a plain peft loop)"
                                                         if "tokens_per_s_ratio_vs_plain" in r else ""))

@@ -93,6 +93,11 @@ def _same(units: list[int], _g: LayerGeometry) -> list[int]:
     return list(units)
 
 
+def _replace(layer: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, name, module)
+
+
 @dataclass
 class BlockInputs:
     """What every block needs besides the hidden state; computed once per batch."""
@@ -133,6 +138,13 @@ class ArchAdapter:
     UNIFORM_WIDTHS_ONLY: ClassVar[bool] = False
     # the config key transformers reads the MLP width (the ``mlp_channel`` unit's count) from; None: no dense MLP
     MLP_CONFIG: ClassVar[str | None] = "intermediate_size"
+    # sublayer removal (He et al., arXiv 2406.15786): families whose decoder layer adds each sublayer's output to the
+    # residual stream, so a sublayer returning zeros (stages.arch.noop) is a removed one; the norm that only feeds a
+    # sublayer (or, post-norm families, only normalises its output) goes with it; MID_RESIDUAL: the module whose
+    # input is the residual stream between the attention and the MLP sublayer
+    SUBLAYER_REMOVAL: ClassVar[bool] = False
+    SUBLAYER_NORMS: ClassVar[dict[str, str]] = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
+    MID_RESIDUAL: ClassVar[str] = "post_attention_layernorm"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -304,6 +316,33 @@ class ArchAdapter:
         return layer.get_submodule(cls.MLP)
 
     @classmethod
+    def has_sublayer(cls, layer: nn.Module, which: str) -> bool:
+        """Whether ``layer`` still has its ``attention`` / ``mlp`` sublayer (False once removed)."""
+        from stages.arch.noop import NoAttention, NoMLP
+
+        return not isinstance(cls.attention(layer) if which == "attention" else cls.mlp(layer), (NoAttention, NoMLP))
+
+    @classmethod
+    def remove_sublayer(cls, layer: nn.Module, which: str) -> None:
+        """Replace the ``attention`` or ``mlp`` sublayer (and the norm that serves only it) by a parameter-free no-op."""
+        from stages.arch.noop import NoAttention, NoMLP
+
+        if not cls.SUBLAYER_REMOVAL:
+            raise NotImplementedError(f"{cls.family or cls.__name__}: removing a whole sublayer is supported for the "
+                                      "Llama-layout families (llama, mistral, qwen2, qwen3, granite, olmo2) only")
+        if which not in cls.SUBLAYER_NORMS:
+            raise ValueError(f"sublayer {which!r}: choose attention or mlp")
+        if which == "attention":
+            attn = cls.attention(layer)
+            hidden = cls.linear(layer, "o").out_features if cls.has_sublayer(layer, "attention") else attn.hidden_size
+            stand_in: nn.Module = NoAttention(attn.layer_idx, attn.head_dim, hidden)
+            _replace(layer, cls.ATTN, stand_in)
+        else:
+            hidden = cls.linear(layer, "down").out_features if cls.has_sublayer(layer, "mlp") else cls.mlp(layer).hidden_size
+            _replace(layer, cls.MLP, NoMLP(hidden))
+        _replace(layer, cls.SUBLAYER_NORMS[which], nn.Identity())
+
+    @classmethod
     def layer_norms(cls, layer: nn.Module) -> list[nn.Module]:
         return [layer.get_submodule(n) for n in cls.LAYER_NORMS]
 
@@ -328,6 +367,12 @@ class ArchAdapter:
     def geometry(cls, layer: nn.Module) -> LayerGeometry:
         attn = cls.attention(layer)
         head_dim = attn.head_dim
+        has_attn, has_mlp = cls.has_sublayer(layer, "attention"), cls.has_sublayer(layer, "mlp")
+        if not (has_attn and has_mlp):  # a removed sublayer: 0 heads / 0 channels (prunelab_layer_shapes' convention)
+            hidden = cls.linear(layer, "q").in_features if has_attn else attn.hidden_size
+            return LayerGeometry(n_q=cls.linear(layer, "q").out_features // head_dim if has_attn else 0,
+                                 n_kv=cls.linear(layer, "k").out_features // head_dim if has_attn else 0, head_dim=head_dim,
+                                 intermediate=cls.linear(layer, "gate").out_features if has_mlp else 0, hidden=hidden)
         q, k = cls.linear(layer, "q"), cls.linear(layer, "k")
         return LayerGeometry(n_q=q.out_features // head_dim, n_kv=k.out_features // head_dim, head_dim=head_dim,
                              intermediate=cls.linear(layer, "gate").out_features, hidden=q.in_features)
@@ -375,10 +420,17 @@ class ArchAdapter:
 
         sizes = {"q": (hidden, n_q * hd), "k": (hidden, n_kv * hd), "v": (hidden, n_kv * hd), "o": (n_q * hd, hidden),
                  "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+        gone = {"attention"} if n_q == 0 and n_kv == 0 else set()  # 0 heads / 0 channels: a removed sublayer
+        gone |= {"mlp"} if inter == 0 else set()
         for role in ROLES:
-            cls.set_linear(layer, role, linear(*sizes[role], cls.linear(layer, role)))
-        cls.set_attention_groups(layer, n_q, n_kv)
-        cls.set_intermediate(layer, inter)
+            if ("attention" if role in ATTN_ROLES else "mlp") not in gone:
+                cls.set_linear(layer, role, linear(*sizes[role], cls.linear(layer, role)))
+        if "attention" not in gone:
+            cls.set_attention_groups(layer, n_q, n_kv)
+        if "mlp" not in gone:
+            cls.set_intermediate(layer, inter)
+        for which in sorted(gone):
+            cls.remove_sublayer(layer, which)
 
     @classmethod
     def hidden_layer_members(cls) -> tuple[tuple[str, int], ...]:

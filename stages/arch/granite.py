@@ -16,6 +16,7 @@ from stages.arch.base import ArchAdapter
 
 class GraniteAdapter(ArchAdapter):
     family = "Granite"
+    SUBLAYER_REMOVAL = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return super().embed(input_ids) * self.model.config.embedding_multiplier

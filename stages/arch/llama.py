@@ -29,12 +29,14 @@ class LlamaAdapter(ArchAdapter):
     """Llama: ``attention_bias`` / ``mlp_bias`` switch on biases of all attention / MLP projections."""
 
     family = "Llama"
+    SUBLAYER_REMOVAL = True
 
 
 class MistralAdapter(ArchAdapter):
     """Mistral: Llama's layout with bias-free projections and a sliding window applied to every layer."""
 
     family = "Mistral"
+    SUBLAYER_REMOVAL = True
 
     @classmethod
     def bias_holders(cls, config: Any) -> dict[str, bool]:

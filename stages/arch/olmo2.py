@@ -36,6 +36,9 @@ class Olmo2Adapter(ArchAdapter):
     LAYER_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
     HEAD_NORMS = (Q_NORM, K_NORM)  # read the config's eps (hidden-channel pruning rescales it)
     NORM_INPUTS: ClassVar[dict[str, str]] = {Q_NORM: "q", K_NORM: "k"}
+    SUBLAYER_REMOVAL = True  # post-norms: each goes with the sublayer whose output it normalises
+    SUBLAYER_NORMS: ClassVar[dict[str, str]] = {"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+    MID_RESIDUAL = "mlp"
 
     BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
@@ -52,6 +55,8 @@ class Olmo2Adapter(ArchAdapter):
     @classmethod
     def resize_layer(cls, layer: nn.Module, n_q: int, n_kv: int, inter: int) -> None:
         super().resize_layer(layer, n_q, n_kv, inter)
+        if not cls.has_sublayer(layer, "attention"):
+            return
         hd = cls.attention(layer).head_dim
         for path, size in ((Q_NORM, n_q * hd), (K_NORM, n_kv * hd)):
             old = layer.get_submodule(path)

@@ -18,6 +18,7 @@ from stages.arch.base import ArchAdapter
 
 class Qwen2Adapter(ArchAdapter):
     family = "Qwen2"
+    SUBLAYER_REMOVAL = True
 
     BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}
@@ -25,6 +26,7 @@ class Qwen2Adapter(ArchAdapter):
 
 class Qwen3Adapter(ArchAdapter):
     family = "Qwen3"
+    SUBLAYER_REMOVAL = True
     HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
     NORM_INPUTS: ClassVar[dict[str, str]] = {"self_attn.q_norm": "q", "self_attn.k_norm": "k"}
 

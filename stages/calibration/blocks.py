@@ -4,6 +4,9 @@ From x_0 … x_L (held for that batch only) we update whatever the requested cri
 
 - ``boundary``: Σ_t cos(x_i,t, x_{i+1},t) for consecutive boundaries (ShortGPT BI) and, for every
   pair (ℓ, ℓ+n), Σ_samples arccos(cos(x_ℓ,T, x_ℓ+n,T))/π at the last token T (Gromov et al.).
+- ``sublayers``: Σ_t cos(X, Y) for each attention and MLP sublayer, X the residual stream entering it and Y the one
+  leaving it (the layer's input, the residual between its sublayers — read by a pre-hook on the adapter's
+  ``MID_RESIDUAL`` module during the same block pass — and the layer's output);
 - ``removal_nll``: calibration NLL with each block removed. The hidden state entering block i is
   the dense x_i, so candidate i only runs blocks i+1…L-1 and the head: about half the block
   evaluations of "one full forward per candidate" (the naive reference is kept for the benchmark).
@@ -23,7 +26,7 @@ from stages.arch.base import ArchAdapter
 if TYPE_CHECKING:
     from stages.calibration.stats import CalibrationStats
 
-OBSERVED = frozenset({"boundary", "removal_nll"})
+OBSERVED = frozenset({"boundary", "sublayers", "removal_nll"})
 
 
 def batches(calibration: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
@@ -102,6 +105,17 @@ def _update_boundary(stats: CalibrationStats, states: list[torch.Tensor]) -> Non
     stats.angular_samples += last.shape[1]
 
 
+def _update_sublayers(stats: CalibrationStats, states: list[torch.Tensor], mids: list[torch.Tensor]) -> None:
+    if len(mids) != len(states) - 1:
+        raise RuntimeError(f"sublayer statistics: {len(mids)} mid-layer residuals for {len(states) - 1} blocks")
+    cos = torch.nn.functional.cosine_similarity
+    for i, mid in enumerate(mids):
+        x, m, y = states[i].float(), mid.float(), states[i + 1].float()
+        stats.sublayer_cos_sum[i, 0] += cos(x, m, dim=-1).sum().item()
+        stats.sublayer_cos_sum[i, 1] += cos(m, y, dim=-1).sum().item()
+    stats.sublayer_tokens += states[0].shape[0] * states[0].shape[1]
+
+
 def start_block_observers(stats: CalibrationStats, needs: set[str]) -> None:
     n = stats.num_blocks
     if "boundary" in needs:
@@ -109,12 +123,26 @@ def start_block_observers(stats: CalibrationStats, needs: set[str]) -> None:
         stats.angular_sum = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     if "removal_nll" in needs:
         stats.removal_nll = torch.zeros(n, dtype=torch.float64)
+    if "sublayers" in needs:
+        stats.sublayer_cos_sum = torch.zeros(n, 2, dtype=torch.float64)
 
 
 @torch.inference_mode()
 def observe_blocks(adapter: ArchAdapter, ids: torch.Tensor, stats: CalibrationStats, needs: set[str]) -> None:
     """One batch: the boundary states once, then every requested block statistic from them."""
-    states = adapter.boundary_states(ids)
+    if "sublayers" in needs:
+        mids: list[torch.Tensor] = []
+        hooks = [layer.get_submodule(adapter.MID_RESIDUAL).register_forward_pre_hook(
+            lambda _m, args, kwargs: mids.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+            for layer in adapter.layers]
+        try:
+            states = adapter.boundary_states(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        _update_sublayers(stats, states, mids)
+    else:
+        states = adapter.boundary_states(ids)
     if "boundary" in needs:
         _update_boundary(stats, states)
     if "removal_nll" in needs:

@@ -3,7 +3,7 @@
 Criteria declare what they need by name (``NEEDS``); ``stages.calibration.full.collect_stats`` runs the pass and
 fills only those fields. Who fills what:
 
-- ``boundary``, ``removal_nll``: block-boundary observers (``stages.calibration.blocks``);
+- ``boundary``, ``sublayers``, ``removal_nll``: block-boundary observers (``stages.calibration.blocks``);
 - ``activations``, ``hessian``: input observers on the projections (``stages.calibration.width``);
 - ``grad``, ``fisher``: one forward+backward per batch, summed by ``accumulate_gradients`` below — the sums of
   ∂L_b/∂w (and of (∂L_b/∂w)²) over batches b, in float32. Depth Taylor+ reads the sums (``grad_sum``), LLM-Pruner's
@@ -24,7 +24,7 @@ import torch
 from stages.arch.base import STAT_KEYS
 from stages.calibration.width import ChannelStats
 
-NEEDS = frozenset({"boundary", "removal_nll", "grad", "fisher", "hidden", "activations", "hessian", "calibration"})
+NEEDS = frozenset({"boundary", "sublayers", "removal_nll", "grad", "fisher", "hidden", "activations", "hessian", "calibration"})
 
 
 class _Averaged(Mapping[str, torch.Tensor]):
@@ -56,6 +56,10 @@ class CalibrationStats:
     bi_tokens: int = 0
     angular_sum: torch.Tensor | None = None  # [L+1, L+1] Σ_samples arccos(cos_T)/π, upper triangle
     angular_samples: int = 0
+    # sublayers (He et al., arXiv 2406.15786): Σ_t cos(X, Y) of each layer's attention [:, 0] and MLP [:, 1] sublayer,
+    # X the residual stream entering the sublayer, Y the one leaving it
+    sublayer_cos_sum: torch.Tensor | None = None  # [L, 2]
+    sublayer_tokens: int = 0
     # removal_nll (Shortened LLaMA PPL, SLEB)
     removal_nll: torch.Tensor | None = None  # [L] Σ NLL with block i removed
     dense_nll: float = 0.0

@@ -15,6 +15,8 @@ register_criterion("taylor_plus", f"{_DEPTH}:taylor_plus", "depth", {"grad"}, pa
 register_criterion("sleb", f"{_DEPTH}:sleb", "depth", {"removal_nll"}, iterative=True, paper="SLEB, arXiv 2402.09025")
 register_criterion("laco", "stages.criteria.laco:laco", "depth", {"calibration"}, settings=LacoSettings, iterative=True,
                    paper="LaCo, arXiv 2402.11187")
+register_criterion("sublayer_cosine", "stages.criteria.sublayer:sublayer_cosine", "depth", {"sublayers"},
+                   paper="He et al., What Matters in Transformers? Not All Attention is Needed, arXiv 2406.15786")
 register_criterion("magnitude", f"{_DEPTH}:magnitude", "depth", paper="baseline")
 register_criterion("random", f"{_DEPTH}:random", "depth", paper="baseline")
 

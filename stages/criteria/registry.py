@@ -31,7 +31,9 @@ Kind = Literal["depth", "width"]
 # What a width criterion's result scores per layer (stages.criteria.base.CriterionResult.layers keys).
 WIDTH_UNITS: tuple[str, ...] = ("q_heads", "kv_groups", "mlp")
 KINDS: tuple[Kind, ...] = ("depth", "width")
-_UNITS_KIND: dict[str, Kind] = {"blocks": "depth", "depth": "depth", "width": "width", "hidden": "width"}
+# sublayers (attention / MLP as a whole) are scored per block by depth criteria (``sublayer_cosine``)
+_UNITS_KIND: dict[str, Kind] = {"blocks": "depth", "depth": "depth", "width": "width", "hidden": "width",
+                                "sublayers": "depth"}
 
 
 def kind_of(units: str) -> Kind:

@@ -400,7 +400,35 @@ class HiddenSettings(_WidthTarget):
         return []
 
 
-Selection = BlocksSettings | WidthSettings | HiddenSettings
+class SublayersSettings(_Selection):
+    """Remove whole attention and/or MLP sublayers (He et al., arXiv 2406.15786: Attention Drop, MLP Drop, Joint
+    Layer Drop), lowest ``sublayer_cosine`` importance first, one-shot. The block stays, with a no-op in place of
+    each removed sublayer (0 heads / 0 MLP channels in ``prunelab_layer_shapes``)."""
+
+    scored_units: ClassVar[Literal["blocks", "width"]] = "blocks"  # a depth criterion scores both sublayers per block
+    units: Literal["sublayers"] = Field("sublayers", description="remove whole attention / MLP sublayers")
+    sublayers: Literal["attention", "mlp", "both"] = Field(
+        "attention", description="which sublayers may go: attention (the paper's Attention Drop), mlp, or both "
+        "(one joint ranking of attention and MLP scores, as LLM-Drop's target_layer: all)")
+    num_sublayers: int | None = Field(None, ge=1, description="remove exactly this many sublayers")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SublayersSettings:
+        if (self.num_sublayers is None) == (self.ratio is None):
+            raise ValueError("give exactly one target: `num_sublayers` (a count) or `ratio` (a fraction of parameters in (0, 1))")
+        return self
+
+    def check_model(self, num_layers: int, total_params: int | None = None, block_params: float | None = None,
+                    geometries: list[Any] | None = None) -> list[str]:
+        """A layer keeps at least one sublayer of a kind somewhere: at most L − 1 of one kind (2L − 2 for both)."""
+        most = num_layers - 1 if self.sublayers != "both" else 2 * num_layers - 2
+        if self.num_sublayers is not None and self.num_sublayers > most:
+            return [f"num_sublayers={self.num_sublayers} but at most {most} {self.sublayers} sublayers of a "
+                    f"{num_layers}-layer model may go (one of each kind stays); choose at most {most}"]
+        return []
+
+
+Selection = BlocksSettings | WidthSettings | HiddenSettings | SublayersSettings
 
 # Why a key of one mode is refused in another (the key check names the key; this says what to do instead).
 _WIDTH_ONLY = "layer_ratio, allocation and compensation are width settings; set units: width"
@@ -420,6 +448,16 @@ NOT_APPLICABLE: dict[str, dict[str, str]] = {
                "expert_channels": _HIDDEN_ALONE,
                **dict.fromkeys(("engines", "round_to"), "{key} is a setting of units: width (heads and MLP channels); remove it")},
 }
+
+
+NOT_APPLICABLE["sublayers"] = {
+    **dict.fromkeys(("num_blocks", "rounding"), "{key} is a depth setting; for sublayers give `num_sublayers` or `ratio`"),
+    **dict.fromkeys(("layer_ratio", "allocation", "compensation", "layers", "attention", "mlp", "experts",
+                     "expert_channels", "engines", "round_to"),
+                    "{key} is a width setting; for sublayers choose `sublayers: attention | mlp | both`"),
+    "norm_rescale": "norm_rescale is a hidden-channel setting; set units: hidden"}
+for _units in ("blocks", "width", "hidden"):
+    NOT_APPLICABLE[_units].update(dict.fromkeys(("sublayers", "num_sublayers"), "{key} is a setting of units: sublayers"))
 
 
 def validate_selection(data: Any, variants: Mapping[str, type[BaseModel]], explain_old: Callable[[str, str], str | None]) -> Any:

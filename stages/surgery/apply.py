@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from stages.arch.base import ArchAdapter
-from stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan
+from stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, SublayerPlan, WidthPlan, load_plan
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,12 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
         remove_blocks(model, plan.removed_blocks, expected_layers=plan.layers_before)
         return model
     _check_shapes(model, plan.shapes_before)
+    if isinstance(plan, SublayerPlan):
+        from stages.surgery.sublayers import remove_sublayers
+
+        remove_sublayers(model, plan.removed_attention, plan.removed_mlp)
+        set_width_config(model, [sh.model_dump(exclude_none=True) for sh in plan.shapes_after])
+        return model
     if isinstance(plan, HiddenPlan):
         h = plan.hidden
         if model.config.hidden_size != h.hidden_before:

@@ -220,16 +220,48 @@ class HiddenPlan(_Plan):
                 f"{self._share()}.")
 
 
+class SublayerTarget(_Record):
+    sublayers: str = "attention"
+    num_sublayers: int | None = None
+    ratio: float | None = None
+
+
+class SublayerPlan(_Plan):
+    """Whole attention / MLP sublayers removed (He et al., arXiv 2406.15786); blocks stay, numbered as before."""
+
+    kind: Literal["sublayers"] = "sublayers"
+    target: SublayerTarget = Field(default_factory=SublayerTarget)
+    removed_attention: list[int] = []
+    removed_mlp: list[int] = []
+    shapes_before: list[LayerShape] | None = None
+    shapes_after: list[LayerShape]
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), "removed_attention": self.removed_attention, "removed_mlp": self.removed_mlp}
+
+    def outputs(self) -> dict[str, Any]:
+        return {**super().outputs(), "removed_attention": self.removed_attention, "removed_mlp": self.removed_mlp}
+
+    def describe(self) -> str:
+        return (f"Sublayer removal by `{self.criterion}`: attention removed in layers {self.removed_attention}, MLP removed "
+                f"in layers {self.removed_mlp} (0-based; {self.num_removed} sublayers{self._share()}); every block stays.")
+
+    def details(self) -> list[str]:
+        lines = ["| layer | attention | MLP |", "|---|---|---|"]
+        return lines + [f"| {i} | {'removed' if i in self.removed_attention else 'kept'} | "
+                         f"{'removed' if i in self.removed_mlp else 'kept'} |" for i in range(len(self.shapes_after))]
+
+
 def _kind(data: Any) -> str | None:
     if isinstance(data, dict):
         return "hidden" if data.get("kind") == "width" and data.get("hidden") else data.get("kind")
     return getattr(data, "kind", None)
 
 
-Plan = Annotated[Annotated[DepthPlan, Tag("depth")] | Annotated[WidthPlan, Tag("width")] | Annotated[HiddenPlan, Tag("hidden")],
-                 Discriminator(_kind)]
-KINDS: dict[str, type[_Plan]] = {"depth": DepthPlan, "width": WidthPlan, "hidden": HiddenPlan}
-_PLAN: TypeAdapter[DepthPlan | WidthPlan | HiddenPlan] = TypeAdapter(Plan)
+Plan = Annotated[Annotated[DepthPlan, Tag("depth")] | Annotated[WidthPlan, Tag("width")] | Annotated[HiddenPlan, Tag("hidden")]
+                 | Annotated[SublayerPlan, Tag("sublayers")], Discriminator(_kind)]
+KINDS: dict[str, type[_Plan]] = {"depth": DepthPlan, "width": WidthPlan, "hidden": HiddenPlan, "sublayers": SublayerPlan}
+_PLAN: TypeAdapter[DepthPlan | WidthPlan | HiddenPlan | SublayerPlan] = TypeAdapter(Plan)
 
 
 def load_plan(data: Any) -> DepthPlan | WidthPlan | HiddenPlan:

@@ -14,6 +14,7 @@ from stages.selection import legacy
 from stages.selection.config import (
     BlocksSettings,
     HiddenSettings,
+    SublayersSettings,
     WidthSettings,
     allowed_keys,
     validate_selection,
@@ -30,7 +31,9 @@ class PruneConfig(StrictModel):
     - ``units: width`` (:class:`WidthPrune`): ``ratio`` or ``layer_ratio``, ``allocation`` (uniform | global |
       {type: owl, m, lambda} | {type: alpha, epsilon}), ``layers``, ``attention``, ``mlp``, ``compensation``
       (none | bias | {type: optimal, damping, bias});
-    - ``units: hidden`` (:class:`HiddenPrune`): ``ratio`` or ``layer_ratio``, ``norm_rescale``.
+    - ``units: hidden`` (:class:`HiddenPrune`): ``ratio`` or ``layer_ratio``, ``norm_rescale``;
+    - ``units: sublayers`` (:class:`SublayersPrune`): ``num_sublayers`` or ``ratio``, ``sublayers`` (attention | mlp |
+      both), scored by the depth criterion ``sublayer_cosine`` (a score stage with units: blocks).
 
     A setting of another mode is an error naming it. Validate with ``PruneConfig.model_validate(mapping)`` (it
     returns the variant) or build a variant directly.
@@ -43,7 +46,8 @@ class PruneConfig(StrictModel):
     """
 
     type: Literal["prune"]
-    units: Literal["blocks", "width", "hidden"] = Field("blocks", description="what to remove: blocks | width | hidden")
+    units: Literal["blocks", "width", "hidden", "sublayers"] = Field(
+        "blocks", description="what to remove: blocks | width | hidden | sublayers")
     criterion: str = Field(..., description="which computed criterion decides (see `score`)")
 
     def __init__(self, **data: Any) -> None:
@@ -88,8 +92,16 @@ class HiddenPrune(HiddenSettings, PruneConfig):
     """Remove hidden channels everywhere (LLM-Pruner's channel mode)."""
 
 
-VARIANTS: dict[str, type[PruneConfig]] = {"blocks": BlocksPrune, "width": WidthPrune, "hidden": HiddenPrune}
-Prune = BlocksPrune | WidthPrune | HiddenPrune
+class SublayersPrune(SublayersSettings, PruneConfig):
+    """Remove whole attention / MLP sublayers (He et al., arXiv 2406.15786)."""
+
+    def v1_settings(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")  # version 1 had no sublayer mode: its own settings are its hash
+
+
+VARIANTS: dict[str, type[PruneConfig]] = {"blocks": BlocksPrune, "width": WidthPrune, "hidden": HiddenPrune,
+                                           "sublayers": SublayersPrune}
+Prune = BlocksPrune | WidthPrune | HiddenPrune | SublayersPrune
 
 
 def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,6 +126,10 @@ def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
         plan, side = make_width_plan(result, cfg, ctx.model, ctx.activation_stats, ctx.scores)
     elif isinstance(cfg, HiddenPrune):
         plan = make_hidden_plan(result, cfg, ctx.model)
+    elif isinstance(cfg, SublayersPrune):
+        from stages.selection.sublayers import make_sublayer_plan
+
+        plan = make_sublayer_plan(result, cfg, ctx.adapter)
     else:
         plan = make_plan(result, cfg, ctx.adapter)
     outputs = _apply(ctx, plan, side)

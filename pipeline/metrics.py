@@ -45,6 +45,28 @@ def ratio_to_dense(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     return out
 
 
+def flag_recovery(recover: dict[str, Any], evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``recover`` with ``recovery_worse_than_pruned`` (and ``worse_on``: domain → [pruned ppl, recovered ppl]) in the
+    pruned model's training stats once both are evaluated on the same protocol: a "recovery" that raised perplexity
+    is flagged, never reported as recovery."""
+    pruned, recovered = evals.get("pruned", {}), evals.get("recovered", {})
+    if "pruned" not in recover or not pruned or not recovered:
+        return recover
+    worse, compared = {}, 0
+    for name, r in recovered.items():
+        p = pruned.get(name)
+        if p and "ppl" in r and "ppl" in p and (r.get("seq_len"), r.get("tokens")) == (p.get("seq_len"), p.get("tokens")):
+            compared += 1
+            if not r["ppl"] <= p["ppl"]:  # NaN counts as worse
+                worse[name] = [p["ppl"], r["ppl"]]
+    if not compared:
+        return recover
+    flagged = {**recover["pruned"], "recovery_worse_than_pruned": bool(worse)}
+    if worse:
+        flagged["worse_on"] = worse
+    return {**recover, "pruned": flagged}
+
+
 def build_metrics(ctx: RunContext) -> dict[str, Any]:
     info = ctx.model_info
     timing = {k: round(ctx.timings.get(k, 0.0), 3) for k in TIMING_KEYS}
@@ -61,7 +83,7 @@ def build_metrics(ctx: RunContext) -> dict[str, Any]:
         "eval": ctx.evals,
         "ratio_to_dense": ratio_to_dense(ctx.evals),
         "plan": plan_metrics(ctx.plan),  # kind, criterion, removed_blocks, removed_units, achieved_ratio
-        "recover": ctx.recover_info,
+        "recover": flag_recovery(ctx.recover_info, ctx.evals),
         "scores_s": {name: r.get("seconds") for name, r in ctx.scores.items()},
         "timing_s": timing,
         "peak_memory_mb": peak_memory_mb(),

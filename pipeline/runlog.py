@@ -88,11 +88,17 @@ class RunLog(logging.Handler):
             return None
 
     def __enter__(self) -> RunLog:
-        logging.getLogger().addHandler(self)
+        root = logging.getLogger()
+        self._level = root.level
+        if root.getEffectiveLevel() > logging.INFO:  # the run's INFO lines reach run.log whatever the console shows
+            root.setLevel(logging.INFO)
+        root.addHandler(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        logging.getLogger().removeHandler(self)
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._level)
         self._append(self._held)
         self._held = []
         self.close()
@@ -100,22 +106,31 @@ class RunLog(logging.Handler):
 
 @contextlib.contextmanager
 def quiet_progress(quiet: bool) -> Iterator[None]:
-    """With ``quiet`` (stderr is not a terminal), the libraries' own progress bars off too (transformers' and
-    huggingface_hub's tqdm bars honour these variables); the previous environment is restored afterwards."""
+    """With ``quiet`` (stderr is not a terminal), the libraries' own progress bars off too — transformers'
+    ("Loading weights") and huggingface_hub's switches, and ``TQDM_DISABLE`` for bars built with tqdm's defaults;
+    everything is put back afterwards (the API may run in the same process)."""
     if not quiet:
         yield
         return
-    keys = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as tf_logging
+
+    tf_was, hub_was = tf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    tf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
     try:
         yield
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+        if tf_was:
+            tf_logging.enable_progress_bar()
+        if not hub_was:
+            hub_utils.enable_progress_bars()
 
 
 def failed_stage(exc: BaseException) -> str | None:

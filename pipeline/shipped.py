@@ -47,6 +47,9 @@ def recipes_dir() -> Path | None:
     else the installed ``prunelab.recipes`` package; None when neither exists."""
     if (ROOT / "recipes" / "debug.yaml").is_file() and (ROOT / "pyproject.toml").is_file():
         return ROOT / "recipes"
+    beside = Path(__file__).resolve().parent / "recipes"  # the wheel: prunelab/recipes next to this module
+    if beside.is_dir():
+        return beside
     try:
         files = importlib.resources.files(RECIPES_PACKAGE)
     except (ModuleNotFoundError, TypeError):

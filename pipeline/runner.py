@@ -139,6 +139,20 @@ def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
+def _changed_since_last_run(stage_dir: Path, inputs: dict[str, Any]) -> list[str]:
+    """What differs between the inputs an earlier run of this stage recorded and ``inputs`` ([] if nothing, or
+    nothing recorded)."""
+    import json
+
+    from stages.core.fingerprint import describe_changes
+
+    try:
+        old = json.loads((stage_dir / "done.json").read_text()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return describe_changes(old, inputs) if isinstance(old, dict) else []
+
+
 def legacy_settings(cfg: Any) -> dict[str, Any]:
     """The settings as the flat schema of version 1 dumped them, so run directories made before the typed
     configs still ``--resume`` (their ``done.json`` hashes chain these). A config whose shape changed defines
@@ -204,6 +218,9 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
                 lock = stack.enter_context(RunLock(run_dir))
             except RunLockedError as exc:
                 raise RunError(str(exc)) from None
+            except OSError as exc:
+                raise RunError(f"cannot lock the run directory {run_dir} ({exc.strerror}: {exc.filename}); "
+                               f"output_dir must be a folder you can write to") from None
             if lock.took_over:
                 log.warning(f"took over the lock of {run_dir} left by a process that is gone ({lock.took_over})",
                             main_process_only=True)
@@ -269,6 +286,10 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
             if stage_type == "load":  # what it read, once it has been fetched into the cache
                 inputs = {**inputs, **model_inputs(cfg)}
                 stage_chain = chain_hash(inputs_chain, key, {k: digest(v) for k, v in inputs.items()})
+                changes = _changed_since_last_run(stage_dir, inputs) if resume else []
+                if changes:  # load always runs; say why the stages after it will not be restored
+                    log.info(f"{stage_dir.name}: {'; '.join(changes)}; every later stage runs again", main_process_only=True)
+                    rerun = True
             if accelerator.is_main_process:
                 write_done(stage_dir, previous, seconds, outputs, inputs, stage_chain)
         inputs_chain = stage_chain

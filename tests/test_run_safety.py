@@ -171,6 +171,7 @@ def test_changed_model_weights_rerun_every_stage(tmp_path, caplog):
         assert _run(tmp_path / "out", *args, "--resume") == 0
     after = _finished(run_dir)
     assert all(after[k] != before[k] for k in before)
+    assert f"01-load: model.source: the content of {model} changed (files model.safetensors)" in caplog.text
     assert "02-calibrate: not restored: an input file of an earlier stage changed" in caplog.text
     load = json.loads((run_dir / "01-load" / "done.json").read_text())
     assert set(load["inputs"]["model.source"]["fingerprint"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
@@ -343,4 +344,15 @@ def test_custom_code_auto_map_is_not_exported(tmp_path):
     assert _run(tmp_path / "out", f"model.source={model}") == 0
     exported = json.loads((tmp_path / "out" / "debug" / "model" / "config.json").read_text())
     assert "auto_map" not in exported
+
+
+
+def test_an_output_dir_that_is_a_file_is_a_run_error_not_a_traceback(tmp_path):
+    """Below the preflight (which refuses it first on the CLI): the runner's own lock step says what is wrong."""
+    from pipeline.runner import RunError, execute
+
+    (tmp_path / "f").write_text("x")
+    recipe = load_recipe("recipes/debug.yaml", [f"output_dir={tmp_path / 'f'}"])
+    with pytest.raises(RunError, match="output_dir must be a folder"):
+        execute(recipe, recipe.run_dir)
 

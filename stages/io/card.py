@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pipeline.context import RunContext
+from typing import Any
 
 TAGS = ["prunelab", "pruned", "structured-pruning"]
 # Hub ids of the built-in aliases (stages.io.sources.ALIASES): the model the alias's GGUF was converted from.
@@ -135,9 +132,10 @@ def _front(data: Any) -> list[str]:
     return ["---", data.to_yaml(), "---", ""]
 
 
-def model_card(ctx: RunContext) -> str:
-    """README.md for the exported model: front matter for the Hub, the plan in one paragraph, the before/after
-    table, the evaluations with their protocols, and how to load it."""
+def model_card(ctx: Any) -> str:
+    """README.md for the exported model (``ctx``: the run's ``pipeline.context.RunContext``; the library does not
+    import the frame): front matter for the Hub, the plan in one paragraph, the before/after table, the
+    evaluations with their protocols, and how to load it."""
     info, plan, recipe = ctx.model_info, ctx.plan, ctx.recipe
     kind = getattr(plan, "kind", None)
     tags = TAGS + ([f"{kind}-pruning"] if kind else []) + (["lora-recovered"] if ctx.state == "recovered" else [])
@@ -185,6 +183,11 @@ def adapter_card(source: str, revision: str | None, method: str, info: dict[str,
     """README.md for a saved LoRA/QLoRA adapter (replacing peft's empty template): what it adapts, how it was
     trained (method, steps, data, loss) and how to apply it."""
     data, notes = card_data(source, revision, [*TAGS, "lora", "peft", method], {}, "", recipe_name, library="peft")
+
+    def get(group: str, key: str) -> Any:  # None where the group is not a mapping
+        value = settings.get(group)
+        return value.get(key) if isinstance(value, dict) else None
+
     first, final = info.get("first_loss"), info.get("final_loss")
     loss = (f"{first:.4f} → {final:.4f}" if isinstance(first, float) and isinstance(final, float) else "not recorded")
     lines = _front(data) + [
@@ -194,10 +197,10 @@ def adapter_card(source: str, revision: str | None, method: str, info: dict[str,
         "layer shapes are the pruned ones.", "",
         "| | |", "|---|---|",
         f"| base model | `{source}` pruned by recipe `{recipe_name}` |",
-        f"| method | {method} (rank {settings.get('lora', {}).get('rank')}, alpha {settings.get('lora', {}).get('alpha')}) |",
-        f"| steps | {info.get('steps')} (batch {settings.get('loop', {}).get('batch_size')}, {info.get('processes', 1)} processes) |",
-        f"| data | {settings.get('data', {}).get('source')} |",
-        f"| loss ({settings.get('loss', {}).get('type', '?')}) | {loss} |",
+        f"| method | {method} (rank {get('lora', 'rank')}, alpha {get('lora', 'alpha')}) |",
+        f"| steps | {info.get('steps')} (batch {get('loop', 'batch_size')}, {info.get('processes', 1)} processes) |",
+        f"| data | {get('data', 'source')} |",
+        f"| loss ({_loss_type(settings.get('loss'))}) | {loss} |",
         f"| tokens/s | {info.get('tokens_per_s')} |", "",
         "Apply it with peft: `PeftModel.from_pretrained(pruned_model, path).merge_and_unload()`; the run's exported "
         "`model/` already has it merged.", "",
@@ -212,3 +215,8 @@ def write_adapter_card(folder: Path, source: str, revision: str | None, method: 
     if not (folder / "adapter_config.json").is_file():
         return
     (folder / "README.md").write_text(adapter_card(source, revision, method, info, settings, recipe_name), encoding="utf-8")
+
+
+def _loss_type(loss: Any) -> str:
+    """The recovery loss's name: ``ce`` dumps as the bare string (stages.recovery.config.LossSettings), others as a mapping."""
+    return loss if isinstance(loss, str) else (loss or {}).get("type", "?") if isinstance(loss, dict) else "?"

@@ -1,0 +1,452 @@
+"""Write a pruned model as a GGUF file that llama.cpp runs, and check it against transformers.
+
+Why our own writer: llama.cpp's ``convert_hf_to_gguf.py`` cannot read ``prunelab_layer_shapes`` and its ``deci``
+path rounds FFN widths to multiples of 256 and guesses the tokenizer from the vocabulary size. Every detail below
+was checked against llama.cpp's source (``src/llama-model.cpp`` load_hparams / load_tensors, ``src/models/llama.cpp``
+and ``src/models/deci.cpp``, gguf-py's constants) and is proven by the tests comparing logits with transformers:
+
+- Uniform Llama-layout models (llama, mistral without a sliding window, qwen2, qwen3) go under their own
+  architecture; per-layer widths and removed sublayers of llama / mistral go under ``deci``, whose
+  ``attention.head_count``, ``head_count_kv`` and ``feed_forward_length`` are per-layer arrays (0 = no attention /
+  no FFN; a layer with 0 heads has no attention tensors, 0 FFN channels no FFN tensors).
+- llama / deci rotate q/k pairs interleaved (GPT-J style), HF rotates halves: q_proj / k_proj rows (and their
+  biases) get convert_hf_to_gguf's ``LlamaModel.permute``, per head, so it holds for any per-layer head count.
+  qwen2 / qwen3 use NEOX rope in llama.cpp: no permute.
+- Biases: llama and deci load optional bq/bk/bv/bo and ffn_{gate,up,down}_b; qwen2 / qwen3 read bq/bk/bv only
+  (qwen3 none), so an output bias (bias / optimal compensation) on those is refused with the reason.
+- Tied embeddings: no ``output.weight`` (llama.cpp then reuses ``token_embd``).
+- deci in the llama.cpp we test (llama-cpp-python 0.3.36) drops the attention output of a layer whose FFN is
+  removed (``if (n_ff == 0) continue;`` skips ``inpL = cur``), so a removed FFN under a kept attention is written as
+  an FFN of ``NULL_FFN_WIDTH`` channels whose weights are all zero: silu(0)·0 = 0, the layer's output is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+LLAMA_LIKE = ("llama", "mistral")  # HF families written as llama / deci (same tensors, same rope)
+NATIVE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+NULL_FFN_WIDTH = 32  # one Q8_0 block: the zero FFN stands in for a removed one under a kept attention
+ZERO_FFN_WORKAROUND = True  # False writes n_ff = 0 as llama.cpp documents it (tests prove llama.cpp then errs)
+# families with structure llama.cpp runs, but whose mapping is not written and verified here: the nearest setting
+NOT_MAPPED_HINT = "export formats [hf] (or [hf, vllm] where vLLM runs it); GGUF export supports llama, mistral, qwen2, qwen3"
+
+# HF tokenizer.json pre-tokenizer → llama.cpp ``tokenizer.ggml.pre`` (src/llama-vocab.cpp): matched on the pattern
+# of the Split step (or a plain ByteLevel). Extend by adding the regex llama.cpp uses for a name it knows.
+_GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+_LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+PRE_TOKENIZERS = {
+    "byte-level, no regex, no merges": "default",  # every token a byte: any split gives the same ids
+    "byte-level gpt-2 regex": "gpt-2",
+    "digits + byte-level gpt-2 regex (SmolLM)": "smollm",
+    "llama-3 split + byte-level": "llama-bpe",
+}
+
+
+INERT_MERGE = "<inert> <merge>"
+
+
+class GGUFExportError(ValueError):
+    """A model or tokenizer the GGUF writer cannot express exactly (the message names the fix)."""
+
+
+# ---------------------------------------------------------------------------------------------------- structure
+def _linear(module: Any, name: str) -> Any:
+    return getattr(module, name, None)
+
+
+def layer_widths(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, FFN channels) per layer, read from the weights (0 = removed sublayer)."""
+    head_dim = _head_dim(model)
+    out = []
+    for layer in _layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, up = _linear(attn, "q_proj"), _linear(attn, "k_proj"), _linear(mlp, "up_proj")
+        out.append((q.weight.shape[0] // head_dim if q is not None else 0,
+                    k.weight.shape[0] // head_dim if k is not None else 0,
+                    up.weight.shape[0] if up is not None else 0))
+    return out
+
+
+def _layers(model: nn.Module) -> list[Any]:
+    return list(model.model.layers)
+
+
+def _head_dim(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def gguf_arch(model: nn.Module) -> str:
+    """The llama.cpp architecture this model is written under (``deci`` for per-layer widths / removed sublayers)."""
+    refusal = gguf_refusal(model)
+    if refusal:
+        raise GGUFExportError(refusal)
+    widths = layer_widths(model)
+    return NATIVE[model.config.model_type] if len(set(widths)) == 1 and 0 not in widths[0] else "deci"
+
+
+def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int | None = None,
+                     rope_type: str = "default", output_bias: bool = False) -> str | None:
+    """Why llama.cpp cannot run this structure as written here, with the nearest setting that works; None = it can.
+    Used on a loaded model (``gguf_refusal``) and at ``--dry-run`` from the recipe alone (``recipe_gguf_refusal``)."""
+    if model_type not in NATIVE:
+        return (f"export.formats gguf: llama.cpp export of the {model_type!r} family is not written or verified here; "
+                f"use {NOT_MAPPED_HINT}")
+    if heterogeneous and model_type not in LLAMA_LIKE:
+        return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, a "
+                f"Llama-layout architecture; {model_type} layers differ (q/k norms or q/k/v biases that deci does "
+                f"not load). Nearest setting that works: prune with engines: [llama.cpp] (uniform widths), or "
+                f"allocation: uniform")
+    if sliding_window is not None and model_type == "mistral":
+        return (f"export.formats gguf: llama.cpp's llama architecture has no sliding-window attention, and this "
+                f"mistral model attends over windows of {sliding_window} tokens; set model config sliding_window "
+                f"to null (full attention) or export formats [hf]")
+    if rope_type not in ("default", None):
+        return (f"export.formats gguf: rope scaling {rope_type!r} is not written by this exporter (llama.cpp needs "
+                f"rope_freqs); use export formats [hf]")
+    if output_bias and model_type in ("qwen2", "qwen3"):
+        return (f"export.formats gguf: llama.cpp's {model_type} graph has no attention-output / MLP biases, so bias "
+                f"or optimal compensation cannot be exported to it; use prune compensation: none, or formats [hf]")
+    return None
+
+
+def gguf_refusal(model: nn.Module) -> str | None:
+    """``gguf_refusal_for`` on a loaded model (biases read from its modules)."""
+    cfg = model.config
+    widths = layer_widths(model) if cfg.model_type in NATIVE else []
+    hetero = len(set(widths)) > 1 or any(0 in w for w in widths)
+    out_bias = any(getattr(_linear(layer.self_attn, "o_proj"), "bias", None) is not None
+                   or getattr(_linear(layer.mlp, "down_proj"), "bias", None) is not None
+                   for layer in _layers(model)) if cfg.model_type in NATIVE else False
+    return gguf_refusal_for(cfg.model_type, hetero, getattr(cfg, "sliding_window", None),
+                            _rope(cfg)[1], out_bias)
+
+
+def recipe_gguf_refusal(model_type: str | None, prune_cfg: Any) -> str | None:
+    """At ``--dry-run``: refuse a gguf export the recipe's model family / prune settings cannot give llama.cpp."""
+    if model_type is None:
+        return None
+    hetero = prune_cfg is not None and (getattr(prune_cfg, "allocation", "uniform") not in ("uniform", None)
+                                        or getattr(prune_cfg, "units", None) == "sublayers")
+    bias = prune_cfg is not None and getattr(prune_cfg, "compensation", "none") not in ("none", None)
+    return gguf_refusal_for(model_type, hetero, None, "default", bias)
+
+
+def _rope(cfg: Any) -> tuple[float, str]:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), rope_type
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
+def permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """HF (rotate halves) → GGUF (interleaved pairs) row order of q_proj / k_proj, per head:
+    convert_hf_to_gguf's LlamaModel.permute written per head, so any head count per layer works."""
+    return w.reshape(-1, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors (norms, biases) stay f32 as llama.cpp's converter
+    keeps them; Q8_0 needs rows that are whole 32-blocks, others fall back to f16 as llama-quantize does."""
+    import gguf
+
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.ndim == 1 or dtype == "f32":
+        return arr, None
+    if dtype == "q8_0" and arr.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    if dtype == "bf16":
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    return arr.astype(np.float16), None
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every tensor llama.cpp loads, in its order."""
+    cfg = model.config
+    hd = _head_dim(model)
+    rope_permute = arch in ("llama", "deci")
+    out: list[tuple[str, np.ndarray]] = [("token_embd.weight", _np(model.model.embed_tokens.weight))]
+    for i, (layer, (nh, nkv, nff)) in enumerate(zip(_layers(model), layer_widths(model))):
+        p = f"blk.{i}."
+        if nh:
+            attn = layer.self_attn
+            out.append((p + "attn_norm.weight", _np(layer.input_layernorm.weight)))
+            for proj, gname in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+                lin = getattr(attn, proj)
+                w, b = _np(lin.weight), None if lin.bias is None else _np(lin.bias)
+                if rope_permute and proj in ("q_proj", "k_proj"):
+                    w = permute_rope(w, hd)
+                    b = None if b is None else permute_rope(b, hd)
+                out.append((p + gname + ".weight", w))
+                if b is not None:
+                    out.append((p + gname + ".bias", b))
+            if arch == "qwen3":
+                out.append((p + "attn_q_norm.weight", _np(attn.q_norm.weight)))
+                out.append((p + "attn_k_norm.weight", _np(attn.k_norm.weight)))
+        if nff:
+            mlp = layer.mlp
+            out.append((p + "ffn_norm.weight", _np(layer.post_attention_layernorm.weight)))
+            for proj, gname in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                lin = getattr(mlp, proj)
+                out.append((p + gname + ".weight", _np(lin.weight)))
+                if lin.bias is not None:
+                    out.append((p + gname + ".bias", _np(lin.bias)))
+        elif nh and arch == "deci" and ZERO_FFN_WORKAROUND:  # see the module docstring: a zero FFN instead of n_ff = 0 under a kept attention
+            h = cfg.hidden_size
+            out.append((p + "ffn_norm.weight", np.ones(h, np.float32)))
+            out += [(p + "ffn_gate.weight", np.zeros((NULL_FFN_WIDTH, h), np.float32)),
+                    (p + "ffn_up.weight", np.zeros((NULL_FFN_WIDTH, h), np.float32)),
+                    (p + "ffn_down.weight", np.zeros((h, NULL_FFN_WIDTH), np.float32))]
+    out.append(("output_norm.weight", _np(model.model.norm.weight)))
+    if not getattr(cfg, "tie_word_embeddings", False):
+        out.append(("output.weight", _np(model.lm_head.weight)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+def tokenizer_fields_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
+    """Every ``tokenizer.*`` KV of a GGUF file as (key, value, type, sub_type), verbatim."""
+    from gguf import GGUFReader, GGUFValueType
+
+    out = []
+    for key, field in GGUFReader(path).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+        out.append((key, field.contents(), vtype, sub))
+    return out
+
+
+def pre_tokenizer_name(tj: dict[str, Any]) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizer.json (the PRE_TOKENIZERS table); unknown → refused."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    merges = (tj.get("model") or {}).get("merges") or []
+    regex = next((s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"), None)
+    byte_level = next((s for s in steps if s.get("type") == "ByteLevel"), None)
+    if kinds == ["ByteLevel"] and not byte_level.get("use_regex", True) and not merges:
+        return "default"
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+        return "smollm"
+    if regex == _LLAMA3_REGEX and kinds == ["Split", "ByteLevel"]:
+        return "llama-bpe"
+    raise GGUFExportError(
+        f"export.formats gguf: the tokenizer's pre-tokenizer {kinds} (regex {regex!r}) is not in the table "
+        f"stages.io.gguf_export.PRE_TOKENIZERS ({', '.join(PRE_TOKENIZERS.values())}); add its llama.cpp name there, "
+        f"or load the model from a GGUF source whose tokenizer fields are copied verbatim")
+
+
+def tokenizer_fields_from_hf(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
+    """BPE (gpt2) tokenizer metadata built from a fast tokenizer's tokenizer.json."""
+    from gguf import GGUFValueType as T
+
+    tj = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"export.formats gguf: only BPE tokenizers are written (this one is "
+                              f"{model.get('type')!r}); load the model from a GGUF source to copy its tokenizer")
+    vocab: dict[str, int] = dict(model["vocab"])
+    for added in tj.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # UNUSED until filled
+    special = {a["content"] for a in tj.get("added_tokens", []) if a.get("special")}
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        types[i] = 3 if tok in special else (4 if tok in {a["content"] for a in tj.get("added_tokens", [])} else 1)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        # llama.cpp refuses a gpt2 vocab without a merges key and gguf-py cannot write an empty array: one inert merge
+        # of two multi-character symbols that no merge ever forms, so tokenization is unchanged
+        merges = [INERT_MERGE]
+    out: list[tuple[str, Any, Any, Any]] = [
+        ("tokenizer.ggml.model", "gpt2", T.STRING, None),
+        ("tokenizer.ggml.pre", pre_tokenizer_name(tj), T.STRING, None),
+        ("tokenizer.ggml.tokens", tokens, T.ARRAY, T.STRING),
+        ("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32),
+        ("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING),
+    ]
+    for attr, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id"), ("unk_token_id", "unknown_token_id")):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            out.append((f"tokenizer.ggml.{key}", int(tid), T.UINT32, None))
+    post = json.dumps(tj.get("post_processor") or {})
+    out.append(("tokenizer.ggml.add_bos_token", tokenizer.bos_token is not None and tokenizer.bos_token in post,
+                T.BOOL, None))
+    if getattr(tokenizer, "chat_template", None):
+        out.append(("tokenizer.chat_template", tokenizer.chat_template, T.STRING, None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- writer
+def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: Any = None,
+               tokenizer_gguf: Path | None = None, name: str = "prunelab") -> dict[str, Any]:
+    """Write ``model`` (a Llama-layout HF causal LM, possibly pruned) to ``out_path`` atomically (temp + rename).
+
+    Tokenizer fields come verbatim from ``tokenizer_gguf`` when the model was loaded from a GGUF file, else are built
+    from ``tokenizer`` (a fast BPE tokenizer). Returns a summary (architecture, per-layer widths, dtype, size)."""
+    import gguf
+
+    if dtype not in GGUF_DTYPES:
+        raise GGUFExportError(f"export.gguf.dtype: {dtype!r} is not one of {list(GGUF_DTYPES)}")
+    arch = gguf_arch(model)
+    cfg = model.config
+    widths = layer_widths(model)
+    hd = _head_dim(model)
+    theta, _ = _rope(cfg)
+    if tokenizer_gguf is not None:
+        tok_fields = tokenizer_fields_from_gguf(tokenizer_gguf)
+    elif tokenizer is not None:
+        tok_fields = tokenizer_fields_from_hf(tokenizer)
+    else:
+        raise GGUFExportError("export.formats gguf: no tokenizer to write; llama.cpp needs one")
+    tensors = _tensors(model, arch)  # before the file is opened: a refusal leaves nothing behind
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, arch)
+    try:
+        w.add_name(name)
+        w.add_block_count(len(widths))
+        w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+        w.add_embedding_length(cfg.hidden_size)
+        if arch == "deci":
+            # a removed FFN under a kept attention is written as the zero FFN (module docstring)
+            w.add_feed_forward_length([nff or (NULL_FFN_WIDTH if nh and ZERO_FFN_WORKAROUND else 0)
+                                       for nh, _, nff in widths])
+            w.add_head_count([nh for nh, _, _ in widths])
+            w.add_head_count_kv([nkv for _, nkv, _ in widths])
+        else:
+            w.add_feed_forward_length(widths[0][2])
+            w.add_head_count(widths[0][0])
+            w.add_head_count_kv(widths[0][1])
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+        w.add_rope_dimension_count(hd)
+        w.add_rope_freq_base(theta)
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(cfg.vocab_size)
+        ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+        w.add_file_type(ftype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, val, vtype, sub in tok_fields:
+            w.add_key_value(key, val, vtype, sub_type=sub)
+        for tname, arr in tensors:
+            data, raw = _encode(arr, dtype)
+            if raw is None:
+                w.add_tensor(tname, data)
+            else:
+                w.add_tensor(tname, data, raw_shape=data.shape, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"path": str(out_path), "architecture": arch, "dtype": dtype, "bytes": out_path.stat().st_size,
+            "layers": [{"heads": a, "kv_heads": b, "ffn": c} for a, b, c in widths] if arch == "deci" else None}
+
+
+def source_gguf(source: str, gguf_file: str | None) -> Path | None:
+    """The GGUF file a model source was loaded from (alias or .gguf), whose tokenizer fields we copy; else None."""
+    from stages.io.sources import ALIASES, alias_dirs, classify
+
+    src = classify(source, gguf_file)
+    if src.kind == "alias":
+        path = alias_dirs(src.path)[0] / Path(ALIASES[src.path].member).name
+        return path if path.is_file() else None
+    if src.kind == "gguf":
+        return Path(src.path) / str(src.gguf_file)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- llama.cpp
+def llama_cpp_missing() -> str | None:
+    """None when llama_cpp imports, else why (with the fix)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"llama_cpp is not importable ({exc}); pip install 'prunelab[llama]' (builds llama-cpp-python)"
+    return None
+
+
+def _open(path: Path, n_ctx: int, n_threads: int) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
+                 n_threads_batch=n_threads, type_k=0, type_v=0, verbose=False)  # f32 KV cache (GGML_TYPE_F32):
+    # llama.cpp's default f16 cache alone moves logits by ~1e-3
+
+
+def gguf_logits(path: str | Path, ids: list[list[int]] | list[int], n_threads: int = 1, llm: Any = None) -> np.ndarray:
+    """Next-token logits [windows, tokens, vocab] (float32) llama.cpp computes for each window of ``ids``."""
+    windows = [list(map(int, ids))] if ids and not isinstance(ids[0], (list, tuple, np.ndarray)) else [list(map(int, w)) for w in ids]
+    n = max(len(w) for w in windows)
+    llm = llm or _open(Path(path), max(n, 8), n_threads)
+    out = []
+    for win in windows:
+        llm.reset()
+        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        llm.eval(win)
+        out.append(np.array(llm.scores[: len(win)], dtype=np.float32))
+    return np.stack(out) if len({len(w) for w in windows}) == 1 else np.array(out, dtype=object)
+
+
+def gguf_perplexity(path: str | Path, ids: list[int], window: int, n_threads: int = 1) -> float:
+    """Perplexity of ``ids`` in non-overlapping windows of ``window`` tokens (every token after the first of a
+    window is predicted), the protocol our evaluate stage uses for transformers."""
+    llm = _open(Path(path), window, n_threads)
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        win = ids[s : s + window]
+        if len(win) < 2:
+            break
+        logits = gguf_logits(path, win, llm=llm)[0].astype(np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        tgt = np.asarray(win[1:])
+        nll -= float(logp[np.arange(len(tgt)), tgt].sum())
+        count += len(tgt)
+    return float(np.exp(nll / count))
+
+
+def compare_with_transformers(model: nn.Module, path: Path, ids: list[list[int]], n_threads: int = 1) -> dict[str, float]:
+    """max |Δlogit| and argmax agreement between ``model`` and the GGUF at ``path`` on the same windows."""
+    import torch
+
+    ref = []
+    with torch.inference_mode():
+        for win in ids:
+            ref.append(model(torch.tensor([win], device=model.device)).logits[0].float().cpu().numpy())
+    got = gguf_logits(path, ids, n_threads=n_threads)
+    ref_a = np.stack(ref)
+    got_a = got[..., : ref_a.shape[-1]]
+    return {"max_abs_diff": float(np.abs(got_a - ref_a).max()),
+            "argmax_agreement": float((got_a.argmax(-1) == ref_a.argmax(-1)).mean()),
+            "max_abs_logit": float(np.abs(ref_a).max())}

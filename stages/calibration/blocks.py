@@ -109,8 +109,9 @@ def _update_sublayers(stats: CalibrationStats, states: list[torch.Tensor], mids:
     if len(mids) != len(states) - 1:
         raise RuntimeError(f"sublayer statistics: {len(mids)} mid-layer residuals for {len(states) - 1} blocks")
     cos = torch.nn.functional.cosine_similarity
+    dtype = torch.promote_types(states[0].dtype, torch.float32)  # at least float32 (bf16 models), float64 stays
     for i, mid in enumerate(mids):
-        x, m, y = states[i].float(), mid.float(), states[i + 1].float()
+        x, m, y = states[i].to(dtype), mid.to(dtype), states[i + 1].to(dtype)
         stats.sublayer_cos_sum[i, 0] += cos(x, m, dim=-1).sum().item()
         stats.sublayer_cos_sum[i, 1] += cos(m, y, dim=-1).sum().item()
     stats.sublayer_tokens += states[0].shape[0] * states[0].shape[1]

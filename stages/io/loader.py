@@ -4,7 +4,9 @@ Uniform results (depth pruning, uniform width pruning) are vanilla checkpoints:
 ``AutoModelForCausalLM.from_pretrained(path)`` loads them. When layers differ in width (global /
 adaptive allocation), ``config.json`` carries ``prunelab_layer_shapes`` — one
 ``{num_attention_heads, num_key_value_heads, intermediate_size}`` per layer — which transformers
-cannot build yet, so use::
+cannot build yet (a removed sublayer is ``num_attention_heads = num_key_value_heads = 0`` — no attention — or
+``intermediate_size = 0`` — no MLP; ``ArchAdapter.resize_layer`` puts the parameter-free no-ops of
+``stages.arch.noop`` in their place), so use::
 
     from stages.io.loader import load_pruned
     model = load_pruned("runs/<name>/model")

@@ -67,6 +67,19 @@ def _needs_remote_code(model_dir: Path) -> bool:
     return "auto_map" in json.loads((model_dir / "config.json").read_text())
 
 
+def _check_head_size(model_dir: Path) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only (cpu_attn.py); say so before the engine starts,
+    instead of its worker dying mid-generate with 'Unsupported CPU attention configuration'."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise SystemExit(f"{model_dir}: head_dim {head_dim} — vLLM CPU attention runs head sizes {sizes} only "
+                         "(a GPU backend may run it)")
+
+
 def _load(model_dir: Path, args: argparse.Namespace) -> tuple[Any, float]:
     from vllm import LLM
 
@@ -108,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"vllm_version": vllm.__version__, "model_dir": str(args.model_dir),
                               "dtype": args.dtype, "cpus": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
                               "enforce_eager": True, "max_tokens": args.max_tokens}
+    for d in [args.model_dir] + ([args.baseline] if args.baseline else []):
+        _check_head_size(d)
     llm, load_s = _load(args.model_dir, args)
     result["load_s"] = load_s
     result["trust_remote_code"] = _needs_remote_code(args.model_dir)

@@ -23,7 +23,6 @@ Examples (runnable; ``docs/api.md`` holds more, executed by ``tests/test_api.py`
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -283,5 +282,3 @@ def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer:
 
     return model, AutoTokenizer.from_pretrained(path)
 
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())

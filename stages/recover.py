@@ -89,12 +89,6 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
     teacher = _teacher(ctx, cfg)
     generated = _generated(ctx, cfg, teacher)
     info = recover_model(env, cfg, ctx.model, ctx.stage_dir, "pruned", teacher, ctx.plan, generated)
-    if ctx.is_main:  # the adapter's README.md: peft wrote its empty template
-        from stages.io.card import write_adapter_card
-        from stages.recovery.model import trained_folder
-
-        write_adapter_card(ctx.stage_dir / trained_folder(cfg.method), ctx.recipe.model.source, ctx.recipe.model.revision,
-                           cfg.method, info, cfg.model_dump(mode="json"), ctx.recipe.name)
     ctx.model = info.pop("model")
     ctx.state = "recovered"
     ctx.recover_info = {"pruned": info}
@@ -105,6 +99,11 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
         control = recover_model(env, cfg, dense, ctx.stage_dir / "control", "control", _teacher(ctx, cfg), None, generated)
         ctx.variants["control"] = control.pop("model")
         ctx.recover_info["control"] = control
+    if ctx.is_main:  # the adapters' cards, in place of peft's empty template
+        from stages.io.card import write_adapter_cards
+        from stages.recovery.model import trained_folder
+
+        write_adapter_cards(ctx.stage_dir, trained_folder(cfg.method), ctx.recipe, cfg, ctx.recover_info)
     return ctx.recover_info
 
 

@@ -192,14 +192,16 @@ def adapter_card(source: str, revision: str | None, method: str, info: dict[str,
     loss = (f"{first:.4f} → {final:.4f}" if isinstance(first, float) and isinstance(final, float) else "not recorded")
     lines = _front(data) + [
         f"# {recipe_name}: {method} adapter ({info.get('label', 'pruned')} model)", "",
-        f"A {method.upper()} adapter trained by prunelab to recover the accuracy of `{source}` after structured "
-        "pruning. It applies to the PRUNED model (the run's `model/` before merging), not to the base model: its "
-        "layer shapes are the pruned ones.", "",
+        (f"A {method.upper()} adapter trained by prunelab to recover the accuracy of `{source}` after structured "
+         "pruning. It applies to the PRUNED model (the run's `model/` before merging), not to the base model: its "
+         "layer shapes are the pruned ones." if info.get("label", "pruned") != "control" else
+         f"A {method.upper()} adapter trained by prunelab on the DENSE `{source}` with the same settings as the pruned "
+         "model's (the control that tells recovery from plain fine-tuning); it applies to the dense model."), "",
         "| | |", "|---|---|",
-        f"| base model | `{source}` pruned by recipe `{recipe_name}` |",
+        f"| base model | `{source}`" + (" (dense)" if info.get("label") == "control" else f" pruned by recipe `{recipe_name}`") + " |",
         f"| method | {method} (rank {get('lora', 'rank')}, alpha {get('lora', 'alpha')}) |",
         f"| steps | {info.get('steps')} (batch {get('loop', 'batch_size')}, {info.get('processes', 1)} processes) |",
-        f"| data | {get('data', 'source')} |",
+        f"| data | {_source_text(get('data', 'source'))} |",
         f"| loss ({_loss_type(settings.get('loss'))}) | {loss} |",
         f"| tokens/s | {info.get('tokens_per_s')} |", "",
         "Apply it with peft: `PeftModel.from_pretrained(pruned_model, path).merge_and_unload()`; the run's exported "
@@ -215,6 +217,27 @@ def write_adapter_card(folder: Path, source: str, revision: str | None, method: 
     if not (folder / "adapter_config.json").is_file():
         return
     (folder / "README.md").write_text(adapter_card(source, revision, method, info, settings, recipe_name), encoding="utf-8")
+
+
+def write_adapter_cards(stage_dir: Path, folder: str, recipe: Any, cfg: Any, infos: dict[str, dict[str, Any]]) -> None:
+    """The recover stage's adapters: ``<stage>/<folder>`` (the pruned model's) and ``<stage>/control/<folder>``."""
+    for label, info in infos.items():
+        where = stage_dir / folder if label == "pruned" else stage_dir / label / folder
+        name = recipe.name if label == "pruned" else f"{recipe.name} ({label}: the dense model)"
+        write_adapter_card(where, recipe.model.source, recipe.model.revision, cfg.method, info,
+                           cfg.model_dump(mode="json"), name)
+
+
+def _source_text(source: Any) -> str:
+    """A recovery data source as a recipe would name it: the file, or dataset:config:split (mixes and generated text
+    as their settings)."""
+    if isinstance(source, dict):
+        if source.get("path"):
+            return str(source["path"])
+        if source.get("dataset"):
+            return ":".join(str(source[k]) for k in ("dataset", "config", "split") if source.get(k))
+        return ", ".join(f"{k}: {v}" for k, v in source.items() if v not in (None, "", [], {}))
+    return str(source)
 
 
 def _loss_type(loss: Any) -> str:

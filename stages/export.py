@@ -1,16 +1,21 @@
 """Stage: write the final dense model — safetensors, tokenizer, model card — and prove it reloads.
 
-The folder is written under a temporary name and renamed into place, so a killed export never
-leaves a ``model/`` that looks complete. After writing, a fresh ``AutoModelForCausalLM`` (no
-``trust_remote_code``) is loaded from it and its logits are compared with the in-memory model.
+Formats (``formats``): ``hf`` → ``model/`` (transformers), ``gguf`` → ``model.gguf`` (llama.cpp; per-layer widths
+and removed sublayers as ``deci``, stages.io.gguf_export), ``vllm`` → ``model-vllm/`` (DeciLM layout,
+stages.io.export_vllm). Each is written under a temporary name and renamed into place, so a killed export never
+leaves one that looks complete. With ``verify``: a fresh ``AutoModelForCausalLM`` (no ``trust_remote_code``) is
+loaded from ``model/`` and its logits compared with the in-memory model; the GGUF is run by llama.cpp
+(llama-cpp-python) on the same windows.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.registry import register_stage
 from stages.core.config import StrictModel
@@ -19,15 +24,38 @@ from stages.io.hub import PushToHubConfig
 if TYPE_CHECKING:
     from pipeline.context import RunContext
 
+log = logging.getLogger(__name__)
+
+
+class GGUFExportConfig(StrictModel):
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type of the GGUF's matrices "
+                                                        "(norms and biases stay f32; q8_0 rows not a multiple of 32 "
+                                                        "fall back to f16, as llama-quantize does)")
+    tolerance: float = Field(1e-2, gt=0, description="f32 only: max |Δlogit| llama.cpp vs transformers in the check")
+    min_argmax_agreement: float = Field(0.99, ge=0, le=1, description="f32 only: share of positions whose "
+                                        "next-token argmax must agree in the check")
+    threads: int = Field(2, ge=1, description="llama.cpp threads for the check")
+
 
 class ExportConfig(StrictModel):
     type: Literal["export"]
+    formats: list[Literal["hf", "gguf", "vllm"]] = Field(["hf"], min_length=1, description="what to write: hf → "
+                                                         "model/, gguf → model.gguf (llama.cpp), vllm → model-vllm/")
+    gguf: GGUFExportConfig = Field(default_factory=GGUFExportConfig, description="GGUF settings (formats: [gguf])")
     dtype: Literal["same", "float32", "bfloat16", "float16"] = Field("same", description="dtype of the saved weights")
     verify: bool = Field(True, description="reload with vanilla transformers and compare logits")
     tolerance: float = Field(1e-5, gt=0, description="max |Δlogit| allowed by the reload check (float32)")
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None}  # added later: left out of dumps when unused
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None, "formats": ["hf"], "gguf": GGUFExportConfig()}  # added later: left out of dumps when unused
     push_to_hub: PushToHubConfig | None = Field(None, description="{repo_id: user/name, private: true}: publish model/ "
                                                 "to the Hugging Face Hub in one commit after it is written and verified")
+
+    @model_validator(mode="after")
+    def _formats(self) -> ExportConfig:
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats: {self.formats} names a format twice; list each once")
+        if self.push_to_hub is not None and "hf" not in self.formats:
+            raise ValueError("push_to_hub publishes model/, which formats without 'hf' does not write; add hf to formats")
+        return self
 
 
 def model_card(ctx: RunContext) -> str:
@@ -52,6 +80,54 @@ def verify_reload(model: Any, path: Path, tolerance: float) -> float:
     return diff
 
 
+def _check_ids(ctx: RunContext, n: int = 2, length: int = 128) -> list[list[int]]:
+    """Windows for the GGUF check: the first calibration windows when there are some, else a fixed id ramp."""
+    vocab = ctx.model.config.vocab_size
+    if ctx.calibration is not None and getattr(ctx.calibration, "ndim", 0) == 2:
+        return [[int(t) for t in row[:length]] for row in ctx.calibration[:n]]
+    return [[(3 + 7 * i + 11 * j) % vocab for i in range(length)] for j in range(n)]
+
+
+def export_gguf(ctx: RunContext, cfg: ExportConfig, model: Any) -> dict[str, Any]:
+    """model.gguf, written atomically; with ``verify``, llama.cpp's logits on the same windows as transformers'."""
+    from stages.io import gguf_export as G
+
+    path = ctx.run_dir / "model.gguf"
+    rec = ctx.recipe.model
+    tok_gguf = G.source_gguf(rec.source, rec.gguf_file)
+    out = G.write_gguf(model, path, cfg.gguf.dtype, tokenizer=None if tok_gguf else ctx.tokenizer,
+                       tokenizer_gguf=tok_gguf, name=ctx.recipe.name)
+    out["tokenizer_from"] = str(tok_gguf) if tok_gguf else "tokenizer.json"
+    if not cfg.verify:
+        return out
+    missing = G.llama_cpp_missing()
+    if missing:
+        log.warning(f"export: model.gguf written but not run: {missing}")
+        out["verify"] = {"skipped": missing}
+        return out
+    check = G.compare_with_transformers(model, path, _check_ids(ctx), n_threads=cfg.gguf.threads)
+    out["verify"] = check
+    if cfg.gguf.dtype == "f32" and (check["max_abs_diff"] > cfg.gguf.tolerance
+                                    or check["argmax_agreement"] < cfg.gguf.min_argmax_agreement):
+        raise RuntimeError(f"{path}: llama.cpp's logits differ from transformers' by {check['max_abs_diff']:.2e} "
+                           f"(tolerance {cfg.gguf.tolerance:.0e}), argmax agreement {check['argmax_agreement']:.3f}")
+    if not all(map(math.isfinite, check.values())):
+        raise RuntimeError(f"{path}: llama.cpp gives non-finite logits ({check})")
+    return out
+
+
+def export_vllm(ctx: RunContext, cfg: ExportConfig, model: Any) -> dict[str, Any]:
+    """model-vllm/ (stages.io.export_vllm), written atomically. vLLM runs in a venv of its own, so the check that
+    it serves the folder is launch/vllm_check.py, not this stage."""
+    from stages.core.files import atomic_dir
+    from stages.io.export_vllm import write_vllm_export
+
+    with atomic_dir(ctx.run_dir / "model-vllm") as tmp:
+        out = write_vllm_export(model, ctx.tokenizer, tmp)
+    out["path"] = str(ctx.run_dir / "model-vllm")
+    return out
+
+
 def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     from huggingface_hub import ModelCard
 
@@ -60,16 +136,23 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
 
     target = ctx.run_dir / "model"
     model = ctx.model
+    diff = None
+    ctx.exported = {}
     if ctx.is_main:
-        with atomic_dir(target) as tmp:
-            if cfg.dtype != "same":
-                model = model.to(DTYPES[cfg.dtype])
-            model.save_pretrained(tmp, safe_serialization=True)
-            ctx.tokenizer.save_pretrained(tmp)
-            ModelCard(model_card(ctx)).save(tmp / "README.md")
-            if cfg.verify:
-                diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
-    ctx.exported = {"path": str(target), "reload_max_abs_diff": diff if ctx.is_main and cfg.verify else None}
+        if cfg.dtype != "same":
+            model = model.to(DTYPES[cfg.dtype])
+        if "hf" in cfg.formats:
+            with atomic_dir(target) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                ctx.tokenizer.save_pretrained(tmp)
+                ModelCard(model_card(ctx)).save(tmp / "README.md")
+                if cfg.verify:
+                    diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
+            ctx.exported.update({"path": str(target), "reload_max_abs_diff": diff})
+        if "gguf" in cfg.formats:
+            ctx.exported["gguf"] = export_gguf(ctx, cfg, model)
+        if "vllm" in cfg.formats:
+            ctx.exported["vllm"] = export_vllm(ctx, cfg, model)
     if cfg.push_to_hub is not None and ctx.is_main:
         from stages.io.hub import push_folder
 
@@ -78,8 +161,12 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
 
 
 def restore(ctx: RunContext, cfg: ExportConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
-    if not (ctx.run_dir / "model" / "config.json").is_file():
-        raise FileNotFoundError("export was marked done but model/ is missing; re-run with --force")
+    wanted = {"hf": ctx.run_dir / "model" / "config.json", "gguf": ctx.run_dir / "model.gguf",
+              "vllm": ctx.run_dir / "model-vllm" / "config.json"}
+    for fmt in cfg.formats:
+        if not wanted[fmt].is_file():
+            raise FileNotFoundError(f"export was marked done but {wanted[fmt].relative_to(ctx.run_dir)} is missing; "
+                                    f"re-run with --force")
 
 
 register_stage("export", ExportConfig, run, restore)

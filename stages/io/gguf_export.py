@@ -6,7 +6,7 @@ was checked against llama.cpp's source (``src/llama-model.cpp`` load_hparams / l
 and ``src/models/deci.cpp``, gguf-py's constants) and is proven by the tests comparing logits with transformers:
 
 - Uniform Llama-layout models (llama, mistral without a sliding window, qwen2, qwen3) go under their own
-  architecture; per-layer widths and removed sublayers of llama / mistral go under ``deci``, whose
+  architecture; per-layer widths and removed sublayers of llama / mistral / qwen2 go under ``deci``, whose
   ``attention.head_count``, ``head_count_kv`` and ``feed_forward_length`` are per-layer arrays (0 = no attention /
   no FFN; a layer with 0 heads has no attention tensors, 0 FFN channels no FFN tensors).
 - llama / deci rotate q/k pairs interleaved (GPT-J style), HF rotates halves: q_proj / k_proj rows (and their
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
-LLAMA_LIKE = ("llama", "mistral")  # HF families written as llama / deci (same tensors, same rope)
+# HF families whose per-layer widths go as deci (llama's tensors and rope; qwen2's q/k/v biases deci loads too)
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
 NATIVE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 NULL_FFN_WIDTH = 32  # one Q8_0 block: the zero FFN stands in for a removed one under a kept attention
 ZERO_FFN_WORKAROUND = True  # False writes n_ff = 0 as llama.cpp documents it (tests prove llama.cpp then errs)
@@ -106,13 +107,13 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
                 f"use {NOT_MAPPED_HINT}")
     if heterogeneous and model_type not in LLAMA_LIKE:
         return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, a "
-                f"Llama-layout architecture; {model_type} layers differ (q/k norms or q/k/v biases that deci does "
-                f"not load). Nearest setting that works: prune with engines: [llama.cpp] (uniform widths), or "
-                f"allocation: uniform")
+                f"Llama-layout architecture, and {model_type} layers have what deci does not load (per-head q/k "
+                f"norms); nearest setting that works: prune allocation: uniform (one width for every layer), or "
+                f"units: blocks")
     if sliding_window is not None and model_type == "mistral":
         return (f"export.formats gguf: llama.cpp's llama architecture has no sliding-window attention, and this "
-                f"mistral model attends over windows of {sliding_window} tokens; set model config sliding_window "
-                f"to null (full attention) or export formats [hf]")
+                f"mistral model attends over windows of {sliding_window} tokens, so its logits would differ past "
+                f"that length; use export formats [hf] (a Mistral whose config has sliding_window: null exports)")
     if rope_type not in ("default", None):
         return (f"export.formats gguf: rope scaling {rope_type!r} is not written by this exporter (llama.cpp needs "
                 f"rope_freqs); use export formats [hf]")
@@ -134,14 +135,20 @@ def gguf_refusal(model: nn.Module) -> str | None:
                             _rope(cfg)[1], out_bias)
 
 
-def recipe_gguf_refusal(model_type: str | None, prune_cfg: Any) -> str | None:
-    """At ``--dry-run``: refuse a gguf export the recipe's model family / prune settings cannot give llama.cpp."""
-    if model_type is None:
-        return None
-    hetero = prune_cfg is not None and (getattr(prune_cfg, "allocation", "uniform") not in ("uniform", None)
-                                        or getattr(prune_cfg, "units", None) == "sublayers")
-    bias = prune_cfg is not None and getattr(prune_cfg, "compensation", "none") not in ("none", None)
-    return gguf_refusal_for(model_type, hetero, None, "default", bias)
+def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
+    """At ``--dry-run`` (pipeline/preflight.py ``_family_problems``), before any model loads: refuse a gguf export
+    the family or a prune stage's settings cannot give llama.cpp, naming the field and the nearest setting."""
+    exports = [k for k, st in recipe.stages.items() if getattr(st, "type", None) == "export" and "gguf" in st.formats]
+    if model_type is None or not exports:
+        return []
+    prunes = [st for st in recipe.stages.values() if getattr(st, "type", None) == "prune"]
+    hetero = any(getattr(getattr(st, "allocation", None), "type", "uniform") != "uniform"
+                 or getattr(st, "units", None) == "sublayers" for st in prunes)
+    comps = [getattr(st, "compensation", None) for st in prunes]
+    bias = any(getattr(c, "type", None) == "bias" or (getattr(c, "type", None) == "optimal" and getattr(c, "bias", False))
+               for c in comps)
+    reason = gguf_refusal_for(model_type, hetero, None, "default", bias)
+    return [f"stages.{exports[0]}.{reason}"] if reason else []
 
 
 def _rope(cfg: Any) -> tuple[float, str]:

@@ -235,3 +235,16 @@ def test_debug_recipe_through_the_cli(tmp_path) -> None:
     assert adapter_for(load_pruned(run / "model")).total_params() == plan["params_after"]
     # resume re-applies plan.json to a fresh model
     assert main(["recipes/debug-sublayer.yaml", "--output-dir", str(tmp_path), "--no-progress", "--resume"]) == 0
+
+
+def test_a_pruned_model_offers_only_its_present_sublayers() -> None:
+    """Re-scoring a pruned model gives its no-ops importance 0 (cos = 1); selection skips them instead of failing."""
+    from stages.selection.sublayers import make_sublayer_plan
+
+    model = tiny_llama(num_layers=4)
+    _remove(model, [0, 1], [])
+    result = {"scores": [0.0] * 4, "attention": [0.0, 0.0, 0.3, 0.2], "mlp": [0.9] * 4}
+    plan = make_sublayer_plan(result, _settings(num_sublayers=1), adapter_for(model))
+    assert plan.removed_attention == [3]
+    with pytest.raises(ValueError, match="only 1 may be removed"):
+        make_sublayer_plan(result, _settings(num_sublayers=2), adapter_for(model))

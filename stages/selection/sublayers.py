@@ -15,30 +15,33 @@ from stages.surgery.plan import LayerShape, SublayerPlan, SublayerTarget
 
 
 def sublayer_params(adapter: Any) -> dict[tuple[str, int], int]:
-    """Parameters each sublayer takes with it: its module and the norm that serves only it."""
+    """Parameters each present sublayer takes with it: its module and the norm that serves only it."""
     out: dict[tuple[str, int], int] = {}
     for i, layer in enumerate(adapter.layers):
         for which, module in (("attention", adapter.attention(layer)), ("mlp", adapter.mlp(layer))):
+            if not adapter.has_sublayer(layer, which):
+                continue
             norm = layer.get_submodule(adapter.SUBLAYER_NORMS[which])
             out[which, i] = sum(p.numel() for p in module.parameters()) + sum(p.numel() for p in norm.parameters())
     return out
 
 
-def removal_order(result: dict[str, Any], which: str) -> list[tuple[str, int]]:
-    """Candidate sublayers, least important first (ties: attention before MLP, then the lower layer)."""
+def removal_order(result: dict[str, Any], which: str, present: set[tuple[str, int]] | None = None) -> list[tuple[str, int]]:
+    """Candidate sublayers, least important first (ties: attention before MLP, then the lower layer); only those in
+    ``present`` (a model already pruned has no-ops, whose cosine is 1, where sublayers were)."""
     kinds = ("attention", "mlp") if which == "both" else (which,)
     missing = [k for k in kinds if k not in result]
     if missing:
         raise ValueError(f"this criterion's result has no {' / '.join(missing)} sublayer scores; use sublayer_cosine")
-    cands = [(s, k, i) for k in kinds for i, s in enumerate(result[k])]
+    cands = [(s, k, i) for k in kinds for i, s in enumerate(result[k]) if present is None or (k, i) in present]
     return [(k, i) for s, k, i in sorted(cands, key=lambda c: (c[0], c[1] != "attention", c[2]))]
 
 
-def select_sublayers(order: list[tuple[str, int]], params: dict[tuple[str, int], int], num_layers: int,
+def select_sublayers(order: list[tuple[str, int]], params: dict[tuple[str, int], int],
                      count: int | None = None, budget: int | None = None) -> list[tuple[str, int]]:
     """The first ``count`` removable sublayers of ``order`` (or the prefix nearest ``budget`` parameters); the last
     sublayer of a kind is never removed (a model needs one attention and one MLP)."""
-    left = {"attention": num_layers, "mlp": num_layers}
+    left = {k: sum(1 for kk, _ in params if kk == k) for k in ("attention", "mlp")}  # sublayers still present
     removable = []
     for k, i in order:
         if left[k] > 1:
@@ -71,10 +74,10 @@ def make_sublayer_plan(result: dict[str, Any], cfg: SublayersSettings, adapter: 
     problems = cfg.check_model(n)
     if problems:
         raise ValueError("; ".join(problems))
-    params = sublayer_params(adapter)
+    params = sublayer_params(adapter)  # present sublayers only
     before = adapter.total_params()
     budget = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
-    chosen = select_sublayers(removal_order(result, cfg.sublayers), params, n, cfg.num_sublayers, budget)
+    chosen = select_sublayers(removal_order(result, cfg.sublayers, set(params)), params, cfg.num_sublayers, budget)
     attention = sorted(i for k, i in chosen if k == "attention")
     mlp = sorted(i for k, i in chosen if k == "mlp")
     shapes = [LayerShape(num_attention_heads=g.n_q, num_key_value_heads=g.n_kv, intermediate_size=g.intermediate)

@@ -248,3 +248,10 @@ def test_a_pruned_model_offers_only_its_present_sublayers() -> None:
     assert plan.removed_attention == [3]
     with pytest.raises(ValueError, match="only 1 may be removed"):
         make_sublayer_plan(result, _settings(num_sublayers=2), adapter_for(model))
+
+
+def test_statistics_refused_where_the_layout_differs(calib: torch.Tensor) -> None:
+    from stages.calibration.full import collect_stats
+
+    with pytest.raises(ValueError, match=r"Gemma.*gemma2.*supported: llama"):
+        collect_stats(tiny_family("gemma2", num_layers=2), calib, {"sublayers"}, progress=False)

@@ -132,6 +132,10 @@ def start_block_observers(stats: CalibrationStats, needs: set[str]) -> None:
 def observe_blocks(adapter: ArchAdapter, ids: torch.Tensor, stats: CalibrationStats, needs: set[str]) -> None:
     """One batch: the boundary states once, then every requested block statistic from them."""
     if "sublayers" in needs:
+        if not adapter.SUBLAYER_REMOVAL:  # e.g. Gemma's post-norms: the MID_RESIDUAL module does not see the stream
+            raise ValueError(f"sublayer statistics (sublayer_cosine): not defined for {adapter.family} "
+                             f"({adapter.model.config.model_type}); supported: llama, mistral, qwen2, qwen3, granite, "
+                             "olmo2 — use a block criterion such as block_influence")
         mids: list[torch.Tensor] = []
         hooks = [layer.get_submodule(adapter.MID_RESIDUAL).register_forward_pre_hook(
             lambda _m, args, kwargs: mids.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)

@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 (a check that crashed: a bug, said as one paragraph, not a traceback)
+        from pipeline.runlog import validation_crash
+
+        print(validation_crash(exc, args.recipe), file=sys.stderr)
+        return 1
     run_dir = recipe.run_dir
     if args.dry_run:
         print(describe(recipe, run_dir, facts))

@@ -189,3 +189,19 @@ def failure_message(exc: BaseException, recipe: str, run_dir: Path, log: Path | 
                    f"{trace}.")
     return 1, (f"error: internal error in {where} on recipe {recipe}: {type(exc).__name__}: {text}. This is a bug in "
                f"prunelab, not in your input; {trace} — please report it with that file. {resume[0].upper()}{resume[1:]}.")
+
+
+def validation_crash(exc: BaseException, recipe: str) -> str:
+    """The message for a recipe check that crashed (a bug in a validator, not the user's input): the traceback goes to
+    a temporary file, as no run directory exists yet."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        fd, name = tempfile.mkstemp(prefix="prunelab-validate-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        where = f"the full traceback is in {name}"
+    except OSError:
+        where = "no traceback could be written"
+    return (f"error: internal error while checking recipe {recipe}: {type(exc).__name__}: {exc}. This is a bug in "
+            f"prunelab's checks, not necessarily in your recipe; {where} — please report it with that file. Nothing "
+            "was loaded or written.")

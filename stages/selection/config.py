@@ -466,7 +466,7 @@ def validate_selection(data: Any, variants: Mapping[str, type[BaseModel]], expla
     if not isinstance(data, dict):
         raise ValueError("prune settings are a mapping: type, units, criterion and the settings of that mode")  # noqa: TRY004
     units = data.get("units", "blocks")
-    cls = variants.get(units)
+    cls = variants.get(units) if isinstance(units, str) else None  # a list or mapping is not a key (no TypeError)
     if cls is None:
         raise ValueError(f"units {units!r}: choose {' | '.join(variants)}")
     explain = {k: m.format(key=k) for k, m in NOT_APPLICABLE[units].items()}

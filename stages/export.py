@@ -45,7 +45,8 @@ class ExportConfig(StrictModel):
     dtype: Literal["same", "float32", "bfloat16", "float16"] = Field("same", description="dtype of the saved weights")
     verify: bool = Field(True, description="reload with vanilla transformers and compare logits")
     tolerance: float = Field(1e-5, gt=0, description="max |Δlogit| allowed by the reload check (float32)")
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None, "formats": ["hf"], "gguf": GGUFExportConfig()}  # added later: left out of dumps when unused
+    # added later: left out of dumps when unused
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None, "formats": ["hf"], "gguf": GGUFExportConfig()}
     push_to_hub: PushToHubConfig | None = Field(None, description="{repo_id: user/name, private: true}: publish model/ "
                                                 "to the Hugging Face Hub in one commit after it is written and verified")
 

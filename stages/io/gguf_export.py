@@ -216,7 +216,7 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
                 out.append((p + gname + ".weight", _np(lin.weight)))
                 if lin.bias is not None:
                     out.append((p + gname + ".bias", _np(lin.bias)))
-        elif nh and arch == "deci" and ZERO_FFN_WORKAROUND:  # see the module docstring: a zero FFN instead of n_ff = 0 under a kept attention
+        elif nh and arch == "deci" and ZERO_FFN_WORKAROUND:  # module docstring: a zero FFN, not n_ff = 0, under attention
             h = cfg.hidden_size
             out.append((p + "ffn_norm.weight", np.ones(h, np.float32)))
             out += [(p + "ffn_gate.weight", np.zeros((NULL_FFN_WIDTH, h), np.float32)),
@@ -414,13 +414,13 @@ def _open(path: Path, n_ctx: int, n_threads: int) -> Any:
 
 def gguf_logits(path: str | Path, ids: list[list[int]] | list[int], n_threads: int = 1, llm: Any = None) -> np.ndarray:
     """Next-token logits [windows, tokens, vocab] (float32) llama.cpp computes for each window of ``ids``."""
-    windows = [list(map(int, ids))] if ids and not isinstance(ids[0], (list, tuple, np.ndarray)) else [list(map(int, w)) for w in ids]
+    flat = bool(ids) and not isinstance(ids[0], (list, tuple, np.ndarray))
+    windows = [list(map(int, ids))] if flat else [list(map(int, w)) for w in ids]
     n = max(len(w) for w in windows)
     llm = llm or _open(Path(path), max(n, 8), n_threads)
     out = []
     for win in windows:
-        llm.reset()
-        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        llm.reset()  # n_tokens = 0: eval() then overwrites the cache from position 0
         llm.eval(win)
         out.append(np.array(llm.scores[: len(win)], dtype=np.float32))
     return np.stack(out) if len({len(w) for w in windows}) == 1 else np.array(out, dtype=object)

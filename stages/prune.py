@@ -32,8 +32,7 @@ class PruneConfig(StrictModel):
       {type: owl, m, lambda} | {type: alpha, epsilon}), ``layers``, ``attention``, ``mlp``, ``compensation``
       (none | bias | {type: optimal, damping, bias});
     - ``units: hidden`` (:class:`HiddenPrune`): ``ratio`` or ``layer_ratio``, ``norm_rescale``;
-    - ``units: sublayers`` (:class:`SublayersPrune`): ``num_sublayers`` or ``ratio``, ``sublayers`` (attention | mlp |
-      both), scored by the depth criterion ``sublayer_cosine`` (a score stage with units: blocks).
+    - ``units: sublayers`` (:class:`SublayersPrune`): ``num_sublayers`` or ``ratio``, ``sublayers`` (attention | mlp | both).
 
     A setting of another mode is an error naming it. Validate with ``PruneConfig.model_validate(mapping)`` (it
     returns the variant) or build a variant directly.
@@ -46,8 +45,7 @@ class PruneConfig(StrictModel):
     """
 
     type: Literal["prune"]
-    units: Literal["blocks", "width", "hidden", "sublayers"] = Field(
-        "blocks", description="what to remove: blocks | width | hidden | sublayers")
+    units: Literal["blocks", "width", "hidden", "sublayers"] = Field("blocks", description="blocks | width | hidden | sublayers")
     criterion: str = Field(..., description="which computed criterion decides (see `score`)")
 
     def __init__(self, **data: Any) -> None:
@@ -99,6 +97,7 @@ class SublayersPrune(SublayersSettings, PruneConfig):
         return self.model_dump(mode="json")  # version 1 had no sublayer mode: its own settings are its hash
 
 
+# longer than 150 lines because it holds the four variants of the one prune stage (blocks, width, hidden, sublayers)
 VARIANTS: dict[str, type[PruneConfig]] = {"blocks": BlocksPrune, "width": WidthPrune, "hidden": HiddenPrune,
                                            "sublayers": SublayersPrune}
 Prune = BlocksPrune | WidthPrune | HiddenPrune | SublayersPrune

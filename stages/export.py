@@ -129,6 +129,20 @@ def export_vllm(ctx: RunContext, cfg: ExportConfig, model: Any) -> dict[str, Any
     return out
 
 
+def _refusals(cfg: ExportConfig, model: Any) -> list[str]:
+    """Why an engine cannot run this model as the listed formats would write it (each names the fix)."""
+    out = []
+    if "gguf" in cfg.formats:
+        from stages.io.gguf_export import gguf_refusal
+
+        out.append(gguf_refusal(model))
+    if "vllm" in cfg.formats:
+        from stages.io.export_vllm import vllm_refusal
+
+        out.append(vllm_refusal(model))
+    return [r for r in out if r]
+
+
 def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     from huggingface_hub import ModelCard
 
@@ -138,8 +152,11 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     target = ctx.run_dir / "model"
     model = ctx.model
     diff = None
-    ctx.exported = {}
+    ctx.exported = {"path": str(target), "reload_max_abs_diff": None} if "hf" in cfg.formats else {}
     if ctx.is_main:
+        refusals = _refusals(cfg, model)
+        if refusals:  # before anything is written: no half-done export
+            raise ValueError("; ".join(refusals))
         if cfg.dtype != "same":
             model = model.to(DTYPES[cfg.dtype])
         if "hf" in cfg.formats:

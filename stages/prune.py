@@ -30,7 +30,8 @@ class PruneConfig(StrictModel):
     - ``units: blocks`` (:class:`BlocksPrune`): ``num_blocks`` or ``ratio``, ``rounding``;
     - ``units: width`` (:class:`WidthPrune`): ``ratio`` or ``layer_ratio``, ``allocation`` (uniform | global |
       {type: owl, m, lambda} | {type: alpha, epsilon}), ``layers``, ``attention``, ``mlp``, ``compensation``
-      (none | bias | {type: optimal, damping, bias});
+      (none | bias | {type: optimal, damping, bias}), ``engines`` (transformers | llama.cpp | vllm: what the plan must
+      run in, ``stages.selection.engines``), ``round_to`` (kept MLP widths in multiples of N);
     - ``units: hidden`` (:class:`HiddenPrune`): ``ratio`` or ``layer_ratio``, ``norm_rescale``;
     - ``units: sublayers`` (:class:`SublayersPrune`): ``num_sublayers`` or ``ratio``, ``sublayers`` (attention | mlp | both).
 
@@ -122,7 +123,7 @@ def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
     result = ctx.scores[cfg.criterion]
     side: dict[str, Any] = {}
     if isinstance(cfg, WidthPrune):
-        plan, side = make_width_plan(result, cfg, ctx.model, ctx.activation_stats, ctx.scores)
+        plan, side = make_width_plan(result, cfg, ctx.model, ctx.activation_stats, ctx.scores, ctx.calibration)
     elif isinstance(cfg, HiddenPrune):
         plan = make_hidden_plan(result, cfg, ctx.model)
     elif isinstance(cfg, SublayersPrune):

@@ -203,3 +203,34 @@ def test_vllm_with_round_to_end_to_end(tmp_path):
     plan = json.loads(next((tmp_path / "e").glob("*-prune/plan.json")).read_text())
     assert len({s["num_attention_heads"] for s in plan["shapes_after"]}) == 1
     assert all(s["intermediate_size"] % 32 == 0 for s in plan["shapes_after"])
+
+
+def test_vllm_global_keeps_the_uniform_count_with_the_lower_calibration_loss(wide, monkeypatch):
+    """With calibration windows (the prune stage), the floor and the ceiling of the global plan's mean KV groups per
+    layer are both built, and the plan whose pruned model has the lower calibration loss is kept."""
+    import copy
+
+    import torch
+
+    import stages.selection.engines as engines
+    from stages.surgery.apply import apply_plan
+
+    calib = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = WidthSettings(criterion="flap", ratio=0.15, allocation="global", engines=["vllm"])
+    free = _plan(wide, ratio=0.15, allocation="global")  # removes 4 KV groups over 6 layers: mean 0.67
+    chosen_free = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in range(6)}
+    chosen_free.update({int(i): r.model_dump() for i, r in free.layers.items()})
+    counts = engines.uniform_counts(chosen_free, adapter_for(wide).geometries(), list(range(6)), "kv_group")
+    assert len(counts) == 2  # a mean between two counts: there is a choice to make
+    plans, losses = {}, {}
+    real = engines.uniform_counts
+    for k in counts:
+        monkeypatch.setattr(engines, "uniform_counts", lambda *a, k=k: [k])
+        plans[k] = make_width_plan({"layers": _scores(wide)}, cfg, wide, None, calibration=calib)[0]
+        with torch.no_grad():
+            pruned = apply_plan(copy.deepcopy(wide), plans[k])
+            losses[k] = sum(pruned(w[None], labels=w[None]).loss.item() for w in calib) / len(calib)
+    monkeypatch.setattr(engines, "uniform_counts", real)
+    chosen = make_width_plan({"layers": _scores(wide)}, cfg, wide, None, calibration=calib)[0]
+    assert chosen.layers == plans[min(losses, key=losses.get)].layers
+    assert plans[counts[0]].layers != plans[counts[1]].layers

@@ -14,8 +14,10 @@ engines run instead of exporting one they refuse:
   with it), so every layer must keep the same number of query heads: attention is pruned **uniformly** (the same
   count of KV groups / query heads per group removed in every layer, each layer its own lowest-scoring ones), while
   MLP widths still vary per layer. An allocation that varies attention (global, owl, alpha) is constrained
-  automatically: its attention share is made uniform (the rounded mean count per layer) and the MLP channels are
-  re-selected by the same allocation for the rest of the parameter target (:func:`uniform_attention`).
+  automatically: its attention share is made uniform and the MLP channels are re-selected by the same allocation for
+  the rest of the parameter target (:func:`uniform_attention`). The uniform count is the rounded mean count per layer
+  of the unconstrained plan; for ``global`` in a prune stage (calibration windows at hand) the floor and the ceiling
+  of that mean are both built and the one with the lower calibration loss is kept (no unit score ranks that step).
   Families other than Llama-layout run in vLLM under their own (uniform) architecture: as for llama.cpp.
 
 Torch-free: ``--dry-run`` asks :func:`engine_refusals` before any model loads.
@@ -62,11 +64,12 @@ def engine_refusals(model_type: str | None, settings: Any) -> list[str]:
     sources = _nonuniform_sources(settings) if dense else []
     for engine in (e for e in engines if e in UNIFORM_ONLY_ENGINES):
         if model_type is not None and model_type not in PER_LAYER_FAMILIES and sources:
-            arch = "its own architecture" if engine == "llama.cpp" else "its own model class"
+            arch, layout = (("its own architecture", "`deci`") if engine == "llama.cpp"
+                            else ("its own model class", "DeciLM"))
             problems.append(
                 f"engines: {engine} — {' and '.join(sources)} gives the {model_type!r} layers different widths, but "
                 f"{engine} runs {model_type!r} under {arch}, which reads one head count and one MLP width for all layers "
-                f"(per-layer widths run only for {', '.join(PER_LAYER_FAMILIES)}, as `deci`); use allocation: uniform "
+                f"(per-layer widths run only for {', '.join(PER_LAYER_FAMILIES)}, as {layout}); use allocation: uniform "
                 "without `layers`, or leave this engine out")
         elif engine == "vllm" and getattr(settings, "layers", None) is not None and settings.attention != "none":
             problems.append(
@@ -87,16 +90,17 @@ def _lowest(scores: list[float], k: int) -> list[int]:
 
 
 def uniform_attention(chosen: dict[int, dict[str, list[int]]], scores: list[dict[str, list[float]]],
-                      geos: list[LayerGeometry], layers: list[int], attention: str) -> dict[int, dict[str, list[int]]]:
+                      geos: list[LayerGeometry], layers: list[int], attention: str,
+                      count: int | None = None) -> dict[int, dict[str, list[int]]]:
     """The attention part of ``chosen`` made uniform: every layer removes the rounded mean count (over ``layers``)
     of KV groups (``kv_group``) or of query heads per group (``q_head``), each layer its own lowest-scoring units —
-    so every layer keeps the same query heads (vLLM's global ``num_attention_heads``). MLP removals are dropped
-    (``mlp: []``): the caller re-selects them for the rest of the target."""
+    so every layer keeps the same query heads (vLLM's global ``num_attention_heads``); ``count`` overrides that count.
+    MLP removals are dropped (``mlp: []``): the caller re-selects them for the rest of the target."""
     if attention == "kv_group":
         mean = sum(len(chosen[i]["kv_heads"]) for i in layers) / len(layers)
     else:
         mean = sum(len(chosen[i]["q_heads"]) / geos[i].n_kv for i in layers) / len(layers)
-    k = math.floor(mean + 0.5)
+    k = math.floor(mean + 0.5) if count is None else count
     out: dict[int, dict[str, list[int]]] = {}
     for i in layers:
         g, rem = geos[i], {"q_heads": [], "kv_heads": [], "mlp": []}
@@ -111,6 +115,18 @@ def uniform_attention(chosen: dict[int, dict[str, list[int]]], scores: list[dict
                 rem["q_heads"] += [kv * qg + j for j in _lowest(scores[i]["q_heads"][kv * qg : (kv + 1) * qg], p)]
         out[i] = rem
     return out
+
+
+def uniform_counts(chosen: dict[int, dict[str, list[int]]], geos: list[LayerGeometry], layers: list[int],
+                   attention: str) -> list[int]:
+    """The uniform counts around ``chosen``'s mean per layer (KV groups, or query heads per group): its floor and
+    ceiling, each at most one less than every layer has — the candidates :func:`uniform_attention` is tried with."""
+    if attention == "kv_group":
+        mean, most = (sum(len(chosen[i]["kv_heads"]) for i in layers) / len(layers), min(geos[i].n_kv for i in layers) - 1)
+    else:
+        mean = sum(len(chosen[i]["q_heads"]) / geos[i].n_kv for i in layers) / len(layers)
+        most = min(geos[i].q_per_group for i in layers) - 1
+    return sorted({min(math.floor(mean), most), min(math.ceil(mean), most)})
 
 
 def query_heads_uniform(shapes: list[dict[str, Any]]) -> bool:

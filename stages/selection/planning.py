@@ -10,15 +10,17 @@ from stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPl
 
 
 def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None,
-                    results: dict[str, Any] | None = None) -> tuple[WidthPlan, dict[str, Any]]:
+                    results: dict[str, Any] | None = None, calibration: Any = None) -> tuple[WidthPlan, dict[str, Any]]:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation). ``results``: every
-    criterion's result by name (the expert units' criteria; default: ``result`` for all)."""
+    criterion's result by name (the expert units' criteria; default: ``result`` for all). ``calibration`` (token
+    windows): where vLLM makes a global plan's attention uniform, the two counts around its mean are tried on them."""
     from stages.arch import adapter_for
     from stages.selection.engines import (
         engine_refusals,
         needs_uniform_attention,
         query_heads_uniform,
         uniform_attention,
+        uniform_counts,
     )
     from stages.selection.width import WidthTargetError, removed_params, select_global, select_uniform, summarize
     from stages.surgery.compensation import bias_compensation, optimal_compensation
@@ -57,28 +59,39 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
             offsets = alpha_offsets(alphas, layers, alloc.epsilon)
         chosen = select_uniform(scores, geos, layers, cfg.attention, cfg.mlp, cfg.layer_ratio, target, offsets,
                                 getattr(alloc, "counts", "nearest"), cfg.round_to)
+    def compensate(chosen: dict[int, dict[str, list[int]]]) -> dict[str, Any]:
+        if comp.type == "bias":
+            if means is None:
+                raise ValueError("compensation: bias needs activation means from a width `score` stage")
+            return bias_compensation(model, chosen, means)
+        if comp.type == "optimal":
+            if means is None or "gram" not in means:
+                raise ValueError("compensation: optimal needs XᵀX of the attention/MLP output projections' inputs from the width `score` stage "
+                                 "(it collects them when a later prune stage asks for optimal compensation)")
+            return optimal_compensation(model, chosen, means["gram"], comp.damping, comp.bias)
+        return {}
+
     if cfg.dense_units() and needs_uniform_attention(cfg, alloc.type == "global" or offsets is not None):
         # vLLM: one global query-head count — attention made uniform, MLP re-selected for the rest of the target
-        chosen = uniform_attention(chosen, scores, geos, layers, cfg.attention)
-        rest = None if target is None else target - removed_params(chosen, geos)
-        if cfg.mlp and (rest is None or rest > 0):
-            if alloc.type == "global":
-                mlp_only = select_global(scores, geos, layers, True, "none", rest, cfg.round_to)
-            else:
-                mlp_only = select_uniform(scores, geos, layers, "none", True, cfg.layer_ratio, rest, offsets,
-                                          getattr(alloc, "counts", "nearest"), cfg.round_to)
-            for i in layers:
-                chosen[i]["mlp"] = mlp_only[i]["mlp"]
-    side: dict[str, Any] = {}
-    if comp.type == "bias":
-        if means is None:
-            raise ValueError("compensation: bias needs activation means from a width `score` stage")
-        side = bias_compensation(model, chosen, means)
-    elif comp.type == "optimal":
-        if means is None or "gram" not in means:
-            raise ValueError("compensation: optimal needs XᵀX of the attention/MLP output projections' inputs from the width `score` stage "
-                             "(it collects them when a later prune stage asks for optimal compensation)")
-        side = optimal_compensation(model, chosen, means["gram"], comp.damping, comp.bias)
+        def constrained(count: int | None) -> dict[int, dict[str, list[int]]]:
+            out = uniform_attention(chosen, scores, geos, layers, cfg.attention, count)
+            rest = None if target is None else target - removed_params(out, geos)
+            if cfg.mlp and (rest is None or rest > 0):
+                if alloc.type == "global":
+                    mlp_only = select_global(scores, geos, layers, True, "none", rest, cfg.round_to)
+                else:
+                    mlp_only = select_uniform(scores, geos, layers, "none", True, cfg.layer_ratio, rest, offsets,
+                                              getattr(alloc, "counts", "nearest"), cfg.round_to)
+                for i in layers:
+                    out[i]["mlp"] = mlp_only[i]["mlp"]
+            return out
+
+        if calibration is not None and alloc.type == "global":
+            chosen = _best_on_calibration([constrained(k) for k in uniform_counts(chosen, geos, layers, cfg.attention)],
+                                          model, geos, compensate, calibration)
+        else:
+            chosen = constrained(None)
+    side = compensate(chosen)
     if cfg.moe_units():
         from stages.selection.experts import select_experts
 
@@ -109,6 +122,39 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         side_file="compensation.safetensors" if side else None,
     )
     return plan, side
+
+
+def _best_on_calibration(candidates: list[dict[int, dict[str, list[int]]]], model: Any, geos: list[Any],
+                         compensate: Any, calibration: Any, max_windows: int = 32) -> dict[int, dict[str, list[int]]]:
+    """The candidate whose pruned (and compensated) model has the lowest mean NLL on the first ``max_windows``
+    calibration windows. Why: the uniform attention count vLLM needs is a step no unit score ranks — on SmolLM2 at 20%
+    FLAP's global plan removes 0.27 KV groups per layer; rounding gives 0 (PPL 79.1), 1 gives 73.6 (docs/round-to.md)."""
+    import copy
+
+    import torch
+
+    from stages.selection.width import summarize
+    from stages.surgery.apply import apply_plan
+
+    if len(candidates) == 1:
+        return candidates[0]
+    ids = calibration[:max_windows].to(next(model.parameters()).device)
+    losses = []
+    for cand in candidates:
+        plan = WidthPlan(layers={str(i): r for i, r in cand.items() if any(r.values())}, shapes_before=summarize({}, geos),
+                         shapes_after=summarize(cand, geos))
+        pruned = apply_plan(copy.deepcopy(model), plan, compensate(cand))
+        with torch.no_grad():
+            losses.append(sum(pruned(w[None], labels=w[None]).loss.item() for w in ids) / len(ids))
+        del pruned
+    best = min(range(len(candidates)), key=lambda j: (losses[j], j))
+    import logging
+
+    logging.getLogger(__name__).info(
+        "engines: vllm — uniform attention candidates (heads kept per layer: calibration NLL on %d windows): %s; kept %s",
+        len(ids), ", ".join(f"{summarize(c, geos)[0]['num_attention_heads']}: {loss:.4f}" for c, loss in zip(candidates, losses)),
+        summarize(candidates[best], geos)[0]["num_attention_heads"])
+    return candidates[best]
 
 
 def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) -> HiddenPlan:

@@ -8,6 +8,8 @@ Two allocations:
   widths then differ and the model needs the prunelab loader.
 ``select_uniform`` also takes per-layer ratio offsets from OWL (``stages.selection.owl``) or AlphaPruning
 (``stages.selection.alpha``). Compensation of what is removed lives in ``stages.surgery.compensation``.
+``round_to`` N keeps every pruned layer's MLP width a multiple of N (Torch-Pruning's ``round_to``; Minitron's 64);
+what the serving engines run is applied on top by ``stages.selection.engines``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import yaml
 from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = main.__module__.rsplit(".", 1)[0]  # "pipeline" in this checkout, "prunelab" after the rename
 
 
 def test_version_and_help(capsys):
@@ -64,7 +65,7 @@ def test_shipped_names_work_where_a_recipe_goes(tmp_path, capsys):
 def test_python_dash_m_is_the_same_command(tmp_path):
     """``python -m prunelab`` (this checkout: ``python -m pipeline``) and ``python pipeline/run.py`` unchanged."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "validate", "debug"], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, "-m", PACKAGE, "validate", "debug"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "recipe is valid" in out.stdout, out.stderr
     script = subprocess.run([sys.executable, "pipeline/run.py", "recipes/debug.yaml", "--dry-run"], cwd=ROOT,
@@ -80,6 +81,40 @@ def test_bench_delegates_to_bench_main(monkeypatch, tmp_path):
         seen["text"] = Path(argv[0]).read_text()
         return 0
 
-    monkeypatch.setattr("pipeline.bench.main", fake_main)
+    monkeypatch.setattr(f"{PACKAGE}.bench.main", fake_main)
     assert main(["bench", "bench/smollm2-20-quick", "--resume"]) == 0
     assert seen["argv"][1:] == ["--resume"] and yaml.safe_load(seen["text"])["name"]
+
+
+BLOCKER = '''
+import sys
+
+class _Missing:
+    """As if the extras were not installed: importing {names} fails."""
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in {names!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+        return None
+
+sys.meta_path.insert(0, _Missing)
+'''
+
+
+def test_base_install_runs_without_the_extras(tmp_path):
+    """lm-eval and bitsandbytes are extras: with both unimportable (a meta-path blocker in sitecustomize), a recipe
+    without zero-shot tasks or QLoRA runs to the end, and one with a task is refused at --dry-run naming the extra."""
+    names = ("lm_eval", "bitsandbytes")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER.format(names=names))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", PACKAGE, "run", "debug", "--output-dir", str(tmp_path / "runs"),
+                          "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    probe = subprocess.run([sys.executable, "-c", f"import sys, {PACKAGE}.runner, {PACKAGE}.cli, {PACKAGE}.registry as r; r.load_stages(); "
+                            f"print([m for m in {names!r} if m in sys.modules])"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip() == "[]", probe.stderr[-2000:]
+    task = subprocess.run([sys.executable, "-m", PACKAGE, "validate", "debug", "stages.eval_pruned.tasks.boolq.limit=4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert task.returncode == 2 and "pip install 'prunelab[eval]'" in task.stderr, task.stderr[-2000:]

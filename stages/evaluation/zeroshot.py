@@ -68,11 +68,13 @@ def expand_preset(tasks: Any) -> Any:
 
 # ----------------------------------------------------------------------------- task names, cached
 def _lm_eval_version() -> str | None:
+    """lm-eval's version from its metadata (importing it takes ~1 s); None when it cannot be imported."""
+    import importlib.util
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("lm_eval")
-    except PackageNotFoundError:
+        return version("lm_eval") if importlib.util.find_spec("lm_eval") is not None else None
+    except (PackageNotFoundError, ImportError, ValueError):
         return None
 
 

@@ -5,7 +5,9 @@ outside the checkout it runs ``prunelab version``, ``prunelab ls`` and ``prunela
 How it is installed, and why that is a fair test of a fresh install without downloading torch again:
 
 - ``pip wheel --no-deps --no-build-isolation . -w DIST``: the project's own wheel only (build isolation would
-  download setuptools; CI is offline), built by the setuptools the test environment already has;
+  download setuptools; CI is offline), built by the setuptools the test environment already has, from a copy of
+  the checkout without its build leftovers (setuptools reuses ``build/lib``, where a module deleted since the last
+  build would still be, and the editable install's ``*.egg-info``);
 - ``pip install --no-deps --target SITE WHEEL``: the wheel's files alone in a folder of their own, with its console
   script in ``SITE/bin/prunelab`` (its shebang is this interpreter, which has torch & co.);
 - every command runs with ``PYTHONPATH=SITE``, from an empty temporary folder. A fresh venv created with
@@ -32,6 +34,7 @@ the constants below. pyproject.toml needs, for that layout (setuptools >= 68)::
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -59,7 +62,10 @@ def _top_level(wheel: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "bench-out", "*.pyc"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                             "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = list((tmp / "dist").glob("prunelab-*.whl"))

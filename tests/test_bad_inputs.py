@@ -30,11 +30,13 @@ LIMIT_S = 2.0
 def _dry_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     """``pipeline/run.py ARGV --dry-run`` in-process: (exit code, stderr), asserting it took < 2 s."""
     capsys.readouterr()
-    t0 = time.perf_counter()
+    # CPU seconds of this process, not wall time: on a shared 2-core machine (CI beside a benchmark) the wall clock
+    # measures the neighbours; the work prunelab does before refusing is what must stay under 2 s.
+    t0 = time.process_time()
     rc = main([*argv, "--dry-run"])
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     err = capsys.readouterr().err
-    assert elapsed < LIMIT_S, f"bad input took {elapsed:.2f}s to report"
+    assert elapsed < LIMIT_S, f"bad input took {elapsed:.2f} CPU s to report"
     return rc, err
 
 

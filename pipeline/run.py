@@ -2,6 +2,9 @@
 
 Works the same under ``accelerate launch pipeline/run.py ...``. The recipe is validated (schema,
 files, targets) before anything heavy is imported, so bad input fails in well under two seconds.
+A failure later never ends in a traceback: one paragraph names the stage, the input and the fix (exit 2 for a
+user's mistake, 1 for an internal error, 130 for Ctrl-C); the traceback and every log line are in
+``<run dir>/run.log`` (pipeline.runlog), and the finished stages stay for ``--resume``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pruned", action="append", required=True, help="NAME=HF_DIR (repeatable)")
+    p.add_argument("--pruned", action="append", default=[], help="NAME=HF_DIR (repeatable)")
+    p.add_argument("--drop-attention", action="append", default=[], help="NAME=I,J,...: the dense model with the "
+                   "attention sublayers of layers I, J, ... removed in memory (stages.surgery.sublayers)")
     p.add_argument("--work", type=Path, required=True, help="folder for the vLLM exports and raw results")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -60,9 +62,20 @@ def main() -> None:
         write_vllm_export(dense, tok, dense_dir)
     dense_params = sum(p.numel() for p in dense.parameters())
     summary: dict[str, Any] = {"max_tokens": args.max_tokens, "dense_params": dense_params, "models": {}}
-    for spec in args.pruned:
+    jobs = [("hf", s) for s in args.pruned] + [("drop", s) for s in args.drop_attention]
+    if not jobs:
+        p.error("name at least one --pruned or --drop-attention")
+    for kind, spec in jobs:
         name, _, hf_dir = spec.partition("=")
-        model = load_pruned(hf_dir, dtype=torch.float32)
+        if kind == "hf":
+            model = load_pruned(hf_dir, dtype=torch.float32)
+        else:
+            import copy
+
+            from stages.surgery.sublayers import remove_sublayers
+
+            model = copy.deepcopy(dense)
+            remove_sublayers(model, attention=[int(i) for i in hf_dir.split(",")], mlp=[])
         out_dir = args.work / f"{name}-vllm"
         info = write_vllm_export(model, tok, out_dir)
         raw = args.work / f"{name}.json"

@@ -329,6 +329,9 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
         if getattr(stage, "type", None) == "prune":
             problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
             problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
+    from stages.io.gguf_export import recipe_gguf_refusals  # export formats [gguf] llama.cpp cannot run (issue 25)
+
+    problems += recipe_gguf_refusals(model_type, recipe)
     return problems
 
 

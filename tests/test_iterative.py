@@ -112,8 +112,8 @@ def _kill_in_cycle_2_then_resume(monkeypatch, trainer, main, argv: list[str]) ->
         return real(env, cfg, base, out_dir, label, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "recover_model", crash_in_cycle_2)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main(argv)
+    # the CLI never lets a traceback out: an internal failure is exit 1, its traceback in the run's run.log
+    assert main(argv) == 1
     monkeypatch.setattr(trainer, "recover_model", lambda *a, **k: labels.append(a[4]) or real(*a, **k))
     assert main([*argv, "--resume"]) == 0
     assert labels == ["cycle-01", "cycle-02", "cycle-02"]

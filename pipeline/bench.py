@@ -29,10 +29,10 @@ if __package__ in (None, ""):
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from pipeline.bench_rows import BenchRowsError, RowCache
-from pipeline.metrics import PeakRSS
-from pipeline.recipe import ModelConfig, RecipeError, StrictModel, TextSource, check_run_name
-from pipeline.registry import load_stages
+from prunelab.bench_rows import BenchRowsError, RowCache
+from prunelab.metrics import PeakRSS
+from prunelab.recipe import ModelConfig, RecipeError, StrictModel, TextSource, check_run_name
+from prunelab.registry import load_stages
 
 # The rows reuse the stages' own settings classes (the frame reaches stages only through the registry): a width
 # method IS a prune stage's width / hidden settings, a depth target its blocks settings, the evaluation an evaluate
@@ -63,8 +63,8 @@ class WidthMethod(StrictModel):
 
     @model_validator(mode="after")
     def _criterion_settings(self) -> WidthMethod:
-        from stages import criteria  # noqa: F401  (registers the criteria)
-        from stages.criteria.registry import validate_settings
+        from prunelab.stages import criteria  # noqa: F401  (registers the criteria)
+        from prunelab.stages.criteria.registry import validate_settings
 
         if self.settings:  # validated once, before any model loads; the scoring pass takes the model made here
             self._own = validate_settings("width", {self.prune.criterion: self.settings})[self.prune.criterion]
@@ -129,8 +129,8 @@ class BenchRecipe(StrictModel):
     @field_validator("criteria")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        from stages import criteria  # noqa: F401
-        from stages.criteria.registry import criteria_for
+        from prunelab.stages import criteria  # noqa: F401
+        from prunelab.stages.criteria.registry import criteria_for
 
         depth = criteria_for("blocks")
         bad = [n for n in names if n not in depth]
@@ -146,8 +146,8 @@ def target_label(cfg: Any) -> str:
 def load_bench(path: str) -> BenchRecipe:
     from pydantic import ValidationError
 
-    from pipeline.recipe import load_raw
-    from stages.criteria.settings import LacoSettings
+    from prunelab.recipe import load_raw
+    from prunelab.stages.criteria.settings import LacoSettings
 
     raw = load_raw(path)
     try:
@@ -166,13 +166,13 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache
                 mine: Callable[[int], bool] = lambda i: True) -> list[dict[str, Any]]:
     """All width methods from ONE statistics pass over the shared calibration set (skipped when every row is
     already in ``cache``). Rows for which ``mine(index)`` is False are another shard's: neither run nor returned."""
-    from stages.calibration.full import collect_stats
-    from stages.calibration.width import summary_tensors
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.registry import CRITERIA
-    from stages.criteria.scoring import needs_for, score
-    from stages.selection.planning import make_hidden_plan, make_width_plan
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.calibration.width import summary_tensors
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.registry import CRITERIA
+    from prunelab.stages.criteria.scoring import needs_for, score
+    from prunelab.stages.selection.planning import make_hidden_plan, make_width_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     done = {id(m): cache.get("width", _width_spec(m)) if mine(i) else {} for i, m in enumerate(bench.width)}
     if all(row is not None for row in done.values()):
@@ -231,10 +231,10 @@ def _width_rows(bench: BenchRecipe, model: Any, calib: Any, evaluate: Any, cache
 def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, seed: int,
            settings: Any = None) -> tuple[dict[str, Any], float]:
     """One depth criterion alone: its own calibration pass, then the criterion (the score stage's scoring path)."""
-    from stages.calibration.full import collect_stats
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.registry import CRITERIA
-    from stages.criteria.scoring import needs_for, score
+    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.registry import CRITERIA
+    from prunelab.stages.criteria.scoring import needs_for, score
 
     spec = CRITERIA.get("depth", name)
     t0 = time.perf_counter()
@@ -248,9 +248,9 @@ def _score(name: str, model: Any, calib: Any, batch_size: int, num_remove: int, 
 
 def _cost_ratio(model: Any, calib: Any, batch_size: int) -> dict[str, float]:
     """Cached removal-NLL (what the PPL criterion runs) vs naive full forwards, same data, same process."""
-    from stages.arch.llama import adapter_for
-    from stages.calibration.blocks import naive_removal_nll
-    from stages.calibration.full import collect_stats
+    from prunelab.stages.arch.llama import adapter_for
+    from prunelab.stages.calibration.blocks import naive_removal_nll
+    from prunelab.stages.calibration.full import collect_stats
 
     adapter = adapter_for(model)
     t0 = time.perf_counter()
@@ -277,15 +277,15 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None, shard: tuple[in
     import torch
     from accelerate.utils import set_seed
 
-    from pipeline.metrics import peak_memory_mb, versions
-    from stages.arch.llama import adapter_for
-    from stages.evaluation.perplexity import protocol, windowed_perplexity
-    from stages.evaluation.speed import measure_speed, measure_speedup
-    from stages.evaluation.zeroshot import evaluate_task
-    from stages.io.models import load_model
-    from stages.io.text import read_text, sample_windows, tokenize_text, verify_checksum
-    from stages.selection.blocks import make_plan, num_blocks_for
-    from stages.surgery.apply import apply_plan
+    from prunelab.metrics import peak_memory_mb, versions
+    from prunelab.stages.arch.llama import adapter_for
+    from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity
+    from prunelab.stages.evaluation.speed import measure_speed, measure_speedup
+    from prunelab.stages.evaluation.zeroshot import evaluate_task
+    from prunelab.stages.io.models import load_model
+    from prunelab.stages.io.text import read_text, sample_windows, tokenize_text, verify_checksum
+    from prunelab.stages.selection.blocks import make_plan, num_blocks_for
+    from prunelab.stages.surgery.apply import apply_plan
 
     cache = cache or RowCache(None, {})
     index, count = shard
@@ -301,7 +301,7 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None, shard: tuple[in
     model, tok = load_model(bench.model)
     cal = bench.calibration
     if cal.sampling == "llm_pruner":
-        from stages.calibration.rows import llm_pruner_windows, text_rows
+        from prunelab.stages.calibration.rows import llm_pruner_windows, text_rows
 
         calib = llm_pruner_windows(text_rows(cal.source), tok, cal.num_samples, cal.seq_len, bench.seed)
     else:
@@ -334,7 +334,7 @@ def run_bench(bench: BenchRecipe, cache: RowCache | None = None, shard: tuple[in
         rows.append(cache.fetch("dense", {}, lambda: {
             "target": "—", "criterion": "dense", "params": adapter.total_params(), "layers": adapter.num_blocks,
             "removed_blocks": [], "achieved_ratio": 0.0, "score_s": 0.0, "eval": evaluate(model, "dense")}))
-    from stages.criteria.settings import LacoSettings
+    from prunelab.stages.criteria.settings import LacoSettings
 
     settings = {"laco": LacoSettings.model_validate(bench.laco)}
 
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard {shard[0]}/{shard[1]}: {len(report['rows'])} rows kept under {out / 'rows'} "
               f"({len(cache.reused)} were already there); run without --shard, with --resume, to write the table")
         return 0
-    from pipeline.rundir import atomic_write_json, atomic_write_text
+    from prunelab.rundir import atomic_write_json, atomic_write_text
 
     table = to_markdown(report, f"python pipeline/bench.py {args.recipe}")
     atomic_write_json(out / "bench.json", report)

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.rundir import atomic_write_json
+from prunelab.rundir import atomic_write_json
 
 
 def _recipe(base: dict[str, Any], name: str, source: dict[str, Any] | None, evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -36,12 +36,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.rundir import atomic_write_json
+from prunelab.rundir import atomic_write_json
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench_calibration import _base, _run
+from prunelab.bench_calibration import _base, _run
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import RunDirError, atomic_write_json, chain_hash, prepare_run_dir
+from prunelab.rundir import RunDirError, atomic_write_json, chain_hash, prepare_run_dir
 
 __all__ = ["BenchRowsError", "RowCache"]
 

@@ -47,8 +47,8 @@ def _recipe_position(argv: list[str], takes_value: tuple[str, ...]) -> int | Non
 
 def _delegate(main: Callable[[list[str]], int], argv: list[str], takes_value: tuple[str, ...] = ()) -> int:
     """Call ``main(argv)`` with a shipped recipe's name replaced by a file that holds it."""
-    from pipeline.api import _recipe_file
-    from pipeline.recipe import RecipeError
+    from prunelab.api import _recipe_file
+    from prunelab.recipe import RecipeError
 
     pos = _recipe_position(argv, takes_value)
     arg = argv[pos] if pos is not None else ""
@@ -63,7 +63,7 @@ def _delegate(main: Callable[[list[str]], int], argv: list[str], takes_value: tu
 
 
 def _is_shipped(name: str) -> bool:
-    from pipeline.shipped import ShippedRecipeError, find_recipe
+    from prunelab.shipped import ShippedRecipeError, find_recipe
 
     with contextlib.suppress(ShippedRecipeError):
         find_recipe(name)
@@ -75,7 +75,7 @@ def cmd_ls(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="prunelab ls", description=COMMANDS["ls"])
     p.add_argument("--all", action="store_true", help="also the benchmark recipes (bench/...)")
     args = p.parse_args(argv)
-    from pipeline.shipped import list_recipes, recipes_dir
+    from prunelab.shipped import list_recipes, recipes_dir
 
     recipes = [r for r in list_recipes() if args.all or not r.name.startswith("bench/")]
     if not recipes:
@@ -96,7 +96,7 @@ def cmd_cp(argv: list[str]) -> int:
     p.add_argument("dest", help="the new file (.yaml) or a folder to put NAME.yaml in")
     p.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     args = p.parse_args(argv)
-    from pipeline.shipped import ShippedRecipeError, copy_recipe
+    from prunelab.shipped import ShippedRecipeError, copy_recipe
 
     try:
         target, replaced = copy_recipe(args.name, args.dest, force=args.force)
@@ -111,19 +111,19 @@ def cmd_cp(argv: list[str]) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
-    from pipeline.run import main
+    from prunelab.run import main
 
     return _delegate(main, argv, takes_value=("--output-dir",))
 
 
 def cmd_validate(argv: list[str]) -> int:
-    from pipeline.run import main
+    from prunelab.run import main
 
     return _delegate(main, [*argv, "--dry-run"], takes_value=("--output-dir",))
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from pipeline.bench import main
+    from prunelab.bench import main
 
     return _delegate(main, argv, takes_value=("--update-readme", "--shard"))
 
@@ -132,7 +132,7 @@ def versions() -> dict[str, str]:
     """prunelab's version and the installed versions of what it runs on (package metadata: nothing imported)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import pipeline
+    import prunelab as pipeline
 
     out = {"prunelab": pipeline.__version__}
     for dist in ("torch", "transformers", "accelerate", "peft", "huggingface_hub", "lm_eval", "bitsandbytes"):

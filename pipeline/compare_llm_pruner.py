@@ -45,7 +45,7 @@ def official_plan(model: Any, windows: torch.Tensor, official: Path, layers: ran
     from LLMPruner.pruner import hf_llama_pruner as llama_pruner
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)  # the official code names the Llama modules; we ask the adapter for the same ones
     blocks = ad.layers
@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.official / "LLMPruner" / "torch_pruning").is_dir():
         raise SystemExit(f"--official {args.official}: no LLMPruner/torch_pruning inside; pass the repository root")
     warnings.filterwarnings("ignore")
-    from stages.evaluation.perplexity import protocol, windowed_perplexity
-    from stages.io.config import ModelConfig, TextSource
-    from stages.io.models import load_model
-    from stages.io.text import tokenized_source
+    from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity
+    from prunelab.stages.io.config import ModelConfig, TextSource
+    from prunelab.stages.io.models import load_model
+    from prunelab.stages.io.text import tokenized_source
 
     recipe = yaml.safe_load((args.run / "recipe.resolved.yaml").read_text())
     saved = json.loads((_stage_dir(args.run, "prune") / "plan.json").read_text())  # the plan records its target
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the run must prune width by `taylor` with `layer_ratio:` (the official --pruning_ratio)")
     start, end = prune.get("layers") or [0, None]
     model, tok = load_model(ModelConfig(**recipe["model"]))
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     layers = range(start, end if end is not None else adapter_for(model).num_blocks)
     windows = torch.load(_stage_dir(args.run, "calibrate") / "calibration.pt", weights_only=True)

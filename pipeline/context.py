@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch import nn
 
-    from pipeline.recipe import RecipeBase
-    from stages.arch.base import ArchAdapter
-    from stages.surgery.plan import Plan
+    from prunelab.recipe import RecipeBase
+    from prunelab.stages.arch.base import ArchAdapter
+    from prunelab.stages.surgery.plan import Plan
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RunContext:
 
     @property
     def adapter(self) -> ArchAdapter:
-        from stages.arch import adapter_for
+        from prunelab.stages.arch import adapter_for
 
         return adapter_for(self.model)
 

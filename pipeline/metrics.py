@@ -6,15 +6,15 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
-from stages.evaluation.memory import PeakRSS, peak_memory_mb
-from stages.surgery.plan import plan_metrics
+from prunelab.stages.evaluation.memory import PeakRSS, peak_memory_mb
+from prunelab.stages.surgery.plan import plan_metrics
 
 __all__ = ["PeakRSS", "build_metrics", "peak_memory_mb", "versions"]
 
 TIMING_KEYS = ("calibrate", "score", "prune", "recover", "evaluate")
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 def versions() -> dict[str, str]:
@@ -22,7 +22,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import pipeline
+    import prunelab as pipeline
 
     return {
         "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,

@@ -1,11 +1,11 @@
 """Checks against the file system and model metadata, run after schema validation and before any
 model loads (no torch import): missing data files, unreadable model paths, impossible targets,
 windows longer than the model's context — and content, read cheaply enough for any model size
-(``stages.io.content``): data files decoded and parsed from their head (file and line named) and their
+(``prunelab.stages.io.content``): data files decoded and parsed from their head (file and line named) and their
 tokens bounded against what each stage needs, safetensors headers matched to ``config.json``, devices,
 speed settings, an output folder that is a file, a hub id that is not in the local cache.
 
-The model's sizes come from metadata alone (``stages.io.sources.model_shape``: config.json, a GGUF
+The model's sizes come from metadata alone (``prunelab.stages.io.sources.model_shape``: config.json, a GGUF
 header, the hub cache or an alias's record); each stage config that defines
 ``check_model(num_layers, total_params, block_params, geometries)`` is asked about them.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.recipe import RecipeBase, RecipeError
+from prunelab.recipe import RecipeBase, RecipeError
 
 
 def _settings(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
@@ -66,11 +66,11 @@ def _data_problems(recipe: RecipeBase) -> list[str]:
     """Every local data file a stage reads, decoded (and parsed, for JSONL) from its head, and counted against the
     tokens the stage needs from it: an empty, binary or too-short text, a bad JSON line, a row without the text
     field or with a bad ``answerKey`` is named with its file and line before a model loads."""
-    from stages.calibration.sources import MixSource, SelfGeneratedSource, split_counts
-    from stages.io.config import TextSource
-    from stages.io.content import (jsonl_text_tokens, qa_problem, qa_tokens, read_text_head,
+    from prunelab.stages.calibration.sources import MixSource, SelfGeneratedSource, split_counts
+    from prunelab.stages.io.config import TextSource
+    from prunelab.stages.io.content import (jsonl_text_tokens, qa_problem, qa_tokens, read_text_head,
                                    text_field_problem)
-    from stages.io.qa import QATextSource
+    from prunelab.stages.io.qa import QATextSource
 
     read: dict[str, Any] = {}
     bad: set[str] = set()  # files already refused for their content
@@ -225,13 +225,13 @@ def _output_problems(recipe: RecipeBase) -> list[str]:
 
 def _weights_problems(src: Any, revision: str | None) -> list[str]:
     """A local (or hub-cached) model folder's weights opened by their headers and matched to its config.json."""
-    from stages.io.content import weights_problems
-    from stages.io.sources import _read_config
+    from prunelab.stages.io.content import weights_problems
+    from prunelab.stages.io.sources import _read_config
 
     if src.kind == "local":
         folder = Path(src.path)
     elif src.kind == "alias":
-        from stages.io.sources import alias_dirs
+        from prunelab.stages.io.sources import alias_dirs
 
         folder = alias_dirs(src.path)[1]
         if not (folder / "config.json").is_file():
@@ -257,8 +257,8 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
         return [f"model.source: {src.path!r} is not a valid hub id ({exc}); give 'org/name', a local path or an alias"]
     if isinstance(found, str):
         if src.gguf_file is None:
-            from stages.io.content import weights_problems
-            from stages.io.sources import _read_config
+            from prunelab.stages.io.content import weights_problems
+            from prunelab.stages.io.sources import _read_config
 
             folder = Path(found).parent
             if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
@@ -312,8 +312,8 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
 
 def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
-    from stages.arch import FAMILY_MODULES, compensation_refusal, moe_refusals, unsupported_message
-    from stages.selection.engines import engine_refusals
+    from prunelab.stages.arch import FAMILY_MODULES, compensation_refusal, moe_refusals, unsupported_message
+    from prunelab.stages.selection.engines import engine_refusals
 
     if model_type is None:
         return []
@@ -327,16 +327,16 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
             problems.append(f"{path}: {kind} compensation — {refusal}")
     for key, stage in recipe.stages.items():  # expert units on a dense model, dense MLP units on a MoE model
         if getattr(stage, "type", None) == "prune":
-            problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
-            problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
-    from stages.io.gguf_export import recipe_gguf_refusals  # export formats [gguf] llama.cpp cannot run (issue 25)
+            problems += [f"prunelab.stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
+            problems += [f"prunelab.stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
+    from prunelab.stages.io.gguf_export import recipe_gguf_refusals  # export formats [gguf] llama.cpp cannot run (issue 25)
 
     problems += recipe_gguf_refusals(model_type, recipe)
     return problems
 
 
 def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
-    from stages.arch import dense_moe_layers_refusal
+    from prunelab.stages.arch import dense_moe_layers_refusal
 
     problems = _family_problems(recipe, shape.model_type)
     refusal = dense_moe_layers_refusal(shape.model_type, list(shape.dense_mlp_layers))
@@ -347,7 +347,7 @@ def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
     for key, stage in recipe.stages.items():
         check = getattr(stage, "check_model", None)
         if check is not None:
-            problems.extend(f"stages.{key}: {msg}" for msg in check(shape.num_layers, total, block, None))
+            problems.extend(f"prunelab.stages.{key}: {msg}" for msg in check(shape.num_layers, total, block, None))
     if shape.max_positions:
         for where, tokens in _lengths(recipe.stages):
             if tokens > shape.max_positions:
@@ -363,7 +363,7 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
     (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown).
     ``probe_hub``: a hub id not in the cache is refused if the hub cannot be reached (before a real run; a dry
     run touches no network)."""
-    from stages.io.sources import classify, model_shape, model_type_of
+    from prunelab.stages.io.sources import classify, model_shape, model_type_of
 
     problems = _file_problems(recipe) + _data_problems(recipe) + _device_problems(recipe.model.device)
     problems += _speed_problems(recipe) + _output_problems(recipe)
@@ -381,12 +381,12 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
         problems.append(str(exc))
     if shape is not None:
         problems += _model_problems(recipe, shape)
-    from stages.evaluation.zeroshot import recipe_task_problems
+    from prunelab.stages.evaluation.zeroshot import recipe_task_problems
 
-    from stages.io.hub import push_problems
+    from prunelab.stages.io.hub import push_problems
 
     problems += recipe_task_problems(recipe)  # lm-eval task names (cached index) and, offline, their data
-    problems += [p for k, c in recipe.stages.items() for p in push_problems(getattr(c, "push_to_hub", None), f"stages.{k}")]
+    problems += [p for k, c in recipe.stages.items() for p in push_problems(getattr(c, "push_to_hub", None), f"prunelab.stages.{k}")]
     if problems:
         raise RecipeError(problems)
     counts = shape.param_counts() if shape is not None else None

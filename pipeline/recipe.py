@@ -21,9 +21,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.registry import STAGES, listed_stage_types
-from stages.core.config import PathStr, StrictModel
-from stages.io.config import ModelConfig, TextSource
+from prunelab.registry import STAGES, listed_stage_types
+from prunelab.stages.core.config import PathStr, StrictModel
+from prunelab.stages.io.config import ModelConfig, TextSource
 
 __all__ = ["ModelConfig", "RecipeBase", "RecipeError", "StrictModel", "TextSource", "load_recipe", "validate"]
 
@@ -84,14 +84,14 @@ class RecipeBase(StrictModel):
         seen: list[str] = []
         for key, cfg in stages.items():
             if not STAGE_KEY.match(key):
-                errors.append(f"stages.{key}: stage names use letters, digits, '_' or '-' and start with a letter")
+                errors.append(f"prunelab.stages.{key}: stage names use letters, digits, '_' or '-' and start with a letter")
             check = getattr(cfg, "check_order", None)
             if check is not None:
-                errors.extend(f"stages.{key}: {msg}" for msg in check(key, seen, stages))
+                errors.extend(f"prunelab.stages.{key}: {msg}" for msg in check(key, seen, stages))
             seen.append(key)
         exports = [key for key, cfg in stages.items() if getattr(cfg, "type", None) == "export"]
         for key in exports[1:]:
-            errors.append(f"stages.{key}: a second export stage would overwrite model/ written by stages.{exports[0]}; "
+            errors.append(f"prunelab.stages.{key}: a second export stage would overwrite model/ written by stages.{exports[0]}; "
                           f"keep one export stage (at the end)")
         if errors:
             raise ValueError("; ".join(errors))
@@ -101,7 +101,7 @@ class RecipeBase(StrictModel):
 @functools.cache
 def recipe_model() -> type[RecipeBase]:
     """Build the Recipe class with ``stages`` as an ordered mapping of the registered stage configs."""
-    from pipeline.registry import load_stages
+    from prunelab.registry import load_stages
 
     load_stages()
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core.registry import Registry
+from prunelab.stages.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ def stage_modules() -> list[str]:
     """Every module directly in ``stages/`` (a stage by the layout rule), in a stable order."""
     import pkgutil
 
-    import stages
+    import prunelab.stages as stages
 
-    return sorted(f"stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__) if not m.ispkg)
+    return sorted(f"prunelab.stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__) if not m.ispkg)
 
 
 def load_stages() -> Registry[StageSpec]:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import atomic_write_text
+from prunelab.rundir import atomic_write_text
 
 
 def _plt() -> Any:
@@ -117,8 +117,8 @@ def plot_losses(run_dir: Path, path: Path) -> bool:
 
 def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any], plan: Any = None) -> Path:
     """Render every plot this run has data for and a markdown page around them and the metrics (``plan``: the
-    typed plan of ``stages.surgery.plan``, described by its own ``describe()`` and ``details()``)."""
-    from stages.evaluation.describe import describe_result
+    typed plan of ``prunelab.stages.surgery.plan``, described by its own ``describe()`` and ``details()``)."""
+    from prunelab.stages.evaluation.describe import describe_result
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)

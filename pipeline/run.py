@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
     elif _root not in sys.path:
         sys.path.insert(0, _root)
 
-from pipeline.recipe import RecipeBase, RecipeError, load_recipe
-from stages.evaluation.describe import describe_result
+from prunelab.recipe import RecipeBase, RecipeError, load_recipe
+from prunelab.stages.evaluation.describe import describe_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             overrides.append(f"output_dir={args.output_dir}")
         recipe = load_recipe(args.recipe, overrides)
-        from pipeline.preflight import preflight
+        from prunelab.preflight import preflight
 
         facts = preflight(recipe, probe_hub=not args.dry_run)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 (a check that crashed: a bug, said as one paragraph, not a traceback)
-        from pipeline.runlog import validation_crash
+        from prunelab.runlog import validation_crash
 
         print(validation_crash(exc, args.recipe), file=sys.stderr)
         return 1
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe(recipe, run_dir, facts))
         if args.force:  # what --force would delete, or why it would refuse (pipeline.rundir)
-            from pipeline.rundir import describe_force
+            from prunelab.rundir import describe_force
 
             print(describe_force(run_dir) or f"--force: {run_dir} does not exist; nothing would be deleted")
         print("recipe is valid (dry run: nothing loaded); run it without --dry-run")
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.runlog import RunLog, failure_message, quiet_progress
+    from prunelab.runlog import RunLog, failure_message, quiet_progress
 
     tty = sys.stderr.isatty()  # redirected to a file, a bar's carriage returns would make one endless line
     with RunLog(run_dir, resume=args.resume) as runlog, quiet_progress(not tty):
         try:
-            from pipeline.runner import execute
+            from prunelab.runner import execute
 
             metrics = execute(recipe, run_dir, resume=args.resume, force=args.force,
                               progress=not args.no_progress and tty)
@@ -123,7 +123,7 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         f"== {metrics['recipe']} → {run_dir}",
         f"params {m['params_before']:,} → {m['params_after']:,}   blocks {m['layers_before']} → {m['layers_after']}",
     ]
-    from stages.surgery.plan import read_plan
+    from prunelab.stages.surgery.plan import read_plan
 
     plan = read_plan(run_dir)
     if plan is not None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.core.files import TEMP_NAME, atomic_dir, atomic_write_json, atomic_write_text, pid_alive
+from prunelab.stages.core.files import TEMP_NAME, atomic_dir, atomic_write_json, atomic_write_text, pid_alive
 
 __all__ = ["MARKER", "RunDirError", "atomic_dir", "atomic_write_json", "atomic_write_text", "chain_hash", "describe_force",
            "force_refusal", "match_done", "prepare_run_dir", "read_done", "read_marker", "write_done"]
@@ -142,7 +142,7 @@ def match_done(stage_dir: Path, expected_hash: str, legacy_hash: str | None, inp
     """(the stage's ``done.json`` if it may be restored, else None; why not, or None when it never finished).
 
     A stage is restored only when its settings chain (``config_hash``) AND the chained fingerprints of every input
-    file up to it (``inputs_hash``, see ``stages.core.fingerprint``) are those it ran with. A ``done.json`` written
+    file up to it (``inputs_hash``, see ``prunelab.stages.core.fingerprint``) are those it ran with. A ``done.json`` written
     before inputs were recorded has no ``inputs_hash``; it is returned with ``"legacy_inputs": True`` for the runner
     to adopt (trust on first use: the files as they are now become the reference for later resumes)."""
     if not (stage_dir / "done.json").is_file():
@@ -153,7 +153,7 @@ def match_done(stage_dir: Path, expected_hash: str, legacy_hash: str | None, inp
     if "inputs_hash" not in data:
         return {**data, "legacy_inputs": True}, None
     if data["inputs_hash"] != inputs_hash:
-        from stages.core.fingerprint import describe_changes
+        from prunelab.stages.core.fingerprint import describe_changes
 
         changes = describe_changes(data.get("inputs") or {}, inputs)
         return None, "; ".join(changes) if changes else "an input file of an earlier stage changed"

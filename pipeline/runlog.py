@@ -36,7 +36,7 @@ class RunLog(logging.Handler):
         self._held: list[str] = []
 
     def _marker_stat(self) -> tuple[int, int] | None:
-        from pipeline.rundir import MARKER
+        from prunelab.rundir import MARKER
 
         try:
             st = (self.run_dir / MARKER).stat()
@@ -147,8 +147,8 @@ def failed_stage(exc: BaseException) -> str | None:
 
 def _user_fix(exc: BaseException) -> str | None:
     """The fix for a failure caused by the input or the machine (None: an internal error)."""
-    from pipeline.recipe import RecipeError
-    from pipeline.runner import RunError
+    from prunelab.recipe import RecipeError
+    from prunelab.runner import RunError
 
     if getattr(exc, "user_error", False) or isinstance(exc, (RunError, RecipeError)):
         return FOLLOW
@@ -179,7 +179,7 @@ def failure_message(exc: BaseException, recipe: str, run_dir: Path, log: Path | 
         return 130, f"interrupted in {where} (recipe {recipe}); {resume}."
     text = str(exc).strip() or type(exc).__name__
     fix = _user_fix(exc)
-    from pipeline.runner import RunError
+    from prunelab.runner import RunError
 
     if isinstance(exc, RunError) and stage is None:  # refused before any stage ran: nothing to resume or log
         return 2, f"error: {text}"

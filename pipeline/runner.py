@@ -2,12 +2,12 @@
 
 ``--resume`` re-uses a stage whose ``done.json`` carries the same chained config hash (its settings
 and every setting before it) AND the same chained hash of its input files' content (the model's weights,
-config and tokenizer; every data file a setting names — see ``stages.core.fingerprint``), restoring its
+config and tokenizer; every data file a setting names — see ``prunelab.stages.core.fingerprint``), restoring its
 artifacts (calibration tokens, scores, plan) instead of recomputing; the first stage that is not done, and
 everything after it, runs again, and the log says which setting or file changed.
 
-One process at a time works in a run directory (``stages.core.lock``); a resumed run first removes the temporary
-files and folders that a killed process left (``stages.core.files.clean_stale_temps``).
+One process at a time works in a run directory (``prunelab.stages.core.lock``); a resumed run first removes the temporary
+files and folders that a killed process left (``prunelab.stages.core.files.clean_stale_temps``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.recipe import RecipeBase
-from pipeline.rundir import (
+from prunelab.recipe import RecipeBase
+from prunelab.rundir import (
     RunDirError,
     atomic_write_json,
     atomic_write_text,
@@ -31,13 +31,13 @@ from pipeline.rundir import (
     prepare_run_dir,
     write_done,
 )
-from stages.core.config import input_files
-from stages.core.files import clean_stale_temps
-from stages.core.fingerprint import digest, file_fingerprint
-from stages.core.lock import RunLock, RunLockedError
+from prunelab.stages.core.config import input_files
+from prunelab.stages.core.files import clean_stale_temps
+from prunelab.stages.core.fingerprint import digest, file_fingerprint
+from prunelab.stages.core.lock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 class RunError(RuntimeError):
@@ -50,7 +50,7 @@ def _stage_list(recipe: RecipeBase) -> list[tuple[str, str, Any]]:
 
 
 def _spec(stage_type: str) -> Any:
-    from pipeline.registry import load_stages
+    from prunelab.registry import load_stages
 
     return load_stages().get(stage_type)
 
@@ -64,7 +64,7 @@ def _check_model(ctx: RunContext) -> None:
     for key, cfg in ctx.recipe.stages.items():
         check = getattr(cfg, "check_model", None)
         if check is not None:
-            problems += [f"stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes), geos)]
+            problems += [f"prunelab.stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes), geos)]
     if problems:
         raise RunError("; ".join(problems))
 
@@ -109,7 +109,7 @@ def model_inputs(cfg: Any) -> dict[str, Any]:
     hub model is fetched into the cache on first use). The files of a local folder or of the alias's converted copy
     (config, weights, index, tokenizer), or the .gguf file; a built-in tiny model is built from code (no files); a hub
     model not found in the local cache is keyed by its id and revision only."""
-    from stages.io.sources import alias_dirs, classify
+    from prunelab.stages.io.sources import alias_dirs, classify
 
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "tiny":
@@ -144,7 +144,7 @@ def _changed_since_last_run(stage_dir: Path, inputs: dict[str, Any]) -> list[str
     nothing recorded)."""
     import json
 
-    from stages.core.fingerprint import describe_changes
+    from prunelab.stages.core.fingerprint import describe_changes
 
     try:
         old = json.loads((stage_dir / "done.json").read_text()).get("inputs")
@@ -241,8 +241,8 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
 
-    from pipeline.context import RunContext
-    from pipeline.metrics import build_metrics
+    from prunelab.context import RunContext
+    from prunelab.metrics import build_metrics
 
     log = get_logger(__name__)
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, resume=resume,
@@ -257,7 +257,7 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
         ctx.stage_key, ctx.stage_dir = key, stage_dir
         stage_dir.mkdir(parents=True, exist_ok=True)
         set_seed(recipe.seed)
-        inputs = data_inputs(cfg, "model" if stage_type == "load" else f"stages.{key}")
+        inputs = data_inputs(cfg, "model" if stage_type == "load" else f"prunelab.stages.{key}")
         stage_chain = chain_hash(inputs_chain, key, {k: digest(v) for k, v in inputs.items()})
         done, why = None, None
         if resume and spec.restore is not None:
@@ -303,7 +303,7 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
         return None
     metrics = build_metrics(ctx)
     atomic_write_json(run_dir / "metrics.json", metrics)
-    from pipeline.report import write_report
+    from prunelab.report import write_report
 
     write_report(run_dir, metrics, ctx.scores, ctx.plan)
     return metrics

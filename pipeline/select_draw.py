@@ -33,7 +33,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench_calibration import _run
+from prunelab.bench_calibration import _run
 
 HOLDOUT = "../shared/data/wikitext2/valid.txt"
 

@@ -2,7 +2,7 @@
 
 Sources: a file or `datasets` split, a QA file rendered as text (``qa_text``), text the dense model
 writes itself (``self_generated``, cached shard by shard in this stage's folder), or a weighted
-``mix`` of those (``stages.calibration.sources``). Whatever the source, every criterion and every
+``mix`` of those (``prunelab.stages.calibration.sources``). Whatever the source, every criterion and every
 compensation downstream reads the same ``calibration.pt``.
 """
 
@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.registry import register_stage
-from stages.calibration.sources import CalibrationSource
-from stages.core.config import StrictModel
-from stages.io.config import TextSource
+from prunelab.registry import register_stage
+from prunelab.stages.calibration.sources import CalibrationSource
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.io.config import TextSource
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 class CalibrateConfig(StrictModel):
@@ -47,10 +47,10 @@ class CalibrateConfig(StrictModel):
 def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
     import torch
 
-    from stages.calibration.sources import calibration_windows
+    from prunelab.stages.calibration.sources import calibration_windows
 
     if cfg.sampling == "llm_pruner":
-        from stages.calibration.rows import llm_pruner_windows, text_rows
+        from prunelab.stages.calibration.rows import llm_pruner_windows, text_rows
 
         ctx.calibration = llm_pruner_windows(text_rows(cfg.source), ctx.tokenizer, cfg.num_samples, cfg.seq_len,
                                              ctx.recipe.seed)

@@ -1,7 +1,7 @@
 """Stage: evaluate the model as it is now (dense, pruned, recovered) — perplexity with its protocol.
 
 With no settings it runs the default suite on two text domains and ARC-Easy in full
-(``stages.evaluation.suite``); metrics.json adds each domain's ratio to dense (``ratio_to_dense``).
+(``prunelab.stages.evaluation.suite``); metrics.json adds each domain's ratio to dense (``ratio_to_dense``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.registry import register_stage
-from stages.core.config import InputFile, StrictModel
-from stages.io.qa import TextOrQASource
+from prunelab.registry import register_stage
+from prunelab.stages.core.config import InputFile, StrictModel
+from prunelab.stages.io.qa import TextOrQASource
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 class PerplexityConfig(StrictModel):
@@ -64,8 +64,8 @@ class EvaluateConfig(StrictModel):
     @classmethod
     def _suite(cls, raw: Any) -> Any:
         """Nothing named: the default two-domain suite (stages.evaluation.suite), written out in the resolved recipe."""
-        from stages.evaluation.suite import with_default_suite
-        from stages.evaluation.zeroshot import expand_preset
+        from prunelab.stages.evaluation.suite import with_default_suite
+        from prunelab.stages.evaluation.zeroshot import expand_preset
 
         if isinstance(raw, dict) and isinstance(raw.get("tasks"), str):  # tasks: zeroshot_suite (a preset's name)
             raw = {**raw, "tasks": expand_preset(raw["tasks"])}
@@ -73,7 +73,7 @@ class EvaluateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _local_tasks(self) -> EvaluateConfig:
-        from stages.evaluation.zeroshot import LOCAL_TASKS
+        from prunelab.stages.evaluation.zeroshot import LOCAL_TASKS
 
         for name, t in self.tasks.items():
             if t.path is not None and name not in LOCAL_TASKS:
@@ -84,7 +84,7 @@ class EvaluateConfig(StrictModel):
 
 def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
-    from stages.core.files import atomic_write_json
+    from prunelab.stages.core.files import atomic_write_json
 
     label = cfg.label or ctx.state
     models = [(label, ctx.model)]
@@ -104,8 +104,8 @@ def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
-    from stages.evaluation.perplexity import protocol, windowed_perplexity
-    from stages.io.text import tokenized_source
+    from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity
+    from prunelab.stages.io.text import tokenized_source
 
     results: dict[str, Any] = {}
     for name, p in cfg.perplexity.items():
@@ -115,11 +115,11 @@ def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) 
         results[name] = r
     for name, t in cfg.tasks.items():
         if ctx.is_main:  # HFLM on a model object is not meant for a multi-process launch
-            from stages.evaluation.zeroshot import evaluate_task
+            from prunelab.stages.evaluation.zeroshot import evaluate_task
 
             results[name] = evaluate_task(model, ctx.tokenizer, name, t.path, t.limit, t.batch_size, t.num_fewshot, ctx.recipe.seed)
     if cfg.speed is not None and ctx.is_main:
-        from stages.evaluation.speed import measure_speed
+        from prunelab.stages.evaluation.speed import measure_speed
 
         s = cfg.speed
         results["speed"] = measure_speed(model, s.prompt_len, s.new_tokens, tuple(s.batch_sizes), s.repeats, s.warmup, ctx.recipe.seed)

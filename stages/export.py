@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.registry import register_stage
-from stages.core.config import StrictModel
-from stages.io.hub import PushToHubConfig
+from prunelab.registry import register_stage
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.io.hub import PushToHubConfig
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 class GGUFExportConfig(StrictModel):
     dtype: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type of the GGUF's matrices "
@@ -55,8 +55,8 @@ class ExportConfig(StrictModel):
 
 
 def model_card(ctx: RunContext) -> str:
-    """README.md for the exported model (``stages.io.card``: Hub front matter, plan, metrics)."""
-    from stages.io.card import model_card as card
+    """README.md for the exported model (``prunelab.stages.io.card``: Hub front matter, plan, metrics)."""
+    from prunelab.stages.io.card import model_card as card
 
     return card(ctx)
 
@@ -64,9 +64,9 @@ def model_card(ctx: RunContext) -> str:
 def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
     from huggingface_hub import ModelCard
 
-    from stages.core.files import atomic_dir
-    from stages.io.formats import export_gguf, export_vllm, refusals, verify_reload
-    from stages.io.models import DTYPES
+    from prunelab.stages.core.files import atomic_dir
+    from prunelab.stages.io.formats import export_gguf, export_vllm, refusals, verify_reload
+    from prunelab.stages.io.models import DTYPES
 
     target = ctx.run_dir / "model"
     model = ctx.model
@@ -91,7 +91,7 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
         if "vllm" in cfg.formats:
             ctx.exported["vllm"] = export_vllm(ctx, cfg, model)
     if cfg.push_to_hub is not None and ctx.is_main:
-        from stages.io.hub import push_folder
+        from prunelab.stages.io.hub import push_folder
 
         ctx.exported["hub"] = push_folder(target, cfg.push_to_hub, f"prunelab: {ctx.recipe.name}")
     return dict(ctx.exported)

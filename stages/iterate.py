@@ -5,7 +5,7 @@ of the model the previous cycle recovered, its plan, its recovery), and stages n
 stage holds the three settings — the prune target of the whole run (of the DENSE model, ``units: blocks`` or
 ``width`` as in ``prune``: ``num_blocks: 4`` in 2 cycles removes 2 + 2 blocks; width ``ratio: 0.2`` in 4 cycles leaves
 95, 90, 85, 80% of the dense parameters), the criterion's settings, and every cycle's recovery — and runs the
-library's functions per cycle (:mod:`stages.recovery.iterative`). It writes ``cycle-NN/{plan.json, recover/,
+library's functions per cycle (:mod:`prunelab.stages.recovery.iterative`). It writes ``cycle-NN/{plan.json, recover/,
 done.json}`` (width: and the cycle's compensation), resumes from the last finished cycle, and leaves ``plan.json``:
 the cycles' plans composed into the dense model's numbering (blocks, or each layer's heads / KV groups / MLP
 channels), which metrics, report and export read. It needs a ``calibrate`` stage before it (the same windows score
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
-from pipeline.registry import register_stage
-from stages.core.config import StrictModel
-from stages.criteria.registry import criteria_for, kind_of, validate_settings
-from stages.recovery.config import RecoverySettings
-from stages.recovery.iterative import prune_settings
-from stages.selection.config import BlocksSettings, WidthSettings
+from prunelab.registry import register_stage
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.criteria.registry import criteria_for, kind_of, validate_settings
+from prunelab.stages.recovery.config import RecoverySettings
+from prunelab.stages.recovery.iterative import prune_settings
+from prunelab.stages.selection.config import BlocksSettings, WidthSettings
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 class IterateConfig(StrictModel):
@@ -77,10 +77,10 @@ class IterateConfig(StrictModel):
 def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
-    from stages.criteria.scoring import PartialResults, score_criteria
-    from stages.io.models import load_model
-    from stages.recovery.iterative import run_cycles, settings_key
-    from stages.recovery.trainer import TrainerEnv, recover_model
+    from prunelab.stages.criteria.scoring import PartialResults, score_criteria
+    from prunelab.stages.io.models import load_model
+    from prunelab.stages.recovery.iterative import run_cycles, settings_key
+    from prunelab.stages.recovery.trainer import TrainerEnv, recover_model
 
     log = get_logger(__name__)
     name, rec = cfg.prune.criterion, cfg.recover
@@ -89,7 +89,7 @@ def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
                      progress=ctx.progress)
     generated = None
     if rec.data.teacher_generate is not None:
-        from stages.recovery.generated import generate_once
+        from prunelab.stages.recovery.generated import generate_once
 
         generated = generate_once(ctx.accelerator, rec.data, load_model(ctx.recipe.model)[0], ctx.tokenizer,
                                   ctx.recipe.seed, ctx.stage_dir / "teacher-generated", ctx.progress)
@@ -110,7 +110,7 @@ def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
 
 
 def _cycles(ctx: RunContext, cfg: IterateConfig, log: Any) -> Any:
-    from stages.recovery.iterative import Cycles, settings_key
+    from prunelab.stages.recovery.iterative import Cycles, settings_key
 
     keys = list(ctx.recipe.stages)
     upto = [ctx.recipe.stages[k].model_dump(mode="json") for k in keys[: keys.index(ctx.stage_key) + 1]]
@@ -120,7 +120,7 @@ def _cycles(ctx: RunContext, cfg: IterateConfig, log: Any) -> Any:
 
 
 def _finish(ctx: RunContext, state: Any, plan: Any) -> dict[str, Any]:
-    from stages.core.files import atomic_write_json
+    from prunelab.stages.core.files import atomic_write_json
 
     ctx.plan, ctx.state = plan, "recovered"
     ctx.model_info.update(params_after=plan.params_after, layers_after=plan.layers_after)
@@ -135,7 +135,7 @@ def _finish(ctx: RunContext, state: Any, plan: Any) -> dict[str, Any]:
 
 def restore(ctx: RunContext, cfg: IterateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     """Replay every finished cycle: its plan applied, its trained tensors merged (as the run did)."""
-    from stages.recovery.iterative import run_cycles
+    from prunelab.stages.recovery.iterative import run_cycles
 
     state = _cycles(ctx, cfg, lambda m: None)
     state.resume = True

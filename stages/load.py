@@ -1,6 +1,6 @@
 """Stage 01-load: model + tokenizer from an alias, a local folder, a GGUF file or a hub id.
 
-Its settings are the recipe's ``model:`` section (``stages.io.config.ModelConfig``); it always runs,
+Its settings are the recipe's ``model:`` section (``prunelab.stages.io.config.ModelConfig``); it always runs,
 since every later stage, restored or not, works on the model in memory.
 """
 
@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.registry import register_stage
-from stages.io.config import ModelConfig
+from prunelab.registry import register_stage
+from prunelab.stages.io.config import ModelConfig
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
-    from stages.io.models import load_model
+    from prunelab.stages.io.models import load_model
 
     model, tokenizer = load_model(cfg)
     ctx.model, ctx.tokenizer = model, tokenizer

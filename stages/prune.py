@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.registry import register_stage
-from stages.core.config import StrictModel
-from stages.selection import legacy
-from stages.selection.config import (
+from prunelab.registry import register_stage
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.selection import legacy
+from prunelab.stages.selection.config import (
     BlocksSettings,
     HiddenSettings,
     SublayersSettings,
@@ -21,7 +21,7 @@ from stages.selection.config import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 class PruneConfig(StrictModel):
@@ -31,7 +31,7 @@ class PruneConfig(StrictModel):
     - ``units: width`` (:class:`WidthPrune`): ``ratio`` or ``layer_ratio``, ``allocation`` (uniform | global |
       {type: owl, m, lambda} | {type: alpha, epsilon}), ``layers``, ``attention``, ``mlp``, ``compensation``
       (none | bias | {type: optimal, damping, bias}), ``engines`` (transformers | llama.cpp | vllm: what the plan must
-      run in, ``stages.selection.engines``), ``round_to`` (kept MLP widths in multiples of N);
+      run in, ``prunelab.stages.selection.engines``), ``round_to`` (kept MLP widths in multiples of N);
     - ``units: hidden`` (:class:`HiddenPrune`): ``ratio`` or ``layer_ratio``, ``norm_rescale``;
     - ``units: sublayers`` (:class:`SublayersPrune`): ``num_sublayers`` or ``ratio``, ``sublayers`` (attention | mlp | both).
 
@@ -41,7 +41,7 @@ class PruneConfig(StrictModel):
     Migration: the flat spelling of version 1 still validates — ``hidden: true`` → ``units: hidden``,
     ``hidden_norm_rescale`` → ``norm_rescale``, ``owl_m``/``owl_lambda`` → ``allocation: {type: owl, m, lambda}``,
     ``alpha_epsilon`` → ``allocation: {type: alpha, epsilon}``, ``damping``/``optimal_bias`` →
-    ``compensation: {type: optimal, damping, bias}`` (``stages.selection.legacy.migrate``); ``v1_settings()``
+    ``compensation: {type: optimal, damping, bias}`` (``prunelab.stages.selection.legacy.migrate``); ``v1_settings()``
     gives the old flat dump, so run directories made before still ``--resume``.
     """
 
@@ -105,7 +105,7 @@ Prune = BlocksPrune | WidthPrune | HiddenPrune | SublayersPrune
 
 
 def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     apply_plan(ctx.model, plan, side)
     ctx.plan, ctx.state = plan, "pruned"
@@ -116,9 +116,9 @@ def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> di
 
 
 def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
-    from stages.core.files import atomic_write_json
-    from stages.selection.blocks import make_plan
-    from stages.selection.planning import make_hidden_plan, make_width_plan
+    from prunelab.stages.core.files import atomic_write_json
+    from prunelab.stages.selection.blocks import make_plan
+    from prunelab.stages.selection.planning import make_hidden_plan, make_width_plan
 
     result = ctx.scores[cfg.criterion]
     side: dict[str, Any] = {}
@@ -127,7 +127,7 @@ def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
     elif isinstance(cfg, HiddenPrune):
         plan = make_hidden_plan(result, cfg, ctx.model)
     elif isinstance(cfg, SublayersPrune):
-        from stages.selection.sublayers import make_sublayer_plan
+        from prunelab.stages.selection.sublayers import make_sublayer_plan
 
         plan = make_sublayer_plan(result, cfg, ctx.adapter)
     else:
@@ -145,7 +145,7 @@ def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
 
 
 def restore(ctx: RunContext, cfg: Prune, outputs: dict[str, Any], stage_dir: Path) -> None:
-    from stages.surgery.plan import load_plan
+    from prunelab.stages.surgery.plan import load_plan
 
     plan = load_plan(json.loads((stage_dir / "plan.json").read_text()))
     side = None

@@ -1,6 +1,6 @@
 """Stage: score units with one or more criteria. Statistics come from ONE calibration pass.
 
-Depth and width take the same path (``stages.criteria.scoring.score_criteria``): each criterion's result is saved
+Depth and width take the same path (``prunelab.stages.criteria.scoring.score_criteria``): each criterion's result is saved
 as soon as it is done (``partial/<criterion>.json``), so a run killed in the middle of scoring resumes without
 recomputing finished criteria. Width scoring also leaves the projection-input summaries that the prune stage
 reads for compensation and allocation (``ctx.activation_stats``, saved here as ``activation_means.pt``).
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.registry import register_stage
-from stages.core.config import StrictModel
-from stages.criteria.registry import criteria_for, kind_of, validate_settings  # the package registers all
-from stages.criteria.settings import migrate_version_1, version_1_keys
+from prunelab.registry import register_stage
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.criteria.registry import criteria_for, kind_of, validate_settings  # the package registers all
+from prunelab.stages.criteria.settings import migrate_version_1, version_1_keys
 
 if TYPE_CHECKING:
-    from pipeline.context import RunContext
+    from prunelab.context import RunContext
 
 
 class ScoreConfig(StrictModel):
@@ -103,9 +103,9 @@ def _inputs_key(ctx: RunContext) -> str:
 def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
-    from stages.core.files import atomic_write_json
-    from stages.criteria.scoring import PartialResults, score_criteria
-    from stages.selection.blocks import num_blocks_for
+    from prunelab.stages.core.files import atomic_write_json
+    from prunelab.stages.criteria.scoring import PartialResults, score_criteria
+    from prunelab.stages.selection.blocks import num_blocks_for
 
     log = get_logger(__name__)
     kind = kind_of(cfg.units)
@@ -124,7 +124,7 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     if kind == "width":
         import torch
 
-        from stages.calibration.width import summary_tensors
+        from prunelab.stages.calibration.width import summary_tensors
 
         ctx.activation_stats = summary_tensors(stats)
         if ctx.is_main:

@@ -17,14 +17,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def tiny_model():
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     return tiny_llama(num_layers=6, heads=4, kv_heads=2, tie=True)
 
 
 @pytest.fixture
 def tiny_untied():
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     return tiny_llama(num_layers=5, hidden=96, heads=6, kv_heads=3, tie=False, seed=1)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline as prunelab
-from pipeline.recipe import RecipeError
+import prunelab
+from prunelab.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "tiny_corpus.txt"
@@ -51,9 +51,9 @@ def test_prune_in_memory_matches_the_cli_run(tmp_path):
     the float32 reload bound the export stage itself enforces (1e-5; both pruned the same weights the same way)."""
     import yaml
 
-    from pipeline.cli import main
-    from stages.io.config import ModelConfig
-    from stages.io.models import load_model
+    from prunelab.cli import main
+    from prunelab.stages.io.config import ModelConfig
+    from prunelab.stages.io.models import load_model
 
     recipe = tmp_path / "width.yaml"
     recipe.write_text(yaml.safe_dump(WIDTH_RECIPE, sort_keys=False))
@@ -82,7 +82,7 @@ def test_calibration_forms_give_the_same_windows():
     """Text, the same text as a datasets.Dataset of one row, and the token ids those gave: one plan."""
     import datasets
 
-    from stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
     text = CORPUS.read_text(encoding="utf-8")
     kw = dict(criterion="block_influence", num_blocks=2, num_samples=4, seq_len=64)
@@ -95,7 +95,7 @@ def test_calibration_forms_give_the_same_windows():
 
 
 def test_prune_refuses_bad_input_before_work():
-    from stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
     model = tiny_llama(num_layers=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -135,7 +135,7 @@ def test_run_by_name_dict_and_overrides(tmp_path):
 
 def test_load_any_export(tmp_path):
     """A model folder and its run directory; per-layer widths come back; a folder that is neither is refused."""
-    from stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
     result = prunelab.prune(tiny_llama(num_layers=4), byte_tokenizer(), calibration=CORPUS.read_text(encoding="utf-8"),
                             units="width", criterion="flap", ratio=0.2, allocation="global", num_samples=2, seq_len=32)

@@ -6,7 +6,7 @@ model loads, with exit code 2 and an ``error:`` naming the field and the fix.
 3. ``units: blocks`` with ``ratio: 0.99`` (more blocks than the model has), known from metadata alone;
 4. a ``seq_len`` beyond the model's ``max_position_embeddings``.
 
-The model's sizes come from ``stages.io.sources.model_shape`` (config.json, GGUF header, the alias's
+The model's sizes come from ``prunelab.stages.io.sources.model_shape`` (config.json, GGUF header, the alias's
 record); the tests at the end check those sizes against real models, so the metadata never drifts.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.run import main
+from prunelab.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "tests/data/tiny_corpus.txt"
@@ -110,7 +110,7 @@ NAMES = ["debug", "smollm2-flap-20", "v1.2_run", "a..b", ".", "..", "../x", "x/.
 def test_every_accepted_name_stays_directly_inside_output_dir(output_dir):
     import os
 
-    from pipeline.recipe import check_run_name
+    from prunelab.recipe import check_run_name
 
     accepted = []
     for name in NAMES:
@@ -167,7 +167,7 @@ def test_recovery_seq_len_beyond_the_context(capsys):
     key = next(k for k, v in raw["stages"].items() if v["type"] == "recover")
     dotted = _find_key(raw["stages"][key], "seq_len")
     assert dotted is not None, "the recover stage of recipes/debug-recover.yaml sets a seq_len"
-    field = f"stages.{key}.{dotted}"
+    field = f"prunelab.stages.{key}.{dotted}"
     rc, err = _dry_run(capsys, "recipes/debug-recover.yaml", f"{field}=4096")
     assert rc == 2 and f"{field}: 4096 tokens exceed the model's context" in err, err
 
@@ -189,8 +189,8 @@ def _find_key(node: Any, name: str, prefix: str = "") -> str | None:
     {"model_type": "mistral", "tie": False}, {"model_type": "qwen2"}, {"model_type": "qwen3"},
 ], ids=["llama-tied", "llama-untied", "mistral", "qwen2-qkv-bias", "qwen3-qk-norm"])
 def test_param_counts_from_config_equal_the_built_model(kw):
-    from stages.io.sources import shape_from_config
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.sources import shape_from_config
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(**kw)
     total, block = shape_from_config(model.config.to_dict()).param_counts()
@@ -200,7 +200,7 @@ def test_param_counts_from_config_equal_the_built_model(kw):
 
 def test_no_parameter_count_for_layouts_it_does_not_describe():
     """A mixture-of-experts or unknown family keeps its block count but gets no (wrong) parameter count."""
-    from stages.io.sources import shape_from_config
+    from prunelab.stages.io.sources import shape_from_config
 
     base = {"num_hidden_layers": 4, "vocab_size": 100, "hidden_size": 8, "intermediate_size": 16,
             "num_attention_heads": 2, "max_position_embeddings": 64}
@@ -211,8 +211,8 @@ def test_no_parameter_count_for_layouts_it_does_not_describe():
 
 
 def test_tiny_alias_record_equals_the_model_it_builds():
-    from stages.io.sources import TINY_ALIASES, TINY_SHAPES, shape_from_config
-    from stages.io.tiny import tiny_alias
+    from prunelab.stages.io.sources import TINY_ALIASES, TINY_SHAPES, shape_from_config
+    from prunelab.stages.io.tiny import tiny_alias
 
     for name in TINY_ALIASES:
         assert shape_from_config(tiny_alias(name).config.to_dict()) == TINY_SHAPES[name]
@@ -221,7 +221,7 @@ def test_tiny_alias_record_equals_the_model_it_builds():
 def test_alias_record_equals_the_cached_config():
     """The smollm2-135m record lets --dry-run check targets before the wheel is fetched; once the
     model has been loaded, its converted config.json is what preflight reads — the two must agree."""
-    from stages.io.sources import ALIASES, alias_dirs, shape_from_config
+    from prunelab.stages.io.sources import ALIASES, alias_dirs, shape_from_config
 
     _, hf_dir = alias_dirs("smollm2-135m")
     if not (hf_dir / "config.json").is_file():
@@ -233,7 +233,7 @@ def test_alias_record_equals_the_cached_config():
 
 
 def test_gguf_header_gives_the_same_shape_as_the_config(tmp_path):
-    from stages.io.sources import TINY_SHAPES, classify, model_shape
+    from prunelab.stages.io.sources import TINY_SHAPES, classify, model_shape
 
     shape = model_shape(classify(str(_write_gguf(tmp_path / "tiny.gguf")), None))
     expected = TINY_SHAPES["tiny-random-llama"]
@@ -274,6 +274,6 @@ def _write_gguf(path: Path) -> Path:
 
 
 def _tiny_shape() -> Any:
-    from stages.io.sources import TINY_SHAPES
+    from prunelab.stages.io.sources import TINY_SHAPES
 
     return TINY_SHAPES["tiny-random-llama"]

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from pipeline.bench import main
+from prunelab.bench import main
 
 
 def test_bench_depth_and_width_rows(tmp_path):
@@ -81,7 +81,7 @@ def test_bench_with_two_windows_arc_and_decode_speedup(tmp_path):
 def test_a_bench_row_with_the_official_llm_pruner_options_makes_the_recipe_s_plan(tmp_path):
     """Bench calibration `sampling: llm_pruner` and a width row's own criterion `settings`: the row removes exactly
     what the pipeline removes with the same options, and differs from the row without the settings' scoring."""
-    from pipeline.run import main as run_main
+    from prunelab.run import main as run_main
 
     opts = {"criterion": "taylor", "layer_ratio": 0.5, "allocation": {"type": "uniform", "counts": "llm_pruner"},
             "layers": [1, 5], "attention": "kv_group"}
@@ -117,8 +117,8 @@ def test_a_bench_row_with_the_official_llm_pruner_options_makes_the_recipe_s_pla
 
 
 def test_a_bench_row_s_settings_are_checked_against_its_criterion(tmp_path):
-    from pipeline.bench import load_bench
-    from pipeline.recipe import RecipeError
+    from prunelab.bench import load_bench
+    from prunelab.recipe import RecipeError
 
     bench = {"name": "b", "model": {"source": "tiny-random-llama"},
              "calibration": {"source": {"path": "tests/data/tiny_corpus.txt"}},
@@ -137,8 +137,8 @@ def test_a_killed_bench_resumes_from_its_finished_rows(tmp_path, monkeypatch):
     a plain re-run refuses to mix with them, and a changed setting gets a new row instead of the stale one."""
     import pytest
 
-    import pipeline.bench as bench_mod
-    import stages.evaluation.perplexity as ppl_mod
+    import prunelab.bench as bench_mod
+    import prunelab.stages.evaluation.perplexity as ppl_mod
 
     text = {"path": "tests/data/tiny_corpus.txt"}
     recipe = {
@@ -206,7 +206,7 @@ def test_two_shards_split_a_bench_and_a_resume_assembles_the_same_table(tmp_path
     the run without a shard evaluates nothing and writes the table a single run writes."""
     import pytest
 
-    import stages.evaluation.perplexity as ppl_mod
+    import prunelab.stages.evaluation.perplexity as ppl_mod
 
     text = {"path": "tests/data/tiny_corpus.txt"}
     recipe = {

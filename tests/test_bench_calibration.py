@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.bench_calibration import _base, _dense, _recipe, main, previous_rows, selected, table
-from pipeline.recipe import validate
+from prunelab.bench_calibration import _base, _dense, _recipe, main, previous_rows, selected, table
+from prunelab.recipe import validate
 
 SPECS = sorted(Path("recipes/bench").glob("smollm2-calibration*.yaml")) + [Path("recipes/bench/smollm2-damping.yaml")]
 

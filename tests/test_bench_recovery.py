@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.bench_calibration import _base
-from pipeline.bench_recovery import previous_rows, row_recipe, summarize, table
-from pipeline.recipe import validate
+from prunelab.bench_calibration import _base
+from prunelab.bench_recovery import previous_rows, row_recipe, summarize, table
+from prunelab.recipe import validate
 
 SPEC = Path("recipes/bench/smollm2-recovery.yaml")
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from stages.calibration.sources import (
+from prunelab.stages.calibration.sources import (
     CalibrationSource,
     MixSource,
     SelfGeneratedSource,
     calibration_windows,
     split_counts,
 )
-from stages.io.qa import QATextSource, render_qa
-from stages.io.text import read_text
-from stages.io.tiny import byte_tokenizer, tiny_llama
+from prunelab.stages.io.qa import QATextSource, render_qa
+from prunelab.stages.io.text import read_text
+from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
 ARC = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
 SOURCE = TypeAdapter(CalibrationSource)
@@ -73,7 +73,7 @@ def test_self_generated_is_seeded_cached_and_resumes_without_regenerating(gen_se
                                                                           caplog) -> None:
     import logging
 
-    caplog.set_level(logging.INFO, logger="stages.calibration.generate")
+    caplog.set_level(logging.INFO, logger="prunelab.stages.calibration.generate")
     model, tok = gen_setup
     src = SOURCE.validate_python({"self_generated": {"batch_size": 2, "temperature": 1.0}})
     first = calibration_windows(src, model, tok, 5, 24, 7, tmp_path / "a", progress=False)
@@ -123,7 +123,7 @@ def test_self_generated_from_text_prompts(gen_setup, tmp_path: Path) -> None:
 def test_calibrate_stage_with_self_generated_resumes_from_its_folder(tmp_path: Path) -> None:
     import yaml
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     recipe = yaml.safe_load(Path("recipes/debug.yaml").read_text())
     recipe["stages"]["calibrate"]["source"] = {"self_generated": {"batch_size": 2}}

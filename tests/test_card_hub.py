@@ -20,7 +20,7 @@ def _front(text: str) -> dict:
 @pytest.fixture
 def base_folder(tmp_path):
     """A local base model: the tiny Llama saved with a model card that names its license."""
-    from stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
     folder = tmp_path / "base"
     tiny_llama(num_layers=4).save_pretrained(folder)
@@ -41,7 +41,7 @@ def _recipe(source: str, out: Path, **export: object) -> dict:
 
 
 def test_model_card_front_matter(base_folder, tmp_path):
-    import pipeline as prunelab
+    import prunelab
 
     prunelab.run(_recipe(str(base_folder), tmp_path / "runs"))
     text = (tmp_path / "runs" / "card" / "model" / "README.md").read_text()
@@ -57,7 +57,7 @@ def test_model_card_front_matter(base_folder, tmp_path):
 
 
 def test_card_without_license_says_so_and_names_hub_base():
-    from stages.io.card import base_license, base_model_of, card_data
+    from prunelab.stages.io.card import base_license, base_model_of, card_data
 
     data, notes = card_data("tiny-random-llama", None, ["prunelab"], {}, "pruned", "x")
     assert data.license is None and notes and "License: not stated" in notes[0]
@@ -67,7 +67,7 @@ def test_card_without_license_says_so_and_names_hub_base():
 
 
 def test_zero_shot_results_in_model_index():
-    from stages.io.card import eval_results
+    from prunelab.stages.io.card import eval_results
 
     evals = {"dense": {"boolq": {"acc": 0.7}}, "pruned": {"boolq": {
         "acc": 0.61, "acc_stderr": 0.01, "metrics": ["acc"], "samples": 100, "num_fewshot": 0, "lm_eval_version": "0.4.13"}}}
@@ -76,7 +76,7 @@ def test_zero_shot_results_in_model_index():
 
 
 def test_adapter_card(tmp_path):
-    from stages.io.card import write_adapter_card
+    from prunelab.stages.io.card import write_adapter_card
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n[More Information Needed]")
@@ -111,7 +111,7 @@ def test_push_to_hub_sends_one_commit_with_every_file(base_folder, tmp_path, mon
     create_commit whose CommitOperationAdd paths are the files of model/, with the card."""
     import huggingface_hub
 
-    import pipeline as prunelab
+    import prunelab
 
     api = FakeApi()
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: api)
@@ -128,8 +128,8 @@ def test_push_to_hub_sends_one_commit_with_every_file(base_folder, tmp_path, mon
 
 
 def test_push_to_hub_settings_checked(monkeypatch):
-    from pipeline.preflight import preflight
-    from pipeline.recipe import RecipeError, validate
+    from prunelab.preflight import preflight
+    from prunelab.recipe import RecipeError, validate
 
     raw = _recipe("tiny-random-llama", Path("runs"), push_to_hub={"repo_id": "no-slash"})
     with pytest.raises(RecipeError, match=r"stages\.export\.push_to_hub\.repo_id"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import main
+from prunelab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = main.__module__.rsplit(".", 1)[0]  # "pipeline" in this checkout, "prunelab" after the rename

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from stages.arch.llama import adapter_for
-from stages.calibration.blocks import naive_removal_nll
-from stages.calibration.full import collect_stats
-from stages.criteria.base import CriterionInputs
-from stages.criteria.depth import (
+from prunelab.stages.arch.llama import adapter_for
+from prunelab.stages.calibration.blocks import naive_removal_nll
+from prunelab.stages.calibration.full import collect_stats
+from prunelab.stages.criteria.base import CriterionInputs
+from prunelab.stages.criteria.depth import (
     angular_distance,
     block_influence,
     magnitude,
@@ -20,10 +20,10 @@ from stages.criteria.depth import (
     sleb,
     taylor_plus,
 )
-from stages.prune import PruneConfig
-from stages.selection.blocks import select_blocks
-from stages.selection.targets import round_count as _round
-from stages.surgery.apply import remove_blocks
+from prunelab.stages.prune import PruneConfig
+from prunelab.stages.selection.blocks import select_blocks
+from prunelab.stages.selection.targets import round_count as _round
+from prunelab.stages.surgery.apply import remove_blocks
 
 
 def _inputs(model, calib, needs, **kw):
@@ -123,7 +123,7 @@ def test_taylor_plus_sums_abs_weight_times_grad_and_protects_ends(tiny_model, ca
 
 
 def test_taylor_plus_protection_on_deeper_model(calib):
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=9)
     result = taylor_plus(_inputs(model, calib, {"grad"}))
@@ -160,7 +160,7 @@ def test_ratio_rounding():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_removal_nll_wavefront_matches_hf_forward_for_both_attention_kernels(attn, calib):
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=5)
     model.config._attn_implementation = attn

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.recipe import RecipeError, validate
-from stages.criteria import CRITERIA, HIDDEN_CRITERIA
-from stages.criteria.registry import CriterionRegistry, CriterionSpec, criteria_for
-from stages.score import ScoreConfig
+from prunelab.recipe import RecipeError, validate
+from prunelab.stages.criteria import CRITERIA, HIDDEN_CRITERIA
+from prunelab.stages.criteria.registry import CriterionRegistry, CriterionSpec, criteria_for
+from prunelab.stages.score import ScoreConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 V1_RUNS = ROOT / "tests" / "fixtures" / "v1-runs"
@@ -47,17 +47,17 @@ def test_registration_rejects_a_duplicate_within_a_kind_only():
 
 
 def test_registry_and_settings_stay_torch_free():
-    code = ("import sys, stages.criteria, stages.score; from stages.criteria.registry import CRITERIA; "
+    code = ("import sys, stages.criteria, stages.score; from prunelab.stages.criteria.registry import CRITERIA; "
             "[s.settings for s in CRITERIA]; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_every_criterion_through_the_one_scoring_path(tiny_model, calib):
     """Depth and width: same inputs class, same call, same typed result, the JSON layout selection reads."""
-    from stages.calibration.full import collect_stats
-    from stages.criteria.base import CriterionInputs, CriterionResult
-    from stages.criteria.scoring import needs_for, score
-    from stages.criteria.settings import LacoSettings
+    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
+    from prunelab.stages.criteria.scoring import needs_for, score
+    from prunelab.stages.criteria.settings import LacoSettings
 
     for kind in ("depth", "width"):
         names = CRITERIA.of(kind).names()
@@ -79,7 +79,7 @@ def test_every_criterion_through_the_one_scoring_path(tiny_model, calib):
 
 
 def test_a_result_needs_its_kinds_scores():
-    from stages.criteria.base import CriterionResult
+    from prunelab.stages.criteria.base import CriterionResult
 
     with pytest.raises(ValueError, match="width criterion result needs `layers`"):
         CriterionResult(kind="width")
@@ -128,7 +128,7 @@ def test_criterion_settings_are_checked_against_their_model(score, expected):
 
 
 def test_settings_reach_the_criterion_as_its_model():
-    from stages.criteria.settings import LacoSettings, WidthGroupSettings
+    from prunelab.stages.criteria.settings import LacoSettings, WidthGroupSettings
 
     recipe = validate(_recipe(settings={"laco": {"merge_layers": 2, "layers": [1, 4]}}))
     laco = recipe.stages["score"].settings["laco"]
@@ -177,7 +177,7 @@ def test_v1_settings_of_new_spellings():
 
 # ----------------------------------------------------------------------------- partial/ resume, width as depth
 def test_partial_results_are_trusted_only_under_the_same_inputs(tmp_path):
-    from stages.criteria.scoring import PartialResults
+    from prunelab.stages.criteria.scoring import PartialResults
 
     first = PartialResults(tmp_path / "partial", "k1")
     first.save("flap", {"units": "width", "layers": []})
@@ -213,8 +213,8 @@ def test_width_scoring_crashed_after_one_criterion_resumes_without_recomputing_i
     uninterrupted run (scores, plan, activation summaries)."""
     import torch
 
-    from pipeline.run import main
-    from stages.criteria import width
+    from prunelab.run import main
+    from prunelab.stages.criteria import width
 
     path = _width_recipe(tmp_path)
     assert main([str(path), "--output-dir", str(tmp_path / "ref"), "--no-progress"]) == 0

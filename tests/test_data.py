@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from pipeline.recipe import TextSource
-from stages.evaluation.perplexity import windowed_perplexity
-from stages.io.text import read_text, sample_windows, tokenize_text, verify_checksum
-from stages.io.tiny import byte_tokenizer
+from prunelab.recipe import TextSource
+from prunelab.stages.evaluation.perplexity import windowed_perplexity
+from prunelab.stages.io.text import read_text, sample_windows, tokenize_text, verify_checksum
+from prunelab.stages.io.tiny import byte_tokenizer
 
 
 def test_txt_is_read_as_is_with_crlf_normalised(tmp_path):

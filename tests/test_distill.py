@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.recipe import RecipeError, load_recipe
+from prunelab.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/debug-distill.yaml"
@@ -26,7 +26,7 @@ def _logits(seed: int, shape=(2, 7, 11)) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the KD loss
 def test_kd_is_forward_kl_with_temperature_squared():
     """KL(softmax(t/T) ‖ softmax(s/T))·T², mean over positions whose NEXT token has a label."""
-    from stages.recovery.losses import kd_divergence
+    from prunelab.stages.recovery.losses import kd_divergence
 
     s, t = _logits(0), _logits(1)
     labels = torch.ones(2, 7, dtype=torch.long)
@@ -43,7 +43,7 @@ def test_kd_is_forward_kl_with_temperature_squared():
 
 
 def test_top_k_renormalises_both_distributions_over_the_teachers_k_largest():
-    from stages.recovery.losses import kd_divergence
+    from prunelab.stages.recovery.losses import kd_divergence
 
     s, t = _logits(2, (1, 4, 9)), _logits(3, (1, 4, 9))
     labels = torch.ones(1, 4, dtype=torch.long)
@@ -60,9 +60,9 @@ def test_top_k_renormalises_both_distributions_over_the_teachers_k_largest():
 
 
 def test_ce_plus_kd_mixes_with_kd_ratio(tiny_model):
-    from stages.io.tiny import tiny_llama
-    from stages.recovery.config import LossSettings
-    from stages.recovery.losses import Teacher, get_loss
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery.config import LossSettings
+    from prunelab.stages.recovery.losses import Teacher, get_loss
 
     teacher = Teacher(tiny_llama(num_layers=6, seed=1))
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -77,7 +77,7 @@ def test_ce_plus_kd_mixes_with_kd_ratio(tiny_model):
 
 # ----------------------------------------------------------------------------- the intermediate (block-output) loss
 def test_block_pairs_follow_the_plan():
-    from stages.recovery.losses import block_pairs
+    from prunelab.stages.recovery.losses import block_pairs
 
     depth = SimpleNamespace(kind="depth", removed_blocks=[3, 4])
     # hidden_states index i + 1 = output of block i; student block j ↔ teacher block kept[j] = [0, 1, 2, 5][j]
@@ -94,9 +94,9 @@ def test_block_pairs_follow_the_plan():
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
 def test_intermediate_loss_compares_the_paired_block_outputs(kind):
-    from stages.io.tiny import tiny_llama
-    from stages.recovery.config import LossSettings
-    from stages.recovery.losses import Teacher, block_pairs, get_loss, kd_divergence
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery.config import LossSettings
+    from prunelab.stages.recovery.losses import Teacher, block_pairs, get_loss, kd_divergence
 
     teacher_model = tiny_llama(num_layers=6, seed=0)
     student = tiny_llama(num_layers=4, seed=5)
@@ -162,14 +162,14 @@ def test_new_settings_never_share_a_version_1_hash():
 def _env():
     from accelerate import Accelerator
 
-    from stages.io.tiny import byte_tokenizer
-    from stages.recovery.trainer import TrainerEnv
+    from prunelab.stages.io.tiny import byte_tokenizer
+    from prunelab.stages.recovery.trainer import TrainerEnv
 
     return TrainerEnv(accelerator=Accelerator(cpu=True), tokenizer=byte_tokenizer(), seed=0, progress=False)
 
 
 def _settings(**kw):
-    from stages.recovery.config import RecoverySettings
+    from prunelab.stages.recovery.config import RecoverySettings
 
     base = {"data": DATA, "lora": {"dropout": 0.0}, "optimizer": {"lr": 3e-3},
             "loop": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 8}}
@@ -177,8 +177,8 @@ def _settings(**kw):
 
 
 def test_kd_trains_toward_the_teacher_and_leaves_it_untouched(tmp_path, tiny_model):
-    from stages.io.tiny import tiny_llama
-    from stages.recovery.trainer import recover_model
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery.trainer import recover_model
 
     teacher = tiny_llama(num_layers=6, seed=0)
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
@@ -198,8 +198,8 @@ def test_teacher_cache_trains_like_the_live_teacher(tmp_path):
     """top-k logits written once and read back: the same losses and adapter as the live teacher with that top_k."""
     from safetensors.torch import load_file
 
-    from stages.io.tiny import tiny_llama
-    from stages.recovery.trainer import recover_model
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery.trainer import recover_model
 
     runs = {}
     for cache in (False, True):
@@ -222,7 +222,7 @@ def test_teacher_cache_trains_like_the_live_teacher(tmp_path):
 
 
 def test_full_fine_tuning_changes_every_weight_and_overfits(tmp_path, tiny_model):
-    from stages.recovery.trainer import recover_model
+    from prunelab.stages.recovery.trainer import recover_model
 
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     info = recover_model(_env(), _settings(method="full", data={**DATA, "max_samples": 4}, optimizer={"lr": 1e-3},
@@ -238,8 +238,8 @@ def test_full_fine_tuning_changes_every_weight_and_overfits(tmp_path, tiny_model
 
 
 def test_full_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    from stages.io.tiny import tiny_llama
-    from stages.recovery import trainer
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery import trainer
 
     cfg = _settings(method="full", checkpoint={"save_every": 2}, loop={"batch_size": 4, "micro_batch_size": 2, "max_steps": 4})
     ref = trainer.recover_model(_env(), cfg, tiny_llama(num_layers=4), tmp_path / "ref", "pruned")
@@ -266,7 +266,7 @@ def test_full_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_debug_distill_recipe_runs_through_the_cli(tmp_path):
-    from pipeline.run import main
+    from prunelab.run import main
 
     assert main([RECIPE, "--output-dir", str(tmp_path), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "debug-distill" / "metrics.json").read_text())
@@ -281,7 +281,7 @@ def test_debug_distill_recipe_runs_through_the_cli(tmp_path):
 
 
 def test_intermediate_loss_through_the_cli(tmp_path):
-    from pipeline.run import main
+    from prunelab.run import main
 
     args = [RECIPE, "--output-dir", str(tmp_path), "--no-progress",
             "stages.recover.loss.intermediate={weight: 0.5, kind: cosine}"]
@@ -292,7 +292,7 @@ def test_intermediate_loss_through_the_cli(tmp_path):
 
 
 def test_full_method_through_the_cli_restores_on_resume(tmp_path):
-    from pipeline.run import main
+    from prunelab.run import main
 
     args = [RECIPE, "--output-dir", str(tmp_path), "--no-progress", "stages.recover.method=full",
             "stages.recover.loss=ce+kd", "stages.recover.optimizer.lr=1e-4"]

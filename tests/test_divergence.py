@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.metrics import flag_recovery
-from pipeline.run import main, summary
-from stages.recovery.config import RecoverySettings
-from stages.recovery.trainer import TrainingDiverged, check_divergence
+from prunelab.metrics import flag_recovery
+from prunelab.run import main, summary
+from prunelab.stages.recovery.config import RecoverySettings
+from prunelab.stages.recovery.trainer import TrainingDiverged, check_divergence
 
 
 class _Acc:

@@ -10,13 +10,13 @@ import random
 
 import pytest
 
-from pipeline.recipe import RecipeError, validate
-from stages.arch import adapter_for
-from stages.io.tiny import tiny_family, tiny_llama
-from stages.selection.config import WidthSettings
-from stages.selection.planning import make_width_plan
-from stages.selection.targets import ratio_to_params
-from stages.selection.width import WidthTargetError, removed_params
+from prunelab.recipe import RecipeError, validate
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.io.tiny import tiny_family, tiny_llama
+from prunelab.stages.selection.config import WidthSettings
+from prunelab.stages.selection.planning import make_width_plan
+from prunelab.stages.selection.targets import ratio_to_params
+from prunelab.stages.selection.width import WidthTargetError, removed_params
 
 
 def _scores(model, seed: int = 0) -> list[dict[str, list[float]]]:
@@ -119,7 +119,7 @@ def _recipe(source: str = "tiny-random-llama", **prune):
      "engines: vllm — attention: kv_group with layers: [1, 5] removes query heads in those layers only"),
 ], ids=["llama.cpp qwen2 global", "vllm gemma2 layers", "vllm llama layers"])
 def test_engine_refusals_at_dry_run(source, prune, expected):
-    from pipeline.preflight import preflight
+    from prunelab.preflight import preflight
 
     with pytest.raises(RecipeError) as exc:
         preflight(validate(_recipe(source, **prune)))
@@ -132,7 +132,7 @@ def test_engine_refusals_at_dry_run(source, prune, expected):
     ("tiny-random-qwen2", {"engines": ["llama.cpp", "vllm"]}),
 ], ids=["llama global", "vllm mlp-only layers", "qwen2 uniform"])
 def test_engine_settings_that_run_pass_dry_run(source, prune):
-    from pipeline.preflight import preflight
+    from prunelab.preflight import preflight
 
     preflight(validate(_recipe(source, **prune)))
 
@@ -194,7 +194,7 @@ def test_vllm_with_round_to_end_to_end(tmp_path):
     and kept MLP widths in multiples of 32."""
     import yaml
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     raw = _recipe(allocation="global", engines=["vllm"], round_to=32)
     path = tmp_path / "r.yaml"
@@ -212,8 +212,8 @@ def test_vllm_global_keeps_the_uniform_count_with_the_lower_calibration_loss(wid
 
     import torch
 
-    import stages.selection.engines as engines
-    from stages.surgery.apply import apply_plan
+    import prunelab.stages.selection.engines as engines
+    from prunelab.stages.surgery.apply import apply_plan
 
     calib = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))
     cfg = WidthSettings(criterion="flap", ratio=0.15, allocation="global", engines=["vllm"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run import main
+from prunelab.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ARC = ROOT.parent / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
@@ -17,7 +17,7 @@ ARC = ROOT.parent / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
 @pytest.mark.skipif(not ARC.is_file(), reason="shared ARC-Easy file not present")
 def test_lm_eval_local_task_loads_the_shared_file(tmp_path):
     """lm-eval itself builds the task from the local JSONL: all 2,376 questions, 4-way choices, targets in range."""
-    from stages.evaluation.zeroshot import task_manager
+    from prunelab.stages.evaluation.zeroshot import task_manager
 
     manager, name = task_manager("arc_easy", str(ARC), tmp_path)
     from lm_eval.tasks import get_task_dict
@@ -32,8 +32,8 @@ def test_lm_eval_local_task_loads_the_shared_file(tmp_path):
 
 
 def test_arc_easy_through_lm_eval_on_a_tiny_model(tiny_model):
-    from stages.evaluation.zeroshot import evaluate_task
-    from stages.io.tiny import byte_tokenizer
+    from prunelab.stages.evaluation.zeroshot import evaluate_task
+    from prunelab.stages.io.tiny import byte_tokenizer
 
     r = evaluate_task(tiny_model, byte_tokenizer(), "arc_easy", str(ARC), limit=6, batch_size=6)
     assert r["samples"] == 6 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
@@ -41,7 +41,7 @@ def test_arc_easy_through_lm_eval_on_a_tiny_model(tiny_model):
 
 
 def test_speed_reports_medians_for_each_batch_size(tiny_model):
-    from stages.evaluation.speed import measure_speed
+    from prunelab.stages.evaluation.speed import measure_speed
 
     r = measure_speed(tiny_model, prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2)
     assert set(r["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in r["decode_tok_s"].values())
@@ -54,10 +54,10 @@ def test_paired_speedup_sees_fewer_blocks_decode_faster(monkeypatch):
     times a machine speed that drifts 3× over the run; the paired median must still read exactly 12/3 = 4×, and a model
     against itself exactly 1×, with the order alternating A-B, B-A. (A real, unpatched call is checked for shape only:
     on a loaded shared CPU a timing bound is noise.)"""
-    from stages.evaluation import speed
-    from stages.evaluation.speed import measure_speedup
-    from stages.io.tiny import tiny_llama
-    from stages.surgery.apply import remove_blocks
+    from prunelab.stages.evaluation import speed
+    from prunelab.stages.evaluation.speed import measure_speedup
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.surgery.apply import remove_blocks
 
     dense = tiny_llama(num_layers=12)
     pruned = copy.deepcopy(dense)
@@ -106,7 +106,7 @@ def test_report_plots_kept_widths(tmp_path):
 
 
 def test_local_file_for_an_unknown_task_is_a_clear_error():
-    from pipeline.recipe import RecipeError, load_recipe
+    from prunelab.recipe import RecipeError, load_recipe
 
     with pytest.raises(RecipeError, match="local files are supported for"):
         load_recipe("recipes/debug-recover.yaml", [f"stages.eval_pruned.tasks.hellaswag.path={ARC}"])

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.recipe import load_recipe
-from pipeline.run import main
+from prunelab.recipe import load_recipe
+from prunelab.run import main
 
 RECIPES = ["recipes/debug.yaml", "recipes/debug-recover.yaml", "recipes/debug-width.yaml"]
 SEED = 24

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import stages.io.gguf_export as G
-from stages.arch import adapter_for
-from stages.io.tiny import byte_tokenizer, tiny_family, tiny_llama
+import prunelab.stages.io.gguf_export as G
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.io.tiny import byte_tokenizer, tiny_family, tiny_llama
 
 MISSING = G.llama_cpp_missing()
 needs_llama = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
@@ -81,7 +81,7 @@ def test_removed_sublayers_and_widths_as_deci(tmp_path):
     """Attention removed (0 heads: no attention tensors), FFN removed under a kept attention, both removed, widths."""
     from gguf import GGUFReader
 
-    from stages.surgery.sublayers import remove_sublayers
+    from prunelab.stages.surgery.sublayers import remove_sublayers
 
     model = _widths(tiny_llama(), [(4, 2, 128), (2, 1, 96)] + [(4, 2, 128)] * 4)
     remove_sublayers(model, attention=[2, 4], mlp=[3, 4])
@@ -100,7 +100,7 @@ def test_removed_sublayers_and_widths_as_deci(tmp_path):
 def test_llama_cpp_still_needs_the_zero_ffn(tmp_path, monkeypatch):
     """Written as documented (n_ff = 0 under a kept attention), llama.cpp 0.3.36 drops that layer's attention output.
     When this fails, llama.cpp has fixed its deci graph: drop ZERO_FFN_WORKAROUND."""
-    from stages.surgery.sublayers import remove_sublayers
+    from prunelab.stages.surgery.sublayers import remove_sublayers
 
     model = tiny_llama()
     remove_sublayers(model, attention=[], mlp=[3])
@@ -126,7 +126,7 @@ def test_biases_everywhere(tmp_path, hetero):
 @needs_llama
 def test_bias_compensation_from_the_prune_surgery(tmp_path):
     """Compensation biases as the surgery writes them (o_proj / down_proj, zero elsewhere)."""
-    from stages.surgery.apply import add_output_biases
+    from prunelab.stages.surgery.apply import add_output_biases
 
     model = _widths(tiny_llama(), [(2, 1, 96)] * 6)
     ad = adapter_for(model)
@@ -146,7 +146,7 @@ def test_other_families(tmp_path, family, arch):
 
 @needs_llama
 def test_qwen2_per_layer_widths_as_deci(tmp_path):
-    from stages.surgery.sublayers import remove_sublayers
+    from prunelab.stages.surgery.sublayers import remove_sublayers
 
     model = _widths(tiny_family("qwen2"), [(2, 1, 64)] + [(4, 2, 128)] * 3)
     remove_sublayers(model, attention=[2], mlp=[3])
@@ -237,8 +237,8 @@ def test_refusals_name_the_engine_structure_and_fix(tmp_path):
 
 
 def test_dry_run_refuses_a_gguf_export_llama_cpp_cannot_run(tmp_path):
-    from pipeline.recipe import load_recipe
-    from pipeline.preflight import _family_problems
+    from prunelab.recipe import load_recipe
+    from prunelab.preflight import _family_problems
 
     recipe = load_recipe("recipes/debug-width.yaml", ["stages.export.formats=[hf,gguf]", "stages.prune.compensation=none"])
     assert G.recipe_gguf_refusals("llama", recipe) == []
@@ -248,7 +248,7 @@ def test_dry_run_refuses_a_gguf_export_llama_cpp_cannot_run(tmp_path):
 
 
 def test_export_config_formats():
-    from stages.export import ExportConfig
+    from prunelab.stages.export import ExportConfig
 
     cfg = ExportConfig(type="export")
     assert cfg.formats == ["hf"] and cfg.gguf.dtype == "f16"
@@ -265,7 +265,7 @@ def test_debug_gguf_recipe_end_to_end(tmp_path):
     with vllm added, model-vllm/ too (stages.io.export_vllm)."""
     from llama_cpp import Llama
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     assert main(["recipes/debug-gguf.yaml", "--output-dir", str(tmp_path), "stages.export.formats=[hf,gguf,vllm]"]) == 0
     run = tmp_path / "debug-gguf"
@@ -287,8 +287,8 @@ def test_smollm2_flap_gguf_matches_transformers(tmp_path):
     """SmolLM2-135M, FLAP 20% (per-layer widths, bias compensation; calibration reduced to 64 windows) exported to
     GGUF f32 (deci) and q8_0: logits on 4 windows of 128 test tokens, WikiText-2 perplexity on the first 4096 test
     tokens in 512-token windows. Numbers recorded in docs/deploy.md."""
-    from pipeline.run import main
-    from stages.io.loader import load_pruned
+    from prunelab.run import main
+    from prunelab.stages.io.loader import load_pruned
     from transformers import AutoTokenizer
 
     overrides = ["stages.calibrate.num_samples=64", "stages.eval_dense.perplexity.wikitext2.max_tokens=4096",

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from pipeline.recipe import RecipeError, validate
-from stages.calibration.full import collect_stats
-from stages.calibration.width import geometry
-from stages.criteria.base import CriterionInputs
-from stages.criteria.hidden import hidden_channel_scores, hidden_members, params_per_hidden_channel
-from stages.selection.width import summarize
-from stages.surgery.apply import PlanError, apply_plan
-from stages.surgery.plan import HiddenPlan
+from prunelab.recipe import RecipeError, validate
+from prunelab.stages.calibration.full import collect_stats
+from prunelab.stages.calibration.width import geometry
+from prunelab.stages.criteria.base import CriterionInputs
+from prunelab.stages.criteria.hidden import hidden_channel_scores, hidden_members, params_per_hidden_channel
+from prunelab.stages.selection.width import summarize
+from prunelab.stages.surgery.apply import PlanError, apply_plan
+from prunelab.stages.surgery.plan import HiddenPlan
 
 
 def _mask_hidden(model, channels: list[int]) -> None:
@@ -47,7 +47,7 @@ def _perturb_norms(model) -> None:
 def test_hidden_masking_equals_removal_and_reloads_vanilla(model_type, tie, calib, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=3, model_type=model_type, tie=tie)
     _perturb_norms(model)
@@ -129,7 +129,7 @@ def test_hidden_taylor_is_abs_weight_times_gradient_over_every_member(tiny_untie
 
 
 def test_every_hidden_criterion_scores_every_channel(tiny_model, calib):
-    from stages.criteria import HIDDEN_CRITERIA
+    from prunelab.stages.criteria import HIDDEN_CRITERIA
 
     stats = collect_stats(tiny_model, calib, {"grad", "fisher", "hidden"}, progress=False)
     for name in HIDDEN_CRITERIA:
@@ -169,7 +169,7 @@ def test_hidden_recipe_through_the_cli_reaches_the_target_and_reloads(tmp_path):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     raw = copy.deepcopy(BASE)
     raw["stages"]["export"] = {"type": "export"}

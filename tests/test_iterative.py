@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.recipe import RecipeError, load_raw, load_recipe, validate
+from prunelab.recipe import RecipeError, load_raw, load_recipe, validate
 
 RECIPE = "recipes/debug-iterative.yaml"
 WIDTH = "recipes/debug-iterative-width.yaml"
@@ -22,7 +22,7 @@ FAST = ["--no-progress", "stages.eval_dense.perplexity.tiny.max_tokens=1024",
 
 # ----------------------------------------------------------------------------- the library
 def test_blocks_split_evenly_over_cycles():
-    from stages.recovery.iterative import split_blocks
+    from prunelab.stages.recovery.iterative import split_blocks
 
     assert split_blocks(4, 4) == [1, 1, 1, 1]
     assert split_blocks(5, 2) == [3, 2]
@@ -32,8 +32,8 @@ def test_blocks_split_evenly_over_cycles():
 
 
 def test_cycle_plans_compose_into_the_original_numbering():
-    from stages.recovery.iterative import compose_depth
-    from stages.surgery.plan import DepthPlan, DepthTarget, Merge
+    from prunelab.stages.recovery.iterative import compose_depth
+    from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge
 
     # 8 blocks: cycle 1 removes 2 and 5; of the 6 left [0,1,3,4,6,7] cycle 2 removes 4 (= 6) and merges 3 (= 4) into 2 (= 3)
     one = DepthPlan(criterion="bi", removed_blocks=[2, 5], num_removed=2, layers_before=8, layers_after=6,
@@ -45,7 +45,7 @@ def test_cycle_plans_compose_into_the_original_numbering():
     assert [(m.into, m.from_) for m in plan.merges] == [(3, [4])]
     assert (plan.params_before, plan.params_after, plan.achieved_ratio) == (800, 400, 0.5)
     # the intermediate loss pairs the final student's blocks with the dense teacher's kept ones [0, 1, 3, 7]
-    from stages.recovery.losses import block_pairs
+    from prunelab.stages.recovery.losses import block_pairs
 
     assert block_pairs(plan, 8, 4) == [(1, 1), (2, 2), (3, 4), (4, 8)]
     with pytest.raises(ValueError, match="made for 8 blocks follows a model of 6"):
@@ -86,7 +86,7 @@ def test_recipe_validates_and_names_its_mistakes():
 
 
 def test_a_target_that_cannot_be_split_is_refused_before_work(tmp_path, capsys):
-    from pipeline.run import main
+    from prunelab.run import main
 
     assert main([RECIPE, "--output-dir", str(tmp_path), *FAST, "stages.iterate.cycles=3"]) == 2
     assert "stages.iterate: num_blocks=2 cannot be split over cycles=3; lower cycles" in capsys.readouterr().err
@@ -121,8 +121,8 @@ def _kill_in_cycle_2_then_resume(monkeypatch, trainer, main, argv: list[str]) ->
 
 
 def test_cycles_reach_the_target_and_a_run_killed_after_cycle_1_resumes_to_the_same_model(tmp_path, monkeypatch):
-    from pipeline.run import main
-    from stages.recovery import trainer
+    from prunelab.run import main
+    from prunelab.stages.recovery import trainer
 
     # Uninterrupted.
     assert main([RECIPE, "--output-dir", str(tmp_path / "a"), *FAST]) == 0
@@ -160,21 +160,21 @@ def test_cycles_reach_the_target_and_a_run_killed_after_cycle_1_resumes_to_the_s
 
 # ----------------------------------------------------------------------------- width: the library
 def test_width_cycle_goals_are_fractions_of_the_dense_model():
-    from stages.recovery.iterative_width import cycle_goal
+    from prunelab.stages.recovery.iterative_width import cycle_goal
 
     assert [cycle_goal(1000, 0.2, c, 4) for c in (1, 2, 3, 4)] == [950, 900, 850, 800]
     assert [cycle_goal(238_592, 0.2, c, 2) for c in (1, 2)] == [214_733, 190_874]  # round(0.1·P₀), round(0.2·P₀)
 
 
 def _shapes(*widths):
-    from stages.surgery.plan import LayerShape
+    from prunelab.stages.surgery.plan import LayerShape
 
     return [LayerShape(num_attention_heads=q, num_key_value_heads=kv, intermediate_size=m) for q, kv, m in widths]
 
 
 def test_width_cycle_plans_compose_into_the_dense_numbering():
-    from stages.recovery.iterative_width import compose_width
-    from stages.surgery.plan import LayerRemoval, WidthPlan, WidthTarget
+    from prunelab.stages.recovery.iterative_width import compose_width
+    from prunelab.stages.surgery.plan import LayerRemoval, WidthPlan, WidthTarget
 
     # 3 layers of 4 query heads in 2 KV groups, 8 MLP channels. Cycle 1: layer 0 loses KV group 1 (query heads 2, 3)
     # and channels 1, 5; layer 1 loses query heads 0 and 2 (one per group) and channel 0; layer 2 nothing.
@@ -204,7 +204,7 @@ def test_width_cycle_plans_compose_into_the_dense_numbering():
 
 
 def _score(calib):
-    from stages.criteria.scoring import score_criteria
+    from prunelab.stages.criteria.scoring import score_criteria
 
     def score(model, folder, k, extra):
         results, stats = score_criteria("width", ["flap"], model, calib, extra_needs=extra, progress=False)
@@ -216,7 +216,7 @@ def _score(calib):
 def _fake_recovery(method: str, calls: list[str] | None = None, crash: str | None = None):
     """What the trainer leaves, without training: every weight (full) or a LoRA adapter (lora) moved by a fixed,
     cycle-dependent amount, saved where the trainer saves it, then applied as the trainer does."""
-    from stages.recovery.model import apply_trained, trained_folder
+    from prunelab.stages.recovery.model import apply_trained, trained_folder
 
     def recover(model, out_dir, label, plan):
         if calls is not None:
@@ -234,8 +234,8 @@ def _fake_recovery(method: str, calls: list[str] | None = None, crash: str | Non
         else:
             from peft import get_peft_model
 
-            from stages.recovery.config import LoraSettings
-            from stages.recovery.model import lora_config
+            from prunelab.stages.recovery.config import LoraSettings
+            from prunelab.stages.recovery.model import lora_config
 
             peft = get_peft_model(copy.deepcopy(model), lora_config(LoraSettings(rank=4, alpha=8, dropout=0.0), model))
             for n, p in peft.named_parameters():
@@ -248,7 +248,7 @@ def _fake_recovery(method: str, calls: list[str] | None = None, crash: str | Non
 
 
 def _cycles(folder, prune, cycles=2, method="full", resume=False):
-    from stages.recovery.iterative import Cycles
+    from prunelab.stages.recovery.iterative import Cycles
 
     return Cycles(folder, "k", prune, cycles, method, seed=0, resume=resume, log=lambda m: None)
 
@@ -256,11 +256,11 @@ def _cycles(folder, prune, cycles=2, method="full", resume=False):
 @pytest.mark.parametrize("allocation,attention", [("global", "kv_group"), ("uniform", "q_head")])
 def test_width_cycles_reach_the_dense_target_and_the_composed_plan_rebuilds_the_structure(tmp_path, tiny_model, calib,
                                                                                           allocation, attention):
-    from stages.arch import adapter_for
-    from stages.io.tiny import tiny_llama
-    from stages.recovery.iterative import prune_settings, run_cycles
-    from stages.recovery.iterative_width import cycle_goal
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery.iterative import prune_settings, run_cycles
+    from prunelab.stages.recovery.iterative_width import cycle_goal
+    from prunelab.stages.surgery.apply import apply_plan
 
     prune = prune_settings({"units": "width", "criterion": "flap", "ratio": 0.3, "allocation": allocation,
                             "attention": attention})
@@ -286,8 +286,8 @@ def test_width_cycles_reach_the_dense_target_and_the_composed_plan_rebuilds_the_
 def test_width_cycles_with_compensation_replay_exactly_after_a_kill(tmp_path, calib, method):
     """Optimal compensation changes the kept o_proj/down_proj columns and adds biases: replay applies the cycle's
     saved compensation, then merges the adapter onto it (lora) or loads the trained weights (full)."""
-    from stages.io.tiny import tiny_llama
-    from stages.recovery.iterative import prune_settings, run_cycles
+    from prunelab.stages.io.tiny import tiny_llama
+    from prunelab.stages.recovery.iterative import prune_settings, run_cycles
 
     prune = prune_settings({"units": "width", "criterion": "flap", "ratio": 0.2, "allocation": "global",
                             "compensation": {"type": "optimal", "damping": 0.01, "bias": True}})
@@ -328,7 +328,7 @@ def test_width_recipe_validates_and_names_its_mistakes():
     with pytest.raises(RecipeError, match="layer_ratio: iterate's width target is `ratio`"):
         load_recipe(WIDTH, ["stages.iterate.prune.ratio=null", "stages.iterate.prune.layer_ratio=0.1",
                             "stages.iterate.prune.allocation=uniform"])
-    from stages.selection.config import WidthSettings
+    from prunelab.stages.selection.config import WidthSettings
 
     if "experts" in WidthSettings.model_fields:  # mixture-of-experts units do not compose across cycles yet
         with pytest.raises(RecipeError, match="experts: iterate composes heads, KV groups and MLP channels"):
@@ -342,7 +342,7 @@ def test_width_recipe_validates_and_names_its_mistakes():
 
 
 def _logits(folder: Path) -> torch.Tensor:
-    from stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned
 
     model = load_pruned(folder)
     with torch.no_grad():
@@ -350,9 +350,9 @@ def _logits(folder: Path) -> torch.Tensor:
 
 
 def test_width_cycles_run_from_the_cli_and_a_run_killed_after_cycle_1_resumes_to_the_same_logits(tmp_path, monkeypatch):
-    from pipeline.run import main
-    from stages.recovery import trainer
-    from stages.recovery.iterative_width import cycle_goal
+    from prunelab.run import main
+    from prunelab.stages.recovery import trainer
+    from prunelab.stages.recovery.iterative_width import cycle_goal
 
     fast = ["--no-progress", "stages.eval_dense.perplexity.tiny.max_tokens=1024",
             "stages.eval_recovered.perplexity.tiny.max_tokens=1024"]

@@ -28,8 +28,19 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _canonical(name: str) -> str:
+    """The folder an imported name lives in: ``prunelab.stages.X`` is ``stages/X``, ``prunelab.X`` is
+    ``pipeline/X`` (pyproject's package-dir), so the rules below speak of the folders."""
+    if name == "prunelab.stages" or name.startswith("prunelab.stages."):
+        return "stages" + name.removeprefix("prunelab.stages")
+    if name == "prunelab" or name.startswith("prunelab."):
+        return "pipeline" + name.removeprefix("prunelab")
+    return name
+
+
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """Every imported module name (``from a.b import c`` gives ``a.b`` and ``a.b.c``), with its line."""
+    """Every imported module name (``from a.b import c`` gives ``a.b`` and ``a.b.c``), with its line, as a folder
+    path (:func:`_canonical`)."""
     out: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -37,7 +48,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.append((node.lineno, node.module))
             out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
-    return out
+    return [(line, _canonical(name)) for line, name in out]
 
 
 def _targets(name: str) -> tuple[bool, bool]:
@@ -72,8 +83,8 @@ def test_imports_run_one_way() -> None:
 def test_the_walk_catches_each_wrong_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker is not vacuous: one planted import of each forbidden kind is reported."""
     planted = {
-        STAGES / "io" / "_planted_probe.py": "from pipeline.rundir import atomic_write_json\n",
-        STAGES / "core" / "_planted_probe2.py": "def f():\n    from stages.prune import run\n",
+        STAGES / "io" / "_planted_probe.py": "from prunelab.rundir import atomic_write_json\n",
+        STAGES / "core" / "_planted_probe2.py": "def f():\n    from prunelab.stages.prune import run\n",
     }
     try:
         for path, text in planted.items():
@@ -87,7 +98,7 @@ def test_the_walk_catches_each_wrong_direction(tmp_path: Path, monkeypatch: pyte
 
 
 def test_every_room_is_a_package_and_every_stage_registers() -> None:
-    from pipeline.registry import load_stages
+    from prunelab.registry import load_stages
 
     assert {"arch", "calibration", "criteria", "selection", "surgery", "recovery", "evaluation", "io", "core"} <= set(ROOMS)
     registered = set(load_stages().names())
@@ -109,7 +120,7 @@ def test_run_directory_of_version_1_resumes(tmp_path: Path, name: str) -> None:
     """Run directories made by the flat-schema version (commit 0f1500b, kept in tests/fixtures/v1-runs without
     model/ and checkpoints) resume from their own ``recipe.resolved.yaml``: every stage but load (always runs) and export (whose model/
     folder was left out) is restored, not run again, and the metrics keep their numbers."""
-    from pipeline.run import main
+    from prunelab.run import main
 
     src = ROOT / "tests" / "fixtures" / "v1-runs" / name
     run_dir = tmp_path / name

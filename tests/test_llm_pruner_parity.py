@@ -20,13 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stages.arch import adapter_for
-from stages.calibration.full import collect_stats
-from stages.criteria.base import CriterionInputs
-from stages.criteria.settings import WidthGroupSettings
-from stages.criteria.width import taylor
-from stages.io.tiny import tiny_llama
-from stages.selection.width import select_uniform
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.calibration.full import collect_stats
+from prunelab.stages.criteria.base import CriterionInputs
+from prunelab.stages.criteria.settings import WidthGroupSettings
+from prunelab.stages.criteria.width import taylor
+from prunelab.stages.io.tiny import tiny_llama
+from prunelab.stages.selection.width import select_uniform
 
 RATIO = 0.3334  # the issue's official run: removes one of three KV groups, and 33 of 96 MLP channels (nearest gives 32)
 LAYERS = range(1, 5)  # as llama3.py's --block_*_layer_start 1 --block_*_layer_end 5
@@ -120,7 +120,7 @@ def test_official_kv_scores_fold_query_heads_with_stride_n_kv(gqa_model, windows
 
 
 def test_new_options_leave_settings_dumps_of_earlier_runs_unchanged():
-    from stages.selection.config import UniformAllocation
+    from prunelab.stages.selection.config import UniformAllocation
 
     assert WidthGroupSettings(reduction="mean").model_dump(mode="json") == {"reduction": "mean"}
     assert WidthGroupSettings(grouping="llm_pruner").model_dump(mode="json")["grouping"] == "llm_pruner"
@@ -129,7 +129,7 @@ def test_new_options_leave_settings_dumps_of_earlier_runs_unchanged():
 
 
 def test_the_official_recipe_validates():
-    from pipeline.recipe import load_recipe
+    from prunelab.recipe import load_recipe
 
     recipe = load_recipe("recipes/smollm2/llm-pruner-official-20.yaml")
     score, prune = recipe.stages["score"], recipe.stages["prune"]
@@ -144,7 +144,7 @@ class _CharTokenizer:
 
 def test_llm_pruner_sampling_draws_the_official_windows():
     """``sampling: llm_pruner`` against the official ``get_bookcorpus`` loop, run here with the global ``random``."""
-    from stages.calibration.rows import llm_pruner_windows
+    from prunelab.stages.calibration.rows import llm_pruner_windows
 
     rows = [f"row {i} " * (i % 7) for i in range(60)]  # lengths 0 … 36+, many shorter than 16
     tok, n, seq_len = _CharTokenizer(), 8, 16
@@ -170,7 +170,7 @@ def test_llm_pruner_sampling_draws_the_official_windows():
 
 
 def test_llm_pruner_sampling_is_an_option_of_text_sources_only():
-    from pipeline.recipe import RecipeError, load_raw, load_recipe, validate
+    from prunelab.recipe import RecipeError, load_raw, load_recipe, validate
 
     recipe = load_recipe("recipes/smollm2/llm-pruner-official-20.yaml")
     assert recipe.stages["calibrate"].sampling == "llm_pruner"
@@ -185,7 +185,7 @@ def test_llm_pruner_sampling_is_an_option_of_text_sources_only():
 def test_compare_script_refuses_a_checkout_without_the_official_package(tmp_path):
     """pipeline/compare_llm_pruner.py needs the official repository root (its LLMPruner/ package); anything else is
     refused before a model is loaded, naming the flag."""
-    from pipeline.compare_llm_pruner import main
+    from prunelab.compare_llm_pruner import main
 
     with pytest.raises(SystemExit, match=r"--official .*no LLMPruner/torch_pruning inside"):
         main([str(tmp_path), "--official", str(tmp_path)])

@@ -20,20 +20,20 @@ WIDTHS = {"mixtral": (128, 0), "qwen3_moe": (32, 0), "qwen2_moe": (32, 48)}
 
 
 def _model(family: str, layers: int = 3, **extra):
-    from stages.io.tiny import tiny_family
+    from prunelab.stages.io.tiny import tiny_family
 
     return tiny_family(family, num_layers=layers, **extra)
 
 
 def _adapter(model):
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     return adapter_for(model)
 
 
 def _plan(model, layers: dict[int, dict]):
-    from stages.selection.width import summarize
-    from stages.surgery.plan import WidthPlan
+    from prunelab.stages.selection.width import summarize
+    from prunelab.stages.surgery.plan import WidthPlan
 
     geos = _adapter(model).geometries()
     empty = {"q_heads": [], "kv_heads": [], "mlp": []}
@@ -90,7 +90,7 @@ def _mask_channels(model, layer: int, channels: list[list[int]]) -> None:
 # ----------------------------------------------------------------------------- adapters and depth
 @pytest.mark.parametrize("family", MOE)
 def test_moe_adapter_is_registered_and_reads_the_expert_geometry(family: str) -> None:
-    from stages.arch import MOE_FAMILIES, supported_model_types
+    from prunelab.stages.arch import MOE_FAMILIES, supported_model_types
 
     model = _model(family)
     ad = _adapter(model)
@@ -107,7 +107,7 @@ def test_moe_adapter_is_registered_and_reads_the_expert_geometry(family: str) ->
 def test_block_removal_equals_masking_and_reloads_vanilla(family: str, calib, tmp_path: Path) -> None:
     """A block whose attention output and every expert's (and the shared expert's) down projection are zero adds
     nothing: removing it is exact."""
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model(family)
     masked = copy.deepcopy(model)
@@ -125,7 +125,7 @@ def test_block_removal_equals_masking_and_reloads_vanilla(family: str, calib, tm
 def test_block_removal_renumbers_qwen3_moe_dense_mlp_layers(calib, tmp_path: Path) -> None:
     """Qwen3-MoE builds a plain MLP in the layers ``mlp_only_layers`` names: after removing a block before one, the
     list follows it (else the vanilla reload would build experts where the dense MLP was, and fail or differ)."""
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model("qwen3_moe", layers=4, mlp_only_layers=[2])
     ad = _adapter(model)
@@ -143,7 +143,7 @@ def test_block_removal_renumbers_qwen3_moe_dense_mlp_layers(calib, tmp_path: Pat
 # ----------------------------------------------------------------------------- expert units: masked == removed
 @pytest.mark.parametrize("family", MOE)
 def test_expert_removal_equals_router_masking_and_reloads_vanilla(family: str, calib, tmp_path: Path) -> None:
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model(family)
     removed = {0: [1], 1: [3], 2: [0]}  # other experts per layer, the same count (the config holds one)
@@ -162,7 +162,7 @@ def test_expert_removal_equals_router_masking_and_reloads_vanilla(family: str, c
 def test_expert_channel_removal_equals_masking_and_reloads_vanilla(
     family: str, calib, tmp_path: Path
 ) -> None:
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model(family)
     inter = _adapter(model).geometry(_adapter(model).layers[0]).expert_intermediate
@@ -184,7 +184,7 @@ def test_experts_channels_and_kv_groups_together_reload_and_generate_with_cache(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model(family)
     channels = [list(range(e, 8 + e)) for e in range(4)]
@@ -217,7 +217,7 @@ def test_attention_units_on_moe_layers_equal_masking_and_reload(
 ) -> None:
     """KV groups and query heads (the Llama members: q/k/v rows, o_proj columns) on MoE layers: removal equals
     zeroing the o_proj columns the heads feed."""
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model(family)
     heads, removal = {
@@ -239,8 +239,8 @@ def test_attention_units_on_moe_layers_equal_masking_and_reload(
 def test_top_k_stays_valid_and_expert_widths_stay_equal(family: str) -> None:
     """Removing 3 of 4 experts with num_experts_per_tok = 2 is refused (the router could not pick 2); so are channel
     lists that leave experts of different widths (one fused tensor holds them)."""
-    from stages.surgery.apply import apply_plan
-    from stages.surgery.plan import PlanError
+    from prunelab.stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.plan import PlanError
 
     model = _model(family)
     with pytest.raises(PlanError, match="num_experts_per_tok"):
@@ -259,7 +259,7 @@ def test_shared_expert_channel_removal_equals_masking_and_reloads_vanilla(calib,
     equals zeroing it — ``shared_expert_gate`` reads the hidden state, not a channel, and stays as it is — and the
     config's one ``shared_expert_intermediate_size`` follows (the dense ``intermediate_size`` is not its width), so a
     vanilla ``from_pretrained`` gives the same logits."""
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model("qwen2_moe")
     channels = [3, 17, 40]  # any count: the shared expert is plain linears (no grouped_mm alignment)
@@ -279,8 +279,8 @@ def test_shared_expert_channel_removal_equals_masking_and_reloads_vanilla(calib,
 def test_shared_expert_widths_stay_uniform_and_mlp_is_refused_without_one() -> None:
     """transformers reads one shared-expert width from the config: different widths per layer are refused before a
     weight changes. Mixtral and Qwen3-MoE have no dense MLP: a plan with MLP channels is refused there."""
-    from stages.surgery.apply import apply_plan
-    from stages.surgery.plan import PlanError
+    from prunelab.stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.plan import PlanError
 
     model = _model("qwen2_moe")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -300,9 +300,9 @@ def test_lora_targets_attention_and_the_shared_expert(calib, tmp_path: Path) -> 
     channels go, a training step, the merge and a vanilla reload work."""
     from peft import get_peft_model
 
-    from stages.recovery.config import LoraSettings
-    from stages.recovery.model import lora_config
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.recovery.config import LoraSettings
+    from prunelab.stages.recovery.model import lora_config
+    from prunelab.stages.surgery.apply import apply_plan
 
     model = _model("qwen2_moe")
     apply_plan(model, _plan(model, {i: {"mlp": [0, 1, 2, 3]} for i in range(3)}))
@@ -319,7 +319,7 @@ def test_lora_targets_attention_and_the_shared_expert(calib, tmp_path: Path) -> 
 def test_qwen2_moe_dense_mlp_layers_are_refused_with_the_reason(extra: dict, tmp_path: Path) -> None:
     """Layers that ``mlp_only_layers`` / ``decoder_sparse_step`` make a plain dense MLP are not supported: the adapter
     refuses the model, and --dry-run refuses its config.json before any work, saying why."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     model = _model("qwen2_moe", **extra)
     with pytest.raises(ValueError, match=r"dense-MLP layers \[.*mlp_only_layers"):
@@ -339,7 +339,7 @@ def test_shared_expert_channels_equal_the_dependency_graph(monkeypatch) -> None:
 
     from test_arch import _graph_group
 
-    from stages.io.tiny import tiny_family
+    from prunelab.stages.io.tiny import tiny_family
 
     model = tiny_family("qwen2_moe", num_layers=2, kv_heads=4)
     monkeypatch.setattr(importlib.import_module(type(model).__module__), "apply_rotary_pos_emb", lambda q, k, *a, **kw: (q, k))
@@ -368,7 +368,7 @@ def _routed(model, layer: int, calib):
 def test_reap_and_frequency_norm_equal_their_formulas(family: str, calib) -> None:
     """REAP S_j = mean over tokens routed to j of g_j(x)·‖f_j(x)‖₂; frequency × norm S_j = |X_j|/|X| · mean ‖f_j(x)‖₂ —
     recomputed here from the router's own outputs and the expert tensors."""
-    from stages.criteria.scoring import score_criteria
+    from prunelab.stages.criteria.scoring import score_criteria
 
     model = _model(family)
     results, _ = score_criteria("width", ["reap", "expert_frequency_norm"], model, calib, progress=False)
@@ -392,8 +392,8 @@ def test_reap_and_frequency_norm_equal_their_formulas(family: str, calib) -> Non
 def test_every_expert_criterion_scores_every_moe_layer(family: str, calib) -> None:
     """Experts: reap, expert_frequency_norm, magnitude, random; expert channels: magnitude, random, wanda_sp, flap;
     attention units keep their scores (taylor included) and MoE layers have no dense MLP channels."""
-    from stages.criteria import CRITERIA
-    from stages.criteria.scoring import score_criteria
+    from prunelab.stages.criteria import CRITERIA
+    from prunelab.stages.criteria.scoring import score_criteria
 
     model = _model(family)
     names = ["reap", "expert_frequency_norm", "magnitude", "random", "wanda_sp", "flap", "taylor"]
@@ -413,9 +413,9 @@ def test_every_expert_criterion_scores_every_moe_layer(family: str, calib) -> No
 def test_reap_picks_an_expert_that_adds_nothing(calib) -> None:
     """An expert whose down projection is zero adds nothing wherever it is routed: REAP and frequency × norm score it
     0, and the plan removes it in every layer."""
-    from stages.criteria.scoring import score_criteria
-    from stages.selection.config import WidthSettings
-    from stages.selection.planning import make_width_plan
+    from prunelab.stages.criteria.scoring import score_criteria
+    from prunelab.stages.selection.config import WidthSettings
+    from prunelab.stages.selection.planning import make_width_plan
 
     model = _model("mixtral")
     ad = _adapter(model)
@@ -434,7 +434,7 @@ def test_reap_picks_an_expert_that_adds_nothing(calib) -> None:
 def test_expert_settings_are_typed_and_say_what_is_wrong() -> None:
     from pydantic import ValidationError
 
-    from stages.selection.config import WidthSettings
+    from prunelab.stages.selection.config import WidthSettings
 
     ok = WidthSettings(
         criterion="wanda_sp",
@@ -470,7 +470,7 @@ def _dry_run(recipe: str, tmp_path: Path, *overrides: str) -> tuple[int, str]:
     import contextlib
     import io
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     out = io.StringIO()
     with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
@@ -501,7 +501,7 @@ def test_attention_groups_on_moe_models_equal_the_dependency_graph(family: str, 
 
     from test_arch import _graph_group
 
-    from stages.io.tiny import tiny_family
+    from prunelab.stages.io.tiny import tiny_family
 
     model = tiny_family(family, num_layers=2, kv_heads=4)
     monkeypatch.setattr(importlib.import_module(type(model).__module__), "apply_rotary_pos_emb", lambda q, k, *a, **kw: (q, k))
@@ -531,7 +531,7 @@ def test_debug_moe_recipe_prunes_recovers_and_exports(family: str, tmp_path: Pat
 
     from transformers import AutoModelForCausalLM
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     assert main([f"recipes/debug-{family}.yaml", "--output-dir", str(tmp_path), "--no-progress"]) == 0
     run = tmp_path / f"debug-{family}"

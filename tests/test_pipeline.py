@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.run import main
-from stages.arch.llama import adapter_for
-from stages.surgery.apply import PlanError, apply_plan, remove_blocks
+from prunelab.run import main
+from prunelab.stages.arch.llama import adapter_for
+from prunelab.stages.surgery.apply import PlanError, apply_plan, remove_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_generate_with_kv_cache_after_surgery(tiny_model):
 
 
 def test_layer_types_follow_the_kept_blocks():
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=4, model_type="qwen2")
     model.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
@@ -100,9 +100,9 @@ def test_debug_recipe_end_to_end(tmp_path):
     card = (model_dir / "README.md").read_text()
     assert str(metrics["plan"]["removed_blocks"]) in card and "PPL" in card
     fresh = AutoModelForCausalLM.from_pretrained(model_dir)
-    from pipeline.recipe import ModelConfig
-    from stages.io.models import load_model
-    from stages.surgery.apply import apply_plan as _apply
+    from prunelab.recipe import ModelConfig
+    from prunelab.stages.io.models import load_model
+    from prunelab.stages.surgery.apply import apply_plan as _apply
 
     pruned, _ = load_model(ModelConfig(source="tiny-random-llama"))
     _apply(pruned, json.loads((run_dir / "05-prune" / "plan.json").read_text()))

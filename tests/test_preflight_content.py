@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.run import main
+from prunelab.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "tests/data/tiny_corpus.txt"
@@ -41,7 +41,7 @@ def _debug_with_calibration(tmp_path: Path, source: dict) -> str:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama saved as a local model folder (config.json + model.safetensors + tokenizer)."""
-    from stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
     path = tmp_path_factory.mktemp("model") / "tiny"
     tiny_llama().save_pretrained(path)
@@ -183,8 +183,8 @@ def test_hub_id_not_in_the_cache_offline(capsys, monkeypatch, tmp_path):
 def test_hub_unreachable_before_a_real_run(monkeypatch):
     """Not offline, not cached, and the hub's host refuses: refused before the load stage's minute of retries
     (a closed local port stands in for the hub: no network is touched)."""
-    from pipeline.preflight import preflight
-    from pipeline.recipe import RecipeError, load_recipe
+    from prunelab.preflight import preflight
+    from prunelab.recipe import RecipeError, load_recipe
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -210,7 +210,7 @@ def _run(capsys: pytest.CaptureFixture[str], tmp_path: Path, *extra: str) -> tup
 def test_a_stage_failure_is_one_paragraph_and_run_log_keeps_the_traceback(tmp_path, capsys, monkeypatch, exc, code):
     import dataclasses
 
-    import pipeline.runner as runner
+    import prunelab.runner as runner
 
     def fail(ctx, cfg):
         raise exc

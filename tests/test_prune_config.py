@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import RecipeError, load_recipe, validate
-from pipeline.registry import load_stages
-from stages.selection.legacy import V1_DEFAULTS
-from stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan, read_plan
+from prunelab.recipe import RecipeError, load_recipe, validate
+from prunelab.registry import load_stages
+from prunelab.stages.selection.legacy import V1_DEFAULTS
+from prunelab.stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PruneConfig = load_stages().get("prune").config_cls
@@ -227,7 +227,7 @@ def test_v1_settings_keep_non_default_settings():
 
 
 def test_validating_a_width_recipe_stays_torch_free():
-    code = ("import sys; from pipeline.recipe import load_recipe; load_recipe('recipes/smollm2/optimal-comp-20.yaml'); "
+    code = ("import sys; from prunelab.recipe import load_recipe; load_recipe('recipes/smollm2/optimal-comp-20.yaml'); "
             "load_recipe('recipes/smollm2/llm-pruner-channel-20.yaml'); assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -291,7 +291,7 @@ def test_describe_is_markdown_safe_and_says_what_was_removed():
 
 @pytest.mark.parametrize("recipe", ["recipes/debug-width.yaml"])
 def test_describe_is_the_plan_in_the_cli_summary_report_and_model_card(recipe, tmp_path, capsys):
-    from pipeline.run import main
+    from prunelab.run import main
 
     assert main([recipe, "--output-dir", str(tmp_path), "--no-progress"]) == 0
     run = next(p for p in tmp_path.iterdir() if p.is_dir())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.preflight import preflight
-from pipeline.recipe import RecipeError, load_raw, load_recipe, validate
+from prunelab.preflight import preflight
+from prunelab.recipe import RecipeError, load_raw, load_recipe, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -25,7 +25,7 @@ def test_every_shipped_recipe_validates(path):
     assert first.startswith("# ") and "pipeline/" in first, "every recipe opens with the command that runs it"
     assert str(path.relative_to(ROOT)) in first, "the opening command names this very file"
     if "pipeline/bench.py" in first:
-        from pipeline.bench import load_bench
+        from prunelab.bench import load_bench
 
         load_bench(str(path))
         return
@@ -128,7 +128,7 @@ PREFLIGHT_BAD = [
 
 def test_evaluate_with_nothing_named_runs_the_two_domain_suite():
     """An evaluate stage that names nothing gets WikiText-2 test, the ARC question-answer text and ARC-Easy in full."""
-    from stages.evaluation.suite import DEFAULT_SUITE
+    from prunelab.stages.evaluation.suite import DEFAULT_SUITE
 
     recipe = validate(_with("stages.eval", {"type": "evaluate"}))
     ev = recipe.stages["eval"]
@@ -141,7 +141,7 @@ def test_evaluate_with_nothing_named_runs_the_two_domain_suite():
 
 def test_a_tweak_of_a_suite_entry_keeps_the_suite():
     """`perplexity.wikitext2.max_tokens=1024` on an evaluate stage that names nothing shrinks that entry only."""
-    from stages.evaluation.suite import DEFAULT_SUITE
+    from prunelab.stages.evaluation.suite import DEFAULT_SUITE
 
     ev = validate(_with("stages.eval", {"type": "evaluate", "perplexity": {"wikitext2": {"max_tokens": 1024}},
                                         "tasks": {"arc_easy": {"limit": 10}}})).stages["eval"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.recipe import RecipeError, load_recipe
+from prunelab.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/debug-recover.yaml"
@@ -22,8 +22,8 @@ BASE = ["stages.recover.lora.dropout=0.0", "stages.recover.control=false", "--no
 # wrapped to raise once step N is done (checkpoint included), then the CLI runs as usual.
 CRASH_AFTER_STEP = """
 import sys
-from stages.recovery import trainer
-from pipeline.run import main
+from prunelab.stages.recovery import trainer
+from prunelab.run import main
 
 crash_after, finish_step = int(sys.argv[1]), trainer.finish_step
 
@@ -194,9 +194,9 @@ def test_qlora_merges_into_full_precision_weights(tmp_path, tiny_model):
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
-    from stages.io.tiny import byte_tokenizer
-    from stages.recovery.config import RecoverySettings
-    from stages.recovery.trainer import TrainerEnv, recover_model
+    from prunelab.stages.io.tiny import byte_tokenizer
+    from prunelab.stages.recovery.config import RecoverySettings
+    from prunelab.stages.recovery.trainer import TrainerEnv, recover_model
 
     cfg = RecoverySettings(method="qlora", data={"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 32, "max_samples": 16},
                            lora={"dropout": 0.0}, optimizer={"lr": 5e-3}, loop={"batch_size": 4, "micro_batch_size": 2, "max_steps": 3})
@@ -223,8 +223,8 @@ def test_qlora_merges_into_full_precision_weights(tmp_path, tiny_model):
 
 
 def test_alpaca_masks_the_prompt():
-    from stages.io.tiny import byte_tokenizer
-    from stages.recovery.data import ALPACA_PROMPT_NO_INPUT, IGNORE, alpaca_examples
+    from prunelab.stages.io.tiny import byte_tokenizer
+    from prunelab.stages.recovery.data import ALPACA_PROMPT_NO_INPUT, IGNORE, alpaca_examples
 
     tok = byte_tokenizer()
     rows = [{"instruction": "Add 2 and 2.", "input": "", "output": "4"}]
@@ -238,7 +238,7 @@ def test_alpaca_masks_the_prompt():
 
 
 def test_packed_text_blocks():
-    from stages.recovery.data import packed_text
+    from prunelab.stages.recovery.data import packed_text
 
     ds = packed_text(torch.arange(1000), 64, None)
     assert len(ds) == 15 and torch.equal(ds[1]["input_ids"], torch.arange(64, 128)) and ds[1]["idx"] == 1

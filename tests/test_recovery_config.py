@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import RecipeError, load_recipe
+from prunelab.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/debug-recover.yaml"
@@ -71,8 +71,8 @@ def test_a_misplaced_key_is_an_error_naming_it(override, needle):
 
 
 def test_every_version_1_key_migrates_or_kept_its_place():
-    from stages.recover import RecoverConfig
-    from stages.recovery.config import FLAT_KEYS, V1_ORDER
+    from prunelab.stages.recover import RecoverConfig
+    from prunelab.stages.recovery.config import FLAT_KEYS, V1_ORDER
 
     assert set(FLAT_KEYS) == set(FLAT_VALUES)
     kept = [k for k in V1_ORDER if k not in FLAT_KEYS]
@@ -83,7 +83,7 @@ def test_every_version_1_key_migrates_or_kept_its_place():
 @pytest.mark.parametrize("old", sorted(FLAT_VALUES))
 def test_each_flat_key_moves_into_its_group(old):
     """The old spelling as a command-line override of the grouped recipe: it lands in its group and wins."""
-    from stages.recovery.config import FLAT_KEYS
+    from prunelab.stages.recovery.config import FLAT_KEYS
 
     group, key = FLAT_KEYS[old]
     value = FLAT_VALUES[old]
@@ -94,7 +94,7 @@ def test_each_flat_key_moves_into_its_group(old):
 
 
 def test_a_whole_flat_recipe_validates_to_the_grouped_one():
-    from stages.recover import RecoverConfig
+    from prunelab.stages.recover import RecoverConfig
 
     grouped = _recover()
     assert RecoverConfig.model_validate(DEBUG_RECOVER_V1) == grouped
@@ -114,7 +114,7 @@ def test_the_version_1_run_fixture_has_the_same_settings():
     """The run directory made by version 1 hashed exactly this dump (tests/test_layout.py resumes it)."""
     import yaml
 
-    from stages.recover import RecoverConfig
+    from prunelab.stages.recover import RecoverConfig
 
     resolved = yaml.safe_load((ROOT / "tests/fixtures/v1-runs/debug-recover/recipe.resolved.yaml").read_text())
     old = resolved["stages"]["recover"]
@@ -125,8 +125,8 @@ def test_the_version_1_run_fixture_has_the_same_settings():
 def test_shipped_recipes_are_grouped_and_round_trip(path):
     import yaml
 
-    from stages.recover import RecoverConfig
-    from stages.recovery.config import FLAT_KEYS, V1_ABSENT, V1_ORDER
+    from prunelab.stages.recover import RecoverConfig
+    from prunelab.stages.recovery.config import FLAT_KEYS, V1_ABSENT, V1_ORDER
 
     raw = next(s for s in yaml.safe_load((ROOT / path).read_text())["stages"].values() if s.get("type") == "recover")
     assert not set(raw) & set(FLAT_KEYS), f"{path}: write the recover settings in their groups"
@@ -139,7 +139,7 @@ def test_shipped_recipes_are_grouped_and_round_trip(path):
 
 def test_checkpoints_of_version_1_are_found_by_their_hash():
     """A checkpoint written before the groups carries sha256(flat model_dump_json | label | processes)."""
-    from stages.recovery.checkpoints import settings_hashes
+    from prunelab.stages.recovery.checkpoints import settings_hashes
 
     new, v1 = settings_hashes(_recover(), "pruned", 1)
     assert v1 == "2a660803a33dac38"  # computed by the flat RecoverConfig of commit 0f1500b

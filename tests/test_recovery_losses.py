@@ -10,7 +10,7 @@ import torch
 
 
 def test_a_loss_name_registers_once():
-    from stages.recovery.losses import LOSSES, get_loss, register_loss
+    from prunelab.stages.recovery.losses import LOSSES, get_loss, register_loss
 
     with pytest.raises(ValueError, match="recovery loss 'ce' is already registered"):
         register_loss("ce", lambda model, batch, teacher: torch.zeros(()))
@@ -22,15 +22,15 @@ def test_a_loss_name_registers_once():
 
 
 def test_recipes_name_exactly_the_registered_losses():
-    from stages.recovery.config import LossSettings
-    from stages.recovery.losses import LOSSES
+    from prunelab.stages.recovery.config import LossSettings
+    from prunelab.stages.recovery.losses import LOSSES
 
     assert set(typing.get_args(LossSettings.model_fields["type"].annotation)) == set(LOSSES.names())
 
 
 def test_ce_is_transformers_shifted_cross_entropy(tiny_model):
-    from stages.recovery.data import IGNORE, collate
-    from stages.recovery.losses import get_loss
+    from prunelab.stages.recovery.data import IGNORE, collate
+    from prunelab.stages.recovery.losses import get_loss
 
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import RecipeError, load_recipe
-from pipeline.run import main
-from pipeline.rundir import MARKER, describe_force
-from stages.core import fingerprint
-from stages.core.lock import RunLock, lock_path
+from prunelab.recipe import RecipeError, load_recipe
+from prunelab.run import main
+from prunelab.rundir import MARKER, describe_force
+from prunelab.stages.core import fingerprint
+from prunelab.stages.core.lock import RunLock, lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "tiny_corpus.txt"
@@ -144,7 +144,7 @@ def test_changed_calibration_text_reruns_from_calibrate(tmp_path, caplog):
 
 
 def _local_model(folder: Path, auto_map: bool = False) -> Path:
-    from stages.io.tiny import byte_tokenizer, tiny_alias
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_alias
 
     tiny_alias("tiny-random-llama").save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
@@ -190,7 +190,7 @@ def test_run_made_before_fingerprints_adopts_its_inputs(tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from stages.core.lock import RunLock
+from prunelab.stages.core.lock import RunLock
 with RunLock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)
@@ -349,7 +349,7 @@ def test_custom_code_auto_map_is_not_exported(tmp_path):
 
 def test_an_output_dir_that_is_a_file_is_a_run_error_not_a_traceback(tmp_path):
     """Below the preflight (which refuses it first on the CLI): the runner's own lock step says what is wrong."""
-    from pipeline.runner import RunError, execute
+    from prunelab.runner import RunError, execute
 
     (tmp_path / "f").write_text("x")
     recipe = load_recipe("recipes/debug.yaml", [f"output_dir={tmp_path / 'f'}"])

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.calibration.full import collect_stats
-from stages.calibration.width import geometry, summary_tensors
-from stages.selection.alpha import alpha_offsets, esd, hill_alpha, layer_alphas
-from stages.selection.width import select_uniform, summarize
-from stages.surgery.apply import apply_plan
-from stages.surgery.compensation import (
+from prunelab.stages.calibration.full import collect_stats
+from prunelab.stages.calibration.width import geometry, summary_tensors
+from prunelab.stages.selection.alpha import alpha_offsets, esd, hill_alpha, layer_alphas
+from prunelab.stages.selection.width import select_uniform, summarize
+from prunelab.stages.surgery.apply import apply_plan
+from prunelab.stages.surgery.compensation import (
     bias_compensation,
     obs_remove,
     optimal_compensation,
@@ -61,10 +61,10 @@ def test_heavier_tailed_layers_are_pruned_less_and_the_mean_ratio_is_kept(tiny_m
 
 
 def test_alpha_allocation_through_the_prune_stage(tiny_model, calib):
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.width import magnitude
-    from stages.prune import PruneConfig
-    from stages.selection.planning import make_width_plan
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.width import magnitude
+    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.selection.planning import make_width_plan
 
     stats = collect_stats(tiny_model, calib, {"activations"}, progress=False)
     scores = magnitude(CriterionInputs(tiny_model, stats)).to_json()
@@ -127,9 +127,9 @@ def test_removing_no_channels_changes_nothing():
 
 
 def test_optimal_compensation_on_a_model_brings_block_outputs_closest(tiny_model, calib):
-    from stages.arch.llama import adapter_for
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.width import flap
+    from prunelab.stages.arch.llama import adapter_for
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.width import flap
 
     stats = collect_stats(tiny_model, calib, {"activations", "hessian"}, batch_size=3, progress=False)
     means = summary_tensors(stats)
@@ -159,7 +159,7 @@ def test_optimal_compensation_on_a_model_brings_block_outputs_closest(tiny_model
 def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
     import yaml
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     recipe = yaml.safe_load(Path("recipes/debug-width.yaml").read_text())
     recipe["stages"]["prune"].update(compensation={"type": "optimal", "damping": 0.01})
@@ -172,8 +172,8 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
 
     from safetensors.torch import load_file
 
-    from pipeline.recipe import ModelConfig
-    from stages.io.models import load_model
+    from prunelab.recipe import ModelConfig
+    from prunelab.stages.io.models import load_model
 
     plan = json.loads((prune_dir / "plan.json").read_text())
     assert plan["side_file"] and plan["target"]["compensation"] == {"type": "optimal", "damping": 0.01, "bias": True}
@@ -188,7 +188,7 @@ def test_optimal_plan_reapplies_from_its_side_file(tiny_model, calib, tmp_path):
 
 # ----------------------------------------------------------------------------- LaCo
 def test_rdsc_merge_is_the_paper_formula(tiny_model):
-    from stages.surgery.merge import rdsc_merge
+    from prunelab.stages.surgery.merge import rdsc_merge
 
     layers = tiny_model.model.layers
     before = {i: {n: p.detach().clone() for n, p in layers[i].named_parameters()} for i in (2, 3, 4)}
@@ -202,19 +202,19 @@ def test_rdsc_merge_is_the_paper_formula(tiny_model):
 
 
 def _laco_inputs(model, calib, num_remove, **opts):
-    from stages.calibration.stats import CalibrationStats
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.settings import LacoSettings
+    from prunelab.stages.calibration.stats import CalibrationStats
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.settings import LacoSettings
 
     stats = CalibrationStats(num_blocks=len(model.model.layers))
     return CriterionInputs(model, stats, 0, LacoSettings(**opts), calib, 3, num_remove, progress=False)
 
 
 def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tiny_model, calib):
-    from stages.arch.llama import adapter_for
-    from stages.criteria.laco import laco
-    from stages.prune import PruneConfig
-    from stages.selection.blocks import make_plan
+    from prunelab.stages.arch.llama import adapter_for
+    from prunelab.stages.criteria.laco import laco
+    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.selection.blocks import make_plan
 
     dense = copy.deepcopy(tiny_model)
     res = laco(_laco_inputs(tiny_model, calib, 3, merge_layers=2, interval=1, threshold=-1.0)).to_json()
@@ -239,7 +239,7 @@ def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tin
 
 
 def test_laco_threshold_that_rejects_every_merge_is_a_clear_error(tiny_model, calib):
-    from stages.criteria.laco import laco
+    from prunelab.stages.criteria.laco import laco
 
     with pytest.raises(ValueError, match="lower score.settings.laco.threshold"):
         laco(_laco_inputs(tiny_model, calib, 2, merge_layers=2, threshold=0.999999))
@@ -248,7 +248,7 @@ def test_laco_threshold_that_rejects_every_merge_is_a_clear_error(tiny_model, ca
 def test_laco_recipe_end_to_end(tmp_path):
     import yaml
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     recipe = yaml.safe_load(Path("recipes/debug.yaml").read_text())
     recipe["name"] = "laco"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.recipe import validate
-from pipeline.select_draw import draw_recipe, main, parse_seeds
+from prunelab.recipe import validate
+from prunelab.select_draw import draw_recipe, main, parse_seeds
 
 HOLDOUT = {"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 128, "max_tokens": 1024}
 

@@ -25,8 +25,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pipeline.recipe import ModelConfig
-    from stages.io.models import load_model
+    from prunelab.recipe import ModelConfig
+    from prunelab.stages.io.models import load_model
 
     return load_model(ModelConfig(source="smollm2-135m"))
 
@@ -41,10 +41,10 @@ def test_alias_loads_the_real_model(smollm2):
 
 
 def test_cached_ppl_criterion_equals_removing_the_block(smollm2):
-    from stages.calibration.full import collect_stats
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.depth import ppl
-    from stages.surgery.apply import remove_blocks
+    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.depth import ppl
+    from prunelab.stages.surgery.apply import remove_blocks
 
     model, tok = smollm2
     ids = tok((SHARED / "wikitext2" / "valid.txt").read_text()[:4000], return_tensors="pt").input_ids[:, :48]
@@ -59,7 +59,7 @@ def test_cached_ppl_criterion_equals_removing_the_block(smollm2):
 
 
 def test_generate_with_kv_cache_on_pruned_smollm2(smollm2):
-    from stages.surgery.apply import remove_blocks
+    from prunelab.stages.surgery.apply import remove_blocks
 
     model, tok = smollm2
     pruned = copy.deepcopy(model)
@@ -73,7 +73,7 @@ def test_generate_with_kv_cache_on_pruned_smollm2(smollm2):
 
 def test_shortgpt_6blocks_recipe_end_to_end(tmp_path):
     """The issue's recipe, run through the real CLI with small token budgets."""
-    from pipeline.run import main
+    from prunelab.run import main
 
     budget = ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=256",
               "stages.eval_dense.perplexity.wikitext2.max_tokens=2048",
@@ -94,9 +94,9 @@ def test_shortgpt_6blocks_recipe_end_to_end(tmp_path):
 
 def test_gguf_file_loads_directly_and_matches_the_alias(smollm2):
     """`model.source: path/to/file.gguf` goes through transformers' gguf_file loader."""
-    from pipeline.recipe import ModelConfig
-    from stages.io.models import load_model
-    from stages.io.sources import alias_dirs
+    from prunelab.recipe import ModelConfig
+    from prunelab.stages.io.models import load_model
+    from prunelab.stages.io.sources import alias_dirs
 
     gguf = next(alias_dirs("smollm2-135m")[0].glob("*.gguf"))
     model, _ = load_model(ModelConfig(source=str(gguf)))
@@ -110,7 +110,7 @@ def _reorder_floor(model, ids, hidden: bool = False) -> float:
     """Noise floor: max |Δlogit| after a function-preserving change of summation order only — MLP channels of layers
     0, 13, 29 permuted (gate/up rows with down columns), or with ``hidden`` the residual-stream channels permuted in
     every member of the hidden group (embeddings, norms, all projections). Exactly the same function."""
-    from stages.criteria.hidden import hidden_members
+    from prunelab.stages.criteria.hidden import hidden_members
 
     perm = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
@@ -180,7 +180,7 @@ def test_width_masking_equals_removal_on_smollm2(smollm2, one_blas_thread, kind,
     from test_hidden import _hidden_plan, _mask_hidden
     from test_width import _mask, _plan
 
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan
 
     model, tok = smollm2
     ids = tok("Robert Boulter is an English film , television and theatre actor .", return_tensors="pt").input_ids
@@ -215,19 +215,19 @@ def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
     """Each shipped SmolLM2 recipe, as written, through the real CLI — only the token budgets shrunk."""
     import yaml
 
-    from pipeline.run import main
+    from prunelab.run import main
 
     raw = yaml.safe_load((ROOT / "recipes" / "smollm2" / name).read_text())
     laco = any("laco" in (v.get("criteria") or []) for v in raw["stages"].values())
     # LaCo's threshold is a similarity on ITS calibration text: keep the recipe's (16 × 256, ~8 trials)
     budget = [] if laco else ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=64"]
-    budget += [f"stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
+    budget += [f"prunelab.stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
     suite = [k for k, v in raw["stages"].items()  # the default two-domain suite: shrink its other two entries too
              if v["type"] == "evaluate" and not any(v.get(s) for s in ("perplexity", "tasks", "speed"))]
-    budget += [o for k in suite for o in (f"stages.{k}.perplexity.arc_qa_text.max_tokens=1024", f"stages.{k}.tasks.arc_easy.limit=8")]
+    budget += [o for k in suite for o in (f"prunelab.stages.{k}.perplexity.arc_qa_text.max_tokens=1024", f"prunelab.stages.{k}.tasks.arc_easy.limit=8")]
     recovers = [k for k, v in raw["stages"].items() if v["type"] == "recover"]
-    budget += [o for k in recovers for o in (f"stages.{k}.max_steps=2", f"stages.{k}.data.max_samples=8",
-                                             f"stages.{k}.control=false", f"stages.{k}.compare_plain_steps=0")]
+    budget += [o for k in recovers for o in (f"prunelab.stages.{k}.max_steps=2", f"prunelab.stages.{k}.data.max_samples=8",
+                                             f"prunelab.stages.{k}.control=false", f"prunelab.stages.{k}.compare_plain_steps=0")]
     assert main([f"recipes/smollm2/{name}", *budget, "--output-dir", str(tmp_path), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / raw["name"] / "metrics.json").read_text())
     assert set(metrics["eval"]) == ({"dense", "pruned", "recovered"} if recovers else {"dense", "pruned"})

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from stages.arch import adapter_for
-from stages.io.tiny import tiny_family, tiny_llama
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.io.tiny import tiny_family, tiny_llama
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
 
@@ -28,7 +28,7 @@ def _mask(model: torch.nn.Module, attention: list[int], mlp: list[int]) -> None:
 
 
 def _remove(model: torch.nn.Module, attention: list[int], mlp: list[int]) -> None:
-    from stages.surgery.sublayers import remove_sublayers
+    from prunelab.stages.surgery.sublayers import remove_sublayers
 
     remove_sublayers(model, attention, mlp)
 
@@ -78,8 +78,8 @@ def test_generate_with_cache(family: str) -> None:
 
 
 def test_save_load_pruned_round_trip(tmp_path) -> None:
-    from stages.io.loader import load_pruned
-    from stages.surgery.apply import set_width_config
+    from prunelab.stages.io.loader import load_pruned
+    from prunelab.stages.surgery.apply import set_width_config
 
     model = tiny_family("qwen3", num_layers=4)
     _remove(model, [1, 3], [0])
@@ -103,9 +103,9 @@ def test_criterion_matches_hand_computation(calib: torch.Tensor) -> None:
     """The official code's formulation (X = the input of the sublayer's pre-norm, Y = X + the sublayer's output,
     LLM-Drop ``layer_drop_norm``), computed here from hooks on the decoder layer and its sublayers, equals the
     criterion's from the one calibration pass (float64: only the order of summation differs)."""
-    from stages.calibration.full import collect_stats
-    from stages.criteria.base import CriterionInputs
-    from stages.criteria.sublayer import sublayer_cosine
+    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.criteria.base import CriterionInputs
+    from prunelab.stages.criteria.sublayer import sublayer_cosine
 
     model = tiny_llama(num_layers=4).double()
     ad = adapter_for(model)
@@ -142,15 +142,15 @@ def test_criterion_matches_hand_computation(calib: torch.Tensor) -> None:
 
 
 def _settings(**kw):
-    from stages.prune import PruneConfig
+    from prunelab.stages.prune import PruneConfig
 
     return PruneConfig.model_validate({"type": "prune", "units": "sublayers", "criterion": "sublayer_cosine", **kw})
 
 
 def test_plan_applies_to_a_fresh_copy_identically() -> None:
-    from stages.selection.sublayers import make_sublayer_plan
-    from stages.surgery.apply import apply_plan
-    from stages.surgery.plan import PlanError, SublayerPlan, load_plan
+    from prunelab.stages.selection.sublayers import make_sublayer_plan
+    from prunelab.stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.plan import PlanError, SublayerPlan, load_plan
 
     model = tiny_llama(num_layers=6)
     fresh = copy.deepcopy(model)
@@ -171,7 +171,7 @@ def test_plan_applies_to_a_fresh_copy_identically() -> None:
 
 
 def test_ratio_target_and_kind_limits() -> None:
-    from stages.selection.sublayers import make_sublayer_plan, sublayer_params
+    from prunelab.stages.selection.sublayers import make_sublayer_plan, sublayer_params
 
     model = tiny_llama(num_layers=6)
     ad = adapter_for(model)
@@ -188,7 +188,7 @@ def test_ratio_target_and_kind_limits() -> None:
 
 
 def test_other_families_are_refused_by_name() -> None:
-    from stages.selection.sublayers import make_sublayer_plan
+    from prunelab.stages.selection.sublayers import make_sublayer_plan
 
     model = tiny_family("phi3", num_layers=2)
     with pytest.raises(ValueError, match=r"phi3.*supported: llama, mistral, qwen2, qwen3, granite, olmo2"):
@@ -213,15 +213,15 @@ def test_bad_settings_name_the_field(extra: dict, message: str) -> None:
 def test_sublayer_keys_refused_in_other_modes() -> None:
     from pydantic import ValidationError
 
-    from stages.prune import PruneConfig
+    from prunelab.stages.prune import PruneConfig
 
     with pytest.raises(ValidationError, match="num_sublayers is a setting of units: sublayers"):
         PruneConfig.model_validate({"type": "prune", "criterion": "block_influence", "num_blocks": 1, "num_sublayers": 2})
 
 
 def test_debug_recipe_through_the_cli(tmp_path) -> None:
-    from pipeline.run import main
-    from stages.io.loader import load_pruned
+    from prunelab.run import main
+    from prunelab.stages.io.loader import load_pruned
 
     assert main(["recipes/debug-sublayer.yaml", "--output-dir", str(tmp_path), "--no-progress"]) == 0
     run = tmp_path / "debug-sublayer"
@@ -239,7 +239,7 @@ def test_debug_recipe_through_the_cli(tmp_path) -> None:
 
 def test_a_pruned_model_offers_only_its_present_sublayers() -> None:
     """Re-scoring a pruned model gives its no-ops importance 0 (cos = 1); selection skips them instead of failing."""
-    from stages.selection.sublayers import make_sublayer_plan
+    from prunelab.stages.selection.sublayers import make_sublayer_plan
 
     model = tiny_llama(num_layers=4)
     _remove(model, [0, 1], [])
@@ -251,7 +251,7 @@ def test_a_pruned_model_offers_only_its_present_sublayers() -> None:
 
 
 def test_statistics_refused_where_the_layout_differs(calib: torch.Tensor) -> None:
-    from stages.calibration.full import collect_stats
+    from prunelab.stages.calibration.full import collect_stats
 
     with pytest.raises(ValueError, match=r"Gemma.*gemma2.*supported: llama"):
         collect_stats(tiny_family("gemma2", num_layers=2), calib, {"sublayers"}, progress=False)

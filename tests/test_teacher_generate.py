@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.recipe import RecipeError, load_recipe
+from prunelab.recipe import RecipeError, load_recipe
 
 RECIPE = "recipes/debug-recover.yaml"
 DATA = {"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 32, "max_samples": 6}
@@ -17,7 +17,7 @@ GEN = {"num_samples": 5, "prompt_tokens": 6, "batch_size": 2}
 
 
 def _data(**gen):
-    from stages.recovery.config import RecoveryData
+    from prunelab.stages.recovery.config import RecoveryData
 
     return RecoveryData(**{**DATA, "teacher_generate": {**GEN, **gen}})
 
@@ -40,15 +40,15 @@ def test_settings_validate_and_leave_old_dumps_alone():
             load_recipe(RECIPE, [override])
         assert needle in str(err.value), (override, str(err.value))
     with pytest.raises(ValueError, match="use format: text"):
-        from stages.recovery.config import RecoveryData
+        from prunelab.stages.recovery.config import RecoveryData
 
         RecoveryData(source={"path": "x.jsonl"}, format="alpaca", teacher_generate={"num_samples": 2})
 
 
 def test_seeded_cached_and_continues_the_sources_windows(tmp_path: Path, monkeypatch):
-    from stages.io.text import sample_windows, tokenized_source
-    from stages.io.tiny import byte_tokenizer, tiny_llama
-    from stages.recovery.generated import teacher_text
+    from prunelab.stages.io.text import sample_windows, tokenized_source
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
+    from prunelab.stages.recovery.generated import teacher_text
 
     model, tok, data = tiny_llama(num_layers=2), byte_tokenizer(), _data()
     first = teacher_text(data, model, tok, 3, tmp_path / "a", progress=False)
@@ -68,8 +68,8 @@ def test_seeded_cached_and_continues_the_sources_windows(tmp_path: Path, monkeyp
 
 
 def test_dataset_adds_or_replaces_the_source_blocks(tmp_path: Path):
-    from stages.io.tiny import byte_tokenizer
-    from stages.recovery.data import build_dataset
+    from prunelab.stages.io.tiny import byte_tokenizer
+    from prunelab.stages.recovery.data import build_dataset
 
     gen = torch.arange(5 * 32).view(5, 32) % 200 + 3
     both = build_dataset(byte_tokenizer(), _data(), gen)
@@ -81,8 +81,8 @@ def test_dataset_adds_or_replaces_the_source_blocks(tmp_path: Path):
 
 
 def test_recover_stage_trains_on_generated_text_and_resumes_without_regenerating(tmp_path: Path, monkeypatch):
-    from pipeline.run import main
-    from stages.calibration import generate
+    from prunelab.run import main
+    from prunelab.stages.calibration import generate
 
     args = [RECIPE, "--output-dir", str(tmp_path), "--no-progress", "stages.recover.control=false",
             "stages.recover.lora.dropout=0.0", "stages.recover.loss=kd",

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.arch import adapter_for
-from stages.io.export_vllm import CONFIG_FILE, write_vllm_export, vllm_refusal
-from stages.io.tiny import byte_tokenizer, tiny_family, tiny_llama
-from stages.surgery.apply import prune_layer_width, set_width_config
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.io.export_vllm import CONFIG_FILE, write_vllm_export, vllm_refusal
+from prunelab.stages.io.tiny import byte_tokenizer, tiny_family, tiny_llama
+from prunelab.stages.surgery.apply import prune_layer_width, set_width_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("PRUNELAB_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
@@ -44,7 +44,7 @@ def _hetero(no_attention: tuple[int, ...] = (2,), no_mlp: tuple[int, ...] = (3,)
             **kw) -> torch.nn.Module:
     """A tiny Llama with per-layer MLP widths and KV groups (query heads uniform) and removed sublayers; head_dim 32,
     one of vLLM CPU attention's head sizes (cpu_attn.py: 32, 64, 80, ...)."""
-    from stages.surgery.sublayers import remove_sublayers
+    from prunelab.stages.surgery.sublayers import remove_sublayers
 
     model = tiny_llama(num_layers=6, hidden=128, heads=4, kv_heads=2, **kw)
     ad = adapter_for(model)

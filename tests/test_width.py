@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from pipeline.recipe import RecipeError, validate
-from stages.arch.llama import UNIT_MEMBERS
-from stages.calibration.full import collect_stats
-from stages.calibration.width import geometry
-from stages.criteria.base import CriterionInputs
-from stages.criteria.width import (
+from prunelab.recipe import RecipeError, validate
+from prunelab.stages.arch.llama import UNIT_MEMBERS
+from prunelab.stages.calibration.full import collect_stats
+from prunelab.stages.calibration.width import geometry
+from prunelab.stages.criteria.base import CriterionInputs
+from prunelab.stages.criteria.width import (
     flap,
     magnitude,
     random,
@@ -23,10 +23,10 @@ from stages.criteria.width import (
     taylor_vector,
     wanda_sp,
 )
-from stages.selection.width import select_global, select_uniform, summarize
-from stages.surgery.apply import PlanError, apply_plan
-from stages.surgery.compensation import bias_compensation
-from stages.surgery.plan import WidthPlan
+from prunelab.stages.selection.width import select_global, select_uniform, summarize
+from prunelab.stages.surgery.apply import PlanError, apply_plan
+from prunelab.stages.surgery.compensation import bias_compensation
+from prunelab.stages.surgery.plan import WidthPlan
 
 
 def _mask(model, layer_idx: int, kind: str, idx: int) -> None:
@@ -126,8 +126,8 @@ def test_head_coupling_matches_torch_pruning_dependency_graph(monkeypatch):
 
     from transformers.models.llama import modeling_llama
 
-    from stages.arch.base import heads_to_rows as _heads_to_rows
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.arch.base import heads_to_rows as _heads_to_rows
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
     model.set_attn_implementation("sdpa")
@@ -159,7 +159,7 @@ def test_flap_bias_compensation_brings_block_outputs_closer(tiny_model, calib):
     side = bias_compensation(tiny_model, chosen, means)
     plan = _plan(tiny_model, chosen)
     plain, comp = apply_plan(copy.deepcopy(tiny_model), plan), apply_plan(copy.deepcopy(tiny_model), plan, side)
-    from stages.arch.llama import adapter_for
+    from prunelab.stages.arch.llama import adapter_for
 
     dense_ad, plain_ad, comp_ad = adapter_for(tiny_model), adapter_for(plain), adapter_for(comp)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_uniform_result_reloads_in_vanilla_transformers(tiny_model, calib, tmp_p
 
 
 def test_heterogeneous_result_reloads_through_the_prunelab_loader(tiny_model, calib, tmp_path):
-    from stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned
 
     stats = collect_stats(tiny_model, calib, {"activations"}, progress=False)
     scores = flap(CriterionInputs(tiny_model, stats)).layers
@@ -270,7 +270,7 @@ def test_bad_width_recipes(prune, expected):
 
 
 def test_ratio_that_removes_every_head_fails_right_after_load(tmp_path, capsys):
-    from pipeline.run import main
+    from prunelab.run import main
 
     path = tmp_path / "r.yaml"
     import yaml
@@ -283,8 +283,8 @@ def test_ratio_that_removes_every_head_fails_right_after_load(tmp_path, capsys):
 
 
 def test_owl_offsets_favour_outlier_rich_layers_and_keep_the_mean(tiny_model, calib):
-    from stages.calibration.width import summary_tensors
-    from stages.selection.owl import owl_offsets
+    from prunelab.stages.calibration.width import summary_tensors
+    from prunelab.stages.selection.owl import owl_offsets
 
     stats = collect_stats(tiny_model, calib, {"activations"}, progress=False)
     with torch.no_grad():  # plant strong outliers in layer 3
@@ -303,7 +303,7 @@ def test_uniform_width_pruning_across_layouts_reloads_vanilla(model_type, calib,
     """Qwen2 has q/k/v biases: they must follow the kept rows."""
     from transformers import AutoModelForCausalLM
 
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=3, model_type=model_type)
     if model_type == "qwen2":
@@ -346,7 +346,7 @@ def test_taylor_element2_uses_per_window_fisher(tiny_model, calib):
     stats2 = collect_stats(tiny_model, calib, {"grad", "fisher"}, batch_size=1, progress=False)
     assert torch.allclose(stats2.fisher["model.layers.1.mlp.up_proj.weight"][4], (g * g).mean(0), rtol=1e-4, atol=1e-12)
     # the channel score is the sum over gate row, up row and down column; check the up-row share
-    from stages.criteria.width import _member_scores
+    from prunelab.stages.criteria.width import _member_scores
 
     members = _member_scores(tiny_model.model.layers[1], geometry(tiny_model.model.layers[1]),
                              lambda n, w_: (w_.detach() * stats.grad_mean[f"model.layers.1.{n}.weight"]
@@ -361,8 +361,8 @@ def test_uniform_llama_head_count_that_llamaconfig_refuses_goes_through_the_load
     it saves, vanilla refuses it loudly, and the prunelab loader gives the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from stages.io.loader import load_pruned
-    from stages.io.tiny import tiny_llama
+    from prunelab.stages.io.loader import load_pruned
+    from prunelab.stages.io.tiny import tiny_llama
 
     model = tiny_llama(num_layers=2, heads=4, kv_heads=4)
     removed = {"q_heads": [1], "kv_heads": [1], "mlp": [0, 3]}  # 3 heads: 64 % 3 != 0

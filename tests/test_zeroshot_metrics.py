@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.evaluation.zeroshot import read_metrics
+from prunelab.stages.evaluation.zeroshot import read_metrics
 
 
 def test_read_metrics_takes_what_the_task_reports():
@@ -37,9 +37,9 @@ def _yes_no_task(folder: Path) -> str:
 def test_acc_only_task_through_lm_eval(tiny_model, tmp_path):
     """An acc-only local task end to end through lm-eval on the tiny model: acc and its stderr, no acc_norm, and the
     one-line description (CLI summary, report, card) does not ask for acc_norm."""
-    from stages.evaluation.describe import describe_result
-    from stages.evaluation.zeroshot import evaluate_task
-    from stages.io.tiny import byte_tokenizer
+    from prunelab.stages.evaluation.describe import describe_result
+    from prunelab.stages.evaluation.zeroshot import evaluate_task
+    from prunelab.stages.io.tiny import byte_tokenizer
 
     name = _yes_no_task(tmp_path)
     r = evaluate_task(tiny_model, byte_tokenizer(), name, None, limit=None, batch_size=4, include_path=tmp_path)
@@ -51,7 +51,7 @@ def test_acc_only_task_through_lm_eval(tiny_model, tmp_path):
 @pytest.fixture
 def task_cache(tmp_path, monkeypatch):
     """A prebuilt task index in a private cache (what the first check writes), so the test never builds lm-eval's."""
-    from stages.evaluation.zeroshot import _index_file, _lm_eval_version
+    from prunelab.stages.evaluation.zeroshot import _index_file, _lm_eval_version
 
     monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -64,14 +64,14 @@ def task_cache(tmp_path, monkeypatch):
 
 
 def _recipe(tasks: object):
-    from pipeline.recipe import validate
+    from prunelab.recipe import validate
 
     return validate({"name": "t", "model": {"source": "tiny-random-llama"},
                      "stages": {"eval": {"type": "evaluate", "tasks": tasks}}})
 
 
 def test_task_names_checked_with_a_close_match(task_cache, monkeypatch):
-    from stages.evaluation.zeroshot import recipe_task_problems
+    from prunelab.stages.evaluation.zeroshot import recipe_task_problems
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
@@ -80,7 +80,7 @@ def test_task_names_checked_with_a_close_match(task_cache, monkeypatch):
 
 
 def test_offline_task_without_cached_data_is_refused(task_cache, monkeypatch):
-    from stages.evaluation.zeroshot import recipe_task_problems
+    from prunelab.stages.evaluation.zeroshot import recipe_task_problems
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (task_cache / "hub" / "datasets--allenai--ai2_arc").mkdir(parents=True)  # ARC cached, super_glue not
@@ -89,14 +89,14 @@ def test_offline_task_without_cached_data_is_refused(task_cache, monkeypatch):
 
 
 def test_dry_run_reports_the_misspelled_task(task_cache, capsys):
-    from pipeline.run import main
+    from prunelab.run import main
 
     assert main(["recipes/debug.yaml", "--dry-run", "stages.eval_pruned.tasks.arc_eazy.limit=3"]) == 2
     assert "did you mean 'arc_easy'" in capsys.readouterr().err
 
 
 def test_zeroshot_suite_preset(task_cache):
-    from stages.evaluation.zeroshot import ZEROSHOT_SUITE, suite_availability
+    from prunelab.stages.evaluation.zeroshot import ZEROSHOT_SUITE, suite_availability
 
     recipe = _recipe("zeroshot_suite")
     assert list(recipe.stages["eval"].tasks)[:1] == ["arc_easy"]
@@ -106,7 +106,7 @@ def test_zeroshot_suite_preset(task_cache):
     where = suite_availability({"boolq": {}, "arc_challenge": {}, "nope": {}})
     assert "in the local cache" in where["boolq"] and "needs a download" in where["arc_challenge"]
     assert where["nope"] == "unknown to lm-eval"
-    from pipeline.recipe import RecipeError
+    from prunelab.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="zeroshot_suite"):
         _recipe("zeroshot_suit")

@@ -11,27 +11,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from stages.core.registry import Registry
+from prunelab.stages.core.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from stages.arch.base import ArchAdapter
+    from prunelab.stages.arch.base import ArchAdapter
 
 # model_type → the module that registers its adapter (imported on first use; torch-free to read).
 FAMILY_MODULES: dict[str, str] = {
-    "llama": "stages.arch.llama",
-    "mistral": "stages.arch.llama",
-    "qwen2": "stages.arch.qwen",
-    "qwen3": "stages.arch.qwen",
-    "granite": "stages.arch.granite",
-    "phi3": "stages.arch.phi3",
-    "gemma2": "stages.arch.gemma",
-    "gemma3_text": "stages.arch.gemma",
-    "olmo2": "stages.arch.olmo2",
-    "mixtral": "stages.arch.mixtral",
-    "qwen3_moe": "stages.arch.qwen3_moe",
-    "qwen2_moe": "stages.arch.qwen2_moe",
+    "llama": "prunelab.stages.arch.llama",
+    "mistral": "prunelab.stages.arch.llama",
+    "qwen2": "prunelab.stages.arch.qwen",
+    "qwen3": "prunelab.stages.arch.qwen",
+    "granite": "prunelab.stages.arch.granite",
+    "phi3": "prunelab.stages.arch.phi3",
+    "gemma2": "prunelab.stages.arch.gemma",
+    "gemma3_text": "prunelab.stages.arch.gemma",
+    "olmo2": "prunelab.stages.arch.olmo2",
+    "mixtral": "prunelab.stages.arch.mixtral",
+    "qwen3_moe": "prunelab.stages.arch.qwen3_moe",
+    "qwen2_moe": "prunelab.stages.arch.qwen2_moe",
 }
 # Mixture-of-experts families (stages.arch.moe): expert and expert-channel units.
 MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe", "qwen2_moe")
@@ -72,7 +72,7 @@ def unsupported_message(model_type: str | None) -> str:
 
 def compensation_refusal(model_type: str | None) -> str | None:
     """Torch-free: why bias/optimal compensation cannot be saved for a family, or None."""
-    from stages.arch.base_names import LINEAR_NAMES
+    from prunelab.stages.arch.base_names import LINEAR_NAMES
 
     if model_type in MOE_FAMILIES:
         return (f"model_type {model_type!r} is a mixture of experts: its experts' outputs have no bias and per-expert "

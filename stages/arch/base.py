@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from stages.arch.base_names import LINEAR_NAMES
+from prunelab.stages.arch.base_names import LINEAR_NAMES
 
 ATTN_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")
@@ -74,7 +74,7 @@ class Member:
     and bias entries, "in": input columns) and the index map from unit indices to rows/columns. "norm": an RMSNorm
     over a whole projection's output (OLMo 2's q_norm / k_norm) loses the same entries, and its kept weights are
     rescaled by sqrt(D/D') so that it divides by what it divided by before (as the hidden-channel rescale does); the
-    projection feeding it (the adapter's ``NORM_INPUTS``) keeps ε exact (``stages.surgery.apply``)."""
+    projection feeding it (the adapter's ``NORM_INPUTS``) keeps ε exact (``prunelab.stages.surgery.apply``)."""
 
     path: str
     axis: str
@@ -318,14 +318,14 @@ class ArchAdapter:
     @classmethod
     def has_sublayer(cls, layer: nn.Module, which: str) -> bool:
         """Whether ``layer`` still has its ``attention`` / ``mlp`` sublayer (False once removed)."""
-        from stages.arch.noop import NoAttention, NoMLP
+        from prunelab.stages.arch.noop import NoAttention, NoMLP
 
         return not isinstance(cls.attention(layer) if which == "attention" else cls.mlp(layer), (NoAttention, NoMLP))
 
     @classmethod
     def remove_sublayer(cls, layer: nn.Module, which: str) -> None:
         """Replace the ``attention`` or ``mlp`` sublayer (and the norm that serves only it) by a parameter-free no-op."""
-        from stages.arch.noop import NoAttention, NoMLP
+        from prunelab.stages.arch.noop import NoAttention, NoMLP
 
         if not cls.SUBLAYER_REMOVAL:
             raise NotImplementedError(f"{cls.family or cls.__name__}: removing a whole sublayer is supported for the "
@@ -469,7 +469,7 @@ class ArchAdapter:
 
         cfg = self.model.config
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        from stages.core.compat import cache_kwargs
+        from prunelab.stages.core.compat import cache_kwargs
 
         kwargs = {"config": cfg, "inputs_embeds": hidden, "attention_mask": None, **cache_kwargs(create_causal_mask),
                   "position_ids": position_ids}

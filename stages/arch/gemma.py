@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from stages.arch import register_arch
-from stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.base import ArchAdapter, BlockInputs
 
 
 class Gemma2Adapter(ArchAdapter):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from stages.arch import register_arch
-from stages.arch.base import ArchAdapter
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.base import ArchAdapter
 
 
 class GraniteAdapter(ArchAdapter):

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from stages.arch import adapter_for, register_arch
-from stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.arch import adapter_for, register_arch
+from prunelab.stages.arch.base import ArchAdapter, BlockInputs
 
 # The coupled members of each width unit: (module path inside a decoder layer, which side is cut).
 # "out" slices output rows (and the bias), "in" slices input columns. Tests cross-check the entries
@@ -49,7 +49,7 @@ class MistralAdapter(ArchAdapter):
     def prepare(self, hidden: torch.Tensor) -> BlockInputs:
         from transformers.masking_utils import create_sliding_window_causal_mask
 
-        from stages.core.compat import cache_kwargs
+        from prunelab.stages.core.compat import cache_kwargs
 
         inputs = super().prepare(hidden)
         if getattr(self.model.config, "sliding_window", None) is not None:  # MistralModel uses it for every layer

@@ -1,4 +1,4 @@
-"""Mixtral: Llama/Mistral attention (sliding window when configured) and a top-k MoE MLP (``stages.arch.moe``).
+"""Mixtral: Llama/Mistral attention (sliding window when configured) and a top-k MoE MLP (``prunelab.stages.arch.moe``).
 The expert count is ``num_local_experts``, each expert's width ``intermediate_size``; the router always
 renormalises the top-k probabilities."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stages.arch import register_arch
-from stages.arch.moe import MoeAdapter
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.moe import MoeAdapter
 
 
 class MixtralAdapter(MoeAdapter):

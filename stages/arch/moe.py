@@ -1,5 +1,5 @@
 """Mixture-of-experts layers (Mixtral, Qwen3-MoE, Qwen2-MoE): attention as Llama, the MLP a router plus routed experts
-(Qwen2-MoE adds a dense shared expert: ``stages.arch.qwen2_moe``).
+(Qwen2-MoE adds a dense shared expert: ``prunelab.stages.arch.qwen2_moe``).
 
 In transformers 5 the experts are fused 3-D parameters, not per-expert linears: ``mlp.experts.gate_up_proj``
 [E, 2I, H] (gate's I rows, then up's) and ``mlp.experts.down_proj`` [E, H, I]; the router ``mlp.gate`` holds
@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from stages.arch.base import ATTN_ROLES, ArchAdapter, LayerGeometry, Member
-from stages.arch.base_names import LINEAR_NAMES
+from prunelab.stages.arch.base import ATTN_ROLES, ArchAdapter, LayerGeometry, Member
+from prunelab.stages.arch.base_names import LINEAR_NAMES
 
 ROUTER, EXPERTS = "mlp.gate", "mlp.experts"
 GATE_UP, DOWN = f"{EXPERTS}.gate_up_proj", f"{EXPERTS}.down_proj"

@@ -7,7 +7,7 @@ projection.
   channels), so removing heads changes what it divides by. The norm is a member of the query-head and KV-group
   units (axis ``"norm"``): it loses the removed heads' entries and its kept weights are scaled by sqrt(D/D'), which
   restores the divisor; q_proj's / k_proj's kept rows are scaled by sqrt(D'/D), which keeps its ε exact too (see
-  ``stages.surgery.apply._slice_projection_norm``) — removal equals masking;
+  ``prunelab.stages.surgery.apply._slice_projection_norm``) — removal equals masking;
 - ``attention_bias`` switches q/k/v/o biases on; the MLP has none (down_proj cannot hold compensation).
 """
 
@@ -17,8 +17,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from stages.arch import register_arch
-from stages.arch.base import ArchAdapter, LayerGeometry, Member, heads_to_rows
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.base import ArchAdapter, LayerGeometry, Member, heads_to_rows
 
 Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"
 

@@ -11,8 +11,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from stages.arch import register_arch
-from stages.arch.base import ArchAdapter, LayerGeometry, Member, heads_to_rows
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.base import ArchAdapter, LayerGeometry, Member, heads_to_rows
 
 QKV, GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"
 

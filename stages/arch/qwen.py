@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stages.arch import register_arch
-from stages.arch.base import ArchAdapter
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.base import ArchAdapter
 
 
 class Qwen2Adapter(ArchAdapter):

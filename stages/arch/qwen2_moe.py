@@ -1,6 +1,6 @@
 """Qwen2-MoE: Qwen2 attention (q/k/v biases, none on o_proj) and a MoE MLP with a **shared expert**.
 
-The routed experts are ``stages.arch.moe``'s (count ``num_experts``, width ``moe_intermediate_size``; the router
+The routed experts are ``prunelab.stages.arch.moe``'s (count ``num_experts``, width ``moe_intermediate_size``; the router
 renormalises the top-k only with ``norm_topk_prob``). Beside them every MoE layer runs ``mlp.shared_expert``, a dense
 gate/up/down MLP of width ``shared_expert_intermediate_size``, on every token; its output is multiplied by
 sigmoid(``mlp.shared_expert_gate``(x)), a Linear(H, 1) that reads the hidden state. That dense MLP is the family's
@@ -9,7 +9,7 @@ zeroing it, and the scalar gate, which sees no intermediate channel, stays as it
 width from the config, so every layer keeps the same one (``UNIFORM_WIDTHS_ONLY``, ``MLP_CONFIG``).
 
 Layers that ``mlp_only_layers`` / ``decoder_sparse_step`` make a plain dense MLP (no experts, no shared expert) are
-refused (``stages.arch.dense_mlp_layers``; at ``--dry-run`` too): their MLP sits at other module paths with another
+refused (``prunelab.stages.arch.dense_mlp_layers``; at ``--dry-run`` too): their MLP sits at other module paths with another
 config width, and block removal would have to renumber ``mlp_only_layers``. Qwen1.5-MoE-A2.7B's config, for one,
 makes every layer a MoE layer.
 """
@@ -21,10 +21,10 @@ from typing import ClassVar
 
 from torch import nn
 
-from stages.arch import dense_mlp_layers, dense_moe_layers_refusal, register_arch
-from stages.arch.base import MLP_ROLES, LayerGeometry
-from stages.arch.base_names import LINEAR_NAMES
-from stages.arch.moe import MoeAdapter
+from prunelab.stages.arch import dense_mlp_layers, dense_moe_layers_refusal, register_arch
+from prunelab.stages.arch.base import MLP_ROLES, LayerGeometry
+from prunelab.stages.arch.base_names import LINEAR_NAMES
+from prunelab.stages.arch.moe import MoeAdapter
 
 SHARED = "mlp.shared_expert"
 

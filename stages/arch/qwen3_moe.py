@@ -1,5 +1,5 @@
 """Qwen3-MoE: Qwen3 attention (per-head ``q_norm``/``k_norm``, head_dim ≠ hidden/heads) and a top-k MoE MLP
-(``stages.arch.moe``). The expert count is ``num_experts``, each expert's width ``moe_intermediate_size``; the
+(``prunelab.stages.arch.moe``). The expert count is ``num_experts``, each expert's width ``moe_intermediate_size``; the
 router renormalises the top-k probabilities only with ``norm_topk_prob``. Layers listed in ``mlp_only_layers`` (or
 skipped by ``decoder_sparse_step``) have a dense MLP instead; their geometry reads no experts."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stages.arch import register_arch
-from stages.arch.moe import MoeAdapter
+from prunelab.stages.arch import register_arch
+from prunelab.stages.arch.moe import MoeAdapter
 
 
 class Qwen3MoeAdapter(MoeAdapter):

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stages.arch.base import ArchAdapter
+from prunelab.stages.arch.base import ArchAdapter
 
 if TYPE_CHECKING:
-    from stages.calibration.stats import CalibrationStats
+    from prunelab.stages.calibration.stats import CalibrationStats
 
 OBSERVED = frozenset({"boundary", "sublayers", "removal_nll"})
 

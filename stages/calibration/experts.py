@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stages.calibration.width import ChannelStats
+from prunelab.stages.calibration.width import ChannelStats
 
 
 @dataclass

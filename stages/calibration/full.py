@@ -17,16 +17,16 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from stages.arch import adapter_for
-from stages.calibration.blocks import OBSERVED as BLOCK_NEEDS
-from stages.calibration.blocks import batches, observe_blocks, start_block_observers
-from stages.calibration.stats import NEEDS, CalibrationStats, accumulate_gradients
-from stages.calibration.width import observing_inputs, start_input_observers
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.calibration.blocks import OBSERVED as BLOCK_NEEDS
+from prunelab.stages.calibration.blocks import batches, observe_blocks, start_block_observers
+from prunelab.stages.calibration.stats import NEEDS, CalibrationStats, accumulate_gradients
+from prunelab.stages.calibration.width import observing_inputs, start_input_observers
 
 
 def collect_stats(model: torch.nn.Module, calibration: torch.Tensor, needs: Iterable[str], batch_size: int = 1,
                   progress: bool = True) -> CalibrationStats:
-    """Every statistic in ``needs`` (see ``stages.calibration.stats``) from one pass over ``calibration``."""
+    """Every statistic in ``needs`` (see ``prunelab.stages.calibration.stats``) from one pass over ``calibration``."""
     needs = set(needs)
     unknown = needs - NEEDS
     if unknown:

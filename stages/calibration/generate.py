@@ -1,6 +1,6 @@
 """Self-generated calibration text: seeded sampling from the dense model, cached shard by shard.
 
-See ``stages.calibration.sources`` for the method (Williams et al., NAACL 2025, arXiv 2410.17170).
+See ``prunelab.stages.calibration.sources`` for the method (Williams et al., NAACL 2025, arXiv 2410.17170).
 Each batch draws from its own generator seeded by (seed, batch index), so a resumed run produces the
 same tokens as an uninterrupted one; a shard is trusted only if its recorded settings match.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.calibration.sources import SelfGeneratedSettings
+from prunelab.stages.calibration.sources import SelfGeneratedSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _prompts(tokenizer: Any, s: SelfGeneratedSettings, n: int, seed: int) -> tor
         if bos is None:
             raise ValueError("self_generated: the tokenizer has neither a BOS nor an EOS token; give prompt: a text source")
         return torch.full((n, 1), bos, dtype=torch.long)
-    from stages.io.text import sample_windows, tokenized_source
+    from prunelab.stages.io.text import sample_windows, tokenized_source
 
     return sample_windows(tokenized_source(tokenizer, s.prompt), n, s.prompt_tokens, seed)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stages.io.config import TextSource
+from prunelab.stages.io.config import TextSource
 
 
 def text_rows(source: TextSource) -> list[str]:

@@ -20,9 +20,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from stages.core.config import StrictModel
-from stages.io.config import TextSource
-from stages.io.qa import QATextSource
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.io.config import TextSource
+from prunelab.stages.io.qa import QATextSource
 
 
 class SamplingSettings(StrictModel):
@@ -111,7 +111,7 @@ def calibration_windows(source: CalibrationSource, model: Any, tokenizer: Any, n
     """LongTensor [num_samples, seq_len] from any calibration source (cache_dir keeps generated shards)."""
     import torch
 
-    from stages.io.text import sample_windows, tokenized_source
+    from prunelab.stages.io.text import sample_windows, tokenized_source
 
     if isinstance(source, MixSource):
         counts = split_counts([p.weight for p in source.mix], num_samples)
@@ -119,7 +119,7 @@ def calibration_windows(source: CalibrationSource, model: Any, tokenizer: Any, n
                  for i, (p, c) in enumerate(zip(source.mix, counts, strict=True)) if c > 0]
         return torch.cat(parts)
     if isinstance(source, SelfGeneratedSource):
-        from stages.calibration.generate import self_generate
+        from prunelab.stages.calibration.generate import self_generate
 
         return self_generate(model, tokenizer, source.self_generated, num_samples, seq_len, seed, cache_dir, progress)
     return sample_windows(tokenized_source(tokenizer, source), num_samples, seq_len, seed)

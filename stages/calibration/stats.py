@@ -1,10 +1,10 @@
 """What one calibration pass leaves behind: ``CalibrationStats``, and the one gradient accumulation.
 
-Criteria declare what they need by name (``NEEDS``); ``stages.calibration.full.collect_stats`` runs the pass and
+Criteria declare what they need by name (``NEEDS``); ``prunelab.stages.calibration.full.collect_stats`` runs the pass and
 fills only those fields. Who fills what:
 
-- ``boundary``, ``sublayers``, ``removal_nll``: block-boundary observers (``stages.calibration.blocks``);
-- ``activations``, ``hessian``: input observers on the projections (``stages.calibration.width``);
+- ``boundary``, ``sublayers``, ``removal_nll``: block-boundary observers (``prunelab.stages.calibration.blocks``);
+- ``activations``, ``hessian``: input observers on the projections (``prunelab.stages.calibration.width``);
 - ``grad``, ``fisher``: one forward+backward per batch, summed by ``accumulate_gradients`` below — the sums of
   ∂L_b/∂w (and of (∂L_b/∂w)²) over batches b, in float32. Depth Taylor+ reads the sums (``grad_sum``), LLM-Pruner's
   width criteria the means (``grad_mean``, ``fisher``: the sums over the number of batches, divided on access so
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from stages.arch.base import STAT_KEYS
-from stages.calibration.width import ChannelStats
+from prunelab.stages.arch.base import STAT_KEYS
+from prunelab.stages.calibration.width import ChannelStats
 
 NEEDS = frozenset({"boundary", "sublayers", "removal_nll", "grad", "fisher", "hidden", "activations", "hessian", "calibration"})
 
@@ -95,7 +95,7 @@ class CalibrationStats:
 def accumulate_gradients(model: torch.nn.Module, ids: torch.Tensor, stats: CalibrationStats, squares: bool = False,
                          every_parameter: bool = False) -> None:
     """One forward+backward of the calibration loss on ``ids``, added to the sums (and squared sums) of ``stats``."""
-    from stages.arch import adapter_class
+    from prunelab.stages.arch import adapter_class
 
     adapter = adapter_class(model.config.model_type)
     model.zero_grad(set_to_none=True)

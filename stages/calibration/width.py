@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stages.arch import adapter_for, layer_adapter
-from stages.arch.base import OBSERVED_ROLES, STAT_KEYS, LayerGeometry
+from prunelab.stages.arch import adapter_for, layer_adapter
+from prunelab.stages.arch.base import OBSERVED_ROLES, STAT_KEYS, LayerGeometry
 
 if TYPE_CHECKING:
-    from stages.calibration.stats import CalibrationStats
+    from prunelab.stages.calibration.stats import CalibrationStats
 
 __all__ = ["OBSERVED", "ChannelStats", "LayerGeometry", "geometry", "observing_inputs", "start_input_observers", "summary_tensors"]
 
@@ -77,8 +77,8 @@ class ChannelStats:
 
 def start_input_observers(model: torch.nn.Module, stats: CalibrationStats, gram: bool) -> None:
     """One ``ChannelStats`` per layer and observed projection; XᵀX for o_proj/down_proj inputs when ``gram``; on
-    mixture-of-experts models the routing statistics of every MoE layer (``stages.calibration.experts``)."""
-    from stages.calibration.experts import start_expert_observers
+    mixture-of-experts models the routing statistics of every MoE layer (``prunelab.stages.calibration.experts``)."""
+    from prunelab.stages.calibration.experts import start_expert_observers
 
     adapter = adapter_for(model)
     for name in OBSERVED:
@@ -91,7 +91,7 @@ def observing_inputs(model: torch.nn.Module, stats: CalibrationStats) -> Iterato
     """Forward pre-hooks recording the projections' inputs into ``stats`` while the block runs."""
     handles: list[Any] = []
     try:
-        from stages.calibration.experts import expert_hooks
+        from prunelab.stages.calibration.experts import expert_hooks
 
         adapter = adapter_for(model)
         for i, layer in enumerate(adapter.layers):

@@ -3,19 +3,19 @@
 Score functions resolve lazily ("module:function") so validating a recipe stays torch-free.
 """
 
-from stages.criteria.registry import CRITERIA, WIDTH_UNITS, criteria_for, hidden_criteria, register_criterion
-from stages.criteria.settings import LacoSettings, WidthGroupSettings
+from prunelab.stages.criteria.registry import CRITERIA, WIDTH_UNITS, criteria_for, hidden_criteria, register_criterion
+from prunelab.stages.criteria.settings import LacoSettings, WidthGroupSettings
 
-_DEPTH = "stages.criteria.depth"
+_DEPTH = "prunelab.stages.criteria.depth"
 
 register_criterion("block_influence", f"{_DEPTH}:block_influence", "depth", {"boundary"}, paper="ShortGPT, arXiv 2403.03853")
 register_criterion("angular_distance", f"{_DEPTH}:angular_distance", "depth", {"boundary"}, paper="Gromov et al., arXiv 2403.17887")
 register_criterion("ppl", f"{_DEPTH}:ppl", "depth", {"removal_nll"}, paper="Shortened LLaMA, arXiv 2402.02834")
 register_criterion("taylor_plus", f"{_DEPTH}:taylor_plus", "depth", {"grad"}, paper="Shortened LLaMA, arXiv 2402.02834")
 register_criterion("sleb", f"{_DEPTH}:sleb", "depth", {"removal_nll"}, iterative=True, paper="SLEB, arXiv 2402.09025")
-register_criterion("laco", "stages.criteria.laco:laco", "depth", {"calibration"}, settings=LacoSettings, iterative=True,
+register_criterion("laco", "prunelab.stages.criteria.laco:laco", "depth", {"calibration"}, settings=LacoSettings, iterative=True,
                    paper="LaCo, arXiv 2402.11187")
-register_criterion("sublayer_cosine", "stages.criteria.sublayer:sublayer_cosine", "depth", {"sublayers"},
+register_criterion("sublayer_cosine", "prunelab.stages.criteria.sublayer:sublayer_cosine", "depth", {"sublayers"},
                    paper="He et al., What Matters in Transformers? Not All Attention is Needed, arXiv 2406.15786")
 register_criterion("magnitude", f"{_DEPTH}:magnitude", "depth", paper="baseline")
 register_criterion("random", f"{_DEPTH}:random", "depth", paper="baseline")
@@ -24,7 +24,7 @@ register_criterion("random", f"{_DEPTH}:random", "depth", paper="baseline")
 # stages.criteria.hidden); Wanda-sp and FLAP score o_proj/down_proj inputs and have none. WidthGroupSettings
 # (the group `reduction`) belongs to the criteria that reduce element-wise importances over group members;
 # magnitude's L2 norm is the root of the summed squares whatever the reduction, so it has no settings.
-_WIDTH, _HIDDEN = "stages.criteria.width", "stages.criteria.hidden"
+_WIDTH, _HIDDEN = "prunelab.stages.criteria.width", "prunelab.stages.criteria.hidden"
 _LLMP = "LLM-Pruner, arXiv 2305.11627"
 _GROUP = WidthGroupSettings
 # On mixture-of-experts layers (stages.criteria.expert): magnitude and random also score experts and expert channels,
@@ -46,7 +46,7 @@ register_criterion("wanda_sp", f"{_WIDTH}:wanda_sp", "width", {"activations"}, p
                    units=_CHANNELS)
 register_criterion("flap", f"{_WIDTH}:flap", "width", {"activations"}, paper="FLAP, arXiv 2312.11983", units=_CHANNELS)
 # Experts only; the routing statistics are observed with the projection inputs ("activations").
-_EXPERT = "stages.criteria.expert"
+_EXPERT = "prunelab.stages.criteria.expert"
 register_criterion("expert_frequency_norm", f"{_EXPERT}:expert_frequency_norm", "width", {"activations"},
                    paper="router top-k frequency × mean expert output norm (baseline)", units=("experts",))
 register_criterion("reap", f"{_EXPERT}:reap", "width", {"activations"},

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
-    from stages.arch.base import ArchAdapter
-    from stages.calibration.stats import CalibrationStats
+    from prunelab.stages.arch.base import ArchAdapter
+    from prunelab.stages.calibration.stats import CalibrationStats
 
 
 @dataclass
@@ -33,7 +33,7 @@ class CriterionInputs:
 
     @cached_property
     def adapter(self) -> ArchAdapter:
-        from stages.arch import adapter_for
+        from prunelab.stages.arch import adapter_for
 
         return adapter_for(self.model)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.calibration.blocks import batches, removal_nll_batch
-from stages.criteria.base import CriterionInputs, CriterionResult
+from prunelab.stages.calibration.blocks import batches, removal_nll_batch
+from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 
 
 def block_influence(inp: CriterionInputs) -> CriterionResult:

@@ -1,7 +1,7 @@
-"""Expert and expert-channel criteria of mixture-of-experts layers (``stages.arch.moe``). Higher = more important.
+"""Expert and expert-channel criteria of mixture-of-experts layers (``prunelab.stages.arch.moe``). Higher = more important.
 
 Per MoE layer a result holds ``experts`` [E] and/or ``expert_channels`` [E][I] (one list per expert). Statistics are
-routed-token sums from the calibration pass (``stages.calibration.experts.ExpertStats``); weights come from the
+routed-token sums from the calibration pass (``prunelab.stages.calibration.experts.ExpertStats``); weights come from the
 adapter's fused expert tensors (gate_up [E, 2I, H], down [E, H, I]) and the router's weight [E, H].
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from stages.criteria.base import CriterionInputs, CriterionResult
+from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 
 
 def _moe_layers(inp: CriterionInputs) -> list[tuple[int, torch.nn.Module]]:

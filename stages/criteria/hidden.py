@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from stages.arch import adapter_for
-from stages.criteria.base import CriterionInputs
-from stages.criteria.width import _reduce, reduction
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.criteria.base import CriterionInputs
+from prunelab.stages.criteria.width import _reduce, reduction
 
 
 def hidden_members(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, int]]:
@@ -48,7 +48,7 @@ def _per_channel(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 def hidden_channel_scores(inp: CriterionInputs, criterion: str) -> list[float]:
     """One importance per hidden channel (higher = more important) from the width criterion's hidden form."""
-    from stages.criteria.registry import CRITERIA
+    from prunelab.stages.criteria.registry import CRITERIA
 
     return CRITERIA.get("width", criterion).load_hidden()(inp)
 

@@ -6,14 +6,14 @@ RDSC layer merge ("Reserving Differences while Seeking Common", Eq. 2), for laye
 
     θ* = θ_l + Σ_{k=1}^{m} (θ_{l+k} − θ_l)
 
-applied to every linear weight (and bias) of the block (``stages.surgery.merge.rdsc_merge``: it edits weights,
+applied to every linear weight (and bias) of the block (``prunelab.stages.surgery.merge.rdsc_merge``: it edits weights,
 so it lives with the surgery that applies the plan; the trials here run it on a copy).
 
 Trial-and-merge (Algorithm 1): start at l = H − C, try collapsing C layers (l and the C − 1 after it)
 into l; if the similarity s = mean over calibration sequences of cos(h_dense, h_merged) — the
 flattened last hidden states (after the final norm), as in the reference — exceeds T, keep it and
 step l ← l − I, else l ← l − 1; stop below L or once the target number of removed layers is reached.
-The result is a plan of merges (applied by ``stages.surgery.apply``) and the removed layers.
+The result is a plan of merges (applied by ``prunelab.stages.surgery.apply``) and the removed layers.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.arch import adapter_for
-from stages.calibration.blocks import batches
-from stages.criteria.base import CriterionInputs, CriterionResult
-from stages.criteria.settings import LacoSettings
-from stages.surgery.merge import rdsc_merge
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.calibration.blocks import batches
+from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
+from prunelab.stages.criteria.settings import LacoSettings
+from prunelab.stages.surgery.merge import rdsc_merge
 
 
 def _final_states(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int, skip: frozenset[int]) -> list[torch.Tensor]:

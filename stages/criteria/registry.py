@@ -5,7 +5,7 @@ Name spaces are per kind. A recipe always names a criterion in the context of th
 mean different mathematics per kind: ``magnitude`` is the L1 norm of a whole block in depth and the L2 norm of a
 coupled group in width; ``random`` draws one number per block or one per head and channel. So ONE registry object
 holds every spec, keyed by (kind, name): one spec class, one registration (duplicates rejected within a kind), one
-settings validation and one scoring path (``stages.criteria.scoring``), while both kinds keep the papers' names.
+settings validation and one scoring path (``prunelab.stages.criteria.scoring``), while both kinds keep the papers' names.
 
 Score functions resolve lazily (``"module:function"``), and settings classes are pydantic models without torch,
 so validating a recipe never imports torch.
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails
 
-from stages.core.registry import Registry
+from prunelab.stages.core.registry import Registry
 
 if TYPE_CHECKING:
-    from stages.criteria.base import CriterionInputs, CriterionResult
+    from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 
 Kind = Literal["depth", "width"]
 # What a width criterion's result scores per layer (stages.criteria.base.CriterionResult.layers keys).
@@ -56,7 +56,7 @@ class CriterionSpec:
     """A registered criterion.
 
     ``score_fn``: ``(CriterionInputs) -> CriterionResult``, a callable or ``"module:function"`` (resolved on first use);
-    ``needs``: the statistics the calibration pass must collect for it (``stages.calibration.stats.NEEDS``);
+    ``needs``: the statistics the calibration pass must collect for it (``prunelab.stages.calibration.stats.NEEDS``);
     ``settings``: its pydantic settings model (None: it has none); ``hidden``: width only, the hidden-channel form
     ``(CriterionInputs) -> list[float]``; ``iterative``: depth criteria that re-score as they remove and need the
     later prune stage's target; ``paper``: the citation saved with every result.

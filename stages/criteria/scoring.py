@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.criteria.registry import CRITERIA, CriterionSpec
+from prunelab.stages.criteria.registry import CRITERIA, CriterionSpec
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from stages.calibration.stats import CalibrationStats
-    from stages.criteria.base import CriterionInputs, CriterionResult
+    from prunelab.stages.calibration.stats import CalibrationStats
+    from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 
 # Width passes always observe projection inputs: FLAP's bias compensation and OWL's allocation read them.
 ALWAYS: dict[str, frozenset[str]] = {"depth": frozenset(), "width": frozenset({"activations"})}
@@ -68,7 +68,7 @@ class PartialResults:
     def save(self, name: str, result: dict[str, Any]) -> None:
         if not self.write:
             return
-        from stages.core.files import atomic_write_json
+        from prunelab.stages.core.files import atomic_write_json
 
         if not (self.folder / "inputs.json").is_file():
             atomic_write_json(self.folder / "inputs.json", {"key": self.key})
@@ -85,8 +85,8 @@ def score_criteria(
 
     Finished criteria found in ``partial`` are re-used; the pass collects what the others need plus ``extra_needs``
     (and, for width, the projection inputs). ``num_remove`` gives iterative criteria the later prune stage's target."""
-    from stages.calibration.full import collect_stats
-    from stages.criteria.base import CriterionInputs
+    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.criteria.base import CriterionInputs
 
     settings = settings or {}
     done = partial.load(names) if partial is not None else {}

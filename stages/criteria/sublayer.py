@@ -16,7 +16,7 @@ actually leaving the sublayer, which is what removing it changes.
 
 from __future__ import annotations
 
-from stages.criteria.base import CriterionInputs, CriterionResult
+from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 
 
 def sublayer_cosine(inp: CriterionInputs) -> CriterionResult:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from stages.arch.base import STAT_KEYS, ArchAdapter, LayerGeometry
-from stages.criteria.base import CriterionInputs, CriterionResult
-from stages.criteria.settings import WidthGroupSettings
+from prunelab.stages.arch.base import STAT_KEYS, ArchAdapter, LayerGeometry
+from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
+from prunelab.stages.criteria.settings import WidthGroupSettings
 
 Layers = list[dict[str, list[float]]]
 
@@ -29,9 +29,9 @@ def reduction(inp: CriterionInputs) -> str:
 
 def _result(layers: Layers, inp: CriterionInputs | None = None, experts: str | None = None) -> CriterionResult:
     """A width result; with ``experts`` (magnitude | random | wanda_sp | flap) MoE layers also score their experts
-    and expert channels (``stages.criteria.expert``)."""
+    and expert channels (``prunelab.stages.criteria.expert``)."""
     if experts is not None and inp is not None:
-        from stages.criteria.expert import add_expert_scores
+        from prunelab.stages.criteria.expert import add_expert_scores
 
         layers = add_expert_scores(inp, layers, experts)
     return CriterionResult(kind="width", layers=layers)

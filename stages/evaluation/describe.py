@@ -10,7 +10,7 @@ def describe_result(r: dict[str, Any]) -> str:
     if "ppl" in r:
         return f"PPL {r['ppl']:.3f}  (seq_len {r['seq_len']}, {r['tokens']} tokens)"
     if "lm_eval_version" in r:  # a zero-shot task: whichever metrics it reported (BoolQ: acc only)
-        from stages.evaluation.zeroshot import describe_task
+        from prunelab.stages.evaluation.zeroshot import describe_task
 
         return describe_task(r)
     if "decode_tok_s" in r:

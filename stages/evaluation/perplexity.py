@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.arch import adapter_for
+from prunelab.stages.arch import adapter_for
 
 
 @torch.inference_mode()

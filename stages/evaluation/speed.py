@@ -31,7 +31,7 @@ def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float
     out = model(ids, use_cache=True)
     _sync(device)
     t1 = time.perf_counter()
-    from stages.core.compat import cache_kwargs, output_cache
+    from prunelab.stages.core.compat import cache_kwargs, output_cache
 
     past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 1):
@@ -45,7 +45,7 @@ def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float
 def measure_speed(model: Any, prompt_len: int = 128, new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 8),
                   repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
     """Return {"prefill_ms": {bs: ms}, "decode_tok_s": {bs: tok/s}, "peak_memory_mb": ..., "protocol": ...}."""
-    from stages.evaluation.memory import PeakRSS
+    from prunelab.stages.evaluation.memory import PeakRSS
 
     model.eval()
     device = next(model.parameters()).device

@@ -4,7 +4,7 @@ calibration domain shows itself.
 - ``wikitext2``: WikiText-2 *test* (raw), first 60k tokens, 512-token windows — the in-domain text
   (calibration and recovery read WikiText-2 *valid*);
 - ``arc_qa_text``: the ARC-Easy test questions each followed by its correct answer, rendered as plain
-  text (``stages.io.qa``), all of it (~46k SmolLM2 tokens), 512-token windows — science exam prose,
+  text (``prunelab.stages.io.qa``), all of it (~46k SmolLM2 tokens), 512-token windows — science exam prose,
   never used for calibration or recovery;
 - ``arc_easy``: ARC-Easy zero-shot through lm-eval in full (2,376 questions; acc and acc_norm with stderr).
 

@@ -79,7 +79,7 @@ def _lm_eval_version() -> str | None:
 
 
 def _index_file(ver: str) -> Path:
-    from stages.io.sources import cache_root
+    from prunelab.stages.io.sources import cache_root
 
     return cache_root() / f"lm_eval_tasks-{ver}.json"
 
@@ -150,7 +150,7 @@ def task_problems(tasks: dict[str, Any], where: str) -> list[str]:
 def recipe_task_problems(recipe: Any) -> list[str]:
     """:func:`task_problems` for every evaluate stage of a recipe (the preflight hook)."""
     return [p for key, cfg in recipe.stages.items() if getattr(cfg, "type", None) == "evaluate" and getattr(cfg, "tasks", None)
-            for p in task_problems(cfg.tasks, f"stages.{key}.tasks")]
+            for p in task_problems(cfg.tasks, f"prunelab.stages.{key}.tasks")]
 
 
 def suite_availability(tasks: dict[str, Any] | None = None) -> dict[str, str]:

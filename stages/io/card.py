@@ -39,7 +39,7 @@ def _front_matter_license(readme: Path) -> str | None:
 
 def source_folder(source: str, revision: str | None = None) -> Path | None:
     """The local folder holding the source model's files (its card and config), without the network."""
-    from stages.io.sources import alias_dirs, classify
+    from prunelab.stages.io.sources import alias_dirs, classify
 
     try:
         src = classify(source, None)
@@ -63,7 +63,7 @@ def source_folder(source: str, revision: str | None = None) -> Path | None:
 def base_model_of(source: str) -> str | None:
     """The hub id to put in ``base_model``: the source when it is a hub id, an alias's original; None for a local
     folder (its id is unknown) or a built-in tiny model."""
-    from stages.io.sources import classify
+    from prunelab.stages.io.sources import classify
 
     if source in ALIAS_BASE:
         return ALIAS_BASE[source]
@@ -161,7 +161,7 @@ def model_card(ctx: Any) -> str:
     if plan is not None and plan.details():
         lines += [*plan.details(), ""]
     if ctx.evals:
-        from stages.evaluation.describe import describe_result
+        from prunelab.stages.evaluation.describe import describe_result
 
         lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
         for lab, results in ctx.evals.items():

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.core.config import InputFile, PathStr, StrictModel
+from prunelab.stages.core.config import InputFile, PathStr, StrictModel
 
 
 class TextSource(StrictModel):

@@ -259,7 +259,7 @@ def _match_config(folder: Path, tensors: dict[str, dict[str, Any]], config: dict
                 f"[{vocab}, {hidden}]; {fix}"]
     if "prunelab_layer_shapes" in config:  # per-layer widths: the uniform count below does not describe it
         return []
-    from stages.io.sources import shape_from_config
+    from prunelab.stages.io.sources import shape_from_config
 
     shape = shape_from_config(config)
     counts = shape.param_counts() if shape is not None else None

@@ -92,7 +92,7 @@ class DeciLMConfig(LlamaConfig):
 
 def _layer_structure(model: nn.Module) -> list[dict[str, int]]:
     """Per layer: query heads, KV heads and MLP width as the model in memory holds them (0 = removed sublayer)."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     return [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate}
             for g in adapter_for(model).geometries()]
@@ -101,7 +101,7 @@ def _layer_structure(model: nn.Module) -> list[dict[str, int]]:
 def _is_uniform(model: nn.Module) -> bool:
     """Whether the family's vanilla checkpoint holds the model: no per-layer shapes in the config, every layer of
     one geometry (experts included) and no removed sublayer."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     geos = ad.geometries()

@@ -16,7 +16,7 @@ def verify_reload(model: Any, path: Path, tolerance: float) -> float:
     """Max |Δlogit| between ``model`` and a fresh vanilla load of ``path``; raise above ``tolerance``."""
     import torch
 
-    from stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned
 
     fresh = load_pruned(path, dtype=next(model.parameters()).dtype, device=model.device)
     ids = torch.arange(3, 3 + 24, device=model.device).unsqueeze(0) % model.config.vocab_size
@@ -37,7 +37,7 @@ def _check_ids(ctx: Any, n: int = 2, length: int = 128) -> list[list[int]]:
 
 def export_gguf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     """model.gguf, written atomically; with ``verify``, llama.cpp's logits on the same windows as transformers'."""
-    from stages.io import gguf_export as G
+    from prunelab.stages.io import gguf_export as G
 
     path = ctx.run_dir / "model.gguf"
     rec = ctx.recipe.model
@@ -66,8 +66,8 @@ def export_gguf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
 def export_vllm(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     """model-vllm/ (stages.io.export_vllm), written atomically. vLLM runs in a venv of its own, so the check that
     it serves the folder is launch/vllm_check.py, not this stage."""
-    from stages.core.files import atomic_dir
-    from stages.io.export_vllm import write_vllm_export
+    from prunelab.stages.core.files import atomic_dir
+    from prunelab.stages.io.export_vllm import write_vllm_export
 
     with atomic_dir(ctx.run_dir / "model-vllm") as tmp:
         out = write_vllm_export(model, ctx.tokenizer, tmp)
@@ -79,11 +79,11 @@ def refusals(cfg: Any, model: Any) -> list[str]:
     """Why an engine cannot run this model as the listed formats would write it (each names the fix)."""
     out = []
     if "gguf" in cfg.formats:
-        from stages.io.gguf_export import gguf_refusal
+        from prunelab.stages.io.gguf_export import gguf_refusal
 
         out.append(gguf_refusal(model))
     if "vllm" in cfg.formats:
-        from stages.io.export_vllm import vllm_refusal
+        from prunelab.stages.io.export_vllm import vllm_refusal
 
         out.append(vllm_refusal(model))
     return [r for r in out if r]

@@ -148,7 +148,7 @@ def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
     bias = any(getattr(c, "type", None) == "bias" or (getattr(c, "type", None) == "optimal" and getattr(c, "bias", False))
                for c in comps)
     reason = gguf_refusal_for(model_type, hetero, None, "default", bias)
-    return [f"stages.{exports[0]}.{reason.removeprefix('export.')}"] if reason else []
+    return [f"prunelab.stages.{exports[0]}.{reason.removeprefix('export.')}"] if reason else []
 
 
 def _rope(cfg: Any) -> tuple[float, str]:
@@ -261,7 +261,7 @@ def pre_tokenizer_name(tj: dict[str, Any]) -> str:
         return "llama-bpe"
     raise GGUFExportError(
         f"export.formats gguf: the tokenizer's pre-tokenizer {kinds} (regex {regex!r}) is not in the table "
-        f"stages.io.gguf_export.PRE_TOKENIZERS ({', '.join(PRE_TOKENIZERS.values())}); add its llama.cpp name there, "
+        f"prunelab.stages.io.gguf_export.PRE_TOKENIZERS ({', '.join(PRE_TOKENIZERS.values())}); add its llama.cpp name there, "
         f"or load the model from a GGUF source whose tokenizer fields are copied verbatim")
 
 
@@ -383,7 +383,7 @@ def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: 
 
 def source_gguf(source: str, gguf_file: str | None) -> Path | None:
     """The GGUF file a model source was loaded from (alias or .gguf), whose tokenizer fields we copy; else None."""
-    from stages.io.sources import ALIASES, alias_dirs, classify
+    from prunelab.stages.io.sources import ALIASES, alias_dirs, classify
 
     src = classify(source, gguf_file)
     if src.kind == "alias":

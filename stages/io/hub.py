@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.core.config import StrictModel
+from prunelab.stages.core.config import StrictModel
 
 
 class PushToHubConfig(StrictModel):

@@ -6,9 +6,9 @@ adaptive allocation), ``config.json`` carries ``prunelab_layer_shapes`` — one
 ``{num_attention_heads, num_key_value_heads, intermediate_size}`` per layer — which transformers
 cannot build yet (a removed sublayer is ``num_attention_heads = num_key_value_heads = 0`` — no attention — or
 ``intermediate_size = 0`` — no MLP; ``ArchAdapter.resize_layer`` puts the parameter-free no-ops of
-``stages.arch.noop`` in their place), so use::
+``prunelab.stages.arch.noop`` in their place), so use::
 
-    from stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned
     model = load_pruned("runs/<name>/model")
 """
 
@@ -44,7 +44,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     shapes = getattr(config, "prunelab_layer_shapes", None)
     if not shapes:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 
-from stages.core.files import atomic_dir
-from stages.io.config import ModelConfig
-from stages.io.sources import alias_dirs, classify, fetch_alias
+from prunelab.stages.core.files import atomic_dir
+from prunelab.stages.io.config import ModelConfig
+from prunelab.stages.io.sources import alias_dirs, classify, fetch_alias
 
 log = get_logger(__name__)
 
@@ -81,7 +81,7 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "tiny":
-        from stages.io.tiny import byte_tokenizer, tiny_alias
+        from prunelab.stages.io.tiny import byte_tokenizer, tiny_alias
 
         model, tokenizer = tiny_alias(src.path).to(dtype), byte_tokenizer()
     elif src.kind == "alias":

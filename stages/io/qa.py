@@ -17,8 +17,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator
 
-from stages.core.config import InputFile, StrictModel
-from stages.io.config import TextSource
+from prunelab.stages.core.config import InputFile, StrictModel
+from prunelab.stages.io.config import TextSource
 
 
 class QATextSource(StrictModel):

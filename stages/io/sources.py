@@ -250,7 +250,7 @@ def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
 
 def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
     """A ModelShape from a transformers ``config.json`` (Llama, Mistral, Qwen2/3 field names)."""
-    from stages.arch import dense_mlp_layers
+    from prunelab.stages.arch import dense_mlp_layers
 
     cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
     layers = cfg.get("num_hidden_layers")

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from stages.io.config import TextSource
-from stages.io.qa import QATextSource, render_qa
+from prunelab.stages.io.config import TextSource
+from prunelab.stages.io.qa import QATextSource, render_qa
 
 
 def read_text(source: TextSource | QATextSource) -> str:
@@ -18,7 +18,7 @@ def read_text(source: TextSource | QATextSource) -> str:
 
     A ``.txt`` file is taken as it is (it already is the joined text, e.g. WikiText-2 raw); a
     ``.jsonl`` file is one row per line with the text under ``text_field``; a ``qa_text`` file is
-    rendered question + correct answer per row (``stages.io.qa``).
+    rendered question + correct answer per row (``prunelab.stages.io.qa``).
     """
     if isinstance(source, QATextSource):
         return render_qa(source)

@@ -97,7 +97,7 @@ def tiny_family(model_type: str, num_layers: int = 4, seed: int = 0, **overrides
 
 def tiny_alias(name: str) -> torch.nn.Module:
     """The model a ``tiny-random-<family>`` source names (stages.io.sources.TINY_ALIASES)."""
-    from stages.io.sources import TINY_ALIASES, TINY_FAMILY
+    from prunelab.stages.io.sources import TINY_ALIASES, TINY_FAMILY
 
     family = TINY_FAMILY[name]
     if family == "llama":  # as it always was: recipes/debug*.yaml pin its numbers

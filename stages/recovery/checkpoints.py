@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stages.core.files import atomic_write_json
-from stages.recovery.config import CheckpointSettings
-from stages.recovery.model import trainable_only
+from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.recovery.config import CheckpointSettings
+from prunelab.stages.recovery.model import trainable_only
 
 TRAIN_STATE = "trainer_state.json"
 

@@ -13,10 +13,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
-from stages.arch.base_names import FUSED_NAMES, LORA_TARGETS
-from stages.calibration.sources import SamplingSettings
-from stages.core.config import StrictModel
-from stages.io.config import TextSource
+from prunelab.stages.arch.base_names import FUSED_NAMES, LORA_TARGETS
+from prunelab.stages.calibration.sources import SamplingSettings
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.io.config import TextSource
 
 DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target modules
 
@@ -24,7 +24,7 @@ DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target m
 class TeacherGenerate(SamplingSettings):
     """Text the dense teacher writes from prompts drawn from the data's ``source``: ``num_samples`` prompts of
     ``prompt_tokens`` tokens (seeded windows of the source) continued to ``seq_len`` tokens by seeded sampling
-    (``stages.calibration.generate``), cached shard by shard in the recover stage's folder. Distillation needs
+    (``prunelab.stages.calibration.generate``), cached shard by shard in the recover stage's folder. Distillation needs
     no labels, so this widens the data beyond the source; with ``ce`` it is sequence-level distillation."""
 
     num_samples: int = Field(..., ge=1, description="generated sequences (each one training block of seq_len tokens)")
@@ -180,7 +180,7 @@ class LossSettings(StrictModel):
 
 
 class RecoverySettings(StrictModel):
-    """Everything the trainer reads. Loss names are those of :mod:`stages.recovery.losses`."""
+    """Everything the trainer reads. Loss names are those of :mod:`prunelab.stages.recovery.losses`."""
 
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="lora: an adapter on the frozen pruned weights; qlora: the same on NF4 base weights "

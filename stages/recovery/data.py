@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from stages.io.config import TextSource
-from stages.recovery.config import RecoveryData
+from prunelab.stages.io.config import TextSource
+from prunelab.stages.recovery.config import RecoveryData
 
 IGNORE = -100
 
@@ -135,7 +135,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def build_dataset(tokenizer: Any, data: RecoveryData, generated: torch.Tensor | None = None) -> IndexedExamples:
     """The recipe's training examples: packed text blocks or Alpaca rows, tokenized; ``generated`` (the teacher's
     sequences of ``data.teacher_generate``, [n, seq_len]) come after the source's blocks, or alone."""
-    from stages.io.text import read_text, tokenize_text
+    from prunelab.stages.io.text import read_text, tokenize_text
 
     if data.teacher_generate is not None and generated is None:
         raise ValueError("data.teacher_generate: the teacher's sequences were not generated (pass `generated`)")

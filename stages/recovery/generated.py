@@ -1,7 +1,7 @@
 """Recovery text written by the dense teacher (``data.teacher_generate``): seeded continuations of prompts drawn
 from the data's own source, cached shard by shard.
 
-The sampling and the shard cache are those of self-generated calibration (``stages.calibration.generate``):
+The sampling and the shard cache are those of self-generated calibration (``prunelab.stages.calibration.generate``):
 each batch draws from a generator seeded by (seed, batch index) and is written to ``cache_dir`` as it finishes,
 with a key of every setting it depends on, so a resumed run reads finished shards back and a changed setting
 makes them again.
@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from stages.recovery.config import RecoveryData
+from prunelab.stages.recovery.config import RecoveryData
 
 
 def teacher_text(data: RecoveryData, model: Any, tokenizer: Any, seed: int, cache_dir: Path,
                  progress: bool = True) -> torch.Tensor:
     """LongTensor [num_samples, seq_len]: prompts of ``prompt_tokens`` tokens from ``data.source``, continued by
     ``model`` to ``data.seq_len`` tokens."""
-    from stages.calibration.generate import self_generate
-    from stages.calibration.sources import SamplingSettings, SelfGeneratedSettings
+    from prunelab.stages.calibration.generate import self_generate
+    from prunelab.stages.calibration.sources import SamplingSettings, SelfGeneratedSettings
 
     g = data.teacher_generate
     if g is None:

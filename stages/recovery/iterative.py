@@ -1,7 +1,7 @@
 """Iterative pruning: cycles of score → prune → recover that reach the target step by step (the ``iterate`` stage).
 
 Each cycle scores the model as the previous cycle left it (recovered), removes its share of the target — whole
-blocks (depth) or heads / KV groups / MLP channels (width, :mod:`stages.recovery.iterative_width`) — and heals the
+blocks (depth) or heads / KV groups / MLP channels (width, :mod:`prunelab.stages.recovery.iterative_width`) — and heals the
 result with the recovery trainer. A cycle writes ``cycle-NN/plan.json`` (in that cycle's numbering), a width
 cycle's compensation beside it (``cycle-NN/compensation.safetensors``), its recovery (``cycle-NN/recover/``:
 adapter or weights, loss curve, checkpoints) and, last, ``cycle-NN/done.json``; a finished cycle is *replayed* on
@@ -10,7 +10,7 @@ weights) or loaded (``full``), exactly what the uninterrupted run did — so a r
 one: the trainer's own checkpoints) continues and ends with the same model. Every cycle seeds torch with
 ``seed + cycle``, so a cycle does not depend on whether the ones before it ran in the same process.
 
-:func:`compose_depth` / :func:`stages.recovery.iterative_width.compose_width` map the cycles' plans back to the
+:func:`compose_depth` / :func:`prunelab.stages.recovery.iterative_width.compose_width` map the cycles' plans back to the
 dense model's numbering: the composed plan is what ``metrics.json``, the report, the model card and the
 intermediate loss's block mapping read. It RECORDS what was removed; it does not rebuild the model from the dense
 weights (every cycle's compensation and recovery changed them).
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.core.files import atomic_write_json
-from stages.selection.config import BlocksSettings, WidthSettings, validate_selection
-from stages.selection.legacy import explain_old
-from stages.surgery.plan import DepthPlan, DepthTarget, Merge, load_plan
+from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.selection.config import BlocksSettings, WidthSettings, validate_selection
+from prunelab.stages.selection.legacy import explain_old
+from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge, load_plan
 
 
 def prune_settings(data: Any) -> Any:
@@ -107,15 +107,15 @@ class DepthSchedule:
     """Depth pruning over ``cycles``: the dense model's block count split evenly (:func:`split_blocks`)."""
 
     def __init__(self, prune: BlocksSettings, cycles: int, model: Any) -> None:
-        from stages.arch import adapter_for
-        from stages.selection.blocks import num_blocks_for
+        from prunelab.stages.arch import adapter_for
+        from prunelab.stages.selection.blocks import num_blocks_for
 
         self.prune, self.counts = prune, split_blocks(num_blocks_for(prune, adapter_for(model)), cycles)
         self.target = DepthTarget(num_blocks=prune.num_blocks, ratio=prune.ratio, rounding=prune.rounding)
 
     def select(self, model: Any, c: int, folder: Path, score: Callable[..., tuple[dict[str, Any], Any]]) -> tuple[DepthPlan, dict[str, Any]]:
-        from stages.arch import adapter_for
-        from stages.selection.blocks import make_plan
+        from prunelab.stages.arch import adapter_for
+        from prunelab.stages.selection.blocks import make_plan
 
         k = self.counts[c - 1]
         result, _ = score(model, folder, k, set())
@@ -156,10 +156,10 @@ def run_cycles(state: Cycles, model: Any, score: Callable[..., tuple[dict[str, A
     (both None: replay only, every cycle must be finished)."""
     from accelerate.utils import set_seed
 
-    from stages.arch import adapter_for
-    from stages.recovery.iterative_width import WidthSchedule
-    from stages.recovery.model import apply_trained, trained_folder
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.recovery.iterative_width import WidthSchedule
+    from prunelab.stages.recovery.model import apply_trained, trained_folder
+    from prunelab.stages.surgery.apply import apply_plan
 
     kind = DepthSchedule if isinstance(state.prune, BlocksSettings) else WidthSchedule
     schedule = kind(state.prune, state.cycles, model)  # type: ignore[arg-type]

@@ -10,9 +10,9 @@ recipe (allocation, attention unit, layers, compensation) unchanged. A cycle tha
 as the one-shot plan does.
 
 Each cycle collects the statistics its criterion needs (and the projection inputs; XᵀX for optimal compensation) on
-the current model from the run's calibration windows, selects (:func:`stages.selection.planning.make_width_plan`)
+the current model from the run's calibration windows, selects (:func:`prunelab.stages.selection.planning.make_width_plan`)
 and returns the plan with its compensation side tensors; surgery and recovery are the loop's
-(:mod:`stages.recovery.iterative`).
+(:mod:`prunelab.stages.recovery.iterative`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.selection.config import WidthSettings
-from stages.selection.targets import ratio_to_params
-from stages.surgery.plan import LayerRemoval, WidthPlan
+from prunelab.stages.selection.config import WidthSettings
+from prunelab.stages.selection.targets import ratio_to_params
+from prunelab.stages.surgery.plan import LayerRemoval, WidthPlan
 
 UNIT_KINDS = ("q_heads", "kv_heads", "mlp")
 
@@ -37,7 +37,7 @@ class WidthSchedule:
     """Width pruning over ``cycles``: ``select`` scores and plans one cycle, ``compose`` maps the plans to the dense model."""
 
     def __init__(self, prune: WidthSettings, cycles: int, model: Any) -> None:
-        from stages.arch import adapter_for
+        from prunelab.stages.arch import adapter_for
 
         if prune.ratio is None:
             raise ValueError("iterate's width target is `ratio` (of the dense model's parameters), not layer_ratio")
@@ -47,10 +47,10 @@ class WidthSchedule:
     def select(self, model: Any, c: int, folder: Path, score: Callable[..., tuple[dict[str, Any], Any]]) -> tuple[WidthPlan, dict[str, Any]]:
         """Cycle ``c``'s plan (indices of ``model`` as it is) and side tensors: ``score(model, folder, None, extra)``
         gives the criterion's result and the calibration statistics of ``model``."""
-        from stages.arch import adapter_for
-        from stages.calibration.width import summary_tensors
-        from stages.selection.planning import make_width_plan
-        from stages.selection.width import WidthTargetError
+        from prunelab.stages.arch import adapter_for
+        from prunelab.stages.calibration.width import summary_tensors
+        from prunelab.stages.selection.planning import make_width_plan
+        from prunelab.stages.selection.width import WidthTargetError
 
         current, goal = adapter_for(model).total_params(), cycle_goal(self.dense, self.prune.ratio, c, self.cycles)
         where = f"cycle {c} of {self.cycles} (goal {goal:,} of the dense model's {self.dense:,} parameters; the model has {current:,})"

@@ -3,7 +3,7 @@
 A loss is ``fn(model, batch, teacher, settings) -> scalar tensor``: ``batch`` is the collated micro-batch
 (``input_ids``, ``attention_mask``, ``labels`` with -100 on positions without loss), ``teacher`` the frozen
 model a distillation loss compares against (None for losses that declare no teacher) and ``settings`` the
-recipe's ``loss`` group (:class:`stages.recovery.config.LossSettings`; None means its defaults). The value is
+recipe's ``loss`` group (:class:`prunelab.stages.recovery.config.LossSettings`; None means its defaults). The value is
 the mean over the micro-batch's labelled positions; the trainer divides by the accumulation itself.
 
 Registered: ``ce`` (next-token cross-entropy), ``kd`` (forward KL from the teacher's logits) and ``ce+kd``
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stages.core.registry import Registry
+from prunelab.stages.core.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
 
 def _kd_terms(model: Any, batch: dict[str, torch.Tensor], teacher: Teacher, settings: Any, with_ce: bool) -> tuple:
     """(kd, intermediate weight × block distance (0 without intermediate), ce or None, settings) of a micro-batch."""
-    from stages.recovery.config import LossSettings
+    from prunelab.stages.recovery.config import LossSettings
 
     settings = settings or LossSettings(type="kd")
     teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stages.recovery.config import LoraSettings, RecoverySettings
+from prunelab.stages.recovery.config import LoraSettings, RecoverySettings
 
 
 def lora_config(lora: LoraSettings, model: torch.nn.Module) -> Any:
@@ -22,7 +22,7 @@ def lora_config(lora: LoraSettings, model: torch.nn.Module) -> Any:
     ``gate_up_proj``) gets its own module names for the Llama-layout names a recipe lists."""
     from peft import LoraConfig
 
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     targets = adapter_for(model).lora_modules(list(lora.target_modules))
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
@@ -34,7 +34,7 @@ def trainable_model(base: torch.nn.Module, cfg: RecoverySettings, work_dir: Path
     merge). QLoRA: ``base`` saved once and re-loaded with its linears in NF4 (bitsandbytes)."""
     from peft import get_peft_model
 
-    from stages.io.models import resolve_dtype
+    from prunelab.stages.io.models import resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.method == "full":
@@ -65,7 +65,7 @@ def load_nf4(base: torch.nn.Module, folder: Path, dtype: torch.dtype, device: to
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from stages.core.files import atomic_dir
+    from prunelab.stages.core.files import atomic_dir
 
     if not (folder / "config.json").is_file():
         with atomic_dir(folder) as tmp:
@@ -138,7 +138,7 @@ def save_adapter(acc: Any, model: Any, adapter_dir: Path) -> None:
     """
     from contextlib import nullcontext
 
-    from stages.core.files import atomic_dir
+    from prunelab.stages.core.files import atomic_dir
 
     unwrapped = acc.unwrap_model(model)
     named = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]

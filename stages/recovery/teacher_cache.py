@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.core.files import atomic_dir
-from stages.recovery.losses import Teacher
+from prunelab.stages.core.files import atomic_dir
+from prunelab.stages.recovery.losses import Teacher
 
 FOLDER = "teacher-cache"
 

@@ -6,13 +6,13 @@ Why this shape:
   process and two processes see the same samples per optimizer step and reach the same weights.
 - The sample order is a seeded permutation shared by every rank; accelerate shards it by batches.
   Each rank's consumed indices are gathered to the main process and written out as proof.
-- Checkpoints (:mod:`stages.recovery.checkpoints`) hold only the adapter plus optimizer, scheduler and RNG
+- Checkpoints (:mod:`prunelab.stages.recovery.checkpoints`) hold only the adapter plus optimizer, scheduler and RNG
   states; ``--resume`` loads the newest and skips the batches already consumed (``skip_first_batches``),
   so the resumed run ends with the same loss as an uninterrupted one.
-- The loss is looked up by name (:mod:`stages.recovery.losses`); a distillation loss gets the frozen dense
+- The loss is looked up by name (:mod:`prunelab.stages.recovery.losses`); a distillation loss gets the frozen dense
   teacher, called on the same micro-batch (every rank holds it under DDP and ZeRO-1/2; under ZeRO-3 it is
   sharded for inference by its own DeepSpeed engine). The model, its merge and the adapter's gathering
-  live in :mod:`stages.recovery.model`, the plain-peft speed baseline in :mod:`stages.recovery.plain_loop`.
+  live in :mod:`prunelab.stages.recovery.model`, the plain-peft speed baseline in :mod:`prunelab.stages.recovery.plain_loop`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 
-from stages.core.files import atomic_write_json
-from stages.recovery.checkpoints import Checkpoints, settings_hashes
-from stages.recovery.config import RecoverySettings
-from stages.recovery.losses import Loss, Teacher, block_pairs, get_loss
+from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.recovery.checkpoints import Checkpoints, settings_hashes
+from prunelab.stages.recovery.config import RecoverySettings
+from prunelab.stages.recovery.losses import Loss, Teacher, block_pairs, get_loss
 
 log = get_logger(__name__)
 
@@ -101,11 +101,11 @@ def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir
           teacher: torch.nn.Module | None = None, plan: Any = None, generated: torch.Tensor | None = None) -> TrainState:
     """Data, trainable model, optimizer and schedule, prepared by accelerate; the teacher (if the loss needs
     one) frozen on this rank's device, its blocks paired with ``base``'s by ``plan``; resumed if asked and possible.
-    ``generated``: the teacher's sequences of ``data.teacher_generate`` (:mod:`stages.recovery.generated`)."""
+    ``generated``: the teacher's sequences of ``data.teacher_generate`` (:mod:`prunelab.stages.recovery.generated`)."""
     from transformers import get_scheduler
 
-    from stages.recovery.data import build_dataset, make_loader
-    from stages.recovery.model import trainable_model
+    from prunelab.stages.recovery.data import build_dataset, make_loader
+    from prunelab.stages.recovery.model import trainable_model
 
     acc = env.accelerator
     loss = get_loss(cfg.loss.type)
@@ -149,7 +149,7 @@ def _teacher(acc: Any, cfg: RecoverySettings, teacher: torch.nn.Module) -> Teach
     ``prepare_deepspeed`` does for its reference models."""
     from accelerate.utils import DistributedType
 
-    from stages.io.models import resolve_dtype
+    from prunelab.stages.io.models import resolve_dtype
 
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     zero3 = acc.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
@@ -174,7 +174,7 @@ def _teacher(acc: Any, cfg: RecoverySettings, teacher: torch.nn.Module) -> Teach
 def _cache(acc: Any, cfg: RecoverySettings, live: Teacher, dataset: Any, out_dir: Path, label: str, vocab: int) -> Teacher:
     """One pass of the live teacher writes its top-k logits; its weights are then released (moved to the meta
     device) and training reads the cache."""
-    from stages.recovery.teacher_cache import cached_teacher
+    from prunelab.stages.recovery.teacher_cache import cached_teacher
 
     meta = {"label": label, "data": cfg.data.model_dump(mode="json"), "dtype": cfg.dtype}
     cached = cached_teacher(acc, live, dataset, cfg.loss.top_k, meta, out_dir, vocab)
@@ -324,7 +324,7 @@ def train(env: TrainerEnv, run: TrainState, cfg: RecoverySettings) -> float:
 
 def save(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, out_dir: Path, seconds: float) -> dict[str, Any]:
     """Adapter (gathered from every shard), loss curve and samples; returns the training's summary."""
-    from stages.recovery.model import rank_fingerprints, save_adapter, trained_folder
+    from prunelab.stages.recovery.model import rank_fingerprints, save_adapter, trained_folder
 
     acc, rec = env.accelerator, run.recorder
     fingerprints = rank_fingerprints(acc, run.model)
@@ -347,8 +347,8 @@ def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module,
     """Train ``base`` (an adapter on it, or every weight for ``full``); write the trained tensors, loss curve,
     samples; return stats and the merged model. ``teacher``: the dense model, for a distillation loss;
     ``plan``: the pruning plan that made ``base`` from it (the block mapping of ``loss.intermediate``)."""
-    from stages.recovery.model import apply_trained, trained_folder
-    from stages.recovery.plain_loop import compare_with_plain
+    from prunelab.stages.recovery.model import apply_trained, trained_folder
+    from prunelab.stages.recovery.plain_loop import compare_with_plain
 
     run = setup(env, cfg, base, out_dir, label, teacher, plan, generated)
     seconds = train(env, run, cfg)
@@ -361,7 +361,7 @@ def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module,
 
 def _summary(run: TrainState, processes: int, seconds: float) -> dict[str, Any]:
     """Throughput = median tokens per step / median step time, warm-up step excluded."""
-    from stages.evaluation.memory import peak_memory_mb
+    from prunelab.stages.evaluation.memory import peak_memory_mb
 
     rec = run.recorder
     timed = rec.step_seconds[1:] or rec.step_seconds  # the first step includes warm-up

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.selection.owl import linear_offsets
+from prunelab.stages.selection.owl import linear_offsets
 
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def hill_alpha(eigs: torch.Tensor) -> float:
 def layer_alphas(model: torch.nn.Module, roles: tuple[str, ...] | None = None) -> list[float]:
     """Mean Hill α over each decoder layer's weight matrices (the family adapter's linears of ``roles``; default:
     every distinct linear, a fused one once)."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     roles = roles or tuple(ad.distinct_roles())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.selection.config import BlocksSettings
-from stages.selection.targets import blocks_for_ratio
-from stages.surgery.plan import DepthPlan, DepthTarget, Merge
+from prunelab.stages.selection.config import BlocksSettings
+from prunelab.stages.selection.targets import blocks_for_ratio
+from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge
 
 
 def num_blocks_for(cfg: BlocksSettings, adapter: Any) -> int:

@@ -23,8 +23,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from stages.core.config import StrictModel
-from stages.selection.targets import blocks_for_ratio, hidden_channels_to_remove
+from prunelab.stages.core.config import StrictModel
+from prunelab.stages.selection.targets import blocks_for_ratio, hidden_channels_to_remove
 
 
 # ----------------------------------------------------------------------------- key checks with messages that help
@@ -79,7 +79,7 @@ class _Tagged(StrictModel):
     what: ClassVar[str] = ""
 
     def describe(self) -> str:
-        """A few words for the plan's summary (``stages.surgery.plan``)."""
+        """A few words for the plan's summary (``prunelab.stages.surgery.plan``)."""
         return f"{self.type} {self.what}"
 
 
@@ -185,8 +185,8 @@ class ExpertUnits(StrictModel):
 
 def _check_scores(criterion: str, unit: str, field: str) -> None:
     """``criterion`` must be a width criterion that scores ``unit`` (experts, expert_channels, kv_groups, ...)."""
-    from stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
-    from stages.criteria.registry import criteria_for
+    from prunelab.stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
+    from prunelab.stages.criteria.registry import criteria_for
 
     registry = criteria_for("width")
     if criterion not in registry:
@@ -206,8 +206,8 @@ class _Selection(StrictModel):
 
     @model_validator(mode="after")
     def _known_criterion(self) -> _Selection:
-        from stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
-        from stages.criteria.registry import criteria_for
+        from prunelab.stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
+        from prunelab.stages.criteria.registry import criteria_for
 
         registry = criteria_for(self.scored_units)
         if self.criterion not in registry:
@@ -351,7 +351,7 @@ class WidthSettings(_WidthTarget):
         if self.layers is not None and self.layers[1] > num_layers:
             return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
         if geometries and self.mlp and self.round_to > 1:
-            from stages.selection.width import WidthTargetError, check_round_to
+            from prunelab.stages.selection.width import WidthTargetError, check_round_to
 
             start, end = self.layers or (0, num_layers)
             try:
@@ -359,7 +359,7 @@ class WidthSettings(_WidthTarget):
             except WidthTargetError as exc:
                 return [str(exc)]
         if geometries and self.layer_ratio is not None:
-            from stages.selection.width import WidthTargetError, uniform_layer
+            from prunelab.stages.selection.width import WidthTargetError, uniform_layer
 
             start, end = self.layers or (0, num_layers)
             for i in range(start, end):
@@ -385,7 +385,7 @@ class HiddenSettings(_WidthTarget):
 
     @model_validator(mode="after")
     def _hidden_criterion(self) -> HiddenSettings:
-        from stages.criteria import HIDDEN_CRITERIA
+        from prunelab.stages.criteria import HIDDEN_CRITERIA
 
         if self.criterion not in HIDDEN_CRITERIA:
             raise ValueError(f"criterion {self.criterion!r} has no hidden-channel score; choose from {', '.join(HIDDEN_CRITERIA)}")

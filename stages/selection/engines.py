@@ -29,7 +29,7 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from stages.arch.base import LayerGeometry
+    from prunelab.stages.arch.base import LayerGeometry
 
 Engine = Literal["transformers", "llama.cpp", "vllm"]
 ENGINES: tuple[str, ...] = ("transformers", "llama.cpp", "vllm")

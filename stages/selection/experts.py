@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.calibration.width import LayerGeometry
-from stages.selection.targets import round_count
-from stages.selection.width import WidthTargetError, _lowest
+from prunelab.stages.calibration.width import LayerGeometry
+from prunelab.stages.selection.targets import round_count
+from prunelab.stages.selection.width import WidthTargetError, _lowest
 
 
 def select_experts(
@@ -55,8 +55,8 @@ def select_experts(
 
 def _channels_to_remove(ratio: float, width: int) -> int:
     """round(ratio · width), adjusted so the kept width stays a multiple of 8 when it was one (transformers' grouped_mm
-    experts kernel needs 16-byte-aligned expert rows; ``stages.surgery.experts``)."""
-    from stages.surgery.experts import EXPERT_WIDTH_MULTIPLE as m
+    experts kernel needs 16-byte-aligned expert rows; ``prunelab.stages.surgery.experts``)."""
+    from prunelab.stages.surgery.experts import EXPERT_WIDTH_MULTIPLE as m
 
     if width % m:
         return round_count(ratio * width)

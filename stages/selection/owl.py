@@ -1,8 +1,8 @@
 """OWL layer allocation (Yin et al., 2023, arXiv 2310.05175) and the linear ratio offsets it shares with AlphaPruning.
 
 An allocation decides how much each layer loses; it is not a criterion (which decides which units go): both
-OWL and AlphaPruning (``stages.selection.alpha``) give per-layer offsets around the target ratio r that any
-criterion's scores are then cut with (``stages.selection.width.select_uniform``).
+OWL and AlphaPruning (``prunelab.stages.selection.alpha``) give per-layer offsets around the target ratio r that any
+criterion's scores are then cut with (``prunelab.stages.selection.width.select_uniform``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], 
     r_ℓ = r − (a_ℓ − mean(a)),  a_ℓ = 2λ (D_ℓ − min D) / (max D − min D),  so r_ℓ ∈ [r − λ, r + λ]
     and the mean over the pruned layers stays r. Returns offsets for every layer (0 outside ``layers``).
     """
-    from stages.arch import adapter_for
-    from stages.arch.base import INPUT_OF, STAT_KEYS
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch.base import INPUT_OF, STAT_KEYS
 
     ad = adapter_for(model)
     ratios = []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.selection.config import HiddenSettings, WidthSettings
-from stages.selection.targets import hidden_channels_to_remove, ratio_to_params
-from stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPlan, WidthTarget
+from prunelab.stages.selection.config import HiddenSettings, WidthSettings
+from prunelab.stages.selection.targets import hidden_channels_to_remove, ratio_to_params
+from prunelab.stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPlan, WidthTarget
 
 
 def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None,
@@ -14,16 +14,16 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation). ``results``: every
     criterion's result by name (the expert units' criteria; default: ``result`` for all). ``calibration`` (token
     windows): where vLLM makes a global plan's attention uniform, the two counts around its mean are tried on them."""
-    from stages.arch import adapter_for
-    from stages.selection.engines import (
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.selection.engines import (
         engine_refusals,
         needs_uniform_attention,
         query_heads_uniform,
         uniform_attention,
         uniform_counts,
     )
-    from stages.selection.width import WidthTargetError, removed_params, select_global, select_uniform, summarize
-    from stages.surgery.compensation import bias_compensation, optimal_compensation
+    from prunelab.stages.selection.width import WidthTargetError, removed_params, select_global, select_uniform, summarize
+    from prunelab.stages.surgery.compensation import bias_compensation, optimal_compensation
 
     adapter = adapter_for(model)
     geos = adapter.geometries()
@@ -47,13 +47,13 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         chosen = select_global(scores, geos, layers, cfg.mlp, cfg.attention, target, cfg.round_to)
     else:
         if alloc.type == "owl":
-            from stages.selection.owl import owl_offsets
+            from prunelab.stages.selection.owl import owl_offsets
 
             if means is None:
                 raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
             offsets = owl_offsets(model, means["sq_norm"], layers, alloc.m, alloc.lambda_)
         elif alloc.type == "alpha":
-            from stages.selection.alpha import alpha_offsets, layer_alphas
+            from prunelab.stages.selection.alpha import alpha_offsets, layer_alphas
 
             alphas = layer_alphas(model)
             offsets = alpha_offsets(alphas, layers, alloc.epsilon)
@@ -93,7 +93,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
             chosen = constrained(None)
     side = compensate(chosen)
     if cfg.moe_units():
-        from stages.selection.experts import select_experts
+        from prunelab.stages.selection.experts import select_experts
 
         by_key = {k: (results or {}).get(u.criterion, result)["layers"] for k, u in cfg.moe_units().items()}
         for i, rem in select_experts(by_key, geos, cfg.experts, cfg.expert_channels).items():
@@ -133,8 +133,8 @@ def _best_on_calibration(candidates: list[dict[int, dict[str, list[int]]]], mode
 
     import torch
 
-    from stages.selection.width import summarize
-    from stages.surgery.apply import apply_plan
+    from prunelab.stages.selection.width import summarize
+    from prunelab.stages.surgery.apply import apply_plan
 
     if len(candidates) == 1:
         return candidates[0]
@@ -160,9 +160,9 @@ def _best_on_calibration(candidates: list[dict[int, dict[str, list[int]]]], mode
 def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) -> HiddenPlan:
     """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
     target (each channel owns the same parameters, so k = round(target / params per channel))."""
-    from stages.arch import adapter_for
-    from stages.criteria.hidden import params_per_hidden_channel
-    from stages.selection.width import WidthTargetError, _lowest, summarize
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.criteria.hidden import params_per_hidden_channel
+    from prunelab.stages.selection.width import WidthTargetError, _lowest, summarize
 
     if "hidden" not in result:
         raise ValueError(f"criterion {cfg.criterion} has no hidden-channel scores; re-run the width score stage "

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.selection.config import SublayersSettings
-from stages.selection.targets import ratio_to_params
-from stages.surgery.plan import LayerShape, SublayerPlan, SublayerTarget
+from prunelab.stages.selection.config import SublayersSettings
+from prunelab.stages.selection.targets import ratio_to_params
+from prunelab.stages.surgery.plan import LayerShape, SublayerPlan, SublayerTarget
 
 
 def sublayer_params(adapter: Any) -> dict[tuple[str, int], int]:
@@ -65,7 +65,7 @@ def select_sublayers(order: list[tuple[str, int]], params: dict[tuple[str, int],
 
 def make_sublayer_plan(result: dict[str, Any], cfg: SublayersSettings, adapter: Any) -> SublayerPlan:
     """The sublayer plan for ``cfg``'s target from one criterion's saved result."""
-    from stages.surgery.sublayers import sublayer_refusal
+    from prunelab.stages.surgery.sublayers import sublayer_refusal
 
     refusal = sublayer_refusal(adapter.model)
     if refusal:

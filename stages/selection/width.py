@@ -6,10 +6,10 @@ Two allocations:
 - ``global``: KV groups and MLP channels of all layers in range are ranked on one scale and removed
   cheapest-first, each weighted by its parameter cost (FLAP's adaptive structure, "AL-AM"); layer
   widths then differ and the model needs the prunelab loader.
-``select_uniform`` also takes per-layer ratio offsets from OWL (``stages.selection.owl``) or AlphaPruning
-(``stages.selection.alpha``). Compensation of what is removed lives in ``stages.surgery.compensation``.
+``select_uniform`` also takes per-layer ratio offsets from OWL (``prunelab.stages.selection.owl``) or AlphaPruning
+(``prunelab.stages.selection.alpha``). Compensation of what is removed lives in ``prunelab.stages.surgery.compensation``.
 ``round_to`` N keeps every pruned layer's MLP width a multiple of N (Torch-Pruning's ``round_to``; Minitron's 64);
-what the serving engines run is applied on top by ``stages.selection.engines``.
+what the serving engines run is applied on top by ``prunelab.stages.selection.engines``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from stages.calibration.width import LayerGeometry
-from stages.selection.targets import round_count
+from prunelab.stages.calibration.width import LayerGeometry
+from prunelab.stages.selection.targets import round_count
 
 
 class WidthTargetError(ValueError):

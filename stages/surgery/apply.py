@@ -1,6 +1,6 @@
 """Surgery: the only code that edits weights or architecture. It executes a plan; it never decides.
 
-A plan is a typed record (``stages.surgery.plan``) saved as ``plan.json``. ``apply_plan`` applied to a fresh copy
+A plan is a typed record (``prunelab.stages.surgery.plan``) saved as ``plan.json``. ``apply_plan`` applied to a fresh copy
 of the same model gives the same weights, which is what makes a run resumable and a plan reviewable.
 """
 
@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from stages.arch.base import ArchAdapter
-from stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, SublayerPlan, WidthPlan, load_plan
+from prunelab.stages.arch.base import ArchAdapter
+from prunelab.stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, SublayerPlan, WidthPlan, load_plan
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
         return model
     _check_shapes(model, plan.shapes_before)
     if isinstance(plan, SublayerPlan):
-        from stages.surgery.sublayers import remove_sublayers
+        from prunelab.stages.surgery.sublayers import remove_sublayers
 
         remove_sublayers(model, plan.removed_attention, plan.removed_mlp)
         set_width_config(model, [sh.model_dump(exclude_none=True) for sh in plan.shapes_after])
@@ -49,7 +49,7 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
 
 
 def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     if before is not None:
         now = adapter_for(model).geometries()
@@ -61,7 +61,7 @@ def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
 
 
 def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None:
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     if ad.UNIFORM_WIDTHS_ONLY and any(s != plan.shapes_after[0] for s in plan.shapes_after):
@@ -70,7 +70,7 @@ def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None
     for key, removed in plan.layers.items():
         prune_layer_width(ad.layers[int(key)], removed.model_dump(), type(ad))
         if removed.experts or removed.expert_channels:
-            from stages.surgery.experts import prune_layer_experts
+            from prunelab.stages.surgery.experts import prune_layer_experts
 
             prune_layer_experts(ad.layers[int(key)], removed.experts, removed.expert_channels, type(ad))
     weights = {k: v for k, v in side.items() if k.endswith(".weight")}
@@ -95,8 +95,8 @@ def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers: int | None = None) -> None:
     """LaCo's RDSC merges, in plan order, before the absorbed blocks are removed (indices are the original ones)."""
-    from stages.arch import adapter_for
-    from stages.surgery.merge import rdsc_merge
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.surgery.merge import rdsc_merge
 
     layers = adapter_for(model).layers
     if expected_layers is not None and len(layers) != expected_layers:
@@ -109,7 +109,7 @@ def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers
 
 def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | None = None) -> None:
     """Physically drop decoder blocks; renumber ``layer_idx`` so the KV cache indexes stay dense."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     layers = ad.layers
@@ -182,7 +182,7 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]], arch: typ
     """Physically remove query heads, KV heads and MLP channels of one decoder layer (the members of each unit
     come from the family's adapter ``arch``; the default is the Llama layout)."""
     if arch is None:
-        from stages.arch import layer_adapter
+        from prunelab.stages.arch import layer_adapter
 
         arch = layer_adapter(layer)
     geo = arch.geometry(layer)
@@ -234,7 +234,7 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
     """
     import torch
 
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     cfg = model.config
@@ -299,7 +299,7 @@ def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
     """
     import torch
 
-    from stages.arch import adapter_for, compensation_refusal
+    from prunelab.stages.arch import adapter_for, compensation_refusal
 
     ad = adapter_for(model)
     cfg = model.config
@@ -328,7 +328,7 @@ def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
 
 def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     """Uniform widths → a vanilla config; otherwise keep per-layer shapes for the prunelab loader."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     cfg = model.config

@@ -83,8 +83,8 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
 def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]]) -> list[tuple[int, str, str, torch.nn.Linear, list[int]]]:
     """(layer, parameter prefix, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
     inputs: the removed query heads' columns of o_proj, the removed MLP channels of down_proj. What compensation repairs."""
-    from stages.arch import adapter_for
-    from stages.arch.base import STAT_KEYS
+    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch.base import STAT_KEYS
 
     out = []
     ad = adapter_for(model)

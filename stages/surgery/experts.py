@@ -1,6 +1,6 @@
 """Surgery on mixture-of-experts layers: remove experts (router rows + expert slices) and channels inside experts.
 
-The members come from the adapter (``stages.arch.moe``): parameters, not linears — axis "out" cuts rows of the
+The members come from the adapter (``prunelab.stages.arch.moe``): parameters, not linears — axis "out" cuts rows of the
 router weight, "expert" slice e of a fused [E, ·, ·] tensor, "expert_out" / "expert_in" rows / columns inside each
 expert's slice. Channel indices are per expert, in the original expert numbering; every kept expert must keep the
 same number of channels (a 3-D tensor has one width; a multiple of 8, which transformers' grouped_mm kernel
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.surgery.plan import PlanError
+from prunelab.stages.surgery.plan import PlanError
 
 # transformers' default experts kernel (grouped_mm) needs every expert row 16-byte aligned: 8 channels in bf16
 EXPERT_WIDTH_MULTIPLE = 8

@@ -5,8 +5,8 @@ while Seeking Common". For layer l absorbing the next m:
 
 applied to every linear weight (and bias) of the block; the norms keep layer l's weights, as in the
 authors' notebook. (That notebook accumulates the differences against the already-updated θ_l, which
-leaves θ_{l+m}; we implement the paper's formula.) The LaCo criterion (``stages.criteria.laco``) tries merges
-on a copy of the model; ``stages.surgery.apply`` replays the kept ones from the plan.
+leaves θ_{l+m}; we implement the paper's formula.) The LaCo criterion (``prunelab.stages.criteria.laco``) tries merges
+on a copy of the model; ``prunelab.stages.surgery.apply`` replays the kept ones from the plan.
 """
 
 from __future__ import annotations

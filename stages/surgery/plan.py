@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from stages.selection.config import Allocation, Compensation, ExpertUnits, NoCompensation, UniformAllocation
-from stages.selection.legacy import fold
+from prunelab.stages.selection.config import Allocation, Compensation, ExpertUnits, NoCompensation, UniformAllocation
+from prunelab.stages.selection.legacy import fold
 
 PLAN_VERSION = 2
 

@@ -1,6 +1,6 @@
 """Surgery for sublayer removal: whole attention / MLP sublayers replaced by parameter-free no-ops.
 
-Each removed sublayer (and the norm serving only it) becomes ``stages.arch.noop.NoAttention`` / ``NoMLP`` through
+Each removed sublayer (and the norm serving only it) becomes ``prunelab.stages.arch.noop.NoAttention`` / ``NoMLP`` through
 the family's adapter, so the block keeps its index, its KV-cache slot and its own ``forward``. The config then
 carries ``prunelab_layer_shapes`` with ``num_attention_heads = num_key_value_heads = 0`` for a removed attention
 and ``intermediate_size = 0`` for a removed MLP — the convention ``load_pruned``, the GGUF ``deci`` export (0 =
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from stages.surgery.plan import PlanError
+from prunelab.stages.surgery.plan import PlanError
 
 
 def sublayer_refusal(model: nn.Module) -> str | None:
     """Why this model's sublayers cannot be removed (None: they can)."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     ad = adapter_for(model)
     if not ad.SUBLAYER_REMOVAL:
@@ -28,7 +28,7 @@ def sublayer_refusal(model: nn.Module) -> str | None:
 
 def remove_sublayers(model: nn.Module, attention: list[int], mlp: list[int]) -> None:
     """Remove the attention sublayers of layers ``attention`` and the MLP sublayers of layers ``mlp`` (0-based)."""
-    from stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for
 
     refusal = sublayer_refusal(model)
     if refusal:

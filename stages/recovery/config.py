@@ -97,7 +97,23 @@ class LoopSettings(StrictModel):
         3.0, gt=1, description="stop when a step's loss exceeds this × the first loss after warm-up (a NaN/Inf loss or "
         "weight always stops); None: only non-finite values stop")
 
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"divergence_factor": 3.0}  # added later: left out of dumps at its default
+    log_with: list[str] = Field(
+        [], description="accelerate trackers that receive the loss and learning rate every step (tensorboard, "
+        "wandb, mlflow, comet_ml, aim, clearml, dvclive, …; the tracker's own package must be installed); logs go "
+        "under <run dir>/trackers/")
+    # added later: left out of dumps at their defaults
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"divergence_factor": 3.0, "log_with": []}
+
+    @field_validator("log_with")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        """A tracker name accelerate knows, whose package is importable: checked here, not after the model loads."""
+        from prunelab.stages.recovery.trackers import tracker_problems
+
+        problems = tracker_problems(v)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
     @model_validator(mode="after")
     def _sizes(self) -> LoopSettings:

@@ -94,6 +94,7 @@ class TrainState:
     first_step: int = 0  # where this session started (after a resume)
     weight_scale: float | None = None  # the model's largest |weight| when training started (check_divergence)
     resumed_from: Path | None = None
+    tracking: bool = False  # loop.log_with's trackers started (stages.recovery.trackers)
     recorder: Recorder = field(init=False)
 
 
@@ -250,6 +251,10 @@ def finish_step(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, loss: t
     check_divergence(acc, run, cfg)
     progress.update(1)
     progress.set_postfix(loss=f"{rec.losses[-1]:.4f}")
+    if run.tracking:
+        from prunelab.stages.recovery.trackers import log_step
+
+        log_step(acc, run.step, rec.losses[-1], run.scheduler.get_last_lr()[0], rec.step_tokens[-1])
     if run.step % cfg.loop.log_every == 0 or run.step == run.total:
         log.info(f"recover ({run.label}) step {run.step}/{run.total} loss {rec.losses[-1]:.4f}", main_process_only=True)
     if run.checkpoints.due(run.step, run.total):
@@ -350,8 +355,17 @@ def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module,
     from prunelab.stages.recovery.model import apply_trained, trained_folder
     from prunelab.stages.recovery.plain_loop import compare_with_plain
 
+    from prunelab.stages.recovery import trackers
+
     run = setup(env, cfg, base, out_dir, label, teacher, plan, generated)
-    seconds = train(env, run, cfg)
+    run.tracking = trackers.start(env.accelerator, cfg.loop.log_with, f"prunelab-{label}",
+                                  {"method": cfg.method, "steps": run.total, "batch_size": cfg.loop.batch_size,
+                                   "lr": cfg.optimizer.lr, "loss": run.loss.name}, out_dir / "trackers")
+    try:
+        seconds = train(env, run, cfg)
+    finally:
+        if run.tracking:
+            trackers.finish(env.accelerator)
     info = save(env, run, cfg, out_dir, seconds)
     run.teacher = None
     compare_with_plain(info, base, cfg, run.dataset, run.accum, env.seed, env.accelerator)

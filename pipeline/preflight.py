@@ -327,8 +327,8 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
             problems.append(f"{path}: {kind} compensation — {refusal}")
     for key, stage in recipe.stages.items():  # expert units on a dense model, dense MLP units on a MoE model
         if getattr(stage, "type", None) == "prune":
-            problems += [f"prunelab.stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
-            problems += [f"prunelab.stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
+            problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
+            problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
     from prunelab.stages.io.gguf_export import recipe_gguf_refusals  # export formats [gguf] llama.cpp cannot run (issue 25)
 
     problems += recipe_gguf_refusals(model_type, recipe)
@@ -347,7 +347,7 @@ def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
     for key, stage in recipe.stages.items():
         check = getattr(stage, "check_model", None)
         if check is not None:
-            problems.extend(f"prunelab.stages.{key}: {msg}" for msg in check(shape.num_layers, total, block, None))
+            problems.extend(f"stages.{key}: {msg}" for msg in check(shape.num_layers, total, block, None))
     if shape.max_positions:
         for where, tokens in _lengths(recipe.stages):
             if tokens > shape.max_positions:
@@ -386,7 +386,7 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
     from prunelab.stages.io.hub import push_problems
 
     problems += recipe_task_problems(recipe)  # lm-eval task names (cached index) and, offline, their data
-    problems += [p for k, c in recipe.stages.items() for p in push_problems(getattr(c, "push_to_hub", None), f"prunelab.stages.{k}")]
+    problems += [p for k, c in recipe.stages.items() for p in push_problems(getattr(c, "push_to_hub", None), f"stages.{k}")]
     if problems:
         raise RecipeError(problems)
     counts = shape.param_counts() if shape is not None else None

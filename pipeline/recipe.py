@@ -84,14 +84,14 @@ class RecipeBase(StrictModel):
         seen: list[str] = []
         for key, cfg in stages.items():
             if not STAGE_KEY.match(key):
-                errors.append(f"prunelab.stages.{key}: stage names use letters, digits, '_' or '-' and start with a letter")
+                errors.append(f"stages.{key}: stage names use letters, digits, '_' or '-' and start with a letter")
             check = getattr(cfg, "check_order", None)
             if check is not None:
-                errors.extend(f"prunelab.stages.{key}: {msg}" for msg in check(key, seen, stages))
+                errors.extend(f"stages.{key}: {msg}" for msg in check(key, seen, stages))
             seen.append(key)
         exports = [key for key, cfg in stages.items() if getattr(cfg, "type", None) == "export"]
         for key in exports[1:]:
-            errors.append(f"prunelab.stages.{key}: a second export stage would overwrite model/ written by stages.{exports[0]}; "
+            errors.append(f"stages.{key}: a second export stage would overwrite model/ written by stages.{exports[0]}; "
                           f"keep one export stage (at the end)")
         if errors:
             raise ValueError("; ".join(errors))

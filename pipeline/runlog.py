@@ -138,7 +138,7 @@ def failed_stage(exc: BaseException) -> str | None:
     tb, name = exc.__traceback__, None
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name == "_run_stages" and frame.f_globals.get("__name__") == "pipeline.runner":
+        if frame.f_code.co_name == "_run_stages" and frame.f_globals.get("__name__") == "prunelab.runner":
             stage_dir = frame.f_locals.get("stage_dir")
             name = getattr(stage_dir, "name", None) or name
         tb = tb.tb_next

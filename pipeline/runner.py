@@ -64,7 +64,7 @@ def _check_model(ctx: RunContext) -> None:
     for key, cfg in ctx.recipe.stages.items():
         check = getattr(cfg, "check_model", None)
         if check is not None:
-            problems += [f"prunelab.stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes), geos)]
+            problems += [f"stages.{key}: {m}" for m in check(len(sizes), adapter.total_params(), sum(sizes) / len(sizes), geos)]
     if problems:
         raise RunError("; ".join(problems))
 
@@ -257,7 +257,7 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
         ctx.stage_key, ctx.stage_dir = key, stage_dir
         stage_dir.mkdir(parents=True, exist_ok=True)
         set_seed(recipe.seed)
-        inputs = data_inputs(cfg, "model" if stage_type == "load" else f"prunelab.stages.{key}")
+        inputs = data_inputs(cfg, "model" if stage_type == "load" else f"stages.{key}")
         stage_chain = chain_hash(inputs_chain, key, {k: digest(v) for k, v in inputs.items()})
         done, why = None, None
         if resume and spec.restore is not None:

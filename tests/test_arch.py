@@ -405,7 +405,9 @@ def test_every_criterion_scores_every_unit_on_every_family(family: str, calib) -
     geos = ad.geometries()
     for kind, units in (("width", "width"), ("depth", "blocks")):
         # expert-only criteria (reap, expert_frequency_norm: tests/test_moe.py) score nothing on a dense model
-        names = [n for n in criteria_for(units) if "kv_groups" in CRITERIA.get(kind, n).units]
+        # sublayer criteria only where the adapter can remove a sublayer (tests/test_sublayers.py refuses the rest)
+        names = [n for n in criteria_for(units) if "kv_groups" in CRITERIA.get(kind, n).units
+                 and ("sublayers" not in CRITERIA.get(kind, n).needs or type(ad).SUBLAYER_REMOVAL)]
         stats = collect_stats(model, calib, needs_for(kind, names, {"hidden", "hessian"} if kind == "width" else ()),
                               batch_size=1, progress=False)
         for name in names:

@@ -167,7 +167,7 @@ def test_recovery_seq_len_beyond_the_context(capsys):
     key = next(k for k, v in raw["stages"].items() if v["type"] == "recover")
     dotted = _find_key(raw["stages"][key], "seq_len")
     assert dotted is not None, "the recover stage of recipes/debug-recover.yaml sets a seq_len"
-    field = f"prunelab.stages.{key}.{dotted}"
+    field = f"stages.{key}.{dotted}"
     rc, err = _dry_run(capsys, "recipes/debug-recover.yaml", f"{field}=4096")
     assert rc == 2 and f"{field}: 4096 tokens exceed the model's context" in err, err
 

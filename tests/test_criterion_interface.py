@@ -47,7 +47,7 @@ def test_registration_rejects_a_duplicate_within_a_kind_only():
 
 
 def test_registry_and_settings_stay_torch_free():
-    code = ("import sys, stages.criteria, stages.score; from prunelab.stages.criteria.registry import CRITERIA; "
+    code = ("import sys, prunelab.stages.criteria, prunelab.stages.score; from prunelab.stages.criteria.registry import CRITERIA; "
             "[s.settings for s in CRITERIA]; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

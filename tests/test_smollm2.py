@@ -221,13 +221,13 @@ def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
     laco = any("laco" in (v.get("criteria") or []) for v in raw["stages"].values())
     # LaCo's threshold is a similarity on ITS calibration text: keep the recipe's (16 × 256, ~8 trials)
     budget = [] if laco else ["stages.calibrate.num_samples=4", "stages.calibrate.seq_len=64"]
-    budget += [f"prunelab.stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
+    budget += [f"stages.{k}.perplexity.wikitext2.max_tokens=1024" for k, v in raw["stages"].items() if v["type"] == "evaluate"]
     suite = [k for k, v in raw["stages"].items()  # the default two-domain suite: shrink its other two entries too
              if v["type"] == "evaluate" and not any(v.get(s) for s in ("perplexity", "tasks", "speed"))]
-    budget += [o for k in suite for o in (f"prunelab.stages.{k}.perplexity.arc_qa_text.max_tokens=1024", f"prunelab.stages.{k}.tasks.arc_easy.limit=8")]
+    budget += [o for k in suite for o in (f"stages.{k}.perplexity.arc_qa_text.max_tokens=1024", f"stages.{k}.tasks.arc_easy.limit=8")]
     recovers = [k for k, v in raw["stages"].items() if v["type"] == "recover"]
-    budget += [o for k in recovers for o in (f"prunelab.stages.{k}.max_steps=2", f"prunelab.stages.{k}.data.max_samples=8",
-                                             f"prunelab.stages.{k}.control=false", f"prunelab.stages.{k}.compare_plain_steps=0")]
+    budget += [o for k in recovers for o in (f"stages.{k}.max_steps=2", f"stages.{k}.data.max_samples=8",
+                                             f"stages.{k}.control=false", f"stages.{k}.compare_plain_steps=0")]
     assert main([f"recipes/smollm2/{name}", *budget, "--output-dir", str(tmp_path), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / raw["name"] / "metrics.json").read_text())
     assert set(metrics["eval"]) == ({"dense", "pruned", "recovered"} if recovers else {"dense", "pruned"})

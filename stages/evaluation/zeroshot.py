@@ -13,7 +13,7 @@
   metrics as lm-eval's ``arc_easy`` task (``tasks/arc/arc_easy.yaml``), so the scoring is lm-eval's, not ours.
 - **The preset** :data:`ZEROSHOT_SUITE` (``tasks: zeroshot_suite`` in an evaluate stage): ARC-e, ARC-c, HellaSwag,
   PIQA, WinoGrande, BoolQ, OpenBookQA, as the pruning papers report them; :func:`suite_availability` says which of
-  them this machine can run offline (``python -m stages.evaluation.zeroshot`` prints it).
+  them this machine can run offline (``python -m prunelab.stages.evaluation.zeroshot`` prints it).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def task_problems(tasks: dict[str, Any], where: str) -> list[str]:
 def recipe_task_problems(recipe: Any) -> list[str]:
     """:func:`task_problems` for every evaluate stage of a recipe (the preflight hook)."""
     return [p for key, cfg in recipe.stages.items() if getattr(cfg, "type", None) == "evaluate" and getattr(cfg, "tasks", None)
-            for p in task_problems(cfg.tasks, f"prunelab.stages.{key}.tasks")]
+            for p in task_problems(cfg.tasks, f"stages.{key}.tasks")]
 
 
 def suite_availability(tasks: dict[str, Any] | None = None) -> dict[str, str]:
@@ -254,6 +254,6 @@ def describe_task(r: dict[str, Any]) -> str:
     return "  ".join(parts) + f"  ({r.get('samples')} questions, lm-eval {r.get('lm_eval_version')})"
 
 
-if __name__ == "__main__":  # python -m stages.evaluation.zeroshot: where the preset's data would come from here
+if __name__ == "__main__":  # python -m prunelab.stages.evaluation.zeroshot: where the preset's data would come from here
     for task, where in suite_availability().items():
         print(f"{task:14s} {where}")

@@ -148,7 +148,7 @@ def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
     bias = any(getattr(c, "type", None) == "bias" or (getattr(c, "type", None) == "optimal" and getattr(c, "bias", False))
                for c in comps)
     reason = gguf_refusal_for(model_type, hetero, None, "default", bias)
-    return [f"prunelab.stages.{exports[0]}.{reason.removeprefix('export.')}"] if reason else []
+    return [f"stages.{exports[0]}.{reason.removeprefix('export.')}"] if reason else []
 
 
 def _rope(cfg: Any) -> tuple[float, str]:

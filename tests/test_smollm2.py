@@ -237,6 +237,12 @@ def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
     prune = raw["stages"]["prune"]
     if prune.get("units") in ("width", "hidden"):
         assert metrics["plan"]["kind"] == prune["units"] and 0.18 < metrics["plan"]["achieved_ratio"] < 0.22
+    elif prune.get("units") == "sublayers":  # every block stays; whole attention / MLP sublayers go
+        assert metrics["plan"]["kind"] == "sublayers" and metrics["model"]["layers_after"] == 30
+        if "num_sublayers" in prune:
+            assert metrics["plan"]["removed_units"] == prune["num_sublayers"]
+        else:
+            assert abs(metrics["plan"]["achieved_ratio"] - prune["ratio"]) < 0.03
     else:
         # a 0.2 ratio is 7.6 blocks: floor (shortened-llama-20) → 7, nearest (laco-20) → 8
         expected = prune.get("num_blocks") or (7 if prune.get("rounding") == "floor" else 8)

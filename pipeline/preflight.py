@@ -19,29 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from prunelab.recipe import RecipeBase, RecipeError
-
-
-def _settings(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
-    """(dotted path, settings object) for every pydantic settings object in the stages, lists and mappings included."""
-    if isinstance(node, BaseModel):
-        yield path, node
-        for name in type(node).model_fields:
-            yield from _settings(getattr(node, name), f"{path}.{name}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from _settings(value, f"{path}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _settings(value, f"{path}.{i}")
+from prunelab.stages.core.config import settings_objects
 
 
 def _local_files(stages: Any) -> Iterator[tuple[str, str]]:
     """(dotted field, file) for every local file a setting names: a text source's ``path`` (or a QA
     source's ``qa_text``, which it exposes as ``path``)."""
-    for path, node in _settings(stages, "stages"):
+    for path, node in settings_objects(stages, "stages"):
         fields = type(node).model_fields
         file = getattr(node, "path", None)
         if isinstance(file, str) and ("path" in fields or "qa_text" in fields):
@@ -98,7 +83,7 @@ def _data_problems(recipe: RecipeBase) -> list[str]:
                 needs.append((where, source, n * seq_len, f"{n} windows × seq_len {seq_len} = {n * seq_len} tokens of "
                               "text (fewer repeats the same text); lower num_samples or seq_len, or use more text"))
 
-    for path, node in _settings(recipe.stages, "stages"):
+    for path, node in settings_objects(recipe.stages, "stages"):
         names = type(node).model_fields
         if {"source", "num_samples", "seq_len"} <= set(names) and getattr(node, "sampling", "windows") == "windows":
             need_windows(f"{path}.source", node.source, node.num_samples, node.seq_len)
@@ -111,7 +96,7 @@ def _data_problems(recipe: RecipeBase) -> list[str]:
             else:
                 needs.append((f"{path}.source", node.source, node.seq_len, f"one training block of seq_len={node.seq_len}; "
                               "lower seq_len or use more text"))
-    for path, node in _settings(recipe.stages, "stages"):
+    for path, node in settings_objects(recipe.stages, "stages"):
         if not isinstance(node, (TextSource, QATextSource)) or node.path is None or not Path(node.path).is_file():
             continue  # a missing file is _file_problems'
         qa = isinstance(node, QATextSource)
@@ -200,7 +185,7 @@ def _cuda_count() -> int | None:
 def _speed_problems(recipe: RecipeBase) -> list[str]:
     """Speed settings a measurement cannot run with (a batch of 0 sequences)."""
     problems = []
-    for path, node in _settings(recipe.stages, "stages"):
+    for path, node in settings_objects(recipe.stages, "stages"):
         sizes = getattr(node, "batch_sizes", None)
         if "batch_sizes" in type(node).model_fields and isinstance(sizes, list):
             bad = [b for b in sizes if b < 1]
@@ -302,7 +287,7 @@ def _hub_unreachable(timeout: float = 1.5) -> str | None:
 def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
     """(dotted field, tokens) for every window length a stage asks of the model: each ``seq_len``
     (calibration windows, perplexity windows, recovery blocks) and a speed test's prompt + new tokens."""
-    for path, node in _settings(stages, "stages"):
+    for path, node in settings_objects(stages, "stages"):
         fields = type(node).model_fields
         if "prompt_len" in fields and "new_tokens" in fields:
             yield f"{path}.prompt_len + new_tokens", node.prompt_len + node.new_tokens
@@ -321,7 +306,7 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
         return [f"model.source: {unsupported_message(model_type)}"]
     problems = []
     refusal = compensation_refusal(model_type)
-    for path, node in _settings(recipe.stages, "stages"):
+    for path, node in settings_objects(recipe.stages, "stages"):
         kind = getattr(node, "type", None) if path.endswith(".compensation") else None
         if refusal and (kind == "bias" or (kind == "optimal" and getattr(node, "bias", False))):
             problems.append(f"{path}: {kind} compensation — {refusal}")

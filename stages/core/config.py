@@ -104,22 +104,30 @@ def _names_input_file(ann: Any) -> bool:
     return any(_names_input_file(a) for a in typing.get_args(ann))
 
 
+def settings_objects(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
+    """(dotted path, settings object) for every pydantic settings object under ``node``, lists and mappings
+    included: the one walk over a recipe's settings (preflight's checks, the input files ``--resume`` keys on)."""
+    if isinstance(node, BaseModel):
+        yield path, node
+        for name in type(node).model_fields:
+            yield from settings_objects(getattr(node, name), f"{path}.{name}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from settings_objects(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from settings_objects(value, f"{path}.{i}")
+
+
 def input_files(node: Any, where: str) -> Iterator[tuple[str, str]]:
     """(dotted field, path) for every local input file named in a settings object, nested settings, lists and
     mappings included: what ``--resume`` fingerprints."""
-    if isinstance(node, BaseModel):
-        for name, field in type(node).model_fields.items():
-            value = getattr(node, name)
-            if _names_input_file(field.annotation):
-                files = value if isinstance(value, (list, tuple)) else [value]
-                for i, file in enumerate(files):
-                    if isinstance(file, str):
-                        yield (f"{where}.{name}" + (f".{i}" if isinstance(value, (list, tuple)) else "")), file
-            else:
-                yield from input_files(value, f"{where}.{name}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from input_files(value, f"{where}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from input_files(value, f"{where}.{i}")
+    for path, obj in settings_objects(node, where):
+        for name, field in type(obj).model_fields.items():
+            if not _names_input_file(field.annotation):
+                continue
+            value = getattr(obj, name)
+            files = value if isinstance(value, (list, tuple)) else [value]
+            for i, file in enumerate(files):
+                if isinstance(file, str):
+                    yield (f"{path}.{name}" + (f".{i}" if isinstance(value, (list, tuple)) else "")), file

@@ -297,7 +297,8 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
 
 def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
-    from prunelab.stages.arch import FAMILY_MODULES, compensation_refusal, moe_refusals, unsupported_message
+    from prunelab.stages.arch import (FAMILY_MODULES, compensation_refusal, moe_refusals, sublayer_refusal,
+                                      unsupported_message)
     from prunelab.stages.selection.engines import engine_refusals
 
     if model_type is None:
@@ -311,6 +312,9 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
         if refusal and (kind == "bias" or (kind == "optimal" and getattr(node, "bias", False))):
             problems.append(f"{path}: {kind} compensation — {refusal}")
     for key, stage in recipe.stages.items():  # expert units on a dense model, dense MLP units on a MoE model
+        sub = sublayer_refusal(model_type, stage)
+        if sub:
+            problems.append(f"stages.{key}: {sub}")
         if getattr(stage, "type", None) == "prune":
             problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
             problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]

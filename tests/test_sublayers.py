@@ -255,3 +255,23 @@ def test_statistics_refused_where_the_layout_differs(calib: torch.Tensor) -> Non
 
     with pytest.raises(ValueError, match=r"Gemma.*gemma2.*supported: llama"):
         collect_stats(tiny_family("gemma2", num_layers=2), calib, {"sublayers"}, progress=False)
+
+
+def test_the_torch_free_family_table_matches_the_adapters() -> None:
+    """--dry-run refuses sublayer removal from SUBLAYER_FAMILIES without importing torch; it must say what the
+    adapters (SUBLAYER_REMOVAL) say, for every registered family."""
+    from prunelab.stages.arch import FAMILY_MODULES, SUBLAYER_FAMILIES, adapter_class
+
+    assert sorted(SUBLAYER_FAMILIES) == sorted(t for t in FAMILY_MODULES if adapter_class(t).SUBLAYER_REMOVAL)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_dry_run_refuses_sublayers_on_other_families(family: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any model loads, naming the stages and the fix (was: at calibration / prune time)."""
+    from prunelab.run import main
+
+    rc = main(["recipes/debug-sublayer.yaml", f"model.source=tiny-random-{family}", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "stages.score: sublayer removal needs the Llama layout" in err and f"model_type {family!r}" in err
+    assert "stages.prune: sublayer removal" in err and "use units: blocks or width" in err

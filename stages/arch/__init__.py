@@ -37,6 +37,9 @@ FAMILY_MODULES: dict[str, str] = {
 MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe", "qwen2_moe")
 # ... of which these run a dense shared expert beside the routed ones: its channels are the `mlp: true` units.
 SHARED_EXPERT_FAMILIES: tuple[str, ...] = ("qwen2_moe",)
+# Families whose adapter sets SUBLAYER_REMOVAL (the Llama layout: each sublayer's output added to the residual stream);
+# torch-free for --dry-run, and tests/test_sublayers.py checks it against the adapters.
+SUBLAYER_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
 # model_types whose o_proj/down_proj cannot hold a compensation bias (checked by a test against the adapters).
 NO_OUTPUT_BIAS: dict[str, tuple[str, ...]] = {"mistral": ("o", "down"), "qwen2": ("o", "down"), "qwen3": ("down",),
                                               "phi3": ("o", "down"), "gemma2": ("down",), "gemma3_text": ("down",),
@@ -84,6 +87,17 @@ def compensation_refusal(model_type: str | None) -> str | None:
     return (f"model_type {model_type!r}: transformers builds {names} without a bias, so the bias that bias/optimal "
             "compensation adds would be dropped by a vanilla from_pretrained reload (logits change); use "
             "compensation: none, or optimal with bias: false")
+
+
+def sublayer_refusal(model_type: str | None, stage: Any) -> str | None:
+    """Torch-free, for ``--dry-run``: a prune stage with ``units: sublayers``, or a score stage computing
+    ``sublayer_cosine``, on a family whose layers cannot lose a sublayer — refused before the model loads."""
+    wants = getattr(stage, "units", None) == "sublayers" if getattr(stage, "type", None) == "prune" else \
+        "sublayer_cosine" in (getattr(stage, "criteria", None) or [])
+    if not wants or model_type is None or model_type in SUBLAYER_FAMILIES:
+        return None
+    return (f"sublayer removal needs the Llama layout (each sublayer's output added to the residual stream); "
+            f"model_type {model_type!r} is not one of {', '.join(SUBLAYER_FAMILIES)} — use units: blocks or width")
 
 
 def moe_refusals(model_type: str | None, settings: Any) -> list[str]:

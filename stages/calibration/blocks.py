@@ -133,9 +133,11 @@ def observe_blocks(adapter: ArchAdapter, ids: torch.Tensor, stats: CalibrationSt
     """One batch: the boundary states once, then every requested block statistic from them."""
     if "sublayers" in needs:
         if not adapter.SUBLAYER_REMOVAL:  # e.g. Gemma's post-norms: the MID_RESIDUAL module does not see the stream
+            from prunelab.stages.arch import SUBLAYER_FAMILIES
+
             raise ValueError(f"sublayer statistics (sublayer_cosine): not defined for {adapter.family} "
-                             f"({adapter.model.config.model_type}); supported: llama, mistral, qwen2, qwen3, granite, "
-                             "olmo2 — use a block criterion such as block_influence")
+                             f"({adapter.model.config.model_type}); supported: {', '.join(SUBLAYER_FAMILIES)} — use a "
+                             "block criterion such as block_influence")
         mids: list[torch.Tensor] = []
         hooks = [layer.get_submodule(adapter.MID_RESIDUAL).register_forward_pre_hook(
             lambda _m, args, kwargs: mids.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)

@@ -16,13 +16,13 @@ from prunelab.stages.surgery.plan import PlanError
 
 def sublayer_refusal(model: nn.Module) -> str | None:
     """Why this model's sublayers cannot be removed (None: they can)."""
-    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch import SUBLAYER_FAMILIES, adapter_for
 
     ad = adapter_for(model)
     if not ad.SUBLAYER_REMOVAL:
         return (f"{ad.family or model.config.model_type} (model_type {model.config.model_type!r}): sublayer removal "
                 "needs a decoder layer that adds each sublayer's output to the residual stream with the Llama layout; "
-                "supported: llama, mistral, qwen2, qwen3, granite, olmo2 — use units: blocks or width for this family")
+                f"supported: {', '.join(SUBLAYER_FAMILIES)} — use units: blocks or width for this family")
     return None
 
 

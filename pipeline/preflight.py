@@ -241,6 +241,10 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
     except ValueError as exc:
         return [f"model.source: {src.path!r} is not a valid hub id ({exc}); give 'org/name', a local path or an alias"]
     if isinstance(found, str):
+        if probe and not _offline() and _hub_unreachable() is not None:
+            from prunelab.stages.io.hub import go_offline
+
+            go_offline()  # cached, hub unreachable: read the cache now, not after a minute of retries
         if src.gguf_file is None:
             from prunelab.stages.io.content import weights_problems
             from prunelab.stages.io.sources import _read_config
@@ -249,9 +253,10 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
             if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
                 return weights_problems(folder, _read_config(Path(found)))
             return [f"model.source: the hub model {src.path!r} is only partly in the local cache (no weights); fetch "
-                    f"it with `huggingface-cli download {src.path}`, or give a local folder path"]
+                    f"it with `hf download {src.path}` (`huggingface-cli download` before huggingface_hub 1.0), or give a local folder path"]
         return []
-    fix = (f"fetch it where there is a network with `huggingface-cli download {src.path}` (runs then read the cache "
+    fix = (f"fetch it where there is a network with `hf download {src.path}` (`huggingface-cli download {src.path}` "
+           "with huggingface_hub before 1.0; runs then read the cache "
            "with no network; HF_HUB_OFFLINE=1 makes sure of it), or give a local folder path or an alias")
     if _offline():
         return [f"model.source: the hub model {src.path!r} ({wanted}) is not in the local Hugging Face cache and "
@@ -264,24 +269,71 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
 
 def _offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set the way huggingface_hub reads it."""
-    return any(os.environ.get(k, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    from prunelab.stages.io.hub import hub_offline
+
+    return hub_offline()
 
 
-def _hub_unreachable(timeout: float = 1.5) -> str | None:
-    """Why the hub's host cannot be reached within ``timeout`` seconds (name lookup and one TCP connect), or None.
-    Asked only before a real run that would download anyway: without a network the download's retries take
-    close to a minute to fail."""
-    import socket
-    from urllib.parse import urlparse
+def _hub_unreachable() -> str | None:
+    """Why the hub's host cannot be reached (name lookup and one TCP connect within a second; one answer per
+    process), or None. Asked only where something would be downloaded: without a network the libraries' retries
+    take close to a minute to fail."""
+    from prunelab.stages.io.hub import hub_unreachable
 
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or exc}"
+    return hub_unreachable()
+
+
+def _dataset_problems(recipe: RecipeBase, probe: bool) -> list[str]:
+    """Every ``{dataset: …}`` text source readable here: a named one (wikitext2, arc-easy) from its local file, else
+    through ``datasets`` — installed, and cached or online (prunelab.stages.io.named_data); said before a model loads,
+    not as a network timeout inside a stage."""
+    from prunelab.stages.io.config import TextSource
+    from prunelab.stages.io.named_data import needs_hub, source_problems
+
+    problems: list[str] = []
+    for path, node in settings_objects(recipe.stages, "stages"):
+        if isinstance(node, TextSource) and node.dataset is not None:
+            problems += [p for p in source_problems(node, path, probe) if p not in problems]
+    hub = any(needs_hub(node) for _, node in settings_objects(recipe.stages, "stages") if isinstance(node, TextSource))
+    from prunelab.stages.io.hub import go_offline, hub_offline
+
+    if probe and hub and not problems and not hub_offline(datasets=True) and _hub_unreachable() is not None:
+
+        go_offline()  # every dataset is cached and the hub is unreachable: datasets reads the cache without retrying
+    return problems
+
+
+def _sources_in(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(dotted path, text source) for every file or dataset text under a calibration or training source."""
+    from prunelab.stages.io.config import TextSource
+    from prunelab.stages.io.qa import QATextSource
+
+    for where, obj in settings_objects(node, path):
+        if isinstance(obj, (TextSource, QATextSource)):
+            yield where, obj
+
+
+def _test_split_problems(recipe: RecipeBase) -> list[str]:
+    """Calibration and recovery read valid/train text only: a test split (``split: test``, or a file named test)
+    under a calibration source, a self-generated prompt or recovery data is refused. Perplexity is reported on test
+    text; pruning or training on it leaks the answer into the measurement (../shared/data/README.md)."""
+    from prunelab.stages.io.named_data import test_split_of
+
+    problems = []
+    for path, node in settings_objects(recipe.stages, "stages"):
+        names = set(type(node).model_fields)
+        calibration = {"source", "num_samples", "seq_len"} <= names
+        training = {"source", "format", "seq_len"} <= names
+        if not (calibration or training):
+            continue
+        for where, source in _sources_in(node.source, f"{path}.source"):
+            why = test_split_of(source)
+            if why is not None:
+                use = "calibration" if calibration else "recovery training"
+                problems.append(f"{where}: {why} is test text, and {use} reads valid/train text only (perplexity is "
+                                "reported on test; tuning on it leaks); use split: validation or train, or the valid "
+                                "file (e.g. ../shared/data/wikitext2/valid.txt)")
+    return problems
 
 
 def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
@@ -350,12 +402,14 @@ def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
 def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
     """Raise :class:`RecipeError` listing every problem; return what was learned about the model
     (``num_layers``, ``total_params``, ``block_params``, ``max_positions``; None where unknown).
-    ``probe_hub``: a hub id not in the cache is refused if the hub cannot be reached (before a real run; a dry
-    run touches no network)."""
+    ``probe_hub``: where a hub id or a dataset is not in its cache, a one-second connect check says whether the hub
+    can be reached; if not, it is refused at once (with the fix) instead of after the libraries' minute of retries,
+    and where everything is cached the process goes offline to read the caches (the CLI probes at --dry-run too)."""
     from prunelab.stages.io.sources import classify, model_shape, model_type_of
 
     problems = _file_problems(recipe) + _data_problems(recipe) + _device_problems(recipe.model.device)
     problems += _speed_problems(recipe) + _output_problems(recipe)
+    problems += _test_split_problems(recipe) + _dataset_problems(recipe, probe_hub)
     shape = None
     try:
         src = classify(recipe.model.source, recipe.model.gguf_file)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
         from prunelab.preflight import preflight
 
-        facts = preflight(recipe, probe_hub=not args.dry_run)
+        facts = preflight(recipe, probe_hub=True)  # a hub id or dataset not cached: refused offline in ~1 s
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = recipe.run_dir
     if args.dry_run:
         print(describe(recipe, run_dir, facts))
+        from prunelab.stages.io.footprint import footprint_lines
+
+        print("\n".join(footprint_lines(recipe)))  # the download and the memory the recipe needs (docs/data.md)
         if args.force:  # what --force would delete, or why it would refuse (pipeline.rundir)
             from prunelab.rundir import describe_force
 

@@ -60,3 +60,63 @@ def push_folder(folder: Path, cfg: PushToHubConfig, default_message: str, api: A
                              commit_message=cfg.commit_message or default_message)
     return {"repo_id": cfg.repo_id, "url": str(getattr(repo, "url", repo) or ""), "files": [o.path_in_repo for o in ops],
             "commit": getattr(info, "oid", None), "commit_url": getattr(info, "commit_url", None)}
+
+
+# ----------------------------------------------------------------------------- is the hub there? (issue 26 item 4)
+# One answer per process and endpoint: a dry run asks it for the model, its download size and each dataset, and
+# the answer must cost one short connect, never a retry loop (huggingface_hub's own retries take close to a minute).
+_REACH: dict[str, str | None] = {}
+
+
+def hub_offline(datasets: bool = False) -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE; with ``datasets``, HF_DATASETS_OFFLINE too) set the way the libraries
+    read it."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") + (("HF_DATASETS_OFFLINE",) if datasets else ())
+    return any(os.environ.get(k, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for k in names)
+
+
+def hub_unreachable(timeout: float = 1.0) -> str | None:
+    """Why the hub's host cannot be reached within ``timeout`` seconds (name lookup and one TCP connect), or None.
+    Asked only where something would be downloaded; remembered for the process (per ``HF_ENDPOINT``)."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint in _REACH:
+        return _REACH[endpoint]
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            why = None
+    except OSError as exc:
+        why = f"{host}:{port}: {exc.strerror or exc}"
+    _REACH[endpoint] = why
+    return why
+
+
+def network_state(probe: bool = True, datasets: bool = False) -> tuple[bool, str]:
+    """(online, why not): offline when an *_OFFLINE variable is set (see :func:`hub_offline`), or (``probe``) when
+    the hub cannot be reached."""
+    if hub_offline(datasets):
+        return False, "HF_HUB_OFFLINE is set" if hub_offline() else "HF_DATASETS_OFFLINE is set"
+    if probe and (why := hub_unreachable()) is not None:
+        return False, f"the hub cannot be reached ({why})"
+    return True, ""
+
+
+def go_offline() -> None:
+    """Make huggingface_hub, transformers and datasets read only their caches from now on in this process, as
+    HF_HUB_OFFLINE=1 would: a run whose files are all cached then starts at once instead of retrying the network
+    for about a minute. Called when the hub cannot be reached and everything the run needs is cached."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:  # read at its import; patch the module it already made
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True

@@ -67,15 +67,21 @@ def render_qa(source: QATextSource) -> str:
     """Every row of the file as ``template`` text, joined by ``source.join``."""
     path = Path(source.qa_text)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return render_rows(rows, source.template, source.join, str(path))
+
+
+def render_rows(rows: list[dict[str, Any]], template: str, join: str, where: str) -> str:
+    """QA rows (a local file's, or a ``datasets`` split's such as ``allenai/ai2_arc``) as ``template`` text: the
+    same rendering whichever way the rows came (prunelab.stages.io.named_data)."""
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(f"{where}: no rows")
     out = []
     for i, row in enumerate(rows):
-        where = f"{path}:{i + 1}"
+        at = f"{where}:{i + 1}"
         if "question" not in row:
-            raise ValueError(f"{where}: a row has no 'question'")
-        out.append(source.template.format(question=str(row["question"]).strip(), answer=answer_of(row, where).strip()))
-    return source.join.join(out)
+            raise ValueError(f"{at}: a row has no 'question'")
+        out.append(template.format(question=str(row["question"]).strip(), answer=answer_of(row, at).strip()))
+    return join.join(out)
 
 
 def _text_or_qa(value: Any) -> str:

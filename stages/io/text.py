@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from prunelab.stages.io.config import TextSource
-from prunelab.stages.io.qa import QATextSource, render_qa
+from prunelab.stages.io.qa import QATextSource, render_qa, render_rows
 
 
 def read_text(source: TextSource | QATextSource) -> str:
@@ -28,12 +28,50 @@ def read_text(source: TextSource | QATextSource) -> str:
             return path.read_text(encoding="utf-8").replace("\r\n", "\n")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return source.join.join(_field(row, source.text_field, path) for row in rows)
-    from datasets import load_dataset
+    from prunelab.stages.io.named_data import resolve
 
-    ds = load_dataset(source.dataset, source.config, split=source.split, data_files=source.data_files)
+    named = resolve(source)  # wikitext2 / arc-easy (and their Hub spellings): a local file first (docs/data.md)
+    if named is not None:
+        return _read_named(source, named)
+    ds = _load_dataset(source.dataset, source.config, source.split, source.data_files, source.describe())
     if source.text_field not in ds.column_names:
         raise ValueError(f"dataset {source.describe()} has no column {source.text_field!r}; set text_field to one of {ds.column_names}")
     return source.join.join(ds[source.text_field])
+
+
+def _read_named(source: TextSource, named: Any) -> str:
+    """A named dataset split's text: its local file (checked against SHA256SUMS when listed) or its Hub split."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    if named.local is not None:
+        log.info(f"{source.dataset} {named.split}: {verify_checksum(str(named.local))}")
+        if named.kind == "qa":
+            return render_qa(QATextSource(qa_text=str(named.local), join=source.join))
+        return named.local.read_text(encoding="utf-8").replace("\r\n", "\n")
+    name, config, split = named.hub
+    log.info(f"{source.dataset} {named.split}: no local file; reading datasets {name}/{config} {split}")
+    ds = _load_dataset(name, config, split, None, named.describe())
+    if named.kind == "qa":
+        return render_rows(list(ds), QATextSource.model_fields["template"].default, source.join, f"{name}/{config} {split}")
+    return source.join.join(ds["text"])
+
+
+def _load_dataset(name: str, config: str | None, split: str, data_files: Any, what: str) -> Any:
+    """``datasets.load_dataset``, with the two ways it fails on a user's machine said as a fix, not a traceback."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ValueError(f"{what} is read through the `datasets` package, which is not installed; `pip install "
+                         "datasets`, or give a local file {path: …}") from None
+    try:
+        return load_dataset(name, config, split=split, data_files=data_files)
+    except ConnectionError as exc:  # offline mode or no network, and nothing in the cache
+        from prunelab.stages.io.named_data import fetch_command
+
+        raise ValueError(f"{what} is not in the datasets cache and cannot be downloaded ({exc}); fetch it once where "
+                         f"there is a network with `{fetch_command((name, config, split))}`, or give a local file "
+                         "{path: …}") from None
 
 
 def _field(row: dict[str, Any], key: str, path: Path) -> str:

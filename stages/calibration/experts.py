@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from prunelab.stages.calibration.width import ChannelStats
+from prunelab.stages.calibration.channels import ChannelStats
 
 
 @dataclass
@@ -58,13 +58,12 @@ def start_expert_observers(adapter: Any) -> list[ExpertStats | None]:
     ]
 
 
-def expert_hooks(adapter: Any, stats: list[ExpertStats | None]) -> list[Any]:
-    """Forward hooks filling ``stats`` (remove the returned handles when done)."""
-    handles = []
-    for layer, target in zip(adapter.layers, stats):
-        if target is not None:
-            handles.append(adapter.experts(layer).register_forward_hook(_recorder(adapter, layer, target)))
-    return handles
+def expert_hook(adapter: Any, layer: torch.nn.Module, target: ExpertStats | None) -> list[Any]:
+    """The forward hook filling ``target`` from ``layer``'s experts (none for a dense layer); remove the handles
+    when done. Per layer, so the sequential pipeline hooks only the block it holds."""
+    if target is None:
+        return []
+    return [adapter.experts(layer).register_forward_hook(_recorder(adapter, layer, target))]
 
 
 def _recorder(adapter: Any, layer: torch.nn.Module, target: ExpertStats) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prunelab.stages.calibration.sources import SelfGeneratedSettings
+from prunelab.stages.calibration.sources import SelfGeneratedSettings, SelfGeneratedSource
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +104,9 @@ def self_generate(model: Any, tokenizer: Any, s: SelfGeneratedSettings, n: int, 
     log.info("self-generated %d × %d tokens in %.1f s (%d of %d batches read back from the cache)",
              n, seq_len, time.perf_counter() - t0, reused, len(starts))
     return torch.cat(shards)
+
+
+def generated_windows(source: SelfGeneratedSource, model: Any, tokenizer: Any, num_samples: int, seq_len: int,
+                      seed: int, cache_dir: Path, progress: bool = True) -> torch.Tensor:
+    """The registered ``self_generated`` source's windows (``prunelab.stages.calibration.sources``)."""
+    return self_generate(model, tokenizer, source.self_generated, num_samples, seq_len, seed, cache_dir, progress)

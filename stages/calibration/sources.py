@@ -10,17 +10,24 @@
 - ``mix``: a weighted blend — each part contributes round(weight share × N) windows, remainder to
   the heaviest part, in the order listed.
 
-All settings here are torch-free (validated with the recipe); generation imports torch lazily.
+Every source is registered (``register_source``: settings class, distinguishing key, windows function), so a new
+source is one registration and the recipe field reads the registry. All settings here are torch-free (validated
+with the recipe); the windows functions are resolved lazily, so ``generate`` (torch) imports this module, never
+the reverse.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Field, PlainValidator, WithJsonSchema
 
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.core.registry import Registry
 from prunelab.stages.io.config import TextSource
 from prunelab.stages.io.qa import QATextSource
 
@@ -53,15 +60,70 @@ class SelfGeneratedSource(StrictModel):
         return f"self-generated (from {start}, {temp}, top-p {s.top_p}, top-k {s.top_k})"
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """A registered calibration source: its settings class, the key that tells its mapping apart (None: the
+    default, a plain text source) and ``windows`` — ``(source, model, tokenizer, n, seq_len, seed, cache_dir,
+    progress) -> LongTensor [n, seq_len]``, a callable or ``"module:function"`` (resolved on first use, so
+    validating a recipe never imports torch)."""
+
+    name: str
+    config: type[StrictModel]
+    key: str | None
+    windows: str | Callable[..., Any]
+    in_mix: bool = True  # may be a part of a ``mix``
+
+    def load(self) -> Callable[..., Any]:
+        if not isinstance(self.windows, str):
+            return self.windows
+        module, _, fn = self.windows.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+SOURCES: Registry[SourceSpec] = Registry("calibration source")
+
+
+def register_source(name: str, config: type[StrictModel], key: str | None, windows: str | Callable[..., Any],
+                    in_mix: bool = True) -> SourceSpec:
+    """Register a calibration source; a recipe picks it by ``key`` (a top-level key of its mapping)."""
+    taken = [n for n in SOURCES if SOURCES.get(n).key == key]
+    if taken:
+        raise ValueError(f"calibration source {name!r}: key {key!r} already picks {taken[0]!r}")
+    return SOURCES.register(name, SourceSpec(name, config, key, windows, in_mix))
+
+
+def source_kind(value: Any) -> str:
+    """Which registered source a mapping (or settings object) describes, by its distinguishing key, so errors name
+    that source's fields only; a mapping without any registered key is a text source."""
+    specs = [SOURCES.get(n) for n in SOURCES]
+    if isinstance(value, BaseModel):
+        for spec in specs:
+            if type(value) is spec.config:
+                return spec.name
+    if isinstance(value, dict):
+        for spec in specs:
+            if spec.key is not None and spec.key in value:
+                return spec.name
+    return next(s.name for s in specs if s.key is None)
+
+
+def _validated(value: Any, in_mix: bool) -> Any:
+    spec = SOURCES.get(source_kind(value))
+    if in_mix and not spec.in_mix:
+        raise ValueError(f"a {spec.name} source cannot be part of a mix; list its parts in this mix instead")
+    return value if isinstance(value, spec.config) else spec.config.model_validate(value)
+
+
+# One field type for every registered source, read from the registry at validation time: a source registered
+# after this module (a plugin, a test) is accepted without touching this file.
+CalibrationSource = Annotated[Any, PlainValidator(lambda v: _validated(v, in_mix=False)),
+                              WithJsonSchema({"type": "object", "description": "a registered calibration source"})]
+MixPartSource = Annotated[Any, PlainValidator(lambda v: _validated(v, in_mix=True)),
+                          WithJsonSchema({"type": "object", "description": "a registered calibration source (not a mix)"})]
+
+
 class MixPart(StrictModel):
-    source: Annotated[
-        Union[  # noqa: UP007
-            Annotated[TextSource, Tag("text")],
-            Annotated[QATextSource, Tag("qa_text")],
-            Annotated[SelfGeneratedSource, Tag("self_generated")],
-        ],
-        Discriminator(lambda v: source_kind(v)),
-    ]
+    source: MixPartSource
     weight: float = Field(..., gt=0, description="relative share of the windows")
 
 
@@ -71,28 +133,6 @@ class MixSource(StrictModel):
     def describe(self) -> str:
         total = sum(p.weight for p in self.mix)
         return "mix(" + ", ".join(f"{p.weight / total:.0%} {p.source.describe()}" for p in self.mix) + ")"
-
-
-def source_kind(value: Any) -> str:
-    """Which source a mapping describes, by its distinguishing key (so errors name that kind's fields only)."""
-    if isinstance(value, BaseModel):
-        return {SelfGeneratedSource: "self_generated", MixSource: "mix", QATextSource: "qa_text"}.get(type(value), "text")
-    if isinstance(value, dict):
-        for key in ("self_generated", "mix", "qa_text"):
-            if key in value:
-                return key
-    return "text"
-
-
-CalibrationSource = Annotated[
-    Union[  # noqa: UP007
-        Annotated[TextSource, Tag("text")],
-        Annotated[QATextSource, Tag("qa_text")],
-        Annotated[SelfGeneratedSource, Tag("self_generated")],
-        Annotated[MixSource, Tag("mix")],
-    ],
-    Discriminator(source_kind),
-]
 
 
 def split_counts(weights: list[float], n: int) -> list[int]:
@@ -106,20 +146,35 @@ def split_counts(weights: list[float], n: int) -> list[int]:
     return counts
 
 
-def calibration_windows(source: CalibrationSource, model: Any, tokenizer: Any, num_samples: int, seq_len: int,
+def calibration_windows(source: Any, model: Any, tokenizer: Any, num_samples: int, seq_len: int,
                         seed: int, cache_dir: Path, progress: bool = True) -> Any:
-    """LongTensor [num_samples, seq_len] from any calibration source (cache_dir keeps generated shards)."""
-    import torch
+    """LongTensor [num_samples, seq_len] from any registered calibration source (cache_dir keeps generated shards)."""
+    return SOURCES.get(source_kind(source)).load()(source, model, tokenizer, num_samples, seq_len, seed, cache_dir,
+                                                   progress)
 
+
+def text_windows(source: TextSource | QATextSource, model: Any, tokenizer: Any, num_samples: int, seq_len: int,
+                 seed: int, cache_dir: Path, progress: bool = True) -> Any:
+    """N windows of L tokens at seeded offsets of the source's joined token stream."""
     from prunelab.stages.io.text import sample_windows, tokenized_source
 
-    if isinstance(source, MixSource):
-        counts = split_counts([p.weight for p in source.mix], num_samples)
-        parts = [calibration_windows(p.source, model, tokenizer, c, seq_len, seed + i, cache_dir / f"mix-{i}", progress)
-                 for i, (p, c) in enumerate(zip(source.mix, counts, strict=True)) if c > 0]
-        return torch.cat(parts)
-    if isinstance(source, SelfGeneratedSource):
-        from prunelab.stages.calibration.generate import self_generate
-
-        return self_generate(model, tokenizer, source.self_generated, num_samples, seq_len, seed, cache_dir, progress)
     return sample_windows(tokenized_source(tokenizer, source), num_samples, seq_len, seed)
+
+
+def mix_windows(source: MixSource, model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
+                cache_dir: Path, progress: bool = True) -> Any:
+    """Each part's share of the windows (``split_counts``), part i drawn with seed + i, concatenated in order."""
+    import torch
+
+    counts = split_counts([p.weight for p in source.mix], num_samples)
+    parts = [calibration_windows(p.source, model, tokenizer, c, seq_len, seed + i, cache_dir / f"mix-{i}", progress)
+             for i, (p, c) in enumerate(zip(source.mix, counts, strict=True)) if c > 0]
+    return torch.cat(parts)
+
+
+_HERE = "prunelab.stages.calibration.sources"
+register_source("text", TextSource, None, f"{_HERE}:text_windows")
+register_source("qa_text", QATextSource, "qa_text", f"{_HERE}:text_windows")
+register_source("self_generated", SelfGeneratedSource, "self_generated",
+                "prunelab.stages.calibration.generate:generated_windows")
+register_source("mix", MixSource, "mix", f"{_HERE}:mix_windows", in_mix=False)

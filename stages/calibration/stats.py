@@ -1,10 +1,11 @@
 """What one calibration pass leaves behind: ``CalibrationStats``, and the one gradient accumulation.
 
-Criteria declare what they need by name (``NEEDS``); ``prunelab.stages.calibration.full.collect_stats`` runs the pass and
-fills only those fields. Who fills what:
+Criteria declare what they need by name; each name is one registered observer (``prunelab.stages.calibration.needs``,
+implemented in ``prunelab.stages.calibration.observers``), and a pipeline (``full``, ``sequential``) drives the
+calibration data past the observers the criteria need. Who fills what:
 
-- ``boundary``, ``sublayers``, ``removal_nll``: block-boundary observers (``prunelab.stages.calibration.blocks``);
-- ``activations``, ``hessian``: input observers on the projections (``prunelab.stages.calibration.width``);
+- ``boundary``, ``sublayers``, ``removal_nll``: observers of the block-boundary states;
+- ``activations``, ``hessian``: input observers on the projections (``ChannelStats``, expert routing);
 - ``grad``, ``fisher``: one forward+backward per batch, summed by ``accumulate_gradients`` below — the sums of
   ∂L_b/∂w (and of (∂L_b/∂w)²) over batches b, in float32. Depth Taylor+ reads the sums (``grad_sum``), LLM-Pruner's
   width criteria the means (``grad_mean``, ``fisher``: the sums over the number of batches, divided on access so
@@ -22,10 +23,7 @@ from typing import Any
 import torch
 
 from prunelab.stages.arch.base import STAT_KEYS
-from prunelab.stages.calibration.width import ChannelStats
-
-NEEDS = frozenset({"boundary", "sublayers", "removal_nll", "grad", "fisher", "hidden", "activations", "hessian", "calibration"})
-
+from prunelab.stages.calibration.channels import ChannelStats
 
 class _Averaged(Mapping[str, torch.Tensor]):
     """A read-only view of per-parameter sums divided by a count, computed per access."""

@@ -14,8 +14,16 @@ import torch
 from exactness import assert_lora_step_merges_and_reloads, assert_masked_and_reload_equal
 
 ROOT = Path(__file__).resolve().parents[1]
-# A projection name, or the Llama block list, spelled outside stages/arch/.
-MODULE_NAME = re.compile(r"\b(?:q|k|v|o|gate|up|down|qkv|gate_up)_proj\b|\bmodel\.layers\b")
+# The module names transformers gives a decoder-only model's parts. Outside stages/arch/ code asks the adapter; a
+# spelling anywhere in code (an attribute, a string, a getattr name, an identifier) is a leak.
+MODULE_TOKENS = ("lm_head", "embed_tokens", "self_attn", "input_layernorm", "post_attention_layernorm",
+                 "pre_feedforward_layernorm", "post_feedforward_layernorm", "rotary_emb", "q_norm", "k_norm",
+                 "shared_expert", "shared_expert_gate")
+MODULE_NAME = re.compile(r"\b(?:(?:q|k|v|o|gate|up|down|qkv|gate_up)_proj|" + "|".join(MODULE_TOKENS) + r")\b")
+# Dotted paths in strings: the Llama base model's parts, an MoE MLP's parts, a block list entry (``.layers.3.``).
+MODULE_PATH = re.compile(r"\bmodel\.(?:model|layers|norm|embed_tokens)\b|\bmlp\.(?:experts|gate|shared_expert)\b|\.layers\.")
+# ``<x>model.model`` / ``.model.layers`` / ``.model.norm``: attributes of a transformers base model reached by name.
+BASE_MODEL_PARTS = {"model", "layers", "norm"}
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -28,30 +36,44 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return out
 
 
+def _tail(node: ast.AST) -> str | None:
+    """The last name of an expression (``a.b.model`` → ``model``; a call: its function's)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Call):
+        return _tail(node.func)
+    return None
+
+
+def _spelling(node: ast.AST, docs: set[int]) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+        return repr(node.value) if MODULE_NAME.search(node.value) or MODULE_PATH.search(node.value) else None
+    if isinstance(node, ast.Attribute):
+        leak = MODULE_NAME.fullmatch(node.attr) or (node.attr in BASE_MODEL_PARTS and _tail(node.value) == "model")
+        return f"{_tail(node.value)}.{node.attr}" if leak else None
+    name = (node.id if isinstance(node, ast.Name) else
+            getattr(node, "name", None) or getattr(node, "arg", None) or getattr(node, "asname", None)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.arg, ast.keyword, ast.alias))
+            else None)
+    return name if name and MODULE_NAME.search(name) else None
+
+
 def _spellings(path: Path) -> list[str]:
-    """Module names in code (identifiers, attributes, non-docstring strings, ``model.layers`` chains); comments and
-    docstrings are prose and may name them."""
+    """Module names in code — identifiers, attributes (``model.model``, ``x.lm_head``), non-docstring strings
+    (``"q_proj"``, ``getattr(m, "embed_tokens")``, ``"model.layers.0."``); comments and docstrings are prose and may
+    name them."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     docs = _docstrings(tree)
-    bad = []
-    for node in ast.walk(tree):
-        text = None
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
-            text = node.value
-        elif isinstance(node, ast.Attribute):
-            text = f"{ast.unparse(node.value).rsplit('.', 1)[-1]}.{node.attr}"
-        elif isinstance(node, ast.Name):
-            text = node.id
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.arg, ast.keyword)):
-            text = getattr(node, "name", None) or getattr(node, "arg", None)
-        if text and MODULE_NAME.search(text):
-            bad.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}: {text!r}")
-    return bad
+    return [f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}: {hit}"
+            for node in ast.walk(tree) if (hit := _spelling(node, docs))]
 
 
-# Other engines' checkpoint layouts: a GGUF tensor map and vLLM's DeciLM weight names ARE a table from the
-# transformers names to the engine's, checked against the engine's own source; they are the two files besides
-# stages/arch/ allowed to spell module names, and each refuses a family it has no table for.
+# Files besides stages/arch/ allowed to spell module names, each because it writes another engine's checkpoint
+# layout — a table from the transformers names to that engine's, checked against the engine's own source — and
+# refuses a family it has no table for: the GGUF tensor map (llama.cpp's names per transformers module) and vLLM's
+# DeciLM weight names. Nothing else: a new entry needs the same reason.
 ENGINE_LAYOUTS = {ROOT / "stages" / "io" / "gguf_export.py", ROOT / "stages" / "io" / "export_vllm.py"}
 
 
@@ -62,11 +84,23 @@ def test_only_adapters_name_modules() -> None:
     assert not bad, "module names belong in stages/arch/ (ask the adapter):\n" + "\n".join(bad)
 
 
-def test_the_scan_sees_a_spelling(tmp_path: Path) -> None:
+def test_the_scan_sees_every_spelling(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
-    probe.write_text('"""o_proj in a docstring is fine."""\n# so is q_proj in a comment\nx = model.model.layers\ny = "mlp.down_proj"\n')
+    probe.write_text('''"""o_proj, lm_head and model.model in a docstring are fine."""
+# so is q_proj in a comment
+x = model.model.layers
+h = model.model(input_ids=ids).last_hidden_state
+y = "mlp.down_proj"
+head = getattr(model, "lm_head")
+z = net.lm_head.weight
+emb = model.embed_tokens
+ok = adapter.model.config, adapter.layers, settings.mlp, "mlp", "layers"
+def f(q_proj): return state["model.layers.3.input_layernorm.weight"]
+''')
     found = [b.split(": ", 1)[1] for b in _spellings_at(probe)]
-    assert found == ["'model.layers'", "'mlp.down_proj'"]
+    assert sorted(found) == sorted(["model.model", "model.layers", "model.model", "'mlp.down_proj'", "'lm_head'",
+                                    "net.lm_head", "model.embed_tokens", "q_proj",
+                                    "'model.layers.3.input_layernorm.weight'"]), found
 
 
 def _spellings_at(path: Path) -> list[str]:
@@ -80,18 +114,51 @@ def _spellings_at(path: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_refuses_duplicates_and_names_what_is_missing() -> None:
-    from prunelab.stages.arch import adapter_class, register_arch, supported_model_types, unsupported_message
-    from prunelab.stages.arch.base import ArchAdapter
+    from prunelab.stages.arch import adapter_class, register_family, supported_model_types, unsupported_message
+    from prunelab.stages.arch.facts import FamilyFacts
 
-    assert supported_model_types() == ["gemma2", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3",
-                                       "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+    assert {"gemma2", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe",
+            "qwen3", "qwen3_moe"} <= set(supported_model_types())
     for t in supported_model_types():
-        assert t in adapter_class(t).model_types
-    with pytest.raises(ValueError, match="already registered"):
-        register_arch(ArchAdapter, model_types=("llama",))
-    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe.*geometry"):
+        assert t in adapter_class(t).model_types and adapter_class(t).FACTS.model_types == adapter_class(t).model_types
+    before = supported_model_types()
+    with pytest.raises(ValueError, match="'llama' is already registered"):  # all or none: 'fresh' is not registered
+        register_family(FamilyFacts(model_types=("fresh", "llama"), adapter="prunelab.stages.arch.llama:LlamaAdapter"))
+    assert supported_model_types() == before
+    with pytest.raises(ValueError, match="no architecture adapter.*gemma2, gemma3_text, .*granite, llama, mistral, mixtral, .*geometry"):
         adapter_class("gpt2")
-    assert "register_arch" in unsupported_message("gpt2")
+    assert "register_family" in unsupported_message("gpt2")
+
+
+@pytest.mark.parametrize(("facts", "message"), [
+    ({"adapter": "LlamaAdapter"}, "'package.module:ClassName'"),
+    ({"model_types": ()}, "model_types"),
+    ({"shared_expert": True}, "shared_expert: true needs moe: true"),
+    ({"no_output_bias": ("q",)}, "no_output_bias"),
+    ({"per_layer_engines": ("tgi",)}, "per_layer_engines"),
+    ({"moe": True, "sublayers": True}, "sublayers: true is not implemented for mixture-of-experts"),
+])
+def test_family_facts_refuse_what_cannot_be_true(facts: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from prunelab.stages.arch.facts import FamilyFacts
+
+    with pytest.raises(ValidationError, match=message):
+        FamilyFacts(**{"model_types": ("x",), "adapter": "m:A", **facts})
+
+
+def test_family_facts_are_read_without_torch() -> None:
+    """--dry-run and recipe validation read every family's facts (and import every family file) without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from prunelab.stages.arch import NO_OUTPUT_BIAS, adapter_class, supported_model_types; "
+            "from prunelab.stages.io.sources import TINY_SHAPES; "
+            "assert len(supported_model_types()) >= 12 and len(TINY_SHAPES) >= 12 and NO_OUTPUT_BIAS; "
+            "[adapter_class(t).linear_paths() for t in supported_model_types()]; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3_text", "olmo2"]
@@ -322,6 +389,8 @@ def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None
     """Issue 16 item 6: the message lists the supported families and what an adapter provides."""
     import json
 
+    from prunelab.stages.arch import supported_model_types
+
     configs = {"gpt2": {"model_type": "gpt2", "n_layer": 2, "vocab_size": 259},  # sizes under other names
                "olmo": {"model_type": "olmo", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                         "num_attention_heads": 4, "vocab_size": 259}}
@@ -331,7 +400,8 @@ def test_dry_run_refuses_a_model_type_without_an_adapter(tmp_path: Path) -> None
         (folder / "config.json").write_text(json.dumps(config))
         rc, out = _debug_width_on(str(folder), tmp_path)
         assert rc != 0 and f"{model_type!r} has no architecture adapter" in out, out
-        assert "gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe" in out and "register_arch" in out and "geometry" in out
+        assert f"supported families: {', '.join(supported_model_types())}." in out and "register_family" in out
+        assert "geometry" in out
 
 
 # ----------------------------------------------------------------------------- one recipe per family, through the CLI
@@ -532,7 +602,7 @@ def _graph_hidden_group(model, channels: list[int]) -> dict[str, list[int]]:
                                                       output_transform=lambda out: out.logits)
     names = {id(p): n for n, p in model.named_parameters()}
     found: dict[str, list[int]] = {}
-    for dep, idxs in graph.get_pruning_group(adapter_for(model).embed_tokens, tp.prune_embedding_out_channels, idxs=channels):
+    for dep, idxs in graph.get_pruning_group(adapter_for(model).embedding, tp.prune_embedding_out_channels, idxs=channels):
         target = dep.target.module
         weight = target if isinstance(target, torch.nn.Parameter) else getattr(target, "weight", None)
         if isinstance(weight, torch.nn.Parameter):

@@ -191,7 +191,7 @@ def test_other_families_are_refused_by_name() -> None:
     from prunelab.stages.selection.sublayers import make_sublayer_plan
 
     model = tiny_family("phi3", num_layers=2)
-    with pytest.raises(ValueError, match=r"phi3.*supported: llama, mistral, qwen2, qwen3, granite, olmo2"):
+    with pytest.raises(ValueError, match=r"phi3.*supported: .*granite, llama, mistral, olmo2, .*qwen2, qwen3"):
         make_sublayer_plan({"scores": [0, 0], "attention": [0, 1], "mlp": [0, 1]},
                            _settings(num_sublayers=1), adapter_for(model))
 
@@ -253,7 +253,7 @@ def test_a_pruned_model_offers_only_its_present_sublayers() -> None:
 def test_statistics_refused_where_the_layout_differs(calib: torch.Tensor) -> None:
     from prunelab.stages.calibration.full import collect_stats
 
-    with pytest.raises(ValueError, match=r"Gemma.*gemma2.*supported: llama"):
+    with pytest.raises(ValueError, match=r"Gemma.*gemma2.*supported: .*llama"):
         collect_stats(tiny_family("gemma2", num_layers=2), calib, {"sublayers"}, progress=False)
 
 

@@ -1,16 +1,23 @@
 """Architecture adapters: the only code that names a model family's modules.
 
-``register_arch(Adapter, model_types=(...))`` registers an adapter class (duplicates are refused);
-``adapter_for(model)`` picks it by ``model.config.model_type``. ``supported_model_types()`` and
-``FAMILY_MODULES`` are torch-free, so a ``--dry-run`` preflight can check a model_type from its
-metadata alone.
+A family is one file here: at its top, one ``register_family(FamilyFacts(...))`` call with its torch-free facts
+(model types, what it supports, which projections can hold a bias, engines, tiny-model config;
+``stages.arch.facts``); below it, the adapter class, resolved from ``FamilyFacts.adapter`` when a model needs it
+(``adapter_for(model)``, by ``model.config.model_type``). Every table the rest of prunelab reads
+(``FAMILY_MODULES``, ``MOE_FAMILIES``, ``SUBLAYER_FAMILIES``, ``NO_OUTPUT_BIAS``, the tiny models and shapes, the
+engines' families) is derived from the registered facts, so ``--dry-run`` checks a model_type from its metadata
+alone, without torch. The package imports every module in this folder on import (``pkgutil``; the helper modules
+in ``_NOT_FAMILIES`` aside), in name order, so the registered order — and every message listing families — is the
+same whatever imported first; a test may ``register_family`` more at run time.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Any
 
+from prunelab.stages.arch.facts import FamilyFacts
 from prunelab.stages.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -18,54 +25,65 @@ if TYPE_CHECKING:
 
     from prunelab.stages.arch.base import ArchAdapter
 
-# model_type → the module that registers its adapter (imported on first use; torch-free to read).
-FAMILY_MODULES: dict[str, str] = {
-    "llama": "prunelab.stages.arch.llama",
-    "mistral": "prunelab.stages.arch.llama",
-    "qwen2": "prunelab.stages.arch.qwen",
-    "qwen3": "prunelab.stages.arch.qwen",
-    "granite": "prunelab.stages.arch.granite",
-    "phi3": "prunelab.stages.arch.phi3",
-    "gemma2": "prunelab.stages.arch.gemma",
-    "gemma3_text": "prunelab.stages.arch.gemma",
-    "olmo2": "prunelab.stages.arch.olmo2",
-    "mixtral": "prunelab.stages.arch.mixtral",
-    "qwen3_moe": "prunelab.stages.arch.qwen3_moe",
-    "qwen2_moe": "prunelab.stages.arch.qwen2_moe",
-}
-# Mixture-of-experts families (stages.arch.moe): expert and expert-channel units.
-MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe", "qwen2_moe")
-# ... of which these run a dense shared expert beside the routed ones: its channels are the `mlp: true` units.
-SHARED_EXPERT_FAMILIES: tuple[str, ...] = ("qwen2_moe",)
-# Families whose adapter sets SUBLAYER_REMOVAL (the Llama layout: each sublayer's output added to the residual stream);
-# torch-free for --dry-run, and tests/test_sublayers.py checks it against the adapters.
-SUBLAYER_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
-# model_types whose o_proj/down_proj cannot hold a compensation bias (checked by a test against the adapters).
-NO_OUTPUT_BIAS: dict[str, tuple[str, ...]] = {"mistral": ("o", "down"), "qwen2": ("o", "down"), "qwen3": ("down",),
-                                              "phi3": ("o", "down"), "gemma2": ("down",), "gemma3_text": ("down",),
-                                              "olmo2": ("down",)}
-
-ARCHS: Registry[Any] = Registry("architecture")
+ARCHS: Registry[FamilyFacts] = Registry("architecture")
+# Modules here that are no family file: the adapter protocol and its shared parts (noop imports torch at import).
+_NOT_FAMILIES = frozenset({"base", "base_names", "facts", "moe", "noop"})
 
 ADAPTER_REQUIREMENTS = (
-    "an adapter (a subclass of stages.arch.base.ArchAdapter, registered with register_arch(Adapter, "
-    "model_types=...) and listed in stages.arch.FAMILY_MODULES) says where the blocks, embeddings, final norm and "
-    "head are, how to run one block on cached inputs, each layer's geometry, the members (module path, axis, index "
-    "map) of every unit kind, the LoRA target modules and which projections can hold a compensation bias"
+    "a family file in stages/arch/ (docs/families.md, 'How to add a family') registers its facts with "
+    "register_family(FamilyFacts(model_types=..., adapter='module:Class', ...)) and defines the adapter (a subclass of "
+    "stages.arch.base.ArchAdapter), which says where the blocks, embeddings, final norm and head are, how to run one "
+    "block on cached inputs, each layer's geometry, the members (module path, axis, index map) of every unit kind, "
+    "the LoRA target modules and which projections can hold a compensation bias"
 )
 
 
-def register_arch(adapter: type[ArchAdapter], model_types: tuple[str, ...]) -> type[ArchAdapter]:
-    """Register ``adapter`` for every model_type in ``model_types``; a name registered twice is an error."""
-    for name in model_types:
-        ARCHS.register(name, adapter)
-    adapter.model_types = tuple(dict.fromkeys((*adapter.model_types, *model_types)))
-    return adapter
+def register_family(facts: FamilyFacts) -> FamilyFacts:
+    """Register a family's facts under each of its model_types, all or none; a model_type registered twice is an
+    error (peft's ``register_peft_method``: two files silently fighting over a name is a bug to see at import)."""
+    taken = [t for t in facts.model_types if t in ARCHS]
+    if taken:
+        raise ValueError(f"architecture {taken[0]!r} is already registered (by {ARCHS.get(taken[0]).adapter}); "
+                         f"{facts.adapter} cannot register it again")
+    for name in facts.model_types:
+        ARCHS.register(name, facts)
+    return facts
+
+
+def family_facts(model_type: str | None) -> FamilyFacts | None:
+    """The registered facts of ``model_type`` (None: no family serves it). Torch-free."""
+    return ARCHS.get(model_type) if model_type in ARCHS else None
+
+
+def families() -> list[FamilyFacts]:
+    """Every registered family once, in registration order."""
+    return list({id(f): f for f in (ARCHS.get(t) for t in ARCHS)}.values())
+
+
+def _table(name: str) -> Any:
+    """The tables older callers import by name, derived from the registered facts on every read (a family a test
+    registers at run time is in them)."""
+    types = list(ARCHS)
+    if name == "FAMILY_MODULES":  # model_type → the module that defines its adapter
+        return {t: ARCHS.get(t).adapter.partition(":")[0] for t in types}
+    if name == "MOE_FAMILIES":  # mixture-of-experts families (stages.arch.moe): expert and expert-channel units
+        return tuple(t for t in types if ARCHS.get(t).moe)
+    if name == "SHARED_EXPERT_FAMILIES":  # ... that run a dense shared expert: its channels are the `mlp: true` units
+        return tuple(t for t in types if ARCHS.get(t).shared_expert)
+    if name == "SUBLAYER_FAMILIES":  # each sublayer's output added to the residual stream: a sublayer can go
+        return tuple(t for t in types if ARCHS.get(t).sublayers)
+    if name == "NO_OUTPUT_BIAS":  # model_types whose o_proj/down_proj cannot hold a compensation bias
+        return {t: ARCHS.get(t).no_output_bias for t in types if ARCHS.get(t).no_output_bias}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __getattr__(name: str) -> Any:
+    return _table(name)
 
 
 def supported_model_types() -> list[str]:
     """Every model_type with an adapter, without importing torch."""
-    return sorted(FAMILY_MODULES)
+    return sorted(ARCHS)
 
 
 def unsupported_message(model_type: str | None) -> str:
@@ -77,10 +95,11 @@ def compensation_refusal(model_type: str | None) -> str | None:
     """Torch-free: why bias/optimal compensation cannot be saved for a family, or None."""
     from prunelab.stages.arch.base_names import LINEAR_NAMES
 
-    if model_type in MOE_FAMILIES:
+    facts = family_facts(model_type)
+    if facts is not None and facts.moe:
         return (f"model_type {model_type!r} is a mixture of experts: its experts' outputs have no bias and per-expert "
                 "compensation is not implemented; use compensation: none")
-    missing = NO_OUTPUT_BIAS.get(model_type or "", ())
+    missing = facts.no_output_bias if facts is not None else ()
     if not missing:
         return None
     names = " and ".join(LINEAR_NAMES[r] for r in missing)
@@ -94,31 +113,34 @@ def sublayer_refusal(model_type: str | None, stage: Any) -> str | None:
     ``sublayer_cosine``, on a family whose layers cannot lose a sublayer — refused before the model loads."""
     wants = getattr(stage, "units", None) == "sublayers" if getattr(stage, "type", None) == "prune" else \
         "sublayer_cosine" in (getattr(stage, "criteria", None) or [])
-    if not wants or model_type is None or model_type in SUBLAYER_FAMILIES:
+    facts = family_facts(model_type)
+    if not wants or model_type is None or (facts is not None and facts.sublayers):
         return None
     return (f"sublayer removal needs the Llama layout (each sublayer's output added to the residual stream); "
-            f"model_type {model_type!r} is not one of {', '.join(SUBLAYER_FAMILIES)} — use units: blocks or width")
+            f"model_type {model_type!r} is not one of {', '.join(_table('SUBLAYER_FAMILIES'))} — use units: blocks or "
+            "width")
 
 
 def moe_refusals(model_type: str | None, settings: Any) -> list[str]:
     """Torch-free, for ``--dry-run``: width settings that do not fit the family's MLP (expert units on a dense
     model; dense MLP channels without a shared expert, hidden channels, or layers of different widths on a mixture of
     experts), each with what to do."""
-    units, moe = getattr(settings, "units", None), model_type in MOE_FAMILIES
+    facts = family_facts(model_type)
+    units, moe = getattr(settings, "units", None), facts is not None and facts.moe
     wants = [k for k in ("experts", "expert_channels") if getattr(settings, k, None) is not None]
     if wants and not moe:
         return [(f"{k}: model_type {model_type!r} has no experts (mixture-of-experts families: "
-                 f"{', '.join(MOE_FAMILIES)}); remove it") for k in wants]
+                 f"{', '.join(_table('MOE_FAMILIES'))}); remove it") for k in wants]
     if not moe:
         return []
     if units == "hidden":
         return [("units: hidden — hidden-channel pruning of mixture-of-experts models "
                  f"({model_type!r}) is not implemented (the fused expert tensors are not sliced); prune experts or "
                  "expert_channels instead")]
-    if units == "width" and getattr(settings, "mlp", False) and model_type not in SHARED_EXPERT_FAMILIES:
+    if units == "width" and getattr(settings, "mlp", False) and not facts.shared_expert:  # type: ignore[union-attr]
         return [(f"mlp: true — the {model_type!r} MLP is a mixture of experts with no dense MLP channels (only "
-                 f"{', '.join(SHARED_EXPERT_FAMILIES)} has a dense shared expert); set mlp: false and prune `experts` "
-                 "and/or `expert_channels`")]
+                 f"{', '.join(_table('SHARED_EXPERT_FAMILIES'))} has a dense shared expert); set mlp: false and prune "
+                 "`experts` and/or `expert_channels`")]
     dense = units == "width" and (getattr(settings, "attention", "none") != "none" or getattr(settings, "mlp", False))
     allocation = getattr(getattr(settings, "allocation", None), "type", "uniform")
     layers = getattr(settings, "layers", None)
@@ -131,33 +153,60 @@ def moe_refusals(model_type: str | None, settings: Any) -> list[str]:
 
 
 def dense_mlp_layers(model_type: str | None, config: Any) -> list[int]:
-    """Torch-free: the layers of a Qwen2-MoE ``config`` (a config object or config.json's mapping) that transformers
-    builds with a plain dense MLP instead of the MoE block (``Qwen2MoeDecoderLayer``: listed in ``mlp_only_layers``,
-    or skipped by ``decoder_sparse_step``); [] for every other family."""
-    if model_type != "qwen2_moe":
+    """Torch-free: the layers of ``config`` (a config object or config.json's mapping) that transformers builds with a
+    plain dense MLP where the family's adapter expects its MoE block (``FamilyFacts.dense_mlp_layers``; Qwen2-MoE's
+    ``mlp_only_layers`` / ``decoder_sparse_step``); [] for every other family."""
+    facts = family_facts(model_type)
+    if facts is None or facts.dense_mlp_layers is None:
         return []
     get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
-    only, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
-    experts = get("num_experts") or 0
-    return [i for i in range(get("num_hidden_layers") or 0) if i in only or not (experts > 0 and (i + 1) % step == 0)]
+    return facts.dense_mlp_layers(get)
 
 
 def dense_moe_layers_refusal(model_type: str | None, dense: list[int]) -> str | None:
-    """Torch-free: why a Qwen2-MoE config whose ``mlp_only_layers`` / ``decoder_sparse_step`` make some layers a plain
-    dense MLP is not supported (None when every layer is a MoE layer, or the family is not Qwen2-MoE)."""
-    if model_type != "qwen2_moe" or not dense:
+    """Torch-free: why a MoE config whose ``mlp_only_layers`` / ``decoder_sparse_step`` make some layers a plain dense
+    MLP is not supported by a family that cannot hold them (None when there are none)."""
+    facts = family_facts(model_type)
+    if facts is None or facts.dense_mlp_layers is None or not dense:
         return None
-    return (f"model_type 'qwen2_moe' with dense-MLP layers {dense} (mlp_only_layers / decoder_sparse_step): not "
+    return (f"model_type {model_type!r} with dense-MLP layers {dense} (mlp_only_layers / decoder_sparse_step): not "
             "supported — those layers' MLP has other module paths and another width (intermediate_size) than the "
-            "shared expert, and removing blocks would renumber mlp_only_layers; prunelab supports Qwen2-MoE configs "
-            "whose every layer is a MoE layer (mlp_only_layers: [], decoder_sparse_step: 1), as Qwen1.5-MoE-A2.7B's is")
+            "shared expert, and removing blocks would renumber mlp_only_layers; prunelab supports configs whose every "
+            "layer is a MoE layer (mlp_only_layers: [], decoder_sparse_step: 1), as Qwen1.5-MoE-A2.7B's is")
+
+
+def lora_target_choices() -> tuple[str, ...]:
+    """Torch-free: the module names a recipe's LoRA ``target_modules`` may list — every decoder linear of the Llama
+    layout, the fused names some families use instead, and the LM head."""
+    from prunelab.stages.arch.base_names import FUSED_NAMES, HEAD_NAME, LORA_TARGETS
+
+    return (*LORA_TARGETS, *FUSED_NAMES, HEAD_NAME)
+
+
+def _bind(facts: FamilyFacts) -> type[ArchAdapter]:
+    """The adapter class ``facts`` names, carrying the facts it derives its class-level answers from (model_types,
+    SUBLAYER_REMOVAL, BIAS_HOLDERS), so an adapter never restates them."""
+    module, _, name = facts.adapter.partition(":")
+    adapter = getattr(importlib.import_module(module), name, None)
+    if adapter is None:
+        raise ValueError(f"FamilyFacts.adapter {facts.adapter!r}: {module} defines no {name}; name the ArchAdapter "
+                         "subclass the family file defines")
+    bound = adapter.__dict__.get("FACTS")
+    if bound is not None and bound is not facts:
+        raise ValueError(f"{facts.adapter} already serves {bound.model_types}; give {facts.model_types} an adapter "
+                         "class of its own (a subclass is enough)")
+    adapter.FACTS = facts
+    adapter.model_types = facts.model_types
+    adapter.SUBLAYER_REMOVAL = facts.sublayers
+    adapter.BIAS_HOLDERS = facts.bias_holders()
+    return adapter
 
 
 def adapter_class(model_type: str | None) -> type[ArchAdapter]:
-    if model_type not in FAMILY_MODULES:
+    facts = family_facts(model_type)
+    if facts is None:
         raise ValueError(unsupported_message(model_type))
-    importlib.import_module(FAMILY_MODULES[model_type])
-    return ARCHS.get(model_type)
+    return _bind(facts)
 
 
 def layer_adapter(layer: nn.Module) -> type[ArchAdapter]:
@@ -172,3 +221,15 @@ def layer_adapter(layer: nn.Module) -> type[ArchAdapter]:
 def adapter_for(model: nn.Module) -> ArchAdapter:
     """The adapter for ``model``; a clear error for architectures without one."""
     return adapter_class(getattr(model.config, "model_type", None))(model)
+
+
+def _discover() -> None:
+    """Import every family file in this folder (name order): each registers its facts; then bind their adapters."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name not in _NOT_FAMILIES and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    for facts in families():
+        _bind(facts)
+
+
+_discover()

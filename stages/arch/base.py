@@ -14,12 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+from prunelab.stages.arch.base_names import HEAD_NAME, LINEAR_NAMES
+from prunelab.stages.arch.facts import lazy_module
 
-from prunelab.stages.arch.base_names import LINEAR_NAMES
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from prunelab.stages.arch.facts import FamilyFacts
+else:  # imported on first use: family files subclass ArchAdapter and are read for their facts without torch
+    torch, nn = lazy_module("torch"), lazy_module("torch.nn")
 
 ATTN_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")
@@ -110,12 +116,15 @@ class BlockInputs:
 class ArchAdapter:
     """Block-level and unit-level access to a decoder-only ``*ForCausalLM``. Defaults: the Llama layout."""
 
+    # set from the family's registered facts when the adapter is resolved (stages.arch._bind), never by hand:
+    # FACTS, model_types, SUBLAYER_REMOVAL, BIAS_HOLDERS
+    FACTS: ClassVar[FamilyFacts | None] = None
     model_types: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
     BLOCKS: ClassVar[str] = "model.layers"
     EMBED: ClassVar[str] = "model.embed_tokens"
     NORM: ClassVar[str] = "model.norm"
-    HEAD: ClassVar[str] = "lm_head"
+    HEAD: ClassVar[str] = HEAD_NAME
     ROTARY: ClassVar[str] = "model.rotary_emb"
     ATTN: ClassVar[str] = "self_attn"
     MLP: ClassVar[str] = "mlp"
@@ -222,6 +231,21 @@ class ArchAdapter:
         return name.startswith(cls.BLOCKS + ".")
 
     @classmethod
+    def block_index(cls, name: str) -> int | None:
+        """The block a parameter (or checkpoint tensor) name belongs to; None outside the blocks."""
+        return int(name[len(cls.BLOCKS) + 1:].split(".", 1)[0]) if cls.is_block_param(name) else None
+
+    @classmethod
+    def is_rotary_buffer(cls, name: str) -> bool:
+        """Whether a state-dict name is a rotary embedding's buffer (recomputed from the config, never a weight:
+        a checkpoint may hold it or not)."""
+        return cls.ROTARY.rsplit(".", 1)[-1] in name
+
+    @classmethod
+    def head_param(cls) -> str:
+        return f"{cls.HEAD}.weight"
+
+    @classmethod
     def bias_holders(cls, config: Any) -> dict[str, bool]:
         """Whether the output projections (``"o"``, ``"down"``) can carry a bias that a vanilla
         ``from_pretrained`` reload keeps — where bias and optimal compensation put their shift."""
@@ -258,10 +282,10 @@ class ArchAdapter:
         return len(self.layers)
 
     @property
-    def embed_tokens(self) -> nn.Module:
+    def embedding(self) -> nn.Module:
         return self.model.get_submodule(self.EMBED)
 
-    def set_embed_tokens(self, module: nn.Module) -> None:
+    def set_embedding(self, module: nn.Module) -> None:
         parent, name = self.EMBED.rsplit(".", 1)
         setattr(self.model.get_submodule(parent), name, module)
 
@@ -328,8 +352,10 @@ class ArchAdapter:
         from prunelab.stages.arch.noop import NoAttention, NoMLP
 
         if not cls.SUBLAYER_REMOVAL:
+            from prunelab.stages.arch import SUBLAYER_FAMILIES
+
             raise NotImplementedError(f"{cls.family or cls.__name__}: removing a whole sublayer is supported for the "
-                                      "Llama-layout families (llama, mistral, qwen2, qwen3, granite, olmo2) only")
+                                      f"Llama-layout families ({', '.join(SUBLAYER_FAMILIES)}) only")
         if which not in cls.SUBLAYER_NORMS:
             raise ValueError(f"sublayer {which!r}: choose attention or mlp")
         if which == "attention":
@@ -458,10 +484,10 @@ class ArchAdapter:
     # ------------------------------------------------------------------ block-wise forward
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.embedding.weight.device
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids.to(self.device))
+        return self.embedding(input_ids.to(self.device))
 
     def prepare(self, hidden: torch.Tensor) -> BlockInputs:
         """Causal masks (per attention type) and rotary embeddings for a batch without padding."""
@@ -505,6 +531,12 @@ class ArchAdapter:
             hidden = self.run_block(i, hidden, inputs)
             states.append(hidden)
         return states
+
+    def final_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's final-normed hidden states (embeddings, every block, the final norm), without the head: the
+        base model's own forward, so hooks on its modules see an ordinary pass and the head's (tokens × vocab) logits
+        are never materialised."""
+        return self.inner(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """The head applied to final-normed states (families with logit scaling or soft-capping override it)."""

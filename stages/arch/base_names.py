@@ -6,3 +6,5 @@ LINEAR_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gat
 LORA_TARGETS = tuple(LINEAR_NAMES.values())
 # Fused projections some families use instead (Phi-3); a recipe may name them too.
 FUSED_NAMES = ("qkv_proj", "gate_up_proj")
+# The LM head's module name (ArchAdapter.HEAD's default; a LoRA target a recipe may name).
+HEAD_NAME = "lm_head"

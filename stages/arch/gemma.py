@@ -17,13 +17,28 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
-
-from prunelab.stages.arch import register_arch
+from prunelab.stages.arch import register_family
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.arch.facts import FamilyFacts, lazy_module
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:  # imported on first use (stages.arch.facts: the facts above are read without torch)
+    torch = lazy_module("torch")
+
+# The tiny models: head_dim ≠ hidden/heads, soft-capped attention scores and logits (caps low enough to bend random
+# logits), a sliding window (12 < the test sequences) on every other layer; Gemma 3 adds per-head q/k norms and a
+# local rope base of its own on the sliding layers.
+register_family(FamilyFacts(model_types=("gemma2",), adapter=f"{__name__}:Gemma2Adapter", no_output_bias=("down",),
+                            layer_norms=4, tiny={"head_dim": 24, "sliding_window": 12, "final_logit_softcapping": 3.0,
+                                                 "attn_logit_softcapping": 5.0}))
+register_family(FamilyFacts(model_types=("gemma3_text",), adapter=f"{__name__}:Gemma3Adapter", no_output_bias=("down",),
+                            layer_norms=4, qk_norm="head",
+                            tiny={"head_dim": 24, "sliding_window": 12, "sliding_window_pattern": 2,
+                                  "final_logit_softcapping": 3.0, "rope_local_base_freq": 100.0}))
 
 
 class Gemma2Adapter(ArchAdapter):
@@ -31,12 +46,11 @@ class Gemma2Adapter(ArchAdapter):
     LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
     NORM_OFFSET = 1.0
 
-    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
 
     def hidden_embedding(self, weight: torch.Tensor, padding_idx: int | None, d_before: int) -> nn.Module:
         d_after = weight.shape[1]
-        old = self.embed_tokens
+        old = self.embedding
         new = type(old)(weight.shape[0], d_after, padding_idx, embed_scale=d_after**0.5).to(weight.device, weight.dtype)
         new.weight.data.copy_(weight * self.embedding_rescale(d_before, d_after))
         return new
@@ -48,7 +62,7 @@ class Gemma2Adapter(ArchAdapter):
         """The rotary buffers, and the embedding's sqrt(hidden) scale: a non-persistent buffer too (the prunelab
         loader builds on the meta device)."""
         super().reset_rotary(config, device)
-        emb = self.embed_tokens
+        emb = self.embedding
         emb.embed_scale = torch.tensor(emb.scalar_embed_scale, device=device)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
@@ -82,6 +96,3 @@ class Gemma3Adapter(Gemma2Adapter):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str) -> Any:
         return self.model.get_submodule(self.ROTARY)(hidden, position_ids, layer_type)
 
-
-register_arch(Gemma2Adapter, model_types=("gemma2",))
-register_arch(Gemma3Adapter, model_types=("gemma3_text",))

@@ -8,15 +8,23 @@ units and hidden channels leave all four valid: none depends on a width. Biases 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from prunelab.stages.arch import register_arch
+from prunelab.stages.arch import register_family
 from prunelab.stages.arch.base import ArchAdapter
+from prunelab.stages.arch.facts import FamilyFacts
+
+if TYPE_CHECKING:
+    import torch
+
+# every multiplier of the tiny model away from 1
+register_family(FamilyFacts(model_types=("granite",), adapter=f"{__name__}:GraniteAdapter", sublayers=True,
+                            tiny={"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                                  "logits_scaling": 2.0}))
 
 
 class GraniteAdapter(ArchAdapter):
     family = "Granite"
-    SUBLAYER_REMOVAL = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return super().embed(input_ids) * self.model.config.embedding_multiplier
@@ -24,5 +32,3 @@ class GraniteAdapter(ArchAdapter):
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         return self.head(normed) / self.model.config.logits_scaling
 
-
-register_arch(GraniteAdapter, model_types=("granite",))

@@ -9,12 +9,23 @@ removed one).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-
-from prunelab.stages.arch import adapter_for, register_arch
+from prunelab.stages.arch import adapter_for, register_family
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.arch.facts import FamilyFacts
+
+if TYPE_CHECKING:
+    import torch
+
+# Both run per-layer widths in llama.cpp (as deci) and vLLM (as DeciLM): the Llama layout those read.
+register_family(FamilyFacts(model_types=("llama",), adapter=f"{__name__}:LlamaAdapter", sublayers=True,
+                            engines={"llama.cpp": "llama"}, per_layer_engines=("llama.cpp", "vllm"),
+                            tiny={"head_dim": 16}, tiny_layers=6))
+# a window shorter than the test sequences: the sliding mask matters
+register_family(FamilyFacts(model_types=("mistral",), adapter=f"{__name__}:MistralAdapter", sublayers=True,
+                            no_output_bias=("o", "down"), engines={"llama.cpp": "llama"},
+                            per_layer_engines=("llama.cpp", "vllm"), tiny={"head_dim": 16, "sliding_window": 12}))
 
 # The coupled members of each width unit: (module path inside a decoder layer, which side is cut).
 # "out" slices output rows (and the bias), "in" slices input columns. Tests cross-check the entries
@@ -29,18 +40,12 @@ class LlamaAdapter(ArchAdapter):
     """Llama: ``attention_bias`` / ``mlp_bias`` switch on biases of all attention / MLP projections."""
 
     family = "Llama"
-    SUBLAYER_REMOVAL = True
 
 
 class MistralAdapter(ArchAdapter):
     """Mistral: Llama's layout with bias-free projections and a sliding window applied to every layer."""
 
     family = "Mistral"
-    SUBLAYER_REMOVAL = True
-
-    @classmethod
-    def bias_holders(cls, config: Any) -> dict[str, bool]:
-        return {"o": False, "down": False}
 
     @classmethod
     def bias_flags(cls) -> dict[str, str]:
@@ -59,8 +64,5 @@ class MistralAdapter(ArchAdapter):
                 position_ids=inputs.position_ids)
         return inputs
 
-
-register_arch(LlamaAdapter, model_types=("llama",))
-register_arch(MistralAdapter, model_types=("mistral",))
 
 __all__ = ["UNIT_MEMBERS", "LlamaAdapter", "MistralAdapter", "adapter_for"]

@@ -19,13 +19,17 @@ transformers reads the expert count and width from the shared config: every MoE 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prunelab.stages.arch.base import ATTN_ROLES, ArchAdapter, LayerGeometry, Member
 from prunelab.stages.arch.base_names import LINEAR_NAMES
+from prunelab.stages.arch.facts import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:  # imported on first use: the MoE family files are read for their facts without torch (stages.arch.facts)
+    nn = lazy_module("torch.nn")
 
 ROUTER, EXPERTS = "mlp.gate", "mlp.experts"
 GATE_UP, DOWN = f"{EXPERTS}.gate_up_proj", f"{EXPERTS}.down_proj"
@@ -47,7 +51,6 @@ class MoeAdapter(ArchAdapter):
     UNIT_KINDS: ClassVar[tuple[str, ...]] = ("block", "kv_group", "q_head", "expert", "expert_channel")
     UNIFORM_WIDTHS_ONLY = True
     MLP_CONFIG: ClassVar[str | None] = None  # no dense MLP (Qwen2-MoE: its shared expert's width)
-    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}
     EXPERT_CONFIG: ClassVar[tuple[str, str]] = ("num_local_experts", "intermediate_size")
     ROUTER_PARAM: ClassVar[str] = f"{ROUTER}.weight"

@@ -13,12 +13,18 @@ projection.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
-
-from prunelab.stages.arch import register_arch
+from prunelab.stages.arch import register_family
 from prunelab.stages.arch.base import ArchAdapter, LayerGeometry, Member, heads_to_rows
+from prunelab.stages.arch.facts import FamilyFacts
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# post-norms: each goes with the sublayer whose output it normalises, so sublayers can be removed
+register_family(FamilyFacts(model_types=("olmo2",), adapter=f"{__name__}:Olmo2Adapter", sublayers=True,
+                            no_output_bias=("down",), qk_norm="projection", tiny={"head_dim": 24}))
 
 Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"
 
@@ -36,11 +42,9 @@ class Olmo2Adapter(ArchAdapter):
     LAYER_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
     HEAD_NORMS = (Q_NORM, K_NORM)  # read the config's eps (hidden-channel pruning rescales it)
     NORM_INPUTS: ClassVar[dict[str, str]] = {Q_NORM: "q", K_NORM: "k"}
-    SUBLAYER_REMOVAL = True  # post-norms: each goes with the sublayer whose output it normalises
     SUBLAYER_NORMS: ClassVar[dict[str, str]] = {"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
     MID_RESIDUAL = "mlp"
 
-    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
 
     @classmethod
@@ -62,5 +66,3 @@ class Olmo2Adapter(ArchAdapter):
             old = layer.get_submodule(path)
             cls.set_module(layer, path, type(old)(size, old.variance_epsilon).to(old.weight.device, old.weight.dtype))
 
-
-register_arch(Olmo2Adapter, model_types=("olmo2",))

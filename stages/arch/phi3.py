@@ -7,12 +7,16 @@ layer must keep the same widths (uniform allocation); no projection has a bias.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
-
-from prunelab.stages.arch import register_arch
+from prunelab.stages.arch import register_family
 from prunelab.stages.arch.base import ArchAdapter, LayerGeometry, Member, heads_to_rows
+from prunelab.stages.arch.facts import FamilyFacts
+
+if TYPE_CHECKING:
+    from torch import nn
+
+register_family(FamilyFacts(model_types=("phi3",), adapter=f"{__name__}:Phi3Adapter", no_output_bias=("o", "down")))
 
 QKV, GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"
 
@@ -47,7 +51,6 @@ class Phi3Adapter(ArchAdapter):
                                          "gate": GATE_UP, "up": GATE_UP, "down": "mlp.down_proj"}
     UNIFORM_WIDTHS_ONLY = True
 
-    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}
 
     @classmethod
@@ -89,5 +92,3 @@ class Phi3Adapter(ArchAdapter):
     def resize_layer(cls, layer: nn.Module, n_q: int, n_kv: int, inter: int) -> None:
         raise NotImplementedError("Phi-3 layers cannot differ in width (the fused split reads the shared config)")
 
-
-register_arch(Phi3Adapter, model_types=("phi3",))

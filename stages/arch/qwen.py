@@ -12,27 +12,29 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from prunelab.stages.arch import register_arch
+from prunelab.stages.arch import register_family
 from prunelab.stages.arch.base import ArchAdapter
+from prunelab.stages.arch.facts import FamilyFacts
+
+# untied embeddings in the tiny model; its q/k/v biases are randomised (stages.io.tiny)
+register_family(FamilyFacts(model_types=("qwen2",), adapter=f"{__name__}:Qwen2Adapter", sublayers=True,
+                            no_output_bias=("o", "down"), qkv_bias=True, engines={"llama.cpp": "qwen2"},
+                            tiny={"tie": False}))
+# head_dim ≠ hidden / heads in the tiny model
+register_family(FamilyFacts(model_types=("qwen3",), adapter=f"{__name__}:Qwen3Adapter", sublayers=True,
+                            no_output_bias=("down",), qk_norm="head", engines={"llama.cpp": "qwen3"},
+                            tiny={"head_dim": 24}))
 
 
 class Qwen2Adapter(ArchAdapter):
     family = "Qwen2"
-    SUBLAYER_REMOVAL = True
 
-    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": False, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}
 
 
 class Qwen3Adapter(ArchAdapter):
     family = "Qwen3"
-    SUBLAYER_REMOVAL = True
     HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
     NORM_INPUTS: ClassVar[dict[str, str]] = {"self_attn.q_norm": "q", "self_attn.k_norm": "k"}
 
-    BIAS_HOLDERS: ClassVar[dict[str, bool]] = {"o": True, "down": False}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {"attn": "attention_bias"}
-
-
-register_arch(Qwen2Adapter, model_types=("qwen2",))
-register_arch(Qwen3Adapter, model_types=("qwen3",))

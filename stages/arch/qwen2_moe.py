@@ -17,14 +17,34 @@ makes every layer a MoE layer.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
-
-from prunelab.stages.arch import dense_mlp_layers, dense_moe_layers_refusal, register_arch
+from prunelab.stages.arch import dense_mlp_layers, dense_moe_layers_refusal, register_family
 from prunelab.stages.arch.base import MLP_ROLES, LayerGeometry
 from prunelab.stages.arch.base_names import LINEAR_NAMES
+from prunelab.stages.arch.facts import FamilyFacts
 from prunelab.stages.arch.moe import MoeAdapter
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def _dense_mlp_layers(get: Callable[..., Any]) -> list[int]:
+    """The layers ``Qwen2MoeDecoderLayer`` builds with a plain dense MLP: listed in ``mlp_only_layers``, or skipped by
+    ``decoder_sparse_step`` (``get(key, default)`` reads the config)."""
+    only, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
+    experts = get("num_experts") or 0
+    return [i for i in range(get("num_hidden_layers") or 0) if i in only or not (experts > 0 and (i + 1) % step == 0)]
+
+
+# Qwen2 attention (q/k/v biases) + 4 experts of width 32, top-2, not renormalised, and a shared expert of width 48
+# (another width than the experts', so the two cannot be confused) behind its sigmoid gate
+register_family(FamilyFacts(model_types=("qwen2_moe",), adapter=f"{__name__}:Qwen2MoeAdapter", moe=True,
+                            shared_expert=True, no_output_bias=("o", "down"), qkv_bias="qkv_bias",
+                            dense_mlp_layers=_dense_mlp_layers,
+                            tiny={"tie": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                  "shared_expert_intermediate_size": 48}))
 
 SHARED = "mlp.shared_expert"
 
@@ -52,5 +72,3 @@ class Qwen2MoeAdapter(MoeAdapter):
     def set_intermediate(cls, layer: nn.Module, inter: int) -> None:
         layer.get_submodule(SHARED).intermediate_size = inter
 
-
-register_arch(Qwen2MoeAdapter, model_types=("qwen2_moe",))

@@ -33,7 +33,7 @@ def windowed_perplexity(
     total, count = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc=desc, disable=not progress):
         batch = windows[start : start + batch_size].to(adapter.device)
-        hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
+        hidden = adapter.final_states(batch)
         total += adapter.nll_per_sequence(hidden, batch, normed=True).sum().item()  # HF output is post-norm
         count += batch[:, 1:].numel()
     return {

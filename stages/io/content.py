@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.stages.arch import adapter_class, family_facts
+from prunelab.stages.arch.base import ArchAdapter
+
 HEAD_BYTES = 8 << 20  # decoded and parsed per data file: well under a second, whatever the file's size
 SPECIAL_TOKENS = 4  # BOS / a SentencePiece space prefix / EOS: tokens that cover no byte of the text
 MAX_HEADER = 100 << 20  # safetensors refuses headers above 100 MB too
@@ -252,10 +255,12 @@ def _match_config(folder: Path, tensors: dict[str, dict[str, Any]], config: dict
     found = {int(m.group(1)) for name in tensors if (m := _LAYER.search(name))}
     if isinstance(layers, int) and found and (missing := sorted(set(range(layers)) - found)):
         return [f"{where}: config.json has {layers} blocks but the weights have none for block(s) {missing[:8]}; {fix}"]
-    embed = next((info for name, info in tensors.items() if name.endswith("embed_tokens.weight")), None)
+    ad = adapter_class(cfg.get("model_type")) if family_facts(cfg.get("model_type")) else ArchAdapter  # the names
+    embed_module = ad.EMBED.rsplit(".", 1)[-1]  # matched with or without the model's prefix
+    embed = next((info for name, info in tensors.items() if name.endswith(f"{embed_module}.weight")), None)
     vocab, hidden = cfg.get("vocab_size"), cfg.get("hidden_size")
     if embed is not None and isinstance(vocab, int) and isinstance(hidden, int) and list(embed["shape"]) != [vocab, hidden]:
-        return [f"{where}: embed_tokens is {embed['shape']} but config.json says vocab_size × hidden_size = "
+        return [f"{where}: {embed_module} is {embed['shape']} but config.json says vocab_size × hidden_size = "
                 f"[{vocab}, {hidden}]; {fix}"]
     if "prunelab_layer_shapes" in config:  # per-layer widths: the uniform count below does not describe it
         return []
@@ -265,8 +270,8 @@ def _match_config(folder: Path, tensors: dict[str, dict[str, Any]], config: dict
     counts = shape.param_counts() if shape is not None else None
     if counts is None:
         return []
-    have = sum(_numel(info["shape"]) for name, info in tensors.items() if "rotary_emb" not in name)
-    head = next((info for name, info in tensors.items() if name == "lm_head.weight"), None)
+    have = sum(_numel(info["shape"]) for name, info in tensors.items() if not ad.is_rotary_buffer(name))
+    head = next((info for name, info in tensors.items() if name == ad.head_param()), None)
     tied_extra = _numel(head["shape"]) if head is not None and shape.tie_word_embeddings else 0
     if have - tied_extra != counts[0]:
         return [f"{where}: the weights hold {have - tied_extra:,} parameters, config.json describes {counts[0]:,}; {fix}"]

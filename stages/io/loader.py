@@ -55,7 +55,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {f"{ad.head_name()}.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    bad = [k for k in missing if k not in allowed_missing and "rotary_emb" not in k]
+    bad = [k for k in missing if k not in allowed_missing and not ad.is_rotary_buffer(k)]
     if bad or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match its per-layer shapes (missing {bad[:5]}, unexpected {unexpected[:5]})")
     if getattr(config, "tie_word_embeddings", False):

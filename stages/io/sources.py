@@ -20,12 +20,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-# model_type values (config.json) / general.architecture values (GGUF) whose blocks llama_param_counts counts.
-DENSE_LAYOUTS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3_text", "olmo2"})
-# Hidden-sized RMSNorms per block where not two (Gemma: before and after each sublayer).
-LAYER_NORMS_PER_BLOCK = {"gemma2": 4, "gemma3_text": 4}
+from prunelab.stages.arch import families, family_facts
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,8 @@ class ModelShape:
         """(all parameters, parameters of one block), or None when a size is unknown or the layout is not
         one :func:`llama_param_counts` describes (another family, or mixture-of-experts layers)."""
         sizes = (self.vocab, self.hidden, self.intermediate, self.heads, self.kv_heads)
-        if any(v is None for v in sizes) or self.model_type not in DENSE_LAYOUTS or self.experts:
+        facts = family_facts(self.model_type)  # a model_type (config.json) or general.architecture (GGUF)
+        if any(v is None for v in sizes) or facts is None or facts.moe or self.experts:
             return None
         return llama_param_counts(
             self.vocab, self.hidden, self.intermediate, self.heads, self.kv_heads, self.num_layers,
@@ -108,36 +107,49 @@ ALIASES: dict[str, Alias] = {
     ),
 }
 
-# Built on the spot from a fixed seed (no download): for recipes/debug.yaml and quick experiments.
-# One per supported family (alias → number of blocks; the family is the name's last part, see TINY_FAMILY).
-TINY_ALIASES: dict[str, int] = {"tiny-random-llama": 6, "tiny-random-mistral": 4, "tiny-random-qwen2": 4,
-                                "tiny-random-qwen3": 4, "tiny-random-granite": 4, "tiny-random-gemma2": 4,
-                                "tiny-random-gemma3_text": 4, "tiny-random-olmo2": 4, "tiny-random-phi3": 4,
-                                "tiny-random-mixtral": 4, "tiny-random-qwen3_moe": 4, "tiny-random-qwen2_moe": 4}
-TINY_FAMILY: dict[str, str] = {name: name.rsplit("-", 1)[-1] for name in TINY_ALIASES}
-# stages.io.tiny.tiny_alias's models (a test builds each and checks these against it).
-_TINY = {"vocab": 259, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "max_positions": 1024}
-TINY_SHAPES: dict[str, ModelShape] = {
-    "tiny-random-llama": ModelShape(num_layers=6, vocab=259, hidden=64, intermediate=128, heads=4, kv_heads=2,
-                                    head_dim=16, tie_word_embeddings=True, max_positions=1024, model_type="llama"),
-    "tiny-random-mistral": ModelShape(num_layers=4, head_dim=16, tie_word_embeddings=True, model_type="mistral", **_TINY),
-    "tiny-random-qwen2": ModelShape(num_layers=4, qkv_bias=True, model_type="qwen2", **_TINY),
-    "tiny-random-granite": ModelShape(num_layers=4, tie_word_embeddings=True, model_type="granite", **_TINY),
-    "tiny-random-qwen3": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, qk_norm=True, model_type="qwen3",
-                                    **_TINY),
-    "tiny-random-gemma2": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, layer_norms=4,
-                                     model_type="gemma2", **_TINY),
-    "tiny-random-gemma3_text": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, layer_norms=4, qk_norm=True,
-                                          model_type="gemma3_text", **_TINY),
-    "tiny-random-phi3": ModelShape(num_layers=4, tie_word_embeddings=True, model_type="phi3", **_TINY),
-    "tiny-random-olmo2": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, proj_qk_norm=True,
-                                    model_type="olmo2", **_TINY),
-    "tiny-random-mixtral": ModelShape(num_layers=4, tie_word_embeddings=True, experts=4,
-                                      model_type="mixtral", **_TINY),
-    "tiny-random-qwen3_moe": ModelShape(num_layers=4, head_dim=24, tie_word_embeddings=True, experts=4,
-                                        model_type="qwen3_moe", **_TINY),
-    "tiny-random-qwen2_moe": ModelShape(num_layers=4, qkv_bias=True, experts=4, model_type="qwen2_moe", **_TINY),
-}
+class _FromFamilies(Mapping[str, Any]):
+    """A table derived from the registered families (stages.arch) on every read: a family registered at run time
+    is in it, and no family is listed here by hand."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        self._build = build
+
+    def __getitem__(self, key: str) -> Any:
+        return self._build()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return len(self._build())
+
+
+# stages.io.tiny.tiny_llama's config beyond the family's own ``FamilyFacts.tiny`` (a test checks the shapes below
+# against each built model).
+_TINY_CONFIG = {"vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 1024}
+
+
+def _tiny_aliases() -> dict[str, int]:
+    return {f"tiny-random-{t}": f.tiny_layers for f in families() for t in f.model_types}
+
+
+def _tiny_shape(model_type: str, num_layers: int) -> ModelShape:
+    extra = dict(family_facts(model_type).tiny)  # type: ignore[union-attr]
+    tie = extra.pop("tie", True)
+    shape = shape_from_config({"model_type": model_type, "num_hidden_layers": num_layers, "tie_word_embeddings": tie,
+                               **_TINY_CONFIG, **extra})
+    assert shape is not None
+    return shape
+
+
+# Built on the spot from a fixed seed (no download): for recipes/debug.yaml and quick experiments. One per registered
+# family (alias → number of blocks, ``FamilyFacts.tiny_layers``; the family is the name's last part, see TINY_FAMILY).
+TINY_ALIASES: Mapping[str, int] = _FromFamilies(_tiny_aliases)
+TINY_FAMILY: Mapping[str, str] = _FromFamilies(lambda: {n: n.removeprefix("tiny-random-") for n in _tiny_aliases()})
+# stages.io.tiny.tiny_alias's models, from the family's tiny config (a test builds each and checks these against it).
+TINY_SHAPES: Mapping[str, ModelShape] = _FromFamilies(
+    lambda: {n: _tiny_shape(n.removeprefix("tiny-random-"), layers) for n, layers in _tiny_aliases().items()})
 
 
 @dataclass(frozen=True)
@@ -249,7 +261,8 @@ def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
 
 
 def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
-    """A ModelShape from a transformers ``config.json`` (Llama, Mistral, Qwen2/3 field names)."""
+    """A ModelShape from a transformers ``config.json`` (Llama, Mistral, Qwen2/3 field names; the family's bias and
+    norm flags from its registered facts)."""
     from prunelab.stages.arch import dense_mlp_layers
 
     cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
@@ -258,14 +271,18 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
         return None
     heads = cfg.get("num_attention_heads")
     model_type = cfg.get("model_type")
+    facts = family_facts(model_type)
+    qkv = facts.qkv_bias if facts is not None else False  # True, or the config key that says so (absent: true)
+    qk_norm = facts.qk_norm if facts is not None else "none"
     return ModelShape(
         num_layers=layers, vocab=cfg.get("vocab_size"), hidden=cfg.get("hidden_size"),
         intermediate=cfg.get("intermediate_size"), heads=heads, kv_heads=cfg.get("num_key_value_heads", heads),
         head_dim=cfg.get("head_dim"), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(cfg.get("qkv_bias", True))),
-        qk_norm=model_type in ("qwen3", "gemma3_text"), mlp_bias=bool(cfg.get("mlp_bias", False)),
-        proj_qk_norm=model_type == "olmo2", layer_norms=LAYER_NORMS_PER_BLOCK.get(model_type or "", 2),
+        # o_proj's bias follows attention_bias unless the family never builds one (GLM-4: q/k/v biases only)
+        attention_bias=bool(cfg.get("attention_bias", False)) and "o" not in (facts.no_output_bias if facts else ()),
+        qkv_bias=bool(cfg.get(qkv, True)) if isinstance(qkv, str) else qkv,
+        qk_norm=qk_norm == "head", mlp_bias=bool(cfg.get("mlp_bias", False)),
+        proj_qk_norm=qk_norm == "projection", layer_norms=facts.layer_norms if facts is not None else 2,
         max_positions=cfg.get("max_position_embeddings"), model_type=model_type,
         experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
         dense_mlp_layers=tuple(dense_mlp_layers(model_type, cfg)),

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.arch import adapter_class, family_facts, unsupported_message
+
 
 def byte_tokenizer() -> Any:
     """A byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) that needs no training data."""
@@ -40,47 +42,23 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    block_index = adapter_class(model_type).block_index
     # Random init with std 0.02 gives near-identical blocks; widen it so criteria see real differences.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                p.normal_(0.0, 0.08 + (0.02 * (int(name.split(".")[2]) % 3) if ".layers." in name else 0.0))
+                block = block_index(name)
+                p.normal_(0.0, 0.08 + (0.02 * (block % 3) if block is not None else 0.0))
     return model.eval()
-
-
-
-# Per family: what its tiny model sets beyond tiny_llama's defaults (each exercises what makes the family differ).
-TINY_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {"sliding_window": 12},  # a window shorter than the test sequences: the sliding mask matters
-    "qwen2": {"tie": False},  # q/k/v biases (randomised below), no bias on o_proj / down_proj
-    "qwen3": {"head_dim": 24},  # per-head q_norm / k_norm; head_dim ≠ hidden / heads
-    "granite": {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
-                "logits_scaling": 2.0},  # every multiplier away from 1
-    "phi3": {},  # fused qkv_proj and gate_up_proj
-    # head_dim ≠ hidden/heads, (1 + w) norms before and after each sublayer, sqrt(hidden) embedding scale, soft-capped
-    # attention scores and logits (caps low enough to bend random logits), sliding window (12 < the test sequences)
-    # on every other layer
-    "gemma2": {"head_dim": 24, "sliding_window": 12, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0},
-    # as Gemma 2 plus per-head q/k norms and a local rope base of its own on the sliding layers
-    "gemma3_text": {"head_dim": 24, "sliding_window": 12, "sliding_window_pattern": 2, "final_logit_softcapping": 3.0,
-                    "rope_local_base_freq": 100.0},
-    "olmo2": {"head_dim": 24},  # norms after the sublayers; q/k RMSNorm over the whole projection
-    # mixture of experts: 4 experts, top-2 (the router renormalises); each expert 128 wide (`intermediate_size`)
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    # Qwen3 attention + 4 experts of width 32, top-2, probabilities not renormalised (norm_topk_prob false)
-    "qwen3_moe": {"head_dim": 24, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
-    # Qwen2 attention (q/k/v biases) + 4 experts of width 32, top-2, not renormalised, and a shared expert of width 48
-    # (another width than the experts', so the two cannot be confused) behind its sigmoid gate
-    "qwen2_moe": {"tie": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 48},
-}
 
 
 def tiny_family(model_type: str, num_layers: int = 4, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """The tiny random model of a family, built offline from its transformers config class. Beyond tiny_llama's
     weights, biases and norm weights are randomised too, so nothing a unit owns is trivially zero or one."""
-    kw = {**TINY_FAMILIES[model_type], **overrides}
+    facts = family_facts(model_type)
+    if facts is None:
+        raise ValueError(unsupported_message(model_type))
+    kw = {**facts.tiny, **overrides}  # FamilyFacts.tiny: what exercises what makes the family differ
     model = tiny_llama(num_layers=num_layers, seed=seed, model_type=model_type, **kw)
     if model_type != "llama":  # the Llama tiny model stays bit-identical to the one the pinned tests use
         gen = torch.Generator().manual_seed(seed + 1)

@@ -13,7 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
-from prunelab.stages.arch.base_names import FUSED_NAMES, LORA_TARGETS
+from prunelab.stages.arch import lora_target_choices
+from prunelab.stages.arch.base_names import HEAD_NAME, LORA_TARGETS
 from prunelab.stages.calibration.sources import SamplingSettings
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.io.config import TextSource
@@ -67,9 +68,9 @@ class LoraSettings(StrictModel):
     @field_validator("target_modules")
     @classmethod
     def _known(cls, modules: list[str]) -> list[str]:
-        unknown = [m for m in modules if m not in DECODER_LINEARS and m not in FUSED_NAMES and m != "lm_head"]
+        unknown = [m for m in modules if m not in lora_target_choices()]
         if unknown:
-            raise ValueError(f"target_modules {unknown}: choose from {', '.join(DECODER_LINEARS)} (or lm_head)")
+            raise ValueError(f"target_modules {unknown}: choose from {', '.join(DECODER_LINEARS)} (or {HEAD_NAME})")
         return modules
 
 

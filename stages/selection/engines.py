@@ -5,7 +5,7 @@ engines run instead of exporting one they refuse:
 
 - ``transformers``: everything the prunelab loader runs (per-layer heads, KV groups, MLP widths) — no constraint.
 - ``llama.cpp``: the ``deci`` architecture reads ``head_count``, ``head_count_kv`` and ``feed_forward_length``
-  per layer (``src/llama-model.cpp``, ``get_key_or_arr``), so Llama-layout families (:data:`PER_LAYER_FAMILIES`)
+  per layer (``src/llama-model.cpp``, ``get_key_or_arr``), so Llama-layout families (:func:`per_layer_families`)
   may vary everything per layer. Other families keep their own llama.cpp architecture (qwen2, gemma2, phi3, ...),
   which reads one global value: a plan whose layers differ is **refused** (not silently made uniform, which would
   be another allocation than the one asked for), naming ``allocation: uniform`` as the nearest setting that runs.
@@ -28,16 +28,22 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
+from prunelab.stages.arch import families
+
 if TYPE_CHECKING:
     from prunelab.stages.arch.base import LayerGeometry
 
 Engine = Literal["transformers", "llama.cpp", "vllm"]
 ENGINES: tuple[str, ...] = ("transformers", "llama.cpp", "vllm")
-# Families whose per-layer widths an engine runs: exported as llama.cpp `deci` / vLLM DeciLM (Llama layout: q/k/v/o,
-# gate/up/down, RMSNorm, RoPE, no multipliers). Granite's multipliers, Qwen2's q/k/v biases, Gemma's norms, Phi-3's
-# fused projections and OLMo 2's q/k norms have no place in those layouts.
-PER_LAYER_FAMILIES: tuple[str, ...] = ("llama", "mistral")
 UNIFORM_ONLY_ENGINES: tuple[str, ...] = ("llama.cpp", "vllm")
+
+
+def per_layer_families(engine: str) -> tuple[str, ...]:
+    """The model_types whose per-layer widths ``engine`` runs, exported as llama.cpp `deci` / vLLM DeciLM (Llama
+    layout: q/k/v/o, gate/up/down, RMSNorm, RoPE, no multipliers): each family's ``FamilyFacts.per_layer_engines``.
+    Granite's multipliers, Qwen2's q/k/v biases, Gemma's norms, Phi-3's fused projections and OLMo 2's q/k norms have
+    no place in those layouts."""
+    return tuple(t for f in families() for t in f.model_types if engine in f.per_layer_engines)
 
 
 def _nonuniform_sources(settings: Any) -> list[str]:
@@ -63,13 +69,13 @@ def engine_refusals(model_type: str | None, settings: Any) -> list[str]:
     dense = getattr(settings, "attention", "none") != "none" or getattr(settings, "mlp", False)
     sources = _nonuniform_sources(settings) if dense else []
     for engine in (e for e in engines if e in UNIFORM_ONLY_ENGINES):
-        if model_type is not None and model_type not in PER_LAYER_FAMILIES and sources:
+        if model_type is not None and model_type not in per_layer_families(engine) and sources:
             arch, layout = (("its own architecture", "`deci`") if engine == "llama.cpp"
                             else ("its own model class", "DeciLM"))
             problems.append(
                 f"engines: {engine} — {' and '.join(sources)} gives the {model_type!r} layers different widths, but "
                 f"{engine} runs {model_type!r} under {arch}, which reads one head count and one MLP width for all layers "
-                f"(per-layer widths run only for {', '.join(PER_LAYER_FAMILIES)}, as {layout}); use allocation: uniform "
+                f"(per-layer widths run only for {', '.join(per_layer_families(engine))}, as {layout}); use allocation: uniform "
                 "without `layers`, or leave this engine out")
         elif engine == "vllm" and getattr(settings, "layers", None) is not None and settings.attention != "none":
             problems.append(

@@ -250,9 +250,9 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
     scale = (d / len(keep)) ** 0.5 if norm_rescale else 1.0
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
-    emb = ad.embed_tokens
+    emb = ad.embedding
     new_emb = ad.hidden_embedding(emb.weight.data[:, idx.to(emb.weight.device)], emb.padding_idx, d)
-    ad.set_embed_tokens(new_emb)
+    ad.set_embedding(new_emb)
     # Gemma scales the embedding by sqrt(hidden): the adapter multiplied the kept weights by sqrt(d/d') so the embedded
     # state is unchanged; a tied head then reads those scaled weights, so the final norm takes the factor back out.
     emb_factor = ad.embedding_rescale(d, len(keep))

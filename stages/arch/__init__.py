@@ -192,7 +192,7 @@ def _bind(facts: FamilyFacts) -> type[ArchAdapter]:
         raise ValueError(f"FamilyFacts.adapter {facts.adapter!r}: {module} defines no {name}; name the ArchAdapter "
                          "subclass the family file defines")
     bound = adapter.__dict__.get("FACTS")
-    if bound is not None and bound is not facts:
+    if bound is not None and bound != facts:
         raise ValueError(f"{facts.adapter} already serves {bound.model_types}; give {facts.model_types} an adapter "
                          "class of its own (a subclass is enough)")
     adapter.FACTS = facts

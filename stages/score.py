@@ -65,6 +65,14 @@ class ScoreConfig(StrictModel):
         later = _later_prunes(key, stages, self.units)  # a width prune may name expert criteria too
         return list(dict.fromkeys(n for s in later for n in getattr(s, "criteria", lambda s=s: [s.criterion])()))
 
+    def calibration_needs(self, key: str, stages: dict[str, Any]) -> set[str]:
+        """What this stage's calibration pass collects: its criteria's needs and what later prunes need beyond them."""
+        from prunelab.stages.criteria.scoring import needs_for
+
+        kind = kind_of(self.units)
+        extra = _extra_needs(_later_prunes(key, stages, self.units)) if kind == "width" else set()
+        return needs_for(kind, self.effective_criteria(key, stages), extra)
+
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         names = self.effective_criteria(key, stages)
         if not names:
@@ -103,6 +111,7 @@ def _inputs_key(ctx: RunContext) -> str:
 def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
+    from prunelab.stages.calibration.pipelines import pipeline_for
     from prunelab.stages.core.files import atomic_write_json
     from prunelab.stages.criteria.scoring import PartialResults, score_criteria
     from prunelab.stages.selection.blocks import num_blocks_for
@@ -118,6 +127,7 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
         num_remove=lambda: num_blocks_for(prunes[0], ctx.adapter),  # blocks are equal in size: any criterion's count
         partial=PartialResults(ctx.stage_dir / "partial", _inputs_key(ctx), write=ctx.is_main),
         progress=ctx.progress, log=lambda m: log.info(m, main_process_only=True),
+        pipeline=pipeline_for(ctx.stage_key, ctx.recipe.stages),
     )
     ctx.scores.update(results)
     out: dict[str, Any] = {"criteria": names, "calibration_pass_s": round(stats.seconds, 3)}

@@ -72,6 +72,7 @@ class CalibrationStats:
     # experts: routing statistics per MoE layer (None for dense layers; stages.calibration.experts.ExpertStats)
     experts: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+    offloaded_bytes: int = 0  # sequential pipeline: peak boundary-state bytes memory-mapped to disk
 
     def __getattr__(self, name: str) -> list[ChannelStats]:
         inputs = self.__dict__.get("inputs")

@@ -79,13 +79,14 @@ def score_criteria(
     kind: str, names: list[str], model: Any, calibration: Any, *, settings: dict[str, BaseModel] | None = None,
     seed: int = 0, batch_size: int = 1, extra_needs: Iterable[str] = (), hidden: bool = False,
     num_remove: Callable[[], int] | None = None, partial: PartialResults | None = None, progress: bool = True,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, pipeline: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], CalibrationStats]:
     """Every criterion's saved result (``to_json``), in ``names`` order, and the statistics of the one pass.
 
     Finished criteria found in ``partial`` are re-used; the pass collects what the others need plus ``extra_needs``
-    (and, for width, the projection inputs). ``num_remove`` gives iterative criteria the later prune stage's target."""
-    from prunelab.stages.calibration.full import collect_stats
+    (and, for width, the projection inputs), through ``pipeline`` (``prunelab.stages.calibration.pipelines``; default
+    full). ``num_remove`` gives iterative criteria the later prune stage's target."""
+    from prunelab.stages.calibration.pipelines import collect
     from prunelab.stages.criteria.base import CriterionInputs
 
     settings = settings or {}
@@ -93,7 +94,7 @@ def score_criteria(
     todo = [n for n in names if n not in done]
     if done and log is not None:
         log(f"re-using finished criteria {sorted(done)}")
-    stats = collect_stats(model, calibration, needs_for(kind, todo, extra_needs), batch_size, progress)
+    stats = collect(model, calibration, needs_for(kind, todo, extra_needs), batch_size, progress, pipeline)
     for name in todo:
         spec = CRITERIA.get(kind, name)
         inputs = CriterionInputs(model, stats, seed, settings.get(name), calibration, batch_size,

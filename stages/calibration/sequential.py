@@ -1,0 +1,224 @@
+"""The ``sequential`` pipeline: one block resident at a time, the boundary states carried from block to block.
+
+The loop (llm-compressor's sequential pipeline and SparseGPT's ``llama_sequential`` order, with our observers):
+the embeddings of every batch → boundary cache x_0; then for each block i: its weights materialized, the
+observers' hooks attached, every batch's x_i run through it (x_{i+1} into the next cache, each observer told),
+hooks off, the block freed. ``propagate: dense`` feeds block i+1 the dense block i's outputs, so the statistics
+are the ones ``full`` collects (same sums, in the same batch order).
+
+Where the weights come from (``BlockWeights``):
+- ``ResidentWeights``: the model is already in memory (the runner's load stage; a GGUF source such as SmolLM2 is
+  dequantised to a torch model once anyway), so "materialize" is a no-op. Peak memory is the model plus the
+  boundary states: the same order of magnitude as ``full``; what it buys is the engine, not the memory.
+- ``SafetensorsWeights``: a meta-device skeleton built from the config (``skeleton``); block i's tensors read with
+  ``safe_open`` under the names of the block's ``state_dict`` (``adapter.block_prefix(i)``), and sent back to
+  ``meta`` after. Peak memory: one block + the embedding (first step only) + the boundary states (up to
+  ``memory_budget_gb``, then memory-mapped files) + the observers' sums. docs/calibration.md has the formula.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.calibration.blocks import batches
+from prunelab.stages.calibration.observers import start_observers
+from prunelab.stages.calibration.pipelines import SequentialPipeline
+from prunelab.stages.calibration.stats import CalibrationStats
+
+
+class BlockWeights(Protocol):
+    """Where one block's (and the embedding's) weights come from while the sequential pipeline holds it."""
+
+    def embedding(self, adapter: ArchAdapter) -> Any: ...  # a context manager: the embedding resident inside it
+
+    def block(self, adapter: ArchAdapter, index: int) -> Any: ...  # a context manager: block ``index`` resident
+
+
+class ResidentWeights:
+    """The model is resident already: nothing to load or free."""
+
+    @contextmanager
+    def embedding(self, adapter: ArchAdapter) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def block(self, adapter: ArchAdapter, index: int) -> Iterator[None]:
+        yield
+
+
+class SafetensorsWeights:
+    """Tensors read from a ``save_pretrained`` folder's safetensors files (sharded or not) into a meta skeleton."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
+        from safetensors import safe_open
+
+        self.folder, self.device = Path(folder), torch.device(device)
+        index = self.folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            [p.name for p in sorted(self.folder.glob("*.safetensors"))]
+        if not files:
+            raise FileNotFoundError(f"{self.folder}: no *.safetensors files; save the model with save_pretrained "
+                                    "(safe_serialization) or use pipeline: full")
+        self.handles = [safe_open(str(self.folder / f), framework="pt", device="cpu") for f in files]
+        self.where = {key: h for h in self.handles for key in h.keys()}
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        names = list(module.state_dict())
+        loose = [n for n, _ in module.named_buffers() if n not in names]
+        if loose:  # not in any file: to_empty would leave them uninitialised
+            raise ValueError(f"{prefix}: buffers {loose} are not saved with the weights; this family cannot be "
+                             "streamed from safetensors yet — use pipeline: full")
+        missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in self.where]
+        if missing:
+            raise KeyError(f"{self.folder}: tensors {missing[:3]} not found in the safetensors files: transformers "
+                           "converts this checkpoint's layout when it loads it (e.g. fused mixture-of-experts "
+                           "weights); run the sequential pipeline on the loaded model, or pipeline: full")
+        module.to_empty(device=self.device)
+        module.load_state_dict({n: self.where[f"{prefix}.{n}"].get_tensor(f"{prefix}.{n}") for n in names}, strict=True)
+
+    @contextmanager
+    def embedding(self, adapter: ArchAdapter) -> Iterator[None]:
+        module = adapter.model.get_submodule(adapter.EMBED)
+        self._load(module, adapter.EMBED)
+        adapter.reset_rotary(adapter.model.config, self.device)  # computed buffers, never saved
+        try:
+            yield
+        finally:
+            module.to("meta")
+
+    @contextmanager
+    def block(self, adapter: ArchAdapter, index: int) -> Iterator[None]:
+        layer = adapter.layers[index]
+        self._load(layer, adapter.block_prefix(index))
+        try:
+            yield
+        finally:
+            layer.to("meta")
+
+
+def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of a ``save_pretrained`` folder with every tensor on the meta device (no memory, no init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    adapter_for(model)  # a family without an adapter is refused here, before any weight is read
+    return model.eval()
+
+
+class BoundaryCache:
+    """The hidden states at one block boundary, one tensor per batch: in memory up to ``budget`` bytes, past it
+    memory-mapped files in ``folder`` (written once, read once per block)."""
+
+    def __init__(self, budget: float, folder: Path, tag: str) -> None:
+        self.budget, self.folder, self.tag = budget, folder, tag
+        self.items: dict[int, torch.Tensor] = {}
+        self.held, self.offloaded = 0, 0
+        self.files: list[Path] = []
+
+    def put(self, batch: int, x: torch.Tensor) -> None:
+        size = x.numel() * x.element_size()
+        if self.held + size <= self.budget or x.device.type != "cpu":
+            self.items[batch] = x
+            self.held += size
+            return
+        path = self.folder / f"{self.tag}-{batch}.bin"
+        mapped = torch.from_file(str(path), shared=True, size=x.numel(), dtype=x.dtype).view(x.shape)
+        mapped.copy_(x)
+        self.items[batch], self.offloaded = mapped, self.offloaded + size
+        self.files.append(path)
+
+    def get(self, batch: int) -> torch.Tensor:
+        return self.items[batch]
+
+    def clear(self) -> None:
+        self.items.clear()
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
+        self.held = 0
+
+
+@torch.inference_mode()
+def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs: set[str], batch_size: int = 1,
+                       progress: bool = True, settings: SequentialPipeline | None = None,
+                       weights: BlockWeights | None = None) -> CalibrationStats:
+    """Every statistic in ``needs`` with one block resident at a time (``weights``: where the blocks come from;
+    default: the model is resident). The needs must be ones the sequential pipeline collects
+    (``prunelab.stages.calibration.pipelines.collect`` refuses the others with the reason)."""
+    settings = settings or SequentialPipeline()
+    weights = weights or ResidentWeights()
+    adapter = adapter_for(model)
+    stats = CalibrationStats(num_blocks=adapter.num_blocks)
+    observers = start_observers(needs, stats, adapter)
+    folder = Path(settings.offload_dir) if settings.offload_dir else Path(tempfile.mkdtemp(prefix="prunelab-boundary-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    budget = settings.memory_budget_gb * 2**30 / 2  # two boundaries alive at once: block i's inputs and outputs
+    t0 = time.perf_counter()
+    ids_batches = list(batches(calibration, batch_size))
+    current, peak_offloaded = BoundaryCache(budget, folder, "b0"), 0
+    prepared: dict[tuple[int, ...], BlockInputs] = {}
+    try:
+        with weights.embedding(adapter):
+            for b, ids in enumerate(ids_batches):
+                x = adapter.embed(ids)
+                key = tuple(x.shape[:2])
+                if key not in prepared:
+                    prepared[key] = adapter.prepare(x)
+                current.put(b, x)
+        for i in tqdm(range(adapter.num_blocks), desc="sequential calibration", disable=not progress):
+            following = BoundaryCache(budget, folder, f"b{i + 1}")
+            with weights.block(adapter, i):
+                layer = adapter.layers[i]
+                handles = [h for o in observers for h in o.hooks(i, layer)]
+                try:
+                    for b in range(len(ids_batches)):
+                        x_in = current.get(b)
+                        x_out = adapter.run_block(i, x_in, prepared[tuple(x_in.shape[:2])])
+                        for o in observers:
+                            o.after_block(i, x_in, x_out, b)
+                        following.put(b, x_out)
+                finally:
+                    for h in handles:
+                        h.remove()
+            peak_offloaded = max(peak_offloaded, current.offloaded + following.offloaded)
+            current.clear()
+            current = following
+        for o in observers:
+            o.finish()
+    finally:
+        current.clear()
+        if not settings.offload_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    stats.seconds = time.perf_counter() - t0
+    stats.offloaded_bytes = peak_offloaded
+    return stats
+
+
+def collect_from_pretrained(folder: str | Path, calibration: torch.Tensor, needs: set[str], batch_size: int = 1,
+                            progress: bool = True, settings: SequentialPipeline | None = None,
+                            dtype: torch.dtype | None = None) -> CalibrationStats:
+    """The sequential pass over a ``save_pretrained`` folder without ever holding the model: a meta skeleton, one
+    block's tensors read from the safetensors files at a time."""
+    from prunelab.stages.calibration.pipelines import refusals
+
+    settings = settings or SequentialPipeline()
+    refused = refusals(settings, needs)
+    if refused:
+        raise ValueError("the sequential calibration pipeline cannot collect "
+                         + "; ".join(f"{n!r}: {why}" for n, why in refused.items()))
+    model = skeleton(folder, dtype)
+    return collect_sequential(model, calibration, needs, batch_size, progress, settings, SafetensorsWeights(folder))

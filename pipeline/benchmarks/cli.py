@@ -1,6 +1,7 @@
 """``prunelab bench SPEC`` (also ``python pipeline/bench.py SPEC``): run a benchmark spec's rows, write its table.
 
     prunelab bench bench/smollm2-20 [--resume | --force] [--shard I/N] [--rows a,b] [--update-readme FILE]
+    prunelab bench RECIPE --seeds 0-7 [--holdout valid.txt]     choose a recipe's calibration draw on held-out text
 
 Writes ``bench.json`` and ``bench.md`` under ``<output_dir>/<name>/``, every row's run directory under
 ``rows/``; ``--resume`` continues a killed bench (finished rows are read back, the runner resumes the others).
@@ -50,6 +51,17 @@ def report(bench: Bench, outcome: Outcome, command: str, checked: list[str], t_s
     return tables.assemble(bench, outcome.metrics, command)
 
 
+def _load(args: argparse.Namespace) -> Bench:
+    if args.seeds is None:
+        return load_bench(args.spec, args.output_dir)
+    from prunelab.benchmarks.spec import build
+    from prunelab.benchmarks.tables import HOLDOUT, compile_select_draw, parse_seeds
+
+    data = compile_select_draw(args.spec, parse_seeds(args.seeds), args.holdout or HOLDOUT, args.holdout_tokens,
+                               args.seq_len, args.output_dir or "bench-out")
+    return build(data)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prunelab bench", description=__doc__.split("\n\n")[0])
     p.add_argument("spec")
@@ -65,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finished-only", action="store_true", help="tabulate the rows already finished; run nothing")
     p.add_argument("--output-dir", default=None, help="write under this folder instead of the spec's output_dir")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    draw = p.add_argument_group("choosing a calibration draw (SPEC is then a recipe)")
+    draw.add_argument("--seeds", default=None, help="run the recipe with each seed (0-7 and/or 1,5,42) and name the draw "
+                      "with the lowest held-out perplexity")
+    draw.add_argument("--holdout", default=None, help="selection text (a validation split; never the test text)")
+    draw.add_argument("--holdout-tokens", type=int, default=30720, help="score the first N tokens of it")
+    draw.add_argument("--seq-len", type=int, default=512, help="held-out window length")
     args = p.parse_args(argv)
     try:
         shard = parse_shard(args.shard, args.resume or args.finished_only)
@@ -72,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     t_start = time.perf_counter()
     try:
-        bench = load_bench(args.spec, args.output_dir)
+        bench = _load(args)
         checked = _checksums(bench)
         only = [] if args.finished_only else rows_of(bench, args.rows)
         outcome = run_rows(bench, args.resume or args.finished_only, args.force, shard or (0, 1), only, args.progress)
@@ -88,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if not any(m is not None for m in outcome.metrics.values()):
         print(f"error: no finished rows under {bench.rows_dir}", file=sys.stderr)
         return 2
-    data, table = report(bench, outcome, f"prunelab bench {args.spec}", checked, t_start)
+    try:
+        data, table = report(bench, outcome, f"prunelab bench {args.spec}", checked, t_start)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     write_json(out / "bench.json", data)
     from prunelab.rundir import atomic_write_text
 

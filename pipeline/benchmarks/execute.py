@@ -65,6 +65,7 @@ def run_rows(bench: Bench, resume: bool = False, force: bool = False, shard: tup
     finished. Every row to run is preflighted before the first one starts."""
     from prunelab.preflight import preflight
     from prunelab.rundir import RunDirError, prepare_run_dir
+    from prunelab.runlog import RunLog
     from prunelab.runner import RunError, execute
 
     root = bench.rows_dir
@@ -95,20 +96,25 @@ def run_rows(bench: Bench, resume: bool = False, force: bool = False, shard: tup
         raise BenchError("rows refused before anything ran:\n  - " + "\n  - ".join(problems))
     for recipe in todo:
         again = recipe.run_dir.is_dir() and any(recipe.run_dir.iterdir())
-        try:
-            out.metrics[recipe.name] = execute(recipe, recipe.run_dir, resume=again, progress=progress)
-        except RunError as exc:
-            raise BenchError(f"row {recipe.name!r}: {exc}") from None
+        with RunLog(recipe.run_dir, resume=again) as log:  # the row's run.log, as a user run's
+            try:
+                out.metrics[recipe.name] = execute(recipe, recipe.run_dir, resume=again, progress=progress)
+            except RunError as exc:
+                raise BenchError(f"row {recipe.name!r}: {exc}") from None
+            except (Exception, KeyboardInterrupt) as exc:
+                log.write_traceback(exc)
+                raise
     return out
 
 
 def rows_of(bench: Bench, names: str) -> list[str] | None:
-    """``--rows a,b``: row names, or a prefix before ``--`` (a method of a methods × sources grid); None: all."""
+    """``--rows a,b``: row names, or a prefix before ``--`` (a method of a methods × sources grid), and the dense
+    row every ratio needs; None: all."""
     wanted = [n for n in names.split(",") if n]
     if not wanted:
         return None
     all_names = [r.name for r in bench.rows]
-    picked = [n for n in all_names if n in wanted or n.split("--")[0] in wanted]
+    picked = [r.name for r in bench.rows if r.name in wanted or r.name.split("--")[0] in wanted or r.meta.get("dense")]
     unknown = [w for w in wanted if w not in all_names and not any(n.split("--")[0] == w for n in all_names)]
     if unknown:
         raise BenchError(f"--rows: {unknown} are not rows of {bench.name} (rows: {', '.join(all_names)})")

@@ -178,8 +178,7 @@ def _totals(report: dict[str, Any]) -> str:
     if not report.get("resumed"):
         return f"Total {seconds}, overall peak RSS {rss}."
     rows = sum(_row_total(r) for r in report["rows"])
-    return (f"This resumed run itself: {seconds}, peak RSS {rss}; the rows' total s add up to {rows:.0f} s (the shared width statistics "
-            f"pass counted once per data-driven width row, so more than the machine time).")
+    return f"This resumed run itself: {seconds}, peak RSS {rss}; the rows' total s add up to {rows:.0f} s."
 
 
 def _threads(report: dict[str, Any]) -> str:
@@ -197,8 +196,8 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     head = ("| target | criterion | params | blocks | removed blocks | "
             + " | ".join(f"{n} PPL (seq {first[n]['seq_len']}; × dense)" for n in names)
             + "".join(f" | {n} acc | {n} acc_norm" for n in tasks)
-            + " | scoring s | total s | peak RSS MB |" + (" decode speedup (bs " + "/".join(first["speed"]["decode_tok_s"]) + ") |" if speed else ""))
-    lines = [head, "|" + "---|" * (8 + len(names) + 2 * len(tasks) + int(speed))]
+            + " | scoring s | total s |" + (" decode speedup (bs " + "/".join(first["speed"]["decode_tok_s"]) + ") |" if speed else ""))
+    lines = [head, "|" + "---|" * (7 + len(names) + 2 * len(tasks) + int(speed))]
     dense = report["rows"][0]
     for r in report["rows"]:
         # every domain's ratio to the dense row, so a number that holds only in the calibration domain shows itself
@@ -208,7 +207,7 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         total = _row_total(r)
         other = r["eval"].get("torch_threads", report["torch_threads"]) != report["torch_threads"]
         lines.append(f"| {r['target']} | {r['criterion']}{' †' if other else ''} | {r['params'] / 1e6:.2f}M ({r['achieved_ratio']:.1%} cut) | "
-                     f"{r['layers']} | {removed} | {ppl}{acc} | {r['score_s']:.1f} | {total:.1f} | {r.get('score_peak_rss_mb') or '—'} |"
+                     f"{r['layers']} | {removed} | {ppl}{acc} | {r['score_s']:.1f} | {total:.1f} |"
                      + (f" {_speedup(r, dense)} |" if speed else ""))
     cal = report["calibration"]
     proto = "; ".join(first[n]["protocol"] for n in names + tasks) + (f"; speed: {first['speed']['protocol']}" if speed else "")
@@ -217,14 +216,13 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         proto += f"; decode speedup: {paired['protocol']}"
     lines += ["", (f"Command: `{command}`. Model `{report['model']}`, seed {report['seed']}; calibration "
               f"{cal['num_samples']} × {cal['seq_len']} tokens of `{cal['source']}`. Perplexity: {proto}. "
-              f"Scoring seconds: each depth criterion alone with its own calibration pass; width criteria share one "
-              f"statistics pass (hooks, plus one backward per window for Taylor), included in each data-driven one's time, "
-              f"plus that row's selection, allocation and compensation solve (optimal compensation: plus its own XᵀX pass); "
-              f"{_threads(report)}; peak RSS = the process's resident memory while that criterion "
-              f"scored (the dense model included); total s = scoring + evaluating that row. {_totals(report)}")]
+              f"Every row is its own recipe run (`rows/<row>/`): scoring seconds are its score stage (its own calibration "
+              f"statistics pass: hooks, plus one backward per window for Taylor; optimal compensation's XᵀX in the same "
+              f"pass), for a width row plus its prune stage (selection, allocation and compensation solve); "
+              f"{_threads(report)}; total s = scoring + evaluating that row. {_totals(report)}")]
     if report.get("resumed"):
-        lines += ["", (f"Resumed (`--resume`): {len(report['resumed'])} finished entries (rows, scores) came from an "
-                  f"earlier run of this bench with the same settings; their seconds are that run's.")]
+        lines += ["", (f"Resumed (`--resume`): {len(report['resumed'])} finished rows came from an earlier run of this "
+                  f"bench with the same recipes; their seconds are that run's.")]
     c = report.get("ppl_cost_ratio")
     if c:
         lines += ["", (f"PPL-criterion cost (hidden states entering each block cached) vs one full forward per "

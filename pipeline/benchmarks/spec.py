@@ -185,7 +185,7 @@ def load_bench(path: str | Path, output_dir: str | None = None) -> Bench:
     elif "methods" in raw and "calibrations" in raw:
         from prunelab.benchmarks.tables import compile_calibration
 
-        data = compile_calibration(raw)
+        data = compile_calibration(raw, Path(path).stem)
     elif "bases" in raw:
         from prunelab.benchmarks.tables import compile_recovery
 

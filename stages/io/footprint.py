@@ -238,8 +238,10 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None) -> Memor
                     r = node.lora.rank
                     shapes = {"q_proj": (h, a * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
                               "o_proj": (a * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter),
-                              "down_proj": (inter, h)}
-                    T = n * r * sum(i + o for m, (i, o) in shapes.items() if m in node.lora.target_modules)
+                              "down_proj": (inter, h), "lm_head": (h, V)}
+                    targets = node.lora.target_modules
+                    T = n * r * sum(i + o for m, (i, o) in shapes.items() if m in targets and m != "lm_head")
+                    T += r * (h + V) if "lm_head" in targets else 0
                     size = T * 16 + act
                     what = f"LoRA r={r}: {T:,} trainable × 16 B + backward of {B} × {L} tokens"
                     if node.method == "qlora":  # the frozen base at ~0.56 B per weight instead of b
@@ -326,8 +328,8 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None) -> list[st
                 "local": f"none: local files, {size_text(download.total)}",
                 "alias": f"none: the {src.path} alias is cached ({size_text(download.total)})"}[download.where]
         lines.append(f"download: {what}")
-        if download.where == "cache" and not network_state(probe=False)[0]:
-            lines.append("offline (HF_HUB_OFFLINE): the run reads the cache")
+        if download.where == "cache" and not (state := network_state(probe))[0]:
+            lines.append(f"offline: {state[1]}; the run reads the Hugging Face cache, with no network")
     params = None
     if isinstance(download, Download) and download.weights and src.kind != "gguf" and not download.files.get(src.gguf_file or ""):
         tdt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")

@@ -98,11 +98,16 @@ def hub_unreachable(timeout: float = 1.0) -> str | None:
 def network_state(probe: bool = True, datasets: bool = False) -> tuple[bool, str]:
     """(online, why not): offline when an *_OFFLINE variable is set (see :func:`hub_offline`), or (``probe``) when
     the hub cannot be reached."""
+    if _WENT_OFFLINE:
+        return False, _WENT_OFFLINE[-1]
     if hub_offline(datasets):
         return False, "HF_HUB_OFFLINE is set" if hub_offline() else "HF_DATASETS_OFFLINE is set"
     if probe and (why := hub_unreachable()) is not None:
         return False, f"the hub cannot be reached ({why})"
     return True, ""
+
+
+_WENT_OFFLINE: list[str] = []  # why go_offline set HF_HUB_OFFLINE (so later messages give the real reason)
 
 
 def go_offline() -> None:
@@ -111,6 +116,8 @@ def go_offline() -> None:
     for about a minute. Called when the hub cannot be reached and everything the run needs is cached."""
     import sys
 
+    if not hub_offline():
+        _WENT_OFFLINE.append(f"the hub cannot be reached ({hub_unreachable()})")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     import huggingface_hub.constants as hub_constants

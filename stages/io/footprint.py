@@ -22,7 +22,7 @@ parameter of ``model.dtype`` (float32 4; bfloat16/float16 2; auto: 2 on a GPU, 4
     backward = n·B·L·h·(34 + 5·a·L/h)·b/2 + logits (activations kept for backward, Korthikanti et al. 2022,
                                                    arXiv 2205.05198, eq. 1; with gradient checkpointing
                                                    n·B·L·h·b + one block's share)
-    gradient scores (taylor…) = P·b gradients + P·4 accumulated scores + backward     (≈ 2–3 × weights)
+    gradient criteria (taylor…) = P·b gradients + P·4 float32 gradient sums + backward  (≈ 2–3 × weights)
     LoRA     = T·16 + backward                    (T = trainable adapter parameters, r·(in + out) per adapted
                                                    linear; 16 B each: weight, gradient and AdamW's two fp32 states)
     QLoRA    = LoRA, with the frozen weights at ~0.56 B each (NF4 + block scales) instead of b
@@ -222,7 +222,7 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None) -> Memor
                 B = node.batch_size
                 if _needs_grad(list(node.criteria)):
                     put(key, int(P * b) + P * 4 + backward(B, calib_len),
-                        f"gradients P·b + scores P·4 + backward of {B} × {calib_len} tokens")
+                        f"gradients P·b + float32 gradient sums P·4 + backward of {B} × {calib_len} tokens")
                 else:
                     put(key, forward(B, calib_len), f"a forward of {B} × {calib_len} tokens")
             elif {"source", "num_samples", "seq_len"} <= fields:  # calibrate: the windows themselves, then a forward

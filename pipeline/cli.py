@@ -4,7 +4,7 @@
     prunelab cp debug my-debug.yaml      copy one to edit
     prunelab validate my-debug.yaml      check it (schema, files, targets, model metadata); load nothing
     prunelab run my-debug.yaml [k=v ...] [--resume | --force] [--output-dir D] [--no-progress]
-    prunelab bench bench/smollm2-20      a benchmark recipe (pipeline/bench.py)
+    prunelab bench bench/smollm2-20      a benchmark spec: rows of recipes through the runner (prunelab.benchmarks)
     prunelab version
 
 ``run`` and ``validate`` ARE ``python pipeline/run.py`` (the same ``main``, the same flags; ``validate`` adds
@@ -25,7 +25,7 @@ COMMANDS = {
     "validate": "validate a recipe (run --dry-run): schema, files, targets against the model's metadata",
     "ls": "list the shipped recipes with a one-line description",
     "cp": "copy a shipped recipe to edit: prunelab cp NAME DEST",
-    "bench": "run a benchmark recipe (pipeline/bench.py)",
+    "bench": "run a benchmark spec: its rows as recipes through the runner, then its table (prunelab.benchmarks)",
     "version": "print prunelab's version and those of the libraries it runs on",
 }
 
@@ -123,9 +123,10 @@ def cmd_validate(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from prunelab.bench import main
+    from prunelab.benchmarks.cli import main
 
-    return _delegate(main, argv, takes_value=("--update-readme", "--shard"))
+    return _delegate(main, argv, takes_value=("--update-readme", "--shard", "--rows", "--output-dir", "--seeds",
+                                              "--holdout", "--holdout-tokens", "--seq-len"))
 
 
 def versions() -> dict[str, str]:

@@ -60,7 +60,7 @@ def test_every_relative_link_resolves(page):
 
 def test_readme_is_a_front_page_and_the_results_live_in_docs():
     """What a newcomer reads first stays short; every benchmark table (with its markers, which
-    `pipeline/bench.py --update-readme docs/results.md` rewrites) lives in docs/results.md."""
+    `prunelab bench SPEC --update-readme docs/results.md` rewrites) lives in docs/results.md."""
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) < 135  # the family matrix (issue 16) lives here too
     assert "<!-- bench:" not in readme

@@ -183,9 +183,9 @@ def test_llm_pruner_sampling_is_an_option_of_text_sources_only():
 
 
 def test_compare_script_refuses_a_checkout_without_the_official_package(tmp_path):
-    """pipeline/compare_llm_pruner.py needs the official repository root (its LLMPruner/ package); anything else is
-    refused before a model is loaded, naming the flag."""
-    from prunelab.compare_llm_pruner import main
+    """prunelab.benchmarks.compare_llm_pruner needs the official repository root (its LLMPruner/ package); anything
+    else is refused before a model is loaded, naming the flag."""
+    from prunelab.benchmarks.compare_llm_pruner import main
 
     with pytest.raises(SystemExit, match=r"--official .*no LLMPruner/torch_pruning inside"):
         main([str(tmp_path), "--official", str(tmp_path)])

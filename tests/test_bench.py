@@ -112,6 +112,27 @@ def test_a_bad_row_is_refused_before_anything_runs_naming_row_and_field(tmp_path
     assert not (tmp_path / "out").exists()  # refused before a folder was made
 
 
+def test_the_native_form_a_base_recipe_with_rows_of_overrides_and_a_shared_evaluation(tmp_path):
+    """``base`` + ``evaluate`` + ``rows`` of dotted overrides: each row is the base recipe with its overrides and the
+    shared evaluation in place of the base's evaluate / export stages, run through the runner."""
+    spec = {"name": "native", "base": "recipes/debug.yaml",
+            "evaluate": {"perplexity": {"tiny": {"source": TEXT, "seq_len": 64, "max_tokens": 512}}},
+            "rows": {"dense": {"dense": True}, "bi-1": {"stages.prune.num_blocks": 1, "stages.prune.criterion": "block_influence",
+                                                        "stages.score.criteria": ["block_influence"]},
+                     "bi-2": {"stages.prune.criterion": "block_influence", "stages.score.criteria": ["block_influence"]}}}
+    path = tmp_path / "native.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    bench = load_bench(path, str(tmp_path))
+    assert [list(r.stages) for r in bench.recipes()] == [["eval"], ["calibrate", "score", "prune", "eval"],
+                                                         ["calibrate", "score", "prune", "eval"]]
+    assert main([str(path), "--output-dir", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "native" / "bench.json").read_text())
+    assert [r["row"] for r in got["rows"]] == ["dense", "bi-1", "bi-2"] and got["rows"][0]["ratio"] == {"tiny": 1.0}
+    assert got["rows"][1]["params"] > got["rows"][2]["params"]  # one block removed, then two
+    metrics = json.loads((tmp_path / "native" / "rows" / "bi-2" / "metrics.json").read_text())
+    assert got["rows"][2]["ppl"]["tiny"] == metrics["eval"]["pruned"]["tiny"]["ppl"]
+
+
 def test_a_killed_bench_resumes_through_the_runner(tmp_path, monkeypatch):
     """A bench killed inside a row keeps every finished row; a plain re-run refuses, ``--resume`` reads the finished
     rows back and the runner continues the killed one from its finished stages; a changed row alone runs again."""

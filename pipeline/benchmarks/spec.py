@@ -19,9 +19,6 @@ from prunelab.recipe import RecipeBase, RecipeError, StrictModel, check_run_name
 
 __all__ = ["Bench", "BenchError", "Row", "compile_rows", "load_bench", "merge", "set_dotted"]
 
-KINDS = ("rows", "grid", "calibration", "recovery", "select_draw")
-
-
 class BenchError(RuntimeError):
     """A spec that cannot run, or rows of an earlier run the command did not say what to do with."""
 

@@ -73,7 +73,7 @@ def test_python_dash_m_is_the_same_command(tmp_path):
     assert script.returncode == 0 and "recipe is valid" in script.stdout, script.stderr
 
 
-def test_bench_delegates_to_bench_main(monkeypatch, tmp_path):
+def test_bench_delegates_to_the_benchmarks_main(monkeypatch, tmp_path):
     seen = {}
 
     def fake_main(argv):
@@ -81,7 +81,7 @@ def test_bench_delegates_to_bench_main(monkeypatch, tmp_path):
         seen["text"] = Path(argv[0]).read_text()
         return 0
 
-    monkeypatch.setattr(f"{PACKAGE}.bench.main", fake_main)
+    monkeypatch.setattr(f"{PACKAGE}.benchmarks.cli.main", fake_main)
     assert main(["bench", "bench/smollm2-20-quick", "--resume"]) == 0
     assert seen["argv"][1:] == ["--resume"] and yaml.safe_load(seen["text"])["name"]
 

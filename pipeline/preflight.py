@@ -439,3 +439,26 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
         "block_params": counts[1] if counts else None,
         "max_positions": shape.max_positions if shape is not None else None,
     }
+
+
+def needs_grad(names: list[str]) -> bool:
+    """Whether any of these criteria reads gradients (its registered ``needs``; by name where it is not registered)."""
+    import prunelab.stages.criteria  # noqa: F401 (registers the criteria)
+    from prunelab.stages.criteria.registry import CRITERIA
+
+    def one(name: str) -> bool:
+        for kind in ("depth", "width"):
+            try:
+                return "grad" in CRITERIA.get(kind, name).needs
+            except Exception:  # noqa: BLE001 (not a criterion of that kind)
+                continue
+        return "taylor" in name
+
+    return any(one(n) for n in names)
+
+
+def footprint(recipe: RecipeBase) -> list[str]:
+    """What --dry-run says about the download and the memory (prunelab.stages.io.footprint; docs/data.md)."""
+    from prunelab.stages.io.footprint import footprint_lines
+
+    return footprint_lines(recipe, needs_grad=needs_grad)

@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = recipe.run_dir
     if args.dry_run:
         print(describe(recipe, run_dir, facts))
-        from prunelab.stages.io.footprint import footprint_lines
+        from prunelab.preflight import footprint
 
-        print("\n".join(footprint_lines(recipe)))  # the download and the memory the recipe needs (docs/data.md)
+        print("\n".join(footprint(recipe)))  # the download and the memory the recipe needs (docs/data.md)
         if args.force:  # what --force would delete, or why it would refuse (pipeline.rundir)
             from prunelab.rundir import describe_force
 

@@ -155,6 +155,9 @@ def test_memory_formula_by_hand_and_lora_count_equals_peft():
     grad_stage = footprint.memory_estimate(shape, taylor).stages["score"][0]
     plain = footprint.memory_estimate(shape, load_recipe("recipes/debug.yaml", ["stages.score.criteria=[ppl]"]))
     assert grad_stage >= 2 * P * 4 > plain.stages["score"][0]
+    from prunelab.preflight import needs_grad  # the registry's answer, which the CLI passes in
+
+    assert needs_grad(["block_influence", "taylor_plus"]) and not needs_grad(["ppl", "block_influence", "magnitude"])
 
 
 def test_local_folder_reads_sizes_on_disk(tmp_path, capsys):
@@ -319,7 +322,8 @@ def test_unknown_split_and_missing_datasets_package(online, data_root, tmp_path,
     ("calibrate", {"mix": [{"source": {"path": "tests/data/tiny_corpus.txt"}, "weight": 1},
                            {"source": {"qa_text": "../shared/data/arc/arc_easy_test.jsonl"}, "weight": 1}]}),
     ("recover", {"dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "test[:50%]"}),
-], ids=["named-test", "test-file", "mix-part", "recovery-hub-test"])
+    ("recover", {"dataset": "text", "data_files": ["tests/data/tiny_corpus.txt", "my_test.txt"]}),
+], ids=["named-test", "test-file", "mix-part", "recovery-hub-test", "recovery-data-files"])
 def test_calibration_and_recovery_never_read_test_text(data_root, tmp_path, capsys, where, source):
     raw = yaml.safe_load((ROOT / "recipes/debug-recover.yaml").read_text())
     if where == "calibrate":

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,25 +156,10 @@ class MemoryEstimate:
         return self.weights + self.teacher + (self.stages[self.peak_stage][0] if self.stages else 0)
 
 
-def _needs_grad(names: list[str]) -> bool:
-    """Whether a criterion reads gradients (the registry's ``needs``; a name with ``taylor`` if it is not known)."""
-    try:
-        import prunelab.stages.criteria  # noqa: F401 (registers the criteria)
-        from prunelab.stages.criteria.registry import CRITERIA
-
-        found = []
-        for name in names:
-            for kind in ("depth", "width"):
-                try:
-                    found.append("grad" in CRITERIA.get(kind, name).needs)
-                    break
-                except Exception:  # noqa: BLE001 (not a criterion of that kind)
-                    continue
-            else:
-                found.append("taylor" in name)
-        return any(found)
-    except Exception:  # noqa: BLE001 (the registry moved: the names still tell)
-        return any("taylor" in n for n in names)
+def taylor_named(names: list[str]) -> bool:
+    """Whether a criterion reads gradients, by its name alone (the frame passes the criterion registry's answer,
+    ``prunelab.preflight.needs_grad``: io does not import the criteria room)."""
+    return any("taylor" in n for n in names)
 
 
 def _dtype_bytes(dtype: str, device: str) -> tuple[float, str]:
@@ -182,9 +168,11 @@ def _dtype_bytes(dtype: str, device: str) -> tuple[float, str]:
     return DTYPE_BYTES[dtype], dtype
 
 
-def memory_estimate(shape: Any, recipe: Any, params: int | None = None) -> MemoryEstimate | None:
+def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
+                    needs_grad: Callable[[list[str]], bool] = taylor_named) -> MemoryEstimate | None:
     """The memory a recipe needs on ``shape`` (a ``ModelShape``: config.json's sizes), by the formula of this
-    module's docstring; ``params`` when the shape cannot count them (from the weight files). None: sizes unknown."""
+    module's docstring; ``params`` when the shape cannot count them (from the weight files); ``needs_grad``: whether
+    a score stage's criteria read gradients. None: sizes unknown."""
     from prunelab.stages.core.config import settings_objects
 
     counts = shape.param_counts() if shape is not None else None
@@ -220,7 +208,7 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None) -> Memor
             fields = set(type(node).model_fields)
             if {"criteria", "batch_size"} <= fields:  # score
                 B = node.batch_size
-                if _needs_grad(list(node.criteria)):
+                if needs_grad(list(node.criteria)):
                     put(key, int(P * b) + P * 4 + backward(B, calib_len),
                         f"gradients P·b + float32 gradient sums P·4 + backward of {B} × {calib_len} tokens")
                 else:
@@ -276,7 +264,8 @@ def memory_line(est: MemoryEstimate) -> str:
     return f"memory (estimate; docs/data.md): ≈ {gib(est.peak)} at the peak = " + " + ".join(parts)
 
 
-def footprint_lines(recipe: Any, probe: bool = True, api: Any = None) -> list[str]:
+def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
+                    needs_grad: Callable[[list[str]], bool] = taylor_named) -> list[str]:
     """What ``--dry-run`` prints about the download and the memory. ``probe``: ask the hub (one connect check, then
     the file list) for a hub id not in the cache; otherwise say it is offline and what the cache holds."""
     from prunelab.stages.io.hub import network_state
@@ -331,10 +320,10 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None) -> list[st
         if download.where == "cache" and not (state := network_state(probe))[0]:
             lines.append(f"offline: {state[1]}; the run reads the Hugging Face cache, with no network")
     params = None
-    if isinstance(download, Download) and download.weights and src.kind != "gguf" and not download.files.get(src.gguf_file or ""):
+    if isinstance(download, Download) and download.weights and src.gguf_file is None:  # safetensors: bytes / dtype
         tdt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
         params = int(download.weights / DTYPE_BYTES.get(tdt, 2))
-    est = memory_estimate(shape, recipe, params)
+    est = memory_estimate(shape, recipe, params, needs_grad)
     if est is not None:
         lines.append(memory_line(est))
         per_stage = ", ".join(f"{k} {gib(est.weights + est.teacher + v[0])}" for k, v in est.stages.items())

@@ -223,7 +223,8 @@ def test_split_of(source: Any) -> str | None:
     dataset = getattr(source, "dataset", None)
     if isinstance(dataset, str) and normal_split(source.split).split("[")[0] == "test":
         return f"split {source.split!r} of {dataset}"
-    path = getattr(source, "path", None)
-    if isinstance(path, str) and _TEST.search(Path(path).stem.lower()):
-        return f"the file {path!r} (its name says test)"
+    files = getattr(source, "data_files", None)
+    for path in [getattr(source, "path", None), *(files if isinstance(files, list) else [files])]:
+        if isinstance(path, str) and _TEST.search(Path(path).stem.lower()):
+            return f"the file {path!r} (its name says test)"
     return None

@@ -121,7 +121,7 @@ def run(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mappi
     if resume and force:
         raise ValueError("resume=True and force=True contradict each other; choose one")
     parsed = load_recipe(recipe, overrides, output_dir)
-    preflight(parsed)
+    preflight(parsed, probe_hub=True)  # a hub id or dataset not cached: refused offline in ~1 s, as the CLI does
     metrics = execute(parsed, parsed.run_dir, resume=resume, force=force, progress=progress)
     assert metrics is not None, "prunelab.run returns metrics on the main process only; call it from one process"
     return metrics

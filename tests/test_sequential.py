@@ -60,6 +60,19 @@ def test_resident_sequential_equals_full(untied: bool) -> None:
     assert full.inputs["o_proj"][0].gram is not None and full.bi_cos_sum is not None  # the test compares something
 
 
+def test_removal_nll_equals_full_resident_and_streamed(tmp_path: Path) -> None:
+    """The PPL criterion's NLL with each block removed: the wavefront carried block by block (tied head streamed)."""
+    model = tiny_llama(num_layers=5, heads=4, kv_heads=2, tie=True)
+    model.save_pretrained(tmp_path)
+    calib = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(3))
+    full = collect_stats(model, calib, {"removal_nll"}, 2, False)
+    for seq in (collect_sequential(model, calib, {"removal_nll"}, 2, False),
+                collect_from_pretrained(tmp_path, calib, {"removal_nll"}, 2, False)):
+        _close(full.removal_nll, seq.removal_nll)
+        assert seq.dense_nll == pytest.approx(full.dense_nll, rel=1e-9) and seq.nll_tokens == full.nll_tokens
+    assert full.removal_nll is not None and bool((full.removal_nll > full.dense_nll).any())
+
+
 def test_mixture_of_experts_routing_statistics_equal_full() -> None:
     model = tiny_family("qwen2_moe")
     calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -93,7 +106,7 @@ def test_a_layout_transformers_converts_is_refused_by_name(tmp_path: Path) -> No
         collect_from_pretrained(tmp_path, calib, {"activations"}, 1, False)
 
 
-@pytest.mark.parametrize("need", ["grad", "fisher", "hidden", "removal_nll", "calibration"])
+@pytest.mark.parametrize("need", ["grad", "fisher", "hidden", "calibration"])
 def test_needs_it_cannot_collect_are_refused_with_the_reason(need: str) -> None:
     model = tiny_llama(num_layers=2)
     with pytest.raises(ValueError, match=f"sequential calibration pipeline cannot collect .*'{need}': "):
@@ -110,16 +123,19 @@ def _recipe(tmp_path: Path, pipeline: object, score: dict | None = None) -> Path
     return path
 
 
-@pytest.mark.parametrize(("criterion", "need"), [("taylor_plus", "grad"), ("ppl", "removal_nll"), ("sleb", "removal_nll"),
-                                                 ("laco", "calibration")])
-def test_unsupported_criteria_refused_at_dry_run(tmp_path: Path, criterion: str, need: str, capsys) -> None:
+@pytest.mark.parametrize(("criterion", "refusal"), [
+    ("taylor_plus", "cannot collect 'grad' for stages.score_depth (taylor_plus)"),
+    ("laco", "cannot collect 'calibration' for stages.score_depth (laco)"),
+    ("sleb", "cannot serve the iterative criteria ['sleb'] of stages.score_depth"),
+])
+def test_unsupported_criteria_refused_at_dry_run(tmp_path: Path, criterion: str, refusal: str, capsys) -> None:
     from prunelab.run import main
 
     recipe = _recipe(tmp_path, "sequential", {"criteria": ["block_influence", criterion]})
     assert main([str(recipe), "--dry-run", "--output-dir", str(tmp_path)]) != 0
     err = capsys.readouterr()
     text = err.out + err.err
-    assert f"cannot collect '{need}' for stages.score_depth ({criterion})" in text
+    assert refusal in text
     assert "use pipeline: full" in text
     main([str(_recipe(tmp_path, "full", {"criteria": ["block_influence", criterion]})), "--dry-run",
           "--output-dir", str(tmp_path)])  # sleb and laco also want a later block prune; the pipeline has no say
@@ -190,7 +206,8 @@ def _numbers(node: object) -> list[float]:
 
 @pytest.mark.slow
 def test_smollm2_sequential_equals_full() -> None:
-    """SmolLM2-135M (GGUF source, so resident): BI, angular, FLAP/Wanda-sp inputs and the Gram matrices."""
+    """SmolLM2-135M (GGUF source, so resident): BI, angular, sublayers, FLAP/Wanda-sp inputs, the Gram matrices and
+    the NLL with each block removed (PPL)."""
     shared = ROOT.parent / "shared" / "data" / "wikitext2" / "valid.txt"
     if not shared.is_file():
         pytest.skip("needs ../shared/data")
@@ -199,9 +216,10 @@ def test_smollm2_sequential_equals_full() -> None:
 
     model, tok = load_model(ModelConfig(source="smollm2-135m"))
     ids = tok(shared.read_text()[:20000], return_tensors="pt").input_ids[:, :512].reshape(4, 128)
-    needs = {"boundary", "sublayers", "activations", "hessian"}
+    needs = {"boundary", "sublayers", "activations", "hessian", "removal_nll"}
     full = collect_stats(model, ids, needs, batch_size=2, progress=False)
     seq = collect_sequential(model, ids, needs, batch_size=2, progress=False,
                              settings=SequentialPipeline(memory_budget_gb=0.001))
     assert seq.offloaded_bytes > 0
     _same_stats(full, seq)
+    _close(full.removal_nll, seq.removal_nll)

@@ -33,19 +33,30 @@ def removal_nll_batch(
     still running is stacked along the batch axis and the block runs once — the same arithmetic
     as one candidate at a time, in a few large matrix products instead of ~n²/2 small ones.
     """
-    batch = ids.shape[0]
     inputs = adapter.prepare(states[0])
     running: list[torch.Tensor] = []  # hidden of candidate p (p = position in ``kept``), in order
     for q, block in enumerate(kept):
-        if running:
-            stacked = torch.cat(running)
-            out = torch.cat([adapter.run_block(block, part, _repeat(inputs, part.shape[0] // batch))
-                             for part in stacked.split(max_stack * batch)])
-            running = list(out.split(batch))
+        running = advance(adapter, block, running, inputs, max_stack)
         running.append(states[q])  # candidate q skips block q: its input goes on to the next block
-    finals = torch.cat(running)
-    per_seq = adapter.nll_per_sequence(finals, ids.repeat(len(kept), 1).to(finals.device))
-    return per_seq.view(len(kept), batch).sum(-1).tolist()
+    return candidates_nll(adapter, running, ids)
+
+
+def advance(adapter: ArchAdapter, block: int, running: list[torch.Tensor], inputs: Any,
+            max_stack: int = 64) -> list[torch.Tensor]:
+    """Every running candidate's state through ``block``, stacked along the batch axis (``max_stack`` at a time)."""
+    if not running:
+        return running
+    batch = running[0].shape[0]
+    out = torch.cat([adapter.run_block(block, part, _repeat(inputs, part.shape[0] // batch))
+                     for part in torch.cat(running).split(max_stack * batch)])
+    return list(out.split(batch))
+
+
+def candidates_nll(adapter: ArchAdapter, finals: list[torch.Tensor], ids: torch.Tensor) -> list[float]:
+    """The summed NLL of the batch ``ids`` for each candidate's final state (final norm and head applied)."""
+    stacked = torch.cat(finals)
+    per_seq = adapter.nll_per_sequence(stacked, ids.repeat(len(finals), 1).to(stacked.device))
+    return per_seq.view(len(finals), ids.shape[0]).sum(-1).tolist()
 
 
 def _repeat(inputs: Any, times: int) -> Any:

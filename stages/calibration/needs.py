@@ -87,8 +87,6 @@ register_need("boundary", f"{_OBSERVERS}:BoundaryObserver",
 register_need("sublayers", f"{_OBSERVERS}:SublayerObserver",
               doc="Σ cos of the residual stream before/after each attention and MLP sublayer")
 register_need("removal_nll", f"{_OBSERVERS}:RemovalNLLObserver",
-              refused={_SEQ: "the NLL with each block removed re-runs every later block on every candidate's cached "
-                             "states; the sequential form (candidates' states kept per boundary) is not built yet"},
               doc="calibration NLL with each block removed (Shortened LLaMA PPL, SLEB)")
 register_need("activations", f"{_OBSERVERS}:ActivationObserver",
               doc="input moments of the observed projections (FLAP, Wanda-sp, OWL) and expert routing statistics")

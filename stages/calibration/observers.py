@@ -8,6 +8,9 @@ both and gives the same sums:
 - ``after_block(i, x_in, x_out, batch)``: the hidden states entering and leaving block ``i`` on one batch;
 - ``after_batch(states, ids, batch)``: every boundary state of one batch (``full`` only: observers that need
   them all at once are refused by the sequential pipeline through their registered ``refused`` reason);
+- ``block_done(i, x_in, inputs)`` and ``after_pass(final, ids)``: ``sequential`` only, block ``i`` still
+  resident and the hooks off (``x_in(b)``: batch b's state entering it, ``inputs(x)``: its ``BlockInputs``), then
+  after the last block with the final norm and head resident (``final(b)``: batch b's last boundary state);
 - ``backward(model, ids)``: one forward+backward of the calibration loss (``full`` only);
 - ``finish()``: after the last batch.
 
@@ -19,13 +22,13 @@ pipelines, so equal inputs give equal statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from prunelab.stages.arch.base import OBSERVED_ROLES, STAT_KEYS, ArchAdapter
-from prunelab.stages.calibration.blocks import removal_nll_batch
+from prunelab.stages.calibration.blocks import advance, candidates_nll, removal_nll_batch
 from prunelab.stages.calibration.channels import ChannelStats
 from prunelab.stages.calibration.experts import expert_hook, start_expert_observers
 from prunelab.stages.calibration.needs import resolve
@@ -50,6 +53,12 @@ class Observer:
         pass
 
     def after_batch(self, states: list[torch.Tensor], ids: torch.Tensor, batch: int) -> None:
+        pass
+
+    def block_done(self, index: int, x_in: Callable[[int], torch.Tensor], inputs: Callable[[torch.Tensor], Any]) -> None:
+        pass
+
+    def after_pass(self, final: Callable[[int], torch.Tensor], ids: list[torch.Tensor]) -> None:
         pass
 
     def backward(self, model: torch.nn.Module, ids: torch.Tensor) -> None:
@@ -143,13 +152,35 @@ class SublayerObserver(Observer):
 
 class RemovalNLLObserver(Observer):
     """The calibration NLL with each block removed, from the batch's cached boundary states (the wavefront of
-    ``prunelab.stages.calibration.blocks.removal_nll_batch``), and the dense NLL beside it."""
+    ``prunelab.stages.calibration.blocks.removal_nll_batch``), and the dense NLL beside it.
+
+    ``full``: per batch, from all its boundary states at once. ``sequential``: the same wavefront one block at a
+    time — candidate p's state (block p skipped) is carried through every later block while that block is
+    resident, so it holds up to L states per batch (L × the boundary cache, in memory)."""
 
     STATES = True
 
     def __init__(self, stats: CalibrationStats, adapter: ArchAdapter, needs: frozenset[str]) -> None:
         super().__init__(stats, adapter, needs)
         stats.removal_nll = torch.zeros(stats.num_blocks, dtype=torch.float64)
+        self.running: dict[int, list[torch.Tensor]] = {}  # sequential: batch → candidates' states
+
+    def after_block(self, index: int, x_in: torch.Tensor, x_out: torch.Tensor, batch: int) -> None:
+        self.running.setdefault(batch, [])
+
+    def block_done(self, index: int, x_in: Callable[[int], torch.Tensor], inputs: Callable[[torch.Tensor], Any]) -> None:
+        for b, running in self.running.items():
+            x = x_in(b)
+            self.running[b] = advance(self.adapter, index, running, inputs(x)) + [x]
+
+    def after_pass(self, final: Callable[[int], torch.Tensor], ids: list[torch.Tensor]) -> None:
+        assert self.stats.removal_nll is not None
+        for b in sorted(self.running):
+            self.stats.removal_nll += torch.tensor(candidates_nll(self.adapter, self.running.pop(b), ids[b]),
+                                                   dtype=torch.float64)
+            dense, count = self.adapter.nll_sum(final(b), ids[b])
+            self.stats.dense_nll += dense
+            self.stats.nll_tokens += count
 
     def after_batch(self, states: list[torch.Tensor], ids: torch.Tensor, batch: int) -> None:
         kept = list(range(self.stats.num_blocks))

@@ -45,6 +45,8 @@ class BlockWeights(Protocol):
 
     def block(self, adapter: ArchAdapter, index: int) -> Any: ...  # a context manager: block ``index`` resident
 
+    def head(self, adapter: ArchAdapter) -> Any: ...  # a context manager: the final norm and the head resident
+
 
 class ResidentWeights:
     """The model is resident already: nothing to load or free."""
@@ -55,6 +57,10 @@ class ResidentWeights:
 
     @contextmanager
     def block(self, adapter: ArchAdapter, index: int) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def head(self, adapter: ArchAdapter) -> Iterator[None]:
         yield
 
 
@@ -97,6 +103,18 @@ class SafetensorsWeights:
             yield
         finally:
             module.to("meta")
+
+    @contextmanager
+    def head(self, adapter: ArchAdapter) -> Iterator[None]:
+        norm, head = adapter.model.get_submodule(adapter.NORM), adapter.model.get_submodule(adapter.HEAD)
+        self._load(norm, adapter.NORM)
+        tied = f"{adapter.HEAD}.weight" not in self.where and getattr(adapter.model.config, "tie_word_embeddings", False)
+        self._load(head, adapter.EMBED if tied else adapter.HEAD)  # tied: the head is the embedding matrix
+        try:
+            yield
+        finally:
+            norm.to("meta")
+            head.to("meta")
 
     @contextmanager
     def block(self, adapter: ArchAdapter, index: int) -> Iterator[None]:
@@ -194,9 +212,14 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
                 finally:
                     for h in handles:
                         h.remove()
+                for o in observers:  # hooks off: these re-run the block on their own states
+                    o.block_done(i, current.get, lambda x: prepared[tuple(x.shape[:2])])
             peak_offloaded = max(peak_offloaded, current.offloaded + following.offloaded)
             current.clear()
             current = following
+        with weights.head(adapter):
+            for o in observers:
+                o.after_pass(current.get, ids_batches)
         for o in observers:
             o.finish()
     finally:

@@ -3,6 +3,7 @@
 Runs with the vLLM venv's python (vLLM is not a prunelab dependency: it pins its own torch/transformers), e.g.::
 
     /work/vllm-venv/bin/python launch/vllm_check.py runs/x/model-vllm --prompts 8 --max-tokens 32 --out r.json
+    /work/vllm-venv/bin/python launch/vllm_check.py runs/x --out r.json      # a run folder: its model-vllm/
     # decode speed against the dense model, interleaved in one process, threads fixed:
     ... launch/vllm_check.py runs/x/model-vllm --baseline dense-vllm/ --speed-rounds 5 --speed-tokens 128 --out r.json
 
@@ -40,7 +41,8 @@ PROMPTS: list[str] = [
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model_dir", type=Path, help="a folder written by stages.io.export_vllm.write_vllm_export")
+    p.add_argument("model_dir", type=Path, help="a folder written by stages.io.export_vllm.write_vllm_export, or a "
+                   "run folder whose export wrote one (formats: [vllm] → <run>/model-vllm)")
     p.add_argument("--prompts", type=int, default=8, help=f"how many of the {len(PROMPTS)} fixed prompts (1..8)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (EOS ignored)")
     p.add_argument("--out", type=Path, required=True, help="result JSON")
@@ -54,12 +56,19 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS):
         p.error(f"--prompts {args.prompts}: choose 1..{len(PROMPTS)}")
+    args.model_dir, args.baseline = (None if d is None else vllm_folder(d) for d in (args.model_dir, args.baseline))
     for d in [args.model_dir] + ([args.baseline] if args.baseline else []):
         if not (d / "config.json").is_file():
             p.error(f"{d}: no config.json — pass a folder written by the vLLM export (formats: [vllm])")
     if args.max_tokens < 1 or args.speed_tokens < 2 or args.speed_rounds < 0:
         p.error("--max-tokens >= 1, --speed-tokens >= 2 and --speed-rounds >= 0")
     return args
+
+
+def vllm_folder(path: Path) -> Path:
+    """A run folder → its ``model-vllm/``; any other folder as given."""
+    run_export = path / "model-vllm"
+    return run_export if not (path / "config.json").is_file() and (run_export / "config.json").is_file() else path
 
 
 def _needs_remote_code(model_dir: Path) -> bool:

@@ -19,6 +19,7 @@ import prunelab.stages.io.gguf_export as G
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.io.tiny import byte_tokenizer, tiny_family, tiny_llama
 
+ROOT = Path(__file__).resolve().parents[1]
 MISSING = G.llama_cpp_missing()
 needs_llama = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 IDS = [[(7 * i + 3 * j + 5) % 259 for i in range(48)] for j in range(2)]
@@ -184,6 +185,27 @@ def test_half_and_q8_0(tmp_path):
     assert abs(p32 / float(np.exp(nll / n)) - 1) < 1e-4
 
 
+def test_embedding_dtype_sets_token_embd_and_output_apart(tmp_path):
+    """embedding_dtype (llama-quantize's --token-embedding-type / --output-tensor-type): token_embd and an untied
+    output in their own type, every other matrix in dtype; a bad value is refused before anything is written."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader
+
+    for tie in (True, False):
+        path = tmp_path / f"m-{tie}.gguf"
+        out = G.write_gguf(tiny_llama(tie=tie), path, "q8_0", tokenizer=byte_tokenizer(), embedding_dtype="f16")
+        assert out["embedding_dtype"] == "f16"
+        types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+        assert types["token_embd.weight"] == Q.F16 and types["blk.0.attn_q.weight"] == Q.Q8_0
+        assert types.get("output.weight", Q.F16) == Q.F16 and ("output.weight" in types) == (not tie)
+    plain = G.write_gguf(tiny_llama(), tmp_path / "plain.gguf", "q8_0", tokenizer=byte_tokenizer(), embedding_dtype=None)
+    assert {t.name: t.tensor_type for t in GGUFReader(tmp_path / "plain.gguf").tensors}["token_embd.weight"] == \
+        G.ggml_type(G.default_embedding_dtype("q8_0")) and plain["embedding_dtype"] == G.default_embedding_dtype("q8_0")
+    with pytest.raises(G.GGUFExportError, match="embedding_dtype"):
+        G.write_gguf(tiny_llama(), tmp_path / "bad.gguf", "q8_0", tokenizer=byte_tokenizer(), embedding_dtype="q4_k")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 @needs_llama
 def test_tokenizer_from_tokenizer_json_tokenizes_like_transformers(tmp_path):
     from llama_cpp import Llama
@@ -275,45 +297,54 @@ def test_debug_gguf_recipe_end_to_end(tmp_path):
     assert (run / "model" / "config.json").is_file() and not list(run.glob(".model*"))
     assert (run / "model-vllm" / "config.json").is_file() and out["vllm"]["path"] == str(run / "model-vllm")
     Llama(str(run / "model.gguf"), verbose=False)
+    # launch/llamacpp_check.py on the run folder: f32 and q8_0 GGUFs against transformers on the tiny corpus
+    res = _check_script().main([str(run), "--text", "tests/data/tiny_corpus.txt", "--tokens", "1024", "--window", "128",
+                                "--threads", "1", "--work", str(tmp_path / "check")])
+    assert res["passed"] and res["llama.cpp f32"]["max_abs_diff"] <= TOL, res["bars"]
+    assert res["llama.cpp f32"]["argmax_agreement"] == 1.0 and res["predicted_tokens"] == 8 * 127
+    assert res["gguf"]["architecture"] == "deci" and json.loads((tmp_path / "check" / "llamacpp-check.json").read_text())
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+def _check_script():
+    """launch/llamacpp_check.py as a module (launch/ holds scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llamacpp_check", ROOT / "launch" / "llamacpp_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_llama
+def test_check_script_bars_fail_on_a_wrong_gguf(tmp_path, monkeypatch):
+    """The script's bars can fail: a GGUF written without the q/k rope permute is refused (exit status 1)."""
+    tiny_llama().save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(G, "permute_rope", lambda w, hd: w)
+    res = _check_script().main([str(tmp_path / "model"), "--text", "tests/data/tiny_corpus.txt", "--tokens", "512",
+                                "--window", "128", "--threads", "1"])
+    assert not res["passed"] and not res["bars"]["f32 max|Δ| <= 1e-2"]
+
+
+SHARED = ROOT.parent / "shared" / "data"
 
 
 @needs_llama
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "wikitext2" / "test.txt").is_file(), reason="needs ../shared/data")
-def test_smollm2_flap_gguf_matches_transformers(tmp_path):
-    """SmolLM2-135M, FLAP 20% (per-layer widths, bias compensation; calibration reduced to 64 windows) exported to
-    GGUF f32 (deci) and q8_0: logits on 4 windows of 128 test tokens, WikiText-2 perplexity on the first 4096 test
-    tokens in 512-token windows. Numbers recorded in docs/deploy.md."""
+def test_smollm2_recommended_recipe_in_llama_cpp(tmp_path):
+    """The README's recommended recipe (recipes/smollm2/optimal-comp-mix-20.yaml: FLAP global widths + optimal
+    compensation biases, so deci with biases) run as shipped but with its evaluations cut to the first 4096 WikiText-2
+    test tokens, then launch/llamacpp_check.py on the run: f32 max |Δ| ≤ 1e-2, argmax ≥ 99%, PPL within 0.1% of
+    transformers, q8_0 within 1% of f32, on the first 4096 test tokens in 8 windows of 512 (docs/deploy.md)."""
     from prunelab.run import main
-    from prunelab.stages.io.loader import load_pruned
-    from transformers import AutoTokenizer
 
-    overrides = ["stages.calibrate.num_samples=64", "stages.eval_dense.perplexity.wikitext2.max_tokens=4096",
-                 "stages.eval_pruned.perplexity.wikitext2.max_tokens=4096", "stages.export.formats=[hf,gguf]",
-                 "stages.export.gguf.dtype=f32"]
-    assert main(["recipes/smollm2/flap-20.yaml", "--output-dir", str(tmp_path), *overrides]) == 0
-    run = tmp_path / "smollm2-flap-20"
-    out = json.loads((run / "07-export" / "done.json").read_text())["outputs"]["gguf"]
-    assert out["architecture"] == "deci" and out["tokenizer_from"].endswith(".gguf")
-    model = load_pruned(run / "model", dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(run / "model")
-    ids = tok((SHARED / "wikitext2" / "test.txt").read_text()[:40000]).input_ids[:4096]
-    res = G.compare_with_transformers(model, run / "model.gguf", [ids[i * 128 : (i + 1) * 128] for i in range(4)], 1)
-    assert res["max_abs_diff"] <= 1e-2 and res["argmax_agreement"] >= 0.99, res
-    nll, n = 0.0, 0
-    with torch.inference_mode():
-        for s in range(0, len(ids) - 1, 512):
-            win = torch.tensor([ids[s : s + 512]])
-            logp = torch.log_softmax(model(win).logits[0, :-1].double(), -1)
-            nll -= logp.gather(1, win[0, 1:, None]).sum().item()
-            n += win.shape[1] - 1
-    ppl_hf = float(np.exp(nll / n))
-    ppl_32 = G.gguf_perplexity(run / "model.gguf", ids, 512, n_threads=1)
-    G.write_gguf(model, tmp_path / "q8.gguf", "q8_0", tokenizer_gguf=Path(out["tokenizer_from"]))
-    ppl_8 = G.gguf_perplexity(tmp_path / "q8.gguf", ids, 512, n_threads=1)
-    print(f"SMOLLM2 GGUF: logits {res}; PPL transformers {ppl_hf:.4f}, gguf f32 {ppl_32:.4f}, q8_0 {ppl_8:.4f}")
-    assert abs(ppl_32 / ppl_hf - 1) < 1e-3
-    assert abs(ppl_8 / ppl_32 - 1) < 1e-2
+    cut = [f"stages.{s}.perplexity.wikitext2.{k}={v}" for s in ("eval_dense", "eval_pruned")
+           for k, v in (("source.path", "../shared/data/wikitext2/test.txt"), ("max_tokens", 4096))]
+    assert main(["recipes/smollm2/optimal-comp-mix-20.yaml", "--output-dir", str(tmp_path), "--no-progress", *cut,
+                 "stages.export.formats=[hf,gguf]", "stages.export.gguf.dtype=f32"]) == 0
+    run = tmp_path / "smollm2-optimal-comp-mix-20"
+    res = _check_script().main([str(run), "--threads", "2"])
+    print("SMOLLM2 GGUF:", json.dumps({k: res[k] for k in ("transformers", "llama.cpp f32", "llama.cpp q8_0", "bars")}))
+    assert res["gguf"]["architecture"] == "deci" and res["tokenizer_from"].endswith(".gguf")
+    assert res["passed"], res["bars"]

@@ -18,6 +18,12 @@ and ``src/models/deci.cpp``, gguf-py's constants) and is proven by the tests com
 - deci in the llama.cpp we test (llama-cpp-python 0.3.36) drops the attention output of a layer whose FFN is
   removed (``if (n_ff == 0) continue;`` skips ``inpL = cur``), so a removed FFN under a kept attention is written as
   an FFN of ``NULL_FFN_WIDTH`` channels whose weights are all zero: silu(0)·0 = 0, the layer's output is exact.
+- q8_0 keeps ``token_embd`` / ``output`` in f16 unless told otherwise (``embedding_dtype``). llama-quantize's own
+  q8_0 leaves them q8_0 (``llama_tensor_get_type`` in src/llama-quant.cpp raises the output matrix to Q6_K for the
+  k-quants only, "new_type != Q8_0"), and offers ``--token-embedding-type`` / ``--output-tensor-type`` to set them
+  apart; we set them to f16 because on small models the tied embedding is the output head (21% of SmolLM2-135M's
+  weights) and q8_0 there, with llama.cpp quantizing the activations it multiplies to q8_0 as well, moved perplexity
+  by up to 1.2%, past the 1% the issue allows (docs/deploy.md has the measurements).
 """
 
 from __future__ import annotations
@@ -37,6 +43,21 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 # HF families whose per-layer widths go as deci (llama's tensors and rope; qwen2's q/k/v biases deci loads too)
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 NATIVE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")  # write_gguf's embedding_dtype applies to these
+# token_embd / output type when write_gguf is not told (module docstring, "q8_0"); other dtypes: the same as dtype
+EMBEDDING_DEFAULT = {"q8_0": "f16"}
+
+
+def default_embedding_dtype(dtype: str) -> str:
+    """The type ``token_embd`` / ``output`` get in a ``dtype`` file unless ``embedding_dtype`` says otherwise."""
+    return EMBEDDING_DEFAULT.get(dtype, dtype)
+
+
+def ggml_type(dtype: str) -> Any:
+    """The gguf.GGMLQuantizationType a matrix of ``dtype`` is stored as (rows of whole 32-blocks for q8_0)."""
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, dtype.upper())
 NULL_FFN_WIDTH = 32  # one Q8_0 block: the zero FFN stands in for a removed one under a kept attention
 ZERO_FFN_WORKAROUND = True  # False writes n_ff = 0 as llama.cpp documents it (tests prove llama.cpp then errs)
 # families with structure llama.cpp runs, but whose mapping is not written and verified here: the nearest setting
@@ -311,15 +332,21 @@ def tokenizer_fields_from_hf(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
 
 # ---------------------------------------------------------------------------------------------------- writer
 def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: Any = None,
-               tokenizer_gguf: Path | None = None, name: str = "prunelab") -> dict[str, Any]:
+               tokenizer_gguf: Path | None = None, name: str = "prunelab",
+               embedding_dtype: str | None = None) -> dict[str, Any]:
     """Write ``model`` (a Llama-layout HF causal LM, possibly pruned) to ``out_path`` atomically (temp + rename).
 
     Tokenizer fields come verbatim from ``tokenizer_gguf`` when the model was loaded from a GGUF file, else are built
-    from ``tokenizer`` (a fast BPE tokenizer). Returns a summary (architecture, per-layer widths, dtype, size)."""
+    from ``tokenizer`` (a fast BPE tokenizer). ``embedding_dtype`` is the type of ``token_embd`` / ``output``
+    (llama-quantize's ``--token-embedding-type`` / ``--output-tensor-type``); None = ``default_embedding_dtype(dtype)``
+    (f16 for q8_0: module docstring). Returns a summary (architecture, per-layer widths, dtypes, size)."""
     import gguf
 
     if dtype not in GGUF_DTYPES:
         raise GGUFExportError(f"export.gguf.dtype: {dtype!r} is not one of {list(GGUF_DTYPES)}")
+    if embedding_dtype is not None and embedding_dtype not in GGUF_DTYPES:
+        raise GGUFExportError(f"export.gguf.embedding_dtype: {embedding_dtype!r} is not one of {list(GGUF_DTYPES)} "
+                              "(or null: the same as dtype)")
     arch = gguf_arch(model)
     cfg = model.config
     widths = layer_widths(model)
@@ -363,8 +390,9 @@ def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: 
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, val, vtype, sub in tok_fields:
             w.add_key_value(key, val, vtype, sub_type=sub)
+        emb = embedding_dtype or default_embedding_dtype(dtype)
         for tname, arr in tensors:
-            data, raw = _encode(arr, dtype)
+            data, raw = _encode(arr, emb if tname in EMBEDDING_TENSORS else dtype)
             if raw is None:
                 w.add_tensor(tname, data)
             else:
@@ -377,7 +405,8 @@ def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: 
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"path": str(out_path), "architecture": arch, "dtype": dtype, "bytes": out_path.stat().st_size,
+    return {"path": str(out_path), "architecture": arch, "dtype": dtype,
+            "embedding_dtype": emb, "bytes": out_path.stat().st_size,
             "layers": [{"heads": a, "kv_heads": b, "ffn": c} for a, b, c in widths] if arch == "deci" else None}
 
 

@@ -54,6 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--embedding-dtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
                    help="token_embd / output type in the quantized file (default: stages.io.gguf_export's choice "
                    "for --quant)")
+    p.add_argument("--also-embedding-dtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="a third file: --quant with token_embd / output in this type, reported beside (not a bar)")
     p.add_argument("--vllm", action="store_true", help="also run the vLLM export in vLLM CPU (greedy, 8 prompts)")
     p.add_argument("--vllm-python", default=os.environ.get("PRUNELAB_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per vLLM prompt")
@@ -189,12 +191,13 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"{res['path']}  arch {res['gguf']['architecture']}  {res['protocol']}",
              f"{'engine':<22}{'max|Δlogit|':>12}{'mean|Δ|':>10}{'argmax':>9}{'PPL':>11}{'vs HF':>10}{'MB':>8}",
              f"{'transformers f32':<22}{'':>12}{'':>10}{'':>9}{hf:>11.4f}{'':>10}{'':>8}"]
-    for k in ("llama.cpp f32", f"llama.cpp {res['quant']}"):
+    for k in ("llama.cpp f32", f"llama.cpp {res['quant']}", *res["extra"]):
         r = res[k]
         lines.append(f"{k:<22}{r['max_abs_diff']:>12.2e}{r['mean_abs_diff']:>10.1e}{r['argmax_agreement']:>9.2%}"
                      f"{r['ppl']:>11.4f}{r['ppl'] / hf - 1:>+10.3%}{r['bytes'] / 2**20:>8.1f}")
-    quant = res[f"llama.cpp {res['quant']}"]
-    lines.append(f"{res['quant']} vs f32 PPL: {quant['ppl'] / res['llama.cpp f32']['ppl'] - 1:+.3%}")
+    for k in [f"llama.cpp {res['quant']}", *res["extra"]]:
+        lines.append(f"{k} vs f32 PPL: {res[k]['ppl'] / res['llama.cpp f32']['ppl'] - 1:+.3%} "
+                     f"(token_embd/output {res[k]['embedding_dtype']})")
     if "vllm" in res:
         lines.append(f"vLLM: {res['vllm'].get('greedy_equal', res['vllm'].get('refused'))}")
     lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in res["bars"].items()]
@@ -231,11 +234,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     tok_gguf = tokenizer_gguf(run_dir)
     files, infos = {}, {}
-    for dtype, emb in (("f32", None), (args.quant, args.embedding_dtype)):
-        path = work / f"model-{dtype}.gguf"
-        infos[dtype] = write_gguf(model, path, dtype, tokenizer=None if tok_gguf else tok, tokenizer_gguf=tok_gguf,
-                                  embedding_dtype=emb)
-        files[f"llama.cpp {dtype}"] = path
+    variants = [("f32", "f32", None), (args.quant, args.quant, args.embedding_dtype)]
+    if args.also_embedding_dtype:
+        variants.append((f"{args.quant} emb {args.also_embedding_dtype}", args.quant, args.also_embedding_dtype))
+    for key, dtype, emb in variants:
+        path = work / f"model-{key.replace(' ', '-')}.gguf"
+        infos[key] = write_gguf(model, path, dtype, tokenizer=None if tok_gguf else tok, tokenizer_gguf=tok_gguf,
+                                embedding_dtype=emb)
+        files[f"llama.cpp {key}"] = path
     import llama_cpp
 
     res: dict[str, Any] = {
@@ -249,8 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"cache; logits at all {n * args.window} positions, PPL over {n * (args.window - 1)} predicted"),
     }
     res.update(compare(model, files, windows, args.threads))
-    for dtype in ("f32", args.quant):
-        res[f"llama.cpp {dtype}"].update(bytes=infos[dtype]["bytes"], embedding_dtype=infos[dtype]["embedding_dtype"])
+    for key in infos:
+        res[f"llama.cpp {key}"].update(bytes=infos[key]["bytes"], embedding_dtype=infos[key]["embedding_dtype"])
+    res["extra"] = [f"llama.cpp {k}" for k in list(infos)[2:]]
     if args.vllm:
         res["vllm"] = vllm_check(model, tok, run_dir, work, args)
     res["bars"] = bars(res)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -205,32 +206,79 @@ def test_vllm_with_round_to_end_to_end(tmp_path):
     assert all(s["intermediate_size"] % 32 == 0 for s in plan["shapes_after"])
 
 
-def test_vllm_global_keeps_the_uniform_count_with_the_lower_calibration_loss(wide, monkeypatch):
-    """With calibration windows (the prune stage), the floor and the ceiling of the global plan's mean KV groups per
-    layer are both built, and the plan whose pruned model has the lower calibration loss is kept."""
-    import copy
+def _two_low_groups(model) -> list[dict[str, list[float]]]:
+    """Scores where FLAP's global plan removes one KV group in 2 of 6 layers (score −5; mean 0.33 per layer, which
+    rounds to 0) and every other layer's lowest group scores 0.5, above the MLP channels the plan removes — the
+    SmolLM2 case of docs/round-to.md: the rounded mean gives back the cheapest groups for dearer MLP channels."""
+    rng = random.Random(1)
+    out = []
+    for i, g in enumerate(adapter_for(model).geometries()):
+        out.append({"q_heads": [rng.random() for _ in range(g.n_q)],
+                    "kv_groups": [-5.0 if i in (0, 1) else 0.5] + [2.0] * (g.n_kv - 1),
+                    "mlp": [rng.uniform(-1.0, 1.0) for _ in range(g.intermediate)]})
+    return out
 
-    import torch
 
+def _constrained_plans(model, scores, counts, monkeypatch, **settings):
+    """The vLLM plan with the uniform count forced to each of ``counts``."""
     import prunelab.stages.selection.engines as engines
-    from prunelab.stages.surgery.apply import apply_plan
 
-    calib = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))
-    cfg = WidthSettings(criterion="flap", ratio=0.15, allocation="global", engines=["vllm"])
-    free = _plan(wide, ratio=0.15, allocation="global")  # removes 4 KV groups over 6 layers: mean 0.67
-    chosen_free = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in range(6)}
-    chosen_free.update({int(i): r.model_dump() for i, r in free.layers.items()})
-    counts = engines.uniform_counts(chosen_free, adapter_for(wide).geometries(), list(range(6)), "kv_group")
-    assert len(counts) == 2  # a mean between two counts: there is a choice to make
-    plans, losses = {}, {}
-    real = engines.uniform_counts
+    cfg = WidthSettings(criterion="flap", engines=["vllm"], **settings)
+    real, plans = engines.uniform_counts, {}
     for k in counts:
         monkeypatch.setattr(engines, "uniform_counts", lambda *a, k=k: [k])
-        plans[k] = make_width_plan({"layers": _scores(wide)}, cfg, wide, None, calibration=calib)[0]
-        with torch.no_grad():
-            pruned = apply_plan(copy.deepcopy(wide), plans[k])
-            losses[k] = sum(pruned(w[None], labels=w[None]).loss.item() for w in calib) / len(calib)
+        plans[k] = make_width_plan({"layers": scores}, cfg, model, None)[0]
     monkeypatch.setattr(engines, "uniform_counts", real)
-    chosen = make_width_plan({"layers": _scores(wide)}, cfg, wide, None, calibration=calib)[0]
-    assert chosen.layers == plans[min(losses, key=losses.get)].layers
-    assert plans[counts[0]].layers != plans[counts[1]].layers
+    return plans
+
+
+def _score_times_params(model, plan, scores) -> float:
+    """Σ score × params of the removed KV groups and MLP channels, per removed parameter (written out here, apart
+    from engines.removed_importance)."""
+    geos, total = adapter_for(model).geometries(), 0.0
+    for i, rem in plan.layers.items():
+        g, sc = geos[int(i)], scores[int(i)]
+        total += sum(sc["kv_groups"][kv] for kv in rem.kv_heads) * g.hidden * g.head_dim * (2 * g.q_per_group + 2)
+        total += sum(sc["mlp"][c] for c in rem.mlp) * 3 * g.hidden
+    return total / _removed(model, plan)
+
+
+def test_vllm_uniform_count_is_the_best_score_estimate_not_the_rounded_mean(wide, monkeypatch):
+    """engines: [vllm] with FLAP global: the uniform KV count is the one whose plan removes the least score ×
+    parameters at the same target (the objective the global ranking minimizes), not the rounded mean of the free
+    plan's counts — here 0.33 rounds to 0, but removing one group everywhere keeps the two −5 groups removed and
+    gives back fewer MLP channels. Fails with the rounded mean (the rule before issue 25 item 4's fix)."""
+    scores = _two_low_groups(wide)
+    cfg = WidthSettings(criterion="flap", ratio=0.2, allocation="global")
+    free = make_width_plan({"layers": scores}, cfg, wide, None)[0]
+    assert sorted(4 - s.num_key_value_heads for s in free.shapes_after) == [0, 0, 0, 0, 1, 1]  # mean 1/3 → rounds to 0
+    vllm = make_width_plan({"layers": scores}, WidthSettings(criterion="flap", ratio=0.2, allocation="global",
+                                                             engines=["vllm"]), wide, None)[0]
+    assert {s.num_key_value_heads for s in vllm.shapes_after} == {3}  # one group removed in every layer
+    plans = _constrained_plans(wide, scores, range(4), monkeypatch, ratio=0.2, allocation="global")
+    est = {k: _score_times_params(wide, p, scores) for k, p in plans.items()}
+    assert min(est, key=est.get) == 1 and est[1] < est[0]
+    assert vllm.layers == plans[1].layers
+    target = ratio_to_params(0.2, adapter_for(wide).total_params())
+    assert abs(_removed(wide, vllm) - target) <= 3 * 64  # the MLP re-selection still meets the target
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vllm_uniform_count_minimizes_the_estimate_among_the_tried_counts(wide, monkeypatch, seed):
+    """On random scores the kept count is the argmin of score × params per removed parameter over the counts tried
+    (floor − 1 … ceiling + 1 of the free plan's mean), computed here independently."""
+    import prunelab.stages.selection.engines as engines
+
+    scores = _scores(wide, seed)
+    free = make_width_plan({"layers": scores}, WidthSettings(criterion="flap", ratio=0.25, allocation="global"), wide, None)[0]
+    chosen = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in range(6)}
+    chosen.update({int(i): r.model_dump() for i, r in free.layers.items()})
+    counts = engines.uniform_counts(chosen, adapter_for(wide).geometries(), list(range(6)), "kv_group")
+    mean = sum(len(r["kv_heads"]) for r in chosen.values()) / 6
+    assert counts == [k for k in range(4) if math.floor(mean) - 1 <= k <= math.ceil(mean) + 1 and k <= 3]
+    plans = _constrained_plans(wide, scores, counts, monkeypatch, ratio=0.25, allocation="global")
+    est = {k: _score_times_params(wide, p, scores) for k, p in plans.items()}
+    best = min(est, key=lambda k: (est[k], k))
+    vllm = make_width_plan({"layers": scores}, WidthSettings(criterion="flap", ratio=0.25, allocation="global",
+                                                             engines=["vllm"]), wide, None)[0]
+    assert vllm.layers == plans[best].layers

@@ -15,9 +15,10 @@ engines run instead of exporting one they refuse:
   count of KV groups / query heads per group removed in every layer, each layer its own lowest-scoring ones), while
   MLP widths still vary per layer. An allocation that varies attention (global, owl, alpha) is constrained
   automatically: its attention share is made uniform and the MLP channels are re-selected by the same allocation for
-  the rest of the parameter target (:func:`uniform_attention`). The uniform count is the rounded mean count per layer
-  of the unconstrained plan; for ``global`` in a prune stage (calibration windows at hand) the floor and the ceiling
-  of that mean are both built and the one with the lower calibration loss is kept (no unit score ranks that step).
+  the rest of the parameter target (:func:`uniform_attention`). The uniform count: the counts from the floor − 1 to
+  the ceiling + 1 of the unconstrained plan's mean per layer are each built (MLP re-selected for the same target) and
+  the one removing the least score × parameters per removed parameter is kept (:func:`best_uniform`) — the objective
+  the global ranking itself minimizes, so the choice needs no data beyond the scores and runs wherever a plan is made.
   Families other than Llama-layout run in vLLM under their own (uniform) architecture: as for llama.cpp.
 
 Torch-free: ``--dry-run`` asks :func:`engine_refusals` before any model loads.
@@ -125,14 +126,43 @@ def uniform_attention(chosen: dict[int, dict[str, list[int]]], scores: list[dict
 
 def uniform_counts(chosen: dict[int, dict[str, list[int]]], geos: list[LayerGeometry], layers: list[int],
                    attention: str) -> list[int]:
-    """The uniform counts around ``chosen``'s mean per layer (KV groups, or query heads per group): its floor and
-    ceiling, each at most one less than every layer has — the candidates :func:`uniform_attention` is tried with."""
+    """The uniform counts tried around ``chosen``'s mean per layer (KV groups, or query heads per group): floor − 1 to
+    ceiling + 1, within 0 and one less than every layer has. Why more than the rounded mean: on SmolLM2 at 20% FLAP's
+    global plan removes 0.27 KV groups per layer, which rounds to 0 (PPL 79.07), while 1 gives 73.64 (docs/round-to.md)."""
     if attention == "kv_group":
         mean, most = (sum(len(chosen[i]["kv_heads"]) for i in layers) / len(layers), min(geos[i].n_kv for i in layers) - 1)
     else:
         mean = sum(len(chosen[i]["q_heads"]) / geos[i].n_kv for i in layers) / len(layers)
         most = min(geos[i].q_per_group for i in layers) - 1
-    return sorted({min(math.floor(mean), most), min(math.ceil(mean), most)})
+    return sorted({min(max(k, 0), most) for k in range(math.floor(mean) - 1, math.ceil(mean) + 2)})
+
+
+def removed_importance(chosen: dict[int, dict[str, list[int]]], scores: list[dict[str, list[float]]],
+                       geos: list[LayerGeometry], attention: str) -> float:
+    """Σ over the removed units of score × parameters (KV groups, or query heads; MLP channels) — the objective whose
+    greedy minimum is the global ranking itself (lowest score first, each unit costing its parameters), so among plans
+    that remove the same parameters the lower sum is the one nearer what the criterion asked for. Comparable only at
+    equal removed parameters: a shift of every score by c moves each sum by c × removed parameters."""
+    total = 0.0
+    for i, rem in chosen.items():
+        g, sc = geos[i], scores[i]
+        if attention == "kv_group":
+            total += sum(sc["kv_groups"][kv] for kv in rem["kv_heads"]) * g.params_per_kv_group()
+        else:
+            total += sum(sc["q_heads"][q] for q in rem["q_heads"]) * g.params_per_q_head()
+        total += sum(sc["mlp"][c] for c in rem["mlp"]) * g.params_per_mlp_channel()
+    return total
+
+
+def best_uniform(candidates: dict[int, dict[int, dict[str, list[int]]]], scores: list[dict[str, list[float]]],
+                 geos: list[LayerGeometry], attention: str) -> tuple[int, dict[str, float]]:
+    """The count whose constrained plan (uniform attention, MLP re-selected for the rest of the same target) has the
+    lowest :func:`removed_importance` per removed parameter (the plans' removed parameters differ by at most one MLP
+    step); ties go to the smaller count. Returns the count and every candidate's estimate (for the log)."""
+    from prunelab.stages.selection.width import removed_params
+
+    est = {k: removed_importance(c, scores, geos, attention) / max(removed_params(c, geos), 1) for k, c in candidates.items()}
+    return min(est, key=lambda k: (est[k], k)), est
 
 
 def query_heads_uniform(shapes: list[dict[str, Any]]) -> bool:

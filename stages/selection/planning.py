@@ -12,11 +12,13 @@ from prunelab.stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget
 def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None,
                     results: dict[str, Any] | None = None, calibration: Any = None) -> tuple[WidthPlan, dict[str, Any]]:
     """Width plan (removed units per layer, shapes before/after) and its side tensors (compensation). ``results``: every
-    criterion's result by name (the expert units' criteria; default: ``result`` for all). ``calibration`` (token
-    windows): where vLLM makes a global plan's attention uniform, the two counts around its mean are tried on them."""
+    criterion's result by name (the expert units' criteria; default: ``result`` for all). ``calibration``: the
+    signature every plan maker shares; width selection needs only the scores (vLLM's uniform attention count included:
+    ``engines.best_uniform``)."""
     from prunelab.stages.arch import adapter_for
     from prunelab.stages.selection.engines import (
         engine_refusals,
+        best_uniform,
         needs_uniform_attention,
         query_heads_uniform,
         uniform_attention,
@@ -86,11 +88,15 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
                     out[i]["mlp"] = mlp_only[i]["mlp"]
             return out
 
-        if calibration is not None and alloc.type == "global":
-            chosen = _best_on_calibration([constrained(k) for k in uniform_counts(chosen, geos, layers, cfg.attention)],
-                                          model, geos, compensate, calibration)
-        else:
-            chosen = constrained(None)
+        candidates = {k: constrained(k) for k in uniform_counts(chosen, geos, layers, cfg.attention)}
+        count, estimates = best_uniform(candidates, scores, geos, cfg.attention)
+        chosen = candidates[count]
+        import logging
+
+        logging.getLogger(__name__).info(
+            "engines: vllm — uniform %s removed per layer: score × params per removed param %s; kept %d",
+            "KV groups" if cfg.attention == "kv_group" else "query heads per group",
+            ", ".join(f"{k}: {v:.4g}" for k, v in estimates.items()), count)
     side = compensate(chosen)
     if cfg.moe_units():
         from prunelab.stages.selection.experts import select_experts
@@ -122,39 +128,6 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         side_file="compensation.safetensors" if side else None,
     )
     return plan, side
-
-
-def _best_on_calibration(candidates: list[dict[int, dict[str, list[int]]]], model: Any, geos: list[Any],
-                         compensate: Any, calibration: Any, max_windows: int = 32) -> dict[int, dict[str, list[int]]]:
-    """The candidate whose pruned (and compensated) model has the lowest mean NLL on the first ``max_windows``
-    calibration windows. Why: the uniform attention count vLLM needs is a step no unit score ranks — on SmolLM2 at 20%
-    FLAP's global plan removes 0.27 KV groups per layer; rounding gives 0 (PPL 79.1), 1 gives 73.6 (docs/round-to.md)."""
-    import copy
-
-    import torch
-
-    from prunelab.stages.selection.width import summarize
-    from prunelab.stages.surgery.apply import apply_plan
-
-    if len(candidates) == 1:
-        return candidates[0]
-    ids = calibration[:max_windows].to(next(model.parameters()).device)
-    losses = []
-    for cand in candidates:
-        plan = WidthPlan(layers={str(i): r for i, r in cand.items() if any(r.values())}, shapes_before=summarize({}, geos),
-                         shapes_after=summarize(cand, geos))
-        pruned = apply_plan(copy.deepcopy(model), plan, compensate(cand))
-        with torch.no_grad():
-            losses.append(sum(pruned(w[None], labels=w[None]).loss.item() for w in ids) / len(ids))
-        del pruned
-    best = min(range(len(candidates)), key=lambda j: (losses[j], j))
-    import logging
-
-    logging.getLogger(__name__).info(
-        "engines: vllm — uniform attention candidates (heads kept per layer: calibration NLL on %d windows): %s; kept %s",
-        len(ids), ", ".join(f"{summarize(c, geos)[0]['num_attention_heads']}: {loss:.4f}" for c, loss in zip(candidates, losses)),
-        summarize(candidates[best], geos)[0]["num_attention_heads"])
-    return candidates[best]
 
 
 def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) -> HiddenPlan:

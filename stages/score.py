@@ -18,6 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from prunelab.registry import register_stage
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.criteria.registry import criteria_for, kind_of, validate_settings  # the package registers all
+from prunelab.stages.criteria.scoring import needs_for
 from prunelab.stages.criteria.settings import migrate_version_1, version_1_keys
 
 if TYPE_CHECKING:
@@ -65,13 +66,13 @@ class ScoreConfig(StrictModel):
         later = _later_prunes(key, stages, self.units)  # a width prune may name expert criteria too
         return list(dict.fromkeys(n for s in later for n in getattr(s, "criteria", lambda s=s: [s.criterion])()))
 
-    def calibration_needs(self, key: str, stages: dict[str, Any]) -> set[str]:
-        """What this stage's calibration pass collects: its criteria's needs and what later prunes need beyond them."""
-        from prunelab.stages.criteria.scoring import needs_for
-
-        kind = kind_of(self.units)
-        extra = _extra_needs(_later_prunes(key, stages, self.units)) if kind == "width" else set()
-        return needs_for(kind, self.effective_criteria(key, stages), extra)
+    def calibration_needs(self, key: str, stages: dict[str, Any], extra_only: bool = False) -> set[str]:
+        """What this stage's pass collects: its criteria's needs and, for width, what later prunes need beyond them
+        (``hidden`` gradients for hidden channels, ``hessian`` for optimal compensation; ``extra_only``: those)."""
+        prunes = _later_prunes(key, stages, self.units) if self.units == "width" else []
+        optimal = any(getattr(getattr(s, "compensation", None), "type", None) == "optimal" for s in prunes)
+        extra = ({"hidden"} if any(s.units == "hidden" for s in prunes) else set()) | ({"hessian"} if optimal else set())
+        return extra if extra_only else needs_for(kind_of(self.units), self.effective_criteria(key, stages), extra)
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         names = self.effective_criteria(key, stages)
@@ -95,13 +96,6 @@ def _later_prunes(key: str, stages: dict[str, Any], units: str) -> list[Any]:
     return [s for s in later if s.units in ("blocks", "width", "hidden") and kind_of(s.units) == kind]
 
 
-def _extra_needs(prunes: list[Any]) -> set[str]:
-    """Beyond their criteria, later prunes need hidden-channel gradients, or XᵀX for optimal compensation."""
-    hidden = {"hidden"} if any(s.units == "hidden" for s in prunes) else set()
-    optimal = any(getattr(getattr(s, "compensation", None), "type", None) == "optimal" for s in prunes)
-    return hidden | ({"hessian"} if optimal else set())
-
-
 def _inputs_key(ctx: RunContext) -> str:
     """What partial/ results are valid for: the whole recipe (iterative criteria depend on the later prune target)."""
     recipe = json.dumps({**ctx.recipe.resolved(), "output_dir": None}, sort_keys=True, default=str)
@@ -120,7 +114,7 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     kind = kind_of(cfg.units)
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
     prunes = _later_prunes(ctx.stage_key, ctx.recipe.stages, cfg.units)
-    extra = _extra_needs(prunes) if kind == "width" else set()
+    extra = cfg.calibration_needs(ctx.stage_key, ctx.recipe.stages, extra_only=True)
     results, stats = score_criteria(
         kind, names, ctx.model, ctx.calibration, settings=cfg.settings, seed=ctx.recipe.seed, batch_size=cfg.batch_size,
         extra_needs=extra, hidden="hidden" in extra,

@@ -144,12 +144,14 @@ class BoundaryCache:
     def __init__(self, budget: float, folder: Path, tag: str) -> None:
         self.budget, self.folder, self.tag = budget, folder, tag
         self.items: dict[int, torch.Tensor] = {}
+        self.devices: dict[int, torch.device] = {}
         self.held, self.offloaded = 0, 0
         self.files: list[Path] = []
 
     def put(self, batch: int, x: torch.Tensor) -> None:
         size = x.numel() * x.element_size()
-        if self.held + size <= self.budget or x.device.type != "cpu":
+        self.devices[batch] = x.device
+        if self.held + size <= self.budget:
             self.items[batch] = x
             self.held += size
             return
@@ -160,7 +162,8 @@ class BoundaryCache:
         self.files.append(path)
 
     def get(self, batch: int) -> torch.Tensor:
-        return self.items[batch]
+        """The state, back on the device it came from (a no-op for states held there)."""
+        return self.items[batch].to(self.devices[batch])
 
     def clear(self) -> None:
         self.items.clear()

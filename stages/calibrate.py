@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
+from prunelab.stages.calibration.needs import resolve
 from prunelab.stages.calibration.pipelines import FullPipeline, PipelineConfig, refusals
 from prunelab.stages.calibration.sources import CalibrationSource
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.criteria.registry import CRITERIA, kind_of
 from prunelab.stages.io.config import TextSource
 
 if TYPE_CHECKING:
@@ -48,8 +50,6 @@ class CalibrateConfig(StrictModel):
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         """Every later score stage's statistics must be ones this pipeline collects (the reason when not)."""
-        from prunelab.stages.criteria.registry import CRITERIA, kind_of
-
         keys, problems = list(stages), []
         for k in keys[keys.index(key) + 1 :]:
             needs_of = getattr(stages[k], "calibration_needs", None)
@@ -79,8 +79,7 @@ class CalibrateConfig(StrictModel):
 
 
 def _closure(needs: frozenset[str]) -> set[str]:
-    from prunelab.stages.calibration.needs import resolve
-
+    """A criterion's needs with what they require (``fisher`` brings ``grad``)."""
     return {spec.name for spec in resolve(needs)}
 
 

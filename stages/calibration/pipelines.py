@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
+from prunelab.stages.calibration.needs import refusals as need_refusals
 from prunelab.stages.core.config import PathStr, StrictModel
 from prunelab.stages.core.registry import Registry
 
@@ -87,8 +88,6 @@ PipelineConfig = Annotated[Any, PlainValidator(_validated),
 
 def refusals(pipeline: Any, needs: Iterable[str]) -> dict[str, str]:
     """need → why ``pipeline`` cannot collect it (empty when it can collect them all)."""
-    from prunelab.stages.calibration.needs import refusals as need_refusals
-
     return need_refusals(pipeline.type, needs)
 
 

@@ -134,3 +134,28 @@ def test_run_directory_of_version_1_resumes(tmp_path: Path, name: str) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval"] == old_metrics["eval"]
     assert metrics["model"] == old_metrics["model"]
+
+
+# The frame runs ONE recipe (DESIGN.md, "The package and its API"; issue 27 item 2). Around it, the package's shell:
+# the doors onto it (api, cli, __main__, shipped: finding a shipped recipe for those doors), the run directory's
+# storage (rundir: marker, atomic writes, done.json; runlog: run.log and exit codes) and metrics.json, the contract
+# the runner writes and benchmarks read. Benchmarks and tools live in pipeline/benchmarks/ (prunelab.benchmarks).
+FRAME = {"run", "recipe", "runner", "registry", "context", "report", "preflight"}
+SHELL = {"__init__", "__main__", "api", "cli", "shipped", "runlog", "rundir", "metrics"}
+
+
+def _frame_problems(modules: set[str]) -> list[str]:
+    """What in ``pipeline/*.py`` (by module stem) is neither the frame nor its shell."""
+    return [f"pipeline/{m}.py: not the frame ({sorted(FRAME)}) nor its shell ({sorted(SHELL)}); a benchmark or tool "
+            f"goes in pipeline/benchmarks/ (prunelab.benchmarks)" for m in sorted(modules - FRAME - SHELL)]
+
+
+def test_the_frame_is_only_the_frame_and_its_shell() -> None:
+    modules = {p.stem for p in (ROOT / "pipeline").glob("*.py")}
+    assert not _frame_problems(modules), _frame_problems(modules)
+    assert FRAME <= modules  # the list names real modules
+    for name in ("bench", "bench_rows", "select_draw", "compare_llm_pruner"):  # a benchmark put back is named
+        assert any(f"pipeline/{name}.py" in p for p in _frame_problems(modules | {name}))
+    for stem in FRAME:  # the frame never reaches into the benchmarks that run on top of it
+        bad = [n for _, n in _imports(ROOT / "pipeline" / f"{stem}.py") if n.startswith("pipeline.benchmarks")]
+        assert not bad, f"pipeline/{stem}.py imports {bad}"

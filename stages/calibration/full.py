@@ -69,7 +69,7 @@ def collect_stats(model: torch.nn.Module, calibration: torch.Tensor, needs: Iter
                     o.backward(model, ids)
         elif on_inputs:
             with attached(on_inputs, adapter), torch.inference_mode():
-                adapter.inner(input_ids=ids.to(device), use_cache=False)
+                adapter.final_states(ids.to(device))
     for o in observers:
         o.finish()
     stats.seconds = time.perf_counter() - t0

@@ -23,10 +23,11 @@ parameter of ``model.dtype`` (float32 4; bfloat16/float16 2; auto: 2 on a GPU, 4
                                                    arXiv 2205.05198, eq. 1; with gradient checkpointing
                                                    n·B·L·h·b + one block's share)
     gradient criteria (taylor…) = P·b gradients + P·4 float32 gradient sums + backward  (≈ 2–3 × weights)
-    LoRA     = T·16 + backward                    (T = trainable adapter parameters, r·(in + out) per adapted
-                                                   linear; 16 B each: weight, gradient and AdamW's two fp32 states)
+    LoRA     = T·16 + 2·backward                  (T = trainable adapter parameters, r·(in + out) per adapted
+                                                   linear; 16 B each: weight, gradient and AdamW's two fp32 states;
+                                                   2: TRAIN_FACTOR, measured)
     QLoRA    = LoRA, with the frozen weights at ~0.56 B each (NF4 + block scales) instead of b
-    full     = P·(b + 8) + backward              (gradients, AdamW's two fp32 states)
+    full     = P·(b + 8) + 2·backward            (gradients, AdamW's two fp32 states)
     speed    = 2·n·kv·d·(prompt + new)·B·b + B·V·4  (the KV cache at the largest batch; kv heads of d dims)
 
 It is an estimate to size a machine, not a measurement: allocator slack, CUDA context (~0.5 GiB) and framework
@@ -43,6 +44,11 @@ from pathlib import Path
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+# Training holds more than one backward of the same tokens (adapter inputs and dropout masks, the optimizer step):
+# measured on SmolLM2-135M in float32 on the CPU, one LoRA step (r=8, every linear) of 2 × 256 and 4 × 256 tokens took
+# 1.6× and 1.9× the backward term, while a plain backward (every weight requiring gradients, as Taylor scoring does)
+# took 0.97× (docs/data.md). 2: an estimate that errs on the safe side.
+TRAIN_FACTOR = 2
 HUB_DEADLINE = 1.0  # seconds the file listing may take after a successful connect check (the dry run's whole budget: ~2 s)
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -217,11 +223,11 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
                 put(key, forward(1, node.seq_len), f"a forward of 1 × {node.seq_len} tokens")
             elif {"method", "lora", "loop", "loss", "data"} <= fields:  # recover (or an iterate stage's recover)
                 B, L = node.loop.micro_batch_size, node.data.seq_len
-                act = backward(B, L, node.loop.gradient_checkpointing)
+                act = TRAIN_FACTOR * backward(B, L, node.loop.gradient_checkpointing)
                 if node.loss.type in ("kd", "ce+kd") and not node.loss.teacher_cache:
                     est.teacher = est.weights
                 if node.method == "full":
-                    put(key, int(P * (b + 8)) + act, f"gradients + AdamW states P·(b+8) + backward of {B} × {L} tokens")
+                    put(key, int(P * (b + 8)) + act, f"gradients + AdamW states P·(b+8) + training activations of {B} × {L} tokens")
                 else:
                     r = node.lora.rank
                     shapes = {"q_proj": (h, a * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
@@ -231,7 +237,7 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
                     T = n * r * sum(i + o for m, (i, o) in shapes.items() if m in targets and m != "lm_head")
                     T += r * (h + V) if "lm_head" in targets else 0
                     size = T * 16 + act
-                    what = f"LoRA r={r}: {T:,} trainable × 16 B + backward of {B} × {L} tokens"
+                    what = f"LoRA r={r}: {T:,} trainable × 16 B + training activations of {B} × {L} tokens"
                     if node.method == "qlora":  # the frozen base at ~0.56 B per weight instead of b
                         size -= int(P * (b - 0.5625))
                         what += " (QLoRA: base weights NF4)"

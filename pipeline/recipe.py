@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any, Union
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, Tag, ValidationError, create_model, field
 
 from prunelab.registry import STAGES, listed_stage_types
 from prunelab.stages.core.config import PathStr, StrictModel
+from prunelab.stages.core.registry import tagged_union
 from prunelab.stages.io.config import ModelConfig, TextSource
 
 __all__ = ["ModelConfig", "RecipeBase", "RecipeError", "StrictModel", "TextSource", "load_recipe", "validate"]
@@ -105,8 +106,7 @@ def recipe_model() -> type[RecipeBase]:
 
     load_stages()
 
-    configs = tuple(STAGES.get(n).config_cls for n in listed_stage_types())
-    union = Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007 (a runtime tuple of classes)
+    union = tagged_union(STAGES, names=listed_stage_types(), frozen=True)  # built now, after every stage registered
     return create_model(
         "Recipe",
         __base__=RecipeBase,

@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prunelab.registry import register_stage
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.io.formats import FORMATS
 from prunelab.stages.io.hub import PushToHubConfig
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ class GGUFExportConfig(StrictModel):
 
 class ExportConfig(StrictModel):
     type: Literal["export"]
-    formats: list[Literal["hf", "gguf", "vllm"]] = Field(["hf"], min_length=1, description="what to write: hf → "
-                                                         "model/, gguf → model.gguf (llama.cpp), vllm → model-vllm/")
+    formats: list[str] = Field(["hf"], min_length=1, description="what to write (stages.io.formats.FORMATS): hf → "
+                               "model/, gguf → model.gguf (llama.cpp), vllm → model-vllm/")
     gguf: GGUFExportConfig = Field(default_factory=GGUFExportConfig, description="GGUF settings (formats: [gguf])")
     dtype: Literal["same", "float32", "bfloat16", "float16"] = Field("same", description="dtype of the saved weights")
     verify: bool = Field(True, description="reload with vanilla transformers and compare logits")
@@ -44,6 +45,14 @@ class ExportConfig(StrictModel):
     LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None, "formats": ["hf"], "gguf": GGUFExportConfig()}
     push_to_hub: PushToHubConfig | None = Field(None, description="{repo_id: user/name, private: true}: publish model/ "
                                                 "to the Hugging Face Hub in one commit after it is written and verified")
+
+    @field_validator("formats")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        unknown = [f for f in v if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format {unknown[0]!r}; choose from {' | '.join(FORMATS.names())}")
+        return v
 
     @model_validator(mode="after")
     def _formats(self) -> ExportConfig:
@@ -54,23 +63,12 @@ class ExportConfig(StrictModel):
         return self
 
 
-def model_card(ctx: RunContext) -> str:
-    """README.md for the exported model (``prunelab.stages.io.card``: Hub front matter, plan, metrics)."""
-    from prunelab.stages.io.card import model_card as card
-
-    return card(ctx)
-
-
 def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
-    from huggingface_hub import ModelCard
-
-    from prunelab.stages.core.files import atomic_dir
-    from prunelab.stages.io.formats import export_gguf, export_vllm, refusals, verify_reload
+    from prunelab.stages.io.formats import refusals
     from prunelab.stages.io.models import DTYPES
 
     target = ctx.run_dir / "model"
     model = ctx.model
-    diff = None
     ctx.exported = {"path": str(target), "reload_max_abs_diff": None} if "hf" in cfg.formats else {}
     if ctx.is_main:
         refused = refusals(cfg, model)
@@ -78,18 +76,13 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
             raise ValueError("; ".join(refused))
         if cfg.dtype != "same":
             model = model.to(DTYPES[cfg.dtype])
-        if "hf" in cfg.formats:
-            with atomic_dir(target) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                ctx.tokenizer.save_pretrained(tmp)
-                ModelCard(model_card(ctx)).save(tmp / "README.md")
-                if cfg.verify:
-                    diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
-            ctx.exported.update({"path": str(target), "reload_max_abs_diff": diff})
-        if "gguf" in cfg.formats:
-            ctx.exported["gguf"] = export_gguf(ctx, cfg, model)
-        if "vllm" in cfg.formats:
-            ctx.exported["vllm"] = export_vllm(ctx, cfg, model)
+        for name in [f for f in FORMATS.names() if f in cfg.formats]:  # registration order: hf first, as before
+            fmt = FORMATS.get(name)
+            out = fmt.write(ctx, cfg, model)
+            if fmt.top_level:
+                ctx.exported.update(out)
+            else:
+                ctx.exported[name] = out
     if cfg.push_to_hub is not None and ctx.is_main:
         from prunelab.stages.io.hub import push_folder
 
@@ -98,11 +91,10 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
 
 
 def restore(ctx: RunContext, cfg: ExportConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
-    wanted = {"hf": ctx.run_dir / "model" / "config.json", "gguf": ctx.run_dir / "model.gguf",
-              "vllm": ctx.run_dir / "model-vllm" / "config.json"}
     for fmt in cfg.formats:
-        if not wanted[fmt].is_file():
-            raise FileNotFoundError(f"export was marked done but {wanted[fmt].relative_to(ctx.run_dir)} is missing; "
+        wanted = ctx.run_dir / FORMATS.get(fmt).output
+        if not wanted.is_file():
+            raise FileNotFoundError(f"export was marked done but {wanted.relative_to(ctx.run_dir)} is missing; "
                                     f"re-run with --force")
 
 

@@ -5,7 +5,7 @@ of the model the previous cycle recovered, its plan, its recovery), and stages n
 stage holds the three settings — the prune target of the whole run (of the DENSE model, ``units: blocks`` or
 ``width`` as in ``prune``: ``num_blocks: 4`` in 2 cycles removes 2 + 2 blocks; width ``ratio: 0.2`` in 4 cycles leaves
 95, 90, 85, 80% of the dense parameters), the criterion's settings, and every cycle's recovery — and runs the
-library's functions per cycle (:mod:`prunelab.stages.recovery.iterative`). It writes ``cycle-NN/{plan.json, recover/,
+library's functions per cycle (:mod:`prunelab.stages.iterative.cycles`). It writes ``cycle-NN/{plan.json, recover/,
 done.json}`` (width: and the cycle's compensation), resumes from the last finished cycle, and leaves ``plan.json``:
 the cycles' plans composed into the dense model's numbering (blocks, or each layer's heads / KV groups / MLP
 channels), which metrics, report and export read. It needs a ``calibrate`` stage before it (the same windows score
@@ -24,7 +24,7 @@ from prunelab.registry import register_stage
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.criteria.registry import criteria_for, kind_of, validate_settings
 from prunelab.stages.recovery.config import RecoverySettings
-from prunelab.stages.recovery.iterative import prune_settings
+from prunelab.stages.iterative.cycles import Cycles, prune_settings, run_cycles, settings_key
 from prunelab.stages.selection.config import BlocksSettings, WidthSettings
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
 
     from prunelab.stages.criteria.scoring import PartialResults, score_criteria
     from prunelab.stages.io.models import load_model
-    from prunelab.stages.recovery.iterative import run_cycles, settings_key
     from prunelab.stages.recovery.trainer import TrainerEnv, recover_model
 
     log = get_logger(__name__)
@@ -110,8 +109,6 @@ def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
 
 
 def _cycles(ctx: RunContext, cfg: IterateConfig, log: Any) -> Any:
-    from prunelab.stages.recovery.iterative import Cycles, settings_key
-
     keys = list(ctx.recipe.stages)
     upto = [ctx.recipe.stages[k].model_dump(mode="json") for k in keys[: keys.index(ctx.stage_key) + 1]]
     key = settings_key(ctx.recipe.model.model_dump(mode="json"), ctx.recipe.seed, upto)
@@ -135,8 +132,6 @@ def _finish(ctx: RunContext, state: Any, plan: Any) -> dict[str, Any]:
 
 def restore(ctx: RunContext, cfg: IterateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     """Replay every finished cycle: its plan applied, its trained tensors merged (as the run did)."""
-    from prunelab.stages.recovery.iterative import run_cycles
-
     state = _cycles(ctx, cfg, lambda m: None)
     state.resume = True
     missing = [c for c in range(1, cfg.cycles + 1) if state.finished(c) is None]

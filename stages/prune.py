@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -9,16 +10,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
+from prunelab.stages.core import migrate as legacy
 from prunelab.stages.core.config import StrictModel
-from prunelab.stages.selection import legacy
-from prunelab.stages.selection.config import (
-    BlocksSettings,
-    HiddenSettings,
-    SublayersSettings,
-    WidthSettings,
-    allowed_keys,
-    validate_selection,
-)
+from prunelab.stages.selection.config import SELECTIONS, allowed_keys, validate_selection
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -41,26 +35,28 @@ class PruneConfig(StrictModel):
     Migration: the flat spelling of version 1 still validates — ``hidden: true`` → ``units: hidden``,
     ``hidden_norm_rescale`` → ``norm_rescale``, ``owl_m``/``owl_lambda`` → ``allocation: {type: owl, m, lambda}``,
     ``alpha_epsilon`` → ``allocation: {type: alpha, epsilon}``, ``damping``/``optimal_bias`` →
-    ``compensation: {type: optimal, damping, bias}`` (``prunelab.stages.selection.legacy.migrate``); ``v1_settings()``
+    ``compensation: {type: optimal, damping, bias}`` (``prunelab.stages.core.migrate.migrate``); ``v1_settings()``
     gives the old flat dump, so run directories made before still ``--resume``.
     """
 
     type: Literal["prune"]
-    units: Literal["blocks", "width", "hidden", "sublayers"] = Field("blocks", description="blocks | width | hidden | sublayers")
+    units: str = Field("blocks", description="what to remove: a registered mode (stages.selection.config.SELECTIONS): "
+                       "blocks | width | hidden | sublayers")
     criterion: str = Field(..., description="which computed criterion decides (see `score`)")
 
-    def __init__(self, **data: Any) -> None:
+    def __init__(self, **data: Any) -> None:  # pydantic builds instances of the class called: the union has none
         if type(self) is PruneConfig:
-            raise TypeError("PruneConfig is a union: use PruneConfig.model_validate({...}) or BlocksPrune / WidthPrune / HiddenPrune")
+            raise TypeError("PruneConfig is a union: use PruneConfig.model_validate({...}) or variant_class(units)(...)")
         super().__init__(**data)
 
     @model_validator(mode="wrap")
     @classmethod
     def _variant(cls, data: Any, handler: Any) -> Any:
-        data = legacy.migrate(data, {u: set(allowed_keys(c)) for u, c in VARIANTS.items()})
+        variants = {u: variant_class(u) for u in SELECTIONS}
+        data = legacy.migrate(data, {u: set(allowed_keys(c)) for u, c in variants.items()})
         if cls is not PruneConfig or isinstance(data, PruneConfig):
             return handler(data)
-        return validate_selection(data, VARIANTS, legacy.explain_old)
+        return validate_selection(data, variants, legacy.explain_old)
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         if any(stages[k].type == "prune" for k in seen):
@@ -79,29 +75,16 @@ class PruneConfig(StrictModel):
         return legacy.v1_settings(self)
 
 
-class BlocksPrune(BlocksSettings, PruneConfig):
-    """Remove whole decoder blocks (depth pruning)."""
+@functools.cache
+def variant_class(units: str) -> type[PruneConfig]:
+    """The prune stage's class for a registered mode: its settings (``SELECTIONS``) with the stage's fields, built
+    once per mode, so a mode registered anywhere is a prune variant without an edit here (``BlocksPrune``, ...)."""
+    settings = SELECTIONS.config(units)
+    name = settings.__name__.removesuffix("Settings") + "Prune"
+    return type(name, (settings, PruneConfig), {"__doc__": settings.__doc__, "__module__": __name__})
 
 
-class WidthPrune(WidthSettings, PruneConfig):
-    """Remove heads / KV groups / MLP channels (width pruning)."""
-
-
-class HiddenPrune(HiddenSettings, PruneConfig):
-    """Remove hidden channels everywhere (LLM-Pruner's channel mode)."""
-
-
-class SublayersPrune(SublayersSettings, PruneConfig):
-    """Remove whole attention / MLP sublayers (He et al., arXiv 2406.15786)."""
-
-    def v1_settings(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")  # version 1 had no sublayer mode: its own settings are its hash
-
-
-# longer than 150 lines because it holds the four variants of the one prune stage (blocks, width, hidden, sublayers)
-VARIANTS: dict[str, type[PruneConfig]] = {"blocks": BlocksPrune, "width": WidthPrune, "hidden": HiddenPrune,
-                                           "sublayers": SublayersPrune}
-Prune = BlocksPrune | WidthPrune | HiddenPrune | SublayersPrune
+BlocksPrune, WidthPrune, HiddenPrune, SublayersPrune = map(variant_class, ("blocks", "width", "hidden", "sublayers"))
 
 
 def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -115,23 +98,11 @@ def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> di
     return plan.outputs()
 
 
-def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
+def run(ctx: RunContext, cfg: PruneConfig) -> dict[str, Any]:
     from prunelab.stages.core.files import atomic_write_json
-    from prunelab.stages.selection.blocks import make_plan
-    from prunelab.stages.selection.planning import make_hidden_plan, make_width_plan
 
-    result = ctx.scores[cfg.criterion]
-    side: dict[str, Any] = {}
-    if isinstance(cfg, WidthPrune):
-        plan, side = make_width_plan(result, cfg, ctx.model, ctx.activation_stats, ctx.scores, ctx.calibration)
-    elif isinstance(cfg, HiddenPrune):
-        plan = make_hidden_plan(result, cfg, ctx.model)
-    elif isinstance(cfg, SublayersPrune):
-        from prunelab.stages.selection.sublayers import make_sublayer_plan
-
-        plan = make_sublayer_plan(result, cfg, ctx.adapter)
-    else:
-        plan = make_plan(result, cfg, ctx.adapter)
+    make_plan = SELECTIONS.impl(cfg.units)
+    plan, side = make_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.activation_stats, ctx.scores, ctx.calibration)
     outputs = _apply(ctx, plan, side)
     if ctx.is_main:
         if side:
@@ -144,7 +115,7 @@ def run(ctx: RunContext, cfg: Prune) -> dict[str, Any]:
     return outputs
 
 
-def restore(ctx: RunContext, cfg: Prune, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: PruneConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     from prunelab.stages.surgery.plan import load_plan
 
     plan = load_plan(json.loads((stage_dir / "plan.json").read_text()))

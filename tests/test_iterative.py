@@ -22,7 +22,7 @@ FAST = ["--no-progress", "stages.eval_dense.perplexity.tiny.max_tokens=1024",
 
 # ----------------------------------------------------------------------------- the library
 def test_blocks_split_evenly_over_cycles():
-    from prunelab.stages.recovery.iterative import split_blocks
+    from prunelab.stages.iterative.cycles import split_blocks
 
     assert split_blocks(4, 4) == [1, 1, 1, 1]
     assert split_blocks(5, 2) == [3, 2]
@@ -32,7 +32,7 @@ def test_blocks_split_evenly_over_cycles():
 
 
 def test_cycle_plans_compose_into_the_original_numbering():
-    from prunelab.stages.recovery.iterative import compose_depth
+    from prunelab.stages.iterative.cycles import compose_depth
     from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge
 
     # 8 blocks: cycle 1 removes 2 and 5; of the 6 left [0,1,3,4,6,7] cycle 2 removes 4 (= 6) and merges 3 (= 4) into 2 (= 3)
@@ -160,7 +160,7 @@ def test_cycles_reach_the_target_and_a_run_killed_after_cycle_1_resumes_to_the_s
 
 # ----------------------------------------------------------------------------- width: the library
 def test_width_cycle_goals_are_fractions_of_the_dense_model():
-    from prunelab.stages.recovery.iterative_width import cycle_goal
+    from prunelab.stages.iterative.width import cycle_goal
 
     assert [cycle_goal(1000, 0.2, c, 4) for c in (1, 2, 3, 4)] == [950, 900, 850, 800]
     assert [cycle_goal(238_592, 0.2, c, 2) for c in (1, 2)] == [214_733, 190_874]  # round(0.1·P₀), round(0.2·P₀)
@@ -173,7 +173,7 @@ def _shapes(*widths):
 
 
 def test_width_cycle_plans_compose_into_the_dense_numbering():
-    from prunelab.stages.recovery.iterative_width import compose_width
+    from prunelab.stages.iterative.width import compose_width
     from prunelab.stages.surgery.plan import LayerRemoval, WidthPlan, WidthTarget
 
     # 3 layers of 4 query heads in 2 KV groups, 8 MLP channels. Cycle 1: layer 0 loses KV group 1 (query heads 2, 3)
@@ -248,7 +248,7 @@ def _fake_recovery(method: str, calls: list[str] | None = None, crash: str | Non
 
 
 def _cycles(folder, prune, cycles=2, method="full", resume=False):
-    from prunelab.stages.recovery.iterative import Cycles
+    from prunelab.stages.iterative.cycles import Cycles
 
     return Cycles(folder, "k", prune, cycles, method, seed=0, resume=resume, log=lambda m: None)
 
@@ -258,8 +258,8 @@ def test_width_cycles_reach_the_dense_target_and_the_composed_plan_rebuilds_the_
                                                                                           allocation, attention):
     from prunelab.stages.arch import adapter_for
     from prunelab.stages.io.tiny import tiny_llama
-    from prunelab.stages.recovery.iterative import prune_settings, run_cycles
-    from prunelab.stages.recovery.iterative_width import cycle_goal
+    from prunelab.stages.iterative.cycles import prune_settings, run_cycles
+    from prunelab.stages.iterative.width import cycle_goal
     from prunelab.stages.surgery.apply import apply_plan
 
     prune = prune_settings({"units": "width", "criterion": "flap", "ratio": 0.3, "allocation": allocation,
@@ -287,7 +287,7 @@ def test_width_cycles_with_compensation_replay_exactly_after_a_kill(tmp_path, ca
     """Optimal compensation changes the kept o_proj/down_proj columns and adds biases: replay applies the cycle's
     saved compensation, then merges the adapter onto it (lora) or loads the trained weights (full)."""
     from prunelab.stages.io.tiny import tiny_llama
-    from prunelab.stages.recovery.iterative import prune_settings, run_cycles
+    from prunelab.stages.iterative.cycles import prune_settings, run_cycles
 
     prune = prune_settings({"units": "width", "criterion": "flap", "ratio": 0.2, "allocation": "global",
                             "compensation": {"type": "optimal", "damping": 0.01, "bias": True}})
@@ -352,7 +352,7 @@ def _logits(folder: Path) -> torch.Tensor:
 def test_width_cycles_run_from_the_cli_and_a_run_killed_after_cycle_1_resumes_to_the_same_logits(tmp_path, monkeypatch):
     from prunelab.run import main
     from prunelab.stages.recovery import trainer
-    from prunelab.stages.recovery.iterative_width import cycle_goal
+    from prunelab.stages.iterative.width import cycle_goal
 
     fast = ["--no-progress", "stages.eval_dense.perplexity.tiny.max_tokens=1024",
             "stages.eval_recovered.perplexity.tiny.max_tokens=1024"]

@@ -97,6 +97,73 @@ def test_the_walk_catches_each_wrong_direction(tmp_path: Path, monkeypatch: pyte
     assert any("_planted_probe2.py" in b and "stages.prune" in b for b in bad)
 
 
+def room_graph() -> dict[str, dict[str, list[str]]]:
+    """room → {room it imports: [where, ...]} over every import in ``stages/<room>/`` (top level, in functions,
+    under TYPE_CHECKING alike)."""
+    graph: dict[str, dict[str, list[str]]] = {room: {} for room in ROOMS}
+    for path in sorted(STAGES.rglob("*.py")):
+        if path.parent == STAGES:
+            continue
+        room = path.relative_to(STAGES).parts[0]
+        for line, name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "stages" and len(parts) > 1 and parts[1] in ROOMS and parts[1] != room:
+                graph[room].setdefault(parts[1], []).append(f"{path.relative_to(ROOT)}:{line}")
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """The strongly connected groups of more than one node (Tarjan): each is a set of rooms that import each other."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, {}):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_rooms_import_without_cycles() -> None:
+    """Rooms form a layering (core at the bottom): two rooms that import each other are one room or a misplaced module."""
+    graph = room_graph()
+    found = cycles(graph)
+    detail = [f"{a} → {b}: {', '.join(sorted(set(graph[a][b]))[:3])}" for group in found for a in group for b in group
+              if b in graph[a]]
+    assert not found, "rooms that import each other:\n" + "\n".join(detail)
+
+
+def test_the_cycle_check_finds_a_planted_cycle() -> None:
+    """Not vacuous: a cycle planted into the real graph (the lowest room importing the highest) is found, as are the
+    cycles of a synthetic graph; a layering is not."""
+    graph = {room: dict(edges) for room, edges in room_graph().items()}
+    graph["core"]["recovery"] = ["planted"]
+    assert any({"core", "recovery"} <= set(group) for group in cycles(graph))
+    synthetic = {"a": {"b": []}, "b": {"c": []}, "c": {"a": []}, "d": {"a": []}, "e": {"f": []}, "f": {"e": []}}
+    assert cycles(synthetic) == [["a", "b", "c"], ["e", "f"]]
+    assert cycles({"a": {"b": []}, "b": {"c": []}, "c": {}}) == []
+
+
 def test_every_room_is_a_package_and_every_stage_registers() -> None:
     from prunelab.registry import load_stages
 

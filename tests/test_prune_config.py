@@ -12,7 +12,7 @@ import pytest
 
 from prunelab.recipe import RecipeError, load_recipe, validate
 from prunelab.registry import load_stages
-from prunelab.stages.selection.legacy import V1_DEFAULTS
+from prunelab.stages.core.migrate import V1_DEFAULTS
 from prunelab.stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]

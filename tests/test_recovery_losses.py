@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import typing
-
 import pytest
 import torch
 
@@ -22,10 +20,18 @@ def test_a_loss_name_registers_once():
 
 
 def test_recipes_name_exactly_the_registered_losses():
-    from prunelab.stages.recovery.config import LossSettings
+    from pydantic import ValidationError
+
+    from prunelab.stages.core.registry import variant_names
+    from prunelab.stages.recovery.config import RecoverySettings
     from prunelab.stages.recovery.losses import LOSSES
 
-    assert set(typing.get_args(LossSettings.model_fields["type"].annotation)) == set(LOSSES.names())
+    assert variant_names(RecoverySettings.model_fields["loss"]) == LOSSES.names()
+    data = {"source": {"path": "tests/data/tiny_corpus.txt"}}
+    for name in LOSSES.names():
+        assert RecoverySettings.model_validate({"loss": name, "data": data}).loss.type == name
+    with pytest.raises(ValidationError, match=r"recovery loss 'kl': choose ce \| kd \| ce\+kd"):
+        RecoverySettings.model_validate({"loss": "kl", "data": data})
 
 
 def test_ce_is_transformers_shifted_cross_entropy(tiny_model):

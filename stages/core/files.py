@@ -96,3 +96,9 @@ def clean_stale_temps(root: Path) -> list[Path]:
             removed.append(path)
         dirs[:] = [d for d in dirs if not TEMP_NAME.match(d)]
     return removed
+
+
+def cache_root() -> Path:
+    """prunelab's download and conversion cache (``$PRUNELAB_CACHE``, default ``~/.cache/prunelab``): here, at the
+    bottom, because every room that caches (io's model conversions, evaluation's lm-eval task index) reads it."""
+    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab"))

@@ -1,4 +1,6 @@
-"""Version 1 of the prune settings: one flat mapping of 19 keys for every mode (commit 0f1500b).
+"""Version 1 of the prune settings: one flat mapping of 19 keys for every mode (commit 0f1500b). The one home of
+the version-1 migration of selection settings: the prune stage, the iterate stage and ``plan.json`` (a width plan's
+target) read old spellings through it. Plain dicts only, so every room may import it.
 
 ``migrate`` rewrites the old spelling into the typed one, so old recipes and the ``recipe.resolved.yaml`` of old run
 directories still validate; ``v1_settings`` gives back exactly what the flat class dumped, so the settings hash of an
@@ -102,6 +104,8 @@ def explain_old(key: str, units: str) -> str | None:
 def v1_settings(cfg: Any) -> dict[str, Any]:
     """What the flat version-1 class dumped (``model_dump(mode="json")``) for the same settings: all 19 keys, old
     defaults for what does not apply to the mode, in the old order."""
+    if cfg.units not in ("blocks", "width", "hidden"):  # a mode version 1 did not have: its own settings are its hash
+        return dict(cfg.model_dump(mode="json"))
     out = dict(V1_DEFAULTS, type=getattr(cfg, "type", "prune"), criterion=cfg.criterion, ratio=cfg.ratio)
     if cfg.units == "blocks":
         out.update(num_blocks=cfg.num_blocks, rounding=cfg.rounding)

@@ -57,6 +57,10 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its entry (a test that registers a variant leaves the registry as it found it)."""
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
@@ -104,6 +108,15 @@ def validate_as(cls: type[BaseModel], data: Mapping[str, Any], explain: Mapping[
 
 
 # ----------------------------------------------------------------------------- variants chosen by a tag
+def load_target(target: Any) -> Any:
+    """An implementation given as ``"module:attribute"`` imported now (how registries stay torch-free until used);
+    anything else as it is."""
+    if isinstance(target, str) and ":" in target:
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return target
+
+
 @dataclass(frozen=True)
 class Variant:
     """A registered variant: its config class (validated with the recipe, torch-free) and its implementation,
@@ -114,10 +127,7 @@ class Variant:
     impl: Any = None
 
     def load(self) -> Any:
-        if isinstance(self.impl, str) and ":" in self.impl:
-            module, _, attr = self.impl.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.impl
+        return load_target(self.impl)
 
 
 class VariantRegistry(Registry[Variant]):
@@ -158,7 +168,7 @@ class VariantRegistry(Registry[Variant]):
             close = difflib.get_close_matches(str(name), self.names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             given = f" {name!r}" if name is not None else f": `{self.key}:` is missing"
-            raise ValueError(f"{self.kind}{given}{hint}: choose {self.choices()}")
+            raise ValueError(f"{self.kind}{given}: choose {self.choices()}{hint}")
         return validate_as(self.config(name), value, explain or {})
 
 

@@ -26,7 +26,7 @@ import torch
 
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.criteria.base import CriterionInputs
-from prunelab.stages.criteria.width import _reduce, reduction
+from prunelab.stages.criteria.width import reduce_parts, reduction
 
 
 def hidden_members(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, int]]:
@@ -62,7 +62,7 @@ def _grad(name: str, table: Any) -> torch.Tensor:
 
 def _elementwise(inp: CriterionInputs, imp: Callable[[str, torch.Tensor], torch.Tensor], how: str) -> torch.Tensor:
     parts = [_per_channel(imp(name, t.detach().float()), axis) for name, t, axis in hidden_members(inp.model)]
-    return _reduce(parts, how)
+    return reduce_parts(parts, how)
 
 
 def magnitude(inp: CriterionInputs) -> list[float]:
@@ -94,4 +94,4 @@ def taylor_vector(inp: CriterionInputs) -> list[float]:
     """|Σ_k g·w| over each member vector: the signed product summed before |·|."""
     grad = inp.stats.grad_mean
     parts = [_per_channel(t.detach().float() * _grad(name, grad), axis).abs() for name, t, axis in hidden_members(inp.model)]
-    return _reduce(parts, reduction(inp)).tolist()
+    return reduce_parts(parts, reduction(inp)).tolist()

@@ -14,7 +14,6 @@ so validating a recipe never imports torch.
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails
 
-from prunelab.stages.core.registry import Registry
+from prunelab.stages.core.registry import Registry, load_target
 
 if TYPE_CHECKING:
     from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
@@ -42,13 +41,6 @@ def kind_of(units: str) -> Kind:
         return _UNITS_KIND[units]
     except KeyError:
         raise ValueError(f"units {units!r}: choose one of {', '.join(_UNITS_KIND)}") from None
-
-
-def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
-    if callable(target):
-        return target
-    module, _, fn = target.partition(":")
-    return getattr(importlib.import_module(module), fn)
 
 
 @dataclass(frozen=True)
@@ -73,13 +65,13 @@ class CriterionSpec:
     units: tuple[str, ...] = WIDTH_UNITS
 
     def load(self) -> Callable[[CriterionInputs], CriterionResult]:
-        return _resolve(self.score_fn)
+        return load_target(self.score_fn)
 
     def load_hidden(self) -> Callable[[CriterionInputs], list[float]]:
         if self.hidden is None:
             raise ValueError(f"criterion {self.name!r} does not score hidden channels; choose one of "
                              f"{', '.join(hidden_criteria())}")
-        return _resolve(self.hidden)
+        return load_target(self.hidden)
 
 
 class CriterionRegistry:

@@ -84,7 +84,8 @@ def _member_scores(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[[st
     }
 
 
-def _reduce(parts: list[torch.Tensor], how: str) -> torch.Tensor:
+def reduce_parts(parts: list[torch.Tensor], how: str) -> torch.Tensor:
+    """One score per unit from the per-member scores of its coupled group (``reduction``: sum | mean | max | prod)."""
     stacked = torch.stack([p.double() for p in parts])
     if how == "sum":
         return stacked.sum(0)
@@ -121,9 +122,9 @@ def _llm_pruner_layer(layer: torch.nn.Module, geo: LayerGeometry, imp: Callable[
     channels = [k, v, q.view(-1, width).sum(0), o.view(-1, width).sum(0)]
     heads = [q.view(geo.n_q, hd).sum(1), o.view(geo.n_q, hd).sum(1)]
     return {
-        "q_heads": _reduce(heads, how).tolist(),
-        "kv_groups": _reduce(channels, how).view(geo.n_kv, hd).sum(1).tolist(),
-        "mlp": _reduce([per("gate", 1), per("up", 1), per("down", 0)], how).tolist(),
+        "q_heads": reduce_parts(heads, how).tolist(),
+        "kv_groups": reduce_parts(channels, how).view(geo.n_kv, hd).sum(1).tolist(),
+        "mlp": reduce_parts([per("gate", 1), per("up", 1), per("down", 0)], how).tolist(),
     }
 
 
@@ -140,7 +141,7 @@ def _elementwise(inp: CriterionInputs, imp: Callable[[int, str, torch.Tensor], t
             out.append(_llm_pruner_layer(layer, geo, fn, ad, how))
             continue
         members = _member_scores(layer, geo, fn, ad)
-        out.append({kind: _reduce(parts, how).tolist() for kind, parts in members.items()})
+        out.append({kind: reduce_parts(parts, how).tolist() for kind, parts in members.items()})
     return out
 
 
@@ -208,7 +209,7 @@ def taylor_vector(inp: CriterionInputs) -> CriterionResult:
             out.append(_llm_pruner_layer(layer, geo, fn, ad, how, vector=True))
             continue
         signed = _member_scores(layer, geo, fn, ad)
-        out.append({kind: _reduce([p.abs() for p in parts], how).tolist() for kind, parts in signed.items()})
+        out.append({kind: reduce_parts([p.abs() for p in parts], how).tolist() for kind, parts in signed.items()})
     return _result(out)
 
 

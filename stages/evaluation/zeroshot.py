@@ -79,7 +79,7 @@ def _lm_eval_version() -> str | None:
 
 
 def _index_file(ver: str) -> Path:
-    from prunelab.stages.io.sources import cache_root
+    from prunelab.stages.core.files import cache_root
 
     return cache_root() / f"lm_eval_tasks-{ver}.json"
 

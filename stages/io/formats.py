@@ -1,15 +1,46 @@
 """The export stage's formats as library code: the vanilla reload check, ``model.gguf`` checked in llama.cpp,
 ``model-vllm/``, and the refusals checked before anything is written. The stage (``stages/export.py``) stays thin:
-it decides which formats to write; this module writes and checks them."""
+it validates ``formats`` against :data:`FORMATS` and calls each one's ``write``; this module writes and checks them.
+
+A format is one :func:`register_format` call (name, writer, the file that proves it was written, the refusal checked
+before any format is written); ``formats: [...]`` in a recipe then accepts it. Torch-free at import.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunelab.stages.core.registry import Registry
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """``write(ctx, cfg, model) -> dict`` writes the format atomically under the run directory and returns what the
+    stage records (``top_level``: merged into the stage's outputs, as ``hf`` does; else under ``name``); ``output``:
+    the path, relative to the run directory, whose presence proves it was written (``--resume``); ``refusal(model)``:
+    why an engine cannot run the model in this format (None: it can), checked for every listed format first."""
+
+    name: str
+    write: Callable[[Any, Any, Any], dict[str, Any]]
+    output: str
+    refusal: Callable[[Any], str | None] | None = None
+    top_level: bool = False
+
+
+FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def register_format(name: str, write: Callable[[Any, Any, Any], dict[str, Any]], output: str,
+                    refusal: Callable[[Any], str | None] | None = None, top_level: bool = False) -> ExportFormat:
+    """Register an export format (a name registered twice is an error)."""
+    return FORMATS.register(name, ExportFormat(name, write, output, refusal, top_level))
 
 
 def verify_reload(model: Any, path: Path, tolerance: float) -> float:
@@ -75,15 +106,42 @@ def export_vllm(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     return out
 
 
+def export_hf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
+    """model/ (``save_pretrained``, tokenizer, model card), written atomically; with ``verify``, reloaded by vanilla
+    transformers and its logits compared (float32: ``tolerance``; a half dtype: 1e-1)."""
+    from huggingface_hub import ModelCard
+
+    from prunelab.stages.core.files import atomic_dir
+    from prunelab.stages.io.card import model_card
+
+    target, diff = ctx.run_dir / "model", None
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(tmp)
+        ModelCard(model_card(ctx)).save(tmp / "README.md")
+        if cfg.verify:
+            diff = verify_reload(model, tmp, cfg.tolerance if cfg.dtype in ("same", "float32") else 1e-1)
+    return {"path": str(target), "reload_max_abs_diff": diff}
+
+
+def _gguf_refusal(model: Any) -> str | None:
+    from prunelab.stages.io.gguf_export import gguf_refusal
+
+    return gguf_refusal(model)
+
+
+def _vllm_refusal(model: Any) -> str | None:
+    from prunelab.stages.io.export_vllm import vllm_refusal
+
+    return vllm_refusal(model)
+
+
 def refusals(cfg: Any, model: Any) -> list[str]:
     """Why an engine cannot run this model as the listed formats would write it (each names the fix)."""
-    out = []
-    if "gguf" in cfg.formats:
-        from prunelab.stages.io.gguf_export import gguf_refusal
-
-        out.append(gguf_refusal(model))
-    if "vllm" in cfg.formats:
-        from prunelab.stages.io.export_vllm import vllm_refusal
-
-        out.append(vllm_refusal(model))
+    out = [FORMATS.get(f).refusal(model) for f in cfg.formats if FORMATS.get(f).refusal is not None]  # type: ignore[misc]
     return [r for r in out if r]
+
+
+register_format("hf", export_hf, "model/config.json", top_level=True)
+register_format("gguf", export_gguf, "model.gguf", _gguf_refusal)
+register_format("vllm", export_vllm, "model-vllm/config.json", _vllm_refusal)

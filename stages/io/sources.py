@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prunelab.stages.arch import families, family_facts
+from prunelab.stages.core.files import cache_root
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,6 @@ class ResolvedSource:
     kind: str  # "alias" | "local" | "gguf" | "hub"
     path: str  # what from_pretrained receives (folder, or hub id)
     gguf_file: str | None = None
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab"))
 
 
 def alias_dirs(name: str) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """Iterative pruning: cycles of score → prune → recover that reach the target step by step (the ``iterate`` stage).
 
 Each cycle scores the model as the previous cycle left it (recovered), removes its share of the target — whole
-blocks (depth) or heads / KV groups / MLP channels (width, :mod:`prunelab.stages.recovery.iterative_width`) — and heals the
+blocks (depth) or heads / KV groups / MLP channels (width, :mod:`prunelab.stages.iterative.width`) — and heals the
 result with the recovery trainer. A cycle writes ``cycle-NN/plan.json`` (in that cycle's numbering), a width
 cycle's compensation beside it (``cycle-NN/compensation.safetensors``), its recovery (``cycle-NN/recover/``:
 adapter or weights, loss curve, checkpoints) and, last, ``cycle-NN/done.json``; a finished cycle is *replayed* on
@@ -10,7 +10,7 @@ weights) or loaded (``full``), exactly what the uninterrupted run did — so a r
 one: the trainer's own checkpoints) continues and ends with the same model. Every cycle seeds torch with
 ``seed + cycle``, so a cycle does not depend on whether the ones before it ran in the same process.
 
-:func:`compose_depth` / :func:`prunelab.stages.recovery.iterative_width.compose_width` map the cycles' plans back to the
+:func:`compose_depth` / :func:`prunelab.stages.iterative.width.compose_width` map the cycles' plans back to the
 dense model's numbering: the composed plan is what ``metrics.json``, the report, the model card and the
 intermediate loss's block mapping read. It RECORDS what was removed; it does not rebuild the model from the dense
 weights (every cycle's compensation and recovery changed them).
@@ -27,7 +27,7 @@ from typing import Any
 
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.selection.config import BlocksSettings, WidthSettings, validate_selection
-from prunelab.stages.selection.legacy import explain_old
+from prunelab.stages.core.migrate import explain_old
 from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge, load_plan
 
 
@@ -157,7 +157,7 @@ def run_cycles(state: Cycles, model: Any, score: Callable[..., tuple[dict[str, A
     from accelerate.utils import set_seed
 
     from prunelab.stages.arch import adapter_for
-    from prunelab.stages.recovery.iterative_width import WidthSchedule
+    from prunelab.stages.iterative.width import WidthSchedule
     from prunelab.stages.recovery.model import apply_trained, trained_folder
     from prunelab.stages.surgery.apply import apply_plan
 

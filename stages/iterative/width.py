@@ -12,7 +12,7 @@ as the one-shot plan does.
 Each cycle collects the statistics its criterion needs (and the projection inputs; XᵀX for optimal compensation) on
 the current model from the run's calibration windows, selects (:func:`prunelab.stages.selection.planning.make_width_plan`)
 and returns the plan with its compensation side tensors; surgery and recovery are the loop's
-(:mod:`prunelab.stages.recovery.iterative`).
+(:mod:`prunelab.stages.iterative.cycles`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from prunelab.stages.arch import lora_target_choices
 from prunelab.stages.arch.base_names import HEAD_NAME, LORA_TARGETS
 from prunelab.stages.calibration.sources import SamplingSettings
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.core.registry import VariantRegistry, register_variant, tagged_union
 from prunelab.stages.io.config import TextSource
 
 DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target modules
@@ -140,7 +141,23 @@ class IntermediateLoss(StrictModel):
 KD_KEYS = ("temperature", "top_k", "intermediate", "teacher_cache")
 
 
-class LossSettings(StrictModel):
+class LossBase(StrictModel):
+    """The base of every loss's settings: ``type`` names a loss registered in :data:`LOSSES`."""
+
+    type: str
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the trainer must load the dense teacher (the registered ``Loss`` says)."""
+        return bool(LOSSES.impl(self.type).needs_teacher)
+
+
+# Every recovery loss by name: its settings class and its ``Loss`` (``prunelab.stages.recovery.losses``: the function
+# and whether it needs the teacher), imported when the trainer asks. ``losses.register_loss`` adds one.
+LOSSES = VariantRegistry("recovery loss", base=LossBase)
+
+
+class LossSettings(LossBase):
     """What the student is trained to match. ``loss: kd`` is short for ``loss: {type: kd}``.
 
     - ``ce``: next-token cross-entropy on the data's labels;
@@ -149,7 +166,7 @@ class LossSettings(StrictModel):
     - ``ce+kd``: (1 − kd_ratio)·ce + kd_ratio·kd (torchtune's knowledge-distillation recipes).
     Only positions with a label count (labels != -100), so Alpaca response-only masking applies to KD too."""
 
-    type: Literal["ce", "kd", "ce+kd"] = Field("ce", description="ce | kd | ce+kd")
+    type: str = Field("ce", description="a registered loss: ce | kd | ce+kd (stages.recovery.losses.register_loss adds one)")
     temperature: float = Field(1.0, gt=0, description="kd: softmax temperature T (the loss is scaled by T²)")
     top_k: int = Field(0, ge=0, description="kd: 0 = the whole vocabulary; k = the teacher's k largest logits per "
                        "position, both distributions renormalised over that set")
@@ -164,6 +181,13 @@ class LossSettings(StrictModel):
     def _shorthand(cls, data: Any) -> Any:
         return {"type": data} if isinstance(data, str) else data
 
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in LOSSES:
+            raise ValueError(f"loss {v!r}: choose {LOSSES.choices()}")
+        return v
+
     @model_validator(mode="after")
     def _applies(self) -> LossSettings:
         given = self.model_fields_set
@@ -175,10 +199,6 @@ class LossSettings(StrictModel):
             raise ValueError("teacher_cache stores the teacher's top-k logits only: set top_k > 0 (e.g. 64) and leave "
                              "intermediate out")
         return self
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.type != "ce"
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
@@ -196,13 +216,19 @@ class LossSettings(StrictModel):
         return out
 
 
+for _name, _loss in (("ce", "CE"), ("kd", "KD"), ("ce+kd", "CE_KD")):
+    register_variant(LOSSES, LossSettings, f"prunelab.stages.recovery.losses:{_loss}", name=_name)
+Loss = tagged_union(LOSSES)
+
+
 class RecoverySettings(StrictModel):
     """Everything the trainer reads. Loss names are those of :mod:`prunelab.stages.recovery.losses`."""
 
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="lora: an adapter on the frozen pruned weights; qlora: the same on NF4 base weights "
         "(bitsandbytes); full: every weight of the pruned model trains (no adapter)")
-    loss: LossSettings = Field(default_factory=LossSettings, description="ce | kd | ce+kd, or {type, temperature, ...}")
+    loss: Loss = Field(default_factory=LossSettings, description="a registered loss (ce | kd | ce+kd), or "
+                       "{type, temperature, ...}")
     data: RecoveryData
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype of the frozen base while training; auto = bfloat16 where the GPU has it "

@@ -18,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prunelab.stages.core.registry import Registry
+from pydantic import BaseModel
+
+from prunelab.stages.core.registry import register_variant
+from prunelab.stages.recovery.config import LOSSES, LossSettings
 
 if TYPE_CHECKING:
     import torch
@@ -34,16 +37,18 @@ class Loss:
     needs_teacher: bool = False  # the trainer must hand it the dense model
 
 
-LOSSES: Registry[Loss] = Registry("recovery loss")
-
-
-def register_loss(name: str, fn: LossFn, needs_teacher: bool = False) -> Loss:
-    """Register ``fn`` under ``name``; a name registered twice is an error (two losses fighting over it)."""
-    return LOSSES.register(name, Loss(name, fn, needs_teacher))
+def register_loss(name: str, fn: LossFn, needs_teacher: bool = False, settings: type[BaseModel] = LossSettings) -> Loss:
+    """Register ``fn`` under ``name`` in :data:`LOSSES` (``loss: name`` in a recipe then validates), with its settings
+    class (default: :class:`LossSettings`, whose KD fields a distillation loss may read); a name registered twice is
+    an error (two losses fighting over it)."""
+    loss = Loss(name, fn, needs_teacher)
+    register_variant(LOSSES, settings, loss, name=name)
+    return loss
 
 
 def get_loss(name: str) -> Loss:
-    return LOSSES.get(name)
+    loss: Loss = LOSSES.impl(name)
+    return loss
 
 
 class Teacher:
@@ -146,8 +151,6 @@ def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
 
 def _kd_terms(model: Any, batch: dict[str, torch.Tensor], teacher: Teacher, settings: Any, with_ce: bool) -> tuple:
     """(kd, intermediate weight × block distance (0 without intermediate), ce or None, settings) of a micro-batch."""
-    from prunelab.stages.recovery.config import LossSettings
-
     settings = settings or LossSettings(type="kd")
     teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
     inter = settings.intermediate
@@ -181,6 +184,7 @@ def distill_ce_kd(model: Any, batch: dict[str, torch.Tensor], teacher: Teacher, 
     return (1.0 - r) * ce + r * kd + blocks
 
 
-register_loss("ce", next_token_ce)
-register_loss("kd", distill_kd, needs_teacher=True)
-register_loss("ce+kd", distill_ce_kd, needs_teacher=True)
+# The built-in losses, registered in stages.recovery.config (torch-free validation) by these names.
+CE = Loss("ce", next_token_ce)
+KD = Loss("kd", distill_kd, needs_teacher=True)
+CE_KD = Loss("ce+kd", distill_ce_kd, needs_teacher=True)

@@ -17,6 +17,8 @@ so the parameter target is met.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from prunelab.stages.selection.owl import linear_offsets
@@ -67,3 +69,10 @@ def alpha_offsets(alphas: list[float], layers: list[int], epsilon: float) -> lis
     Offsets for layers outside ``layers`` are 0 (they are not pruned).
     """
     return linear_offsets([alphas[i] for i in layers], layers, len(alphas), epsilon)
+
+
+def alpha_allocation(model: torch.nn.Module, stats: Any, layers: list[int], cfg: Any) -> tuple[list[float], dict[str, Any]]:
+    """The implementation registered for ``allocation: alpha`` (``prunelab.stages.surgery.targets``): AlphaPruning's
+    offsets, with each layer's α recorded in the plan (``layer_alpha``)."""
+    alphas = layer_alphas(model)
+    return alpha_offsets(alphas, layers, cfg.epsilon), {"layer_alpha": alphas}

@@ -58,3 +58,11 @@ def make_plan(result: dict[str, Any], cfg: BlocksSettings, adapter: Any) -> Dept
         params_after=after,
         achieved_ratio=round(1 - after / before, 6),
     )
+
+
+def blocks_plan(result: dict[str, Any], cfg: BlocksSettings, model: Any, stats: Any = None, results: Any = None,
+                calibration: Any = None) -> tuple[DepthPlan, dict[str, Any]]:
+    """The plan maker registered for ``units: blocks`` (``selection.config.SELECTIONS``): no side tensors."""
+    from prunelab.stages.arch import adapter_for
+
+    return make_plan(result, cfg, adapter_for(model)), {}

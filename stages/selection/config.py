@@ -8,179 +8,36 @@ type with its defaults (``allocation: global`` ≡ ``allocation: {type: global}`
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.core.registry import VariantRegistry, allowed_keys, register_variant, validate_as
 from prunelab.stages.selection.targets import blocks_for_ratio, hidden_channels_to_remove
 
+# The variants a plan records (allocations, compensations, expert units) live below selection, in the plan's room;
+# re-exported here, where a recipe's prune settings are read.
+from prunelab.stages.surgery.targets import (
+    ALLOCATIONS,
+    COMPENSATIONS,
+    AlphaAllocation,
+    Allocation,
+    BiasCompensation,
+    Compensation,
+    ExpertUnits,
+    GlobalAllocation,
+    NoCompensation,
+    OptimalCompensation,
+    OwlAllocation,
+    UniformAllocation,
+)
 
-# ----------------------------------------------------------------------------- key checks with messages that help
-def _error(key: str, message: str, value: Any) -> InitErrorDetails:
-    return InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=(key,), input=value)
-
-
-def allowed_keys(cls: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in cls.model_fields.items()]
-
-
-def validate_as(cls: type[BaseModel], data: Mapping[str, Any], explain: Mapping[str, str]) -> Any:
-    """``cls.model_validate(data)``, but a key ``cls`` does not have is reported with ``explain[key]`` (why it does
-    not apply here) or as an unknown key with the closest allowed one, together with every other error."""
-    allowed = allowed_keys(cls)
-    errors = []
-    for key, value in data.items():
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            errors.append(_error(key, explain.get(key) or f"unknown key; {hint}allowed keys here: {', '.join(sorted(allowed))}", value))
-    if not errors:
-        return cls.model_validate(dict(data))
-    try:
-        cls.model_validate({k: v for k, v in data.items() if k in allowed})
-    except ValidationError as exc:  # field errors too; cross-field rules only once the keys are right (as pydantic does)
-        errors += [InitErrorDetails(type=PydanticCustomError(e["type"], "{message}", {"message": e["msg"]}), loc=e["loc"],
-                                    input=e["input"]) for e in exc.errors() if e["loc"]]
-    raise ValidationError.from_exception_data(cls.__name__, errors)
-
-
-def tagged(kinds: dict[str, type[BaseModel]], what: str) -> BeforeValidator:
-    """A field holding one of ``kinds`` by its ``type``: a bare name is that type with its defaults."""
-
-    def parse(value: Any) -> Any:
-        if isinstance(value, BaseModel):
-            return value
-        if isinstance(value, str):
-            value = {"type": value}
-        if not isinstance(value, dict):
-            raise ValueError(f"{what}: give a name ({' | '.join(kinds)}) or a mapping with `type:` and its settings")  # noqa: TRY004
-        cls = kinds.get(value.get("type"))  # type: ignore[arg-type]
-        if cls is None:
-            raise ValueError(f"{what} {value.get('type')!r}: choose {' | '.join(kinds)}")
-        return validate_as(cls, value, {})
-
-    return BeforeValidator(parse)
-
-
-class _Tagged(StrictModel):
-    type: str
-    what: ClassVar[str] = ""
-
-    def describe(self) -> str:
-        """A few words for the plan's summary (``prunelab.stages.surgery.plan``)."""
-        return f"{self.type} {self.what}"
-
-
-# ----------------------------------------------------------------------------- allocation: how much each layer loses
-class _Allocation(_Tagged):
-    what: ClassVar[str] = "allocation"
-
-
-class UniformAllocation(_Allocation):
-    """Every layer in range loses the same fraction of its units (the result keeps a vanilla config)."""
-
-    type: Literal["uniform"] = "uniform"
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"counts": "nearest"}  # added later: left out of dumps at its default
-    counts: Literal["nearest", "llm_pruner"] = Field(
-        "nearest", description="how a layer's fraction r becomes whole units: nearest (round r·n); llm_pruner (the "
-        "official code's rule per coupled group: remove n − int(n·(1 − r)) MLP channels, and "
-        "(n_kv·hd − int(n_kv·hd·(1 − r))) // hd KV groups)"
-    )
-
-
-
-class GlobalAllocation(_Allocation):
-    """One ranking across layers, each unit weighted by its parameter cost (FLAP's adaptive structure, AL-AM)."""
-
-    type: Literal["global"] = "global"
-
-
-class OwlAllocation(_Allocation):
-    """OWL's outlier-weighted layer ratios (arXiv 2310.05175): layers richer in outliers are pruned less."""
-
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
-    type: Literal["owl"] = "owl"
-    m: float = Field(5.0, gt=0, description="a score is an outlier above M × the layer mean")
-    lambda_: float = Field(0.08, ge=0, lt=0.5, alias="lambda", description="layer ratios span r ± lambda")
-
-    def describe(self) -> str:
-        return f"OWL allocation (M = {self.m:g}, λ = {self.lambda_:g})"
-
-
-class AlphaAllocation(_Allocation):
-    """AlphaPruning's heavy-tail (α) layer ratios (arXiv 2410.10912): heavier-tailed layers are pruned less."""
-
-    type: Literal["alpha"] = "alpha"
-    epsilon: float = Field(0.08, ge=0, lt=0.5, description="layer ratios span r ± epsilon")
-
-    def describe(self) -> str:
-        return f"AlphaPruning allocation (ε = {self.epsilon:g})"
-
-
-ALLOCATIONS: dict[str, type[BaseModel]] = {"uniform": UniformAllocation, "global": GlobalAllocation, "owl": OwlAllocation,
-                                           "alpha": AlphaAllocation}
-Allocation = Annotated[UniformAllocation | GlobalAllocation | OwlAllocation | AlphaAllocation, tagged(ALLOCATIONS, "allocation")]
-
-
-# ----------------------------------------------------------------------------- compensation: repairing what was removed
-class _Compensation(_Tagged):
-    what: ClassVar[str] = "compensation"
-
-
-class NoCompensation(_Compensation):
-    type: Literal["none"] = "none"
-
-    def describe(self) -> str:
-        return "no compensation"
-
-
-class BiasCompensation(_Compensation):
-    """FLAP's bias (arXiv 2312.11983, Eq. 8): the removed channels' mean output folded into the output bias."""
-
-    type: Literal["bias"] = "bias"
-
-
-class OptimalCompensation(_Compensation):
-    """The APT/OBS closed-form update of the kept o_proj/down_proj columns on calibration inputs (arXiv 2410.15567)."""
-
-    type: Literal["optimal"] = "optimal"
-    damping: float = Field(0.01, gt=0, description="λ = damping × mean(diag XᵀX) added to XᵀX")
-    bias: bool = Field(True, description="also solve for the output bias (then never worse than FLAP's bias on "
-                       "calibration data); false: weights only, as in APT")
-
-    def describe(self) -> str:
-        return f"optimal compensation (damping {self.damping:g}, {'with' if self.bias else 'without'} bias)"
-
-
-COMPENSATIONS: dict[str, type[BaseModel]] = {"none": NoCompensation, "bias": BiasCompensation, "optimal": OptimalCompensation}
-Compensation = Annotated[NoCompensation | BiasCompensation | OptimalCompensation, tagged(COMPENSATIONS, "compensation")]
-
-
-# ----------------------------------------------------------------------------- mixture of experts
-class ExpertUnits(StrictModel):
-    """Experts (or channels inside every expert) of each mixture-of-experts layer to remove, and who scores them."""
-
-    criterion: str | None = Field(None, description="width criterion that scores these units (default: the prune's "
-                                  "`criterion`): reap | expert_frequency_norm | magnitude | random for experts; "
-                                  "magnitude | random | wanda_sp | flap for expert channels")
-    ratio: float = Field(..., gt=0, lt=1, description="fraction of each MoE layer's experts (of each expert's channels) "
-                         "to remove, rounded to the nearest count; the same count in every layer and expert, since "
-                         "transformers reads one expert count and one expert width from the config")
-
-    def describe(self, what: str) -> str:
-        return f"{self.ratio:g} of {what} by `{self.criterion}`"
+__all__ = ["ALLOCATIONS", "COMPENSATIONS", "AlphaAllocation", "Allocation", "BiasCompensation",
+           "BlocksSettings", "Compensation", "ExpertUnits", "GlobalAllocation", "HiddenSettings", "NoCompensation",
+           "OptimalCompensation", "OwlAllocation", "SELECTIONS", "SublayersSettings", "UniformAllocation", "WidthSettings",
+           "allowed_keys", "validate_as", "validate_selection"]
 
 
 def _check_scores(criterion: str, unit: str, field: str) -> None:
@@ -332,9 +189,9 @@ class WidthSettings(_WidthTarget):
 
     @model_validator(mode="after")
     def _combinations(self) -> WidthSettings:
-        if self.allocation.type == "global" and self.layer_ratio is not None:
-            raise ValueError("allocation: global needs `ratio` (a parameter budget), not layer_ratio")
-        if self.allocation.type == "global" and self.attention == "q_head":
+        if self.allocation.ranks_globally and self.layer_ratio is not None:
+            raise ValueError(f"allocation: {self.allocation.type} needs `ratio` (a parameter budget), not layer_ratio")
+        if self.allocation.ranks_globally and self.attention == "q_head":
             raise ValueError("allocation: global ranks whole KV groups; use attention: kv_group or allocation: uniform")
         if self.attention == "none" and not self.mlp and not self.moe_units():
             raise ValueError("nothing to prune: enable mlp, choose an attention unit, or set experts / expert_channels")
@@ -428,7 +285,13 @@ class SublayersSettings(_Selection):
         return []
 
 
-Selection = BlocksSettings | WidthSettings | HiddenSettings | SublayersSettings
+# What a prune removes, chosen by `units` (blocks when absent): each mode's settings, and its plan maker
+# ``(result, settings, model, stats, results, calibration) -> (plan, side tensors)``, imported when a plan is made.
+SELECTIONS = VariantRegistry("units", base=_Selection, key="units", default="blocks", shorthand=False)
+register_variant(SELECTIONS, BlocksSettings, "prunelab.stages.selection.blocks:blocks_plan")
+register_variant(SELECTIONS, WidthSettings, "prunelab.stages.selection.planning:make_width_plan")
+register_variant(SELECTIONS, HiddenSettings, "prunelab.stages.selection.planning:hidden_plan")
+register_variant(SELECTIONS, SublayersSettings, "prunelab.stages.selection.sublayers:sublayers_plan")
 
 # Why a key of one mode is refused in another (the key check names the key; this says what to do instead).
 _WIDTH_ONLY = "layer_ratio, allocation and compensation are width settings; set units: width"
@@ -469,6 +332,6 @@ def validate_selection(data: Any, variants: Mapping[str, type[BaseModel]], expla
     cls = variants.get(units) if isinstance(units, str) else None  # a list or mapping is not a key (no TypeError)
     if cls is None:
         raise ValueError(f"units {units!r}: choose {' | '.join(variants)}")
-    explain = {k: m.format(key=k) for k, m in NOT_APPLICABLE[units].items()}
+    explain = {k: m.format(key=k) for k, m in NOT_APPLICABLE.get(units, {}).items()}
     explain.update({k: msg for k in data if (msg := explain_old(k, units))})
     return validate_as(cls, data, explain)

@@ -11,7 +11,7 @@ from typing import Any
 
 from prunelab.stages.calibration.width import LayerGeometry
 from prunelab.stages.selection.targets import round_count
-from prunelab.stages.selection.width import WidthTargetError, _lowest
+from prunelab.stages.selection.width import WidthTargetError, lowest
 
 
 def select_experts(
@@ -39,7 +39,7 @@ def select_experts(
                     f"leaving fewer than num_experts_per_tok = {g.top_k}; remove at most "
                     f"{g.experts - g.top_k}"
                 )
-            out[i]["experts"] = _lowest(_layer(scores, "experts", i, experts.criterion), k)
+            out[i]["experts"] = lowest(_layer(scores, "experts", i, experts.criterion), k)
     if channels is not None:
         for i in moe:
             g, k = geos[i], _channels_to_remove(channels.ratio, geos[i].expert_intermediate)
@@ -49,7 +49,7 @@ def select_experts(
                     f"{g.expert_intermediate} channels; choose a ratio that removes some and keeps some"
                 )
             per_expert = _layer(scores, "expert_channels", i, channels.criterion)
-            out[i]["expert_channels"] = [_lowest(s, k) for s in per_expert]
+            out[i]["expert_channels"] = [lowest(s, k) for s in per_expert]
     return out
 
 

@@ -7,6 +7,8 @@ criterion's scores are then cut with (``prunelab.stages.selection.width.select_u
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -46,3 +48,10 @@ def linear_offsets(values: list[float], layers: list[int], num_layers: int, half
     for i, o in zip(layers, (mapped - mapped.mean()).tolist()):
         out[i] = o
     return out
+
+
+def owl_allocation(model: torch.nn.Module, stats: dict[str, Any] | None, layers: list[int], cfg: Any) -> tuple[list[float], dict[str, Any]]:
+    """The implementation registered for ``allocation: owl`` (``prunelab.stages.surgery.targets``): OWL's offsets."""
+    if stats is None:
+        raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
+    return owl_offsets(model, stats["sq_norm"], layers, cfg.m, cfg.lambda_), {}

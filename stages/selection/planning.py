@@ -25,7 +25,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         uniform_counts,
     )
     from prunelab.stages.selection.width import WidthTargetError, removed_params, select_global, select_uniform, summarize
-    from prunelab.stages.surgery.compensation import bias_compensation, optimal_compensation
+    from prunelab.stages.surgery.targets import ALLOCATIONS, COMPENSATIONS
 
     adapter = adapter_for(model)
     geos = adapter.geometries()
@@ -35,8 +35,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     target = ratio_to_params(cfg.ratio, before) if cfg.ratio is not None else None
     scores = result["layers"]
     alloc, comp = cfg.allocation, cfg.compensation
-    offsets = None
-    alphas = None
+    offsets, record = None, {}
     if cfg.mlp and geos and any(g.experts and not g.intermediate for g in geos):  # Qwen2-MoE: its shared expert
         raise WidthTargetError(f"mlp: true — {adapter.family} MLPs are mixtures of experts with no dense MLP channels; set "
                                "mlp: false and prune `experts` and/or `expert_channels`")
@@ -45,41 +44,26 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         raise WidthTargetError("; ".join(refusals))
     if not cfg.dense_units():
         chosen = {i: {"q_heads": [], "kv_heads": [], "mlp": []} for i in layers}
-    elif alloc.type == "global":
+    elif alloc.ranks_globally:
         chosen = select_global(scores, geos, layers, cfg.mlp, cfg.attention, target, cfg.round_to)
     else:
-        if alloc.type == "owl":
-            from prunelab.stages.selection.owl import owl_offsets
-
-            if means is None:
-                raise ValueError("allocation: owl needs activation statistics from a width `score` stage")
-            offsets = owl_offsets(model, means["sq_norm"], layers, alloc.m, alloc.lambda_)
-        elif alloc.type == "alpha":
-            from prunelab.stages.selection.alpha import alpha_offsets, layer_alphas
-
-            alphas = layer_alphas(model)
-            offsets = alpha_offsets(alphas, layers, alloc.epsilon)
+        allocate = ALLOCATIONS.impl(alloc.type)  # per-layer ratio offsets (stages.surgery.targets); None: uniform
+        if allocate is not None:
+            offsets, record = allocate(model, means, layers, alloc)
         chosen = select_uniform(scores, geos, layers, cfg.attention, cfg.mlp, cfg.layer_ratio, target, offsets,
                                 getattr(alloc, "counts", "nearest"), cfg.round_to)
-    def compensate(chosen: dict[int, dict[str, list[int]]]) -> dict[str, Any]:
-        if comp.type == "bias":
-            if means is None:
-                raise ValueError("compensation: bias needs activation means from a width `score` stage")
-            return bias_compensation(model, chosen, means)
-        if comp.type == "optimal":
-            if means is None or "gram" not in means:
-                raise ValueError("compensation: optimal needs XᵀX of the attention/MLP output projections' inputs from the width `score` stage "
-                                 "(it collects them when a later prune stage asks for optimal compensation)")
-            return optimal_compensation(model, chosen, means["gram"], comp.damping, comp.bias)
-        return {}
+    compensation = COMPENSATIONS.impl(comp.type)  # side tensors by parameter (stages.surgery.targets); None: none
 
-    if cfg.dense_units() and needs_uniform_attention(cfg, alloc.type == "global" or offsets is not None):
+    def compensate(chosen: dict[int, dict[str, list[int]]]) -> dict[str, Any]:
+        return compensation(model, chosen, means, comp) if compensation is not None else {}
+
+    if cfg.dense_units() and needs_uniform_attention(cfg, alloc.ranks_globally or offsets is not None):
         # vLLM: one global query-head count — attention made uniform, MLP re-selected for the rest of the target
         def constrained(count: int | None) -> dict[int, dict[str, list[int]]]:
             out = uniform_attention(chosen, scores, geos, layers, cfg.attention, count)
             rest = None if target is None else target - removed_params(out, geos)
             if cfg.mlp and (rest is None or rest > 0):
-                if alloc.type == "global":
+                if alloc.ranks_globally:
                     mlp_only = select_global(scores, geos, layers, True, "none", rest, cfg.round_to)
                 else:
                     mlp_only = select_uniform(scores, geos, layers, "none", True, cfg.layer_ratio, rest, offsets,
@@ -119,13 +103,13 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         shapes_after=shapes_after,
         uniform=all(s == shapes_after[0] for s in shapes_after),
         layer_ratio_offsets=offsets,
-        layer_alpha=alphas,
         num_removed=sum(len(r["q_heads"]) + len(r["kv_heads"]) + len(r["mlp"]) + len(r.get("experts", []))
                         + sum(map(len, r.get("expert_channels", []))) for r in chosen.values()),
         layers_before=len(geos),
         layers_after=len(geos),
         params_before=before,
         side_file="compensation.safetensors" if side else None,
+        **record,
     )
     return plan, side
 
@@ -135,7 +119,7 @@ def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) ->
     target (each channel owns the same parameters, so k = round(target / params per channel))."""
     from prunelab.stages.arch import adapter_for
     from prunelab.stages.criteria.hidden import params_per_hidden_channel
-    from prunelab.stages.selection.width import WidthTargetError, _lowest, summarize
+    from prunelab.stages.selection.width import WidthTargetError, lowest, summarize
 
     if "hidden" not in result:
         raise ValueError(f"criterion {cfg.criterion} has no hidden-channel scores; re-run the width score stage "
@@ -154,7 +138,7 @@ def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) ->
     return HiddenPlan(
         criterion=cfg.criterion,
         target=HiddenTarget(ratio=cfg.ratio, layer_ratio=cfg.layer_ratio, norm_rescale=cfg.norm_rescale),
-        hidden=HiddenRemoval(removed=_lowest(result["hidden"], k), hidden_before=d, hidden_after=d - k,
+        hidden=HiddenRemoval(removed=lowest(result["hidden"], k), hidden_before=d, hidden_after=d - k,
                              norm_rescale=cfg.norm_rescale),
         shapes_before=shapes,
         shapes_after=shapes,
@@ -164,3 +148,9 @@ def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) ->
         layers_after=len(geos),
         params_before=before,
     )
+
+
+def hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any, stats: Any = None, results: Any = None,
+                calibration: Any = None) -> tuple[HiddenPlan, dict[str, Any]]:
+    """The plan maker registered for ``units: hidden`` (``selection.config.SELECTIONS``): no side tensors."""
+    return make_hidden_plan(result, cfg, model), {}

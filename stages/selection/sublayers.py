@@ -93,3 +93,11 @@ def make_sublayer_plan(result: dict[str, Any], cfg: SublayersSettings, adapter: 
         layers_before=n, layers_after=n, params_before=before, params_after=after,
         achieved_ratio=round(1 - after / before, 6), shapes_before=shapes, shapes_after=after_shapes,
     )
+
+
+def sublayers_plan(result: dict[str, Any], cfg: SublayersSettings, model: Any, stats: Any = None, results: Any = None,
+                   calibration: Any = None) -> tuple[SublayerPlan, dict[str, Any]]:
+    """The plan maker registered for ``units: sublayers`` (``selection.config.SELECTIONS``): no side tensors."""
+    from prunelab.stages.arch import adapter_for
+
+    return make_sublayer_plan(result, cfg, adapter_for(model)), {}

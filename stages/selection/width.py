@@ -25,7 +25,8 @@ class WidthTargetError(ValueError):
     """A target that cannot be met without breaking a layer (no heads left, KV groups split, ...)."""
 
 
-def _lowest(scores: list[float], k: int) -> list[int]:
+def lowest(scores: list[float], k: int) -> list[int]:
+    """The indices of the ``k`` lowest scores (ties: the lower index), in ascending index order."""
     return sorted(sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k])
 
 
@@ -66,12 +67,12 @@ def uniform_layer(scores: dict[str, list[float]], geo: LayerGeometry, r: float, 
         k = rounded_removal(geo.intermediate, count(geo.intermediate), round_to)
         if k >= geo.intermediate:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove all {geo.intermediate} MLP channels")
-        out["mlp"] = _lowest(scores["mlp"], k)
+        out["mlp"] = lowest(scores["mlp"], k)
     if attention == "kv_group":
         k = count(geo.n_kv, geo.head_dim)
         if k >= geo.n_kv:
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every head (all {geo.n_kv} KV groups); lower it")
-        out["kv_heads"] = _lowest(scores["kv_groups"], k)
+        out["kv_heads"] = lowest(scores["kv_groups"], k)
         qg = geo.q_per_group
         out["q_heads"] = [g * qg + j for g in out["kv_heads"] for j in range(qg)]
     elif attention == "q_head":
@@ -80,7 +81,7 @@ def uniform_layer(scores: dict[str, list[float]], geo: LayerGeometry, r: float, 
             raise WidthTargetError(f"layer {index}: ratio {r:.3f} would remove every query head of each group; lower it")
         qg = geo.q_per_group
         for g in range(geo.n_kv):
-            local = _lowest(scores["q_heads"][g * qg : (g + 1) * qg], per_group)
+            local = lowest(scores["q_heads"][g * qg : (g + 1) * qg], per_group)
             out["q_heads"] += [g * qg + j for j in local]
     return out
 

@@ -128,3 +128,20 @@ def optimal_compensation(model: torch.nn.Module, plan_layers: dict[int, dict[str
             old = torch.zeros_like(b) if lin.bias is None else lin.bias.detach().double()
             side[f"{name}bias"] = (b - old).to(lin.weight.dtype)
     return side
+
+
+def compensate_bias(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], stats: dict[str, Any] | None,
+                    cfg: Any) -> dict[str, torch.Tensor]:
+    """The implementation registered for ``compensation: bias`` (``prunelab.stages.surgery.targets``)."""
+    if stats is None:
+        raise ValueError("compensation: bias needs activation means from a width `score` stage")
+    return bias_compensation(model, plan_layers, stats)
+
+
+def compensate_optimal(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]], stats: dict[str, Any] | None,
+                       cfg: Any) -> dict[str, torch.Tensor]:
+    """The implementation registered for ``compensation: optimal`` (``prunelab.stages.surgery.targets``)."""
+    if stats is None or "gram" not in stats:
+        raise ValueError("compensation: optimal needs XᵀX of the attention/MLP output projections' inputs from the width "
+                         "`score` stage (it collects them when a later prune stage asks for optimal compensation)")
+    return optimal_compensation(model, plan_layers, stats["gram"], cfg.damping, cfg.bias)

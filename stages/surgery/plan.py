@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from prunelab.stages.selection.config import Allocation, Compensation, ExpertUnits, NoCompensation, UniformAllocation
-from prunelab.stages.selection.legacy import fold
+from prunelab.stages.core.migrate import fold
+from prunelab.stages.surgery.targets import Allocation, Compensation, ExpertUnits, NoCompensation, UniformAllocation
 
 PLAN_VERSION = 2
 

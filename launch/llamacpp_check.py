@@ -258,15 +258,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in infos:
         res[f"llama.cpp {key}"].update(bytes=infos[key]["bytes"], embedding_dtype=infos[key]["embedding_dtype"])
     res["extra"] = [f"llama.cpp {k}" for k in list(infos)[2:]]
-    if args.vllm:
+    out = args.out or work / "llamacpp-check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.vllm:  # the llama.cpp numbers first: a vLLM failure or a killed engine leaves them on disk
+        out.write_text(json.dumps(res, indent=2) + "\n")
         res["vllm"] = vllm_check(model, tok, run_dir, work, args)
     res["bars"] = bars(res)
     if "greedy_equal" in res.get("vllm", {}):
         res["bars"]["vLLM greedy = transformers on every prompt"] = all(r["equal"] for r in res["vllm"]["prompts"])
     res["passed"] = all(res["bars"].values())
     res["seconds"] = time.perf_counter() - t0
-    out = args.out or work / "llamacpp-check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res), flush=True)
     return res

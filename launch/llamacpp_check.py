@@ -260,10 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["extra"] = [f"llama.cpp {k}" for k in list(infos)[2:]]
     out = args.out or work / "llamacpp-check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    res["bars"] = bars(res)
     if args.vllm:  # the llama.cpp numbers first: a vLLM failure or a killed engine leaves them on disk
         out.write_text(json.dumps(res, indent=2) + "\n")
         res["vllm"] = vllm_check(model, tok, run_dir, work, args)
-    res["bars"] = bars(res)
     if "greedy_equal" in res.get("vllm", {}):
         res["bars"]["vLLM greedy = transformers on every prompt"] = all(r["equal"] for r in res["vllm"]["prompts"])
     res["passed"] = all(res["bars"].values())

@@ -70,20 +70,24 @@ class SafetensorsWeights:
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         from safetensors import safe_open
 
-        self.folder, self.device = Path(folder), torch.device(device)
+        self.folder, self.device, self.open = Path(folder), torch.device(device), safe_open
         index = self.folder / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
             [p.name for p in sorted(self.folder.glob("*.safetensors"))]
         if not files:
             raise FileNotFoundError(f"{self.folder}: no *.safetensors files; save the model with save_pretrained "
                                     "(safe_serialization) or use pipeline: full")
-        self.handles = [safe_open(str(self.folder / f), framework="pt", device="cpu") for f in files]
-        self.where = {key: h for h in self.handles for key in h.keys()}
+        self.where: dict[str, str] = {}
+        for f in files:
+            with safe_open(str(self.folder / f), framework="pt", device="cpu") as h:
+                self.where.update(dict.fromkeys(h.keys(), f))
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        """The module's tensors assigned from the files (cast to the skeleton's dtype). Each file is opened for the
+        read and closed after, so its mapped pages leave the process with it."""
         names = list(module.state_dict())
         loose = [n for n, _ in module.named_buffers() if n not in names]
-        if loose:  # not in any file: to_empty would leave them uninitialised
+        if loose:  # not in any file: they would stay on meta
             raise ValueError(f"{prefix}: buffers {loose} are not saved with the weights; this family cannot be "
                              "streamed from safetensors yet — use pipeline: full")
         missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in self.where]
@@ -91,8 +95,20 @@ class SafetensorsWeights:
             raise KeyError(f"{self.folder}: tensors {missing[:3]} not found in the safetensors files: transformers "
                            "converts this checkpoint's layout when it loads it (e.g. fused mixture-of-experts "
                            "weights); run the sequential pipeline on the loaded model, or pipeline: full")
-        module.to_empty(device=self.device)
-        module.load_state_dict({n: self.where[f"{prefix}.{n}"].get_tensor(f"{prefix}.{n}") for n in names}, strict=True)
+        dtypes = {n: t.dtype for n, t in module.state_dict(keep_vars=True).items()}
+        state: dict[str, torch.Tensor] = {}
+        for file in sorted({self.where[f"{prefix}.{n}"] for n in names}):
+            with self.open(str(self.folder / file), framework="pt", device="cpu") as h:
+                for n in names:
+                    if self.where[f"{prefix}.{n}"] == file:
+                        state[n] = h.get_tensor(f"{prefix}.{n}").to(self.device, dtypes[n])
+        module.load_state_dict(state, strict=True, assign=True)
+
+    @staticmethod
+    def _free(module: torch.nn.Module) -> None:
+        """Back to meta; glibc keeps freed blocks of a few MB in its heap, so hand them back to the system."""
+        module.to("meta")
+        _trim()
 
     @contextmanager
     def embedding(self, adapter: ArchAdapter) -> Iterator[None]:
@@ -102,19 +118,19 @@ class SafetensorsWeights:
         try:
             yield
         finally:
-            module.to("meta")
+            self._free(module)
 
     @contextmanager
     def head(self, adapter: ArchAdapter) -> Iterator[None]:
         norm, head = adapter.model.get_submodule(adapter.NORM), adapter.model.get_submodule(adapter.HEAD)
         self._load(norm, adapter.NORM)
-        tied = f"{adapter.HEAD}.weight" not in self.where and getattr(adapter.model.config, "tie_word_embeddings", False)
+        tied = f"{adapter.HEAD}.weight" not in self.where and bool(getattr(adapter.model.config, "tie_word_embeddings", False))
         self._load(head, adapter.EMBED if tied else adapter.HEAD)  # tied: the head is the embedding matrix
         try:
             yield
         finally:
-            norm.to("meta")
-            head.to("meta")
+            self._free(norm)
+            self._free(head)
 
     @contextmanager
     def block(self, adapter: ArchAdapter, index: int) -> Iterator[None]:
@@ -123,7 +139,18 @@ class SafetensorsWeights:
         try:
             yield
         finally:
-            layer.to("meta")
+            self._free(layer)
+
+
+def _trim() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc); elsewhere nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:

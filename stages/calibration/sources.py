@@ -22,9 +22,9 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, Field, PlainValidator, Tag, ValidationError, WithJsonSchema
 
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.core.registry import Registry
@@ -111,15 +111,31 @@ def _validated(value: Any, in_mix: bool) -> Any:
     spec = SOURCES.get(source_kind(value))
     if in_mix and not spec.in_mix:
         raise ValueError(f"a {spec.name} source cannot be part of a mix; list its parts in this mix instead")
-    return value if isinstance(value, spec.config) else spec.config.model_validate(value)
+    if isinstance(value, spec.config):
+        return value
+    try:
+        return spec.config.model_validate(value)
+    except ValidationError as exc:  # the source's name in the error path, as a tagged union puts it
+        raise ValidationError.from_exception_data("calibration source", [
+            {"type": e["type"], "loc": (spec.name, *e["loc"]), "input": e["input"],
+             **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]) from None
 
 
-# One field type for every registered source, read from the registry at validation time: a source registered
-# after this module (a plugin, a test) is accepted without touching this file.
-CalibrationSource = Annotated[Any, PlainValidator(lambda v: _validated(v, in_mix=False)),
-                              WithJsonSchema({"type": "object", "description": "a registered calibration source"})]
-MixPartSource = Annotated[Any, PlainValidator(lambda v: _validated(v, in_mix=True)),
-                          WithJsonSchema({"type": "object", "description": "a registered calibration source (not a mix)"})]
+def _field(in_mix: bool) -> Any:
+    """The field type of a source: validated through the registry when validated (a source registered after this
+    module — a plugin, a test — is accepted without touching this file); its annotation, the union of the sources
+    registered so far tagged by name, only tells error messages which fields a source has."""
+    members = tuple(Annotated[SOURCES.get(n).config, Tag(n)] for n in SOURCES if not in_mix or SOURCES.get(n).in_mix)
+    return Annotated[Union[members], PlainValidator(lambda v: _validated(v, in_mix)),  # noqa: UP007
+                     WithJsonSchema({"type": "object", "description": "a registered calibration source"})]
+
+
+_HERE = "prunelab.stages.calibration.sources"
+register_source("text", TextSource, None, f"{_HERE}:text_windows")
+register_source("qa_text", QATextSource, "qa_text", f"{_HERE}:text_windows")
+register_source("self_generated", SelfGeneratedSource, "self_generated",
+                "prunelab.stages.calibration.generate:generated_windows")
+MixPartSource = _field(in_mix=True)
 
 
 class MixPart(StrictModel):
@@ -172,9 +188,5 @@ def mix_windows(source: MixSource, model: Any, tokenizer: Any, num_samples: int,
     return torch.cat(parts)
 
 
-_HERE = "prunelab.stages.calibration.sources"
-register_source("text", TextSource, None, f"{_HERE}:text_windows")
-register_source("qa_text", QATextSource, "qa_text", f"{_HERE}:text_windows")
-register_source("self_generated", SelfGeneratedSource, "self_generated",
-                "prunelab.stages.calibration.generate:generated_windows")
 register_source("mix", MixSource, "mix", f"{_HERE}:mix_windows", in_mix=False)
+CalibrationSource = _field(in_mix=False)

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.stages.arch.base_names import HEAD_NAME, LINEAR_NAMES
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
 # Training holds more than one backward of the same tokens (adapter inputs and dropout masks, the optimizer step):
 # measured on SmolLM2-135M in float32 on the CPU, one LoRA step (r=8, every linear) of 2 × 256 and 4 × 256 tokens took
@@ -230,12 +232,11 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
                     put(key, int(P * (b + 8)) + act, f"gradients + AdamW states P·(b+8) + training activations of {B} × {L} tokens")
                 else:
                     r = node.lora.rank
-                    shapes = {"q_proj": (h, a * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
-                              "o_proj": (a * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter),
-                              "down_proj": (inter, h), "lm_head": (h, V)}
+                    by_role = {"q": (h, a * hd), "k": (h, kv * hd), "v": (h, kv * hd), "o": (a * hd, h),
+                               "gate": (h, inter), "up": (h, inter), "down": (inter, h)}
                     targets = node.lora.target_modules
-                    T = n * r * sum(i + o for m, (i, o) in shapes.items() if m in targets and m != "lm_head")
-                    T += r * (h + V) if "lm_head" in targets else 0
+                    T = n * r * sum(i + o for role, (i, o) in by_role.items() if LINEAR_NAMES[role] in targets)
+                    T += r * (h + V) if HEAD_NAME in targets else 0
                     size = T * 16 + act
                     what = f"LoRA r={r}: {T:,} trainable × 16 B + training activations of {B} × {L} tokens"
                     if node.method == "qlora":  # the frozen base at ~0.56 B per weight instead of b

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -49,6 +49,11 @@ class SpeedConfig(StrictModel):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     repeats: int = Field(3, ge=1, description="median of this many timed runs")
     warmup: int = Field(1, ge=0, description="untimed runs first")
+    paired: bool = Field(False, description="also time the dense model (reloaded from the recipe's source) interleaved "
+                         "with this one and report the median decode-time ratio: on a shared CPU, tokens/s measured "
+                         "minutes apart do not divide into a trustworthy speedup")
+
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"paired": False}  # older run directories keep their chain hashes
 
 
 class EvaluateConfig(StrictModel):
@@ -123,6 +128,14 @@ def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) 
 
         s = cfg.speed
         results["speed"] = measure_speed(model, s.prompt_len, s.new_tokens, tuple(s.batch_sizes), s.repeats, s.warmup, ctx.recipe.seed)
+        if s.paired and label != "dense":
+            from prunelab.stages.evaluation.speed import measure_speedup
+            from prunelab.stages.io.models import load_model
+
+            dense = load_model(ctx.recipe.model)[0].to(next(model.parameters()).device)
+            results["speed"]["paired"] = measure_speedup(model, dense, s.prompt_len, s.new_tokens, tuple(s.batch_sizes),
+                                                         s.repeats, s.warmup, ctx.recipe.seed)
+            del dense
     return results
 
 

@@ -121,3 +121,21 @@ def test_report_shows_alphapruning_alpha_per_layer(tmp_path):
     plan = json.loads(next(run.glob("*-prune/plan.json")).read_text())
     assert len(plan["layer_alpha"]) == 6
     assert f"| 0 | {plan['layer_alpha'][0]:.3f} |" in report
+
+
+def test_speed_paired_times_the_dense_model_beside_the_pruned_one(tmp_path):
+    """``speed: {paired: true}`` on a pruned model: the dense model is reloaded and timed in interleaved pairs with it
+    (stages.evaluation.speed.measure_speedup), so a benchmark's speedup does not divide tokens/s measured minutes
+    apart; on the dense model itself nothing is paired, and the default leaves the dumped settings unchanged."""
+    speed = "{prompt_len: 8, new_tokens: 3, batch_sizes: [1], repeats: 2, warmup: 0, paired: true}"
+    assert main(["recipes/debug.yaml", "--output-dir", str(tmp_path), "--no-progress",
+                 f"stages.eval_pruned.speed={speed}", f"stages.eval_dense.speed={speed}"]) == 0
+    run = tmp_path / "debug"
+    pruned = json.loads((run / "06-eval_pruned" / "results.json").read_text())["results"]["speed"]
+    dense = json.loads((run / "03-eval_dense" / "results.json").read_text())["results"]["speed"]
+    assert "paired" not in dense
+    assert len(pruned["paired"]["pair_ratios"]["1"]) == 2 and pruned["paired"]["decode_speedup"]["1"] > 0
+    assert "paired with the dense model" in pruned["paired"]["protocol"]
+    from prunelab.stages.evaluate import SpeedConfig
+
+    assert "paired" not in SpeedConfig().model_dump()

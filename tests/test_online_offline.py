@@ -248,6 +248,16 @@ def test_named_splits_read_the_local_files(data_root):
                                                                     "Question: 2 + 2?\nAnswer: 4")
 
 
+def test_a_named_split_read_from_a_local_file_is_fingerprinted_for_resume(data_root):
+    """``--resume`` keys on the content of every input file: the local file a named dataset resolves to counts like
+    a ``path`` (an edited copy re-runs the stages that read it); a Hub-only source names no file."""
+    from prunelab.stages.core.config import input_files
+
+    found = dict(input_files({"ppl": _source(dataset="wikitext2", split="test")}, "stages.eval"))
+    assert found == {"stages.eval.ppl.resolved": str(data_root / "wikitext2" / "test.txt")}
+    assert not dict(input_files(_source(dataset="some/other-set", split="train"), "src"))
+
+
 def test_named_splits_without_a_local_file_come_through_datasets(data_root, monkeypatch):
     import datasets
 

@@ -131,3 +131,6 @@ def input_files(node: Any, where: str) -> Iterator[tuple[str, str]]:
             for i, file in enumerate(files):
                 if isinstance(file, str):
                     yield (f"{path}.{name}" + (f".{i}" if isinstance(value, (list, tuple)) else "")), file
+        resolved = getattr(obj, "resolved_input_file", None)  # a named dataset read from a local file it finds itself
+        if callable(resolved) and (found := resolved()) is not None:
+            yield f"{path}.resolved", found

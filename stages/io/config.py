@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from prunelab.stages.core.config import InputFile, PathStr, StrictModel
+from prunelab.stages.io.named_data import resolve
 
 
 class TextSource(StrictModel):
@@ -27,6 +28,17 @@ class TextSource(StrictModel):
         if self.path is not None and not self.path.endswith((".txt", ".jsonl", ".json")):
             raise ValueError(f"path {self.path!r}: only .txt and .jsonl files are supported; convert it or use `dataset:`")
         return self
+
+    def resolved_input_file(self) -> str | None:
+        """The local file a named dataset (``dataset: wikitext2``) is read from, so ``--resume`` fingerprints it like
+        a ``path``; None for a path, a Hub dataset or a name without a local copy (an unknown split is preflight's)."""
+        if self.dataset is None:
+            return None
+        try:
+            found = resolve(self)
+        except ValueError:
+            return None
+        return str(found.local) if found is not None and found.local is not None else None
 
     def describe(self) -> str:
         if self.path is not None:

@@ -207,6 +207,28 @@ def test_embedding_dtype_sets_token_embd_and_output_apart(tmp_path):
 
 
 @needs_llama
+def test_recipe_embedding_dtype_reaches_the_writer(tmp_path, monkeypatch):
+    """``export.gguf.embedding_dtype`` in a recipe is what the writer gets; left out, the settings dump (the chain
+    hash of older runs) is unchanged and the writer picks its default."""
+    from types import SimpleNamespace
+
+    from prunelab.stages.export import ExportConfig
+    from prunelab.stages.io import formats
+
+    seen = {}
+    monkeypatch.setattr(G, "write_gguf", lambda *a, **kw: seen.update(kw) or {})
+    ctx = SimpleNamespace(run_dir=tmp_path, recipe=SimpleNamespace(model=SimpleNamespace(source="tiny-random-llama", gguf_file=None),
+                                                                   name="r"), tokenizer=None)
+    for value in ("f32", None):
+        gguf = {"dtype": "q8_0", **({"embedding_dtype": value} if value else {})}
+        cfg = ExportConfig.model_validate({"type": "export", "formats": ["hf", "gguf"], "gguf": gguf, "verify": False})
+        formats.export_gguf(ctx, cfg, tiny_llama())
+        assert seen["embedding_dtype"] == value
+        assert ("embedding_dtype" in cfg.model_dump()["gguf"]) == (value is not None)
+    with pytest.raises(ValueError, match="embedding_dtype"):
+        ExportConfig.model_validate({"type": "export", "gguf": {"embedding_dtype": "q4_k"}})
+
+
 def test_tokenizer_from_tokenizer_json_tokenizes_like_transformers(tmp_path):
     from llama_cpp import Llama
 

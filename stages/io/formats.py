@@ -74,7 +74,7 @@ def export_gguf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     rec = ctx.recipe.model
     tok_gguf = G.source_gguf(rec.source, rec.gguf_file)
     out = G.write_gguf(model, path, cfg.gguf.dtype, tokenizer=None if tok_gguf else ctx.tokenizer,
-                       tokenizer_gguf=tok_gguf, name=ctx.recipe.name)
+                       tokenizer_gguf=tok_gguf, name=ctx.recipe.name, embedding_dtype=cfg.gguf.embedding_dtype)
     out["tokenizer_from"] = str(tok_gguf) if tok_gguf else "tokenizer.json"
     if not cfg.verify:
         return out

@@ -91,7 +91,7 @@ register_need("removal_nll", f"{_OBSERVERS}:RemovalNLLObserver",
 register_need("activations", f"{_OBSERVERS}:ActivationObserver",
               doc="input moments of the observed projections (FLAP, Wanda-sp, OWL) and expert routing statistics")
 register_need("hessian", f"{_OBSERVERS}:HessianObserver", requires=("activations",),
-              doc="XᵀX of the o_proj/down_proj inputs (optimal compensation)")
+              doc="XᵀX of the attention and MLP output projections' inputs (optimal compensation)")
 _BACKWARD = ("gradients need a backward through every later block; the block-wise backward (issue 28 item 2) "
              "is not built yet")
 register_need("grad", f"{_OBSERVERS}:GradientObserver", refused={_SEQ: _BACKWARD},

@@ -10,7 +10,7 @@ recipe. A benchmark is many recipes and a table, so it lives here, on top of the
 - :mod:`.execute` — the one executor: every row is ``prunelab.api.run`` (validate, preflight, ``runner.execute``),
   in this process, into ``<output_dir>/<name>/rows/<row>``. Resume is the runner's own (chained stage hashes; a row
   whose recipe changed re-runs from its first changed stage), sharding (``--shard I/N``) lives here once.
-- :mod:`.cli` — ``prunelab bench SPEC`` (and ``python pipeline/bench.py SPEC``).
+- :mod:`.cli` — ``prunelab bench SPEC`` (and ``python -m prunelab bench SPEC``).
 
 The package's shell (not the frame, not a benchmark): ``api`` and ``cli`` (doors onto the frame), ``shipped``
 (finding shipped recipes for those doors), ``runlog`` (run.log and the CLI's exit codes), ``rundir`` (run-directory

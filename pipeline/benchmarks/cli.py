@@ -1,4 +1,4 @@
-"""``prunelab bench SPEC`` (also ``python pipeline/bench.py SPEC``): run a benchmark spec's rows, write its table.
+"""``prunelab bench SPEC`` (also ``python -m prunelab bench SPEC``): run a benchmark spec's rows, write its table.
 
     prunelab bench bench/smollm2-20 [--resume | --force] [--shard I/N] [--rows a,b] [--update-readme FILE]
     prunelab bench RECIPE --seeds 0-7 [--holdout valid.txt]     choose a recipe's calibration draw on held-out text

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 # Families whose decoder layer is vLLM's DeciLM layer (q/k/v/o, gate/up/down, two RMSNorms, RoPE, no multipliers);
-# stages.selection.engines.PER_LAYER_FAMILIES says the same for selection.
+# stages.selection.engines.per_layer_families (from the families' facts) says the same for selection.
 DECILM_FAMILIES: tuple[str, ...] = ("llama", "mistral")
 # vLLM 0.32 model classes for the families prunelab prunes (vllm/model_executor/models/registry.py): a uniform
 # model of these runs under its own architecture.

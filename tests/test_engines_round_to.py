@@ -85,12 +85,13 @@ def test_default_and_llama_cpp_on_llama_plan_as_before(wide):
         "layers": None, "attention": "kv_group", "mlp": True, "compensation": {"type": "none"}}  # hashes as before
 
 
-@pytest.mark.parametrize("engine", ["llama.cpp", "vllm"])
-def test_non_llama_family_refuses_per_layer_widths_at_plan_time(engine):
-    model = tiny_family("qwen2")
-    with pytest.raises(WidthTargetError, match=rf"engines: {engine} — allocation: global gives the 'qwen2' layers"):
+@pytest.mark.parametrize("engine,family", [("llama.cpp", "qwen3"), ("vllm", "qwen2")])
+def test_non_llama_family_refuses_per_layer_widths_at_plan_time(engine, family):
+    """deci (llama.cpp) loads Qwen2's q/k/v biases but not Qwen3's per-head q/k norms; vLLM's DeciLM neither."""
+    model = tiny_family(family)
+    with pytest.raises(WidthTargetError, match=rf"engines: {engine} — allocation: global gives the '{family}' layers"):
         _plan(model, ratio=0.2, allocation="global", engines=[engine])
-    plan = _plan(model, ratio=0.2, engines=[engine])  # uniform runs under qwen2's own architecture
+    plan = _plan(model, ratio=0.2, engines=[engine])  # uniform runs under the family's own architecture
     assert plan.uniform
 
 
@@ -113,12 +114,12 @@ def _recipe(source: str = "tiny-random-llama", **prune):
 
 
 @pytest.mark.parametrize("source,prune,expected", [
-    ("tiny-random-qwen2", {"allocation": "global", "engines": ["llama.cpp"]},
-     "stages.prune.engines: llama.cpp — allocation: global gives the 'qwen2' layers different widths"),
+    ("tiny-random-qwen3", {"allocation": "global", "engines": ["llama.cpp"]},
+     "stages.prune.engines: llama.cpp — allocation: global gives the 'qwen3' layers different widths"),
     ("tiny-random-gemma2", {"layers": [1, 3], "engines": ["vllm"]}, "use allocation: uniform without `layers`"),
     ("tiny-random-llama", {"layers": [1, 5], "engines": ["vllm"]},
      "engines: vllm — attention: kv_group with layers: [1, 5] removes query heads in those layers only"),
-], ids=["llama.cpp qwen2 global", "vllm gemma2 layers", "vllm llama layers"])
+], ids=["llama.cpp qwen3 global", "vllm gemma2 layers", "vllm llama layers"])
 def test_engine_refusals_at_dry_run(source, prune, expected):
     from prunelab.preflight import preflight
 
@@ -131,7 +132,8 @@ def test_engine_refusals_at_dry_run(source, prune, expected):
     ("tiny-random-llama", {"allocation": "global", "engines": ["vllm", "llama.cpp"]}),  # constrained, not refused
     ("tiny-random-llama", {"layers": [1, 5], "attention": "none", "engines": ["vllm"]}),
     ("tiny-random-qwen2", {"engines": ["llama.cpp", "vllm"]}),
-], ids=["llama global", "vllm mlp-only layers", "qwen2 uniform"])
+    ("tiny-random-qwen2", {"allocation": "global", "engines": ["llama.cpp"]}),  # deci, q/k/v biases included
+], ids=["llama global", "vllm mlp-only layers", "qwen2 uniform", "llama.cpp qwen2 global"])
 def test_engine_settings_that_run_pass_dry_run(source, prune):
     from prunelab.preflight import preflight
 

@@ -19,7 +19,7 @@ from prunelab.stages.arch.facts import FamilyFacts
 # untied embeddings in the tiny model; its q/k/v biases are randomised (stages.io.tiny)
 register_family(FamilyFacts(model_types=("qwen2",), adapter=f"{__name__}:Qwen2Adapter", sublayers=True,
                             no_output_bias=("o", "down"), qkv_bias=True, engines={"llama.cpp": "qwen2"},
-                            tiny={"tie": False}))
+                            per_layer_engines=("llama.cpp",), tiny={"tie": False}))  # deci loads q/k/v biases
 # head_dim ≠ hidden / heads in the tiny model
 register_family(FamilyFacts(model_types=("qwen3",), adapter=f"{__name__}:Qwen3Adapter", sublayers=True,
                             no_output_bias=("down",), qk_norm="head", engines={"llama.cpp": "qwen3"},

@@ -36,14 +36,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prunelab.stages.arch import families
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
-# HF families whose per-layer widths go as deci (llama's tensors and rope; qwen2's q/k/v biases deci loads too)
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-NATIVE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def native_arch() -> dict[str, str]:
+    """model_type → its own llama.cpp architecture, from the families' registered facts (``engines["llama.cpp"]``)."""
+    return {t: f.engines["llama.cpp"] for f in families() if "llama.cpp" in f.engines for t in f.model_types}
+
+
+def deci_families() -> tuple[str, ...]:
+    """model_types whose per-layer widths / removed sublayers llama.cpp runs as ``deci`` (facts'
+    ``per_layer_engines``: llama's tensors and rope; qwen2's q/k/v biases deci loads too)."""
+    return tuple(t for f in families() if "llama.cpp" in f.per_layer_engines for t in f.model_types)
+
+
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")  # write_gguf's embedding_dtype applies to these
 # token_embd / output type when write_gguf is not told (module docstring, "q8_0"); other dtypes: the same as dtype
 EMBEDDING_DEFAULT = {"q8_0": "f16"}
@@ -117,17 +129,17 @@ def gguf_arch(model: nn.Module) -> str:
     if refusal:
         raise GGUFExportError(refusal)
     widths = layer_widths(model)
-    return NATIVE[model.config.model_type] if len(set(widths)) == 1 and 0 not in widths[0] else "deci"
+    return native_arch()[model.config.model_type] if len(set(widths)) == 1 and 0 not in widths[0] else "deci"
 
 
 def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int | None = None,
                      rope_type: str = "default", output_bias: bool = False) -> str | None:
     """Why llama.cpp cannot run this structure as written here, with the nearest setting that works; None = it can.
     Used on a loaded model (``gguf_refusal``) and at ``--dry-run`` from the recipe alone (``recipe_gguf_refusal``)."""
-    if model_type not in NATIVE:
+    if model_type not in native_arch():
         return (f"export.formats gguf: llama.cpp export of the {model_type!r} family is not written or verified here; "
                 f"use {NOT_MAPPED_HINT}")
-    if heterogeneous and model_type not in LLAMA_LIKE:
+    if heterogeneous and model_type not in deci_families():
         return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, a "
                 f"Llama-layout architecture, and {model_type} layers have what deci does not load (per-head q/k "
                 f"norms); nearest setting that works: prune allocation: uniform (one width for every layer), or "
@@ -148,11 +160,11 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
 def gguf_refusal(model: nn.Module) -> str | None:
     """``gguf_refusal_for`` on a loaded model (biases read from its modules)."""
     cfg = model.config
-    widths = layer_widths(model) if cfg.model_type in NATIVE else []
+    widths = layer_widths(model) if cfg.model_type in native_arch() else []
     hetero = len(set(widths)) > 1 or any(0 in w for w in widths)
     out_bias = any(getattr(_linear(layer.self_attn, "o_proj"), "bias", None) is not None
                    or getattr(_linear(layer.mlp, "down_proj"), "bias", None) is not None
-                   for layer in _layers(model)) if cfg.model_type in NATIVE else False
+                   for layer in _layers(model)) if cfg.model_type in native_arch() else False
     return gguf_refusal_for(cfg.model_type, hetero, getattr(cfg, "sliding_window", None),
                             _rope(cfg)[1], out_bias)
 

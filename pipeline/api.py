@@ -71,7 +71,7 @@ def load_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str]
 
             path.write_text(yaml.safe_dump(OmegaConf.to_container(OmegaConf.create(dict(recipe))), sort_keys=False))
             return validate(load_raw(path, dots))
-    with _recipe_file(str(recipe)) as path:
+    with recipe_file(str(recipe)) as path:
         try:
             return load_file(path, dots)
         except FileNotFoundError:
@@ -79,7 +79,7 @@ def load_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str]
 
 
 @contextlib.contextmanager
-def _recipe_file(recipe: str) -> Iterator[Path]:
+def recipe_file(recipe: str) -> Iterator[Path]:
     """A path to read the recipe from: the file itself, or a shipped recipe (by name) written to a temporary file
     with its data paths made absolute where the working directory does not hold them."""
     if Path(recipe).is_file():

@@ -47,7 +47,7 @@ def _recipe_position(argv: list[str], takes_value: tuple[str, ...]) -> int | Non
 
 def _delegate(main: Callable[[list[str]], int], argv: list[str], takes_value: tuple[str, ...] = ()) -> int:
     """Call ``main(argv)`` with a shipped recipe's name replaced by a file that holds it."""
-    from prunelab.api import _recipe_file
+    from prunelab.api import recipe_file
     from prunelab.recipe import RecipeError
 
     pos = _recipe_position(argv, takes_value)
@@ -55,7 +55,7 @@ def _delegate(main: Callable[[list[str]], int], argv: list[str], takes_value: tu
     if pos is None or Path(arg).is_file() or (Path(arg).suffix in (".yaml", ".yml") and not _is_shipped(arg)):
         return main(argv)  # no recipe (argparse says so), a file, or a missing .yaml file (main reports it)
     try:
-        with _recipe_file(argv[pos]) as path:
+        with recipe_file(argv[pos]) as path:
             return main([*argv[:pos], str(path), *argv[pos + 1:]])
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)

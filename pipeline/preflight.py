@@ -211,7 +211,7 @@ def _output_problems(recipe: RecipeBase) -> list[str]:
 def _weights_problems(src: Any, revision: str | None) -> list[str]:
     """A local (or hub-cached) model folder's weights opened by their headers and matched to its config.json."""
     from prunelab.stages.io.content import weights_problems
-    from prunelab.stages.io.sources import _read_config
+    from prunelab.stages.io.sources import read_config
 
     if src.kind == "local":
         folder = Path(src.path)
@@ -224,7 +224,7 @@ def _weights_problems(src: Any, revision: str | None) -> list[str]:
     else:
         return []
     try:
-        return weights_problems(folder, _read_config(folder / "config.json"))
+        return weights_problems(folder, read_config(folder / "config.json"))
     except OSError as exc:
         return [f"model.source: cannot read the weights in {folder} ({exc}); fix the files or their permissions"]
 
@@ -247,11 +247,11 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
             go_offline()  # cached, hub unreachable: read the cache now, not after a minute of retries
         if src.gguf_file is None:
             from prunelab.stages.io.content import weights_problems
-            from prunelab.stages.io.sources import _read_config
+            from prunelab.stages.io.sources import read_config
 
             folder = Path(found).parent
             if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
-                return weights_problems(folder, _read_config(Path(found)))
+                return weights_problems(folder, read_config(Path(found)))
             return [f"model.source: the hub model {src.path!r} is only partly in the local cache (no weights); fetch "
                     f"it with `hf download {src.path}` (`huggingface-cli download` before huggingface_hub 1.0), or give a local folder path"]
         return []

@@ -105,7 +105,7 @@ def set_dotted(recipe: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]
     return merge(recipe, nested)
 
 
-def _recipe_dict(entry: str | dict[str, Any]) -> dict[str, Any]:
+def recipe_dict(entry: str | dict[str, Any]) -> dict[str, Any]:
     """A base recipe: a YAML path (read with the recipe loader: includes, interpolation) or a mapping."""
     if isinstance(entry, dict):
         return copy.deepcopy(entry)
@@ -138,7 +138,7 @@ def compile_rows(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw["rows"], dict) or not raw["rows"]:
         raise BenchError("rows: write a mapping of row name → {dotted.key: value} overrides, e.g. {flap-10: "
                          "{stages.prune.ratio: 0.1}}")
-    base = with_evaluation(_recipe_dict(raw["base"]), raw.get("evaluate"))
+    base = with_evaluation(recipe_dict(raw["base"]), raw.get("evaluate"))
     rows = []
     for name, over in raw["rows"].items():
         over = dict(over or {})

@@ -45,9 +45,9 @@ class Method(StrictModel):
     prune: dict[str, Any] = Field(default_factory=dict)
 
     def load(self) -> dict[str, Any]:
-        from prunelab.benchmarks.spec import _recipe_dict
+        from prunelab.benchmarks.spec import recipe_dict
 
-        base = _recipe_dict(self.recipe)
+        base = recipe_dict(self.recipe)
         for key, cfg in base["stages"].items():
             if cfg["type"] == "prune" and self.prune:
                 base["stages"][key] = merge(cfg, self.prune)
@@ -198,13 +198,13 @@ def compile_select_draw(recipe_path: str, seeds: list[int], holdout: str = HOLDO
     A one-shot criterion fed a few hundred calibration tokens (LLM-Pruner's 10 × 64) gives a plan that depends on
     the draw: on SmolLM2 the official configuration spans 93.8–104.1 WikiText-2 test perplexity over three draws
     (docs/llm-pruner-parity.md). The held-out text may share a few lines with the calibration windows."""
-    from prunelab.benchmarks.spec import _recipe_dict
+    from prunelab.benchmarks.spec import recipe_dict
 
     if "test" in Path(holdout).name:
         raise BenchError(f"--holdout {holdout!r} looks like a test split: select on validation text")
     if not Path(holdout).is_file():
         raise BenchError(f"--holdout: file {holdout!r} not found")
-    base = _recipe_dict(recipe_path)
+    base = recipe_dict(recipe_path)
     stages = base["stages"]
     if not any(c["type"] == "calibrate" for c in stages.values()):
         raise BenchError("the recipe has no calibrate stage: there is no calibration draw to choose")

@@ -276,7 +276,7 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
     """What ``--dry-run`` prints about the download and the memory. ``probe``: ask the hub (one connect check, then
     the file list) for a hub id not in the cache; otherwise say it is offline and what the cache holds."""
     from prunelab.stages.io.hub import network_state
-    from prunelab.stages.io.sources import _read_config, alias_dirs, classify, model_shape
+    from prunelab.stages.io.sources import alias_dirs, classify, model_shape, read_config
 
     try:
         src = classify(recipe.model.source, recipe.model.gguf_file)
@@ -291,7 +291,7 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
     elif src.kind in ("local", "gguf"):
         download = local_download(Path(src.path), src.gguf_file, "local")
         if (Path(src.path) / "config.json").is_file():
-            cfg = _read_config(Path(src.path) / "config.json")
+            cfg = read_config(Path(src.path) / "config.json")
     elif src.kind == "alias":
         gguf_dir, hf_dir = alias_dirs(src.path)
         download = local_download(hf_dir, None, "alias") or local_download(gguf_dir, None, "alias")
@@ -304,7 +304,7 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
         if isinstance(cached, str):
             download = local_download(Path(cached).parent, src.gguf_file, "cache")
             if src.gguf_file is None:
-                cfg = _read_config(Path(cached))
+                cfg = read_config(Path(cached))
         if download is None:
             online, why = network_state(probe)
             if online:

@@ -214,16 +214,16 @@ def model_shape(src: ResolvedSource, revision: str | None = None) -> ModelShape 
     if src.kind == "alias":  # its converted config, else the fetched GGUF's header, else the record above
         gguf_dir, hf_dir = alias_dirs(src.path)
         if (hf_dir / "config.json").is_file():
-            return shape_from_config(_read_config(hf_dir / "config.json"))
+            return shape_from_config(read_config(hf_dir / "config.json"))
         gguf = gguf_dir / Path(ALIASES[src.path].member).name
         return shape_from_gguf(gguf) if gguf.is_file() else ALIASES[src.path].shape
     if src.kind == "local":
-        return shape_from_config(_read_config(Path(src.path) / "config.json"))
+        return shape_from_config(read_config(Path(src.path) / "config.json"))
     if src.kind == "gguf":
         return shape_from_gguf(Path(src.path) / str(src.gguf_file))
     if src.kind == "hub" and src.gguf_file is None:
         cached = _hub_cached_config(src.path, revision)
-        return shape_from_config(_read_config(cached)) if cached is not None else None
+        return shape_from_config(read_config(cached)) if cached is not None else None
     return None
 
 
@@ -231,11 +231,13 @@ def model_type_of(src: ResolvedSource) -> str | None:
     """A local model folder's ``model_type`` from its config.json alone."""
     if src.kind != "local":
         return None
-    value = _read_config(Path(src.path) / "config.json").get("model_type")
+    value = read_config(Path(src.path) / "config.json").get("model_type")
     return value if isinstance(value, str) else None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict, or a ValueError naming the file and what is wrong with it (shared by
+    preflight and the footprint estimate, which read configs without loading a model)."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         problem = "is not a JSON object"

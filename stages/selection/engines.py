@@ -30,6 +30,7 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 from prunelab.stages.arch import families
+from prunelab.stages.selection.width import lowest
 
 if TYPE_CHECKING:
     from prunelab.stages.arch.base import LayerGeometry
@@ -92,10 +93,6 @@ def needs_uniform_attention(settings: Any, varies: bool) -> bool:
     return "vllm" in (getattr(settings, "engines", None) or ()) and settings.attention != "none" and varies
 
 
-def _lowest(scores: list[float], k: int) -> list[int]:
-    return sorted(sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k])
-
-
 def uniform_attention(chosen: dict[int, dict[str, list[int]]], scores: list[dict[str, list[float]]],
                       geos: list[LayerGeometry], layers: list[int], attention: str,
                       count: int | None = None) -> dict[int, dict[str, list[int]]]:
@@ -114,12 +111,12 @@ def uniform_attention(chosen: dict[int, dict[str, list[int]]], scores: list[dict
         qg = g.q_per_group
         if attention == "kv_group":
             k_i = min(k, g.n_kv - 1)  # the mean of counts < n_kv is < n_kv: only differing geometries clip
-            rem["kv_heads"] = _lowest(scores[i]["kv_groups"], k_i)
+            rem["kv_heads"] = lowest(scores[i]["kv_groups"], k_i)
             rem["q_heads"] = [kv * qg + j for kv in rem["kv_heads"] for j in range(qg)]
         else:
             p = min(k, qg - 1)
             for kv in range(g.n_kv):
-                rem["q_heads"] += [kv * qg + j for j in _lowest(scores[i]["q_heads"][kv * qg : (kv + 1) * qg], p)]
+                rem["q_heads"] += [kv * qg + j for j in lowest(scores[i]["q_heads"][kv * qg : (kv + 1) * qg], p)]
         out[i] = rem
     return out
 

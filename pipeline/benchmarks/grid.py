@@ -231,15 +231,6 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, name: str, table: str) -> None:
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {start} … {end} markers to replace")
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{table}{end}", text))
-
-
 
 
 # ----------------------------------------------------------------------------- short form → rows

@@ -30,7 +30,7 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 from prunelab.stages.arch import families
-from prunelab.stages.selection.width import lowest
+from prunelab.stages.selection.targets import lowest  # torch-free: engines is read at --dry-run
 
 if TYPE_CHECKING:
     from prunelab.stages.arch.base import LayerGeometry

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from prunelab.stages.calibration.width import LayerGeometry
-from prunelab.stages.selection.targets import round_count
-from prunelab.stages.selection.width import WidthTargetError, lowest
+from prunelab.stages.selection.targets import lowest, round_count
+from prunelab.stages.selection.width import WidthTargetError
 
 
 def select_experts(

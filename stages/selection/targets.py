@@ -30,3 +30,8 @@ def blocks_for_ratio(ratio: float, total_params: int, block_params: float, rule:
 def hidden_channels_to_remove(d: int, heads: int, want: float) -> int:
     """The channel count nearest ``want`` that keeps the width a multiple of ``heads`` (LlamaConfig refuses others)."""
     return min((c for c in range(d + 1) if (d - c) % heads == 0), key=lambda c: (abs(c - want), c))
+
+
+def lowest(scores: list[float], k: int) -> list[int]:
+    """The indices of the ``k`` lowest scores (ties: the lower index), in ascending index order."""
+    return sorted(sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k])

@@ -18,16 +18,11 @@ import math
 from typing import Any
 
 from prunelab.stages.calibration.width import LayerGeometry
-from prunelab.stages.selection.targets import round_count
+from prunelab.stages.selection.targets import lowest, round_count
 
 
 class WidthTargetError(ValueError):
     """A target that cannot be met without breaking a layer (no heads left, KV groups split, ...)."""
-
-
-def lowest(scores: list[float], k: int) -> list[int]:
-    """The indices of the ``k`` lowest scores (ties: the lower index), in ascending index order."""
-    return sorted(sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k])
 
 
 def _llm_pruner_count(r: float, units: int, width: int = 1) -> int:

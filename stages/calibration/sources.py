@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, SerializationInfo, Tag, ValidationError, WithJsonSchema
+from pydantic import (BaseModel, Field, PlainSerializer, PlainValidator, SerializationInfo, Tag, ValidationError,
+                      WithJsonSchema)
 
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.core.registry import Registry
@@ -127,7 +128,8 @@ def _field(in_mix: bool) -> Any:
     registered so far tagged by name, only tells error messages which fields a source has."""
     members = tuple(Annotated[SOURCES.get(n).config, Tag(n)] for n in SOURCES if not in_mix or SOURCES.get(n).in_mix)
     return Annotated[Union[members], PlainValidator(lambda v: _validated(v, in_mix)),  # noqa: UP007
-                     PlainSerializer(_dumped), WithJsonSchema({"type": "object", "description": "a registered calibration source"})]
+                     PlainSerializer(_dumped),
+                     WithJsonSchema({"type": "object", "description": "a registered calibration source"})]
 
 
 def _dumped(value: Any, info: SerializationInfo) -> Any:

@@ -118,3 +118,16 @@ def test_installed_wheel_runs_outside_the_checkout(installed):
     leaked = _run([sys.executable, "-c", "import sys, prunelab.cli; prunelab.cli.main(['validate', 'r.yaml']); "
                    f"print([m for m in {CHECKOUT_PACKAGES!r} if m in sys.modules])"], cwd, env).stdout.splitlines()[-1]
     assert leaked == "[]"
+
+
+def test_pyproject_lists_every_package_folder():
+    """The wheel's package list is explicit (pyproject maps folders to ``prunelab.*``): a new room under stages/ or a
+    subpackage of pipeline/ left out of it would install a wheel that fails on import — caught here in a second."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"prunelab", "prunelab.stages"}
+    for folder, prefix in (("pipeline", "prunelab"), ("stages", "prunelab.stages")):
+        found |= {f"{prefix}.{p.parent.relative_to(ROOT / folder).as_posix().replace('/', '.')}"
+                  for p in (ROOT / folder).rglob("__init__.py") if p.parent != ROOT / folder}
+    assert found <= listed, f"add to pyproject's [tool.setuptools] packages: {sorted(found - listed)}"

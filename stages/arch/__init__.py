@@ -60,6 +60,13 @@ def families() -> list[FamilyFacts]:
     return list({id(f): f for f in (ARCHS.get(t) for t in ARCHS)}.values())
 
 
+def per_layer_families(engine: str) -> tuple[str, ...]:
+    """The model_types whose per-layer widths and removed sublayers ``engine`` runs (llama.cpp as `deci`, vLLM as
+    DeciLM: the Llama layout), from each family's ``FamilyFacts.per_layer_engines``. Torch-free; selection (what may
+    vary per layer) and the GGUF writer (what it writes as deci) ask the same question here."""
+    return tuple(t for f in families() for t in f.model_types if engine in f.per_layer_engines)
+
+
 def _table(name: str) -> Any:
     """The tables older callers import by name, derived from the registered facts on every read (a family a test
     registers at run time is in them)."""

@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# Families whose decoder layer is vLLM's DeciLM layer (q/k/v/o, gate/up/down, two RMSNorms, RoPE, no multipliers);
-# stages.selection.engines.per_layer_families (from the families' facts) says the same for selection.
-DECILM_FAMILIES: tuple[str, ...] = ("llama", "mistral")
+from prunelab.stages.arch import per_layer_families
+
 # vLLM 0.32 model classes for the families prunelab prunes (vllm/model_executor/models/registry.py): a uniform
 # model of these runs under its own architecture.
 VLLM_ARCHITECTURES: dict[str, str] = {
@@ -127,10 +126,11 @@ def vllm_refusal(model: nn.Module) -> str | None:
         return None
     shapes = _layer_structure(model)
     what = ("removed sublayers" if any(not v for s in shapes for v in s.values()) else "per-layer widths")
-    if family not in DECILM_FAMILIES:
+    decilm = per_layer_families("vllm")  # families whose layer is DeciLM's (q/k/v/o, gate/up/down, RMSNorm, RoPE)
+    if family not in decilm:
         return (f"vllm: {what} of a {family!r} model — vLLM runs {family!r} only as {VLLM_ARCHITECTURES[family]}, "
                 f"which reads one head count and one MLP width for all layers (per-layer structures run only for "
-                f"{', '.join(DECILM_FAMILIES)}, as DeciLM); nearest setting that runs: allocation: uniform without "
+                f"{', '.join(decilm)}, as DeciLM); nearest setting that runs: allocation: uniform without "
                 "`layers` and no sublayer removal")
     if family == "mistral" and getattr(cfg, "sliding_window", None) is not None:
         return (f"vllm: {what} of a mistral model with sliding_window {cfg.sliding_window} — vLLM's DeciLM attention "

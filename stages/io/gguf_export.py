@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prunelab.stages.arch import families
+from prunelab.stages.arch import families, per_layer_families
 
 if TYPE_CHECKING:
     import torch
@@ -48,12 +48,6 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 def native_arch() -> dict[str, str]:
     """model_type → its own llama.cpp architecture, from the families' registered facts (``engines["llama.cpp"]``)."""
     return {t: f.engines["llama.cpp"] for f in families() if "llama.cpp" in f.engines for t in f.model_types}
-
-
-def deci_families() -> tuple[str, ...]:
-    """model_types whose per-layer widths / removed sublayers llama.cpp runs as ``deci`` (facts'
-    ``per_layer_engines``: llama's tensors and rope; qwen2's q/k/v biases deci loads too)."""
-    return tuple(t for f in families() if "llama.cpp" in f.per_layer_engines for t in f.model_types)
 
 
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")  # write_gguf's embedding_dtype applies to these
@@ -139,7 +133,7 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
     if model_type not in native_arch():
         return (f"export.formats gguf: llama.cpp export of the {model_type!r} family is not written or verified here; "
                 f"use {NOT_MAPPED_HINT}")
-    if heterogeneous and model_type not in deci_families():
+    if heterogeneous and model_type not in per_layer_families("llama.cpp"):
         return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, a "
                 f"Llama-layout architecture, and {model_type} layers have what deci does not load (per-head q/k "
                 f"norms); nearest setting that works: prune allocation: uniform (one width for every layer), or "

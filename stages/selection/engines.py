@@ -6,7 +6,7 @@ engines run instead of exporting one they refuse:
 - ``transformers``: everything the prunelab loader runs (per-layer heads, KV groups, MLP widths) — no constraint.
 - ``llama.cpp``: the ``deci`` architecture reads ``head_count``, ``head_count_kv`` and ``feed_forward_length``
   per layer (``src/llama-model.cpp``, ``get_key_or_arr``), so Llama-layout families (:func:`per_layer_families`)
-  may vary everything per layer. Other families keep their own llama.cpp architecture (qwen2, gemma2, phi3, ...),
+  may vary everything per layer. Other families keep their own llama.cpp architecture (qwen3, gemma2, phi3, ...),
   which reads one global value: a plan whose layers differ is **refused** (not silently made uniform, which would
   be another allocation than the one asked for), naming ``allocation: uniform`` as the nearest setting that runs.
 - ``vllm``: ``DeciLMForCausalLM`` (``nemotron_nas.py``) has one global ``num_attention_heads``; a layer's KV heads
@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from prunelab.stages.arch import families
+from prunelab.stages.arch import per_layer_families
 from prunelab.stages.selection.targets import lowest  # torch-free: engines is read at --dry-run
 
 if TYPE_CHECKING:
@@ -38,14 +38,6 @@ if TYPE_CHECKING:
 Engine = Literal["transformers", "llama.cpp", "vllm"]
 ENGINES: tuple[str, ...] = ("transformers", "llama.cpp", "vllm")
 UNIFORM_ONLY_ENGINES: tuple[str, ...] = ("llama.cpp", "vllm")
-
-
-def per_layer_families(engine: str) -> tuple[str, ...]:
-    """The model_types whose per-layer widths ``engine`` runs, exported as llama.cpp `deci` / vLLM DeciLM (Llama
-    layout: q/k/v/o, gate/up/down, RMSNorm, RoPE, no multipliers): each family's ``FamilyFacts.per_layer_engines``.
-    Granite's multipliers, Qwen2's q/k/v biases, Gemma's norms, Phi-3's fused projections and OLMo 2's q/k norms have
-    no place in those layouts."""
-    return tuple(t for f in families() for t in f.model_types if engine in f.per_layer_engines)
 
 
 def _nonuniform_sources(settings: Any) -> list[str]:

@@ -6,15 +6,17 @@ of the same model gives the same weights, which is what makes a run resumable an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import nn
 
+from prunelab.stages.arch import adapter_for, compensation_refusal, layer_adapter
 from prunelab.stages.arch.base import ArchAdapter
+from prunelab.stages.surgery.experts import prune_layer_experts
+from prunelab.stages.surgery.merge import rdsc_merge
 from prunelab.stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, SublayerPlan, WidthPlan, load_plan
-
-if TYPE_CHECKING:
-    import torch
+from prunelab.stages.surgery.sublayers import remove_sublayers
 
 __all__ = ["PlanError", "apply_plan", "merge_blocks", "prune_hidden", "prune_layer_width", "remove_blocks"]
 
@@ -31,8 +33,6 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
         return model
     _check_shapes(model, plan.shapes_before)
     if isinstance(plan, SublayerPlan):
-        from prunelab.stages.surgery.sublayers import remove_sublayers
-
         remove_sublayers(model, plan.removed_attention, plan.removed_mlp)
         set_width_config(model, [sh.model_dump(exclude_none=True) for sh in plan.shapes_after])
         return model
@@ -49,8 +49,6 @@ def apply_plan(model: nn.Module, plan: DepthPlan | WidthPlan | HiddenPlan | dict
 
 
 def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
-    from prunelab.stages.arch import adapter_for
-
     if before is not None:
         now = adapter_for(model).geometries()
         got = [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate,
@@ -61,8 +59,6 @@ def _check_shapes(model: nn.Module, before: list[Any] | None) -> None:
 
 
 def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None:
-    from prunelab.stages.arch import adapter_for
-
     ad = adapter_for(model)
     if ad.UNIFORM_WIDTHS_ONLY and any(s != plan.shapes_after[0] for s in plan.shapes_after):
         raise PlanError(f"{ad.family} reads its head counts (and expert count and width) from the shared config, so "
@@ -70,8 +66,6 @@ def apply_width(model: nn.Module, plan: WidthPlan, side: dict[str, Any]) -> None
     for key, removed in plan.layers.items():
         prune_layer_width(ad.layers[int(key)], removed.model_dump(), type(ad))
         if removed.experts or removed.expert_channels:
-            from prunelab.stages.surgery.experts import prune_layer_experts
-
             prune_layer_experts(ad.layers[int(key)], removed.experts, removed.expert_channels, type(ad))
     weights = {k: v for k, v in side.items() if k.endswith(".weight")}
     biases = {k: v for k, v in side.items() if k.endswith(".bias")}
@@ -95,9 +89,6 @@ def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers: int | None = None) -> None:
     """LaCo's RDSC merges, in plan order, before the absorbed blocks are removed (indices are the original ones)."""
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.surgery.merge import rdsc_merge
-
     layers = adapter_for(model).layers
     if expected_layers is not None and len(layers) != expected_layers:
         raise PlanError(f"plan was made for a model with {expected_layers} blocks, this one has {len(layers)} (already pruned?)")
@@ -109,8 +100,6 @@ def merge_blocks(model: nn.Module, merges: list[dict[str, Any]], expected_layers
 
 def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | None = None) -> None:
     """Physically drop decoder blocks; renumber ``layer_idx`` so the KV cache indexes stay dense."""
-    from prunelab.stages.arch import adapter_for
-
     ad = adapter_for(model)
     layers = ad.layers
     n = len(layers)
@@ -133,8 +122,6 @@ def remove_blocks(model: nn.Module, removed: list[int], expected_layers: int | N
 # ----------------------------------------------------------------------------- width
 def _slice_linear(lin: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> nn.Linear:
     """A new Linear holding the kept output rows / input columns (bias follows the rows)."""
-    import torch
-
     w = lin.weight.data
     if rows is not None:
         w = w[torch.tensor(rows, dtype=torch.long, device=w.device)]
@@ -162,8 +149,6 @@ def _slice_projection_norm(layer: nn.Module, path: str, gone: set[int], arch: ty
     which turns the ε it adds into ε·D/D' (the norm is scale-invariant but for ε):
     w·sqrt(D/D')·αx·rsqrt(α²S/D' + ε) = w·x·rsqrt(S/D + ε) with α² = D'/D — exact, and ε itself (the config's one
     ``rms_norm_eps``, shared by every norm) stays as it is, so a vanilla reload gives the same model."""
-    import torch
-
     norm = layer.get_submodule(path)
     size = norm.weight.shape[0]
     keep = torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long, device=norm.weight.device)
@@ -182,8 +167,6 @@ def prune_layer_width(layer: nn.Module, removed: dict[str, list[int]], arch: typ
     """Physically remove query heads, KV heads and MLP channels of one decoder layer (the members of each unit
     come from the family's adapter ``arch``; the default is the Llama layout)."""
     if arch is None:
-        from prunelab.stages.arch import layer_adapter
-
         arch = layer_adapter(layer)
     geo = arch.geometry(layer)
     n_q, n_kv = geo.n_q, geo.n_kv
@@ -232,10 +215,6 @@ def prune_hidden(model: nn.Module, removed: list[int], norm_rescale: bool = True
     RMSNorm over d' channels equal to RMSNorm over d channels with k zeros — removal then equals masking exactly:
     x·w·rsqrt(S/d + ε) = x·w·sqrt(d/d')·rsqrt(S/d' + ε·d/d'),  S = Σ x².
     """
-    import torch
-
-    from prunelab.stages.arch import adapter_for
-
     ad = adapter_for(model)
     cfg = model.config
     d = cfg.hidden_size
@@ -297,10 +276,6 @@ def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
     zero except where compensation put a value. A family whose output projections cannot hold a bias
     (the adapter's ``bias_flags``) is refused: a vanilla reload would drop it.
     """
-    import torch
-
-    from prunelab.stages.arch import adapter_for, compensation_refusal
-
     ad = adapter_for(model)
     cfg = model.config
     flags = ad.bias_flags()
@@ -328,8 +303,6 @@ def add_output_biases(model: nn.Module, side: dict[str, torch.Tensor]) -> None:
 
 def set_width_config(model: nn.Module, shapes: list[dict[str, int]]) -> None:
     """Uniform widths → a vanilla config; otherwise keep per-layer shapes for the prunelab loader."""
-    from prunelab.stages.arch import adapter_for
-
     ad = adapter_for(model)
     cfg = model.config
     cfg.head_dim = ad.attention(ad.layers[0]).head_dim  # explicit: heads × head_dim ≠ hidden now

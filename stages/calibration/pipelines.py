@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
@@ -31,22 +31,52 @@ class SequentialPipeline(StrictModel):
     """One block resident at a time; the hidden states at the block boundary kept between blocks."""
 
     type: Literal["sequential"] = "sequential"
-    propagate: Literal["dense"] = Field(
-        "dense", description="what block i+1 sees: dense = the dense block i's outputs (the same statistics as full)")
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"target": "dense"}  # added later: left out of dumps at its default
+    propagate: Literal["dense", "pruned"] = Field(
+        "dense", description="what block i+1 sees: dense = the dense block i's outputs (the same statistics as full); "
+        "pruned = the scores still come from the dense pass, then the prune stage applies the plan block by block and "
+        "re-fits compensation on the outputs of the already-pruned blocks (width plans with bias/optimal compensation)")
+    target: Literal["dense", "self"] = Field(
+        "dense", description="propagate: pruned only — what the re-fitted layer matches on the pruned-path inputs: dense "
+        "= the dense layer's output on the dense inputs (corrects the error carried in, needs the cross term X'ᵀX); "
+        "self = its own dense weights on the pruned-path inputs (repairs only this block's removal)")
     memory_budget_gb: float = Field(
         4.0, ge=0, description="boundary states held in memory up to this size; past it they are memory-mapped "
         "files in offload_dir")
     offload_dir: PathStr | None = Field(
         None, description="folder for boundary states past memory_budget_gb (none: a temporary folder, removed after)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _pruned(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("propagate") == "pruned":
-            raise ValueError("propagate: pruned feeds block i+1 the pruned block i's outputs, which needs the plan "
-                             "applied block by block during calibration (issue 28 item 3) — not built yet; use "
-                             "propagate: dense")
-        return data
+    @model_validator(mode="after")
+    def _target_needs_pruned(self) -> SequentialPipeline:
+        if self.propagate == "dense" and self.target != "dense":
+            raise ValueError(f"target: {self.target} says what compensation fits on the pruned path; it needs "
+                             "propagate: pruned (or remove target)")
+        return self
+
+
+# Why pruned propagation cannot serve a prune stage, by its units (None: it can, given a compensation to re-fit).
+_NOT_PROPAGATED = {
+    "blocks": "block removal fits nothing to the calibration inputs after the plan, so the result would equal "
+              "propagate: dense",
+    "sublayers": "sublayer removal fits nothing to the calibration inputs after the plan, so the result would equal "
+                 "propagate: dense",
+    "hidden": "hidden channels are cut from every block at once (embedding, norms, every projection), which a "
+              "block-by-block walk cannot apply; not built",
+}
+
+
+def propagation_refusal(pipeline: Any, prune: Any) -> str | None:
+    """Why ``pipeline`` (propagate: pruned) cannot serve the prune stage ``prune``, or None (torch-free: --dry-run)."""
+    if getattr(pipeline, "propagate", "dense") != "pruned":
+        return None
+    why = _NOT_PROPAGATED.get(prune.units)
+    if why is None and prune.units != "width":
+        why = f"units: {prune.units} is not a width plan"
+    comp = getattr(getattr(prune, "compensation", None), "type", "none")
+    if why is None and comp not in ("bias", "optimal"):
+        why = (f"compensation: {comp} re-fits nothing on the propagated inputs, so the result would equal propagate: "
+               "dense; set compensation: optimal or bias")
+    return None if why is None else f"propagate: pruned — {why}; or use propagate: dense"
 
 
 @dataclass(frozen=True)

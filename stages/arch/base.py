@@ -153,6 +153,8 @@ class ArchAdapter:
     # input is the residual stream between the attention and the MLP sublayer
     SUBLAYER_REMOVAL: ClassVar[bool] = False
     SUBLAYER_NORMS: ClassVar[dict[str, str]] = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
+    # sandwich-norm families (GLM-4): the norm after each sublayer (of its output only), which goes with it too
+    POST_NORMS: ClassVar[dict[str, str]] = {}
     MID_RESIDUAL: ClassVar[str] = "post_attention_layernorm"
 
     def __init__(self, model: nn.Module) -> None:
@@ -366,7 +368,14 @@ class ArchAdapter:
         else:
             hidden = cls.linear(layer, "down").out_features if cls.has_sublayer(layer, "mlp") else cls.mlp(layer).hidden_size
             _replace(layer, cls.MLP, NoMLP(hidden))
-        _replace(layer, cls.SUBLAYER_NORMS[which], nn.Identity())
+        for norm in cls.sublayer_norms(which):
+            _replace(layer, norm, nn.Identity())
+
+    @classmethod
+    def sublayer_norms(cls, which: str) -> tuple[str, ...]:
+        """The norms that serve only the ``attention`` / ``mlp`` sublayer (the one before it, and the one after it
+        where the family has one): removed with it, so they count in its parameters (selection.sublayers)."""
+        return (cls.SUBLAYER_NORMS[which], *((cls.POST_NORMS[which],) if which in cls.POST_NORMS else ()))
 
     @classmethod
     def layer_norms(cls, layer: nn.Module) -> list[nn.Module]:

@@ -30,6 +30,7 @@ else:  # imported on first use (stages.arch.facts: the facts above are read with
 # The tiny model: head_dim ≠ hidden / heads, half of each head rotary (GLM-4's default), q/k/v biases, untied head.
 register_family(FamilyFacts(model_types=("glm4",), adapter=f"{__name__}:Glm4Adapter", sublayers=True,
                             no_output_bias=("o", "down"), qkv_bias="attention_bias", layer_norms=4,
+                            engines={"llama.cpp": "glm4"},
                             tiny={"head_dim": 24, "partial_rotary_factor": 0.5, "tie": False}))
 
 GATE_UP = "mlp.gate_up_proj"
@@ -48,7 +49,8 @@ class Glm4Adapter(ArchAdapter):
     family = "GLM-4"
     LINEARS: ClassVar[dict[str, str]] = {**ArchAdapter.LINEARS, "gate": GATE_UP, "up": GATE_UP}
     LAYER_NORMS = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")
-    # the norm after each sublayer (its output's), removed with it besides SUBLAYER_NORMS' norm before it
+    # the norm after each sublayer (its output's): removed with it besides SUBLAYER_NORMS' norm before it, and counted
+    # in the parameters its removal saves (ArchAdapter.sublayer_norms)
     POST_NORMS: ClassVar[dict[str, str]] = {"attention": "post_self_attn_layernorm", "mlp": "post_mlp_layernorm"}
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}  # attention_bias adds q/k/v biases only: no output bias to switch on
 
@@ -67,11 +69,6 @@ class Glm4Adapter(ArchAdapter):
         if kind == "mlp_channel":
             return (Member(GATE_UP, "out", _gate_up_rows), Member(cls.LINEARS["down"], "in", _same))
         return super().members(kind)
-
-    @classmethod
-    def remove_sublayer(cls, layer: nn.Module, which: str) -> None:
-        super().remove_sublayer(layer, which)
-        setattr(layer, cls.POST_NORMS[which], nn.Identity())  # a direct child of the layer
 
     @classmethod
     def resize_layer(cls, layer: nn.Module, n_q: int, n_kv: int, inter: int) -> None:

@@ -18,7 +18,7 @@ from prunelab.stages.arch.olmo2 import Olmo2Adapter
 # The tiny model: a sliding window of 12 (< the test sequences) and a rope base of its own on the sliding layers,
 # so a layer given the other kind's mask or rotary changes the logits.
 register_family(FamilyFacts(model_types=("olmo3",), adapter=f"{__name__}:Olmo3Adapter", sublayers=True,
-                            no_output_bias=("down",), qk_norm="projection",
+                            no_output_bias=("down",), qk_norm="projection", engines={"llama.cpp": "olmo2"},
                             tiny={"head_dim": 24, "sliding_window": 12, "rope_parameters": {
                                 "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                 "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}))

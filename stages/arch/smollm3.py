@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # The tiny model: every other layer NoPE (layers 1, 3, …), and those layers on a sliding window of 12 (< the test
 # sequences), so both the rotary and the mask differ from layer to layer.
 register_family(FamilyFacts(model_types=("smollm3",), adapter=f"{__name__}:SmolLM3Adapter", sublayers=True,
+                            engines={"llama.cpp": "smollm3"},
                             tiny={"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 12}))
 
 

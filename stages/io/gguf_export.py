@@ -68,7 +68,26 @@ def ggml_type(dtype: str) -> Any:
 NULL_FFN_WIDTH = 32  # one Q8_0 block: the zero FFN stands in for a removed one under a kept attention
 ZERO_FFN_WORKAROUND = True  # False writes n_ff = 0 as llama.cpp documents it (tests prove llama.cpp then errs)
 # families with structure llama.cpp runs, but whose mapping is not written and verified here: the nearest setting
-NOT_MAPPED_HINT = "export formats [hf] (or [hf, vllm] where vLLM runs it); GGUF export supports llama, mistral, qwen2, qwen3"
+NOT_MAPPED_HINT = "export formats [hf] (or [hf, vllm] where vLLM runs it)"
+
+# What each llama.cpp architecture loads beyond the Llama layout (llama-cpp-python 0.3.36, src/models/<arch>.cpp:
+# load_arch_tensors and the graph; gguf-py tensor_mapping.py for the names). The norms around each sublayer as
+# (transformers child of the decoder layer, GGUF tensor name): OLMo 2/3 norm a sublayer's output only, GLM-4 both sides.
+LLAMA_NORM_TENSORS = {"attention": (("input_layernorm", "attn_norm"),), "mlp": (("post_attention_layernorm", "ffn_norm"),)}
+SUBLAYER_NORM_TENSORS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "olmo2": {"attention": (("post_attention_layernorm", "post_attention_norm"),),
+              "mlp": (("post_feedforward_layernorm", "post_ffw_norm"),)},
+    "glm4": {"attention": (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "post_attention_norm")),
+             "mlp": (("post_attention_layernorm", "ffn_norm"), ("post_mlp_layernorm", "post_ffw_norm"))},
+}
+ROPE_PERMUTE = ("llama", "deci", "smollm3")  # LLAMA_ROPE_TYPE_NORM (pairs) on HF's rotate-halves rows: permuted.
+# glm4 is NORM too, but HF's GLM-4 already rotates interleaved pairs (convert_hf_to_gguf's Glm4Model: no permute);
+# qwen2 / qwen3 / olmo2 are NEOX (halves), as HF.
+QK_NORM_ARCHS = ("qwen3", "olmo2")  # attn_q_norm / attn_k_norm (qwen3 per head; olmo2 over the whole projection)
+FUSED_GATE_UP = ("glm4",)  # ffn_up holds gate's rows then up's ({n_embd, 2·n_ff}, LLM_FFN_SWIGLU), no ffn_gate
+OUTPUT_REQUIRED = ("olmo2",)  # output.weight is not optional: a tied head is written out as its own tensor
+OUTPUT_BIAS_ARCHS = ("llama", "deci")  # the archs whose graphs add bo and ffn_{gate,up,down}_b
+SMOLLM3_NOPE_STEP = 4  # llama.cpp's smollm3 sets n_no_rope_layer_step = 4 itself (not read from the file)
 
 # HF tokenizer.json pre-tokenizer → llama.cpp ``tokenizer.ggml.pre`` (src/llama-vocab.cpp): matched on the pattern
 # of the Split step (or a plain ByteLevel). Extend by adding the regex llama.cpp uses for a name it knows.
@@ -102,9 +121,10 @@ def layer_widths(model: nn.Module) -> list[tuple[int, int, int]]:
     for layer in _layers(model):
         attn, mlp = layer.self_attn, layer.mlp
         q, k, up = _linear(attn, "q_proj"), _linear(attn, "k_proj"), _linear(mlp, "up_proj")
+        fused = _linear(mlp, "gate_up_proj")  # GLM-4: gate's rows, then up's
         out.append((q.weight.shape[0] // head_dim if q is not None else 0,
                     k.weight.shape[0] // head_dim if k is not None else 0,
-                    up.weight.shape[0] if up is not None else 0))
+                    up.weight.shape[0] if up is not None else fused.weight.shape[0] // 2 if fused is not None else 0))
     return out
 
 
@@ -132,12 +152,13 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
     Used on a loaded model (``gguf_refusal``) and at ``--dry-run`` from the recipe alone (``recipe_gguf_refusal``)."""
     if model_type not in native_arch():
         return (f"export.formats gguf: llama.cpp export of the {model_type!r} family is not written or verified here; "
-                f"use {NOT_MAPPED_HINT}")
+                f"use {NOT_MAPPED_HINT} (GGUF export supports {', '.join(native_arch())})")
     if heterogeneous and model_type not in per_layer_families("llama.cpp"):
-        return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, a "
-                f"Llama-layout architecture, and {model_type} layers have what deci does not load (per-head q/k "
-                f"norms); nearest setting that works: prune allocation: uniform (one width for every layer), or "
-                f"units: blocks")
+        return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, the "
+                f"Llama layout ({', '.join(per_layer_families('llama.cpp'))}); {model_type} runs under its own "
+                f"`{native_arch()[model_type]}` architecture, which reads one head count and one FFN width for every "
+                f"layer (and has what deci does not load); nearest setting that works: prune allocation: uniform "
+                f"(one width for every layer), or units: blocks")
     if sliding_window is not None and model_type == "mistral":
         return (f"export.formats gguf: llama.cpp's llama architecture has no sliding-window attention, and this "
                 f"mistral model attends over windows of {sliding_window} tokens, so its logits would differ past "
@@ -145,22 +166,72 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
     if rope_type not in ("default", None):
         return (f"export.formats gguf: rope scaling {rope_type!r} is not written by this exporter (llama.cpp needs "
                 f"rope_freqs); use export formats [hf]")
-    if output_bias and model_type in ("qwen2", "qwen3"):
-        return (f"export.formats gguf: llama.cpp's {model_type} graph has no attention-output / MLP biases, so bias "
+    arch = "deci" if heterogeneous else native_arch()[model_type]
+    if output_bias and arch not in OUTPUT_BIAS_ARCHS:
+        return (f"export.formats gguf: llama.cpp's {arch} graph has no attention-output / MLP biases, so bias "
                 f"or optimal compensation cannot be exported to it; use prune compensation: none, or formats [hf]")
     return None
 
 
+def structure_refusal(model_type: str, structure: str) -> str | None:
+    """Why llama.cpp's architecture for ``model_type`` cannot hold a pruned ``structure`` (``blocks``: blocks removed;
+    ``attention``: query heads / KV groups removed; ``hidden``: hidden channels removed) whatever the scores pick,
+    with the nearest setting that runs; None = it can. Torch-free (``--dry-run``); the writer checks the model too."""
+    arch = native_arch().get(model_type)
+    if arch == "smollm3" and structure == "blocks":
+        return (f"export.formats gguf: llama.cpp's smollm3 architecture skips rotary embeddings on every "
+                f"{SMOLLM3_NOPE_STEP}th layer by its index (n_no_rope_layer_step = {SMOLLM3_NOPE_STEP}, fixed in "
+                f"src/models/smollm3.cpp, not read from the file), so after blocks are removed the kept NoPE layers "
+                f"(config.no_rope_layers) no longer sit where llama.cpp skips rotary and the logits change; nearest "
+                f"setting that works: units: width with allocation: uniform (every layer kept), or export formats [hf]")
+    if arch == "olmo2" and structure in ("attention", "hidden"):
+        return (f"export.formats gguf: llama.cpp's olmo2 architecture (OLMo 2 and 3) sizes q_proj, o_proj and the "
+                f"q norm by the hidden size (n_head·head_dim = n_embd, src/models/olmo2.cpp), so a model whose "
+                f"{'query heads' if structure == 'attention' else 'hidden channels'} are pruned does not load; "
+                f"nearest setting that works: units: width with attention: none (MLP channels only), or units: "
+                f"blocks, or export formats [hf]")
+    return None
+
+
+def _model_refusal(model: nn.Module) -> str | None:
+    """What a loaded model's config and shapes ask of its llama.cpp architecture that it cannot do."""
+    cfg, arch = model.config, native_arch().get(model.config.model_type)
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if arch == "smollm3":
+        if "sliding_attention" in kinds:
+            return ("export.formats gguf: llama.cpp's smollm3 architecture has no sliding-window attention, and this "
+                    "model's config has use_sliding_window: true; use export formats [hf]")
+        nope = [int(r) for r in cfg.no_rope_layers]
+        fixed = [int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(len(nope))]
+        if nope != fixed:
+            return (f"{structure_refusal(cfg.model_type, 'blocks').split(';')[0]} — this model's no_rope_layers are "
+                    f"{nope}, llama.cpp would run {fixed}; nearest setting that works: units: width with allocation: "
+                    f"uniform (every layer kept), or export formats [hf]")
+    if arch == "olmo2":
+        heads = sorted({w[0] for w in layer_widths(model)})
+        if {h * _head_dim(model) for h in heads} != {cfg.hidden_size}:
+            return structure_refusal(cfg.model_type, "attention") + (
+                f" (this model: {heads} heads of {_head_dim(model)}, hidden {cfg.hidden_size})")
+        ropes = {k: (float(v.get("rope_theta", 10000.0)), v.get("rope_type", "default"))
+                 for k, v in _rope_kinds(cfg).items() if k in kinds}
+        if len(set(ropes.values())) > 1:
+            return (f"export.formats gguf: llama.cpp's olmo2 graph rotates sliding and full layers with one rope base "
+                    f"(freq_base; rope.freq_base_swa is read but unused there), and this model's differ: {ropes}; use "
+                    f"export formats [hf]")
+    return None
+
+
 def gguf_refusal(model: nn.Module) -> str | None:
-    """``gguf_refusal_for`` on a loaded model (biases read from its modules)."""
+    """``gguf_refusal_for`` on a loaded model (biases read from its modules), then what its architecture asks."""
     cfg = model.config
     widths = layer_widths(model) if cfg.model_type in native_arch() else []
     hetero = len(set(widths)) > 1 or any(0 in w for w in widths)
-    out_bias = any(getattr(_linear(layer.self_attn, "o_proj"), "bias", None) is not None
-                   or getattr(_linear(layer.mlp, "down_proj"), "bias", None) is not None
-                   for layer in _layers(model)) if cfg.model_type in native_arch() else False
+    out_bias = any(getattr(_linear(part, name), "bias", None) is not None
+                   for layer in _layers(model) for part, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj"),
+                                                                  (layer.mlp, "gate_proj"), (layer.mlp, "up_proj"))
+                   ) if cfg.model_type in native_arch() else False
     return gguf_refusal_for(cfg.model_type, hetero, getattr(cfg, "sliding_window", None),
-                            _rope(cfg)[1], out_bias)
+                            _rope(cfg)[1], out_bias) or _model_refusal(model)
 
 
 def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
@@ -171,20 +242,39 @@ def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
         return []
     prunes = [st for st in recipe.stages.values() if getattr(st, "type", None) == "prune"]
     hetero = any(getattr(getattr(st, "allocation", None), "type", "uniform") != "uniform"
+                 or getattr(st, "layers", None) is not None
                  or getattr(st, "units", None) == "sublayers" for st in prunes)
     comps = [getattr(st, "compensation", None) for st in prunes]
     bias = any(getattr(c, "type", None) == "bias" or (getattr(c, "type", None) == "optimal" and getattr(c, "bias", False))
                for c in comps)
-    reason = gguf_refusal_for(model_type, hetero, None, "default", bias)
-    return [f"stages.{exports[0]}.{reason.removeprefix('export.')}"] if reason else []
+    reasons = [gguf_refusal_for(model_type, hetero, None, "default", bias)]
+    for st in prunes:  # structures the family's llama.cpp architecture cannot hold, whichever units are picked
+        units = getattr(st, "units", None)
+        structure = "attention" if units == "width" and getattr(st, "attention", "none") != "none" else units
+        reasons.append(structure_refusal(model_type, structure) if reasons[0] is None else None)
+    return [f"stages.{exports[0]}.{r.removeprefix('export.')}" for r in dict.fromkeys(reasons) if r]
+
+
+def _rope_kinds(cfg: Any) -> dict[str, dict[str, Any]]:
+    """Rope parameters per layer kind where the config keeps one set per kind (OLMo 3, Gemma 3); else {}."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return {k: v for k, v in params.items() if isinstance(v, dict)}
 
 
 def _rope(cfg: Any) -> tuple[float, str]:
-    params = getattr(cfg, "rope_parameters", None) or {}
+    kinds = _rope_kinds(cfg)
+    params = kinds.get("full_attention") or next(iter(kinds.values()), None) or getattr(cfg, "rope_parameters", None) or {}
     scaling = getattr(cfg, "rope_scaling", None) or {}
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return float(theta), rope_type
+
+
+def _rope_dims(cfg: Any, head_dim: int) -> int:
+    """Rotated dims per head: GLM-4's partial rotary turns the first ``partial_rotary_factor``·head_dim only."""
+    factor = (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor") \
+        or getattr(cfg, "partial_rotary_factor", None) or 1.0
+    return int(head_dim * float(factor))
 
 
 # ---------------------------------------------------------------------------------------------------- tensors
@@ -217,13 +307,14 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) for every tensor llama.cpp loads, in its order."""
     cfg = model.config
     hd = _head_dim(model)
-    rope_permute = arch in ("llama", "deci")
+    rope_permute = arch in ROPE_PERMUTE
+    norms = SUBLAYER_NORM_TENSORS.get(arch, LLAMA_NORM_TENSORS)
     out: list[tuple[str, np.ndarray]] = [("token_embd.weight", _np(model.model.embed_tokens.weight))]
     for i, (layer, (nh, nkv, nff)) in enumerate(zip(_layers(model), layer_widths(model))):
         p = f"blk.{i}."
         if nh:
             attn = layer.self_attn
-            out.append((p + "attn_norm.weight", _np(layer.input_layernorm.weight)))
+            out += [(p + gname + ".weight", _np(getattr(layer, child).weight)) for child, gname in norms["attention"]]
             for proj, gname in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
                 lin = getattr(attn, proj)
                 w, b = _np(lin.weight), None if lin.bias is None else _np(lin.bias)
@@ -233,13 +324,15 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
                 out.append((p + gname + ".weight", w))
                 if b is not None:
                     out.append((p + gname + ".bias", b))
-            if arch == "qwen3":
+            if arch in QK_NORM_ARCHS:
                 out.append((p + "attn_q_norm.weight", _np(attn.q_norm.weight)))
                 out.append((p + "attn_k_norm.weight", _np(attn.k_norm.weight)))
         if nff:
             mlp = layer.mlp
-            out.append((p + "ffn_norm.weight", _np(layer.post_attention_layernorm.weight)))
-            for proj, gname in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            out += [(p + gname + ".weight", _np(getattr(layer, child).weight)) for child, gname in norms["mlp"]]
+            projs = ((("gate_up_proj", "ffn_up"), ("down_proj", "ffn_down")) if arch in FUSED_GATE_UP else
+                     (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")))
+            for proj, gname in projs:
                 lin = getattr(mlp, proj)
                 out.append((p + gname + ".weight", _np(lin.weight)))
                 if lin.bias is not None:
@@ -251,7 +344,7 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
                     (p + "ffn_up.weight", np.zeros((NULL_FFN_WIDTH, h), np.float32)),
                     (p + "ffn_down.weight", np.zeros((h, NULL_FFN_WIDTH), np.float32))]
     out.append(("output_norm.weight", _np(model.model.norm.weight)))
-    if not getattr(cfg, "tie_word_embeddings", False):
+    if not getattr(cfg, "tie_word_embeddings", False) or arch in OUTPUT_REQUIRED:
         out.append(("output.weight", _np(model.lm_head.weight)))
     return out
 
@@ -387,7 +480,11 @@ def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: 
             w.add_head_count_kv(widths[0][1])
         w.add_key_length(hd)
         w.add_value_length(hd)
-        w.add_rope_dimension_count(hd)
+        w.add_rope_dimension_count(_rope_dims(cfg, hd))
+        kinds = list(getattr(cfg, "layer_types", None) or ())
+        if arch == "olmo2" and "sliding_attention" in kinds:  # one bool per layer: any pattern the pruning leaves
+            w.add_sliding_window(int(cfg.sliding_window))
+            w.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
         w.add_rope_freq_base(theta)
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_vocab_size(cfg.vocab_size)

@@ -1,7 +1,9 @@
-"""Sublayer selection: which attention / MLP sublayers a ``sublayer_cosine`` result removes, and the plan.
+"""Sublayer selection: which attention / MLP sublayers a sublayer criterion's result removes, and the plan.
 
 One-shot, as He et al. (arXiv 2406.15786) drop: rank the candidate sublayers by importance (lowest first) and
 remove the first k. ``sublayers: both`` ranks attention and MLP scores together (LLM-Drop's ``target_layer: all``).
+The same rule serves the removal-cost criteria (``stages.criteria.sublayer_nll``): ``sublayer_ppl`` scores are ΔNLL
+(per parameter), ``sublayer_sleb`` scores its greedy removal rank, so its prefix is the greedy's own order.
 A ``ratio`` target removes the prefix of that order whose parameter count is nearest the budget (ties: fewer).
 """
 
@@ -15,14 +17,15 @@ from prunelab.stages.surgery.plan import LayerShape, SublayerPlan, SublayerTarge
 
 
 def sublayer_params(adapter: Any) -> dict[tuple[str, int], int]:
-    """Parameters each present sublayer takes with it: its module and the norm that serves only it."""
+    """Parameters each present sublayer takes with it: its module and the norms that serve only it (two for GLM-4's
+    sandwich norms: ``adapter.sublayer_norms``)."""
     out: dict[tuple[str, int], int] = {}
     for i, layer in enumerate(adapter.layers):
         for which, module in (("attention", adapter.attention(layer)), ("mlp", adapter.mlp(layer))):
             if not adapter.has_sublayer(layer, which):
                 continue
-            norm = layer.get_submodule(adapter.SUBLAYER_NORMS[which])
-            out[which, i] = sum(p.numel() for p in module.parameters()) + sum(p.numel() for p in norm.parameters())
+            norms = [layer.get_submodule(n) for n in adapter.sublayer_norms(which)]
+            out[which, i] = sum(p.numel() for m in (module, *norms) for p in m.parameters())
     return out
 
 
@@ -32,7 +35,7 @@ def removal_order(result: dict[str, Any], which: str, present: set[tuple[str, in
     kinds = ("attention", "mlp") if which == "both" else (which,)
     missing = [k for k in kinds if k not in result]
     if missing:
-        raise ValueError(f"this criterion's result has no {' / '.join(missing)} sublayer scores; use sublayer_cosine")
+        raise ValueError(f"this criterion's result has no {' / '.join(missing)} sublayer scores; use sublayer_cosine, sublayer_ppl or sublayer_sleb")
     cands = [(s, k, i) for k in kinds for i, s in enumerate(result[k]) if present is None or (k, i) in present]
     return [(k, i) for s, k, i in sorted(cands, key=lambda c: (c[0], c[1] != "attention", c[2]))]
 

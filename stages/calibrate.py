@@ -57,11 +57,6 @@ class CalibrateConfig(StrictModel):
                 continue
             refused = refusals(self.pipeline, needs_of(k, stages))
             kind = kind_of(stages[k].units)
-            iterative = [n for n in stages[k].effective_criteria(k, stages) if CRITERIA.get(kind, n).iterative]
-            if iterative and self.pipeline.type != "full":
-                problems.append(f"pipeline: {self.pipeline.type} cannot serve the iterative criteria {iterative} of "
-                                f"stages.{k}: they re-score on the whole resident model after each removal; use "
-                                "pipeline: full or a one-pass criterion (ppl, block_influence, angular_distance)")
             for need, why in refused.items():
                 who = [n for n in stages[k].effective_criteria(k, stages) if need in _closure(CRITERIA.get(kind, n).needs)]
                 problems.append(f"pipeline: {self.pipeline.type} cannot collect {need!r} for stages.{k} "

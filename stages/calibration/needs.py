@@ -92,18 +92,17 @@ register_need("activations", f"{_OBSERVERS}:ActivationObserver",
               doc="input moments of the observed projections (FLAP, Wanda-sp, OWL) and expert routing statistics")
 register_need("hessian", f"{_OBSERVERS}:HessianObserver", requires=("activations",),
               doc="XᵀX of the attention and MLP output projections' inputs (optimal compensation)")
-_BACKWARD = ("gradients need a backward through every later block; the block-wise backward (issue 28 item 2) "
-             "is not built yet")
-register_need("grad", f"{_OBSERVERS}:GradientObserver", refused={_SEQ: _BACKWARD},
-              doc="Σ ∂L/∂w over batches (Taylor criteria)")
-register_need("fisher", f"{_OBSERVERS}:MarkerObserver", requires=("grad",), refused={_SEQ: _BACKWARD},
+register_need("grad", f"{_OBSERVERS}:GradientObserver",
+              doc="Σ ∂L/∂w over batches (Taylor criteria); sequential: the block-wise backward")
+register_need("fisher", f"{_OBSERVERS}:MarkerObserver", requires=("grad",),
               doc="Σ (∂L/∂w)² as well (the gradient observer reads this need)")
-register_need("hidden", f"{_OBSERVERS}:MarkerObserver", requires=("grad",), refused={_SEQ: _BACKWARD},
+register_need("hidden", f"{_OBSERVERS}:MarkerObserver", requires=("grad",),
               doc="gradients of the embeddings, norms and head too (hidden channels own them)")
 register_need("calibration", f"{_OBSERVERS}:MarkerObserver",
-              refused={_SEQ: "the criterion runs its own passes over the whole resident model (SLEB's later rounds, "
-                             "LaCo's merges)"},
-              doc="nothing to collect: the criterion reads the calibration windows itself")
+              refused={_SEQ: "LaCo's trials merge the weights of several blocks and re-run the collapsed model after "
+                             "each merge: streamed, every merged block would have to be kept or re-derived from the "
+                             "blocks it absorbed, and each trial reads every boundary from its base up; not built"},
+              doc="nothing to collect: the criterion reads the calibration windows itself (LaCo's trial merges)")
 
 
 def describe() -> dict[str, Any]:

@@ -164,11 +164,13 @@ class RemovalNLLObserver(Observer):
         super().__init__(stats, adapter, needs)
         stats.removal_nll = torch.zeros(stats.num_blocks, dtype=torch.float64)
         self.running: dict[int, list[torch.Tensor]] = {}  # sequential: batch → candidates' states
+        self.blocks: list[int] = []  # sequential: the blocks run, in order (SLEB's later rounds skip removed ones)
 
     def after_block(self, index: int, x_in: torch.Tensor, x_out: torch.Tensor, batch: int) -> None:
         self.running.setdefault(batch, [])
 
     def block_done(self, index: int, x_in: Callable[[int], torch.Tensor], inputs: Callable[[torch.Tensor], Any]) -> None:
+        self.blocks.append(index)
         for b, running in self.running.items():
             x = x_in(b)
             self.running[b] = advance(self.adapter, index, running, inputs(x)) + [x]
@@ -176,8 +178,8 @@ class RemovalNLLObserver(Observer):
     def after_pass(self, final: Callable[[int], torch.Tensor], ids: list[torch.Tensor]) -> None:
         assert self.stats.removal_nll is not None
         for b in sorted(self.running):
-            self.stats.removal_nll += torch.tensor(candidates_nll(self.adapter, self.running.pop(b), ids[b]),
-                                                   dtype=torch.float64)
+            self.stats.removal_nll[self.blocks] += torch.tensor(
+                candidates_nll(self.adapter, self.running.pop(b), ids[b]), dtype=torch.float64)
             dense, count = self.adapter.nll_sum(final(b), ids[b])
             self.stats.dense_nll += dense
             self.stats.nll_tokens += count
@@ -228,10 +230,33 @@ class HessianObserver(Observer):
 
 class GradientObserver(Observer):
     """Σ_b ∂L_b/∂w (and Σ_b (∂L_b/∂w)² with ``fisher``) of the decoder layers' weights (every parameter with
-    ``hidden``), one forward+backward of the calibration loss per batch (``accumulate_gradients``)."""
+    ``hidden``). ``full``: one forward+backward of the calibration loss per batch (``accumulate_gradients``).
+    ``sequential``: the block-wise backward (``prunelab.stages.calibration.backward``) folds each block's gradients
+    per batch (``fold``), block by block from the head down; ``finish`` puts the sums back in the model's parameter
+    order, so both pipelines leave the same tables."""
 
     BACKWARD = True
 
+    def __init__(self, stats: CalibrationStats, adapter: ArchAdapter, needs: frozenset[str]) -> None:
+        super().__init__(stats, adapter, needs)
+        self.every_parameter = "hidden" in needs
+        self.names = [n for n, _ in adapter.model.named_parameters()]  # before a streamed load unties anything
+
     def backward(self, model: torch.nn.Module, ids: torch.Tensor) -> None:
         accumulate_gradients(model, ids, self.stats, squares="fisher" in self.needs,
-                             every_parameter="hidden" in self.needs)
+                             every_parameter=self.every_parameter)
+
+    def fold(self, named: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """One batch's gradients of these parameters added to the sums (and squares), then cleared."""
+        from prunelab.stages.calibration.backward import fold_gradients
+
+        fold_gradients(named, self.stats.grad_sum, self.stats.grad_sq_sum if "fisher" in self.needs else None)
+
+    def batches_done(self, count: int) -> None:
+        self.stats.grad_batches += count
+
+    def finish(self) -> None:
+        for table in (self.stats.grad_sum, self.stats.grad_sq_sum):
+            ordered = {n: table[n] for n in self.names if n in table}
+            table.clear()
+            table.update(ordered)

@@ -164,12 +164,21 @@ def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.M
     return model.eval()
 
 
-class BoundaryCache:
-    """The hidden states at one block boundary, one tensor per batch: in memory up to ``budget`` bytes, past it
-    memory-mapped files in ``folder`` (written once, read once per block)."""
+class MemoryPool:
+    """Bytes of boundary states held in memory by the caches sharing it (the block-wise backward keeps every boundary
+    alive at once, so they share one budget), and the peak of what went to disk."""
 
-    def __init__(self, budget: float, folder: Path, tag: str) -> None:
+    def __init__(self, budget: float) -> None:
+        self.budget, self.held, self.offloaded, self.peak_offloaded = budget, 0, 0, 0
+
+
+class BoundaryCache:
+    """The hidden states at one block boundary, one tensor per batch: in memory up to ``budget`` bytes (or up to the
+    shared ``pool``'s), past it memory-mapped files in ``folder`` (written once, read once per block)."""
+
+    def __init__(self, budget: float, folder: Path, tag: str, pool: MemoryPool | None = None) -> None:
         self.budget, self.folder, self.tag = budget, folder, tag
+        self.pool = pool or MemoryPool(budget)
         self.items: dict[int, torch.Tensor] = {}
         self.devices: dict[int, torch.device] = {}
         self.held, self.offloaded = 0, 0
@@ -178,14 +187,17 @@ class BoundaryCache:
     def put(self, batch: int, x: torch.Tensor) -> None:
         size = x.numel() * x.element_size()
         self.devices[batch] = x.device
-        if self.held + size <= self.budget:
+        if self.pool.held + size <= self.pool.budget:
             self.items[batch] = x
             self.held += size
+            self.pool.held += size
             return
         path = self.folder / f"{self.tag}-{batch}.bin"
         mapped = torch.from_file(str(path), shared=True, size=x.numel(), dtype=x.dtype).view(x.shape)
         mapped.copy_(x)
         self.items[batch], self.offloaded = mapped, self.offloaded + size
+        self.pool.offloaded += size
+        self.pool.peak_offloaded = max(self.pool.peak_offloaded, self.pool.offloaded)
         self.files.append(path)
 
     def get(self, batch: int) -> torch.Tensor:
@@ -197,63 +209,92 @@ class BoundaryCache:
         for path in self.files:
             path.unlink(missing_ok=True)
         self.files.clear()
-        self.held = 0
+        self.pool.held -= self.held
+        self.pool.offloaded -= self.offloaded
+        self.held, self.offloaded = 0, 0
 
 
-@torch.inference_mode()
 def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs: set[str], batch_size: int = 1,
                        progress: bool = True, settings: SequentialPipeline | None = None,
-                       weights: BlockWeights | None = None) -> CalibrationStats:
+                       weights: BlockWeights | None = None, skip: frozenset[int] = frozenset()) -> CalibrationStats:
     """Every statistic in ``needs`` with one block resident at a time (``weights``: where the blocks come from;
     default: the model is resident). The needs must be ones the sequential pipeline collects
-    (``prunelab.stages.calibration.pipelines.collect`` refuses the others with the reason)."""
+    (``prunelab.stages.calibration.pipelines.collect`` refuses the others with the reason). Gradients (``grad``,
+    ``fisher``, ``hidden``) keep every boundary state, then run the block-wise backward
+    (``prunelab.stages.calibration.backward``). ``skip``: blocks left out of the model (SLEB's removed blocks; only
+    ``removal_nll`` is defined on such a model)."""
     settings = settings or SequentialPipeline()
-    weights = weights or ResidentWeights()
+    weights = weights or getattr(model, "prunelab_weights", None) or ResidentWeights()  # a streamed skeleton's source
+    if skip and set(needs) - {"removal_nll"}:
+        raise ValueError(f"skip={sorted(skip)}: only removal_nll is collected on a model with blocks left out; "
+                         f"got {sorted(needs)}")
     adapter = adapter_for(model)
     stats = CalibrationStats(num_blocks=adapter.num_blocks)
     observers = start_observers(needs, stats, adapter)
+    backward = [o for o in observers if o.BACKWARD]
     folder = Path(settings.offload_dir) if settings.offload_dir else Path(tempfile.mkdtemp(prefix="prunelab-boundary-"))
     folder.mkdir(parents=True, exist_ok=True)
-    budget = settings.memory_budget_gb * 2**30 / 2  # two boundaries alive at once: block i's inputs and outputs
+    # two boundaries alive at once (block i's inputs and outputs), or every one of them for the backward
+    budget = settings.memory_budget_gb * 2**30 / (1 if backward else 2)
+    pool = MemoryPool(budget) if backward else None
     t0 = time.perf_counter()
     ids_batches = list(batches(calibration, batch_size))
-    current, peak_offloaded = BoundaryCache(budget, folder, "b0"), 0
+    current, peak_offloaded = BoundaryCache(budget, folder, "b0", pool), 0
+    kept: list[BoundaryCache] = []  # the backward's boundary states x_0 … x_L
     prepared: dict[tuple[int, ...], BlockInputs] = {}
+    # inference tensors cannot be saved for a backward: gradients want the forward's states as ordinary tensors
+    mode = torch.no_grad if backward else torch.inference_mode
     try:
-        with weights.embedding(adapter):
-            for b, ids in enumerate(ids_batches):
-                x = adapter.embed(ids)
-                key = tuple(x.shape[:2])
-                if key not in prepared:
-                    prepared[key] = adapter.prepare(x)
-                current.put(b, x)
-        for i in tqdm(range(adapter.num_blocks), desc="sequential calibration", disable=not progress):
-            following = BoundaryCache(budget, folder, f"b{i + 1}")
-            with weights.block(adapter, i):
-                layer = adapter.layers[i]
-                handles = [h for o in observers for h in o.hooks(i, layer)]
-                try:
-                    for b in range(len(ids_batches)):
-                        x_in = current.get(b)
-                        x_out = adapter.run_block(i, x_in, prepared[tuple(x_in.shape[:2])])
-                        for o in observers:
-                            o.after_block(i, x_in, x_out, b)
-                        following.put(b, x_out)
-                finally:
-                    for h in handles:
-                        h.remove()
-                for o in observers:  # hooks off: these re-run the block on their own states
-                    o.block_done(i, current.get, lambda x: prepared[tuple(x.shape[:2])])
-            peak_offloaded = max(peak_offloaded, current.offloaded + following.offloaded)
-            current.clear()
-            current = following
-        with weights.head(adapter):
+        with mode():
+            with weights.embedding(adapter):
+                for b, ids in enumerate(ids_batches):
+                    x = adapter.embed(ids)
+                    key = tuple(x.shape[:2])
+                    if key not in prepared:
+                        prepared[key] = adapter.prepare(x)
+                    current.put(b, x)
+            for i in tqdm(range(adapter.num_blocks), desc="sequential calibration", disable=not progress):
+                if i in skip:
+                    continue
+                following = BoundaryCache(budget, folder, f"b{i + 1}", pool)
+                with weights.block(adapter, i):
+                    layer = adapter.layers[i]
+                    handles = [h for o in observers for h in o.hooks(i, layer)]
+                    try:
+                        for b in range(len(ids_batches)):
+                            x_in = current.get(b)
+                            x_out = adapter.run_block(i, x_in, prepared[tuple(x_in.shape[:2])])
+                            for o in observers:
+                                o.after_block(i, x_in, x_out, b)
+                            following.put(b, x_out)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    for o in observers:  # hooks off: these re-run the block on their own states
+                        o.block_done(i, current.get, lambda x: prepared[tuple(x.shape[:2])])
+                peak_offloaded = max(peak_offloaded, current.offloaded + following.offloaded)
+                if backward:
+                    kept.append(current)
+                else:
+                    current.clear()
+                current = following
+            with weights.head(adapter):
+                for o in observers:
+                    o.after_pass(current.get, ids_batches)
+            if backward:
+                from prunelab.stages.calibration.backward import blockwise_backward
+
+                kept.append(current)
+                (gradients,) = backward  # one observer runs the backward (the gradient need)
+                blockwise_backward(adapter, kept, ids_batches, lambda x: prepared[tuple(x.shape[:2])], weights,
+                                   gradients, lambda tag: BoundaryCache(budget, folder, tag, pool), progress)
+                peak_offloaded = pool.peak_offloaded if pool is not None else peak_offloaded
             for o in observers:
-                o.after_pass(current.get, ids_batches)
-        for o in observers:
-            o.finish()
+                o.finish()
     finally:
         current.clear()
+        for cache in kept:
+            cache.clear()
         if not settings.offload_dir:
             shutil.rmtree(folder, ignore_errors=True)
     stats.seconds = time.perf_counter() - t0

@@ -125,7 +125,17 @@ def sleb(inp: CriterionInputs) -> CriterionResult:
 
 
 def _removal_nll(inp: CriterionInputs, kept: list[int]) -> tuple[list[float], int]:
+    """One SLEB round: the calibration NLL with each kept block removed, on the model without the removed ones —
+    through the sequential pipeline (one block resident, the wavefront carried block by block) when the recipe
+    calibrates sequentially, else from each batch's boundary states."""
     skip = frozenset(set(range(inp.stats.num_blocks)) - set(kept))
+    if getattr(inp.pipeline, "type", "full") == "sequential":
+        from prunelab.stages.calibration.sequential import collect_sequential
+
+        stats = collect_sequential(inp.model, inp.calibration, {"removal_nll"}, inp.batch_size, False, inp.pipeline,
+                                   skip=skip)
+        assert stats.removal_nll is not None
+        return stats.removal_nll[kept].tolist(), stats.nll_tokens
     totals = [0.0] * len(kept)
     tokens = 0
     for ids in batches(inp.calibration, inp.batch_size):

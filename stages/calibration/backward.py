@@ -1,0 +1,150 @@
+"""The block-wise backward: Taylor importance with one block resident (issue 28 item 2).
+
+The ``full`` pipeline's gradient is one forward+backward of the calibration loss per batch through the whole model
+(``accumulate_gradients``): every block's weights and activations alive at once. Back-propagation is a chain over
+the block boundaries, so it can run block by block instead, from stored boundary states:
+
+1. the sequential forward keeps every boundary state x_0 … x_L of every batch (``BoundaryCache``: in memory up to
+   the budget, memory-mapped files past it);
+2. the final norm and head resident: the full pipeline's loss on x_L (transformers' own ``loss_function`` on the
+   adapter's logits: mean next-token cross-entropy of the batch) → ∂L/∂x_L per batch;
+3. for i = L-1 … 0: block i materialized, recomputed from its stored x_i with grad, ``autograd.backward(x_{i+1},
+   ∂L/∂x_{i+1})``; its weight gradients are folded into the gradient observer's sums per batch (Σ g, and Σ g² with
+   ``fisher`` — the square of each batch's gradient, as in ``full``), ∂L/∂x_i kept for the next step, the graph and
+   the block freed;
+4. ``hidden`` only: the embedding's gradient from ∂L/∂x_0 (a tied head's share recomputed from x_L beside it, so each
+   batch's gradient of the shared matrix is the sum of both, as autograd forms it in ``full``); the final norm's and
+   an untied head's at step 2.
+
+Memory: one block's weights + its activations for one batch's backward + the boundary states (every boundary, up to
+the budget, then disk) + one boundary of gradients; the head's logits of one batch at step 2. Cost: about one extra
+block forward per block and batch (the recomputation) on top of the backward itself, i.e. the same arithmetic as
+``full`` plus one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from prunelab.stages.arch.base import ArchAdapter, BlockInputs
+
+if TYPE_CHECKING:
+    from prunelab.stages.calibration.observers import GradientObserver
+    from prunelab.stages.calibration.sequential import BlockWeights, BoundaryCache
+
+
+def head_loss(adapter: ArchAdapter, x_last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The calibration loss of the full pipeline's gradient pass on the last boundary state: final norm, the
+    adapter's logits (logit scaling / soft-capping included) and the model's own ``loss_function`` (labels = the
+    ids, shifted inside: the mean over the batch's B·(T-1) predicted tokens)."""
+    model = adapter.model
+    if getattr(model.config, "output_router_logits", False):
+        raise ValueError(f"{model.config.model_type}: config.output_router_logits adds the routers' load-balancing "
+                         "loss to the calibration loss, which the block-wise backward does not form; set it to False "
+                         "or use pipeline: full")
+    logits = adapter.logits(adapter.final_norm(x_last))
+    return model.loss_function(logits=logits, labels=ids.to(logits.device), vocab_size=model.config.vocab_size)
+
+
+def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: list[torch.Tensor],
+                       inputs: Callable[[torch.Tensor], BlockInputs], weights: BlockWeights,
+                       observer: GradientObserver, new_cache: Callable[[str], BoundaryCache],
+                       progress: bool = True) -> None:
+    """Steps 2–4 of the module docstring. ``states[i]``: every batch's x_i (consumed: each is cleared once read for
+    the last time); ``inputs(x)``: the block inputs of a state's shape; ``new_cache(tag)``: an empty cache for one
+    boundary of gradients."""
+    model, n = adapter.model, adapter.num_blocks
+    hidden = observer.every_parameter
+    embed_w, head_w = f"{adapter.EMBED}.weight", f"{adapter.HEAD}.weight"
+    tied = head_w not in observer.names  # one matrix: the full model names it once, after the embedding
+    grads = new_cache(f"g{n}")
+    with weights.head(adapter):
+        top = [(nm, p) for nm, p in _outside_blocks(adapter) if hidden and not tied and p.requires_grad]
+        for b, batch in enumerate(ids):
+            x = states[n].get(b).detach().requires_grad_()
+            with torch.enable_grad():
+                loss = head_loss(adapter, x, batch)
+                (gx, *gp) = torch.autograd.grad(loss, [x] + [p for _, p in top], allow_unused=True)
+            for (_, p), g in zip(top, gp, strict=True):
+                p.grad = g
+            observer.fold(top)
+            grads.put(b, gx)
+    if not (hidden and tied):  # x_L is read again below for a tied head's share of the embedding gradient
+        states[n].clear()
+    for i in tqdm(reversed(range(n)), total=n, desc="block-wise backward", disable=not progress):
+        below = new_cache(f"g{i}")
+        with weights.block(adapter, i):
+            layer = adapter.layers[i]
+            prefix = adapter.block_prefix(i)
+            named = [(f"{prefix}.{nm}", p) for nm, p in layer.named_parameters()]
+            layer.zero_grad(set_to_none=True)
+            for b in range(len(ids)):
+                x = states[i].get(b).detach().requires_grad_()
+                with torch.enable_grad():
+                    out = adapter.run_block(i, x, inputs(x))
+                    torch.autograd.backward(out, grads.get(b))
+                del out  # the block's graph goes with it: one batch's activations at a time
+                observer.fold(named)
+                if i > 0 or hidden:
+                    below.put(b, x.grad)
+        grads.clear()
+        states[i].clear()
+        grads = below
+    if hidden:
+        _embedding_step(adapter, states[n], grads, ids, weights, observer, tied, embed_w)
+        states[n].clear()
+        grads.clear()
+    observer.batches_done(len(ids))
+    model.zero_grad(set_to_none=True)
+
+
+def _outside_blocks(adapter: ArchAdapter) -> list[tuple[str, torch.nn.Parameter]]:
+    """The final norm's and the head's parameters under the full model's names (what is resident at step 2)."""
+    out = []
+    for path in (adapter.NORM, adapter.HEAD):
+        out += [(f"{path}.{nm}", p) for nm, p in adapter.model.get_submodule(path).named_parameters()]
+    return out
+
+
+def _embedding_step(adapter: ArchAdapter, last: BoundaryCache, grads: BoundaryCache, ids: list[torch.Tensor],
+                    weights: BlockWeights, observer: GradientObserver, tied: bool, embed_w: str) -> None:
+    """The embedding's gradient of each batch from ∂L/∂x_0; with a tied head, the head's share (and the final norm's
+    gradient) recomputed from x_L in the same batch, added into the one matrix's gradient before it is folded."""
+    with ExitStack() as stack:
+        stack.enter_context(weights.embedding(adapter))
+        if tied:
+            stack.enter_context(weights.head(adapter))
+        embedding, head = adapter.embedding.weight, adapter.head.weight
+        named: list[tuple[str, Any]] = [(embed_w, embedding)]
+        if tied:
+            named += [(nm, p) for nm, p in _outside_blocks(adapter) if nm != f"{adapter.HEAD}.weight"]
+        adapter.model.zero_grad(set_to_none=True)
+        for b, batch in enumerate(ids):
+            with torch.enable_grad():
+                if tied:  # the head's share first, as autograd accumulates it in the full backward
+                    head_loss(adapter, last.get(b).detach(), batch).backward()
+                    if head is not embedding and head.grad is not None:  # streamed: two copies of one matrix
+                        embedding.grad, head.grad = head.grad, None
+                x0 = adapter.embed(batch)
+                torch.autograd.backward(x0, grads.get(b))
+            observer.fold(named)
+
+
+def fold_gradients(named: Iterable[tuple[str, torch.nn.Parameter]], sums: dict[str, torch.Tensor],
+                   squares: dict[str, torch.Tensor] | None) -> None:
+    """One batch's gradients added to the float32 sums (and squared sums), then cleared — ``accumulate_gradients``'s
+    arithmetic, parameter by parameter."""
+    for name, p in named:
+        if p.grad is None:
+            continue
+        g = p.grad.detach().float()
+        sums[name] = sums[name] + g if name in sums else g.clone()
+        if squares is not None:
+            sq = g * g
+            squares[name] = squares[name] + sq if name in squares else sq
+        p.grad = None

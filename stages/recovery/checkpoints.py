@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+from accelerate.utils import DistributedType
+
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.recovery.config import CheckpointSettings
 from prunelab.stages.recovery.model import trainable_only
@@ -27,8 +30,6 @@ TRAIN_STATE = "trainer_state.json"
 def settings_hashes(cfg: Any, label: str, processes: int) -> list[str]:
     """The hash new checkpoints carry, then the one a checkpoint made before the grouped settings carries
     (the same settings in the version-1 flat dump, when the config can give it), so those still resume."""
-    import pydantic_core
-
     texts = [cfg.model_dump_json()]
     v1 = getattr(cfg, "v1_settings", None)
     if v1 is not None:
@@ -67,8 +68,6 @@ class Checkpoints:
 
     def save(self, step: int, scheduler: Any, losses: list[float], samples: list[list[int]]) -> None:
         """save_state into ``step-N.tmp`` then rename; keep the newest ``keep``."""
-        from accelerate.utils import DistributedType
-
         acc = self.acc
         final, tmp = self.folder / f"step-{step}", self.folder / f"step-{step}.tmp"
         kwargs = {"exclude_frozen_parameters": True} if acc.distributed_type == DistributedType.DEEPSPEED else {}
@@ -102,8 +101,6 @@ class Checkpoints:
 
     def _load_kwargs(self) -> dict[str, Any]:
         """Checkpoints hold only the adapter: tell the loader the frozen base weights are absent on purpose."""
-        from accelerate.utils import DistributedType
-
         if self.acc.distributed_type == DistributedType.DEEPSPEED:
             return {"load_module_strict": False}
         return {"strict": False}

@@ -19,6 +19,7 @@ from prunelab.stages.calibration.sources import SamplingSettings
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.core.registry import VariantRegistry, register_variant, tagged_union
 from prunelab.stages.io.config import TextSource
+from prunelab.stages.recovery.trackers import tracker_problems
 
 DECODER_LINEARS = list(LORA_TARGETS)  # the architecture adapters' LoRA target modules
 
@@ -110,8 +111,6 @@ class LoopSettings(StrictModel):
     @classmethod
     def _known_trackers(cls, v: list[str]) -> list[str]:
         """A tracker name accelerate knows, whose package is importable: checked here, not after the model loads."""
-        from prunelab.stages.recovery.trackers import tracker_problems
-
         problems = tracker_problems(v)
         if problems:
             raise ValueError("; ".join(problems))

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import load_dataset
 
 from prunelab.stages.io.config import TextSource
+from prunelab.stages.io.text import read_text, tokenize_text
 from prunelab.stages.recovery.config import RecoveryData
 
 IGNORE = -100
@@ -62,8 +64,6 @@ def read_rows(source: TextSource) -> list[dict[str, Any]]:
         if path.suffix == ".json":
             return list(json.loads(text))
         return [json.loads(line) for line in text.splitlines() if line.strip()]
-    from datasets import load_dataset
-
     ds = load_dataset(source.dataset, source.config, split=source.split, data_files=source.data_files)
     return list(ds)
 
@@ -135,8 +135,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def build_dataset(tokenizer: Any, data: RecoveryData, generated: torch.Tensor | None = None) -> IndexedExamples:
     """The recipe's training examples: packed text blocks or Alpaca rows, tokenized; ``generated`` (the teacher's
     sequences of ``data.teacher_generate``, [n, seq_len]) come after the source's blocks, or alone."""
-    from prunelab.stages.io.text import read_text, tokenize_text
-
     if data.teacher_generate is not None and generated is None:
         raise ValueError("data.teacher_generate: the teacher's sequences were not generated (pass `generated`)")
     if generated is not None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.calibration.generate import self_generate
+from prunelab.stages.calibration.sources import SamplingSettings, SelfGeneratedSettings
 from prunelab.stages.recovery.config import RecoveryData
 
 
@@ -21,9 +23,6 @@ def teacher_text(data: RecoveryData, model: Any, tokenizer: Any, seed: int, cach
                  progress: bool = True) -> torch.Tensor:
     """LongTensor [num_samples, seq_len]: prompts of ``prompt_tokens`` tokens from ``data.source``, continued by
     ``model`` to ``data.seq_len`` tokens."""
-    from prunelab.stages.calibration.generate import self_generate
-    from prunelab.stages.calibration.sources import SamplingSettings, SelfGeneratedSettings
-
     g = data.teacher_generate
     if g is None:
         raise ValueError("data.teacher_generate is not set")

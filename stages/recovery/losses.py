@@ -67,7 +67,7 @@ class Teacher:
         self.sharded = False  # ZeRO-3: each rank holds a shard of its weights
 
     def forward(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
-        import torch
+        import torch  # lazy: torch-free
 
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -104,7 +104,7 @@ def block_pairs(plan: Any, teacher_layers: int, student_layers: int) -> list[tup
 def block_distance(student: tuple, teacher: tuple, pairs: list[tuple[int, int]], mask: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean over pairs of: cosine — mean (1 − cos) over the masked positions; mse — mean squared error over their
     elements. Computed in float32."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch-free
 
     terms = []
     for s_idx, t_idx in pairs:
@@ -133,7 +133,7 @@ def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     Logits at position i predict token i+1, so position i counts when ``labels[i+1] != -100`` (exactly the
     positions transformers' shifted cross-entropy counts). Computed in float32.
     """
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch-free
 
     s, t = student[:, :-1].float(), teacher[:, :-1].float()
     mask = labels[:, 1:] != IGNORE

@@ -9,21 +9,25 @@ unquantized pruned weights, never the dequantized NF4 ones.
 from __future__ import annotations
 
 import copy
+import importlib.util
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.core.files import atomic_dir
+from prunelab.stages.io.models import resolve_dtype
 from prunelab.stages.recovery.config import LoraSettings, RecoverySettings
 
 
 def lora_config(lora: LoraSettings, model: torch.nn.Module) -> Any:
     """peft's LoraConfig; target names go through the model's adapter, so a fused family (Phi-3's ``qkv_proj``,
     ``gate_up_proj``) gets its own module names for the Llama-layout names a recipe lists."""
-    from peft import LoraConfig
-
-    from prunelab.stages.arch import adapter_for
-
     targets = adapter_for(model).lora_modules(list(lora.target_modules))
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
@@ -32,10 +36,6 @@ def lora_config(lora: LoraSettings, model: torch.nn.Module) -> Any:
 def trainable_model(base: torch.nn.Module, cfg: RecoverySettings, work_dir: Path | None, device: torch.device) -> torch.nn.Module:
     """A peft model to train. LoRA: a copy of ``base`` (the caller's weights stay untouched for the
     merge). QLoRA: ``base`` saved once and re-loaded with its linears in NF4 (bitsandbytes)."""
-    from peft import get_peft_model
-
-    from prunelab.stages.io.models import resolve_dtype
-
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.method == "full":
         model = copy.deepcopy(base).to(device=device, dtype=dtype).requires_grad_(True)
@@ -57,16 +57,9 @@ def trainable_model(base: torch.nn.Module, cfg: RecoverySettings, work_dir: Path
 
 def load_nf4(base: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """``base`` written once to ``folder`` (full precision) and read back with its linears in NF4."""
-    import importlib.util
-
     if importlib.util.find_spec("bitsandbytes") is None:  # an extra: the base install has no NF4
         raise ImportError("recovery method qlora needs bitsandbytes, which is not installed: pip install 'prunelab[qlora]' "
                           "(or use method: lora)")
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from prunelab.stages.core.files import atomic_dir
-
     if not (folder / "config.json").is_file():
         with atomic_dir(folder) as tmp:
             base.save_pretrained(tmp)
@@ -90,8 +83,6 @@ def apply_trained(base: torch.nn.Module, folder: Path, method: str) -> torch.nn.
 
 def load_full(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
     """``full``: the trained weights copied into ``base`` (its dtype and per-layer shapes); nothing to merge."""
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -108,8 +99,6 @@ def load_full(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
 
 def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     """Fold the saved adapter into ``base`` (full precision) with peft and return a plain model."""
-    from peft import PeftModel
-
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.eval()
     return merged
@@ -136,15 +125,11 @@ def save_adapter(acc: Any, model: Any, adapter_dir: Path) -> None:
     Only the trainable tensors are gathered (``GatheredParameters`` under ZeRO-3), so this needs no
     ``stage3_gather_16bit_weights_on_model_save`` and never materialises the frozen base twice.
     """
-    from contextlib import nullcontext
-
-    from prunelab.stages.core.files import atomic_dir
-
     unwrapped = acc.unwrap_model(model)
     named = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
     gather = nullcontext()
     if any(hasattr(p, "ds_id") for _, p in named):  # ZeRO-3 partitioned parameters
-        import deepspeed
+        import deepspeed  # lazy: optional
 
         gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
     with gather:

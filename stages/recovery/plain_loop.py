@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from prunelab.stages.recovery.config import RecoverySettings
+from prunelab.stages.recovery.data import collate, epoch_order
+from prunelab.stages.recovery.model import trainable_model
 
 
 def compare_with_plain(info: dict[str, Any], base: torch.nn.Module, cfg: RecoverySettings, dataset: Any, accum: int,
@@ -29,9 +31,6 @@ def compare_with_plain(info: dict[str, Any], base: torch.nn.Module, cfg: Recover
 def plain_peft_step_seconds(base: torch.nn.Module, cfg: RecoverySettings, dataset: Any, accum: int, steps: int, seed: int,
                             device: torch.device) -> dict[str, Any]:
     """Median step time of the bare loop (next-token loss), warm-up step excluded."""
-    from prunelab.stages.recovery.data import collate, epoch_order
-    from prunelab.stages.recovery.model import trainable_model
-
     if cfg.method != "lora":
         return {"skipped": "plain loop timed for method lora only"}
     model = trainable_model(base, cfg, None, device)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
@@ -42,6 +43,8 @@ from tqdm.auto import tqdm
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
 from prunelab.stages.calibration.sequential import BlockWeights, BoundaryCache, ResidentWeights
+from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.evaluation.memory import peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +119,6 @@ def saved_block(folder: Path, index: int, want_hash: str | None) -> dict[str, An
 
 def save_block(folder: Path, index: int, layer: nn.Module, info: dict[str, Any]) -> None:
     """Weights to a temporary name, renamed; the JSON record last (its presence means the block is whole)."""
-    from safetensors.torch import save_file
-
-    from prunelab.stages.core.files import atomic_write_json
-
     weights, record = block_files(folder, index)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")
@@ -129,8 +128,6 @@ def save_block(folder: Path, index: int, layer: nn.Module, info: dict[str, Any])
 
 
 def load_block(folder: Path, index: int, layer: nn.Module) -> None:
-    from safetensors.torch import load_file
-
     weights, _ = block_files(folder, index)
     state = load_file(str(weights), device=str(next(layer.parameters()).device))
     layer.load_state_dict(state, strict=True)
@@ -384,8 +381,6 @@ def summary(blocks: list[dict[str, Any]], seconds: float, windows: torch.Tensor,
     """The stage's outputs, in the keys the run's report reads for any recovery (``steps``, ``first_loss`` and
     ``final_loss`` — here the mean over blocks of the MSE relative to the target's mean square —, ``tokens_per_s``:
     tokens of training forwards per second of the whole stage, passes included)."""
-    from prunelab.stages.evaluation.memory import peak_memory_mb
-
     steps = sum(sum(b["steps"].values()) for b in blocks)
     seq_len = int(windows.shape[1])
     return {"method": "reconstruct", "steps": steps, "first_loss": sum(b["relative_before"] for b in blocks) / len(blocks),

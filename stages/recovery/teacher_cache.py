@@ -14,6 +14,7 @@ writes.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,8 +41,6 @@ class CachedTeacher(Teacher):
         self.idx: torch.Tensor | None = None
 
     def forward(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
-        import time
-
         if hidden:
             raise ValueError("loss.teacher_cache holds logits only; leave loss.intermediate out")
         t0 = time.perf_counter()

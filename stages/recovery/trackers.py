@@ -36,7 +36,7 @@ def start(acc: Any, names: list[str], run_name: str, config: dict[str, Any], pro
     trackers are built here with accelerate's own filter and handed over) and start them; False when none."""
     if not names:
         return False
-    from accelerate.tracking import filter_trackers
+    from accelerate.tracking import filter_trackers  # lazy: torch-free
 
     project_dir.mkdir(parents=True, exist_ok=True)
     acc.log_with = filter_trackers(names, str(project_dir))

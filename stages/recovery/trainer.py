@@ -17,6 +17,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -27,11 +28,28 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.evaluation.memory import peak_memory_mb
+from prunelab.stages.io.models import resolve_dtype
+from prunelab.stages.recovery import trackers
 from prunelab.stages.recovery.checkpoints import Checkpoints, settings_hashes
 from prunelab.stages.recovery.config import RecoverySettings
+from prunelab.stages.recovery.data import build_dataset, make_loader
 from prunelab.stages.recovery.losses import Loss, Teacher, block_pairs, get_loss
+from prunelab.stages.recovery.model import (
+    apply_trained,
+    rank_fingerprints,
+    save_adapter,
+    trainable_model,
+    trained_folder,
+)
+from prunelab.stages.recovery.plain_loop import compare_with_plain
+from prunelab.stages.recovery.teacher_cache import cached_teacher
+from prunelab.stages.recovery.trackers import log_step
 
 log = get_logger(__name__)
 
@@ -103,11 +121,6 @@ def setup(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module, out_dir
     """Data, trainable model, optimizer and schedule, prepared by accelerate; the teacher (if the loss needs
     one) frozen on this rank's device, its blocks paired with ``base``'s by ``plan``; resumed if asked and possible.
     ``generated``: the teacher's sequences of ``data.teacher_generate`` (:mod:`prunelab.stages.recovery.generated`)."""
-    from transformers import get_scheduler
-
-    from prunelab.stages.recovery.data import build_dataset, make_loader
-    from prunelab.stages.recovery.model import trainable_model
-
     acc = env.accelerator
     loss = get_loss(cfg.loss.type)
     if loss.needs_teacher and teacher is None:
@@ -148,10 +161,6 @@ def _teacher(acc: Any, cfg: RecoverySettings, teacher: torch.nn.Module) -> Teach
     DDP, ZeRO-1/2: every rank holds the whole teacher. ZeRO-3: the teacher is sharded for inference like the
     student, by its own DeepSpeed engine (no optimizer) made from the run's DeepSpeed config, as TRL's
     ``prepare_deepspeed`` does for its reference models."""
-    from accelerate.utils import DistributedType
-
-    from prunelab.stages.io.models import resolve_dtype
-
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     zero3 = acc.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
     dtype = resolve_dtype(cfg.dtype, acc.device)
@@ -159,9 +168,7 @@ def _teacher(acc: Any, cfg: RecoverySettings, teacher: torch.nn.Module) -> Teach
     model = (teacher.to(dtype=dtype) if zero3 else teacher.to(device=acc.device, dtype=dtype)).eval().requires_grad_(False)
     model.config.use_cache = False
     if zero3:
-        import copy
-
-        import deepspeed
+        import deepspeed  # lazy: optional
 
         ds = copy.deepcopy(plugin.deepspeed_config)
         for key in ("optimizer", "scheduler"):
@@ -175,8 +182,6 @@ def _teacher(acc: Any, cfg: RecoverySettings, teacher: torch.nn.Module) -> Teach
 def _cache(acc: Any, cfg: RecoverySettings, live: Teacher, dataset: Any, out_dir: Path, label: str, vocab: int) -> Teacher:
     """One pass of the live teacher writes its top-k logits; its weights are then released (moved to the meta
     device) and training reads the cache."""
-    from prunelab.stages.recovery.teacher_cache import cached_teacher
-
     meta = {"label": label, "data": cfg.data.model_dump(mode="json"), "dtype": cfg.dtype}
     cached = cached_teacher(acc, live, dataset, cfg.loss.top_k, meta, out_dir, vocab)
     cached.seconds = 0.0  # the cache is read in training; the pass is reported apart
@@ -252,8 +257,6 @@ def finish_step(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, loss: t
     progress.update(1)
     progress.set_postfix(loss=f"{rec.losses[-1]:.4f}")
     if run.tracking:
-        from prunelab.stages.recovery.trackers import log_step
-
         log_step(acc, run.step, rec.losses[-1], run.scheduler.get_last_lr()[0], rec.step_tokens[-1])
     if run.step % cfg.loop.log_every == 0 or run.step == run.total:
         log.info(f"recover ({run.label}) step {run.step}/{run.total} loss {rec.losses[-1]:.4f}", main_process_only=True)
@@ -303,8 +306,6 @@ def _peak(acc: Any, params: Any) -> float:
 
 def train(env: TrainerEnv, run: TrainState, cfg: RecoverySettings) -> float:
     """Optimizer steps from ``run.step`` to ``run.total``, epoch by epoch; returns the seconds it took."""
-    from tqdm.auto import tqdm
-
     acc = env.accelerator
     run.model.train()
     progress = tqdm(total=run.total, initial=run.step, desc=f"recover ({run.label})", disable=not env.progress,
@@ -329,8 +330,6 @@ def train(env: TrainerEnv, run: TrainState, cfg: RecoverySettings) -> float:
 
 def save(env: TrainerEnv, run: TrainState, cfg: RecoverySettings, out_dir: Path, seconds: float) -> dict[str, Any]:
     """Adapter (gathered from every shard), loss curve and samples; returns the training's summary."""
-    from prunelab.stages.recovery.model import rank_fingerprints, save_adapter, trained_folder
-
     acc, rec = env.accelerator, run.recorder
     fingerprints = rank_fingerprints(acc, run.model)
     save_adapter(acc, run.model, out_dir / trained_folder(cfg.method))
@@ -352,11 +351,6 @@ def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module,
     """Train ``base`` (an adapter on it, or every weight for ``full``); write the trained tensors, loss curve,
     samples; return stats and the merged model. ``teacher``: the dense model, for a distillation loss;
     ``plan``: the pruning plan that made ``base`` from it (the block mapping of ``loss.intermediate``)."""
-    from prunelab.stages.recovery.model import apply_trained, trained_folder
-    from prunelab.stages.recovery.plain_loop import compare_with_plain
-
-    from prunelab.stages.recovery import trackers
-
     run = setup(env, cfg, base, out_dir, label, teacher, plan, generated)
     run.tracking = trackers.start(env.accelerator, cfg.loop.log_with, f"prunelab-{label}",
                                   {"method": cfg.method, "steps": run.total, "batch_size": cfg.loop.batch_size,
@@ -375,8 +369,6 @@ def recover_model(env: TrainerEnv, cfg: RecoverySettings, base: torch.nn.Module,
 
 def _summary(run: TrainState, processes: int, seconds: float) -> dict[str, Any]:
     """Throughput = median tokens per step / median step time, warm-up step excluded."""
-    from prunelab.stages.evaluation.memory import peak_memory_mb
-
     rec = run.recorder
     timed = rec.step_seconds[1:] or rec.step_seconds  # the first step includes warm-up
     median = statistics.median(timed) if timed else float("nan")

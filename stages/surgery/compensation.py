@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.arch.base import STAT_KEYS
+
 
 def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
     """H + λI with λ = damping × mean(diag H) (SparseGPT's relative dampening; keeps H invertible)."""
@@ -83,9 +86,6 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
 def removed_inputs(model: torch.nn.Module, plan_layers: dict[int, dict[str, list[int]]]) -> list[tuple[int, str, str, torch.nn.Linear, list[int]]]:
     """(layer, parameter prefix, statistics key, linear, removed input channels) for every o_proj / down_proj that loses
     inputs: the removed query heads' columns of o_proj, the removed MLP channels of down_proj. What compensation repairs."""
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.arch.base import STAT_KEYS
-
     out = []
     ad = adapter_for(model)
     for i, rem in plan_layers.items():

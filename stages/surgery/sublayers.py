@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from prunelab.stages.arch import SUBLAYER_FAMILIES, adapter_for
 from prunelab.stages.surgery.plan import PlanError
 
 
 def sublayer_refusal(model: nn.Module) -> str | None:
     """Why this model's sublayers cannot be removed (None: they can)."""
-    from prunelab.stages.arch import SUBLAYER_FAMILIES, adapter_for
-
     ad = adapter_for(model)
     if not ad.SUBLAYER_REMOVAL:
         return (f"{ad.family or model.config.model_type} (model_type {model.config.model_type!r}): sublayer removal "
@@ -28,8 +27,6 @@ def sublayer_refusal(model: nn.Module) -> str | None:
 
 def remove_sublayers(model: nn.Module, attention: list[int], mlp: list[int]) -> None:
     """Remove the attention sublayers of layers ``attention`` and the MLP sublayers of layers ``mlp`` (0-based)."""
-    from prunelab.stages.arch import adapter_for
-
     refusal = sublayer_refusal(model)
     if refusal:
         raise PlanError(refusal)

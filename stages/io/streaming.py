@@ -25,7 +25,7 @@ stages (they need the whole model: evaluate the exported ``model/`` in a second,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,6 +189,92 @@ def layers_resident(model: Any) -> Iterator[None]:
         yield
     finally:
         layers.__class__ = plain
+
+
+# ----------------------------------------------------------------------------- score: gradient sums on disk
+class SpilledTensors(MutableMapping):
+    """name → float32 tensor, held in memory for one block at a time: when a name of another block is set (the
+    block-wise backward folds block L−1, then L−2, …), the previous block's tensors go to one safetensors file and
+    leave memory; reading a spilled name loads that tensor alone, for as long as the caller holds it. The gradient sums
+    of a 1.2B model are 4.8 GB in float32: resident, they alone would be the whole model."""
+
+    def __init__(self, folder: Path, group: Any) -> None:
+        import weakref
+
+        self.folder, self.group = folder, group
+        self.hot: dict[str, torch.Tensor] = {}
+        self.hot_group: str | None = None
+        self.where: dict[str, Path] = {}
+        self.flushes = 0
+        weakref.finalize(self, _remove, str(folder))
+
+    def flush(self) -> None:
+        """The block in memory to its file."""
+        from safetensors.torch import save_file
+
+        if self.hot:
+            path = self.folder / f"spill-{self.flushes}.safetensors"
+            save_file({k: v.contiguous() for k, v in self.hot.items()}, str(path))
+            self.where.update(dict.fromkeys(self.hot, path))
+            self.flushes += 1
+            self.hot.clear()
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        group = self.group(name)
+        if group != self.hot_group:
+            self.flush()
+            self.hot_group = group
+        if name in self.where:
+            raise KeyError(f"{name}: its block was already spilled to disk; a block's sums are folded together")
+        self.hot[name] = value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.hot:
+            return self.hot[name]
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt", device="cpu") as h:
+            return h.get_tensor(name)
+
+    def __delitem__(self, name: str) -> None:
+        if name in self.hot:
+            del self.hot[name]
+        else:
+            del self.where[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.hot or name in self.where
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.where
+        yield from (n for n in list(self.hot) if n not in self.where)
+
+    def __len__(self) -> int:
+        return len(self.where) + len(self.hot)
+
+
+def _remove(folder: str) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def spill_gradients(model: Any, stats: Any) -> None:
+    """A streamed skeleton's gradient sums (``grad_sum``, ``grad_sq_sum``) kept on disk block by block
+    (``SpilledTensors``); a resident model's stay in memory. Called by the sequential pipeline when its stats start."""
+    if not is_streamed(model):
+        return
+    import tempfile
+
+    from prunelab.stages.arch import adapter_for
+
+    blocks = f"{adapter_for(model).BLOCKS}."
+
+    def group(name: str) -> str:
+        return ".".join(name.split(".")[: blocks.count(".") + 1]) if name.startswith(blocks) else "outside"
+
+    stats.grad_sum = SpilledTensors(Path(tempfile.mkdtemp(prefix="prunelab-grad-")), group)
+    stats.grad_sq_sum = SpilledTensors(Path(tempfile.mkdtemp(prefix="prunelab-grad2-")), group)
 
 
 # ----------------------------------------------------------------------------- prune: deferred compensation
@@ -475,16 +561,37 @@ def _embed_states(ad: Any, weights: Any, calibration: torch.Tensor, batch_size: 
     return cache, prepared
 
 
+class GramSums:
+    """Σ x xᵀ, Σ x and the token count of one linear's inputs in float64, as ``ChannelStats`` keeps them for optimal
+    compensation (the same products and additions), the sum updated in place: one extra d×d matrix per batch instead of
+    two (5632² float64 is 254 MB)."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        g, s = x.T @ x, x.sum(0)
+        if self.gram is None:
+            self.gram, self.total = g, s
+        else:
+            self.gram.add_(g)
+            self.total.add_(s)
+        del g
+        self.count += x.shape[0]
+
+
 def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, prepared: dict,
-               collect: bool) -> dict[str, tuple[Any, Any, int]] | None:
+               collect: bool) -> dict[str, dict[int, GramSums]] | None:
     """The dense block i on every batch's input state (outputs into ``following``); with ``collect``, the float64
-    Gram, sum and count of its o_proj / down_proj inputs (``ChannelStats``, the sums the score pass would keep)."""
+    Gram, sum and count of its o_proj / down_proj inputs (the sums the score pass keeps for a resident run)."""
     import torch
 
     from prunelab.stages.arch.base import STAT_KEYS
-    from prunelab.stages.calibration.channels import ChannelStats
 
-    sums = {role: ChannelStats(keep_gram=True) for role in ("o", "down")} if collect else {}
+    sums = {role: GramSums() for role in ("o", "down")} if collect else {}
     handles = [ad.linear(layer, role).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
                for role, s in sums.items()]
     try:
@@ -496,7 +603,54 @@ def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, p
         for h in handles:
             h.remove()
     following.count = states.count
-    return {STAT_KEYS[r]: {i: (s.gram, s.total, s.count)} for r, s in sums.items()} if collect else None
+    return {STAT_KEYS[r]: {i: s} for r, s in sums.items()} if collect else None
+
+
+def lean_optimal(weight: torch.Tensor, bias: torch.Tensor | None, sums: GramSums, removed: list[int],
+                 damping: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``compensation.optimal_layer`` with its d×d temporaries cut from five to two: the Gram is augmented and
+    dropped, the damping added to the diagonal in place (λ added to the diagonal, + 0 elsewhere: the same values as
+    H + λI), the inverse the only other matrix; then the same OBS update as ``obs_remove``."""
+    import torch
+
+    from prunelab.stages.surgery.compensation import augmented_gram
+
+    keep = [j for j in range(weight.shape[1]) if j not in set(removed)]
+    if with_bias:
+        h = augmented_gram(sums.gram, sums.total, sums.count)
+        b0 = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
+        w = torch.cat([weight.double(), b0[:, None]], dim=1)
+    else:
+        h, w = sums.gram.double(), weight.double()
+    sums.gram = None
+    lam = damping * torch.diagonal(h).mean().clamp_min(1e-12)
+    torch.diagonal(h).add_(lam)
+    hinv = torch.linalg.inv(h)
+    del h
+    s = torch.tensor(removed, dtype=torch.long)
+    rows = hinv[s]
+    del hinv
+    coef = torch.linalg.solve(rows[:, s], rows)
+    del rows
+    out = w - w[:, s] @ coef
+    out[:, s] = 0.0
+    return (out[:, keep], out[:, -1]) if with_bias else (out[:, keep], None)
+
+
+def optimal_side(dense: nn.Module, i: int, removed: dict[str, list[int]], grams: dict[str, dict[int, GramSums]],
+                 damping: float, with_bias: bool) -> dict[str, torch.Tensor]:
+    """``compensation.optimal_compensation`` for block i, through ``lean_optimal``: the side tensors by parameter."""
+    from prunelab.stages.surgery.compensation import removed_inputs
+
+    side = {}
+    for _, name, key, lin, idx in removed_inputs(dense, {i: removed}):
+        w, b = lean_optimal(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grams[key][i], idx,
+                            damping, with_bias)
+        side[f"{name}weight"] = w.to(lin.weight.dtype)
+        if b is not None:
+            old = b.new_zeros(b.shape) if lin.bias is None else lin.bias.detach().double()
+            side[f"{name}bias"] = (b - old).to(lin.weight.dtype)
+    return side
 
 
 def _prune_block(dense: nn.Module, ad: Any, i: int, removed: dict[str, list[int]], comp: Any,
@@ -506,11 +660,11 @@ def _prune_block(dense: nn.Module, ad: Any, i: int, removed: dict[str, list[int]
     import torch
 
     from prunelab.stages.surgery.apply import prune_layer_width
-    from prunelab.stages.surgery.compensation import bias_compensation, optimal_compensation
+    from prunelab.stages.surgery.compensation import bias_compensation
 
     side: dict[str, torch.Tensor] = {}
     if comp is not None and comp.type == "optimal":
-        side = optimal_compensation(dense, {i: removed}, grams, comp.damping, comp.bias)
+        side = optimal_side(dense, i, removed, grams, comp.damping, comp.bias)
     elif comp is not None and comp.type == "bias":
         if means is None:
             raise ValueError("compensation: bias needs activation means from a width `score` stage")

@@ -1,0 +1,214 @@
+"""A model larger than the budget, pruned with one block resident (issue 28 item 6): a benchmark, not a test.
+
+    python -m prunelab.benchmarks.big_model --folder /tmp/big-llama --output /tmp/big-runs [--methods bi flap taylor]
+
+1. builds a random-init Llama-layout model (GQA; default hidden 2048, 24 layers, 16 query / 4 KV heads,
+   intermediate 5632, vocab 32000, untied head: 1.21B parameters, 4.85 GB in float32) WITHOUT ever holding it: the
+   config on the meta device gives every tensor's name and shape, each tensor is drawn (seeded by its name) and
+   written straight into pre-allocated safetensors shards (``prunelab.stages.io.streaming.ShardWriter``), with a
+   byte-level tokenizer (no download);
+2. prunes 20% of it with each method, each in its own ``python pipeline/run.py`` child, ``model.load: streaming``,
+   calibration ``pipeline: sequential`` on N windows of L tokens of tests/data/tiny_corpus.txt (default 8 × 128):
+   ``bi`` (ShortGPT Block Influence, 20% of the blocks), ``flap`` (FLAP, global allocation, optimal compensation),
+   ``taylor`` (LLM-Pruner element-wise Taylor, uniform widths, block-wise backward);
+3. reports per method: the model's float32 size, the child's peak RSS (``os.wait4``'s ``ru_maxrss``: the most
+   resident memory the process ever held, file-backed pages included) and its ratio to the size, seconds per block
+   (the whole child's wall time / blocks, and the export's own), the output's size, and whether the result reloads
+   (a second child: vanilla ``AutoModelForCausalLM.from_pretrained`` for uniform plans, ``load_pruned`` for
+   per-layer widths, then one forward with finite logits). A table on stdout, everything in ``<output>/big_model.json``.
+
+The machine is shared: the timings are what they are; the RSS is the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = ROOT / "tests" / "data" / "tiny_corpus.txt"
+
+
+def build(folder: Path, hidden: int = 2048, layers: int = 24, heads: int = 16, kv_heads: int = 4,
+          intermediate: int = 5632, vocab: int = 32000, shard_mb: float = 1024, seed: int = 0) -> dict[str, Any]:
+    """The random model's folder (``save_pretrained`` layout), one tensor in memory at a time."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunelab.stages.io.streaming import ShardWriter, output_spec
+    from prunelab.stages.io.tiny import byte_tokenizer
+
+    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0,
+                                  eos_token_id=1, pad_token_id=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spec = output_spec(model, torch.float32)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = ShardWriter(tmp, spec, int(shard_mb * 2**20))
+    for k, (name, (shape, dtype)) in enumerate(spec.items()):
+        g = torch.Generator().manual_seed(seed * 100_003 + k)
+        if len(shape) == 1:  # norms: around 1, so blocks differ
+            t = 1 + 0.1 * torch.randn(shape, generator=g, dtype=dtype)
+        else:  # std 0.02 makes near-identical blocks; widen with depth so the criteria see differences
+            block = int(name.split(".")[2]) if name.startswith("model.layers.") else 0
+            t = torch.randn(shape, generator=g, dtype=dtype) * (0.02 + 0.01 * (block % 3))
+        writer.write(name, t)
+        del t
+    written = writer.close()
+    config.dtype = torch.float32
+    config.save_pretrained(tmp)
+    byte_tokenizer().save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    params = sum(int(torch.Size(s).numel()) for s, _ in spec.values())
+    return {"params": params, "bytes": written["bytes"], "shards": written["shards"], "layers": layers}
+
+
+def recipe(method: str, folder: Path, samples: int, seq_len: int) -> dict[str, Any]:
+    """The streamed recipe of one method (20% of the parameters)."""
+    calibrate = {"type": "calibrate", "source": {"path": str(CORPUS)}, "num_samples": samples, "seq_len": seq_len,
+                 "pipeline": {"type": "sequential", "propagate": "dense"}}
+    if method == "bi":
+        prune = {"score": {"type": "score", "criteria": ["block_influence"]},
+                 "prune": {"type": "prune", "criterion": "block_influence", "ratio": 0.2}}
+    elif method == "flap":
+        prune = {"score": {"type": "score", "units": "width", "criteria": ["flap"]},
+                 "prune": {"type": "prune", "units": "width", "criterion": "flap", "ratio": 0.2,
+                           "allocation": "global", "compensation": "optimal"}}
+    elif method == "taylor":
+        prune = {"score": {"type": "score", "units": "width", "criteria": ["taylor"]},
+                 "prune": {"type": "prune", "units": "width", "criterion": "taylor", "ratio": 0.2}}
+    else:
+        raise ValueError(f"unknown method {method!r}; choose bi, flap or taylor")
+    return {"name": f"big-{method}", "seed": 0, "model": {"source": str(folder), "load": "streaming"},
+            "stages": {"calibrate": calibrate, **prune, "export": {"type": "export", "shard_mb": 1024}}}
+
+
+def child(cmd: list[str], log: Path) -> tuple[int, float, int]:
+    """(exit status, wall seconds, peak RSS in bytes) of one child process."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss * 1024  # Linux: KiB
+
+
+RELOAD = """
+import json, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+path = sys.argv[1]
+per_layer = bool(getattr(AutoConfig.from_pretrained(path), "prunelab_layer_shapes", None))
+if per_layer:
+    from prunelab.stages.io.loader import load_pruned
+    model = load_pruned(path)
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+with torch.inference_mode():
+    logits = model(torch.arange(3, 35)[None]).logits
+print(json.dumps({"loader": "load_pruned" if per_layer else "vanilla", "finite": bool(torch.isfinite(logits).all()),
+                  "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def size_of(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+def run_method(method: str, folder: Path, output: Path, samples: int, seq_len: int, size: int,
+               layers: int) -> dict[str, Any]:
+    """One method: the streamed run in a child, then the reload in another."""
+    import yaml
+
+    runs = output / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    path = output / f"big-{method}.yaml"
+    path.write_text(yaml.safe_dump(recipe(method, folder, samples, seq_len), sort_keys=False))
+    code, wall, rss = child([sys.executable, "pipeline/run.py", str(path), "--output-dir", str(runs), "--force"],
+                            output / f"big-{method}.log")
+    row: dict[str, Any] = {"method": method, "exit": code, "wall_s": round(wall, 1), "peak_rss_bytes": rss,
+                           "rss_over_size": round(rss / size, 4), "seconds_per_block": round(wall / layers, 2)}
+    model_dir = runs / f"big-{method}" / "model"
+    if code != 0 or not model_dir.is_dir():
+        row["error"] = (output / f"big-{method}.log").read_text()[-2000:]
+        return row
+    metrics = json.loads((runs / f"big-{method}" / "metrics.json").read_text())
+    row["params_after"] = metrics["model"].get("params_after")
+    row["layers_after"] = metrics["model"].get("layers_after")
+    row["output_bytes"] = size_of(model_dir)
+    done = sorted((runs / f"big-{method}").glob("*-export/done.json"))
+    if done:
+        streamed = json.loads(done[-1].read_text()).get("outputs", {}).get("streamed", {})
+        row["export_seconds_per_block"] = streamed.get("seconds_per_block")
+    rcode, _, rrss = child([sys.executable, "-c", RELOAD, str(model_dir)], output / f"reload-{method}.log")
+    tail = (output / f"reload-{method}.log").read_text().strip().splitlines()
+    row["reload"] = json.loads(tail[-1]) if rcode == 0 and tail else {"error": "\n".join(tail[-5:])}
+    row["reload_ok"] = rcode == 0 and row["reload"].get("finite", False)
+    return row
+
+
+def table(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    gb = 1e9
+    lines = [f"model: {info['params'] / 1e9:.2f}B params, {info['bytes'] / gb:.2f} GB float32, {info['layers']} blocks, "
+             f"{info['shards']} shards; calibration {info['samples']} × {info['seq_len']} tokens, sequential",
+             "| method | peak RSS (GB) | RSS / f32 size | s / block (run) | s / block (export) | params after | "
+             "output (GB) | reload |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["exit"] != 0:
+            lines.append(f"| {r['method']} | {r['peak_rss_bytes'] / gb:.2f} | failed (exit {r['exit']}) | | | | | |")
+            continue
+        reload = f"{r['reload'].get('loader', '?')} ok" if r["reload_ok"] else "FAILED"
+        lines.append(f"| {r['method']} | {r['peak_rss_bytes'] / gb:.2f} | {r['rss_over_size']:.1%} | "
+                     f"{r['seconds_per_block']} | {r.get('export_seconds_per_block')} | {r['params_after']:,} | "
+                     f"{r['output_bytes'] / gb:.2f} | {reload} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--folder", type=Path, default=Path("/tmp/prunelab-big-llama"), help="where the model is built")
+    p.add_argument("--output", type=Path, default=Path("/tmp/prunelab-big-runs"), help="runs, logs and the JSON")
+    p.add_argument("--methods", nargs="+", default=["bi", "flap", "taylor"])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--keep", action="store_true", help="keep the built model and the runs (default: delete them)")
+    args = p.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    if not (args.folder / "config.json").is_file():
+        t0 = time.perf_counter()
+        info = build(args.folder, layers=args.layers)
+        info["build_s"] = round(time.perf_counter() - t0, 1)
+    else:
+        cfg = json.loads((args.folder / "config.json").read_text())
+        size = size_of(args.folder)
+        info = {"params": size // 4, "bytes": size, "layers": cfg["num_hidden_layers"],
+                "shards": len(list(args.folder.glob("*.safetensors")))}
+    info.update(samples=args.samples, seq_len=args.seq_len)
+    rows = []
+    for method in args.methods:
+        rows.append(run_method(method, args.folder, args.output, args.samples, args.seq_len, info["bytes"], info["layers"]))
+        print(json.dumps(rows[-1]), flush=True)
+        if not args.keep:  # the disk is shared: one pruned copy at a time
+            shutil.rmtree(args.output / "runs" / f"big-{method}" / "model", ignore_errors=True)
+    out = {"model": info, "rows": rows}
+    (args.output / "big_model.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(table(info, rows))
+    if not args.keep:
+        shutil.rmtree(args.folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

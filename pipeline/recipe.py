@@ -90,6 +90,7 @@ class RecipeBase(StrictModel):
             if check is not None:
                 errors.extend(f"stages.{key}: {msg}" for msg in check(key, seen, stages))
             seen.append(key)
+        errors.extend(self.model.check_stages(stages))  # model.load: streaming allows fewer stages
         exports = [key for key, cfg in stages.items() if getattr(cfg, "type", None) == "export"]
         for key in exports[1:]:
             errors.append(f"stages.{key}: a second export stage would overwrite model/ written by stages.{exports[0]}; "

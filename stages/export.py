@@ -47,7 +47,10 @@ class ExportConfig(StrictModel):
     verify: bool = Field(True, description="reload with vanilla transformers and compare logits")
     tolerance: float = Field(1e-5, gt=0, description="max |Δlogit| allowed by the reload check (float32)")
     # added later: left out of dumps when unused
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None, "formats": ["hf"], "gguf": GGUFExportConfig()}
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"push_to_hub": None, "formats": ["hf"], "gguf": GGUFExportConfig(),
+                                              "shard_mb": None}
+    shard_mb: float | None = Field(None, gt=0, description="largest safetensors shard of model/ in MB (none: "
+                                   "save_pretrained's default; 2048 for a streamed model)")
     push_to_hub: PushToHubConfig | None = Field(None, description="{repo_id: user/name, private: true}: publish model/ "
                                                 "to the Hugging Face Hub in one commit after it is written and verified")
 
@@ -79,6 +82,11 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
         refused = refusals(cfg, model)
         if refused:  # before anything is written: no half-done export
             raise ValueError("; ".join(refused))
+        if getattr(model, "prunelab_weights", None) is not None:  # streamed: block by block (stages.io.streaming)
+            from prunelab.stages.io.streaming import export_streamed
+
+            ctx.exported = export_streamed(ctx, cfg)
+            return dict(ctx.exported)
         if cfg.dtype != "same":
             model = model.to(DTYPES[cfg.dtype])
         for name in [f for f in FORMATS.names() if f in cfg.formats]:  # registration order: hf first, as before

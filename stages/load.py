@@ -20,7 +20,12 @@ def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
 
     from prunelab.stages.io.models import load_model
 
-    model, tokenizer = load_model(cfg)
+    if cfg.load == "streaming":  # a meta skeleton; blocks read from the shards when needed (stages.io.streaming)
+        from prunelab.stages.io.streaming import load_streaming
+
+        model, tokenizer = load_streaming(cfg)
+    else:
+        model, tokenizer = load_model(cfg)
     ctx.model, ctx.tokenizer = model, tokenizer
     adapter = ctx.adapter
     info = {

@@ -257,6 +257,8 @@ class GradientObserver(Observer):
 
     def finish(self) -> None:
         for table in (self.stats.grad_sum, self.stats.grad_sq_sum):
+            if not isinstance(table, dict):  # spilled to disk (a streamed model): reordering would load every tensor
+                continue
             ordered = {n: table[n] for n in self.names if n in table}
             table.clear()
             table.update(ordered)

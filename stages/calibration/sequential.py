@@ -230,6 +230,9 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
                          f"got {sorted(needs)}")
     adapter = adapter_for(model)
     stats = CalibrationStats(num_blocks=adapter.num_blocks)
+    from prunelab.stages.io.streaming import spill_gradients
+
+    spill_gradients(model, stats)  # a streamed skeleton: gradient sums on disk, block by block
     observers = start_observers(needs, stats, adapter)
     backward = [o for o in observers if o.BACKWARD]
     folder = Path(settings.offload_dir) if settings.offload_dir else Path(tempfile.mkdtemp(prefix="prunelab-boundary-"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -57,3 +57,18 @@ class ModelConfig(StrictModel):
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:0' or 'auto' (GPU when present)")
     attn_implementation: Literal["sdpa", "eager"] | None = None
     revision: str | None = None
+    # added later: left out of dumps at its default, so older run directories keep their chain hashes
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"load": "resident"}
+    load: Literal["resident", "streaming"] = Field(
+        "resident", description="resident: the whole model in memory; streaming: a meta-device skeleton, each block's "
+        "weights read from the safetensors shards when a stage needs it and written block by block by the export "
+        "(models larger than memory; needs pipeline: sequential; prunelab.stages.io.streaming)")
+
+    def check_stages(self, stages: dict[str, Any]) -> list[str]:
+        """Rules between the model's settings and the stages (the recipe's cross-stage check): ``load: streaming``
+        allows only what one block resident can do (``prunelab.stages.io.streaming.streaming_problems``)."""
+        if self.load != "streaming":
+            return []
+        from prunelab.stages.io.streaming import streaming_problems
+
+        return streaming_problems(self, stages)

@@ -116,7 +116,8 @@ def export_hf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
 
     target, diff = ctx.run_dir / "model", None
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        shards = {} if getattr(cfg, "shard_mb", None) is None else {"max_shard_size": int(cfg.shard_mb * 2**20)}
+        model.save_pretrained(tmp, safe_serialization=True, **shards)
         ctx.tokenizer.save_pretrained(tmp)
         ModelCard(model_card(ctx)).save(tmp / "README.md")
         if cfg.verify:

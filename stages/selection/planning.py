@@ -55,6 +55,8 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     compensation = COMPENSATIONS.impl(comp.type)  # side tensors by parameter (stages.surgery.targets); None: none
 
     def compensate(chosen: dict[int, dict[str, list[int]]]) -> dict[str, Any]:
+        if getattr(model, "prunelab_weights", None) is not None:  # streamed skeleton: the export compensates per block
+            return {}
         return compensation(model, chosen, means, comp) if compensation is not None else {}
 
     if cfg.dense_units() and needs_uniform_attention(cfg, alloc.ranks_globally or offsets is not None):

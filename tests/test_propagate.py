@@ -61,7 +61,8 @@ def test_same_inputs_give_the_dense_optimal_solution() -> None:
         torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-10)
         if with_bias:
             torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(asymmetric_bias(w, paired, removed, "dense"), w.double()[:, removed] @ x.double().mean(0)[removed])
+    flap = w.double()[:, removed] @ x.double().mean(0)[removed]  # FLAP's b + W_S x̄_S
+    torch.testing.assert_close(asymmetric_bias(w, paired, removed, "dense"), flap)
 
 
 def test_the_closed_form_is_the_least_squares_fit_to_the_dense_output() -> None:
@@ -79,7 +80,8 @@ def test_the_closed_form_is_the_least_squares_fit_to_the_dense_output() -> None:
     lam = damping * torch.diagonal(aug.T @ aug).mean()
     target = x @ w.T + b
     prior = torch.cat([w[:, keep], b[:, None]], 1)
-    direct = torch.linalg.solve(a.T @ a + lam * torch.eye(len(keep) + 1, dtype=torch.float64), a.T @ target + lam * prior.T).T
+    ridge = lam * torch.eye(len(keep) + 1, dtype=torch.float64)
+    direct = torch.linalg.solve(a.T @ a + ridge, a.T @ target + lam * prior.T).T
     torch.testing.assert_close(torch.cat([new_w, new_b[:, None]], 1), direct, rtol=1e-9, atol=1e-10)
     own = _paired(xp, xp)
     self_w, self_b = optimal_layer(w, b, own.gram, own.total, own.count, removed, damping)

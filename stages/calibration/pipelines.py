@@ -37,8 +37,9 @@ class SequentialPipeline(StrictModel):
         "pruned = the scores still come from the dense pass, then the prune stage applies the plan block by block and "
         "re-fits compensation on the outputs of the already-pruned blocks (width plans with bias/optimal compensation)")
     target: Literal["dense", "self"] = Field(
-        "dense", description="propagate: pruned only — what the re-fitted layer matches on the pruned-path inputs: dense "
-        "= the dense layer's output on the dense inputs (corrects the error carried in, needs the cross term X'ᵀX); "
+        "dense", description="propagate: pruned only — what the re-fitted layer matches on the pruned-path inputs: "
+        "dense = the dense layer's output on the dense inputs (corrects the error carried in, needs the cross term "
+        "X'ᵀX); "
         "self = its own dense weights on the pruned-path inputs (repairs only this block's removal)")
     memory_budget_gb: float = Field(
         4.0, ge=0, description="boundary states held in memory up to this size; past it they are memory-mapped "

@@ -61,6 +61,24 @@ class BlockStep:
             with torch.no_grad():
                 yield self.run(self.dense, self.dense_in(b)), self.run(self.pruned, self.pruned_in(b))
 
+    def paired_inputs(self, member: Callable[[torch.nn.Module], torch.nn.Module]
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch, the input of ``member(block)`` in the dense block on x_i and in the copy on x'_i, token-aligned
+        (the cross term needs them paired). Each forward stops at that module: what follows it is not computed."""
+        for b in range(self.num_batches):
+            got = []
+            for module, x in ((self.dense, self.dense_in(b)), (self.pruned, self.pruned_in(b))):
+                seen, handle = capture_inputs(member(module), stop=True)
+                try:
+                    with torch.no_grad():
+                        self.run(module, x)
+                except _Stop:
+                    pass
+                finally:
+                    handle.remove()
+                got.append(seen[0])
+            yield got[0], got[1]
+
 
 @contextmanager
 def in_place_of(adapter: ArchAdapter, index: int, module: torch.nn.Module) -> Iterator[None]:
@@ -128,8 +146,18 @@ def walk_pruned(model: torch.nn.Module, calibration: torch.Tensor, fit: Callable
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def capture_inputs(module: torch.nn.Module) -> tuple[list[torch.Tensor], Any]:
-    """A list that receives ``module``'s input on every call, and the hook's handle (remove it when done)."""
+class _Stop(Exception):
+    """Raised by a capturing hook to end a forward at the module it watches."""
+
+
+def capture_inputs(module: torch.nn.Module, stop: bool = False) -> tuple[list[torch.Tensor], Any]:
+    """A list that receives ``module``'s input on every call, and the hook's handle (remove it when done); with
+    ``stop`` the forward ends there (``_Stop``, caught by ``BlockStep.paired_inputs``)."""
     seen: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    return seen, handle
+
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        seen.append(args[0].detach())
+        if stop:
+            raise _Stop
+
+    return seen, module.register_forward_pre_hook(hook)

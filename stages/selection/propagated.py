@@ -1,4 +1,4 @@
-"""The width plan of ``propagate: pruned``: decided on the dense scores (pass 1), compensated on the pruned path (pass 2).
+"""The width plan of ``propagate: pruned``: decided on dense scores (pass 1), compensated on the pruned path (pass 2).
 
 Every global decision — FLAP's global allocation, OWL / AlphaPruning ratios, the engines' constraints — needs all
 the blocks' scores, so the plan (which units each layer keeps) is made exactly as with ``propagate: dense``, from

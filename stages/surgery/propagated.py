@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prunelab.stages.calibration.propagate import BlockStep, capture_inputs, walk_pruned
+from prunelab.stages.calibration.propagate import BlockStep, walk_pruned
 from prunelab.stages.surgery.apply import PlanError, prune_layer_width
 from prunelab.stages.surgery.compensation import augmented_gram, optimal_layer
 
@@ -102,14 +102,8 @@ def asymmetric_bias(weight: torch.Tensor, paired: PairedInputs, removed: list[in
 def _paired(step: BlockStep, role: str, gram: bool, cross: bool) -> PairedInputs:
     """``role``'s inputs on both paths over every calibration batch (the dense block on x_i, the copy on x'_i)."""
     out = PairedInputs()
-    seen_dense, h1 = capture_inputs(step.adapter.linear(step.dense, role))
-    seen_pruned, h2 = capture_inputs(step.adapter.linear(step.pruned, role))
-    try:
-        for _ in step.pairs():
-            out.add(seen_dense.pop(), seen_pruned.pop(), gram, cross)
-    finally:
-        h1.remove()
-        h2.remove()
+    for x, x_pruned in step.paired_inputs(lambda block: step.adapter.linear(block, role)):
+        out.add(x, x_pruned, gram, cross)
     return out
 
 
@@ -133,7 +127,8 @@ class PropagatedCompensation:
                  record: dict[tuple[int, str], PairedInputs] | None = None) -> None:
         if kind not in ("optimal", "bias"):
             raise ValueError(f"propagate: pruned re-fits compensation: bias or optimal; got compensation: {kind}")
-        self.layers, self.kind, self.damping, self.with_bias, self.target = plan_layers, kind, damping, with_bias, target
+        self.layers, self.kind, self.damping = plan_layers, kind, damping
+        self.with_bias, self.target = with_bias, target
         self.record = record  # (block, role) → its paired statistics, when the caller wants to inspect them
         self.side: dict[str, torch.Tensor] = {}
 

@@ -93,7 +93,7 @@ def _later_prunes(key: str, stages: dict[str, Any], units: str) -> list[Any]:
     """Prune stages after ``key`` that read scores of ``units`` (hidden channels are scored by width criteria)."""
     keys, kind = list(stages), kind_of(units)
     later = [stages[k] for k in keys[keys.index(key) + 1 :] if getattr(stages[k], "type", "") == "prune"]
-    return [s for s in later if s.units in ("blocks", "width", "hidden") and kind_of(s.units) == kind]
+    return [s for s in later if s.units in ("blocks", "width", "hidden", "sublayers") and kind_of(s.units) == kind]
 
 
 def _inputs_key(ctx: RunContext) -> str:
@@ -118,7 +118,8 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     results, stats = score_criteria(
         kind, names, ctx.model, ctx.calibration, settings=cfg.settings, seed=ctx.recipe.seed, batch_size=cfg.batch_size,
         extra_needs=extra, hidden="hidden" in extra,
-        num_remove=lambda: num_blocks_for(prunes[0], ctx.adapter),  # blocks are equal in size: any criterion's count
+        num_remove=lambda: num_blocks_for(prunes[0], ctx.adapter) if prunes[0].units == "blocks" else None,  # blocks are equal in size
+        prune=prunes[0] if prunes else None,  # sublayer_sleb reads a `units: sublayers` target
         partial=PartialResults(ctx.stage_dir / "partial", _inputs_key(ctx), write=ctx.is_main),
         progress=ctx.progress, log=lambda m: log.info(m, main_process_only=True),
         pipeline=pipeline_for(ctx.stage_key, ctx.recipe.stages),

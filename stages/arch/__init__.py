@@ -117,9 +117,10 @@ def compensation_refusal(model_type: str | None) -> str | None:
 
 def sublayer_refusal(model_type: str | None, stage: Any) -> str | None:
     """Torch-free, for ``--dry-run``: a prune stage with ``units: sublayers``, or a score stage computing
-    ``sublayer_cosine``, on a family whose layers cannot lose a sublayer — refused before the model loads."""
+    a sublayer criterion (``sublayer_cosine``, ``sublayer_ppl``, ``sublayer_sleb``), on a family whose layers cannot
+    lose a sublayer — refused before the model loads."""
     wants = getattr(stage, "units", None) == "sublayers" if getattr(stage, "type", None) == "prune" else \
-        "sublayer_cosine" in (getattr(stage, "criteria", None) or [])
+        bool({"sublayer_cosine", "sublayer_ppl", "sublayer_sleb"} & set(getattr(stage, "criteria", None) or []))
     facts = family_facts(model_type)
     if not wants or model_type is None or (facts is not None and facts.sublayers):
         return None

@@ -5,6 +5,7 @@ Score functions resolve lazily ("module:function") so validating a recipe stays 
 
 from prunelab.stages.criteria.registry import CRITERIA, WIDTH_UNITS, criteria_for, hidden_criteria, register_criterion
 from prunelab.stages.criteria.settings import LacoSettings, WidthGroupSettings
+from prunelab.stages.criteria.sublayer import SublayerPPLSettings, SublayerSLEBSettings
 
 _DEPTH = "prunelab.stages.criteria.depth"
 
@@ -17,6 +18,11 @@ register_criterion("laco", "prunelab.stages.criteria.laco:laco", "depth", {"cali
                    paper="LaCo, arXiv 2402.11187")
 register_criterion("sublayer_cosine", "prunelab.stages.criteria.sublayer:sublayer_cosine", "depth", {"sublayers"},
                    paper="He et al., What Matters in Transformers? Not All Attention is Needed, arXiv 2406.15786")
+_SUB = "prunelab.stages.criteria.sublayer_nll"
+register_criterion("sublayer_ppl", f"{_SUB}:sublayer_ppl", "depth", {"calibration"}, settings=SublayerPPLSettings,
+                   paper="Shortened LLaMA PPL criterion (arXiv 2402.02834) over He et al.'s sublayers (arXiv 2406.15786)")
+register_criterion("sublayer_sleb", f"{_SUB}:sublayer_sleb", "depth", {"calibration"}, settings=SublayerSLEBSettings,
+                   iterative=True, paper="SLEB Alg. 1 (arXiv 2402.09025) over He et al.'s sublayers (arXiv 2406.15786)")
 register_criterion("magnitude", f"{_DEPTH}:magnitude", "depth", paper="baseline")
 register_criterion("random", f"{_DEPTH}:random", "depth", paper="baseline")
 

@@ -30,6 +30,7 @@ class CriterionInputs:
     batch_size: int = 1
     num_remove: int | None = None  # iterative criteria stop at the later prune stage's target
     progress: bool = True
+    prune: Any = None  # the later prune stage's settings: sublayer_sleb stops at its `units: sublayers` target
     pipeline: Any = None  # the calibration pipeline those passes go through (None: full); SLEB's rounds honour it
 
     @cached_property

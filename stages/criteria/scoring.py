@@ -78,14 +78,14 @@ class PartialResults:
 def score_criteria(
     kind: str, names: list[str], model: Any, calibration: Any, *, settings: dict[str, BaseModel] | None = None,
     seed: int = 0, batch_size: int = 1, extra_needs: Iterable[str] = (), hidden: bool = False,
-    num_remove: Callable[[], int] | None = None, partial: PartialResults | None = None, progress: bool = True,
-    log: Callable[[str], None] | None = None, pipeline: Any = None,
+    num_remove: Callable[[], int | None] | None = None, partial: PartialResults | None = None, progress: bool = True,
+    log: Callable[[str], None] | None = None, pipeline: Any = None, prune: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], CalibrationStats]:
     """Every criterion's saved result (``to_json``), in ``names`` order, and the statistics of the one pass.
 
     Finished criteria found in ``partial`` are re-used; the pass collects what the others need plus ``extra_needs``
     (and, for width, the projection inputs), through ``pipeline`` (``prunelab.stages.calibration.pipelines``; default
-    full). ``num_remove`` gives iterative criteria the later prune stage's target."""
+    full). ``num_remove`` gives iterative criteria the later prune stage's target (``prune``: its settings)."""
     from prunelab.stages.calibration.pipelines import collect
     from prunelab.stages.criteria.base import CriterionInputs
 
@@ -98,7 +98,8 @@ def score_criteria(
     for name in todo:
         spec = CRITERIA.get(kind, name)
         inputs = CriterionInputs(model, stats, seed, settings.get(name), calibration, batch_size,
-                                 num_remove() if spec.iterative and num_remove is not None else None, progress)
+                                 num_remove() if spec.iterative and num_remove is not None else None, progress,
+                                 prune=prune if spec.iterative else None)
         done[name] = score(spec, inputs, hidden).to_json()
         if partial is not None:
             partial.save(name, done[name])

@@ -16,7 +16,31 @@ actually leaving the sublayer, which is what removing it changes.
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from prunelab.stages.core.config import StrictModel
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
+
+
+class SublayerPPLSettings(StrictModel):
+    """``sublayer_ppl`` (stages.criteria.sublayer_nll): how removal costs of sublayers of unequal size compare."""
+
+    objective: Literal["per_param", "absolute"] = Field(
+        "per_param", description="per_param: ΔNLL per removed parameter (the greedy knapsack ratio: the target is a "
+        "parameter count and an MLP sublayer is ~3× an attention one); absolute: raw ΔNLL (SLEB's rule for equal units)")
+
+
+class SublayerSLEBSettings(SublayerPPLSettings):
+    """``sublayer_sleb``: SLEB's greedy at sublayer granularity, with its two economies (screening, lazy rounds)."""
+
+    lazy: bool = Field(True, description="Minoux's lazy greedy: re-score candidates in order of their last value and "
+                       "stop once the best fresh value is no higher than every other; false re-scores all every round")
+    min_fresh: int = Field(3, ge=1, description="lazy rounds re-score at least this many of the best-estimated "
+                           "candidates on all windows (a guard for removal costs that fall as the model shrinks)")
+    screen: float = Field(0.25, gt=0, le=1, description="fraction of the calibration windows a never-scored candidate "
+                          "is first estimated on (1.0: none screened, every value on all windows)")
 
 
 def sublayer_cosine(inp: CriterionInputs) -> CriterionResult:

@@ -259,8 +259,9 @@ class HiddenSettings(_WidthTarget):
 
 class SublayersSettings(_Selection):
     """Remove whole attention and/or MLP sublayers (He et al., arXiv 2406.15786: Attention Drop, MLP Drop, Joint
-    Layer Drop), lowest ``sublayer_cosine`` importance first, one-shot. The block stays, with a no-op in place of
-    each removed sublayer (0 heads / 0 MLP channels in ``prunelab_layer_shapes``)."""
+    Layer Drop), lowest importance first (``sublayer_cosine``; removal cost: ``sublayer_ppl``, ``sublayer_sleb``).
+    The block stays, with a no-op in place of each removed sublayer (0 heads / 0 MLP channels in
+    ``prunelab_layer_shapes``)."""
 
     scored_units: ClassVar[Literal["blocks", "width"]] = "blocks"  # a depth criterion scores both sublayers per block
     units: Literal["sublayers"] = Field("sublayers", description="remove whole attention / MLP sublayers")

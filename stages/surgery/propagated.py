@@ -48,8 +48,9 @@ class PairedInputs:
     dense_total: torch.Tensor | None = None  # Σ x
     gram: torch.Tensor | None = None  # X'ᵀX'
     cross: torch.Tensor | None = None  # X'ᵀX (rows: pruned-path channels, columns: dense channels)
+    dense_gram: torch.Tensor | None = None  # XᵀX, only when recorded (what propagate: dense would fit on)
 
-    def add(self, dense: torch.Tensor, pruned: torch.Tensor, gram: bool, cross: bool) -> None:
+    def add(self, dense: torch.Tensor, pruned: torch.Tensor, gram: bool, cross: bool, dense_gram: bool = False) -> None:
         x = dense.reshape(-1, dense.shape[-1]).double()
         xp = pruned.reshape(-1, pruned.shape[-1]).double()
 
@@ -61,6 +62,8 @@ class PairedInputs:
             self.gram = plus(self.gram, (xp.T @ xp).cpu())
         if cross:
             self.cross = plus(self.cross, (xp.T @ x).cpu())
+        if dense_gram:
+            self.dense_gram = plus(self.dense_gram, (x.T @ x).cpu())
         self.count += x.shape[0]
 
 
@@ -99,11 +102,11 @@ def asymmetric_bias(weight: torch.Tensor, paired: PairedInputs, removed: list[in
     return w @ (paired.dense_total / paired.count) - w[:, keep] @ mean_p[keep]
 
 
-def _paired(step: BlockStep, role: str, gram: bool, cross: bool) -> PairedInputs:
+def _paired(step: BlockStep, role: str, gram: bool, cross: bool, dense_gram: bool = False) -> PairedInputs:
     """``role``'s inputs on both paths over every calibration batch (the dense block on x_i, the copy on x'_i)."""
     out = PairedInputs()
     for x, x_pruned in step.paired_inputs(lambda block: step.adapter.linear(block, role)):
-        out.add(x, x_pruned, gram, cross)
+        out.add(x, x_pruned, gram, cross, dense_gram)
     return out
 
 
@@ -158,7 +161,8 @@ class PropagatedCompensation:
     def _fit(self, step: BlockStep, role: str, cols: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(kept compensated weight, bias change) of ``role`` in block ``step.index``, in the layer's dtype."""
         optimal = self.kind == "optimal"
-        paired = _paired(step, role, gram=optimal, cross=optimal and self.target == "dense")
+        paired = _paired(step, role, gram=optimal, cross=optimal and self.target == "dense",
+                         dense_gram=self.record is not None)  # recorded: what propagate: dense would fit on
         if self.record is not None:
             self.record[(step.index, role)] = paired
         lin = step.adapter.linear(step.dense, role)

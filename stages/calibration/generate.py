@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunelab.stages.calibration.sources import SelfGeneratedSettings, SelfGeneratedSource
+from prunelab.stages.io.text import sample_windows, tokenized_source
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ def _prompts(tokenizer: Any, s: SelfGeneratedSettings, n: int, seed: int) -> tor
         if bos is None:
             raise ValueError("self_generated: the tokenizer has neither a BOS nor an EOS token; give prompt: a text source")
         return torch.full((n, 1), bos, dtype=torch.long)
-    from prunelab.stages.io.text import sample_windows, tokenized_source
-
     return sample_windows(tokenized_source(tokenizer, s.prompt), n, s.prompt_tokens, seed)
 
 

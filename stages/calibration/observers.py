@@ -27,7 +27,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from prunelab.stages.arch import SUBLAYER_FAMILIES
 from prunelab.stages.arch.base import OBSERVED_ROLES, STAT_KEYS, ArchAdapter
+from prunelab.stages.calibration.backward import fold_gradients
 from prunelab.stages.calibration.blocks import advance, candidates_nll, removal_nll_batch
 from prunelab.stages.calibration.channels import ChannelStats
 from prunelab.stages.calibration.experts import expert_hook, start_expert_observers
@@ -123,8 +125,6 @@ class SublayerObserver(Observer):
     def __init__(self, stats: CalibrationStats, adapter: ArchAdapter, needs: frozenset[str]) -> None:
         super().__init__(stats, adapter, needs)
         if not adapter.SUBLAYER_REMOVAL:  # e.g. Gemma's post-norms: the MID_RESIDUAL module does not see the stream
-            from prunelab.stages.arch import SUBLAYER_FAMILIES
-
             raise ValueError(f"sublayer statistics (sublayer_cosine): not defined for {adapter.family} "
                              f"({adapter.model.config.model_type}); supported: {', '.join(SUBLAYER_FAMILIES)} — use a "
                              "block criterion such as block_influence")
@@ -248,8 +248,6 @@ class GradientObserver(Observer):
 
     def fold(self, named: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
         """One batch's gradients of these parameters added to the sums (and squares), then cleared."""
-        from prunelab.stages.calibration.backward import fold_gradients
-
         fold_gradients(named, self.stats.grad_sum, self.stats.grad_sq_sum if "fisher" in self.needs else None)
 
     def batches_done(self, count: int) -> None:

@@ -143,7 +143,7 @@ def collect(model: Any, calibration: Any, needs: Iterable[str], batch_size: int 
 
 
 def _full(model: Any, calibration: Any, needs: set[str], batch_size: int, progress: bool, _settings: Any) -> Any:
-    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.calibration.full import collect_stats  # lazy: torch-free
 
     return collect_stats(model, calibration, needs, batch_size, progress)
 

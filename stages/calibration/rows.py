@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import load_dataset
 
 from prunelab.stages.io.config import TextSource
 
@@ -27,8 +28,6 @@ def text_rows(source: TextSource) -> list[str]:
         if path.suffix == ".txt":
             return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
         return [str(json.loads(line)[source.text_field]) for line in text.splitlines() if line.strip()]
-    from datasets import load_dataset
-
     ds = load_dataset(source.dataset, source.config, split=source.split, data_files=source.data_files)
     return [str(t) for t in ds[source.text_field]]
 

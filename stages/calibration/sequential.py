@@ -28,14 +28,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.calibration.backward import blockwise_backward
 from prunelab.stages.calibration.blocks import batches
 from prunelab.stages.calibration.observers import start_observers
-from prunelab.stages.calibration.pipelines import SequentialPipeline
+from prunelab.stages.calibration.pipelines import SequentialPipeline, refusals
 from prunelab.stages.calibration.stats import CalibrationStats
+from prunelab.stages.io.streaming import spill_gradients
 
 
 class BlockWeights(Protocol):
@@ -68,8 +72,6 @@ class SafetensorsWeights:
     """Tensors read from a ``save_pretrained`` folder's safetensors files (sharded or not) into a meta skeleton."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
-        from safetensors import safe_open
-
         self.folder, self.device, self.open = Path(folder), torch.device(device), safe_open
         index = self.folder / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
@@ -155,8 +157,6 @@ def _trim() -> None:
 
 def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model of a ``save_pretrained`` folder with every tensor on the meta device (no memory, no init)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
@@ -230,8 +230,6 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
                          f"got {sorted(needs)}")
     adapter = adapter_for(model)
     stats = CalibrationStats(num_blocks=adapter.num_blocks)
-    from prunelab.stages.io.streaming import spill_gradients
-
     spill_gradients(model, stats)  # a streamed skeleton: gradient sums on disk, block by block
     observers = start_observers(needs, stats, adapter)
     backward = [o for o in observers if o.BACKWARD]
@@ -285,8 +283,6 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
                 for o in observers:
                     o.after_pass(current.get, ids_batches)
             if backward:
-                from prunelab.stages.calibration.backward import blockwise_backward
-
                 kept.append(current)
                 (gradients,) = backward  # one observer runs the backward (the gradient need)
                 blockwise_backward(adapter, kept, ids_batches, lambda x: prepared[tuple(x.shape[:2])], weights,
@@ -310,8 +306,6 @@ def collect_from_pretrained(folder: str | Path, calibration: torch.Tensor, needs
                             dtype: torch.dtype | None = None) -> CalibrationStats:
     """The sequential pass over a ``save_pretrained`` folder without ever holding the model: a meta skeleton, one
     block's tensors read from the safetensors files at a time."""
-    from prunelab.stages.calibration.pipelines import refusals
-
     settings = settings or SequentialPipeline()
     refused = refusals(settings, needs)
     if refused:

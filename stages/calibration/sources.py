@@ -180,7 +180,7 @@ def calibration_windows(source: Any, model: Any, tokenizer: Any, num_samples: in
 def text_windows(source: TextSource | QATextSource, model: Any, tokenizer: Any, num_samples: int, seq_len: int,
                  seed: int, cache_dir: Path, progress: bool = True) -> Any:
     """N windows of L tokens at seeded offsets of the source's joined token stream."""
-    from prunelab.stages.io.text import sample_windows, tokenized_source
+    from prunelab.stages.io.text import sample_windows, tokenized_source  # lazy: torch-free
 
     return sample_windows(tokenized_source(tokenizer, source), num_samples, seq_len, seed)
 
@@ -188,7 +188,7 @@ def text_windows(source: TextSource | QATextSource, model: Any, tokenizer: Any, 
 def mix_windows(source: MixSource, model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
                 cache_dir: Path, progress: bool = True) -> Any:
     """Each part's share of the windows (``split_counts``), part i drawn with seed + i, concatenated in order."""
-    import torch
+    import torch  # lazy: torch-free
 
     counts = split_counts([p.weight for p in source.mix], num_samples)
     parts = [calibration_windows(p.source, model, tokenizer, c, seq_len, seed + i, cache_dir / f"mix-{i}", progress)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.arch import adapter_class
 from prunelab.stages.arch.base import STAT_KEYS
 from prunelab.stages.calibration.channels import ChannelStats
 
@@ -94,8 +95,6 @@ class CalibrationStats:
 def accumulate_gradients(model: torch.nn.Module, ids: torch.Tensor, stats: CalibrationStats, squares: bool = False,
                          every_parameter: bool = False) -> None:
     """One forward+backward of the calibration loss on ``ids``, added to the sums (and squared sums) of ``stats``."""
-    from prunelab.stages.arch import adapter_class
-
     adapter = adapter_class(model.config.model_type)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():

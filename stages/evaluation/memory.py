@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import resource
+import threading
 
 
 def peak_memory_mb() -> dict[str, float | None]:
-    import torch
+    import torch  # lazy: torch-free
 
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -20,9 +21,7 @@ class PeakRSS:
     """
 
     def __init__(self, interval: float = 0.05) -> None:
-        import threading
-
-        import psutil
+        import psutil  # lazy: startup
 
         self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.core.compat import cache_kwargs, output_cache
+from prunelab.stages.evaluation.memory import PeakRSS
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -31,8 +34,6 @@ def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float
     out = model(ids, use_cache=True)
     _sync(device)
     t1 = time.perf_counter()
-    from prunelab.stages.core.compat import cache_kwargs, output_cache
-
     past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 1):
         out = model(token, **cache_kwargs(type(model).forward, past), use_cache=True)
@@ -45,8 +46,6 @@ def _timed_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float
 def measure_speed(model: Any, prompt_len: int = 128, new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 8),
                   repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
     """Return {"prefill_ms": {bs: ms}, "decode_tok_s": {bs: tok/s}, "peak_memory_mb": ..., "protocol": ...}."""
-    from prunelab.stages.evaluation.memory import PeakRSS
-
     model.eval()
     device = next(model.parameters()).device
     vocab = model.config.vocab_size

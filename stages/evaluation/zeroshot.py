@@ -19,13 +19,17 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from prunelab.stages.core.files import cache_root
 
 # lm-eval 0.4's arc_easy.yaml with the hub dataset swapped for a local file.
 ARC_EASY_LOCAL = {
@@ -69,9 +73,6 @@ def expand_preset(tasks: Any) -> Any:
 # ----------------------------------------------------------------------------- task names, cached
 def _lm_eval_version() -> str | None:
     """lm-eval's version from its metadata (importing it takes ~1 s); None when it cannot be imported."""
-    import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("lm_eval") if importlib.util.find_spec("lm_eval") is not None else None
     except (PackageNotFoundError, ImportError, ValueError):
@@ -79,8 +80,6 @@ def _lm_eval_version() -> str | None:
 
 
 def _index_file(ver: str) -> Path:
-    from prunelab.stages.core.files import cache_root
-
     return cache_root() / f"lm_eval_tasks-{ver}.json"
 
 
@@ -96,7 +95,7 @@ def task_index() -> dict[str, str | None] | None:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass  # a broken cache file is rebuilt
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: optional
 
     index: dict[str, str | None] = {}
     for name, entry in TaskManager().task_index.items():
@@ -176,7 +175,7 @@ def suite_availability(tasks: dict[str, Any] | None = None) -> dict[str, str]:
 def task_manager(name: str, path: str | None, folder: Path, include_path: str | Path | None = None) -> tuple[Any, str]:
     """An lm-eval TaskManager that knows the local variant of ``name`` (when ``path`` is given) and the task
     YAMLs in ``include_path`` (your own tasks)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: optional
 
     if path is None:
         return TaskManager(include_path=str(include_path) if include_path else None), name
@@ -216,12 +215,12 @@ def evaluate_task(model: Any, tokenizer: Any, name: str, path: str | None, limit
     """Run one lm-eval task on ``model``: every metric it reports with its stderr (``metrics`` lists their names, in
     lm-eval's order), the sample count, the versions and the protocol in words."""
     try:
-        import lm_eval
+        import lm_eval  # lazy: optional
     except ImportError as exc:
         raise ImportError(f"zero-shot task {name!r} runs through lm-evaluation-harness, which is not installed: "
                           "pip install 'prunelab[eval]'") from exc
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval import simple_evaluate  # lazy: optional
+    from lm_eval.models.huggingface import HFLM  # lazy: optional
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:

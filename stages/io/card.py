@@ -9,9 +9,15 @@ one paragraph, the before/after table, every evaluation with its protocol, and h
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from prunelab.stages.evaluation.describe import describe_result
+from prunelab.stages.io.sources import alias_dirs, classify
 
 TAGS = ["prunelab", "pruned", "structured-pruning"]
 # Hub ids of the built-in aliases (stages.io.sources.ALIASES): the model the alias's GGUF was converted from.
@@ -27,8 +33,6 @@ def _front_matter_license(readme: Path) -> str | None:
     m = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
     if not m:
         return None
-    import yaml
-
     try:
         meta = yaml.safe_load(m.group(1)) or {}
     except yaml.YAMLError:
@@ -39,8 +43,6 @@ def _front_matter_license(readme: Path) -> str | None:
 
 def source_folder(source: str, revision: str | None = None) -> Path | None:
     """The local folder holding the source model's files (its card and config), without the network."""
-    from prunelab.stages.io.sources import alias_dirs, classify
-
     try:
         src = classify(source, None)
     except (OSError, ValueError):
@@ -51,7 +53,7 @@ def source_folder(source: str, revision: str | None = None) -> Path | None:
         return Path(src.path)
     if src.kind == "hub":
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
             hit = try_to_load_from_cache(src.path, "config.json", revision=revision)
         except Exception:  # noqa: BLE001 (an odd cache layout means: not cached)
@@ -63,8 +65,6 @@ def source_folder(source: str, revision: str | None = None) -> Path | None:
 def base_model_of(source: str) -> str | None:
     """The hub id to put in ``base_model``: the source when it is a hub id, an alias's original; None for a local
     folder (its id is unknown) or a built-in tiny model."""
-    from prunelab.stages.io.sources import classify
-
     if source in ALIAS_BASE:
         return ALIAS_BASE[source]
     try:
@@ -81,8 +81,6 @@ def base_license(source: str, revision: str | None = None) -> str | None:
     found = _front_matter_license(folder / "README.md")
     if found:
         return found
-    import json
-
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -92,7 +90,7 @@ def base_license(source: str, revision: str | None = None) -> str | None:
 
 def eval_results(evals: dict[str, dict[str, Any]], label: str, model_name: str) -> list[Any]:
     """``EvalResult`` entries (model-index) for the results of the model as exported (``label``)."""
-    from huggingface_hub import EvalResult
+    from huggingface_hub import EvalResult  # lazy: startup
 
     out = []
     for name, r in evals.get(label, {}).items():
@@ -115,7 +113,7 @@ def eval_results(evals: dict[str, dict[str, Any]], label: str, model_name: str) 
 def card_data(source: str, revision: str | None, tags: list[str], evals: dict[str, dict[str, Any]], label: str,
               model_name: str, library: str = "transformers") -> tuple[Any, list[str]]:
     """The card's ``ModelCardData`` and the notes the text must carry (e.g. why ``license`` is missing)."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCardData  # lazy: startup
 
     notes: list[str] = []
     base, lic = base_model_of(source), base_license(source, revision)
@@ -161,8 +159,6 @@ def model_card(ctx: Any) -> str:
     if plan is not None and plan.details():
         lines += [*plan.details(), ""]
     if ctx.evals:
-        from prunelab.stages.evaluation.describe import describe_result
-
         lines += ["## Evaluation", "", "| model | what | result | protocol |", "|---|---|---|---|"]
         for lab, results in ctx.evals.items():
             for name, r in results.items():

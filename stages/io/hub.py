@@ -9,8 +9,11 @@ here, so a test can check exactly what would be sent without the network). The t
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import Field
 
@@ -39,7 +42,7 @@ def push_problems(cfg: PushToHubConfig | None, where: str) -> list[str]:
 
 def commit_operations(folder: Path) -> list[Any]:
     """One ``CommitOperationAdd`` per file of ``folder`` (paths relative to it; hidden files left out)."""
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd  # lazy: startup
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
     return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
@@ -49,7 +52,7 @@ def push_folder(folder: Path, cfg: PushToHubConfig, default_message: str, api: A
     """Create (or reuse) ``cfg.repo_id`` and commit every file of ``folder`` in one commit; return what was pushed."""
     if offline():
         raise RuntimeError(f"push_to_hub: HF_HUB_OFFLINE is set; cannot push {folder} to {cfg.repo_id}")
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # lazy: startup
 
     api = api or HfApi()
     repo = api.create_repo(repo_id=cfg.repo_id, private=cfg.private, repo_type="model", exist_ok=True)
@@ -78,9 +81,6 @@ def hub_offline(datasets: bool = False) -> bool:
 def hub_unreachable(timeout: float = 1.0) -> str | None:
     """Why the hub's host cannot be reached within ``timeout`` seconds (name lookup and one TCP connect), or None.
     Asked only where something would be downloaded; remembered for the process (per ``HF_ENDPOINT``)."""
-    import socket
-    from urllib.parse import urlparse
-
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if endpoint in _REACH:
         return _REACH[endpoint]
@@ -114,16 +114,14 @@ def go_offline() -> None:
     """Make huggingface_hub, transformers and datasets read only their caches from now on in this process, as
     HF_HUB_OFFLINE=1 would: a run whose files are all cached then starts at once instead of retrying the network
     for about a minute. Called when the hub cannot be reached and everything the run needs is cached."""
-    import sys
-
     if not hub_offline():
         _WENT_OFFLINE.append(f"the hub cannot be reached ({hub_unreachable()})")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.constants as hub_constants  # lazy: startup
 
     hub_constants.HF_HUB_OFFLINE = True
     if "datasets" in sys.modules:  # read at its import; patch the module it already made
-        import datasets.config
+        import datasets.config  # lazy: startup
 
         datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from prunelab.stages.arch import adapter_for
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -37,15 +39,11 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
     """Load a prunelab export; heterogeneous widths are rebuilt layer by layer, then weights loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     shapes = getattr(config, "prunelab_layer_shapes", None)
     if not shapes:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
-    from prunelab.stages.arch import adapter_for
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     ad = adapter_for(model)

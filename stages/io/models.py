@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunelab.stages.core.files import atomic_dir
 from prunelab.stages.io.config import ModelConfig
 from prunelab.stages.io.sources import alias_dirs, classify, fetch_alias
+from prunelab.stages.io.tiny import byte_tokenizer, tiny_alias
 
 log = get_logger(__name__)
 
@@ -43,8 +45,6 @@ def strip_quantization_leftovers(model: torch.nn.Module) -> None:
 
 
 def _from_pretrained(path: str, gguf_file: str | None, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs: dict[str, Any] = {"dtype": dtype}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -81,8 +81,6 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "tiny":
-        from prunelab.stages.io.tiny import byte_tokenizer, tiny_alias
-
         model, tokenizer = tiny_alias(src.path).to(dtype), byte_tokenizer()
     elif src.kind == "alias":
         model, tokenizer = _load_alias(src.path, cfg, dtype)

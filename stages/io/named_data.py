@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from prunelab.stages.io.hub import network_state
+
 WIKITEXT = "Salesforce/wikitext"  # the Hub's home of the old canonical name "wikitext"
 ARC = "allenai/ai2_arc"
 
@@ -182,8 +184,6 @@ def source_problems(source: Any, where: str, probe: bool) -> list[str]:
     """What keeps a TextSource's ``dataset`` from being read on this machine, said before a model loads: an unknown
     split of a named dataset, ``datasets`` not installed, or — offline (``HF_HUB_OFFLINE``, or ``probe`` and the hub
     unreachable) — a split that is neither local nor in the datasets cache."""
-    from prunelab.stages.io.hub import network_state
-
     dataset = getattr(source, "dataset", None)
     if not isinstance(dataset, str):
         return []

@@ -23,7 +23,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prunelab.stages.arch import families, family_facts
+from prunelab.stages.arch import dense_mlp_layers, families, family_facts
 from prunelab.stages.core.files import cache_root
 
 
@@ -250,7 +250,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
     """config.json of a hub model if the Hugging Face cache already holds it (never touches the network)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
     try:
         found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
@@ -262,8 +262,6 @@ def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
 def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
     """A ModelShape from a transformers ``config.json`` (Llama, Mistral, Qwen2/3 field names; the family's bias and
     norm flags from its registered facts)."""
-    from prunelab.stages.arch import dense_mlp_layers
-
     cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
     layers = cfg.get("num_hidden_layers")
     if not isinstance(layers, int):
@@ -290,7 +288,7 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
 
 def shape_from_gguf(path: Path) -> ModelShape | None:
     """A ModelShape from a GGUF header (``<arch>.block_count`` and friends); the tensors are not read."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # lazy: startup
 
     try:
         reader = GGUFReader(str(path))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import weakref
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 
 from prunelab.stages.io.config import TextSource
+from prunelab.stages.io.named_data import fetch_command, resolve
 from prunelab.stages.io.qa import QATextSource, render_qa, render_rows
 
 
@@ -28,8 +31,6 @@ def read_text(source: TextSource | QATextSource) -> str:
             return path.read_text(encoding="utf-8").replace("\r\n", "\n")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return source.join.join(_field(row, source.text_field, path) for row in rows)
-    from prunelab.stages.io.named_data import resolve
-
     named = resolve(source)  # wikitext2 / arc-easy (and their Hub spellings): a local file first (docs/data.md)
     if named is not None:
         return _read_named(source, named)
@@ -41,8 +42,6 @@ def read_text(source: TextSource | QATextSource) -> str:
 
 def _read_named(source: TextSource, named: Any) -> str:
     """A named dataset split's text: its local file (checked against SHA256SUMS when listed) or its Hub split."""
-    import logging
-
     log = logging.getLogger(__name__)
     if named.local is not None:
         log.info(f"{source.dataset} {named.split}: {verify_checksum(str(named.local))}")
@@ -60,15 +59,13 @@ def _read_named(source: TextSource, named: Any) -> str:
 def _load_dataset(name: str, config: str | None, split: str, data_files: Any, what: str) -> Any:
     """``datasets.load_dataset``, with the two ways it fails on a user's machine said as a fix, not a traceback."""
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: optional
     except ImportError:
         raise ValueError(f"{what} is read through the `datasets` package, which is not installed; `pip install "
                          "datasets`, or give a local file {path: …}") from None
     try:
         return load_dataset(name, config, split=split, data_files=data_files)
     except ConnectionError as exc:  # offline mode or no network, and nothing in the cache
-        from prunelab.stages.io.named_data import fetch_command
-
         raise ValueError(f"{what} is not in the datasets cache and cannot be downloaded ({exc}); fetch it once where "
                          f"there is a network with `{fetch_command((name, config, split))}`, or give a local file "
                          "{path: …}") from None
@@ -113,8 +110,6 @@ def verify_checksum(path: str) -> str:
 
     Returns a short description of what was checked ("unlisted" when no checksum file covers it).
     """
-    import hashlib
-
     file = Path(path).resolve()
     for folder in file.parents:
         sums = folder / "SHA256SUMS"

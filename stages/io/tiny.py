@@ -8,15 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from prunelab.stages.arch import adapter_class, family_facts, unsupported_message
+from prunelab.stages.io.sources import TINY_ALIASES, TINY_FAMILY
 
 
 def byte_tokenizer() -> Any:
     """A byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) that needs no training data."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
     vocab.update({ch: i + 3 for i, ch in enumerate(sorted(alphabet))})
@@ -33,8 +33,6 @@ def tiny_llama(
 ) -> torch.nn.Module:
     """A randomly initialised Llama-layout causal LM (GQA by default) in float32, eval mode; ``extra`` goes
     to the family's config class."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = AutoConfig.for_model(
         model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -75,8 +73,6 @@ def tiny_family(model_type: str, num_layers: int = 4, seed: int = 0, **overrides
 
 def tiny_alias(name: str) -> torch.nn.Module:
     """The model a ``tiny-random-<family>`` source names (stages.io.sources.TINY_ALIASES)."""
-    from prunelab.stages.io.sources import TINY_ALIASES, TINY_FAMILY
-
     family = TINY_FAMILY[name]
     if family == "llama":  # as it always was: recipes/debug*.yaml pin its numbers
         return tiny_llama(num_layers=TINY_ALIASES[name])

@@ -68,6 +68,8 @@ class ReconstructConfig(StrictModel):
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (lora wants ~10× more than weights)")
     lora: ReconstructLora = Field(default_factory=ReconstructLora, description="train: lora only")
     data: ReconstructData | None = Field(None, description="None: the calibrate stage's windows")
+    num_windows: int | None = Field(None, ge=1, description="use N of the windows, evenly spread over them (a mix "
+                                    "source lists its parts in order); None: all")
     memory_budget_gb: float = Field(4.0, ge=0, description="boundary states held in memory; past it memory-mapped "
                                     "files in the stage folder")
 
@@ -81,15 +83,19 @@ class ReconstructConfig(StrictModel):
         prunes = [stages[k] for k in seen if stages[k].type in ("prune", "iterate")]
         if not prunes:
             return ["reconstruction matches pruned blocks to dense ones: put a `prune` stage before it"]
-        if any(getattr(p, "units", None) == "depth" for p in prunes):
-            return ["block-local reconstruction pairs pruned block i with dense block i: it follows a width plan "
-                    "(prune units: width), not a depth plan"]
+        units = [getattr(p, "prune", p).units for p in prunes]  # an iterate stage holds its prune settings
+        if any(u != "width" for u in units):
+            return [f"block-local reconstruction pairs pruned block i with dense block i of the same width: it follows "
+                    f"a width plan (prune units: width), not units {', '.join(u for u in units if u != 'width')} "
+                    "(a depth plan, or hidden channels)"]
         if self.data is None and not any(stages[k].type == "calibrate" for k in seen):
             return ["needs calibration windows: a `calibrate` stage before it, or data: {source, num_samples, seq_len}"]
         return []
 
 
 def run(ctx: RunContext, cfg: ReconstructConfig) -> dict[str, Any]:
+    import torch
+
     from prunelab.stages.io.models import load_model
     from prunelab.stages.recovery.reconstruct import reconstruct
 
@@ -105,6 +111,8 @@ def run(ctx: RunContext, cfg: ReconstructConfig) -> dict[str, Any]:
 
         windows = calibration_windows(cfg.data.source, teacher, ctx.tokenizer, cfg.data.num_samples, cfg.data.seq_len,
                                       ctx.recipe.seed, ctx.stage_dir / "generated", ctx.progress)
+    if cfg.num_windows is not None and cfg.num_windows < len(windows):
+        windows = windows[torch.linspace(0, len(windows) - 1, cfg.num_windows).round().long()]
     info = reconstruct(ctx.model, teacher, windows, cfg, ctx.stage_dir, seed=ctx.recipe.seed, resume=ctx.resume,
                        progress=ctx.progress)
     del teacher

@@ -20,9 +20,9 @@ REL = 1e-6
 
 
 def _prune(**kw):
-    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.prune import prune_config
 
-    return PruneConfig.model_validate({"type": "prune", "units": "sublayers", "criterion": "sublayer_sleb", **kw})
+    return prune_config({"type": "prune", "units": "sublayers", "criterion": "sublayer_sleb", **kw})
 
 
 def _inputs(model, calib, prune=None, settings=None, batch_size=2):
@@ -186,3 +186,10 @@ def test_recipe_end_to_end(tmp_path) -> None:
     assert plan["num_removed"] == 3 == len(scores["sublayer_order"])
     got = [f"attention.{i}" for i in plan["removed_attention"]] + [f"mlp.{i}" for i in plan["removed_mlp"]]
     assert sorted(got) == sorted(scores["sublayer_order"])
+
+
+def test_other_layouts_are_refused_by_name(calib: torch.Tensor) -> None:
+    from prunelab.stages.criteria.sublayer_nll import sublayer_ppl
+
+    with pytest.raises(ValueError, match="sublayer removal needs"):
+        sublayer_ppl(_inputs(tiny_family("gemma2", num_layers=2), calib))

@@ -30,6 +30,7 @@ as a guard. ``lazy: false, screen: 1.0`` is SLEB's Algorithm 1 exactly (every ca
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -44,10 +45,16 @@ from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 from prunelab.stages.criteria.sublayer import SublayerPPLSettings, SublayerSLEBSettings
 
 Unit = tuple[str, int]  # ("attention" | "mlp", layer index)
+log = logging.getLogger(__name__)
 
 
 def sublayer_sequence(adapter: Any) -> list[Unit]:
-    """The present sublayers in forward order."""
+    """The present sublayers in forward order (refused, by name, for families whose layers cannot lose one)."""
+    from prunelab.stages.surgery.sublayers import sublayer_refusal
+
+    refusal = sublayer_refusal(adapter.model)
+    if refusal:
+        raise ValueError(refusal)
     return [(w, i) for i, layer in enumerate(adapter.layers) for w in ("attention", "mlp") if adapter.has_sublayer(layer, w)]
 
 
@@ -288,6 +295,9 @@ def sublayer_sleb(inp: CriterionInputs) -> CriterionResult:
                        "candidates": len(unit_at), "calibration_nll": walk.nll(), "removed_params": removed_params,
                        "seconds": round(time.perf_counter() - t0, 3)})
         bar.update(1)
+        log.info("sublayer_sleb round %d: removed %s.%d (%.3g), calibration NLL %.4f, %d/%d params, %d fresh + %d "
+                 "screened, %.0fs", len(order), *best, fresh[best], walk.nll(), removed_params, budget or 0, len(fresh),
+                 screened, rounds[-1]["seconds"])
         bar.set_postfix(removed=f"{best[0]}.{best[1]}", nll=f"{walk.nll():.3f}")
     bar.close()
     return _result(adapter, order, estimates, {

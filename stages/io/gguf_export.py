@@ -9,6 +9,9 @@ and ``src/models/deci.cpp``, gguf-py's constants) and is proven by the tests com
   architecture; per-layer widths and removed sublayers of llama / mistral / qwen2 go under ``deci``, whose
   ``attention.head_count``, ``head_count_kv`` and ``feed_forward_length`` are per-layer arrays (0 = no attention /
   no FFN; a layer with 0 heads has no attention tensors, 0 FFN channels no FFN tensors).
+- SmolLM3 (``smollm3``), OLMo 3 (``olmo2``) and GLM-4 (``glm4``) go under their own architectures, uniform only
+  (layer 0's widths size every layer's tensors there); the tables below say what each loads beyond the Llama layout,
+  and :func:`structure_refusal` / ``_model_refusal`` what it cannot hold (docs/deploy.md).
 - llama / deci rotate q/k pairs interleaved (GPT-J style), HF rotates halves: q_proj / k_proj rows (and their
   biases) get convert_hf_to_gguf's ``LlamaModel.permute``, per head, so it holds for any per-layer head count.
   qwen2 / qwen3 use NEOX rope in llama.cpp: no permute.
@@ -87,6 +90,10 @@ QK_NORM_ARCHS = ("qwen3", "olmo2")  # attn_q_norm / attn_k_norm (qwen3 per head;
 FUSED_GATE_UP = ("glm4",)  # ffn_up holds gate's rows then up's ({n_embd, 2·n_ff}, LLM_FFN_SWIGLU), no ffn_gate
 OUTPUT_REQUIRED = ("olmo2",)  # output.weight is not optional: a tied head is written out as its own tensor
 OUTPUT_BIAS_ARCHS = ("llama", "deci")  # the archs whose graphs add bo and ffn_{gate,up,down}_b
+# what deci (the Llama layout, where per-layer widths run) does not load of each other architecture's layers
+NOT_IN_DECI = {"qwen3": "per-head q/k norms", "smollm3": "layers without rotary (NoPE)",
+               "olmo2": "norms after the sublayers, q/k norms", "glm4": "norms after the sublayers, a fused gate_up, "
+                                                                   "partial rotary"}
 SMOLLM3_NOPE_STEP = 4  # llama.cpp's smollm3 sets n_no_rope_layer_step = 4 itself (not read from the file)
 
 # HF tokenizer.json pre-tokenizer → llama.cpp ``tokenizer.ggml.pre`` (src/llama-vocab.cpp): matched on the pattern
@@ -157,7 +164,8 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
         return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, the "
                 f"Llama layout ({', '.join(per_layer_families('llama.cpp'))}); {model_type} runs under its own "
                 f"`{native_arch()[model_type]}` architecture, which reads one head count and one FFN width for every "
-                f"layer (and has what deci does not load); nearest setting that works: prune allocation: uniform "
+                f"layer, and its layers have what deci does not load "
+                f"({NOT_IN_DECI.get(native_arch()[model_type], 'another layout')}); nearest setting that works: prune allocation: uniform "
                 f"(one width for every layer), or units: blocks")
     if sliding_window is not None and model_type == "mistral":
         return (f"export.formats gguf: llama.cpp's llama architecture has no sliding-window attention, and this "
@@ -193,32 +201,51 @@ def structure_refusal(model_type: str, structure: str) -> str | None:
     return None
 
 
-def _model_refusal(model: nn.Module) -> str | None:
-    """What a loaded model's config and shapes ask of its llama.cpp architecture that it cannot do."""
-    cfg, arch = model.config, native_arch().get(model.config.model_type)
-    kinds = set(getattr(cfg, "layer_types", None) or ())
+def config_gguf_refusal(model_type: str | None, config: Any) -> str | None:
+    """What a config asks of its family's llama.cpp architecture that it cannot do (None: nothing), read from a
+    config object or config.json's mapping — torch-free, so ``--dry-run`` can ask it before a run; absent keys take
+    transformers' defaults (SmolLM3: a NoPE layer every ``no_rope_layer_interval``; OLMo 3: every 4th layer full)."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    arch, n = native_arch().get(model_type or ""), int(get("num_hidden_layers", 0) or 0)
     if arch == "smollm3":
-        if "sliding_attention" in kinds:
+        nope = [int(r) for r in get("no_rope_layers", None) or
+                [(i + 1) % int(get("no_rope_layer_interval", 4) or 4) != 0 for i in range(n)]]
+        types = get("layer_types", None) or (["sliding_attention"] if get("use_sliding_window", False)
+                                             and get("sliding_window", None) is not None and 0 in nope else [])
+        if "sliding_attention" in types:
             return ("export.formats gguf: llama.cpp's smollm3 architecture has no sliding-window attention, and this "
                     "model's config has use_sliding_window: true; use export formats [hf]")
-        nope = [int(r) for r in cfg.no_rope_layers]
         fixed = [int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(len(nope))]
         if nope != fixed:
-            return (f"{structure_refusal(cfg.model_type, 'blocks').split(';')[0]} — this model's no_rope_layers are "
+            return (f"{structure_refusal(model_type or '', 'blocks').split(';')[0]} — this model's no_rope_layers are "
                     f"{nope}, llama.cpp would run {fixed}; nearest setting that works: units: width with allocation: "
                     f"uniform (every layer kept), or export formats [hf]")
     if arch == "olmo2":
-        heads = sorted({w[0] for w in layer_widths(model)})
-        if {h * _head_dim(model) for h in heads} != {cfg.hidden_size}:
-            return structure_refusal(cfg.model_type, "attention") + (
-                f" (this model: {heads} heads of {_head_dim(model)}, hidden {cfg.hidden_size})")
+        heads, hidden = int(get("num_attention_heads")), int(get("hidden_size"))
+        head_dim = int(get("head_dim", None) or hidden // heads)
+        if heads * head_dim != hidden:
+            return structure_refusal(model_type or "", "attention") + (
+                f" (this model: {heads} heads of {head_dim}, hidden {hidden})")
+        kinds = set(get("layer_types", None) or ["sliding_attention", "full_attention"])
+        params = get("rope_parameters", None) or {}
         ropes = {k: (float(v.get("rope_theta", 10000.0)), v.get("rope_type", "default"))
-                 for k, v in _rope_kinds(cfg).items() if k in kinds}
+                 for k, v in params.items() if isinstance(v, dict) and k in kinds}
         if len(set(ropes.values())) > 1:
             return (f"export.formats gguf: llama.cpp's olmo2 graph rotates sliding and full layers with one rope base "
                     f"(freq_base; rope.freq_base_swa is read but unused there), and this model's differ: {ropes}; use "
                     f"export formats [hf]")
     return None
+
+
+def _model_refusal(model: nn.Module) -> str | None:
+    """What a loaded model's config and weights ask of its llama.cpp architecture that it cannot do."""
+    cfg = model.config
+    if native_arch().get(cfg.model_type) == "olmo2":  # the weights' heads (a pruned config may not say)
+        heads = sorted({w[0] for w in layer_widths(model)})
+        if {h * _head_dim(model) for h in heads} != {cfg.hidden_size}:
+            return structure_refusal(cfg.model_type, "attention") + (
+                f" (this model: {heads} heads of {_head_dim(model)}, hidden {cfg.hidden_size})")
+    return config_gguf_refusal(cfg.model_type, cfg)
 
 
 def gguf_refusal(model: nn.Module) -> str | None:

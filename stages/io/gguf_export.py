@@ -161,12 +161,12 @@ def gguf_refusal_for(model_type: str, heterogeneous: bool, sliding_window: int |
         return (f"export.formats gguf: llama.cpp export of the {model_type!r} family is not written or verified here; "
                 f"use {NOT_MAPPED_HINT} (GGUF export supports {', '.join(native_arch())})")
     if heterogeneous and model_type not in per_layer_families("llama.cpp"):
+        arch = native_arch()[model_type]
         return (f"export.formats gguf: llama.cpp runs per-layer widths and removed sublayers only as `deci`, the "
                 f"Llama layout ({', '.join(per_layer_families('llama.cpp'))}); {model_type} runs under its own "
-                f"`{native_arch()[model_type]}` architecture, which reads one head count and one FFN width for every "
-                f"layer, and its layers have what deci does not load "
-                f"({NOT_IN_DECI.get(native_arch()[model_type], 'another layout')}); nearest setting that works: prune allocation: uniform "
-                f"(one width for every layer), or units: blocks")
+                f"`{arch}` architecture, which reads one head count and one FFN width for every layer, and its layers "
+                f"have what deci does not load ({NOT_IN_DECI.get(arch, 'another layout')}); nearest setting that "
+                f"works: prune allocation: uniform (one width for every layer), or units: blocks")
     if sliding_window is not None and model_type == "mistral":
         return (f"export.formats gguf: llama.cpp's llama architecture has no sliding-window attention, and this "
                 f"mistral model attends over windows of {sliding_window} tokens, so its logits would differ past "

@@ -4,39 +4,35 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, TypeAdapter, model_validator
 
 from prunelab.registry import register_stage
 from prunelab.stages.core import migrate as legacy
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.io.streaming import after_plan
 from prunelab.stages.selection.config import SELECTIONS, allowed_keys, validate_selection
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
 
 
-class PruneConfig(StrictModel):
-    """The prune stage's settings: a union tagged by ``units`` (blocks by default).
+class PruneBase(StrictModel):
+    """What every prune variant has beside its mode's settings: the tag, ``units``, ``criterion``, the checks against
+    the stages around it, the version-1 dump. The stage's settings, :data:`PruneConfig`, are the union of the variants
+    tagged by ``units`` (blocks by default): ``blocks`` (:class:`BlocksPrune`: ``num_blocks`` or ``ratio``,
+    ``rounding``), ``width`` (:class:`WidthPrune`: ``ratio`` or ``layer_ratio``, ``allocation``, ``layers``,
+    ``attention``, ``mlp``, ``compensation``, ``engines``, ``round_to``), ``hidden`` (:class:`HiddenPrune`: ``ratio``
+    or ``layer_ratio``, ``norm_rescale``), ``sublayers`` (:class:`SublayersPrune`: ``num_sublayers`` or ``ratio``,
+    ``sublayers``). A setting of another mode is an error naming it. :func:`prune_config` validates a mapping into
+    its variant; a variant may be built directly (``BlocksPrune(type="prune", criterion="ppl", num_blocks=2)``).
 
-    - ``units: blocks`` (:class:`BlocksPrune`): ``num_blocks`` or ``ratio``, ``rounding``;
-    - ``units: width`` (:class:`WidthPrune`): ``ratio`` or ``layer_ratio``, ``allocation`` (uniform | global |
-      {type: owl, m, lambda} | {type: alpha, epsilon}), ``layers``, ``attention``, ``mlp``, ``compensation``
-      (none | bias | {type: optimal, damping, bias}), ``engines`` (transformers | llama.cpp | vllm: what the plan must
-      run in, ``prunelab.stages.selection.engines``), ``round_to`` (kept MLP widths in multiples of N);
-    - ``units: hidden`` (:class:`HiddenPrune`): ``ratio`` or ``layer_ratio``, ``norm_rescale``;
-    - ``units: sublayers`` (:class:`SublayersPrune`): ``num_sublayers`` or ``ratio``, ``sublayers`` (attention | mlp | both).
-
-    A setting of another mode is an error naming it. Validate with ``PruneConfig.model_validate(mapping)`` (it
-    returns the variant) or build a variant directly.
-
-    Migration: the flat spelling of version 1 still validates — ``hidden: true`` → ``units: hidden``,
-    ``hidden_norm_rescale`` → ``norm_rescale``, ``owl_m``/``owl_lambda`` → ``allocation: {type: owl, m, lambda}``,
-    ``alpha_epsilon`` → ``allocation: {type: alpha, epsilon}``, ``damping``/``optimal_bias`` →
-    ``compensation: {type: optimal, damping, bias}`` (``prunelab.stages.core.migrate.migrate``); ``v1_settings()``
-    gives the old flat dump, so run directories made before still ``--resume``.
+    Migration: the flat spelling of version 1 still validates (``hidden: true`` → ``units: hidden``, ``owl_m`` →
+    ``allocation: {type: owl, m}``, ``damping`` → ``compensation: {type: optimal, damping}``, ...:
+    ``prunelab.stages.core.migrate``); ``v1_settings()`` gives the old flat dump, so old run directories ``--resume``.
     """
 
     type: Literal["prune"]
@@ -44,19 +40,11 @@ class PruneConfig(StrictModel):
                        "blocks | width | hidden | sublayers")
     criterion: str = Field(..., description="which computed criterion decides (see `score`)")
 
-    def __init__(self, **data: Any) -> None:  # pydantic builds instances of the class called: the union has none
-        if type(self) is PruneConfig:
-            raise TypeError("PruneConfig is a union: use PruneConfig.model_validate({...}) or variant_class(units)(...)")
-        super().__init__(**data)
-
-    @model_validator(mode="wrap")
+    @model_validator(mode="before")
     @classmethod
-    def _variant(cls, data: Any, handler: Any) -> Any:
-        variants = {u: variant_class(u) for u in SELECTIONS}
-        data = legacy.migrate(data, {u: set(allowed_keys(c)) for u, c in variants.items()})
-        if cls is not PruneConfig or isinstance(data, PruneConfig):
-            return handler(data)
-        return validate_selection(data, variants, legacy.explain_old)
+    def _version_1(cls, data: Any) -> Any:
+        """A variant validated directly reads the version-1 spelling too (an old ``recipe.resolved.yaml``)."""
+        return legacy.migrate(data, {u: set(allowed_keys(variant_class(u))) for u in SELECTIONS})
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:
         if any(stages[k].type == "prune" for k in seen):
@@ -68,7 +56,10 @@ class PruneConfig(StrictModel):
         for name in getattr(self, "criteria", lambda: [self.criterion])():  # width: experts' criteria too
             if not any(not s.criteria or name in s.criteria for s in scorers):
                 return [f"criterion {name!r} is not computed by an earlier score stage; add it to its `criteria`"]
-        return []
+        from prunelab.stages.calibration.pipelines import pipeline_for, propagation_refusal
+
+        refusal = propagation_refusal(pipeline_for(key, stages), self)  # propagate: pruned serves width + compensation
+        return [refusal] if refusal else []
 
     def v1_settings(self) -> dict[str, Any]:
         """These settings as the flat version-1 class dumped them (the runner's legacy settings hash)."""
@@ -76,21 +67,38 @@ class PruneConfig(StrictModel):
 
 
 @functools.cache
-def variant_class(units: str) -> type[PruneConfig]:
+def variant_class(units: str) -> type[PruneBase]:
     """The prune stage's class for a registered mode: its settings (``SELECTIONS``) with the stage's fields, built
     once per mode, so a mode registered anywhere is a prune variant without an edit here (``BlocksPrune``, ...)."""
     settings = SELECTIONS.config(units)
     name = settings.__name__.removesuffix("Settings") + "Prune"
-    return type(name, (settings, PruneConfig), {"__doc__": settings.__doc__, "__module__": __name__})
+    return type(name, (settings, PruneBase), {"__doc__": settings.__doc__, "__module__": __name__})
 
 
 BlocksPrune, WidthPrune, HiddenPrune, SublayersPrune = map(variant_class, ("blocks", "width", "hidden", "sublayers"))
+
+
+def _variant(data: Any) -> PruneBase:
+    """``data`` (a mapping in the new or version-1 spelling, or a variant) as the variant its ``units`` names; the
+    modes are read from ``SELECTIONS`` now, so one registered after this module loaded is accepted."""
+    if isinstance(data, PruneBase):
+        return data
+    variants = {u: variant_class(u) for u in SELECTIONS}
+    data = legacy.migrate(data, {u: set(allowed_keys(c)) for u, c in variants.items()})
+    return validate_selection(data, variants, legacy.explain_old)
+
+
+# The prune stage's settings (the type of any field that holds them): a variant chosen by `units`, dumped whole;
+# prune_config(mapping) validates one outside a recipe (the variant, or a ValidationError as in a recipe).
+PruneConfig = Annotated[SerializeAsAny[PruneBase], BeforeValidator(_variant)]
+prune_config: Callable[[Any], PruneBase] = TypeAdapter(PruneConfig).validate_python
 
 
 def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
     from prunelab.stages.surgery.apply import apply_plan
 
     apply_plan(ctx.model, plan, side)
+    after_plan(ctx.model, plan)  # streamed skeleton: the biases compensation will add; resident: nothing
     ctx.plan, ctx.state = plan, "pruned"
     plan.params_after = ctx.adapter.total_params()
     plan.achieved_ratio = round(1 - plan.params_after / plan.params_before, 6)
@@ -98,11 +106,21 @@ def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> di
     return plan.outputs()
 
 
-def run(ctx: RunContext, cfg: PruneConfig) -> dict[str, Any]:
+def run(ctx: RunContext, cfg: PruneBase) -> dict[str, Any]:
     from prunelab.stages.core.files import atomic_write_json
 
-    make_plan = SELECTIONS.impl(cfg.units)
-    plan, side = make_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.activation_stats, ctx.scores, ctx.calibration)
+    from prunelab.stages.calibration.pipelines import pipeline_for
+
+    pipeline = pipeline_for(ctx.stage_key, ctx.recipe.stages)
+    if getattr(pipeline, "propagate", "dense") == "pruned":  # pass 2: the plan's compensation re-fitted block by block
+        from prunelab.stages.selection.propagated import propagated_width_plan, score_batch_size
+
+        plan, side = propagated_width_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.activation_stats, ctx.scores,
+                                           ctx.calibration, pipeline, score_batch_size(ctx.stage_key, ctx.recipe.stages),
+                                           ctx.progress)
+    else:
+        make_plan = SELECTIONS.impl(cfg.units)
+        plan, side = make_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.activation_stats, ctx.scores, ctx.calibration)
     outputs = _apply(ctx, plan, side)
     if ctx.is_main:
         if side:
@@ -115,7 +133,7 @@ def run(ctx: RunContext, cfg: PruneConfig) -> dict[str, Any]:
     return outputs
 
 
-def restore(ctx: RunContext, cfg: PruneConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
+def restore(ctx: RunContext, cfg: PruneBase, outputs: dict[str, Any], stage_dir: Path) -> None:
     from prunelab.stages.surgery.plan import load_plan
 
     plan = load_plan(json.loads((stage_dir / "plan.json").read_text()))

@@ -20,7 +20,7 @@ from prunelab.stages.criteria.depth import (
     sleb,
     taylor_plus,
 )
-from prunelab.stages.prune import PruneConfig
+from prunelab.stages.prune import prune_config
 from prunelab.stages.selection.blocks import select_blocks
 from prunelab.stages.selection.targets import round_count as _round
 from prunelab.stages.surgery.apply import remove_blocks
@@ -152,7 +152,7 @@ def test_selection_rules():
 def test_ratio_rounding():
     assert _round(7.6, "nearest") == 8 and _round(7.4, "nearest") == 7
     assert _round(7.6, "floor") == 7 and _round(7.2, "ceil") == 8 and _round(7.0, "ceil") == 7
-    cfg = PruneConfig.model_validate({"type": "prune", "criterion": "ppl", "ratio": 0.2})
+    cfg = prune_config({"type": "prune", "criterion": "ppl", "ratio": 0.2})
     assert cfg.check_model(30, 134_515_008, 3_540_096) == []
     assert "would remove" in cfg.check_model(2, 100, 10)[0]
     assert "less than one block" in cfg.check_model(30, 100, 50)[0]

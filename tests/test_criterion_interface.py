@@ -15,7 +15,7 @@ import yaml
 
 from prunelab.recipe import RecipeError, validate
 from prunelab.stages.criteria import CRITERIA, HIDDEN_CRITERIA
-from prunelab.stages.criteria.registry import CriterionRegistry, CriterionSpec, criteria_for
+from prunelab.stages.criteria.registry import CriterionRegistry, CriterionSpec, criteria_for, register_criterion
 from prunelab.stages.score import ScoreConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +36,12 @@ def test_depth_and_width_criteria_live_in_one_registry_with_one_spec_class():
 
 def test_registration_rejects_a_duplicate_within_a_kind_only():
     reg = CriterionRegistry()
-    reg.register(CriterionSpec("x", "depth", "m:f"))
-    reg.register(CriterionSpec("x", "width", "m:f"))
+    register_criterion("x", "m:f", "depth", registry=reg)
+    register_criterion("x", "m:f", "width", registry=reg)
     with pytest.raises(ValueError, match="already registered"):
-        reg.register(CriterionSpec("x", "depth", "m:g"))
+        register_criterion("x", "m:g", "depth", registry=reg)
     with pytest.raises(ValueError, match="only width criteria"):
-        reg.register(CriterionSpec("y", "depth", "m:f", hidden="m:h"))
+        register_criterion("y", "m:f", "depth", hidden="m:h", registry=reg)
     with pytest.raises(KeyError, match="unknown width criterion 'z'"):
         reg.get("width", "z")
 

@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
 
 from prunelab.recipe import RecipeError, load_recipe, validate
 from prunelab.registry import load_stages
 from prunelab.stages.core.migrate import V1_DEFAULTS
+from prunelab.stages.prune import BlocksPrune, PruneBase, prune_config
 from prunelab.stages.surgery.plan import DepthPlan, HiddenPlan, PlanError, WidthPlan, load_plan, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-PruneConfig = load_stages().get("prune").config_cls
+PruneConfig = load_stages().get("prune").config_cls  # the union type (stages.prune.PruneConfig)
 
 SCORE = {"blocks": {"type": "score", "criteria": ["ppl"]}, "width": {"type": "score", "units": "width"},
          "hidden": {"type": "score", "units": "width"}}
@@ -47,13 +49,14 @@ def _error(units: str, /, **prune: object) -> str:
 def test_each_mode_is_its_own_class_with_only_its_settings():
     blocks, width, hidden = _prune("blocks"), _prune("width"), _prune("hidden")
     assert [type(c).__name__ for c in (blocks, width, hidden)] == ["BlocksPrune", "WidthPrune", "HiddenPrune"]
-    assert all(isinstance(c, PruneConfig) for c in (blocks, width, hidden))
+    assert all(isinstance(c, PruneBase) for c in (blocks, width, hidden))
     assert set(type(blocks).model_fields) == {"type", "units", "criterion", "num_blocks", "ratio", "rounding"}
     assert set(type(hidden).model_fields) == {"type", "units", "criterion", "ratio", "layer_ratio", "norm_rescale"}
     assert width.allocation.type == "uniform" and width.compensation.type == "none" and width.attention == "kv_group"
     assert _prune("blocks", units=None).units == "blocks"  # blocks is the default mode
-    with pytest.raises(TypeError, match="model_validate"):
-        PruneConfig(type="prune", criterion="ppl", num_blocks=2)
+    # the union is a type, not a class to instantiate: any field of that type, a TypeAdapter and prune_config agree
+    raw = {"type": "prune", "criterion": "ppl", "num_blocks": 2}
+    assert TypeAdapter(PruneConfig).validate_python(raw) == prune_config(raw) == BlocksPrune(**raw) == blocks
 
 
 @pytest.mark.parametrize("units,key,value,expected", [
@@ -212,7 +215,7 @@ def test_v1_settings_are_the_old_flat_dump_of_each_shipped_recipe(path):
     if path in FULL:
         assert got == FULL[path] and list(got) == list(FULL[path])
     # an old dump (a version-1 recipe.resolved.yaml) validates to the same settings again
-    again = PruneConfig.model_validate(got)
+    again = prune_config(got)
     assert again == _shipped_prune(path) and again.v1_settings() == got
 
 
@@ -221,7 +224,7 @@ def test_v1_settings_keep_non_default_settings():
                  layers=[2, 5], compensation={"type": "optimal", "damping": 0.05, "bias": False}, mlp=False)
     v1 = cfg.v1_settings()
     assert (v1["owl_m"], v1["owl_lambda"], v1["damping"], v1["optimal_bias"], v1["layers"]) == (7.0, 0.1, 0.05, False, [2, 5])
-    assert PruneConfig.model_validate(v1) == cfg
+    assert prune_config(v1) == cfg
     hidden = _prune("hidden", layer_ratio=0.1, ratio=None, norm_rescale=False).v1_settings()
     assert (hidden["units"], hidden["hidden"], hidden["hidden_norm_rescale"], hidden["mlp"]) == ("width", True, False, False)
 

@@ -105,7 +105,7 @@ BAD = [
     ("two targets", _with("stages.prune.ratio", 0.2), "give exactly one target"),
     ("no target", _with("stages.prune.num_blocks", None), "give exactly one target"),
     ("unknown criterion", _with("stages.prune.criterion", "bi"), "unknown blocks criterion 'bi'; choose from"),
-    ("unknown criterion in score", _with("stages.score.criteria", ["angular"]), "stages.score: unknown blocks criterion ['angular']"),
+    ("unknown criterion in score", _with("stages.score.criteria", ["angular"]), "stages.score: unknown blocks criterion 'angular'; choose from"),
     ("prune before score", {**GOOD, "stages": {k: GOOD["stages"][k] for k in ("prune", "calibrate", "score")}}, "needs a `score` stage with units: blocks before it"),
     ("score without calibration", {**GOOD, "stages": {k: GOOD["stages"][k] for k in ("score", "prune")}}, "need calibration data"),
     ("missing model", _with("model", None), "model: required field is missing"),

@@ -63,13 +63,13 @@ def test_heavier_tailed_layers_are_pruned_less_and_the_mean_ratio_is_kept(tiny_m
 def test_alpha_allocation_through_the_prune_stage(tiny_model, calib):
     from prunelab.stages.criteria.base import CriterionInputs
     from prunelab.stages.criteria.width import magnitude
-    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.prune import prune_config
     from prunelab.stages.selection.planning import make_width_plan
 
     stats = collect_stats(tiny_model, calib, {"activations"}, progress=False)
     scores = magnitude(CriterionInputs(tiny_model, stats)).to_json()
     total = sum(p.numel() for p in tiny_model.parameters())
-    cfg = PruneConfig.model_validate({"type": "prune", "units": "width", "criterion": "magnitude", "ratio": 0.2,
+    cfg = prune_config({"type": "prune", "units": "width", "criterion": "magnitude", "ratio": 0.2,
                                       "allocation": {"type": "alpha", "epsilon": 0.15}, "attention": "none"})
     plan, side = make_width_plan(scores, cfg, tiny_model, summary_tensors(stats))
     assert plan.layer_alpha and len(plan.layer_alpha) == 6 and not side
@@ -213,7 +213,7 @@ def _laco_inputs(model, calib, num_remove, **opts):
 def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tiny_model, calib):
     from prunelab.stages.arch.llama import adapter_for
     from prunelab.stages.criteria.laco import laco
-    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.prune import prune_config
     from prunelab.stages.selection.blocks import make_plan
 
     dense = copy.deepcopy(tiny_model)
@@ -222,7 +222,7 @@ def test_laco_reaches_the_target_and_its_plan_reproduces_the_collapsed_model(tin
         assert torch.equal(p, q)  # the criterion did not touch the model
     assert sum(len(m["from"]) for m in res["merges"]) == 3 and all(t["kept"] for t in res["trials"])
     assert res["merges"][0]["into"] == 6 - 1 - 2 + 0  # starts at H − C with H the last layer
-    cfg = PruneConfig.model_validate({"type": "prune", "criterion": "laco", "num_blocks": 3})
+    cfg = prune_config({"type": "prune", "criterion": "laco", "num_blocks": 3})
     plan = make_plan(res, cfg, adapter_for(tiny_model))
     assert plan.merges and plan.layers_after == 3
     pruned = apply_plan(copy.deepcopy(tiny_model), plan)

@@ -142,9 +142,9 @@ def test_criterion_matches_hand_computation(calib: torch.Tensor) -> None:
 
 
 def _settings(**kw):
-    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.prune import prune_config
 
-    return PruneConfig.model_validate({"type": "prune", "units": "sublayers", "criterion": "sublayer_cosine", **kw})
+    return prune_config({"type": "prune", "units": "sublayers", "criterion": "sublayer_cosine", **kw})
 
 
 def test_plan_applies_to_a_fresh_copy_identically() -> None:
@@ -213,10 +213,10 @@ def test_bad_settings_name_the_field(extra: dict, message: str) -> None:
 def test_sublayer_keys_refused_in_other_modes() -> None:
     from pydantic import ValidationError
 
-    from prunelab.stages.prune import PruneConfig
+    from prunelab.stages.prune import prune_config
 
     with pytest.raises(ValidationError, match="num_sublayers is a setting of units: sublayers"):
-        PruneConfig.model_validate({"type": "prune", "criterion": "block_influence", "num_blocks": 1, "num_sublayers": 2})
+        prune_config({"type": "prune", "criterion": "block_influence", "num_blocks": 1, "num_sublayers": 2})
 
 
 def test_debug_recipe_through_the_cli(tmp_path) -> None:

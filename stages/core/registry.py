@@ -1,5 +1,6 @@
-"""Explicit name → entry registries (stages, criteria, architectures) and the one mechanism for every variant a
-recipe chooses by its ``type`` (allocations, compensations, losses, calibration sources, export formats, prune units).
+"""Explicit name → entry registries (stages, architectures) and the one mechanism for every variant a recipe chooses
+by name (allocations, compensations, losses, calibration sources, export formats, prune units; criteria, one
+registry per kind).
 
 Registration is one call that rejects duplicate names, as peft's ``register_peft_method`` does: two modules
 silently fighting over a name is a bug we want to see at import time. A variant is registered in the module where
@@ -35,7 +36,7 @@ import importlib
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar, Union
+from typing import Annotated, Any, Generic, TypeVar, Union, overload
 
 from pydantic import BaseModel, BeforeValidator, Field, SerializeAsAny, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -65,7 +66,13 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {sorted(self._entries)}") from None
+            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {sorted(self._entries)}"
+                           f"{did_you_mean(name, self._entries)}") from None
+
+    def unknown(self, name: object, what: str | None = None) -> str:
+        """The one wording of a name that is not registered (``what``: how the caller calls an entry, e.g. "blocks
+        criterion"): the choices and the closest one, so every recipe field that names an entry reads the same."""
+        return f"unknown {what or self.kind} {name!r}; choose from {', '.join(self._entries)}{did_you_mean(name, self._entries)}"
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -78,6 +85,12 @@ class Registry(Generic[T]):
 
 
 # ----------------------------------------------------------------------------- key checks with messages that help
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``name``; "" when none is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _error(key: str, message: str, value: Any) -> InitErrorDetails:
     return InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=(key,), input=value)
 
@@ -119,11 +132,13 @@ def load_target(target: Any) -> Any:
 
 @dataclass(frozen=True)
 class Variant:
-    """A registered variant: its config class (validated with the recipe, torch-free) and its implementation,
-    a callable, any object, or ``"module:attribute"`` imported on first :meth:`load` (None: the config is all)."""
+    """A registered variant: its config class (validated with the recipe, torch-free; None only in a registry whose
+    variants may have no settings, as most criteria) and its implementation, a callable, any object, or
+    ``"module:attribute"`` imported on first :meth:`load` (None: the config is all). A registry may register a
+    subclass that carries more facts (``VariantRegistry(entry=...)``: a criterion's needs, paper, ...)."""
 
     name: str
-    config_cls: type[BaseModel]
+    config_cls: type[BaseModel] | None
     impl: Any = None
 
     def load(self) -> Any:
@@ -135,15 +150,19 @@ class VariantRegistry(Registry[Variant]):
 
     ``base``: every config class must derive from it (the field's declared type, so dumps keep each variant's own
     fields); ``default``: the variant a mapping without ``key`` means (None: ``key`` is required); ``shorthand``:
-    a bare name is that variant with its defaults (``allocation: global`` ≡ ``allocation: {type: global}``).
+    a bare name is that variant with its defaults (``allocation: global`` ≡ ``allocation: {type: global}``);
+    ``entry``: the :class:`Variant` subclass registered (its extra fields are :func:`register_variant`'s keywords);
+    ``optional_config``: a variant may have no config class (variants named by a string field rather than a
+    mapping, as criteria, most of which have no settings).
     """
 
     def __init__(self, kind: str, base: type[BaseModel] = BaseModel, key: str = "type", default: str | None = None,
-                 shorthand: bool = True) -> None:
+                 shorthand: bool = True, entry: type[Variant] = Variant, optional_config: bool = False) -> None:
         super().__init__(kind)
         self.base, self.key, self.default, self.shorthand = base, key, default, shorthand
+        self.entry, self.optional_config = entry, optional_config
 
-    def config(self, name: str) -> type[BaseModel]:
+    def config(self, name: str) -> type[BaseModel] | None:
         return self.get(name).config_cls
 
     def impl(self, name: str) -> Any:
@@ -165,24 +184,35 @@ class VariantRegistry(Registry[Variant]):
             raise ValueError(f"{self.kind}: give {bare}a mapping with `{self.key}:` and its settings")  # noqa: TRY004
         name = value.get(self.key, self.default)
         if not isinstance(name, str) or name not in self:
-            close = difflib.get_close_matches(str(name), self.names(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             given = f" {name!r}" if name is not None else f": `{self.key}:` is missing"
-            raise ValueError(f"{self.kind}{given}: choose {self.choices()}{hint}")
-        return validate_as(self.config(name), value, explain or {})
+            raise ValueError(f"{self.kind}{given}: choose {self.choices()}{did_you_mean(name, self.names())}")
+        config = self.config(name)
+        if config is None:
+            raise ValueError(f"{self.kind} {name!r} has no settings; name it without any")
+        return validate_as(config, value, explain or {})
 
 
-def register_variant(registry: VariantRegistry, config_cls: C, impl: Any = None, *, name: str | None = None) -> C:
+@overload
+def register_variant(registry: VariantRegistry, config_cls: C, impl: Any = None, *, name: str | None = None,
+                     **facts: Any) -> C: ...
+@overload
+def register_variant(registry: VariantRegistry, config_cls: None, impl: Any = None, *, name: str, **facts: Any) -> None: ...
+def register_variant(registry: VariantRegistry, config_cls: C | None, impl: Any = None, *, name: str | None = None,
+                     **facts: Any) -> C | None:
     """Register ``config_cls`` (and its implementation) in ``registry`` under ``name``, by default the default of its
-    tag field (``type: Literal["owl"] = "owl"`` → ``owl``); a name registered twice is an error. Returns the class."""
-    if not (isinstance(config_cls, type) and issubclass(config_cls, registry.base)):
+    tag field (``type: Literal["owl"] = "owl"`` → ``owl``); a name registered twice is an error. ``facts``: the
+    fields of the registry's ``entry`` class beyond a :class:`Variant`'s. Returns the class."""
+    if config_cls is None and registry.optional_config:
+        if name is None:
+            raise ValueError(f"{registry.kind} without settings: give name=...")
+    elif not (isinstance(config_cls, type) and issubclass(config_cls, registry.base)):
         raise TypeError(f"{registry.kind} {config_cls!r}: a config class must derive from {registry.base.__name__}")
     if name is None:
         field = config_cls.model_fields.get(registry.key)
         name = field.default if field is not None else None
         if not isinstance(name, str):
             raise ValueError(f"{registry.kind} {config_cls.__name__}: give name=... or a default for its `{registry.key}` field")
-    registry.register(name, Variant(name, config_cls, impl))
+    registry.register(name, registry.entry(name, config_cls, impl, **facts))
     return config_cls
 
 

@@ -1,11 +1,15 @@
-"""The criterion registry: one spec class and one registration call for depth and width criteria.
+"""The criterion registry: depth and width criteria are variants of the one registry mechanism
+(``prunelab.stages.core.registry``), like allocations, compensations and losses.
 
 Name spaces are per kind. A recipe always names a criterion in the context of the units it scores (the
 ``units:`` of a score or prune stage: blocks → depth; width and hidden channels → width), and the same word can
 mean different mathematics per kind: ``magnitude`` is the L1 norm of a whole block in depth and the L2 norm of a
-coupled group in width; ``random`` draws one number per block or one per head and channel. So ONE registry object
-holds every spec, keyed by (kind, name): one spec class, one registration (duplicates rejected within a kind), one
-settings validation and one scoring path (``prunelab.stages.criteria.scoring``), while both kinds keep the papers' names.
+coupled group in width; ``random`` draws one number per block or one per head and channel. So each kind is one
+:class:`~prunelab.stages.core.registry.VariantRegistry` whose entries are :class:`CriterionSpec` (a ``Variant``: the
+settings model is its config, the score function its implementation), registered with ``register_variant``: the
+same duplicate refusal, "did you mean" wording and lazy ``"module:function"`` loading as every other variant, one
+settings validation and one scoring path (``prunelab.stages.criteria.scoring``), while both kinds keep the papers'
+names. :data:`CRITERIA` holds the two.
 
 Score functions resolve lazily (``"module:function"``), and settings classes are pydantic models without torch,
 so validating a recipe never imports torch.
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails
 
-from prunelab.stages.core.registry import Registry, load_target
+from prunelab.stages.core.registry import Variant, VariantRegistry, did_you_mean, load_target, register_variant
 
 if TYPE_CHECKING:
     from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
@@ -44,28 +48,34 @@ def kind_of(units: str) -> Kind:
 
 
 @dataclass(frozen=True)
-class CriterionSpec:
-    """A registered criterion.
+class CriterionSpec(Variant):
+    """A registered criterion: a variant whose config is its pydantic settings model (``settings``; None: it has
+    none) and whose implementation is its score function (``score_fn``: ``(CriterionInputs) -> CriterionResult``, a
+    callable or ``"module:function"`` resolved on first use).
 
-    ``score_fn``: ``(CriterionInputs) -> CriterionResult``, a callable or ``"module:function"`` (resolved on first use);
-    ``needs``: the statistics the calibration pass must collect for it (``prunelab.stages.calibration.stats.NEEDS``);
-    ``settings``: its pydantic settings model (None: it has none); ``hidden``: width only, the hidden-channel form
-    ``(CriterionInputs) -> list[float]``; ``iterative``: depth criteria that re-score as they remove and need the
-    later prune stage's target; ``paper``: the citation saved with every result.
+    ``needs``: the statistics the calibration pass must collect for it (``prunelab.stages.calibration.needs.NEEDS``);
+    ``hidden``: width only, the hidden-channel form ``(CriterionInputs) -> list[float]``; ``iterative``: depth
+    criteria that re-score as they remove and need the later prune stage's target; ``paper``: the citation saved
+    with every result; ``units``: width only, what it scores (q_heads, kv_groups, mlp, experts, expert_channels).
     """
 
-    name: str
-    kind: Kind
-    score_fn: str | Callable[..., Any]
+    kind: Kind = "depth"
     needs: frozenset[str] = field(default_factory=frozenset)
-    settings: type[BaseModel] | None = None
     hidden: str | Callable[..., Any] | None = None
     iterative: bool = False
     paper: str = ""
     units: tuple[str, ...] = WIDTH_UNITS
 
+    @property
+    def score_fn(self) -> str | Callable[..., Any]:
+        return self.impl
+
+    @property
+    def settings(self) -> type[BaseModel] | None:
+        return self.config_cls
+
     def load(self) -> Callable[[CriterionInputs], CriterionResult]:
-        return load_target(self.score_fn)
+        return load_target(self.impl)
 
     def load_hidden(self) -> Callable[[CriterionInputs], list[float]]:
         if self.hidden is None:
@@ -75,23 +85,26 @@ class CriterionSpec:
 
 
 class CriterionRegistry:
-    """Every criterion, keyed by (kind, name); ``of(kind)`` is one kind's name → spec registry."""
+    """The two kinds' variant registries (``of(kind)``: name → :class:`CriterionSpec`); ``get(kind, name)`` looks one
+    up, iterating gives every spec, depth first."""
 
     def __init__(self) -> None:
-        self._kinds: dict[str, Registry[CriterionSpec]] = {k: Registry(f"{k} criterion") for k in KINDS}
+        self._kinds: dict[str, VariantRegistry] = {
+            k: VariantRegistry(f"{k} criterion", entry=CriterionSpec, optional_config=True) for k in KINDS}
 
     def register(self, spec: CriterionSpec) -> CriterionSpec:
-        if spec.kind not in self._kinds:
-            raise ValueError(f"criterion {spec.name!r}: kind {spec.kind!r}; choose one of {', '.join(KINDS)}")
-        if spec.hidden is not None and spec.kind != "width":
-            raise ValueError(f"criterion {spec.name!r}: only width criteria have a hidden-channel form")
-        return self._kinds[spec.kind].register(spec.name, spec)
+        """Register a spec built elsewhere (as :func:`register_criterion` does from its arguments)."""
+        return register_criterion(spec.name, spec.score_fn, spec.kind, spec.needs, spec.settings, spec.hidden,
+                                  spec.iterative, spec.paper, spec.units, registry=self)
 
-    def of(self, kind: str) -> Registry[CriterionSpec]:
-        return self._kinds[kind]
+    def of(self, kind: str) -> VariantRegistry:
+        try:
+            return self._kinds[kind]
+        except KeyError:
+            raise ValueError(f"criterion kind {kind!r}: choose one of {', '.join(KINDS)}") from None
 
     def get(self, kind: str, name: str) -> CriterionSpec:
-        return self._kinds[kind].get(name)
+        return self.of(kind).get(name)
 
     def __iter__(self) -> Iterator[CriterionSpec]:
         return (reg.get(n) for reg in self._kinds.values() for n in reg)
@@ -110,11 +123,20 @@ def register_criterion(
     iterative: bool = False,
     paper: str = "",
     units: tuple[str, ...] = WIDTH_UNITS,
+    *,
+    registry: CriterionRegistry | None = None,
 ) -> CriterionSpec:
-    return CRITERIA.register(CriterionSpec(name, kind, score_fn, frozenset(needs), settings, hidden, iterative, paper, units))
+    """Register a criterion of ``kind`` (in :data:`CRITERIA` unless ``registry``) through ``register_variant``: a
+    name registered twice within a kind is an error; the same name in the other kind is another criterion."""
+    registry = CRITERIA if registry is None else registry
+    if hidden is not None and kind != "width":
+        raise ValueError(f"criterion {name!r}: only width criteria have a hidden-channel form")
+    register_variant(registry.of(kind), settings, score_fn, name=name, kind=kind, needs=frozenset(needs),
+                     hidden=hidden, iterative=iterative, paper=paper, units=tuple(units))
+    return registry.get(kind, name)
 
 
-def criteria_for(units: str) -> Registry[CriterionSpec]:
+def criteria_for(units: str) -> VariantRegistry:
     """The criteria that can score a stage's ``units`` ("blocks", "width", "hidden", or a kind)."""
     return CRITERIA.of(kind_of(units))
 
@@ -138,7 +160,7 @@ def validate_settings(kind: str, raw: dict[str, Any]) -> dict[str, BaseModel]:
     for name, value in raw.items():
         if name not in registry:
             errors.append(_error((name,), value, f"unknown {kind} criterion {name!r}; criteria with settings: "
-                                 f"{', '.join(with_settings)}"))
+                                 f"{', '.join(with_settings)}{did_you_mean(name, registry)}"))
             continue
         spec = registry.get(name)
         if spec.settings is None:

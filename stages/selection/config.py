@@ -47,7 +47,7 @@ def _check_scores(criterion: str, unit: str, field: str) -> None:
 
     registry = criteria_for("width")
     if criterion not in registry:
-        raise ValueError(f"{field}: unknown width criterion {criterion!r}; choose from {', '.join(registry.names())}")
+        raise ValueError(f"{field}: {registry.unknown(criterion, 'width criterion')}")
     if unit not in registry.get(criterion).units:
         able = [n for n in registry.names() if unit in registry.get(n).units]
         raise ValueError(f"{field}: criterion {criterion!r} does not score {unit.replace('_', ' ')}; choose from {', '.join(able)}")
@@ -68,7 +68,7 @@ class _Selection(StrictModel):
 
         registry = criteria_for(self.scored_units)
         if self.criterion not in registry:
-            raise ValueError(f"unknown {self.scored_units} criterion {self.criterion!r}; choose from {', '.join(registry.names())}")
+            raise ValueError(registry.unknown(self.criterion, f"{self.scored_units} criterion"))
         return self
 
 

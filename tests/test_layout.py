@@ -2,7 +2,8 @@
 
 Imports run one way: ``pipeline/`` (the frame) → ``stages/*.py`` (stage lifecycles) → ``stages/<room>/``
 (the library). An AST walk over every module finds each import — at top level, inside functions, under
-``TYPE_CHECKING`` — and names the ones that run the wrong way.
+``TYPE_CHECKING`` — and names the ones that run the wrong way. Every check takes the root of a tree, so the tests
+that prove a check is not vacuous plant their probes in a copy under ``tmp_path``, never in the checkout.
 """
 
 from __future__ import annotations
@@ -16,15 +17,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
-STAGE_MODULES = {f"stages.{p.stem}" for p in STAGES.glob("*.py") if p.stem != "__init__"}
-ROOMS = sorted(p.name for p in STAGES.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+
+
+def stage_modules(root: Path = ROOT) -> set[str]:
+    """``stages.<name>`` for every stage module (a file directly in ``stages/``) of the tree at ``root``."""
+    return {f"stages.{p.stem}" for p in (root / "stages").glob("*.py") if p.stem != "__init__"}
+
+
+def rooms(root: Path = ROOT) -> list[str]:
+    """The rooms (packages directly in ``stages/``) of the tree at ``root``."""
+    return sorted(p.name for p in (root / "stages").iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+
+
+STAGE_MODULES = stage_modules()
+ROOMS = rooms()
 # What a stage module may take from the frame: the registry it registers with, the context it types against.
 FRAME_CORE = {"pipeline.registry", "pipeline.context"}
 STAGE_LINE_LIMIT = 150
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -51,24 +64,26 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return [(line, _canonical(name)) for line, name in out]
 
 
-def _targets(name: str) -> tuple[bool, bool]:
+def _targets(name: str, stage_mods: set[str]) -> tuple[bool, bool]:
     """(is a stage module, is in pipeline/) for an imported name."""
-    return name in STAGE_MODULES, name == "pipeline" or name.startswith("pipeline.")
+    return name in stage_mods, name == "pipeline" or name.startswith("pipeline.")
 
 
-def _violations() -> list[str]:
+def _violations(root: Path = ROOT) -> list[str]:
+    """Every import in the tree at ``root`` that runs the wrong way, with its file and line."""
     bad = []
-    for path in sorted(list(STAGES.rglob("*.py")) + list((ROOT / "pipeline").rglob("*.py"))):
-        me = _module_name(path)
-        in_room = path.parent != STAGES and path.is_relative_to(STAGES)
+    stages, stage_mods = root / "stages", stage_modules(root)
+    for path in sorted(list(stages.rglob("*.py")) + list((root / "pipeline").rglob("*.py"))):
+        me = _module_name(path, root)
+        in_room = path.parent != stages and path.is_relative_to(stages)
         for line, name in _imports(path):
-            to_stage, to_frame = _targets(name)
-            where = f"{path.relative_to(ROOT)}:{line} imports {name}"
+            to_stage, to_frame = _targets(name, stage_mods)
+            where = f"{path.relative_to(root)}:{line} imports {name}"
             if in_room and (to_stage or to_frame):
                 bad.append(f"{where}: the library never imports a stage module or pipeline/")
-            elif me in STAGE_MODULES and to_stage and name != me:
+            elif me in stage_mods and to_stage and name != me:
                 bad.append(f"{where}: stages never import each other; move the shared code into a room")
-            elif me in STAGE_MODULES and to_frame and not any(name == c or name.startswith(c + ".") for c in FRAME_CORE):
+            elif me in stage_mods and to_frame and not any(name == c or name.startswith(c + ".") for c in FRAME_CORE):
                 bad.append(f"{where}: a stage takes only {sorted(FRAME_CORE)} from the frame")
             elif me.startswith("pipeline") and to_stage:
                 bad.append(f"{where}: the frame reaches stage modules only through pipeline.registry")
@@ -80,35 +95,50 @@ def test_imports_run_one_way() -> None:
     assert not bad, "imports that run the wrong way:\n" + "\n".join(bad)
 
 
-def test_the_walk_catches_each_wrong_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The checker is not vacuous: one planted import of each forbidden kind is reported."""
+def _copy_of_the_tree(tmp_path: Path, *folders: str) -> Path:
+    """The checkout's ``folders`` (sources only) copied under ``tmp_path``: a root to plant probes in."""
+    for folder in folders:
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return tmp_path
+
+
+def test_the_walk_catches_each_wrong_direction(tmp_path: Path) -> None:
+    """The checker is not vacuous: one planted import of each forbidden kind (in a copy of the tree) is reported,
+    and nothing else changes."""
+    root = _copy_of_the_tree(tmp_path, "stages", "pipeline")
+    before = set(_violations(root))
     planted = {
-        STAGES / "io" / "_planted_probe.py": "from prunelab.rundir import atomic_write_json\n",
-        STAGES / "core" / "_planted_probe2.py": "def f():\n    from prunelab.stages.prune import run\n",
+        "stages/io/_planted_probe.py": "from prunelab.rundir import atomic_write_json\n",
+        "stages/core/_planted_probe2.py": "def f():\n    from prunelab.stages.prune import run\n",
+        "stages/_planted_stage.py": "from prunelab.stages.score import run\nfrom prunelab.runner import run_recipe\n",
+        "pipeline/_planted_frame.py": "from prunelab.stages.prune import run\n",
     }
-    try:
-        for path, text in planted.items():
-            path.write_text(text)
-        bad = _violations()
-    finally:
-        for path in planted:
-            path.unlink()
-    assert any("_planted_probe.py" in b and "pipeline.rundir" in b for b in bad)
-    assert any("_planted_probe2.py" in b and "stages.prune" in b for b in bad)
+    for rel, text in planted.items():
+        (root / rel).write_text(text)
+    new = sorted(set(_violations(root)) - before)
+    expected = [("stages/io/_planted_probe.py:1 imports pipeline.rundir", "the library never imports"),
+                ("stages/core/_planted_probe2.py:2 imports stages.prune", "the library never imports"),
+                ("stages/_planted_stage.py:1 imports stages.score", "stages never import each other"),
+                ("stages/_planted_stage.py:2 imports pipeline.runner", "a stage takes only"),
+                ("pipeline/_planted_frame.py:1 imports stages.prune", "the frame reaches stage modules only")]
+    for where, why in expected:
+        assert any(b.startswith(where) and why in b for b in new), (where, new)
+    assert all(any(n in b for n in ("_planted_probe", "_planted_stage", "_planted_frame")) for b in new), new
 
 
-def room_graph() -> dict[str, dict[str, list[str]]]:
-    """room → {room it imports: [where, ...]} over every import in ``stages/<room>/`` (top level, in functions,
-    under TYPE_CHECKING alike)."""
-    graph: dict[str, dict[str, list[str]]] = {room: {} for room in ROOMS}
-    for path in sorted(STAGES.rglob("*.py")):
-        if path.parent == STAGES:
+def room_graph(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
+    """room → {room it imports: [where, ...]} over every import in ``stages/<room>/`` of the tree at ``root`` (top
+    level, in functions, under TYPE_CHECKING alike)."""
+    stages, names = root / "stages", rooms(root)
+    graph: dict[str, dict[str, list[str]]] = {room: {} for room in names}
+    for path in sorted(stages.rglob("*.py")):
+        if path.parent == stages:
             continue
-        room = path.relative_to(STAGES).parts[0]
+        room = path.relative_to(stages).parts[0]
         for line, name in _imports(path):
             parts = name.split(".")
-            if parts[0] == "stages" and len(parts) > 1 and parts[1] in ROOMS and parts[1] != room:
-                graph[room].setdefault(parts[1], []).append(f"{path.relative_to(ROOT)}:{line}")
+            if parts[0] == "stages" and len(parts) > 1 and parts[1] in names and parts[1] != room:
+                graph[room].setdefault(parts[1], []).append(f"{path.relative_to(root)}:{line}")
     return graph
 
 
@@ -144,21 +174,28 @@ def cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
     return out
 
 
+def room_cycles(root: Path = ROOT) -> list[str]:
+    """Each pair of rooms in an import cycle of the tree at ``root``, with up to three of the imports that close it."""
+    graph = room_graph(root)
+    return [f"{a} → {b}: {', '.join(sorted(set(graph[a][b]))[:3])}" for group in cycles(graph) for a in group
+            for b in group if b in graph[a]]
+
+
 def test_rooms_import_without_cycles() -> None:
     """Rooms form a layering (core at the bottom): two rooms that import each other are one room or a misplaced module."""
-    graph = room_graph()
-    found = cycles(graph)
-    detail = [f"{a} → {b}: {', '.join(sorted(set(graph[a][b]))[:3])}" for group in found for a in group for b in group
-              if b in graph[a]]
-    assert not found, "rooms that import each other:\n" + "\n".join(detail)
+    found = room_cycles()
+    assert not found, "rooms that import each other:\n" + "\n".join(found)
 
 
-def test_the_cycle_check_finds_a_planted_cycle() -> None:
-    """Not vacuous: a cycle planted into the real graph (the lowest room importing the highest) is found, as are the
-    cycles of a synthetic graph; a layering is not."""
-    graph = {room: dict(edges) for room, edges in room_graph().items()}
-    graph["core"]["recovery"] = ["planted"]
-    assert any({"core", "recovery"} <= set(group) for group in cycles(graph))
+def test_the_cycle_check_finds_a_planted_cycle(tmp_path: Path) -> None:
+    """Not vacuous: in a copy of the tree, one function-level import planted in the lowest room (core) towards the
+    highest (recovery) is reported as the cycle it closes, as are the cycles of a synthetic graph; a layering is not."""
+    root = _copy_of_the_tree(tmp_path, "stages")
+    assert not any(c.startswith("core → recovery") for c in room_cycles(root))
+    (root / "stages" / "core" / "_planted_cycle.py").write_text("def f():\n    from prunelab.stages.recovery import config\n")
+    found = room_cycles(root)
+    assert "core → recovery: stages/core/_planted_cycle.py:2" in found, found
+    assert any(c.startswith("recovery → core: ") for c in found), found
     synthetic = {"a": {"b": []}, "b": {"c": []}, "c": {"a": []}, "d": {"a": []}, "e": {"f": []}, "f": {"e": []}}
     assert cycles(synthetic) == [["a", "b", "c"], ["e", "f"]]
     assert cycles({"a": {"b": []}, "b": {"c": []}, "c": {}}) == []

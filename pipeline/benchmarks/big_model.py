@@ -32,6 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from prunelab.stages.io.streaming import ShardWriter, output_spec
+from prunelab.stages.io.tiny import byte_tokenizer
+
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "data" / "tiny_corpus.txt"
 
@@ -39,12 +46,6 @@ CORPUS = ROOT / "tests" / "data" / "tiny_corpus.txt"
 def build(folder: Path, hidden: int = 2048, layers: int = 24, heads: int = 16, kv_heads: int = 4,
           intermediate: int = 5632, vocab: int = 32000, shard_mb: float = 1024, seed: int = 0) -> dict[str, Any]:
     """The random model's folder (``save_pretrained`` layout), one tensor in memory at a time."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from prunelab.stages.io.streaming import ShardWriter, output_spec
-    from prunelab.stages.io.tiny import byte_tokenizer
-
     config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                                   max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0,
@@ -129,8 +130,6 @@ def size_of(folder: Path) -> int:
 def run_method(method: str, folder: Path, output: Path, samples: int, seq_len: int, size: int,
                layers: int) -> dict[str, Any]:
     """One method: the streamed run in a child, then the reload in another."""
-    import yaml
-
     runs = output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     path = output / f"big-{method}.yaml"

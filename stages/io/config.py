@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from prunelab.stages.core.config import InputFile, PathStr, StrictModel
 from prunelab.stages.io.named_data import resolve
+from prunelab.stages.io.streaming import streaming_problems
 
 
 class TextSource(StrictModel):
@@ -67,8 +68,4 @@ class ModelConfig(StrictModel):
     def check_stages(self, stages: dict[str, Any]) -> list[str]:
         """Rules between the model's settings and the stages (the recipe's cross-stage check): ``load: streaming``
         allows only what one block resident can do (``prunelab.stages.io.streaming.streaming_problems``)."""
-        if self.load != "streaming":
-            return []
-        from prunelab.stages.io.streaming import streaming_problems
-
-        return streaming_problems(self, stages)
+        return streaming_problems(self, stages) if self.load == "streaming" else []

@@ -26,16 +26,21 @@ stages (they need the whole model: evaluate the exported ``model/`` in a second,
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import tempfile
+import time
+import weakref
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
+    import torch  # lazy: torch-free
+    from torch import nn  # lazy: torch-free
 
-    from prunelab.stages.io.config import ModelConfig
+    from prunelab.stages.io.config import ModelConfig  # lazy: torch-free
 
 ATTR = "prunelab_weights"  # the attribute of a streamed skeleton that holds its SafetensorsWeights
 ALLOWED_STAGES = ("calibrate", "score", "prune", "export")
@@ -45,7 +50,7 @@ DEFAULT_SHARD_MB = 2048.0
 # ----------------------------------------------------------------------------- validation (torch-free)
 def stream_folder(cfg: ModelConfig) -> Path:
     """The local ``save_pretrained`` folder a streaming run reads, or a ValueError naming the fix."""
-    from prunelab.stages.io.sources import alias_dirs, classify
+    from prunelab.stages.io.sources import alias_dirs, classify  # lazy: torch-free
 
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "gguf":
@@ -61,7 +66,7 @@ def stream_folder(cfg: ModelConfig) -> Path:
                              "it once with load: resident (it converts the GGUF), then stream")
         return folder
     if src.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
         found = try_to_load_from_cache(src.path, "config.json", revision=cfg.revision)
         if not isinstance(found, str):
@@ -73,7 +78,7 @@ def stream_folder(cfg: ModelConfig) -> Path:
 
 def source_problems(cfg: ModelConfig) -> list[str]:
     """Why this model cannot be streamed (empty: it can): where it is, its files, its family."""
-    from prunelab.stages.arch import family_facts, unsupported_message
+    from prunelab.stages.arch import family_facts, unsupported_message  # lazy: torch-free
 
     try:
         folder = stream_folder(cfg)
@@ -138,10 +143,10 @@ def streaming_problems(cfg: ModelConfig, stages: dict[str, Any]) -> list[str]:
 def load_streaming(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     """The meta skeleton of the folder (weights never read here) with its ``SafetensorsWeights`` attached, and the
     tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: torch-free
 
-    from prunelab.stages.calibration.sequential import SafetensorsWeights, skeleton
-    from prunelab.stages.io.models import resolve_device, resolve_dtype
+    from prunelab.stages.calibration.sequential import SafetensorsWeights, skeleton  # lazy: torch-free
+    from prunelab.stages.io.models import resolve_device, resolve_dtype  # lazy: torch-free
 
     problems = source_problems(cfg)
     if problems:
@@ -174,7 +179,7 @@ def layers_resident(model: Any) -> Iterator[None]:
     if weights is None:
         yield
         return
-    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     ad = adapter_for(model)
     layers = ad.layers
@@ -200,7 +205,6 @@ class SpilledTensors(MutableMapping):
     of a 1.2B model are 4.8 GB in float32: resident, they alone would be the whole model."""
 
     def __init__(self, folder: Path, group: Any) -> None:
-        import weakref
 
         self.folder, self.group = folder, group
         self.hot: dict[str, torch.Tensor] = {}
@@ -211,12 +215,14 @@ class SpilledTensors(MutableMapping):
 
     def flush(self) -> None:
         """The block in memory to its file."""
-        from safetensors.torch import save_file
-
-        if self.hot:
-            path = self.folder / f"spill-{self.flushes}.safetensors"
-            save_file({k: v.contiguous() for k, v in self.hot.items()}, str(path))
-            self.where.update(dict.fromkeys(self.hot, path))
+        if self.hot:  # ShardWriter, not save_file: save_file would first copy the block's sums into one bytes object
+            folder = self.folder / f"spill-{self.flushes}"
+            folder.mkdir()
+            writer = ShardWriter(folder, {k: (tuple(v.shape), v.dtype) for k, v in self.hot.items()}, 1 << 62)
+            for k, v in self.hot.items():
+                writer.write(k, v)
+            writer.close()
+            self.where.update(dict.fromkeys(self.hot, folder / "model.safetensors"))
             self.flushes += 1
             self.hot.clear()
 
@@ -232,7 +238,7 @@ class SpilledTensors(MutableMapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.hot:
             return self.hot[name]
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: torch-free
 
         with safe_open(str(self.where[name]), framework="pt", device="cpu") as h:
             return h.get_tensor(name)
@@ -255,7 +261,6 @@ class SpilledTensors(MutableMapping):
 
 
 def _remove(folder: str) -> None:
-    import shutil
 
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -265,9 +270,8 @@ def spill_gradients(model: Any, stats: Any) -> None:
     (``SpilledTensors``); a resident model's stay in memory. Called by the sequential pipeline when its stats start."""
     if not is_streamed(model):
         return
-    import tempfile
 
-    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     blocks = f"{adapter_for(model).BLOCKS}."
 
@@ -282,8 +286,8 @@ def spill_gradients(model: Any, stats: Any) -> None:
 def bias_parts(model: nn.Module, plan: Any) -> dict[str, str]:
     """part (attn | mlp) → config flag, for the parts whose output projections compensation gives a bias (as
     ``add_output_biases`` would: every layer's q/k/v/o or gate/up/down, zero where nothing was folded in)."""
-    from prunelab.stages.arch import adapter_for, compensation_refusal
-    from prunelab.stages.surgery.plan import WidthPlan
+    from prunelab.stages.arch import adapter_for, compensation_refusal  # lazy: torch-free
+    from prunelab.stages.surgery.plan import WidthPlan  # lazy: torch-free
 
     comp = getattr(getattr(plan, "target", None), "compensation", None)
     if not isinstance(plan, WidthPlan) or comp is None or comp.type == "none":
@@ -309,8 +313,8 @@ BIAS_ROLES = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 
 def add_biases(layer: nn.Module, ad: Any, parts: dict[str, str], device: Any = None) -> None:
     """Zero biases on every projection of ``parts`` that has none (meta on a skeleton)."""
-    import torch
-    from torch import nn
+    import torch  # lazy: torch-free
+    from torch import nn  # lazy: torch-free
 
     for part in parts:
         for role in BIAS_ROLES[part]:
@@ -325,7 +329,7 @@ def after_plan(model: nn.Module, plan: Any) -> None:
     skeleton's shapes, ``total_params`` and config are those of the model the export writes. No-op when resident."""
     if not is_streamed(model):
         return
-    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     parts = bias_parts(model, plan)
     ad = adapter_for(model)
@@ -410,15 +414,14 @@ class ShardWriter:
 
 
 def _u8() -> torch.dtype:
-    import torch
+    import torch  # lazy: torch-free
 
     return torch.uint8
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    import math
 
-    import torch
+    import torch  # lazy: torch-free
 
     return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
 
@@ -443,17 +446,16 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
     """``model/`` for a streamed run, one block resident at a time; see the module docstring. Returns what the hf
     export returns (path; ``reload_max_abs_diff`` is None: a reload would hold the whole model) plus the
     structural check and the block timing."""
-    import time
 
-    import torch
-    from huggingface_hub import ModelCard
+    import torch  # lazy: torch-free
+    from huggingface_hub import ModelCard  # lazy: startup
 
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.calibration.sequential import BoundaryCache, skeleton
-    from prunelab.stages.core.files import atomic_dir
-    from prunelab.stages.io.card import model_card
-    from prunelab.stages.io.models import DTYPES
-    from prunelab.stages.surgery.plan import DepthPlan, WidthPlan
+    from prunelab.stages.arch import adapter_for  # lazy: torch-free
+    from prunelab.stages.calibration.sequential import BoundaryCache, skeleton  # lazy: torch-free
+    from prunelab.stages.core.files import atomic_dir  # lazy: torch-free
+    from prunelab.stages.io.card import model_card  # lazy: torch-free
+    from prunelab.stages.io.models import DTYPES  # lazy: torch-free
+    from prunelab.stages.surgery.plan import DepthPlan, WidthPlan  # lazy: torch-free
 
     pruned, plan, weights = ctx.model, ctx.plan, weights_of(ctx.model)
     if plan is not None and not isinstance(plan, (DepthPlan, WidthPlan)):
@@ -478,7 +480,6 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
             _copy_outer(writer, weights, spec, ad)
             states, prepared, folder = None, {}, None
             if optimal:  # the dense boundary states: the Grams of each block's o_proj/down_proj inputs need them
-                import tempfile
 
                 folder = Path(tempfile.mkdtemp(prefix="prunelab-export-"))
                 budget = _stage_setting(ctx, "calibrate", lambda s: s.pipeline.memory_budget_gb, 4.0) * 2**30 / 2
@@ -508,7 +509,6 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
             if states is not None:
                 states.clear()
             if folder is not None:
-                import shutil
 
                 shutil.rmtree(folder, ignore_errors=True)
             written = writer.close()
@@ -532,7 +532,7 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
 
 def _copy_outer(writer: ShardWriter, weights: Any, spec: dict[str, Any], ad: Any) -> None:
     """Embedding, final norm and head (everything outside the blocks), tensor by tensor from the source files."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: torch-free
 
     inside = f"{ad.BLOCKS}."
     for name in spec:
@@ -546,9 +546,9 @@ def _copy_outer(writer: ShardWriter, weights: Any, spec: dict[str, Any], ad: Any
 
 def _embed_states(ad: Any, weights: Any, calibration: torch.Tensor, batch_size: int, cache: Any) -> tuple[Any, dict]:
     """x_0 of every calibration batch (in the boundary cache) and the block inputs (masks, rotary) per shape."""
-    import torch
+    import torch  # lazy: torch-free
 
-    from prunelab.stages.calibration.blocks import batches
+    from prunelab.stages.calibration.blocks import batches  # lazy: torch-free
 
     prepared: dict[tuple[int, ...], Any] = {}
     with torch.no_grad(), weights.embedding(ad):
@@ -573,7 +573,7 @@ class GramSums:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        import torch
+        import torch  # lazy: torch-free
 
         x = x.detach().reshape(-1, x.shape[-1]).double()
         d = x.shape[1]
@@ -598,9 +598,9 @@ def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, p
                collect: bool) -> dict[str, dict[int, GramSums]] | None:
     """The dense block i on every batch's input state (outputs into ``following``); with ``collect``, the float64
     Gram, sum and count of its o_proj / down_proj inputs (the sums the score pass keeps for a resident run)."""
-    import torch
+    import torch  # lazy: torch-free
 
-    from prunelab.stages.arch.base import STAT_KEYS
+    from prunelab.stages.arch.base import STAT_KEYS  # lazy: torch-free
 
     sums = {role: GramSums() for role in ("o", "down")} if collect else {}
     handles = [ad.linear(layer, role).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
@@ -623,7 +623,7 @@ def lean_optimal(weight: torch.Tensor, bias: torch.Tensor | None, sums: GramSums
     besides the Gram itself: the damping added to the diagonal in place, H factored by Cholesky into its own buffer
     (H + λI is positive definite), and only the rows S of H⁻¹ formed (``cholesky_solve`` against the unit vectors of
     S) instead of the whole inverse. The same solution in float64 (a test checks it against ``optimal_layer``)."""
-    import torch
+    import torch  # lazy: torch-free
 
     keep = [j for j in range(weight.shape[1]) if j not in set(removed)]
     h = sums.augmented()
@@ -652,7 +652,7 @@ def lean_optimal(weight: torch.Tensor, bias: torch.Tensor | None, sums: GramSums
 def optimal_side(dense: nn.Module, i: int, removed: dict[str, list[int]], grams: dict[str, dict[int, GramSums]],
                  damping: float, with_bias: bool) -> dict[str, torch.Tensor]:
     """``compensation.optimal_compensation`` for block i, through ``lean_optimal``: the side tensors by parameter."""
-    from prunelab.stages.surgery.compensation import removed_inputs
+    from prunelab.stages.surgery.compensation import removed_inputs  # lazy: torch-free
 
     side = {}
     for _, name, key, lin, idx in removed_inputs(dense, {i: removed}):
@@ -669,10 +669,10 @@ def _prune_block(dense: nn.Module, ad: Any, i: int, removed: dict[str, list[int]
                  grams: dict[str, Any] | None, means: dict[str, Any] | None) -> None:
     """Block i (resident in the dense skeleton) pruned as ``apply_width`` prunes it: compensation computed on the
     dense weights (the same functions), the units sliced, the compensated weights and bias changes put in."""
-    import torch
+    import torch  # lazy: torch-free
 
-    from prunelab.stages.surgery.apply import prune_layer_width
-    from prunelab.stages.surgery.compensation import bias_compensation
+    from prunelab.stages.surgery.apply import prune_layer_width  # lazy: torch-free
+    from prunelab.stages.surgery.compensation import bias_compensation  # lazy: torch-free
 
     side: dict[str, torch.Tensor] = {}
     if comp is not None and comp.type == "optimal":
@@ -700,10 +700,10 @@ def check_structure(folder: Path) -> dict[str, Any]:
     """The written folder against the model its config describes, built on meta (the prunelab loader's per-layer
     shapes when present): every tensor present with its shape, none extra. A numeric reload check would hold the whole
     model, which a streamed run never does."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # lazy: torch-free
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy: torch-free
 
-    from prunelab.stages.arch import adapter_for
+    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):

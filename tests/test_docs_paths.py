@@ -2,8 +2,8 @@
 
 Checked: ``stages/…py``, ``pipeline/…py``, ``tests/…py``, ``launch/…`` and ``recipes/…yaml`` paths (from the
 project root), and dotted ``prunelab.x.y`` names, which must be a module of the package (pyproject's package-dir:
-``prunelab`` = pipeline/, ``prunelab.stages`` = stages/, ``prunelab.recipes`` = recipes/) or a name defined at
-the top of one (``prunelab.stages.io.loader.load_pruned``). A path with a placeholder (``stages/arch/<family>.py``)
+``prunelab`` = pipeline/, ``prunelab.stages`` = stages/, ``prunelab.recipes`` = recipes/; ``stages.<room>.x`` is read as
+``prunelab.stages.<room>.x``) or a name defined at the top of one (``prunelab.stages.io.loader.load_pruned``). A path with a placeholder (``stages/arch/<family>.py``)
 or in capitals (``recipes/bench/NAME.yaml``) is a pattern, not a path, and is skipped, as are other projects' files (llama.cpp's ``src/llama-model.cpp``).
 """
 
@@ -23,6 +23,9 @@ PATH = re.compile(r"(?<![\w./-])((?:stages|pipeline|tests|launch)/[\w/.-]*\.py|(
                   r"(?![\w<*{-])")
 PLACEHOLDER = re.compile(r"(?:^|/)[A-Z][A-Z_]*\.\w+$")  # recipes/bench/NAME.yaml
 DOTTED = re.compile(r"(?<![\w./-])prunelab(?:\.[A-Za-z_]\w*)+(?![\w-])")
+# ``stages.<room>.x`` names a library module (``stages.prune.units`` and the like are recipe keys: not checked)
+ROOMS = sorted(p.name for p in (ROOT / "stages").iterdir() if (p / "__init__.py").is_file())
+ROOM_DOTTED = re.compile(rf"(?<![\w./-])stages\.(?:{'|'.join(ROOMS)})(?:\.[A-Za-z_]\w*)+(?![\w-])")
 # The commands that produced tables recorded before issue 27 (docs/results.md says so under its first heading): a
 # number's provenance names the command as it was run, so these removed files may be named; nothing else may.
 HISTORICAL = frozenset({"pipeline/bench.py", "pipeline/bench_calibration.py", "pipeline/bench_recovery.py",
@@ -65,6 +68,9 @@ def _top_names(path: Path) -> frozenset[str]:
             if any(isinstance(t, ast.Name) and t.id in ("__all__", "_API") for t in targets):
                 names.update(ast.literal_eval(node.value) if not isinstance(node.value, ast.Call)
                              else ast.literal_eval(node.value.args[0]))
+    if "__getattr__" in names:  # a module-level __getattr__ serves the names it compares against (PEP 562)
+        names.update(n.value for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                     for n in [n.left, *n.comparators] if isinstance(n, ast.Constant) and isinstance(n.value, str))
     return frozenset(names)
 
 
@@ -86,8 +92,8 @@ def broken_references(text: str, where: str) -> list[str]:
         for m in PATH.finditer(line):
             if not PLACEHOLDER.search(m[1]) and m[1] not in HISTORICAL and not (ROOT / m[1]).exists():
                 bad.append(f"{where}:{number}: {m[1]} does not exist")
-        for m in DOTTED.finditer(line):
-            if not dotted_exists(m[0]):
+        for m in [*DOTTED.finditer(line), *ROOM_DOTTED.finditer(line)]:
+            if not dotted_exists(m[0] if m[0].startswith("prunelab") else f"prunelab.{m[0]}"):
                 bad.append(f"{where}:{number}: {m[0]} is no module of the package nor a name in one")
     return bad
 
@@ -102,14 +108,15 @@ def test_the_check_fails_on_planted_wrong_paths() -> None:
     """Not vacuous: a wrong path or name of each kind is reported; right ones, patterns and outside files are not."""
     planted = ("see `stages/arch/lama.py` and pipeline/bench_rows.py, run `recipes/smollm2/flap-21.yaml`;\n"
                "tests/test_nothing.py, `prunelab.stages.io.loadr`, `prunelab.stages.io.loader.load_prunedd`,\n"
-               "launch/nowhere.yaml\n"
+               "launch/nowhere.yaml `stages.io.tiny.tiny_famly`\n"
                "placeholders: recipes/bench/NAME.yaml, `launch/llamacpp_check.compare`\n"
                "fine: `stages/arch/llama.py`, `recipes/debug.yaml`, `prunelab.stages.io.loader.load_pruned`,\n"
-               "`prunelab.benchmarks`, `prunelab.run`, `prunelab.recipes`, `stages/arch/<family>.py`,\n"
+               "`prunelab.benchmarks`, `prunelab.run`, `prunelab.recipes`, `stages/arch/<family>.py`, `stages.prune.units`,\n"
+               "`stages.arch.SUBLAYER_FAMILIES` (served by the package's __getattr__), `stages.io.tiny`,\n"
                "`recipes/debug-<family>.yaml`, llama.cpp's `src/llama-model.cpp`, ../shared/DESIGN.md, prunelab[eval]\n")
     bad = broken_references(planted, "planted.md")
     named = [b.split(": ", 1)[1].split(" ")[0] for b in bad]
     assert named == ["stages/arch/lama.py", "pipeline/bench_rows.py", "recipes/smollm2/flap-21.yaml",
                      "tests/test_nothing.py", "prunelab.stages.io.loadr", "prunelab.stages.io.loader.load_prunedd",
-                     "launch/nowhere.yaml"], bad
+                     "launch/nowhere.yaml", "stages.io.tiny.tiny_famly"], bad
     assert bad[0].startswith("planted.md:1:") and bad[-1].startswith("planted.md:3:")

@@ -83,6 +83,21 @@ def test_reconstruction_lowers_every_block_mse(settings: dict, tmp_path: Path) -
     assert info["steps"] == 4 * 8 * (2 if settings.get("sublayers") == "separate" else 1)
 
 
+def test_a_block_made_worse_is_kept_as_it_was(tmp_path: Path) -> None:
+    """A learning rate far too high raises the MSE: those blocks go back to their pruned weights, so no block ends
+    worse than it started (on the windows it was trained on)."""
+    dense, pruned = _pair()
+    info = rec.reconstruct(pruned, dense, _windows(), _cfg(inputs="dense", lr=1.0), tmp_path, progress=False)
+    assert any(b.get("reverted") for b in info["blocks"])
+    assert all(b["loss_after"] <= b["loss_before"] for b in info["blocks"])
+    _, untouched = _pair()
+    from prunelab.stages.arch import adapter_for
+
+    for i, b in enumerate(info["blocks"]):
+        if b.get("reverted"):
+            assert _same(adapter_for(pruned).layers[i], adapter_for(untouched).layers[i])
+
+
 @pytest.mark.parametrize("inputs", ["dense", "pruned"])
 def test_unpruned_blocks_stay_bit_for_bit(inputs: str, tmp_path: Path) -> None:
     """Nothing removed: every block's loss is exactly 0, and no weight moves."""

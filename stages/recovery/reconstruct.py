@@ -343,6 +343,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                 before = _eval_loss(lambda t: run_s(i, t), x, target, n, size)
                 square = _eval_loss(torch.zeros_like, target, target, n, size)  # the target's mean square
                 curves: dict[str, list[float]] = {}
+                initial = {k: v.clone() for k, v in layer.state_dict().items()}
                 if before > 0.0:  # an unpruned block on the dense inputs: nothing to learn, leave it bit for bit
                     for phase in plan:
                         y = mid if phase.mid else target
@@ -354,6 +355,14 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                         "last_step_loss": {k: v[-1] for k, v in curves.items() if v}}
             following = BoundaryCache(budget, tmp, f"p{i + 1}") if own is not None else None
             after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, following)
+            if record is None and after > info["loss_before"]:  # overshot (lr too high): keep the block as it came
+                layer.load_state_dict(initial)
+                if following is not None:
+                    following.clear()
+                log.warning(f"reconstruct block {i}: MSE rose {info['loss_before']:.5g} → {after:.5g}; block kept as "
+                            "it was (lower lr or more steps)")
+                after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, following)
+                info["reverted"] = True
             if record is None:
                 info.update(loss_after=after, relative_after=after / (info["target_mean_square"] or 1.0),
                             seconds=round(time.perf_counter() - t0, 3))

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from prunelab.registry import register_stage
 from prunelab.stages.calibration.needs import resolve
 from prunelab.stages.calibration.pipelines import FullPipeline, PipelineConfig, refusals
-from prunelab.stages.calibration.sources import CalibrationSource
+from prunelab.stages.calibration.sources import CalibrationSource, calibration_windows
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.criteria.registry import CRITERIA, kind_of
 from prunelab.stages.io.config import TextSource
@@ -79,12 +79,10 @@ def _closure(needs: frozenset[str]) -> set[str]:
 
 
 def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
-    import torch
-
-    from prunelab.stages.calibration.sources import calibration_windows
+    import torch  # lazy: torch-free
 
     if cfg.sampling == "llm_pruner":
-        from prunelab.stages.calibration.rows import llm_pruner_windows, text_rows
+        from prunelab.stages.calibration.rows import llm_pruner_windows, text_rows  # lazy: torch-free
 
         ctx.calibration = llm_pruner_windows(text_rows(cfg.source), ctx.tokenizer, cfg.num_samples, cfg.seq_len,
                                              ctx.recipe.seed)
@@ -99,7 +97,7 @@ def run(ctx: RunContext, cfg: CalibrateConfig) -> dict[str, Any]:
 
 
 def restore(ctx: RunContext, cfg: CalibrateConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
-    import torch
+    import torch  # lazy: torch-free
 
     ctx.calibration = torch.load(stage_dir / "calibration.pt", weights_only=True)
 

@@ -14,6 +14,9 @@ from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
 from prunelab.stages.core.config import InputFile, StrictModel
+from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.evaluation.suite import with_default_suite
+from prunelab.stages.evaluation.zeroshot import LOCAL_TASKS, evaluate_task, expand_preset
 from prunelab.stages.io.qa import TextOrQASource
 
 if TYPE_CHECKING:
@@ -69,17 +72,12 @@ class EvaluateConfig(StrictModel):
     @classmethod
     def _suite(cls, raw: Any) -> Any:
         """Nothing named: the default two-domain suite (stages.evaluation.suite), written out in the resolved recipe."""
-        from prunelab.stages.evaluation.suite import with_default_suite
-        from prunelab.stages.evaluation.zeroshot import expand_preset
-
         if isinstance(raw, dict) and isinstance(raw.get("tasks"), str):  # tasks: zeroshot_suite (a preset's name)
             raw = {**raw, "tasks": expand_preset(raw["tasks"])}
         return with_default_suite(raw)
 
     @model_validator(mode="after")
     def _local_tasks(self) -> EvaluateConfig:
-        from prunelab.stages.evaluation.zeroshot import LOCAL_TASKS
-
         for name, t in self.tasks.items():
             if t.path is not None and name not in LOCAL_TASKS:
                 raise ValueError(f"tasks.{name}: local files are supported for {sorted(LOCAL_TASKS)}; drop `path` to use "
@@ -89,8 +87,6 @@ class EvaluateConfig(StrictModel):
 
 def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
-    from prunelab.stages.core.files import atomic_write_json
-
     label = cfg.label or ctx.state
     models = [(label, ctx.model)]
     if label == "recovered" and "control" in ctx.variants:
@@ -109,8 +105,8 @@ def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:
-    from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity
-    from prunelab.stages.io.text import tokenized_source
+    from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity  # lazy: torch-free
+    from prunelab.stages.io.text import tokenized_source  # lazy: torch-free
 
     results: dict[str, Any] = {}
     for name, p in cfg.perplexity.items():
@@ -120,17 +116,15 @@ def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) 
         results[name] = r
     for name, t in cfg.tasks.items():
         if ctx.is_main:  # HFLM on a model object is not meant for a multi-process launch
-            from prunelab.stages.evaluation.zeroshot import evaluate_task
-
             results[name] = evaluate_task(model, ctx.tokenizer, name, t.path, t.limit, t.batch_size, t.num_fewshot, ctx.recipe.seed)
     if cfg.speed is not None and ctx.is_main:
-        from prunelab.stages.evaluation.speed import measure_speed
+        from prunelab.stages.evaluation.speed import measure_speed  # lazy: torch-free
 
         s = cfg.speed
         results["speed"] = measure_speed(model, s.prompt_len, s.new_tokens, tuple(s.batch_sizes), s.repeats, s.warmup, ctx.recipe.seed)
         if s.paired and label != "dense":
-            from prunelab.stages.evaluation.speed import measure_speedup
-            from prunelab.stages.io.models import load_model
+            from prunelab.stages.evaluation.speed import measure_speedup  # lazy: torch-free
+            from prunelab.stages.io.models import load_model  # lazy: torch-free
 
             dense = load_model(ctx.recipe.model)[0].to(next(model.parameters()).device)
             results["speed"]["paired"] = measure_speedup(model, dense, s.prompt_len, s.new_tokens, tuple(s.batch_sizes),

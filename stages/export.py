@@ -17,8 +17,9 @@ from pydantic import Field, field_validator, model_validator
 
 from prunelab.registry import register_stage
 from prunelab.stages.core.config import StrictModel
-from prunelab.stages.io.formats import FORMATS
-from prunelab.stages.io.hub import PushToHubConfig
+from prunelab.stages.io.formats import FORMATS, refusals
+from prunelab.stages.io.hub import PushToHubConfig, push_folder
+from prunelab.stages.io.streaming import export_streamed
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -72,8 +73,7 @@ class ExportConfig(StrictModel):
 
 
 def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
-    from prunelab.stages.io.formats import refusals
-    from prunelab.stages.io.models import DTYPES
+    from prunelab.stages.io.models import DTYPES  # lazy: torch-free
 
     target = ctx.run_dir / "model"
     model = ctx.model
@@ -83,8 +83,6 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
         if refused:  # before anything is written: no half-done export
             raise ValueError("; ".join(refused))
         if getattr(model, "prunelab_weights", None) is not None:  # streamed: block by block (stages.io.streaming)
-            from prunelab.stages.io.streaming import export_streamed
-
             ctx.exported = export_streamed(ctx, cfg)
             return dict(ctx.exported)
         if cfg.dtype != "same":
@@ -97,8 +95,6 @@ def run(ctx: RunContext, cfg: ExportConfig) -> dict[str, Any]:
             else:
                 ctx.exported[name] = out
     if cfg.push_to_hub is not None and ctx.is_main:
-        from prunelab.stages.io.hub import push_folder
-
         ctx.exported["hub"] = push_folder(target, cfg.push_to_hub, f"prunelab: {ctx.recipe.name}")
     return dict(ctx.exported)
 

@@ -22,7 +22,9 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from prunelab.registry import register_stage
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.criteria.registry import criteria_for, kind_of, validate_settings
+from prunelab.stages.criteria.scoring import PartialResults, score_criteria
 from prunelab.stages.recovery.config import RecoverySettings
 from prunelab.stages.iterative.cycles import Cycles, prune_settings, run_cycles, settings_key
 from prunelab.stages.selection.config import BlocksSettings, WidthSettings
@@ -75,11 +77,10 @@ class IterateConfig(StrictModel):
 
 
 def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
-    from accelerate.logging import get_logger
+    from accelerate.logging import get_logger  # lazy: torch-free
 
-    from prunelab.stages.criteria.scoring import PartialResults, score_criteria
-    from prunelab.stages.io.models import load_model
-    from prunelab.stages.recovery.trainer import TrainerEnv, recover_model
+    from prunelab.stages.io.models import load_model  # lazy: torch-free
+    from prunelab.stages.recovery.trainer import TrainerEnv, recover_model  # lazy: torch-free
 
     log = get_logger(__name__)
     name, rec = cfg.prune.criterion, cfg.recover
@@ -88,7 +89,7 @@ def run(ctx: RunContext, cfg: IterateConfig) -> dict[str, Any]:
                      progress=ctx.progress)
     generated = None
     if rec.data.teacher_generate is not None:
-        from prunelab.stages.recovery.generated import generate_once
+        from prunelab.stages.recovery.generated import generate_once  # lazy: torch-free
 
         generated = generate_once(ctx.accelerator, rec.data, load_model(ctx.recipe.model)[0], ctx.tokenizer,
                                   ctx.recipe.seed, ctx.stage_dir / "teacher-generated", ctx.progress)
@@ -117,8 +118,6 @@ def _cycles(ctx: RunContext, cfg: IterateConfig, log: Any) -> Any:
 
 
 def _finish(ctx: RunContext, state: Any, plan: Any) -> dict[str, Any]:
-    from prunelab.stages.core.files import atomic_write_json
-
     ctx.plan, ctx.state = plan, "recovered"
     ctx.model_info.update(params_after=plan.params_after, layers_after=plan.layers_after)
     infos = [r["recover"] for r in state.done]

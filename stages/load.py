@@ -10,19 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 from prunelab.registry import register_stage
 from prunelab.stages.io.config import ModelConfig
+from prunelab.stages.io.streaming import load_streaming
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
 
 
 def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
-    from accelerate.logging import get_logger
+    from accelerate.logging import get_logger  # lazy: torch-free
 
-    from prunelab.stages.io.models import load_model
+    from prunelab.stages.io.models import load_model  # lazy: torch-free
 
     if cfg.load == "streaming":  # a meta skeleton; blocks read from the shards when needed (stages.io.streaming)
-        from prunelab.stages.io.streaming import load_streaming
-
         model, tokenizer = load_streaming(cfg)
     else:
         model, tokenizer = load_model(cfg)

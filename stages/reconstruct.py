@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
-from prunelab.stages.calibration.sources import CalibrationSource
+from prunelab.stages.calibration.sources import CalibrationSource, calibration_windows
 from prunelab.stages.core.config import StrictModel
 
 if TYPE_CHECKING:
@@ -94,10 +94,10 @@ class ReconstructConfig(StrictModel):
 
 
 def run(ctx: RunContext, cfg: ReconstructConfig) -> dict[str, Any]:
-    import torch
+    import torch  # lazy: torch-free
 
-    from prunelab.stages.io.models import load_model
-    from prunelab.stages.recovery.reconstruct import reconstruct
+    from prunelab.stages.io.models import load_model  # lazy: torch-free
+    from prunelab.stages.recovery.reconstruct import reconstruct  # lazy: torch-free
 
     kind = getattr(ctx.plan, "kind", None)
     if kind in ("depth", "hidden"):
@@ -107,8 +107,6 @@ def run(ctx: RunContext, cfg: ReconstructConfig) -> dict[str, Any]:
     if cfg.data is None:
         windows = ctx.calibration
     else:
-        from prunelab.stages.calibration.sources import calibration_windows
-
         windows = calibration_windows(cfg.data.source, teacher, ctx.tokenizer, cfg.data.num_samples, cfg.data.seq_len,
                                       ctx.recipe.seed, ctx.stage_dir / "generated", ctx.progress)
     if cfg.num_windows is not None and cfg.num_windows < len(windows):
@@ -123,7 +121,7 @@ def run(ctx: RunContext, cfg: ReconstructConfig) -> dict[str, Any]:
 
 def restore(ctx: RunContext, cfg: ReconstructConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     """The reconstructed blocks' saved weights back into the pruned model."""
-    from prunelab.stages.recovery.reconstruct import restore_blocks
+    from prunelab.stages.recovery.reconstruct import restore_blocks  # lazy: torch-free
 
     restore_blocks(ctx.model, stage_dir)
     ctx.state = "recovered"

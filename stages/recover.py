@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
+from prunelab.stages.io.card import write_adapter_cards
 from prunelab.stages.recovery.config import RecoveryData, RecoverySettings, flat_settings, migrate_flat_keys
 
 if TYPE_CHECKING:
@@ -73,14 +74,14 @@ class RecoverConfig(RecoverySettings):
 
 
 def _env(ctx: RunContext) -> Any:
-    from prunelab.stages.recovery.trainer import TrainerEnv
+    from prunelab.stages.recovery.trainer import TrainerEnv  # lazy: torch-free
 
     return TrainerEnv(accelerator=ctx.accelerator, tokenizer=ctx.tokenizer, seed=ctx.recipe.seed, resume=ctx.resume,
                       progress=ctx.progress)
 
 
 def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
-    from prunelab.stages.recovery.trainer import recover_model
+    from prunelab.stages.recovery.trainer import recover_model  # lazy: torch-free
 
     if cfg.method == "qlora" and getattr(ctx.model.config, "prunelab_layer_shapes", None):
         raise ValueError("stages.recover: method qlora needs uniform layer widths (NF4 loading builds a vanilla "
@@ -93,15 +94,14 @@ def run(ctx: RunContext, cfg: RecoverConfig) -> dict[str, Any]:
     ctx.state = "recovered"
     ctx.recover_info = {"pruned": info}
     if cfg.control:
-        from prunelab.stages.io.models import load_model
+        from prunelab.stages.io.models import load_model  # lazy: torch-free
 
         dense, _ = load_model(ctx.recipe.model)
         control = recover_model(env, cfg, dense, ctx.stage_dir / "control", "control", _teacher(ctx, cfg), None, generated)
         ctx.variants["control"] = control.pop("model")
         ctx.recover_info["control"] = control
     if ctx.is_main:  # the adapters' cards, in place of peft's empty template
-        from prunelab.stages.io.card import write_adapter_cards
-        from prunelab.stages.recovery.model import trained_folder
+        from prunelab.stages.recovery.model import trained_folder  # lazy: torch-free
 
         write_adapter_cards(ctx.stage_dir, trained_folder(cfg.method), ctx.recipe, cfg, ctx.recover_info)
     return ctx.recover_info
@@ -111,7 +111,7 @@ def _teacher(ctx: RunContext, cfg: RecoverConfig) -> Any:
     """The run's dense model, reloaded from its source, when the loss distils from it."""
     if not cfg.loss.needs_teacher:
         return None
-    from prunelab.stages.io.models import load_model
+    from prunelab.stages.io.models import load_model  # lazy: torch-free
 
     return load_model(ctx.recipe.model)[0]
 
@@ -120,8 +120,8 @@ def _generated(ctx: RunContext, cfg: RecoverConfig, teacher: Any) -> Any:
     """``data.teacher_generate``: the dense model's continuations, cached in ``teacher-generated/`` of this stage."""
     if cfg.data.teacher_generate is None:
         return None
-    from prunelab.stages.io.models import load_model
-    from prunelab.stages.recovery.generated import generate_once
+    from prunelab.stages.io.models import load_model  # lazy: torch-free
+    from prunelab.stages.recovery.generated import generate_once  # lazy: torch-free
 
     dense = teacher if teacher is not None else load_model(ctx.recipe.model)[0]
     return generate_once(ctx.accelerator, cfg.data, dense, ctx.tokenizer, ctx.recipe.seed,
@@ -130,14 +130,14 @@ def _generated(ctx: RunContext, cfg: RecoverConfig, teacher: Any) -> Any:
 
 def restore(ctx: RunContext, cfg: RecoverConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     """Re-merge the saved adapters (``full``: reload the trained weights): exact, and cheaper than merged copies."""
-    from prunelab.stages.recovery.model import apply_trained, trained_folder
+    from prunelab.stages.recovery.model import apply_trained, trained_folder  # lazy: torch-free
 
     folder = trained_folder(cfg.method)
     ctx.model = apply_trained(ctx.model, stage_dir / folder, cfg.method)
     ctx.state = "recovered"
     ctx.recover_info = dict(outputs)
     if cfg.control:
-        from prunelab.stages.io.models import load_model
+        from prunelab.stages.io.models import load_model  # lazy: torch-free
 
         dense, _ = load_model(ctx.recipe.model)
         ctx.variants["control"] = apply_trained(dense, stage_dir / "control" / folder, cfg.method)

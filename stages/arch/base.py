@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from prunelab.stages.arch import SUBLAYER_FAMILIES
 from prunelab.stages.arch.base_names import HEAD_NAME, LINEAR_NAMES
 from prunelab.stages.arch.facts import lazy_module
+from prunelab.stages.core.compat import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -344,18 +346,16 @@ class ArchAdapter:
     @classmethod
     def has_sublayer(cls, layer: nn.Module, which: str) -> bool:
         """Whether ``layer`` still has its ``attention`` / ``mlp`` sublayer (False once removed)."""
-        from prunelab.stages.arch.noop import NoAttention, NoMLP
+        from prunelab.stages.arch.noop import NoAttention, NoMLP  # lazy: torch-free
 
         return not isinstance(cls.attention(layer) if which == "attention" else cls.mlp(layer), (NoAttention, NoMLP))
 
     @classmethod
     def remove_sublayer(cls, layer: nn.Module, which: str) -> None:
         """Replace the ``attention`` or ``mlp`` sublayer (and the norm that serves only it) by a parameter-free no-op."""
-        from prunelab.stages.arch.noop import NoAttention, NoMLP
+        from prunelab.stages.arch.noop import NoAttention, NoMLP  # lazy: torch-free
 
         if not cls.SUBLAYER_REMOVAL:
-            from prunelab.stages.arch import SUBLAYER_FAMILIES
-
             raise NotImplementedError(f"{cls.family or cls.__name__}: removing a whole sublayer is supported for the "
                                       f"Llama-layout families ({', '.join(SUBLAYER_FAMILIES)}) only")
         if which not in cls.SUBLAYER_NORMS:
@@ -500,12 +500,11 @@ class ArchAdapter:
 
     def prepare(self, hidden: torch.Tensor) -> BlockInputs:
         """Causal masks (per attention type) and rotary embeddings for a batch without padding."""
+        # lazy: torch-free
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         cfg = self.model.config
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        from prunelab.stages.core.compat import cache_kwargs
-
         kwargs = {"config": cfg, "inputs_embeds": hidden, "attention_mask": None, **cache_kwargs(create_causal_mask),
                   "position_ids": position_ids}
         masks: dict[str, Any] = {"full_attention": create_causal_mask(**kwargs)}

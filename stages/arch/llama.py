@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from prunelab.stages.arch import adapter_for, register_family
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
 from prunelab.stages.arch.facts import FamilyFacts
+from prunelab.stages.core.compat import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +53,7 @@ class MistralAdapter(ArchAdapter):
         return {}  # MistralConfig has no bias flags: every projection is built without one
 
     def prepare(self, hidden: torch.Tensor) -> BlockInputs:
-        from transformers.masking_utils import create_sliding_window_causal_mask
-
-        from prunelab.stages.core.compat import cache_kwargs
+        from transformers.masking_utils import create_sliding_window_causal_mask  # lazy: torch-free
 
         inputs = super().prepare(hidden)
         if getattr(self.model.config, "sliding_window", None) is not None:  # MistralModel uses it for every layer

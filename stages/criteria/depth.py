@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunelab.stages.calibration.blocks import batches, removal_nll_batch
+from prunelab.stages.calibration.sequential import collect_sequential
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 
 
@@ -130,8 +131,6 @@ def _removal_nll(inp: CriterionInputs, kept: list[int]) -> tuple[list[float], in
     calibrates sequentially, else from each batch's boundary states."""
     skip = frozenset(set(range(inp.stats.num_blocks)) - set(kept))
     if getattr(inp.pipeline, "type", "full") == "sequential":
-        from prunelab.stages.calibration.sequential import collect_sequential
-
         stats = collect_sequential(inp.model, inp.calibration, {"removal_nll"}, inp.batch_size, False, inp.pipeline,
                                    skip=skip)
         assert stats.removal_nll is not None

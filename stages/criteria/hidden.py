@@ -26,6 +26,7 @@ import torch
 
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.criteria.base import CriterionInputs
+from prunelab.stages.criteria.registry import CRITERIA
 from prunelab.stages.criteria.width import reduce_parts, reduction
 
 
@@ -48,8 +49,6 @@ def _per_channel(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 def hidden_channel_scores(inp: CriterionInputs, criterion: str) -> list[float]:
     """One importance per hidden channel (higher = more important) from the width criterion's hidden form."""
-    from prunelab.stages.criteria.registry import CRITERIA
-
     return CRITERIA.get("width", criterion).load_hidden()(inp)
 
 

@@ -56,7 +56,7 @@ def migrate_version_1(data: dict[str, Any]) -> dict[str, Any]:
     """
     if not any(k in data for k in _V1_KEYS):
         return data
-    from prunelab.stages.criteria.registry import CRITERIA, settings_fields
+    from prunelab.stages.criteria.registry import CRITERIA, settings_fields  # lazy: cycle
 
     data = dict(data)
     settings = dict(data.get("settings") or {})
@@ -91,7 +91,7 @@ def version_1_keys(kind: str, criteria: list[str], settings: dict[str, Any]) -> 
 
     ``reduction`` is the one reduction every listed (or configured) reducing criterion uses; where they differ,
     version 1 could not express it, and the value names no version-1 setting (so no old run matches)."""
-    from prunelab.stages.criteria.registry import CRITERIA, settings_fields
+    from prunelab.stages.criteria.registry import CRITERIA, settings_fields  # lazy: cycle
 
     registry = CRITERIA.of(kind)
     names = [n for n in criteria or list(settings) if n in registry and "reduction" in settings_fields(registry.get(n))]

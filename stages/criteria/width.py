@@ -17,6 +17,7 @@ import torch
 
 from prunelab.stages.arch.base import STAT_KEYS, ArchAdapter, LayerGeometry
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
+from prunelab.stages.criteria.expert import add_expert_scores
 from prunelab.stages.criteria.settings import WidthGroupSettings
 
 Layers = list[dict[str, list[float]]]
@@ -31,8 +32,6 @@ def _result(layers: Layers, inp: CriterionInputs | None = None, experts: str | N
     """A width result; with ``experts`` (magnitude | random | wanda_sp | flap) MoE layers also score their experts
     and expert channels (``prunelab.stages.criteria.expert``)."""
     if experts is not None and inp is not None:
-        from prunelab.stages.criteria.expert import add_expert_scores
-
         layers = add_expert_scores(inp, layers, experts)
     return CriterionResult(kind="width", layers=layers)
 

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.selection.config import BlocksSettings, WidthSettings, validate_selection
 from prunelab.stages.core.migrate import explain_old
+from prunelab.stages.iterative.width import WidthSchedule
+from prunelab.stages.selection.blocks import make_plan, num_blocks_for
 from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge, load_plan
 
 
@@ -107,16 +110,10 @@ class DepthSchedule:
     """Depth pruning over ``cycles``: the dense model's block count split evenly (:func:`split_blocks`)."""
 
     def __init__(self, prune: BlocksSettings, cycles: int, model: Any) -> None:
-        from prunelab.stages.arch import adapter_for
-        from prunelab.stages.selection.blocks import num_blocks_for
-
         self.prune, self.counts = prune, split_blocks(num_blocks_for(prune, adapter_for(model)), cycles)
         self.target = DepthTarget(num_blocks=prune.num_blocks, ratio=prune.ratio, rounding=prune.rounding)
 
     def select(self, model: Any, c: int, folder: Path, score: Callable[..., tuple[dict[str, Any], Any]]) -> tuple[DepthPlan, dict[str, Any]]:
-        from prunelab.stages.arch import adapter_for
-        from prunelab.stages.selection.blocks import make_plan
-
         k = self.counts[c - 1]
         result, _ = score(model, folder, k, set())
         return make_plan(result, self.prune.model_copy(update={"num_blocks": k, "ratio": None}), adapter_for(model)), {}
@@ -133,13 +130,13 @@ def _removed(plan: Any) -> str:
 
 def _side(folder: Path, plan: Any) -> dict[str, Any] | None:
     """A cycle's saved compensation (side tensors), or None."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: torch-free
 
     return load_file(str(folder / plan.side_file)) if plan.side_file else None
 
 
 def _save_side(folder: Path, plan: Any, side: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: torch-free
 
     tmp = folder / f".{plan.side_file}.tmp"
     save_file({k: v.contiguous() for k, v in side.items()}, str(tmp))
@@ -154,12 +151,10 @@ def run_cycles(state: Cycles, model: Any, score: Callable[..., tuple[dict[str, A
     ``model`` (``k``: blocks the cycle removes, None for width; ``extra_needs``: statistics beyond the criterion's);
     ``recover(model, out_dir, label, plan_so_far)``: the recovery summary with the trained model under ``"model"``
     (both None: replay only, every cycle must be finished)."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import set_seed  # lazy: torch-free
 
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.iterative.width import WidthSchedule
-    from prunelab.stages.recovery.model import apply_trained, trained_folder
-    from prunelab.stages.surgery.apply import apply_plan
+    from prunelab.stages.recovery.model import apply_trained, trained_folder  # lazy: torch-free
+    from prunelab.stages.surgery.apply import apply_plan  # lazy: torch-free
 
     kind = DepthSchedule if isinstance(state.prune, BlocksSettings) else WidthSchedule
     schedule = kind(state.prune, state.cycles, model)  # type: ignore[arg-type]

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.selection.config import WidthSettings
+from prunelab.stages.selection.planning import make_width_plan
 from prunelab.stages.selection.targets import ratio_to_params
 from prunelab.stages.surgery.plan import LayerRemoval, WidthPlan
 
@@ -37,8 +39,6 @@ class WidthSchedule:
     """Width pruning over ``cycles``: ``select`` scores and plans one cycle, ``compose`` maps the plans to the dense model."""
 
     def __init__(self, prune: WidthSettings, cycles: int, model: Any) -> None:
-        from prunelab.stages.arch import adapter_for
-
         if prune.ratio is None:
             raise ValueError("iterate's width target is `ratio` (of the dense model's parameters), not layer_ratio")
         self.prune, self.cycles = prune, cycles
@@ -47,10 +47,8 @@ class WidthSchedule:
     def select(self, model: Any, c: int, folder: Path, score: Callable[..., tuple[dict[str, Any], Any]]) -> tuple[WidthPlan, dict[str, Any]]:
         """Cycle ``c``'s plan (indices of ``model`` as it is) and side tensors: ``score(model, folder, None, extra)``
         gives the criterion's result and the calibration statistics of ``model``."""
-        from prunelab.stages.arch import adapter_for
-        from prunelab.stages.calibration.width import summary_tensors
-        from prunelab.stages.selection.planning import make_width_plan
-        from prunelab.stages.selection.width import WidthTargetError
+        from prunelab.stages.calibration.width import summary_tensors  # lazy: torch-free
+        from prunelab.stages.selection.width import WidthTargetError  # lazy: torch-free
 
         current, goal = adapter_for(model).total_params(), cycle_goal(self.dense, self.prune.ratio, c, self.cycles)
         where = f"cycle {c} of {self.cycles} (goal {goal:,} of the dense model's {self.dense:,} parameters; the model has {current:,})"

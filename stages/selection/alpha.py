@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.selection.owl import linear_offsets
 
 
@@ -52,8 +53,6 @@ def hill_alpha(eigs: torch.Tensor) -> float:
 def layer_alphas(model: torch.nn.Module, roles: tuple[str, ...] | None = None) -> list[float]:
     """Mean Hill α over each decoder layer's weight matrices (the family adapter's linears of ``roles``; default:
     every distinct linear, a fused one once)."""
-    from prunelab.stages.arch import adapter_for
-
     ad = adapter_for(model)
     roles = roles or tuple(ad.distinct_roles())
     out = []

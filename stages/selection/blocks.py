@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.selection.config import BlocksSettings
 from prunelab.stages.selection.targets import blocks_for_ratio
 from prunelab.stages.surgery.plan import DepthPlan, DepthTarget, Merge
@@ -63,6 +64,4 @@ def make_plan(result: dict[str, Any], cfg: BlocksSettings, adapter: Any) -> Dept
 def blocks_plan(result: dict[str, Any], cfg: BlocksSettings, model: Any, stats: Any = None, results: Any = None,
                 calibration: Any = None) -> tuple[DepthPlan, dict[str, Any]]:
     """The plan maker registered for ``units: blocks`` (``selection.config.SELECTIONS``): no side tensors."""
-    from prunelab.stages.arch import adapter_for
-
     return make_plan(result, cfg, adapter_for(model)), {}

@@ -148,7 +148,7 @@ def best_uniform(candidates: dict[int, dict[int, dict[str, list[int]]]], scores:
     """The count whose constrained plan (uniform attention, MLP re-selected for the rest of the same target) has the
     lowest :func:`removed_importance` per removed parameter (the plans' removed parameters differ by at most one MLP
     step); ties go to the smaller count. Returns the count and every candidate's estimate (for the log)."""
-    from prunelab.stages.selection.width import removed_params
+    from prunelab.stages.selection.width import removed_params  # lazy: torch-free
 
     est = {k: removed_importance(c, scores, geos, attention) / max(removed_params(c, geos), 1) for k, c in candidates.items()}
     return min(est, key=lambda k: (est[k], k)), est

@@ -12,6 +12,7 @@ from typing import Any
 from prunelab.stages.calibration.width import LayerGeometry
 from prunelab.stages.selection.targets import lowest, round_count
 from prunelab.stages.selection.width import WidthTargetError
+from prunelab.stages.surgery.experts import EXPERT_WIDTH_MULTIPLE
 
 
 def select_experts(
@@ -56,8 +57,7 @@ def select_experts(
 def _channels_to_remove(ratio: float, width: int) -> int:
     """round(ratio · width), adjusted so the kept width stays a multiple of 8 when it was one (transformers' grouped_mm
     experts kernel needs 16-byte-aligned expert rows; ``prunelab.stages.surgery.experts``)."""
-    from prunelab.stages.surgery.experts import EXPERT_WIDTH_MULTIPLE as m
-
+    m = EXPERT_WIDTH_MULTIPLE
     if width % m:
         return round_count(ratio * width)
     return width - m * round(width * (1 - ratio) / m)

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.arch.base import INPUT_OF, STAT_KEYS
+
 
 def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], layers: list[int], m: float, lam: float) -> list[float]:
     """OWL layer allocation (Yin et al., 2023, arXiv 2310.05175, Sec. 3.2), as a per-layer ratio offset.
@@ -20,9 +23,6 @@ def owl_offsets(model: torch.nn.Module, sq_norm: dict[str, list[torch.Tensor]], 
     r_ℓ = r − (a_ℓ − mean(a)),  a_ℓ = 2λ (D_ℓ − min D) / (max D − min D),  so r_ℓ ∈ [r − λ, r + λ]
     and the mean over the pruned layers stays r. Returns offsets for every layer (0 outside ``layers``).
     """
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.arch.base import INPUT_OF, STAT_KEYS
-
     ad = adapter_for(model)
     ratios = []
     for i in layers:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.selection.config import HiddenSettings, WidthSettings
+from prunelab.stages.selection.engines import (
+    best_uniform,
+    engine_refusals,
+    needs_uniform_attention,
+    query_heads_uniform,
+    uniform_attention,
+    uniform_counts,
+)
 from prunelab.stages.selection.targets import hidden_channels_to_remove, ratio_to_params
 from prunelab.stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPlan, WidthTarget
+from prunelab.stages.surgery.targets import ALLOCATIONS, COMPENSATIONS
 
 
 def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, means: dict[str, Any] | None,
@@ -15,17 +26,8 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
     criterion's result by name (the expert units' criteria; default: ``result`` for all). ``calibration``: the
     signature every plan maker shares; width selection needs only the scores (vLLM's uniform attention count included:
     ``engines.best_uniform``)."""
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.selection.engines import (
-        engine_refusals,
-        best_uniform,
-        needs_uniform_attention,
-        query_heads_uniform,
-        uniform_attention,
-        uniform_counts,
-    )
+    # lazy: torch-free
     from prunelab.stages.selection.width import WidthTargetError, removed_params, select_global, select_uniform, summarize
-    from prunelab.stages.surgery.targets import ALLOCATIONS, COMPENSATIONS
 
     adapter = adapter_for(model)
     geos = adapter.geometries()
@@ -77,15 +79,13 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
         candidates = {k: constrained(k) for k in uniform_counts(chosen, geos, layers, cfg.attention)}
         count, estimates = best_uniform(candidates, scores, geos, cfg.attention)
         chosen = candidates[count]
-        import logging
-
         logging.getLogger(__name__).info(
             "engines: vllm — uniform %s removed per layer: score × params per removed param %s; kept %d",
             "KV groups" if cfg.attention == "kv_group" else "query heads per group",
             ", ".join(f"{k}: {v:.4g}" for k, v in estimates.items()), count)
     side = compensate(chosen)
     if cfg.moe_units():
-        from prunelab.stages.selection.experts import select_experts
+        from prunelab.stages.selection.experts import select_experts  # lazy: torch-free
 
         by_key = {k: (results or {}).get(u.criterion, result)["layers"] for k, u in cfg.moe_units().items()}
         for i, rem in select_experts(by_key, geos, cfg.experts, cfg.expert_channels).items():
@@ -119,9 +119,8 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
 def make_hidden_plan(result: dict[str, Any], cfg: HiddenSettings, model: Any) -> HiddenPlan:
     """LLM-Pruner channel mode: the k lowest-scoring hidden channels, k from ``layer_ratio`` × d or from the parameter
     target (each channel owns the same parameters, so k = round(target / params per channel))."""
-    from prunelab.stages.arch import adapter_for
-    from prunelab.stages.criteria.hidden import params_per_hidden_channel
-    from prunelab.stages.selection.width import WidthTargetError, lowest, summarize
+    from prunelab.stages.criteria.hidden import params_per_hidden_channel  # lazy: torch-free
+    from prunelab.stages.selection.width import WidthTargetError, lowest, summarize  # lazy: torch-free
 
     if "hidden" not in result:
         raise ValueError(f"criterion {cfg.criterion} has no hidden-channel scores; re-run the width score stage "

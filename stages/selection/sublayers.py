@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.selection.config import SublayersSettings
 from prunelab.stages.selection.targets import ratio_to_params
 from prunelab.stages.surgery.plan import LayerShape, SublayerPlan, SublayerTarget
@@ -68,7 +69,7 @@ def select_sublayers(order: list[tuple[str, int]], params: dict[tuple[str, int],
 
 def make_sublayer_plan(result: dict[str, Any], cfg: SublayersSettings, adapter: Any) -> SublayerPlan:
     """The sublayer plan for ``cfg``'s target from one criterion's saved result."""
-    from prunelab.stages.surgery.sublayers import sublayer_refusal
+    from prunelab.stages.surgery.sublayers import sublayer_refusal  # lazy: torch-free
 
     refusal = sublayer_refusal(adapter.model)
     if refusal:
@@ -101,6 +102,4 @@ def make_sublayer_plan(result: dict[str, Any], cfg: SublayersSettings, adapter: 
 def sublayers_plan(result: dict[str, Any], cfg: SublayersSettings, model: Any, stats: Any = None, results: Any = None,
                    calibration: Any = None) -> tuple[SublayerPlan, dict[str, Any]]:
     """The plan maker registered for ``units: sublayers`` (``selection.config.SELECTIONS``): no side tensors."""
-    from prunelab.stages.arch import adapter_for
-
     return make_sublayer_plan(result, cfg, adapter_for(model)), {}

@@ -22,7 +22,7 @@ __all__ = ["PruneResult", "__version__", "load", "load_recipe", "prune", "run"]
 def __getattr__(name: str) -> Any:
     """The API lives in ``api``; importing it here lazily keeps ``import prunelab`` and ``prunelab version`` fast."""
     if name in _API:
-        from prunelab import api
+        from prunelab import api  # lazy: startup
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

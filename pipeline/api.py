@@ -23,11 +23,23 @@ Examples (runnable; ``docs/api.md`` holds more, executed by ``tests/test_api.py`
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from prunelab.context import RunContext
+from prunelab.preflight import preflight
+from prunelab.recipe import RecipeError, load_raw, load_recipe as load_file, validate
+from prunelab.registry import load_stages
+from prunelab.runner import execute
+from prunelab.shipped import ShippedRecipeError, find_recipe, recipe_text
+from prunelab.stages.io.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +57,6 @@ def _overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[str]
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
-        import json
-
         return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     if isinstance(overrides, str):
         raise TypeError(f"overrides={overrides!r}: pass a list of 'key.path=value' strings or a dict, not one string")
@@ -57,18 +67,10 @@ def load_recipe(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str]
                 output_dir: str | Path | None = None) -> RecipeBase:
     """A validated recipe from a YAML path, a shipped recipe's name (``debug``, ``smollm2/flap-20``) or a dict,
     with ``overrides`` merged over it; raises :class:`pipeline.recipe.RecipeError` naming every bad field."""
-    from prunelab.recipe import RecipeError, load_raw
-    from prunelab.recipe import load_recipe as load_file
-    from prunelab.recipe import validate
-
     dots = _overrides(overrides) + ([f"output_dir={output_dir}"] if output_dir is not None else [])
     if isinstance(recipe, Mapping):
-        from omegaconf import OmegaConf
-
         with tempfile.TemporaryDirectory() as tmp:  # one merge path for dicts and files: the file's
             path = Path(tmp) / "recipe.yaml"
-            import yaml
-
             path.write_text(yaml.safe_dump(OmegaConf.to_container(OmegaConf.create(dict(recipe))), sort_keys=False))
             return validate(load_raw(path, dots))
     with recipe_file(str(recipe)) as path:
@@ -85,9 +87,6 @@ def recipe_file(recipe: str) -> Iterator[Path]:
     if Path(recipe).is_file():
         yield Path(recipe)
         return
-    from prunelab.recipe import RecipeError
-    from prunelab.shipped import ShippedRecipeError, find_recipe, recipe_text
-
     try:
         shipped = find_recipe(recipe)
     except ShippedRecipeError as exc:
@@ -115,9 +114,6 @@ def run(recipe: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mappi
     >>> metrics["model"]["layers_after"]  # doctest: +SKIP
     5
     """
-    from prunelab.preflight import preflight
-    from prunelab.runner import execute
-
     if resume and force:
         raise ValueError("resume=True and force=True contradict each other; choose one")
     parsed = load_recipe(recipe, overrides, output_dir)
@@ -147,8 +143,6 @@ def _calibration_source(calibration: Any, folder: Path, text_field: str) -> dict
 
     Text and `datasets.Dataset` rows are written to a file in ``folder`` and read back by the calibrate stage's own
     code, so the windows are the ones a recipe naming that file would draw."""
-    import json
-
     if isinstance(calibration, str):
         (folder / "calibration.txt").write_text(calibration, encoding="utf-8")
         return {"path": str(folder / "calibration.txt")}
@@ -168,7 +162,7 @@ def _calibration_source(calibration: Any, folder: Path, text_field: str) -> dict
 
 
 def _token_ids(calibration: Any, vocab_size: int) -> torch.Tensor:
-    import torch
+    import torch  # lazy: torch-free
 
     if not isinstance(calibration, torch.Tensor):
         raise TypeError(f"calibration: got {type(calibration).__name__}; pass text (str or list of str), a "
@@ -199,12 +193,8 @@ def prune(model: nn.Module, tokenizer: Any = None, *, calibration: Any, criterio
 
     >>> model, plan = prunelab.prune(model, tok, calibration=text, criterion="ppl", num_blocks=2)  # doctest: +SKIP
     """
-    import torch
-    from accelerate import PartialState
-
-    from prunelab.context import RunContext
-    from prunelab.recipe import validate
-    from prunelab.registry import load_stages
+    import torch  # lazy: torch-free
+    from accelerate import PartialState  # lazy: torch-free
 
     with tempfile.TemporaryDirectory(prefix="prunelab-prune-") as tmp:
         folder = Path(tmp)
@@ -236,7 +226,7 @@ def prune(model: nn.Module, tokenizer: Any = None, *, calibration: Any, criterio
             for index, (key, cfg) in enumerate(recipe.stages.items(), start=2):
                 ctx.stage_key, ctx.stage_dir = key, folder / f"{index:02d}-{key}"
                 ctx.stage_dir.mkdir(parents=True)
-                from accelerate.utils import set_seed
+                from accelerate.utils import set_seed  # lazy: torch-free
 
                 set_seed(seed)  # as the runner does before every stage
                 if key == "calibrate" and ids is not None:
@@ -256,7 +246,7 @@ def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer:
 
     >>> model = prunelab.load("runs/debug")  # doctest: +SKIP
     """
-    import torch
+    import torch  # lazy: torch-free
 
     path = Path(path).expanduser()
     if isinstance(dtype, str):
@@ -264,8 +254,7 @@ def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer:
     if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
         path = path / "model"  # a run directory
     if path.is_file() and path.suffix == ".gguf":
-        from prunelab.stages.io.config import ModelConfig
-        from prunelab.stages.io.models import load_model
+        from prunelab.stages.io.models import load_model  # lazy: torch-free
 
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", None: "float32"}[dtype]
         model, tok = load_model(ModelConfig(source=str(path), dtype=name, device=device))
@@ -273,12 +262,12 @@ def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", tokenizer:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a prunelab export (no config.json) nor a run directory with model/ "
                                 "inside, nor a .gguf file")
-    from prunelab.stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned  # lazy: torch-free
 
     model = load_pruned(path, dtype=dtype, device=device)
     if not tokenizer:
         return model
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: torch-free
 
     return model, AutoTokenizer.from_pretrained(path)
 

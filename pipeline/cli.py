@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 COMMANDS = {
@@ -47,8 +49,8 @@ def _recipe_position(argv: list[str], takes_value: tuple[str, ...]) -> int | Non
 
 def _delegate(main: Callable[[list[str]], int], argv: list[str], takes_value: tuple[str, ...] = ()) -> int:
     """Call ``main(argv)`` with a shipped recipe's name replaced by a file that holds it."""
-    from prunelab.api import recipe_file
-    from prunelab.recipe import RecipeError
+    from prunelab.api import recipe_file  # lazy: startup
+    from prunelab.recipe import RecipeError  # lazy: startup
 
     pos = _recipe_position(argv, takes_value)
     arg = argv[pos] if pos is not None else ""
@@ -63,7 +65,7 @@ def _delegate(main: Callable[[list[str]], int], argv: list[str], takes_value: tu
 
 
 def _is_shipped(name: str) -> bool:
-    from prunelab.shipped import ShippedRecipeError, find_recipe
+    from prunelab.shipped import ShippedRecipeError, find_recipe  # lazy: startup
 
     with contextlib.suppress(ShippedRecipeError):
         find_recipe(name)
@@ -75,7 +77,7 @@ def cmd_ls(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="prunelab ls", description=COMMANDS["ls"])
     p.add_argument("--all", action="store_true", help="also the benchmark recipes (bench/...)")
     args = p.parse_args(argv)
-    from prunelab.shipped import list_recipes, recipes_dir
+    from prunelab.shipped import list_recipes, recipes_dir  # lazy: startup
 
     recipes = [r for r in list_recipes() if args.all or not r.name.startswith("bench/")]
     if not recipes:
@@ -96,7 +98,7 @@ def cmd_cp(argv: list[str]) -> int:
     p.add_argument("dest", help="the new file (.yaml) or a folder to put NAME.yaml in")
     p.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     args = p.parse_args(argv)
-    from prunelab.shipped import ShippedRecipeError, copy_recipe
+    from prunelab.shipped import ShippedRecipeError, copy_recipe  # lazy: startup
 
     try:
         target, replaced = copy_recipe(args.name, args.dest, force=args.force)
@@ -111,19 +113,19 @@ def cmd_cp(argv: list[str]) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
-    from prunelab.run import main
+    from prunelab.run import main  # lazy: startup
 
     return _delegate(main, argv, takes_value=("--output-dir",))
 
 
 def cmd_validate(argv: list[str]) -> int:
-    from prunelab.run import main
+    from prunelab.run import main  # lazy: startup
 
     return _delegate(main, [*argv, "--dry-run"], takes_value=("--output-dir",))
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from prunelab.benchmarks.cli import main
+    from prunelab.benchmarks.cli import main  # lazy: startup
 
     return _delegate(main, argv, takes_value=("--update-readme", "--shard", "--rows", "--output-dir", "--seeds",
                                               "--holdout", "--holdout-tokens", "--seq-len"))
@@ -131,9 +133,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 def versions() -> dict[str, str]:
     """prunelab's version and the installed versions of what it runs on (package metadata: nothing imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import prunelab as pipeline
+    import prunelab as pipeline  # lazy: startup
 
     out = {"prunelab": pipeline.__version__}
     for dist in ("torch", "transformers", "accelerate", "peft", "huggingface_hub", "lm_eval", "bitsandbytes"):
@@ -174,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_version([])
     command, rest = argv[0], argv[1:]
     if command not in HANDLERS:
-        import difflib
-
         close = difflib.get_close_matches(command, list(HANDLERS), n=1)
         hint = f"; did you mean `prunelab {close[0]}`?" if close else ""
         print(f"error: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)

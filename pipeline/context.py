@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunelab.stages.arch import adapter_for
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch import nn
@@ -51,8 +53,6 @@ class RunContext:
 
     @property
     def adapter(self) -> ArchAdapter:
-        from prunelab.stages.arch import adapter_for
-
         return adapter_for(self.model)
 
     def later_stages(self) -> list[tuple[str, Any]]:

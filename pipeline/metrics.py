@@ -6,6 +6,7 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
+import prunelab as pipeline
 from prunelab.stages.evaluation.memory import PeakRSS, peak_memory_mb
 from prunelab.stages.surgery.plan import plan_metrics
 
@@ -18,11 +19,9 @@ if TYPE_CHECKING:
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import torch
-    import transformers
-
-    import prunelab as pipeline
+    import accelerate  # lazy: torch-free
+    import torch  # lazy: torch-free
+    import transformers  # lazy: torch-free
 
     return {
         "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,

@@ -19,8 +19,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import prunelab.stages.criteria  # noqa: F401
 from prunelab.recipe import RecipeBase, RecipeError
+from prunelab.stages.arch import (
+    FAMILY_MODULES,
+    compensation_refusal,
+    dense_moe_layers_refusal,
+    moe_refusals,
+    sublayer_refusal,
+    unsupported_message,
+)
+from prunelab.stages.calibration.sources import MixSource, SelfGeneratedSource, split_counts
 from prunelab.stages.core.config import settings_objects
+from prunelab.stages.criteria.registry import CRITERIA
+from prunelab.stages.evaluation.zeroshot import recipe_task_problems
+from prunelab.stages.io.config import TextSource
+from prunelab.stages.io.content import (
+    jsonl_text_tokens,
+    qa_problem,
+    qa_tokens,
+    read_text_head,
+    text_field_problem,
+    weights_problems,
+)
+from prunelab.stages.io.footprint import footprint_lines
+from prunelab.stages.io.gguf_export import recipe_gguf_refusals
+from prunelab.stages.io.hub import go_offline, hub_offline, hub_unreachable, push_problems
+from prunelab.stages.io.named_data import needs_hub, source_problems, test_split_of
+from prunelab.stages.io.qa import QATextSource
+from prunelab.stages.io.sources import alias_dirs, classify, model_shape, model_type_of, read_config
+from prunelab.stages.selection.engines import engine_refusals
 
 
 def _local_files(stages: Any) -> Iterator[tuple[str, str]]:
@@ -51,12 +79,6 @@ def _data_problems(recipe: RecipeBase) -> list[str]:
     """Every local data file a stage reads, decoded (and parsed, for JSONL) from its head, and counted against the
     tokens the stage needs from it: an empty, binary or too-short text, a bad JSON line, a row without the text
     field or with a bad ``answerKey`` is named with its file and line before a model loads."""
-    from prunelab.stages.calibration.sources import MixSource, SelfGeneratedSource, split_counts
-    from prunelab.stages.io.config import TextSource
-    from prunelab.stages.io.content import (jsonl_text_tokens, qa_problem, qa_tokens, read_text_head,
-                                   text_field_problem)
-    from prunelab.stages.io.qa import QATextSource
-
     read: dict[str, Any] = {}
     bad: set[str] = set()  # files already refused for their content
     problems: list[str] = []
@@ -170,7 +192,7 @@ def _cuda_count() -> int | None:
     """Visible CUDA devices: torch's answer when torch is already imported, else the driver's device files and
     CUDA_VISIBLE_DEVICES (None: unknown)."""
     if "torch" in sys.modules:
-        import torch
+        import torch  # lazy: torch-free
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -210,14 +232,9 @@ def _output_problems(recipe: RecipeBase) -> list[str]:
 
 def _weights_problems(src: Any, revision: str | None) -> list[str]:
     """A local (or hub-cached) model folder's weights opened by their headers and matched to its config.json."""
-    from prunelab.stages.io.content import weights_problems
-    from prunelab.stages.io.sources import read_config
-
     if src.kind == "local":
         folder = Path(src.path)
     elif src.kind == "alias":
-        from prunelab.stages.io.sources import alias_dirs
-
         folder = alias_dirs(src.path)[1]
         if not (folder / "config.json").is_file():
             return []
@@ -233,7 +250,7 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
     """A hub id found in the local Hugging Face cache has its weights checked like a local folder. One not there
     is refused at once where it cannot be downloaded — HF_HUB_OFFLINE set, or (``probe``: before a real run) the
     hub unreachable — instead of a network timeout close to a minute later, inside the load stage."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
     wanted = src.gguf_file or "config.json"
     try:
@@ -242,13 +259,8 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
         return [f"model.source: {src.path!r} is not a valid hub id ({exc}); give 'org/name', a local path or an alias"]
     if isinstance(found, str):
         if probe and not _offline() and _hub_unreachable() is not None:
-            from prunelab.stages.io.hub import go_offline
-
             go_offline()  # cached, hub unreachable: read the cache now, not after a minute of retries
         if src.gguf_file is None:
-            from prunelab.stages.io.content import weights_problems
-            from prunelab.stages.io.sources import read_config
-
             folder = Path(found).parent
             if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
                 return weights_problems(folder, read_config(Path(found)))
@@ -269,8 +281,6 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
 
 def _offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set the way huggingface_hub reads it."""
-    from prunelab.stages.io.hub import hub_offline
-
     return hub_offline()
 
 
@@ -278,8 +288,6 @@ def _hub_unreachable() -> str | None:
     """Why the hub's host cannot be reached (name lookup and one TCP connect within a second; one answer per
     process), or None. Asked only where something would be downloaded: without a network the libraries' retries
     take close to a minute to fail."""
-    from prunelab.stages.io.hub import hub_unreachable
-
     return hub_unreachable()
 
 
@@ -287,16 +295,11 @@ def _dataset_problems(recipe: RecipeBase, probe: bool) -> list[str]:
     """Every ``{dataset: …}`` text source readable here: a named one (wikitext2, arc-easy) from its local file, else
     through ``datasets`` — installed, and cached or online (prunelab.stages.io.named_data); said before a model loads,
     not as a network timeout inside a stage."""
-    from prunelab.stages.io.config import TextSource
-    from prunelab.stages.io.named_data import needs_hub, source_problems
-
     problems: list[str] = []
     for path, node in settings_objects(recipe.stages, "stages"):
         if isinstance(node, TextSource) and node.dataset is not None:
             problems += [p for p in source_problems(node, path, probe) if p not in problems]
     hub = any(needs_hub(node) for _, node in settings_objects(recipe.stages, "stages") if isinstance(node, TextSource))
-    from prunelab.stages.io.hub import go_offline, hub_offline
-
     if probe and hub and not problems and not hub_offline(datasets=True) and _hub_unreachable() is not None:
 
         go_offline()  # every dataset is cached and the hub is unreachable: datasets reads the cache without retrying
@@ -305,9 +308,6 @@ def _dataset_problems(recipe: RecipeBase, probe: bool) -> list[str]:
 
 def _sources_in(node: Any, path: str) -> Iterator[tuple[str, Any]]:
     """(dotted path, text source) for every file or dataset text under a calibration or training source."""
-    from prunelab.stages.io.config import TextSource
-    from prunelab.stages.io.qa import QATextSource
-
     for where, obj in settings_objects(node, path):
         if isinstance(obj, (TextSource, QATextSource)):
             yield where, obj
@@ -317,8 +317,6 @@ def _test_split_problems(recipe: RecipeBase) -> list[str]:
     """Calibration and recovery read valid/train text only: a test split (``split: test``, or a file named test)
     under a calibration source, a self-generated prompt or recovery data is refused. Perplexity is reported on test
     text; pruning or training on it leaks the answer into the measurement (../shared/data/README.md)."""
-    from prunelab.stages.io.named_data import test_split_of
-
     problems = []
     for path, node in settings_objects(recipe.stages, "stages"):
         names = set(type(node).model_fields)
@@ -349,10 +347,6 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
 
 def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
-    from prunelab.stages.arch import (FAMILY_MODULES, compensation_refusal, moe_refusals, sublayer_refusal,
-                                      unsupported_message)
-    from prunelab.stages.selection.engines import engine_refusals
-
     if model_type is None:
         return []
     if model_type not in FAMILY_MODULES:
@@ -370,15 +364,11 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
         if getattr(stage, "type", None) == "prune":
             problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
             problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
-    from prunelab.stages.io.gguf_export import recipe_gguf_refusals  # export formats [gguf] llama.cpp cannot run (issue 25)
-
     problems += recipe_gguf_refusals(model_type, recipe)
     return problems
 
 
 def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
-    from prunelab.stages.arch import dense_moe_layers_refusal
-
     problems = _family_problems(recipe, shape.model_type)
     refusal = dense_moe_layers_refusal(shape.model_type, list(shape.dense_mlp_layers))
     if refusal:
@@ -405,8 +395,6 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
     ``probe_hub``: where a hub id or a dataset is not in its cache, a one-second connect check says whether the hub
     can be reached; if not, it is refused at once (with the fix) instead of after the libraries' minute of retries,
     and where everything is cached the process goes offline to read the caches (the CLI probes at --dry-run too)."""
-    from prunelab.stages.io.sources import classify, model_shape, model_type_of
-
     problems = _file_problems(recipe) + _data_problems(recipe) + _device_problems(recipe.model.device)
     problems += _speed_problems(recipe) + _output_problems(recipe)
     problems += _test_split_problems(recipe) + _dataset_problems(recipe, probe_hub)
@@ -424,10 +412,6 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
         problems.append(str(exc))
     if shape is not None:
         problems += _model_problems(recipe, shape)
-    from prunelab.stages.evaluation.zeroshot import recipe_task_problems
-
-    from prunelab.stages.io.hub import push_problems
-
     problems += recipe_task_problems(recipe)  # lm-eval task names (cached index) and, offline, their data
     problems += [p for k, c in recipe.stages.items() for p in push_problems(getattr(c, "push_to_hub", None), f"stages.{k}")]
     if problems:
@@ -443,9 +427,6 @@ def preflight(recipe: RecipeBase, probe_hub: bool = False) -> dict[str, Any]:
 
 def needs_grad(names: list[str]) -> bool:
     """Whether any of these criteria reads gradients (its registered ``needs``; by name where it is not registered)."""
-    import prunelab.stages.criteria  # noqa: F401 (registers the criteria)
-    from prunelab.stages.criteria.registry import CRITERIA
-
     def one(name: str) -> bool:
         for kind in ("depth", "width"):
             try:
@@ -459,6 +440,4 @@ def needs_grad(names: list[str]) -> bool:
 
 def footprint(recipe: RecipeBase) -> list[str]:
     """What --dry-run says about the download and the memory (prunelab.stages.io.footprint; docs/data.md)."""
-    from prunelab.stages.io.footprint import footprint_lines
-
     return footprint_lines(recipe, needs_grad=needs_grad)

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, grammar_parser
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 from pydantic import BaseModel, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
-from prunelab.registry import STAGES, listed_stage_types
+from prunelab.registry import STAGES, listed_stage_types, load_stages
 from prunelab.stages.core.config import PathStr, StrictModel
 from prunelab.stages.core.registry import tagged_union
 from prunelab.stages.io.config import ModelConfig, TextSource
@@ -103,8 +104,6 @@ class RecipeBase(StrictModel):
 @functools.cache
 def recipe_model() -> type[RecipeBase]:
     """Build the Recipe class with ``stages`` as an ordered mapping of the registered stage configs."""
-    from prunelab.registry import load_stages
-
     load_stages()
 
     union = tagged_union(STAGES, names=listed_stage_types(), frozen=True)  # built now, after every stage registered
@@ -177,9 +176,6 @@ SAFE_RESOLVERS: frozenset[str] = frozenset({"oc.select"})
 
 def _resolver_problems(node: Any, where: str) -> list[str]:
     """Every ``${resolver:...}`` (nested ones included) outside :data:`SAFE_RESOLVERS`, by field."""
-    from omegaconf import grammar_parser
-    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
-
     if isinstance(node, dict):
         return [p for k, v in node.items() for p in _resolver_problems(v, f"{where}.{k}" if where else str(k))]
     if isinstance(node, list):

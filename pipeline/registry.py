@@ -5,10 +5,13 @@ Dependency-free (no torch, no stage imports), so stage modules may import it to 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import prunelab.stages as stages
 from prunelab.stages.core.registry import Registry
 
 
@@ -44,17 +47,11 @@ def listed_stage_types() -> list[str]:
 
 def stage_modules() -> list[str]:
     """Every module directly in ``stages/`` (a stage by the layout rule), in a stable order."""
-    import pkgutil
-
-    import prunelab.stages as stages
-
     return sorted(f"prunelab.stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__) if not m.ispkg)
 
 
 def load_stages() -> Registry[StageSpec]:
     """Import every stage module once (each registers itself; none imports torch) and return the registry."""
-    import importlib
-
     for name in stage_modules():
         importlib.import_module(name)
     return STAGES

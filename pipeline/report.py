@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.rundir import atomic_write_text
+from prunelab.stages.evaluation.describe import describe_result
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # lazy: startup
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: startup
 
     return plt
 
@@ -118,8 +119,6 @@ def plot_losses(run_dir: Path, path: Path) -> bool:
 def write_report(run_dir: Path, metrics: dict[str, Any], scores: dict[str, Any], plan: Any = None) -> Path:
     """Render every plot this run has data for and a markdown page around them and the metrics (``plan``: the
     typed plan of ``prunelab.stages.surgery.plan``, described by its own ``describe()`` and ``details()``)."""
-    from prunelab.stages.evaluation.describe import describe_result
-
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     data = plan.to_json() if plan is not None else {}

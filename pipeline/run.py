@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,13 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
     elif _root not in sys.path:
         sys.path.insert(0, _root)
 
+from prunelab.preflight import footprint, preflight
 from prunelab.recipe import RecipeBase, RecipeError, load_recipe
+from prunelab.rundir import describe_force
+from prunelab.runlog import RunLog, failure_message, quiet_progress, validation_crash
+from prunelab.runner import execute
 from prunelab.stages.evaluation.describe import describe_result
+from prunelab.stages.surgery.plan import read_plan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,39 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             overrides.append(f"output_dir={args.output_dir}")
         recipe = load_recipe(args.recipe, overrides)
-        from prunelab.preflight import preflight
-
         facts = preflight(recipe, probe_hub=True)  # a hub id or dataset not cached: refused offline in ~1 s
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 (a check that crashed: a bug, said as one paragraph, not a traceback)
-        from prunelab.runlog import validation_crash
-
         print(validation_crash(exc, args.recipe), file=sys.stderr)
         return 1
     run_dir = recipe.run_dir
     if args.dry_run:
         print(describe(recipe, run_dir, facts))
-        from prunelab.preflight import footprint
-
         print("\n".join(footprint(recipe)))  # the download and the memory the recipe needs (docs/data.md)
         if args.force:  # what --force would delete, or why it would refuse (pipeline.rundir)
-            from prunelab.rundir import describe_force
-
             print(describe_force(run_dir) or f"--force: {run_dir} does not exist; nothing would be deleted")
         print("recipe is valid (dry run: nothing loaded); run it without --dry-run")
         return 0
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from prunelab.runlog import RunLog, failure_message, quiet_progress
-
     tty = sys.stderr.isatty()  # redirected to a file, a bar's carriage returns would make one endless line
     with RunLog(run_dir, resume=args.resume) as runlog, quiet_progress(not tty):
         try:
-            from prunelab.runner import execute
-
             metrics = execute(recipe, run_dir, resume=args.resume, force=args.force,
                               progress=not args.no_progress and tty)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (every failure becomes one paragraph and a log)
@@ -126,8 +118,6 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         f"== {metrics['recipe']} → {run_dir}",
         f"params {m['params_before']:,} → {m['params_after']:,}   blocks {m['layers_before']} → {m['layers_after']}",
     ]
-    from prunelab.stages.surgery.plan import read_plan
-
     plan = read_plan(run_dir)
     if plan is not None:
         lines.append(plan.describe())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.stages.core.files import TEMP_NAME, atomic_dir, atomic_write_json, atomic_write_text, pid_alive
+from prunelab.stages.core.fingerprint import describe_changes
 
 __all__ = ["MARKER", "RunDirError", "atomic_dir", "atomic_write_json", "atomic_write_text", "chain_hash", "describe_force",
            "force_refusal", "match_done", "prepare_run_dir", "read_done", "read_marker", "write_done"]
@@ -153,8 +154,6 @@ def match_done(stage_dir: Path, expected_hash: str, legacy_hash: str | None, inp
     if "inputs_hash" not in data:
         return {**data, "legacy_inputs": True}, None
     if data["inputs_hash"] != inputs_hash:
-        from prunelab.stages.core.fingerprint import describe_changes
-
         changes = describe_changes(data.get("inputs") or {}, inputs)
         return None, "; ".join(changes) if changes else "an input file of an earlier stage changed"
     return data, None

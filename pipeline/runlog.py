@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prunelab.recipe import RecipeError
+from prunelab.rundir import MARKER
+from prunelab.runner import RunError
+
 LOG_NAME = "run.log"
 FOLLOW = "as the message says"  # the exception's own text already names the fix
 MAX_HELD = 10_000  # lines held back before the run directory exists (a few hundred in practice)
@@ -36,8 +40,6 @@ class RunLog(logging.Handler):
         self._held: list[str] = []
 
     def _marker_stat(self) -> tuple[int, int] | None:
-        from prunelab.rundir import MARKER
-
         try:
             st = (self.run_dir / MARKER).stat()
         except OSError:
@@ -112,8 +114,8 @@ def quiet_progress(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as tf_logging
+    from huggingface_hub import utils as hub_utils  # lazy: startup
+    from transformers.utils import logging as tf_logging  # lazy: torch-free
 
     tf_was, hub_was = tf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
     before = os.environ.get("TQDM_DISABLE")
@@ -147,9 +149,6 @@ def failed_stage(exc: BaseException) -> str | None:
 
 def _user_fix(exc: BaseException) -> str | None:
     """The fix for a failure caused by the input or the machine (None: an internal error)."""
-    from prunelab.recipe import RecipeError
-    from prunelab.runner import RunError
-
     if getattr(exc, "user_error", False) or isinstance(exc, (RunError, RecipeError)):
         return FOLLOW
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
@@ -179,8 +178,6 @@ def failure_message(exc: BaseException, recipe: str, run_dir: Path, log: Path | 
         return 130, f"interrupted in {where} (recipe {recipe}); {resume}."
     text = str(exc).strip() or type(exc).__name__
     fix = _user_fix(exc)
-    from prunelab.runner import RunError
-
     if isinstance(exc, RunError) and stage is None:  # refused before any stage ran: nothing to resume or log
         return 2, f"error: {text}"
     if fix is not None:

@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from prunelab.context import RunContext
+from prunelab.metrics import build_metrics
 from prunelab.recipe import RecipeBase
+from prunelab.registry import load_stages
+from prunelab.report import write_report
 from prunelab.rundir import (
     RunDirError,
     atomic_write_json,
@@ -33,11 +39,9 @@ from prunelab.rundir import (
 )
 from prunelab.stages.core.config import input_files
 from prunelab.stages.core.files import clean_stale_temps
-from prunelab.stages.core.fingerprint import digest, file_fingerprint
+from prunelab.stages.core.fingerprint import describe_changes, digest, file_fingerprint
 from prunelab.stages.core.lock import RunLock, RunLockedError
-
-if TYPE_CHECKING:
-    from prunelab.context import RunContext
+from prunelab.stages.io.sources import alias_dirs, classify
 
 
 class RunError(RuntimeError):
@@ -50,8 +54,6 @@ def _stage_list(recipe: RecipeBase) -> list[tuple[str, str, Any]]:
 
 
 def _spec(stage_type: str) -> Any:
-    from prunelab.registry import load_stages
-
     return load_stages().get(stage_type)
 
 
@@ -90,8 +92,6 @@ def _fingerprint(path: Path, folder: bool = False) -> Any:
 def data_inputs(cfg: Any, where: str) -> dict[str, Any]:
     """``{dotted field: {"path", "fingerprint"}}`` for every local file a stage's settings name (text, JSONL, task
     files; ``data_files`` globs expanded). A file that is missing is recorded as such: the stage reports it when it runs."""
-    import glob
-
     out: dict[str, Any] = {}
     for field, file in input_files(cfg, where):
         matches = [Path(file)] if Path(file).is_file() else [Path(m) for m in sorted(glob.glob(file)) if Path(m).is_file()]
@@ -109,8 +109,6 @@ def model_inputs(cfg: Any) -> dict[str, Any]:
     hub model is fetched into the cache on first use). The files of a local folder or of the alias's converted copy
     (config, weights, index, tokenizer), or the .gguf file; a built-in tiny model is built from code (no files); a hub
     model not found in the local cache is keyed by its id and revision only."""
-    from prunelab.stages.io.sources import alias_dirs, classify
-
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "tiny":
         return {}
@@ -131,7 +129,7 @@ def model_inputs(cfg: Any) -> dict[str, Any]:
 def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
     """The local hub-cache folder of ``repo`` at ``revision`` (no network), or None."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
         hit = try_to_load_from_cache(repo, "config.json", revision=revision)
     except Exception:  # noqa: BLE001 (an odd cache layout means: not cached)
@@ -142,10 +140,6 @@ def _hub_snapshot(repo: str, revision: str | None) -> Path | None:
 def _changed_since_last_run(stage_dir: Path, inputs: dict[str, Any]) -> list[str]:
     """What differs between the inputs an earlier run of this stage recorded and ``inputs`` ([] if nothing, or
     nothing recorded)."""
-    import json
-
-    from prunelab.stages.core.fingerprint import describe_changes
-
     try:
         old = json.loads((stage_dir / "done.json").read_text()).get("inputs")
     except (OSError, ValueError, AttributeError):
@@ -171,10 +165,8 @@ def make_accelerator(recipe: RecipeBase) -> Any:
     - Models are built whole under ZeRO-3 (see below); only ``prepare`` in recovery shards them.
     - Gradient accumulation follows from the recipe's GLOBAL batch and the number of processes.
     """
-    import os
-
-    import torch
-    from accelerate import Accelerator, PartialState
+    import torch  # lazy: torch-free
+    from accelerate import Accelerator, PartialState  # lazy: torch-free
 
     cpu = False
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -198,7 +190,7 @@ def make_accelerator(recipe: RecipeBase) -> Any:
         # and transformers then partitions EVERY model it builds (zero.Init): the tiny Llama's embedding
         # came out with 0 rows per rank, and a main-process-only reload in export deadlocked. Pruning
         # needs full weights; ZeRO-3 still shards the recovery model when prepare() hands it over.
-        from transformers.integrations import unset_hf_deepspeed_config
+        from transformers.integrations import unset_hf_deepspeed_config  # lazy: torch-free
 
         unset_hf_deepspeed_config()
     return accelerator
@@ -208,7 +200,7 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
     """Run every stage; return the metrics (on the main process) and write ``metrics.json``.
 
     The main process holds the run directory's lock from before ``--force`` deletes anything to the end."""
-    from accelerate.logging import get_logger
+    from accelerate.logging import get_logger  # lazy: torch-free
 
     accelerator = make_accelerator(recipe)
     log = get_logger(__name__)
@@ -238,11 +230,8 @@ def execute(recipe: RecipeBase, run_dir: Path, resume: bool = False, force: bool
 
 
 def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: bool, progress: bool) -> dict[str, Any] | None:
-    from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
-
-    from prunelab.context import RunContext
-    from prunelab.metrics import build_metrics
+    from accelerate.logging import get_logger  # lazy: torch-free
+    from accelerate.utils import set_seed  # lazy: torch-free
 
     log = get_logger(__name__)
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, resume=resume,
@@ -303,7 +292,5 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
         return None
     metrics = build_metrics(ctx)
     atomic_write_json(run_dir / "metrics.json", metrics)
-    from prunelab.report import write_report
-
     write_report(run_dir, metrics, ctx.scores, ctx.plan)
     return metrics

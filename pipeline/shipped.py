@@ -16,6 +16,7 @@ torch: ``prunelab ls`` answers at once.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import re
 from dataclasses import dataclass
@@ -71,8 +72,6 @@ def list_recipes() -> list[ShippedRecipe]:
 def find_recipe(name: str) -> ShippedRecipe:
     """The shipped recipe called ``name`` (``debug``, ``smollm2/flap-20``; a trailing ``.yaml`` or a leading
     ``recipes/`` is accepted); :class:`ShippedRecipeError` with close matches otherwise."""
-    import difflib
-
     key = name.removeprefix("recipes/").removesuffix(".yaml").removesuffix(".yml")
     recipes = {r.name: r for r in list_recipes()}
     if key in recipes:

@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prunelab.benchmarks import tables
 from prunelab.benchmarks.execute import Outcome, parse_shard, rows_of, run_rows, write_json
-from prunelab.benchmarks.spec import Bench, BenchError, load_bench
+from prunelab.benchmarks.grid import assemble, to_markdown
+from prunelab.benchmarks.spec import Bench, BenchError, build, load_bench
+from prunelab.benchmarks.tables import HOLDOUT, compile_select_draw, parse_seeds
+from prunelab.rundir import atomic_write_text
 
 __all__ = ["main", "report", "update_readme"]
 
@@ -34,7 +38,7 @@ def update_readme(readme: Path, name: str, table: str) -> None:
 
 def _checksums(bench: Bench) -> list[str]:
     """Checksums of the shared data the rows read, verified before anything runs (a changed file is refused)."""
-    from prunelab.stages.io.text import verify_checksum
+    from prunelab.stages.io.text import verify_checksum  # lazy: torch-free
 
     return [verify_checksum(p) for p in bench.info.get("checksums", [])]
 
@@ -42,21 +46,14 @@ def _checksums(bench: Bench) -> list[str]:
 def report(bench: Bench, outcome: Outcome, command: str, checked: list[str], t_start: float) -> tuple[dict[str, Any], str]:
     """The bench's JSON and Markdown table, by the table its spec was written for."""
     if bench.kind == "grid":
-        from prunelab.benchmarks.grid import assemble, to_markdown
-
         data = assemble(bench, outcome.metrics, outcome.reused, checked, t_start)
         return data, to_markdown(data, command)
-    from prunelab.benchmarks import tables
-
     return tables.assemble(bench, outcome.metrics, command)
 
 
 def _load(args: argparse.Namespace) -> Bench:
     if args.seeds is None:
         return load_bench(args.spec, args.output_dir)
-    from prunelab.benchmarks.spec import build
-    from prunelab.benchmarks.tables import HOLDOUT, compile_select_draw, parse_seeds
-
     data = compile_select_draw(args.spec, parse_seeds(args.seeds), args.holdout or HOLDOUT, args.holdout_tokens,
                                args.seq_len, args.output_dir or "bench-out")
     return build(data)
@@ -112,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_json(out / "bench.json", data)
-    from prunelab.rundir import atomic_write_text
-
     atomic_write_text(out / "bench.md", table)
     print(table)
     if args.update_readme:

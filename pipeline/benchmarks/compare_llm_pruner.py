@@ -27,6 +27,13 @@ from typing import Any
 
 import torch
 import yaml
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from prunelab.stages.arch import adapter_for
+from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity
+from prunelab.stages.io.config import ModelConfig, TextSource
+from prunelab.stages.io.models import load_model
+from prunelab.stages.io.text import tokenized_source
 
 
 def _stage_dir(run: Path, kind: str) -> Path:
@@ -39,11 +46,8 @@ def _stage_dir(run: Path, kind: str) -> Path:
 def official_plan(model: Any, windows: torch.Tensor, official: Path, layers: range, ratio: float) -> dict[str, Any]:
     """The official MetaPruner's removed KV heads / MLP channels per layer (the model is pruned in place)."""
     sys.path.insert(0, str(official))
-    import LLMPruner.torch_pruning as tp
-    from LLMPruner.pruner import hf_llama_pruner as llama_pruner
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    from prunelab.stages.arch import adapter_for
+    import LLMPruner.torch_pruning as tp  # lazy: optional
+    from LLMPruner.pruner import hf_llama_pruner as llama_pruner  # lazy: optional
 
     ad = adapter_for(model)  # the official code names the Llama modules; we ask the adapter for the same ones
     blocks = ad.layers
@@ -82,11 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.official / "LLMPruner" / "torch_pruning").is_dir():
         raise SystemExit(f"--official {args.official}: no LLMPruner/torch_pruning inside; pass the repository root")
     warnings.filterwarnings("ignore")
-    from prunelab.stages.evaluation.perplexity import protocol, windowed_perplexity
-    from prunelab.stages.io.config import ModelConfig, TextSource
-    from prunelab.stages.io.models import load_model
-    from prunelab.stages.io.text import tokenized_source
-
     recipe = yaml.safe_load((args.run / "recipe.resolved.yaml").read_text())
     saved = json.loads((_stage_dir(args.run, "prune") / "plan.json").read_text())  # the plan records its target
     prune = saved.get("target") or {}
@@ -94,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the run must prune width by `taylor` with `layer_ratio:` (the official --pruning_ratio)")
     start, end = prune.get("layers") or [0, None]
     model, tok = load_model(ModelConfig(**recipe["model"]))
-    from prunelab.stages.arch import adapter_for
-
     layers = range(start, end if end is not None else adapter_for(model).num_blocks)
     windows = torch.load(_stage_dir(args.run, "calibrate") / "calibration.pt", weights_only=True)
     official = official_plan(model, windows, args.official, layers, prune["layer_ratio"])

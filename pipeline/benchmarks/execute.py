@@ -19,7 +19,11 @@ from typing import Any
 import yaml
 
 from prunelab.benchmarks.spec import Bench, BenchError
+from prunelab.preflight import preflight
 from prunelab.recipe import RecipeBase, RecipeError
+from prunelab.rundir import RunDirError, atomic_write_json, prepare_run_dir
+from prunelab.runlog import RunLog
+from prunelab.runner import RunError, execute
 
 __all__ = ["Outcome", "finished_metrics", "parse_shard", "run_rows"]
 
@@ -63,11 +67,6 @@ def run_rows(bench: Bench, resume: bool = False, force: bool = False, shard: tup
              only: list[str] | None = None, progress: bool = False) -> Outcome:
     """Run (or read back) every row that is this shard's and in ``only`` (None: all); the others are read back if
     finished. Every row to run is preflighted before the first one starts."""
-    from prunelab.preflight import preflight
-    from prunelab.rundir import RunDirError, prepare_run_dir
-    from prunelab.runlog import RunLog
-    from prunelab.runner import RunError, execute
-
     root = bench.rows_dir
     try:
         prepare_run_dir(root, resume, force)
@@ -122,6 +121,4 @@ def rows_of(bench: Bench, names: str) -> list[str] | None:
 
 
 def write_json(path: Path, value: Any) -> None:
-    from prunelab.rundir import atomic_write_json
-
     atomic_write_json(path, value)

@@ -17,10 +17,19 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from prunelab.benchmarks.spec import BenchError
+from prunelab.metrics import peak_memory_mb, versions
 from prunelab.recipe import ModelConfig, StrictModel, TextSource, check_run_name
 from prunelab.registry import load_stages
+from prunelab.rundir import atomic_write_json
+from prunelab.stages import criteria  # noqa: F401
+from prunelab.stages.arch.llama import adapter_for
+from prunelab.stages.calibration.sources import calibration_windows
+from prunelab.stages.criteria.registry import criteria_for, validate_settings
+from prunelab.stages.criteria.settings import LacoSettings
+from prunelab.stages.surgery.plan import read_plan
 
 # The rows reuse the stages' own settings classes (the frame reaches stages only through the registry): a width
 # method IS a prune stage's width / hidden settings, a depth target its blocks settings, the evaluation an evaluate
@@ -50,9 +59,6 @@ class WidthMethod(StrictModel):
 
     @model_validator(mode="after")
     def _criterion_settings(self) -> WidthMethod:
-        from prunelab.stages import criteria  # noqa: F401  (registers the criteria)
-        from prunelab.stages.criteria.registry import validate_settings
-
         if self.settings:  # validated once, before any model loads; the scoring pass takes the model made here
             self._own = validate_settings("width", {self.prune.criterion: self.settings})[self.prune.criterion]
         return self
@@ -116,9 +122,6 @@ class GridSpec(StrictModel):
     @field_validator("criteria")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        from prunelab.stages import criteria  # noqa: F401
-        from prunelab.stages.criteria.registry import criteria_for
-
         depth = criteria_for("blocks")
         bad = [n for n in names if n not in depth]
         if bad:
@@ -132,9 +135,8 @@ def target_label(cfg: Any) -> str:
 
 def _cost_ratio(model: Any, calib: Any, batch_size: int) -> dict[str, float]:
     """Cached removal-NLL (what the PPL criterion runs) vs naive full forwards, same data, same process."""
-    from prunelab.stages.arch.llama import adapter_for
-    from prunelab.stages.calibration.blocks import naive_removal_nll
-    from prunelab.stages.calibration.full import collect_stats
+    from prunelab.stages.calibration.blocks import naive_removal_nll  # lazy: torch-free
+    from prunelab.stages.calibration.full import collect_stats  # lazy: torch-free
 
     adapter = adapter_for(model)
     t0 = time.perf_counter()
@@ -240,11 +242,6 @@ def _slug(text: str) -> str:
 
 def validate_grid(raw: dict[str, Any]) -> GridSpec:
     """The short form, checked with the stages' own settings classes (a bad criterion or width setting is named)."""
-    from pydantic import ValidationError
-
-    from prunelab.benchmarks.spec import BenchError
-    from prunelab.stages.criteria.settings import LacoSettings
-
     try:
         grid = GridSpec.model_validate(raw)
         grid.laco = LacoSettings.model_validate(grid.laco)
@@ -306,8 +303,6 @@ def _eval(metrics: dict[str, Any], label: str, threads: int) -> dict[str, Any]:
 
 def grid_row(row: Any, run_dir: Path, metrics: dict[str, Any], threads: int) -> dict[str, Any]:
     """One bench.json row from its run directory (``metrics.json`` and the prune stage's ``plan.json``)."""
-    from prunelab.stages.surgery.plan import read_plan
-
     model, timing = metrics["model"], metrics["timing_s"]
     if row.meta.get("dense"):
         return {"target": "—", "criterion": "dense", "params": model["params_before"], "layers": model["layers_before"],
@@ -342,24 +337,21 @@ def _scores(bench: Any, finished: dict[str, Any]) -> dict[str, Any]:
 def cost_ratio(info: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The PPL criterion's cached removal-NLL timed against one full forward per candidate, on the rows' own
     calibration windows (a measurement of the library, not a row), kept in ``folder`` once done."""
-    from prunelab.rundir import atomic_write_json
-
     setup = info["cost_ratio_setup"]
     path = folder / "cost-ratio.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("setup") == setup:
             return saved["value"]
-    from accelerate.utils import set_seed
+    from accelerate.utils import set_seed  # lazy: torch-free
 
-    from prunelab.stages.calibration.sources import calibration_windows
-    from prunelab.stages.io.models import load_model
+    from prunelab.stages.io.models import load_model  # lazy: torch-free
 
     set_seed(info["seed"])
     model, tok = load_model(ModelConfig.model_validate(setup["model"]))
     cfg = load_stages().get("calibrate").config_cls.model_validate(setup["calibrate"])
     if cfg.sampling == "llm_pruner":
-        from prunelab.stages.calibration.rows import llm_pruner_windows, text_rows
+        from prunelab.stages.calibration.rows import llm_pruner_windows, text_rows  # lazy: torch-free
 
         calib = llm_pruner_windows(text_rows(cfg.source), tok, cfg.num_samples, cfg.seq_len, info["seed"])
     else:
@@ -372,9 +364,7 @@ def cost_ratio(info: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def assemble(bench: Any, finished: dict[str, Any], reused: list[str], checked: list[str], t_start: float) -> dict[str, Any]:
     """``bench.json``: the rows that are finished, in spec order, with the bench's header."""
-    import torch
-
-    from prunelab.metrics import peak_memory_mb, versions
+    import torch  # lazy: torch-free
 
     threads = torch.get_num_threads()
     rows = [grid_row(row, recipe.run_dir, finished[row.name], threads)

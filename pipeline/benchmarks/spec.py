@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from prunelab.recipe import RecipeBase, RecipeError, StrictModel, check_run_name
+from prunelab.recipe import RecipeBase, RecipeError, StrictModel, check_run_name, load_raw, validate
 
 __all__ = ["Bench", "BenchError", "Row", "compile_rows", "load_bench", "merge", "set_dotted"]
 
@@ -54,8 +54,6 @@ class Bench(StrictModel):
 
     @model_validator(mode="after")
     def _every_row_is_a_recipe(self) -> Bench:
-        from prunelab.recipe import validate
-
         seen: set[str] = set()
         problems: list[str] = []
         for i, row in enumerate(self.rows):
@@ -109,8 +107,6 @@ def recipe_dict(entry: str | dict[str, Any]) -> dict[str, Any]:
     """A base recipe: a YAML path (read with the recipe loader: includes, interpolation) or a mapping."""
     if isinstance(entry, dict):
         return copy.deepcopy(entry)
-    from prunelab.recipe import load_raw
-
     if not Path(entry).is_file():
         raise BenchError(f"base recipe {entry!r} not found (relative paths start at the working directory)")
     return load_raw(entry)
@@ -167,8 +163,6 @@ def build(data: dict[str, Any]) -> Bench:
 
 def load_bench(path: str | Path, output_dir: str | None = None) -> Bench:
     """A spec file, in any of its forms, validated row by row."""
-    from prunelab.recipe import load_raw
-
     try:
         raw = load_raw(path)
     except RecipeError as exc:
@@ -176,15 +170,15 @@ def load_bench(path: str | Path, output_dir: str | None = None) -> Bench:
     if not isinstance(raw, dict):
         raise BenchError(f"{path}: a bench spec is a mapping")
     if "criteria" in raw or "targets" in raw or "width" in raw:
-        from prunelab.benchmarks.grid import compile_grid
+        from prunelab.benchmarks.grid import compile_grid  # lazy: cycle
 
         data = compile_grid(raw)
     elif "methods" in raw and "calibrations" in raw:
-        from prunelab.benchmarks.tables import compile_calibration
+        from prunelab.benchmarks.tables import compile_calibration  # lazy: cycle
 
         data = compile_calibration(raw, Path(path).stem)
     elif "bases" in raw:
-        from prunelab.benchmarks.tables import compile_recovery
+        from prunelab.benchmarks.tables import compile_recovery  # lazy: cycle
 
         data = compile_recovery(raw, Path(path).stem)
     else:

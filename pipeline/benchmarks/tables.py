@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from prunelab.benchmarks.spec import BenchError, merge
+from prunelab.benchmarks.spec import BenchError, merge, recipe_dict
 from prunelab.recipe import StrictModel
 
 __all__ = ["assemble", "compile_calibration", "compile_recovery", "compile_select_draw", "parse_seeds"]
@@ -45,8 +45,6 @@ class Method(StrictModel):
     prune: dict[str, Any] = Field(default_factory=dict)
 
     def load(self) -> dict[str, Any]:
-        from prunelab.benchmarks.spec import recipe_dict
-
         base = recipe_dict(self.recipe)
         for key, cfg in base["stages"].items():
             if cfg["type"] == "prune" and self.prune:
@@ -198,8 +196,6 @@ def compile_select_draw(recipe_path: str, seeds: list[int], holdout: str = HOLDO
     A one-shot criterion fed a few hundred calibration tokens (LLM-Pruner's 10 × 64) gives a plan that depends on
     the draw: on SmolLM2 the official configuration spans 93.8–104.1 WikiText-2 test perplexity over three draws
     (docs/llm-pruner-parity.md). The held-out text may share a few lines with the calibration windows."""
-    from prunelab.benchmarks.spec import recipe_dict
-
     if "test" in Path(holdout).name:
         raise BenchError(f"--holdout {holdout!r} looks like a test split: select on validation text")
     if not Path(holdout).is_file():

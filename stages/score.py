@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from prunelab.registry import register_stage
+from prunelab.stages.calibration.pipelines import pipeline_for
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.criteria.registry import criteria_for, kind_of, validate_settings  # the package registers all
-from prunelab.stages.criteria.scoring import needs_for
+from prunelab.stages.criteria.scoring import PartialResults, needs_for, score_criteria
 from prunelab.stages.criteria.settings import migrate_version_1, version_1_keys
+from prunelab.stages.selection.blocks import num_blocks_for
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -103,12 +106,7 @@ def _inputs_key(ctx: RunContext) -> str:
 
 
 def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
-    from accelerate.logging import get_logger
-
-    from prunelab.stages.calibration.pipelines import pipeline_for
-    from prunelab.stages.core.files import atomic_write_json
-    from prunelab.stages.criteria.scoring import PartialResults, score_criteria
-    from prunelab.stages.selection.blocks import num_blocks_for
+    from accelerate.logging import get_logger  # lazy: torch-free
 
     log = get_logger(__name__)
     kind = kind_of(cfg.units)
@@ -129,9 +127,9 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     ctx.scores.update(results)
     out: dict[str, Any] = {"criteria": names, "calibration_pass_s": round(stats.seconds, 3)}
     if kind == "width":
-        import torch
+        import torch  # lazy: torch-free
 
-        from prunelab.stages.calibration.width import summary_tensors
+        from prunelab.stages.calibration.width import summary_tensors  # lazy: torch-free
 
         ctx.activation_stats = summary_tensors(stats)
         if ctx.is_main:
@@ -145,7 +143,7 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
 def restore(ctx: RunContext, cfg: ScoreConfig, outputs: dict[str, Any], stage_dir: Path) -> None:
     ctx.scores.update(json.loads((stage_dir / "scores.json").read_text()))
     if cfg.units == "width":
-        import torch
+        import torch  # lazy: torch-free
 
         ctx.activation_stats = torch.load(stage_dir / "activation_means.pt", weights_only=True)
 

@@ -40,9 +40,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prunelab.stages.arch.noop import NoAttention, NoMLP
 from prunelab.stages.calibration.blocks import batches
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 from prunelab.stages.criteria.sublayer import SublayerPPLSettings, SublayerSLEBSettings
+from prunelab.stages.selection.sublayers import sublayer_params
+from prunelab.stages.selection.targets import ratio_to_params
+from prunelab.stages.surgery.sublayers import sublayer_refusal
 
 Unit = tuple[str, int]  # ("attention" | "mlp", layer index)
 log = logging.getLogger(__name__)
@@ -50,8 +54,6 @@ log = logging.getLogger(__name__)
 
 def sublayer_sequence(adapter: Any) -> list[Unit]:
     """The present sublayers in forward order (refused, by name, for families whose layers cannot lose one)."""
-    from prunelab.stages.surgery.sublayers import sublayer_refusal
-
     refusal = sublayer_refusal(adapter.model)
     if refusal:
         raise ValueError(refusal)
@@ -61,8 +63,6 @@ def sublayer_sequence(adapter: Any) -> list[Unit]:
 @contextmanager
 def alone(adapter: Any, layer_index: int, which: str) -> Iterator[None]:
     """Layer ``layer_index`` with its other sublayer swapped for the no-op its removal would leave (restored after)."""
-    from prunelab.stages.arch.noop import NoAttention, NoMLP
-
     layer = adapter.layers[layer_index]
     other = "mlp" if which == "attention" else "attention"
     if not adapter.has_sublayer(layer, other):
@@ -158,8 +158,6 @@ class SublayerWalk:
 
 
 def _params(adapter: Any) -> dict[Unit, int]:
-    from prunelab.stages.selection.sublayers import sublayer_params
-
     return {(k, i): n for (k, i), n in sublayer_params(adapter).items()}
 
 
@@ -214,8 +212,6 @@ def sublayer_ppl(inp: CriterionInputs) -> CriterionResult:
 
 def _target(inp: CriterionInputs, adapter: Any) -> tuple[tuple[str, ...], int | None, int | None]:
     """(allowed kinds, count, parameter budget) from the later ``units: sublayers`` prune stage."""
-    from prunelab.stages.selection.targets import ratio_to_params
-
     prune = inp.prune
     if prune is None or getattr(prune, "units", None) != "sublayers":
         raise ValueError("sublayer_sleb removes sublayers until the later prune stage's target: add a prune stage with "

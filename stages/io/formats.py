@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunelab.stages.core.files import atomic_dir
 from prunelab.stages.core.registry import Registry
+from prunelab.stages.io import gguf_export as G
+from prunelab.stages.io.card import model_card
+from prunelab.stages.io.gguf_export import gguf_refusal
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,9 @@ def register_format(name: str, write: Callable[[Any, Any, Any], dict[str, Any]],
 
 def verify_reload(model: Any, path: Path, tolerance: float) -> float:
     """Max |Δlogit| between ``model`` and a fresh vanilla load of ``path``; raise above ``tolerance``."""
-    import torch
+    import torch  # lazy: torch-free
 
-    from prunelab.stages.io.loader import load_pruned
+    from prunelab.stages.io.loader import load_pruned  # lazy: torch-free
 
     fresh = load_pruned(path, dtype=next(model.parameters()).dtype, device=model.device)
     ids = torch.arange(3, 3 + 24, device=model.device).unsqueeze(0) % model.config.vocab_size
@@ -68,8 +72,6 @@ def _check_ids(ctx: Any, n: int = 2, length: int = 128) -> list[list[int]]:
 
 def export_gguf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     """model.gguf, written atomically; with ``verify``, llama.cpp's logits on the same windows as transformers'."""
-    from prunelab.stages.io import gguf_export as G
-
     path = ctx.run_dir / "model.gguf"
     rec = ctx.recipe.model
     tok_gguf = G.source_gguf(rec.source, rec.gguf_file)
@@ -97,8 +99,7 @@ def export_gguf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
 def export_vllm(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     """model-vllm/ (stages.io.export_vllm), written atomically. vLLM runs in a venv of its own, so the check that
     it serves the folder is launch/vllm_check.py, not this stage."""
-    from prunelab.stages.core.files import atomic_dir
-    from prunelab.stages.io.export_vllm import write_vllm_export
+    from prunelab.stages.io.export_vllm import write_vllm_export  # lazy: torch-free
 
     with atomic_dir(ctx.run_dir / "model-vllm") as tmp:
         out = write_vllm_export(model, ctx.tokenizer, tmp)
@@ -109,10 +110,7 @@ def export_vllm(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
 def export_hf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
     """model/ (``save_pretrained``, tokenizer, model card), written atomically; with ``verify``, reloaded by vanilla
     transformers and its logits compared (float32: ``tolerance``; a half dtype: 1e-1)."""
-    from huggingface_hub import ModelCard
-
-    from prunelab.stages.core.files import atomic_dir
-    from prunelab.stages.io.card import model_card
+    from huggingface_hub import ModelCard  # lazy: startup
 
     target, diff = ctx.run_dir / "model", None
     with atomic_dir(target) as tmp:
@@ -126,13 +124,11 @@ def export_hf(ctx: Any, cfg: Any, model: Any) -> dict[str, Any]:
 
 
 def _gguf_refusal(model: Any) -> str | None:
-    from prunelab.stages.io.gguf_export import gguf_refusal
-
     return gguf_refusal(model)
 
 
 def _vllm_refusal(model: Any) -> str | None:
-    from prunelab.stages.io.export_vllm import vllm_refusal
+    from prunelab.stages.io.export_vllm import vllm_refusal  # lazy: torch-free
 
     return vllm_refusal(model)
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prunelab.stages.arch import compensation_refusal
 from prunelab.stages.calibration.propagate import BlockStep, walk_pruned
 from prunelab.stages.surgery.apply import PlanError, prune_layer_width
 from prunelab.stages.surgery.compensation import augmented_gram, optimal_layer
@@ -188,8 +189,6 @@ def propagated_compensation(model: nn.Module, calibration: torch.Tensor, plan_la
                             record: dict[tuple[int, str], PairedInputs] | None = None) -> dict[str, torch.Tensor]:
     """Side tensors of ``compensation`` (the recipe's bias / optimal settings) for ``plan_layers`` fitted with pruned
     propagation (pass 2 of ``propagate: pruned``). The model is left as it was; surgery applies plan and side."""
-    from prunelab.stages.arch import compensation_refusal
-
     kind = compensation.type
     with_bias = kind == "bias" or bool(getattr(compensation, "bias", False))
     refusal = compensation_refusal(model.config.model_type) if with_bias else None

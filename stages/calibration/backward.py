@@ -61,7 +61,15 @@ def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: l
     model, n = adapter.model, adapter.num_blocks
     hidden = observer.every_parameter
     embed_w, head_w = f"{adapter.EMBED}.weight", f"{adapter.HEAD}.weight"
-    tied = head_w not in observer.names  # one matrix: the full model names it once, after the embedding
+    # one matrix: the full model names it once (the embedding's); a streamed skeleton whose tie an earlier load broke
+    # still reads its head from the embedding's tensors (SafetensorsWeights.head)
+    tied = head_w not in observer.names or (bool(getattr(model.config, "tie_word_embeddings", False))
+                                            and head_w not in getattr(weights, "where", {head_w: None}))
+    reached = tuple(f"{path}." for path in (adapter.EMBED, adapter.NORM, adapter.HEAD))
+    other = [nm for nm in observer.names if not adapter.is_block_param(nm) and not nm.startswith(reached)]
+    if hidden and other:
+        raise ValueError(f"hidden channels: parameters {other[:3]} sit outside the blocks, the embedding, the final "
+                         "norm and the head, where the block-wise backward does not reach; use pipeline: full")
     grads = new_cache(f"g{n}")
     with weights.head(adapter):
         top = [(nm, p) for nm, p in _outside_blocks(adapter) if hidden and not tied and p.requires_grad]

@@ -228,9 +228,11 @@ def test_every_smollm2_recipe_runs_through_the_cli(name, tmp_path):
     recovers = [k for k, v in raw["stages"].items() if v["type"] == "recover"]
     budget += [o for k in recovers for o in (f"stages.{k}.max_steps=2", f"stages.{k}.data.max_samples=8",
                                              f"stages.{k}.control=false", f"stages.{k}.compare_plain_steps=0")]
+    rebuilt = [k for k, v in raw["stages"].items() if v["type"] == "reconstruct"]  # block-local reconstruction
+    budget += [f"stages.{k}.steps=2" for k in rebuilt]
     assert main([f"recipes/smollm2/{name}", *budget, "--output-dir", str(tmp_path), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / raw["name"] / "metrics.json").read_text())
-    assert set(metrics["eval"]) == ({"dense", "pruned", "recovered"} if recovers else {"dense", "pruned"})
+    assert set(metrics["eval"]) == ({"dense", "pruned", "recovered"} if recovers or rebuilt else {"dense", "pruned"})
     if recovers:
         assert metrics["recover"]["pruned"]["steps"] == 2 and (tmp_path / raw["name"] / "model" / "config.json").is_file()
     assert metrics["model"]["params_after"] < metrics["model"]["params_before"]

@@ -11,10 +11,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, SerializeAsAny, TypeAdapter, model_validator
 
 from prunelab.registry import register_stage
+from prunelab.stages.calibration.pipelines import pipeline_for, propagation_refusal
 from prunelab.stages.core import migrate as legacy
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.io.streaming import after_plan
 from prunelab.stages.selection.config import SELECTIONS, allowed_keys, validate_selection
+from prunelab.stages.selection.propagated import propagated_width_plan, score_batch_size
+from prunelab.stages.surgery.plan import load_plan
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -56,8 +60,6 @@ class PruneBase(StrictModel):
         for name in getattr(self, "criteria", lambda: [self.criterion])():  # width: experts' criteria too
             if not any(not s.criteria or name in s.criteria for s in scorers):
                 return [f"criterion {name!r} is not computed by an earlier score stage; add it to its `criteria`"]
-        from prunelab.stages.calibration.pipelines import pipeline_for, propagation_refusal
-
         refusal = propagation_refusal(pipeline_for(key, stages), self)  # propagate: pruned serves width + compensation
         return [refusal] if refusal else []
 
@@ -95,7 +97,7 @@ prune_config: Callable[[Any], PruneBase] = TypeAdapter(PruneConfig).validate_pyt
 
 
 def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> dict[str, Any]:
-    from prunelab.stages.surgery.apply import apply_plan
+    from prunelab.stages.surgery.apply import apply_plan  # lazy: torch-free
 
     apply_plan(ctx.model, plan, side)
     after_plan(ctx.model, plan)  # streamed skeleton: the biases compensation will add; resident: nothing
@@ -107,14 +109,8 @@ def _apply(ctx: RunContext, plan: Any, side: dict[str, Any] | None = None) -> di
 
 
 def run(ctx: RunContext, cfg: PruneBase) -> dict[str, Any]:
-    from prunelab.stages.core.files import atomic_write_json
-
-    from prunelab.stages.calibration.pipelines import pipeline_for
-
     pipeline = pipeline_for(ctx.stage_key, ctx.recipe.stages)
     if getattr(pipeline, "propagate", "dense") == "pruned":  # pass 2: the plan's compensation re-fitted block by block
-        from prunelab.stages.selection.propagated import propagated_width_plan, score_batch_size
-
         plan, side = propagated_width_plan(ctx.scores[cfg.criterion], cfg, ctx.model, ctx.activation_stats, ctx.scores,
                                            ctx.calibration, pipeline, score_batch_size(ctx.stage_key, ctx.recipe.stages),
                                            ctx.progress)
@@ -124,7 +120,7 @@ def run(ctx: RunContext, cfg: PruneBase) -> dict[str, Any]:
     outputs = _apply(ctx, plan, side)
     if ctx.is_main:
         if side:
-            from safetensors.torch import save_file
+            from safetensors.torch import save_file  # lazy: torch-free
 
             tmp = ctx.stage_dir / f".{plan.side_file}.tmp"
             save_file({k: v.contiguous() for k, v in side.items()}, str(tmp))
@@ -134,12 +130,10 @@ def run(ctx: RunContext, cfg: PruneBase) -> dict[str, Any]:
 
 
 def restore(ctx: RunContext, cfg: PruneBase, outputs: dict[str, Any], stage_dir: Path) -> None:
-    from prunelab.stages.surgery.plan import load_plan
-
     plan = load_plan(json.loads((stage_dir / "plan.json").read_text()))
     side = None
     if plan.side_file:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: torch-free
 
         side = load_file(str(stage_dir / plan.side_file))
     _apply(ctx, plan, side)

@@ -18,6 +18,8 @@ Where the weights come from (``BlockWeights``):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import shutil
 import tempfile
@@ -146,9 +148,6 @@ class SafetensorsWeights:
 
 def _trim() -> None:
     """``malloc_trim(0)`` where the C library has it (glibc); elsewhere nothing."""
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     if libc is not None and hasattr(libc, "malloc_trim"):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from prunelab.stages.arch import families, per_layer_families
+from prunelab.stages.io.sources import ALIASES, alias_dirs, classify
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,7 @@ def default_embedding_dtype(dtype: str) -> str:
 
 def ggml_type(dtype: str) -> Any:
     """The gguf.GGMLQuantizationType a matrix of ``dtype`` is stored as (rows of whole 32-blocks for q8_0)."""
-    import gguf
+    import gguf  # lazy: startup
 
     return getattr(gguf.GGMLQuantizationType, dtype.upper())
 NULL_FFN_WIDTH = 32  # one Q8_0 block: the zero FFN stands in for a removed one under a kept attention
@@ -314,7 +315,7 @@ def permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
 def _encode(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
     """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors (norms, biases) stay f32 as llama.cpp's converter
     keeps them; Q8_0 needs rows that are whole 32-blocks, others fall back to f16 as llama-quantize does."""
-    import gguf
+    import gguf  # lazy: startup
 
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.ndim == 1 or dtype == "f32":
@@ -379,7 +380,7 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray]]:
 # ---------------------------------------------------------------------------------------------------- tokenizer
 def tokenizer_fields_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
     """Every ``tokenizer.*`` KV of a GGUF file as (key, value, type, sub_type), verbatim."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFReader, GGUFValueType  # lazy: startup
 
     out = []
     for key, field in GGUFReader(path).fields.items():
@@ -415,7 +416,7 @@ def pre_tokenizer_name(tj: dict[str, Any]) -> str:
 
 def tokenizer_fields_from_hf(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
     """BPE (gpt2) tokenizer metadata built from a fast tokenizer's tokenizer.json."""
-    from gguf import GGUFValueType as T
+    from gguf import GGUFValueType as T  # lazy: startup
 
     tj = json.loads(tokenizer.backend_tokenizer.to_str())
     model = tj.get("model") or {}
@@ -467,7 +468,7 @@ def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: 
     from ``tokenizer`` (a fast BPE tokenizer). ``embedding_dtype`` is the type of ``token_embd`` / ``output``
     (llama-quantize's ``--token-embedding-type`` / ``--output-tensor-type``); None = ``default_embedding_dtype(dtype)``
     (f16 for q8_0: module docstring). Returns a summary (architecture, per-layer widths, dtypes, size)."""
-    import gguf
+    import gguf  # lazy: startup
 
     if dtype not in GGUF_DTYPES:
         raise GGUFExportError(f"export.gguf.dtype: {dtype!r} is not one of {list(GGUF_DTYPES)}")
@@ -543,8 +544,6 @@ def write_gguf(model: nn.Module, out_path: Path, dtype: str = "f16", tokenizer: 
 
 def source_gguf(source: str, gguf_file: str | None) -> Path | None:
     """The GGUF file a model source was loaded from (alias or .gguf), whose tokenizer fields we copy; else None."""
-    from prunelab.stages.io.sources import ALIASES, alias_dirs, classify
-
     src = classify(source, gguf_file)
     if src.kind == "alias":
         path = alias_dirs(src.path)[0] / Path(ALIASES[src.path].member).name
@@ -558,6 +557,7 @@ def source_gguf(source: str, gguf_file: str | None) -> Path | None:
 def llama_cpp_missing() -> str | None:
     """None when llama_cpp imports, else why (with the fix)."""
     try:
+        # lazy: optional
         import llama_cpp  # noqa: F401
     except ImportError as exc:
         return f"llama_cpp is not importable ({exc}); pip install 'prunelab[llama]' (builds llama-cpp-python)"
@@ -565,7 +565,7 @@ def llama_cpp_missing() -> str | None:
 
 
 def _open(path: Path, n_ctx: int, n_threads: int) -> Any:
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # lazy: optional
 
     return Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
                  n_threads_batch=n_threads, type_k=0, type_v=0, verbose=False)  # f32 KV cache (GGML_TYPE_F32):
@@ -605,7 +605,7 @@ def gguf_perplexity(path: str | Path, ids: list[int], window: int, n_threads: in
 
 def compare_with_transformers(model: nn.Module, path: Path, ids: list[list[int]], n_threads: int = 1) -> dict[str, float]:
     """max |Δlogit| and argmax agreement between ``model`` and the GGUF at ``path`` on the same windows."""
-    import torch
+    import torch  # lazy: torch-free
 
     ref = []
     with torch.inference_mode():

@@ -13,8 +13,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from prunelab.stages import criteria as _criteria  # noqa: F401  (registers every criterion the checks read)
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.core.registry import VariantRegistry, allowed_keys, register_variant, validate_as
+from prunelab.stages.criteria import HIDDEN_CRITERIA
+from prunelab.stages.criteria.registry import criteria_for
 from prunelab.stages.selection.targets import blocks_for_ratio, hidden_channels_to_remove
 
 # The variants a plan records (allocations, compensations, expert units) live below selection, in the plan's room;
@@ -42,9 +45,6 @@ __all__ = ["ALLOCATIONS", "COMPENSATIONS", "AlphaAllocation", "Allocation", "Bia
 
 def _check_scores(criterion: str, unit: str, field: str) -> None:
     """``criterion`` must be a width criterion that scores ``unit`` (experts, expert_channels, kv_groups, ...)."""
-    from prunelab.stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
-    from prunelab.stages.criteria.registry import criteria_for
-
     registry = criteria_for("width")
     if criterion not in registry:
         raise ValueError(f"{field}: {registry.unknown(criterion, 'width criterion')}")
@@ -63,9 +63,6 @@ class _Selection(StrictModel):
 
     @model_validator(mode="after")
     def _known_criterion(self) -> _Selection:
-        from prunelab.stages import criteria as _criteria  # noqa: F401  (registers the criteria, torch-free)
-        from prunelab.stages.criteria.registry import criteria_for
-
         registry = criteria_for(self.scored_units)
         if self.criterion not in registry:
             raise ValueError(registry.unknown(self.criterion, f"{self.scored_units} criterion"))
@@ -208,7 +205,7 @@ class WidthSettings(_WidthTarget):
         if self.layers is not None and self.layers[1] > num_layers:
             return [f"layers {list(self.layers)} reach past the model's {num_layers} layers; end at most {num_layers}"]
         if geometries and self.mlp and self.round_to > 1:
-            from prunelab.stages.selection.width import WidthTargetError, check_round_to
+            from prunelab.stages.selection.width import WidthTargetError, check_round_to  # lazy: torch-free
 
             start, end = self.layers or (0, num_layers)
             try:
@@ -216,7 +213,7 @@ class WidthSettings(_WidthTarget):
             except WidthTargetError as exc:
                 return [str(exc)]
         if geometries and self.layer_ratio is not None:
-            from prunelab.stages.selection.width import WidthTargetError, uniform_layer
+            from prunelab.stages.selection.width import WidthTargetError, uniform_layer  # lazy: torch-free
 
             start, end = self.layers or (0, num_layers)
             for i in range(start, end):
@@ -242,8 +239,6 @@ class HiddenSettings(_WidthTarget):
 
     @model_validator(mode="after")
     def _hidden_criterion(self) -> HiddenSettings:
-        from prunelab.stages.criteria import HIDDEN_CRITERIA
-
         if self.criterion not in HIDDEN_CRITERIA:
             raise ValueError(f"criterion {self.criterion!r} has no hidden-channel score; choose from {', '.join(HIDDEN_CRITERIA)}")
         return self

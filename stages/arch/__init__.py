@@ -17,6 +17,7 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
+from prunelab.stages.arch.base_names import FUSED_NAMES, HEAD_NAME, LINEAR_NAMES, LORA_TARGETS
 from prunelab.stages.arch.facts import FamilyFacts
 from prunelab.stages.core.registry import Registry
 
@@ -100,8 +101,6 @@ def unsupported_message(model_type: str | None) -> str:
 
 def compensation_refusal(model_type: str | None) -> str | None:
     """Torch-free: why bias/optimal compensation cannot be saved for a family, or None."""
-    from prunelab.stages.arch.base_names import LINEAR_NAMES  # lazy: cycle
-
     facts = family_facts(model_type)
     if facts is not None and facts.moe:
         return (f"model_type {model_type!r} is a mixture of experts: its experts' outputs have no bias and per-expert "
@@ -186,8 +185,6 @@ def dense_moe_layers_refusal(model_type: str | None, dense: list[int]) -> str | 
 def lora_target_choices() -> tuple[str, ...]:
     """Torch-free: the module names a recipe's LoRA ``target_modules`` may list — every decoder linear of the Llama
     layout, the fused names some families use instead, and the LM head."""
-    from prunelab.stages.arch.base_names import FUSED_NAMES, HEAD_NAME, LORA_TARGETS  # lazy: cycle
-
     return (*LORA_TARGETS, *FUSED_NAMES, HEAD_NAME)
 
 

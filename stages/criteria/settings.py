@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from prunelab.stages.core.config import StrictModel
+from prunelab.stages.criteria.registry import CRITERIA, settings_fields
 
 
 class LacoSettings(StrictModel):
@@ -56,8 +57,6 @@ def migrate_version_1(data: dict[str, Any]) -> dict[str, Any]:
     """
     if not any(k in data for k in _V1_KEYS):
         return data
-    from prunelab.stages.criteria.registry import CRITERIA, settings_fields  # lazy: cycle
-
     data = dict(data)
     settings = dict(data.get("settings") or {})
     units = data.get("units", "blocks")
@@ -91,8 +90,6 @@ def version_1_keys(kind: str, criteria: list[str], settings: dict[str, Any]) -> 
 
     ``reduction`` is the one reduction every listed (or configured) reducing criterion uses; where they differ,
     version 1 could not express it, and the value names no version-1 setting (so no old run matches)."""
-    from prunelab.stages.criteria.registry import CRITERIA, settings_fields  # lazy: cycle
-
     registry = CRITERIA.of(kind)
     names = [n for n in criteria or list(settings) if n in registry and "reduction" in settings_fields(registry.get(n))]
     found = {(settings.get(n) or WidthGroupSettings()).reduction for n in names}

@@ -157,11 +157,20 @@ def _numbers(node: object) -> list[float]:
 
 @pytest.mark.parametrize(("units", "criterion"), [("blocks", "sleb"), ("width", "taylor_vector"),
                                                 ("hidden", "taylor_element2")])
-def test_recipe_taylor_and_sleb_scores_and_plans_equal_full(tmp_path: Path, units: str, criterion: str) -> None:
+def test_recipe_taylor_and_sleb_scores_and_plans_equal_full(tmp_path: Path, units: str, criterion: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole run: depth Taylor+, SLEB and PPL, or the three LLM-Pruner Taylor criteria (with their hidden-channel
     form when the prune removes hidden channels), score the same through both pipelines, and the plans agree."""
     from prunelab.run import main
+    from prunelab.stages.criteria import depth
 
+    rounds: list[frozenset[int]] = []  # SLEB's later rounds reach the sequential pipeline in a recipe run
+
+    def spy(*args: object, skip: frozenset[int] = frozenset(), **kw: object) -> CalibrationStats:
+        rounds.append(skip)
+        return collect_sequential(*args, skip=skip, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(depth, "collect_sequential", spy)
     runs = {}
     for name, pipeline in (("full", "full"), ("sequential", {"type": "sequential", "memory_budget_gb": 0})):
         out = tmp_path / name
@@ -179,6 +188,7 @@ def test_recipe_taylor_and_sleb_scores_and_plans_equal_full(tmp_path: Path, unit
     assert ("hidden" in full["taylor" if units != "blocks" else "ppl"]) == (units == "hidden")
     plans = [json.loads(next(r.glob("*-prune/plan.json")).read_text()) for r in runs.values()]
     assert plans[0] == plans[1]
+    assert (len(rounds) == 1 and len(rounds[0]) == 1) if units == "blocks" else not rounds  # round 2 of 2, sequential
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def score_criteria(
             spec = CRITERIA.get(kind, name)
             inputs = CriterionInputs(model, stats, seed, settings.get(name), calibration, batch_size,
                                      num_remove() if spec.iterative and num_remove is not None else None, progress,
-                                     prune=prune if spec.iterative else None)
+                                     prune=prune if spec.iterative else None, pipeline=pipeline)
             done[name] = score(spec, inputs, hidden).to_json()
             if partial is not None:
                 partial.save(name, done[name])

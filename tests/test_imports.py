@@ -18,7 +18,9 @@ above it (such a line covers the unbroken run of imports below it). ``<reason>``
 - ``cycle``: the target imports this module at its top, so the import can only run once both are loaded
   (a cycle inside one package; the layout test forbids them between rooms).
 
-A module that imports torch at its top anyway has no reason to defer another import: it goes at the top.
+A module that imports torch at its top anyway has no reason to defer another import: it goes at the top. The
+``torch-free`` reason is checked against the top-level import graph (the module must stay torch-free, the target
+must not); the others are read, not proven.
 """
 
 from __future__ import annotations
@@ -144,6 +146,76 @@ def package_files(root: Path = ROOT) -> list[Path]:
     return sorted(p for d in PACKAGE_DIRS for p in (root / d).rglob("*.py"))
 
 
+HEAVY = ("torch", "transformers", "peft", "accelerate", "safetensors.torch", "bitsandbytes", "deepspeed")
+
+
+def _is_heavy_name(name: str) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in HEAVY)
+
+
+def top_level_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """module → every module its top level imports (outside functions and ``TYPE_CHECKING``), parents included."""
+    files = {module_name(p, root): p for p in package_files(root)}
+    graph: dict[str, set[str]] = {}
+    for me, path in files.items():
+        out: set[str] = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        stack = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
+                    _imported_module(node, me, path.name == "__init__.py")]
+                if isinstance(node, ast.ImportFrom):
+                    names += [f"{names[0]}.{a.name}" for a in node.names if f"{names[0]}.{a.name}" in files]
+                for name in names:
+                    parts = name.split(".")
+                    out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                stack += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]
+        parts = me.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        graph[me] = out
+    return graph
+
+
+def imports_torch(module: str, graph: dict[str, set[str]]) -> bool:
+    """Whether importing ``module`` loads torch (or transformers, peft, accelerate) by its top-level imports."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if _is_heavy_name(m):
+            return True
+        todo += graph.get(m, ())
+    return False
+
+
+def torch_free_claim_problems(path: Path, graph: dict[str, set[str]], root: Path = ROOT) -> list[str]:
+    """A ``torch-free`` reason must hold: the importing module stays torch-free at its top, and the target does not."""
+    me = module_name(path, root)
+    text = path.read_text(encoding="utf-8")
+    comments = _comments(text)
+    problems = []
+    for node in _function_imports(ast.parse(text)):
+        lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+        if not any((m := LAZY.search(comments.get(n, ""))) and m["reason"] == "torch-free" for n in lines):
+            continue  # only a reason on the import's own line is checked (a `# lazy:` line above may cover others)
+        target = node.names[0].name if isinstance(node, ast.Import) else _imported_module(
+            node, me, path.name == "__init__.py")
+        targets = [target] + ([f"{target}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+        where = f"{path.relative_to(root)}:{node.lineno}"
+        if imports_torch(me, graph):
+            problems.append(f"{where}: `# lazy: torch-free`, but {me} imports torch at its top anyway: move the "
+                            "import to the top")
+        elif not any(imports_torch(t, graph) for t in targets if t in graph or _is_heavy_name(t)):
+            problems.append(f"{where}: `# lazy: torch-free`, but {target} does not import torch: move the import to "
+                            "the top (or give the reason that holds)")
+    return problems
+
+
 def test_every_function_level_import_gives_its_reason() -> None:
     problems: list[str] = []
     counts: dict[str, int] = {}
@@ -154,6 +226,14 @@ def test_every_function_level_import_gives_its_reason() -> None:
             counts[reason] = counts.get(reason, 0) + n
     assert not problems, f"{len(problems)} function-level imports without a reason:\n" + "\n".join(problems)
     assert counts, "the walk found no function-level import at all: is it looking at the package?"
+
+
+def test_a_torch_free_reason_holds() -> None:
+    """The commonest reason is checked, not taken on trust: the module keeps torch out of its top-level imports and
+    the deferred target brings it in."""
+    graph = top_level_graph()
+    problems = [p for path in package_files() for p in torch_free_claim_problems(path, graph)]
+    assert not problems, f"{len(problems)} `torch-free` reasons that do not hold:\n" + "\n".join(problems)
 
 
 def test_no_private_name_is_imported_across_modules() -> None:
@@ -206,6 +286,15 @@ def test_the_checks_fail_on_planted_imports(tmp_path: Path) -> None:
     assert any(":3:" in p and "'_hidden'" in p for p in private), private
     assert any(":4:" in p and "prunelab.stages.core._internal" in p for p in private), private
     assert any(":21:" in p and "'_own'" in p for p in private), private
+    heavy = tmp_path / "stages" / "io" / "heavy.py"
+    heavy.write_text("import torch\n\n\ndef g():\n    import transformers  # lazy: torch-free\n")
+    light = tmp_path / "stages" / "io" / "light.py"
+    light.write_text("def h():\n    import torch  # lazy: torch-free\n    from prunelab.stages.io.heavy import g  # lazy: torch-free\n")
+    graph = top_level_graph(tmp_path)
+    claims = torch_free_claim_problems(path, graph, tmp_path) + torch_free_claim_problems(heavy, graph, tmp_path)
+    assert [c.split(": ", 1)[0] for c in claims] == ["stages/io/planted.py:13", "stages/io/heavy.py:5"], claims
+    assert "does not import torch" in claims[0] and "imports torch at its top anyway" in claims[1]
+    assert torch_free_claim_problems(light, graph, tmp_path) == []  # both hold
 
 
 @pytest.mark.parametrize("reason", sorted(REASONS))

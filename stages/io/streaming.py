@@ -36,11 +36,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import torch  # lazy: torch-free
-    from torch import nn  # lazy: torch-free
+from safetensors import safe_open
 
-    from prunelab.stages.io.config import ModelConfig  # lazy: torch-free
+from prunelab.stages.arch import adapter_for, compensation_refusal, family_facts, unsupported_message
+from prunelab.stages.arch.base import STAT_KEYS
+from prunelab.stages.core.files import atomic_dir
+from prunelab.stages.io.card import model_card
+from prunelab.stages.io.sources import alias_dirs, classify
+from prunelab.stages.surgery.plan import DepthPlan, WidthPlan
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from prunelab.stages.io.config import ModelConfig
 
 ATTR = "prunelab_weights"  # the attribute of a streamed skeleton that holds its SafetensorsWeights
 ALLOWED_STAGES = ("calibrate", "score", "prune", "export")
@@ -50,8 +59,6 @@ DEFAULT_SHARD_MB = 2048.0
 # ----------------------------------------------------------------------------- validation (torch-free)
 def stream_folder(cfg: ModelConfig) -> Path:
     """The local ``save_pretrained`` folder a streaming run reads, or a ValueError naming the fix."""
-    from prunelab.stages.io.sources import alias_dirs, classify  # lazy: torch-free
-
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "gguf":
         raise ValueError("model.load: streaming reads safetensors shards; a GGUF source is dequantised whole on load — "
@@ -78,8 +85,6 @@ def stream_folder(cfg: ModelConfig) -> Path:
 
 def source_problems(cfg: ModelConfig) -> list[str]:
     """Why this model cannot be streamed (empty: it can): where it is, its files, its family."""
-    from prunelab.stages.arch import family_facts, unsupported_message  # lazy: torch-free
-
     try:
         folder = stream_folder(cfg)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
@@ -179,8 +184,6 @@ def layers_resident(model: Any) -> Iterator[None]:
     if weights is None:
         yield
         return
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
-
     ad = adapter_for(model)
     layers = ad.layers
     plain = type(layers)
@@ -238,8 +241,6 @@ class SpilledTensors(MutableMapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.hot:
             return self.hot[name]
-        from safetensors import safe_open  # lazy: torch-free
-
         with safe_open(str(self.where[name]), framework="pt", device="cpu") as h:
             return h.get_tensor(name)
 
@@ -271,8 +272,6 @@ def spill_gradients(model: Any, stats: Any) -> None:
     if not is_streamed(model):
         return
 
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
-
     blocks = f"{adapter_for(model).BLOCKS}."
 
     def group(name: str) -> str:
@@ -286,9 +285,6 @@ def spill_gradients(model: Any, stats: Any) -> None:
 def bias_parts(model: nn.Module, plan: Any) -> dict[str, str]:
     """part (attn | mlp) → config flag, for the parts whose output projections compensation gives a bias (as
     ``add_output_biases`` would: every layer's q/k/v/o or gate/up/down, zero where nothing was folded in)."""
-    from prunelab.stages.arch import adapter_for, compensation_refusal  # lazy: torch-free
-    from prunelab.stages.surgery.plan import WidthPlan  # lazy: torch-free
-
     comp = getattr(getattr(plan, "target", None), "compensation", None)
     if not isinstance(plan, WidthPlan) or comp is None or comp.type == "none":
         return {}
@@ -329,8 +325,6 @@ def after_plan(model: nn.Module, plan: Any) -> None:
     skeleton's shapes, ``total_params`` and config are those of the model the export writes. No-op when resident."""
     if not is_streamed(model):
         return
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
-
     parts = bias_parts(model, plan)
     ad = adapter_for(model)
     for layer in ad.layers:
@@ -450,12 +444,8 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
     import torch  # lazy: torch-free
     from huggingface_hub import ModelCard  # lazy: startup
 
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
     from prunelab.stages.calibration.sequential import BoundaryCache, skeleton  # lazy: torch-free
-    from prunelab.stages.core.files import atomic_dir  # lazy: torch-free
-    from prunelab.stages.io.card import model_card  # lazy: torch-free
     from prunelab.stages.io.models import DTYPES  # lazy: torch-free
-    from prunelab.stages.surgery.plan import DepthPlan, WidthPlan  # lazy: torch-free
 
     pruned, plan, weights = ctx.model, ctx.plan, weights_of(ctx.model)
     if plan is not None and not isinstance(plan, (DepthPlan, WidthPlan)):
@@ -532,8 +522,6 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
 
 def _copy_outer(writer: ShardWriter, weights: Any, spec: dict[str, Any], ad: Any) -> None:
     """Embedding, final norm and head (everything outside the blocks), tensor by tensor from the source files."""
-    from safetensors import safe_open  # lazy: torch-free
-
     inside = f"{ad.BLOCKS}."
     for name in spec:
         if name.startswith(inside):
@@ -599,8 +587,6 @@ def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, p
     """The dense block i on every batch's input state (outputs into ``following``); with ``collect``, the float64
     Gram, sum and count of its o_proj / down_proj inputs (the sums the score pass keeps for a resident run)."""
     import torch  # lazy: torch-free
-
-    from prunelab.stages.arch.base import STAT_KEYS  # lazy: torch-free
 
     sums = {role: GramSums() for role in ("o", "down")} if collect else {}
     handles = [ad.linear(layer, role).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
@@ -702,8 +688,6 @@ def check_structure(folder: Path) -> dict[str, Any]:
     model, which a streamed run never does."""
     import torch  # lazy: torch-free
     from transformers import AutoConfig, AutoModelForCausalLM  # lazy: torch-free
-
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):

@@ -113,8 +113,6 @@ def run(ctx: RunContext, cfg: ScoreConfig) -> dict[str, Any]:
     names = cfg.effective_criteria(ctx.stage_key, ctx.recipe.stages)
     prunes = _later_prunes(ctx.stage_key, ctx.recipe.stages, cfg.units)
     extra = cfg.calibration_needs(ctx.stage_key, ctx.recipe.stages, extra_only=True)
-    if getattr(ctx.model, "prunelab_weights", None) is not None:  # streamed: the export collects each block's Grams
-        extra.discard("hessian")
     results, stats = score_criteria(
         kind, names, ctx.model, ctx.calibration, settings=cfg.settings, seed=ctx.recipe.seed, batch_size=cfg.batch_size,
         extra_needs=extra, hidden="hidden" in extra,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunelab.stages.criteria.registry import CRITERIA, CriterionSpec
+from prunelab.stages.io.streaming import is_streamed, layers_resident
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -94,9 +95,9 @@ def score_criteria(
     todo = [n for n in names if n not in done]
     if done and log is not None:
         log(f"re-using finished criteria {sorted(done)}")
+    if is_streamed(model):  # the export collects each block's XᵀX itself: all layers' would be the model's size again
+        extra_needs = set(extra_needs) - {"hessian"}
     stats = collect(model, calibration, needs_for(kind, todo, extra_needs), batch_size, progress, pipeline)
-    from prunelab.stages.io.streaming import layers_resident
-
     with layers_resident(model):  # a streamed skeleton: each layer materialized while a criterion's loop holds it
         for name in todo:
             spec = CRITERIA.get(kind, name)

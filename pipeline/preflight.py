@@ -44,7 +44,8 @@ from prunelab.stages.io.content import (
 )
 from prunelab.stages.io.footprint import footprint_lines
 from prunelab.stages.io.gguf_export import recipe_gguf_refusals
-from prunelab.stages.io.hub import go_offline, hub_offline, hub_unreachable, push_problems
+from prunelab.stages.io import hub as io_hub  # module-qualified: tests stand in for the network probe
+from prunelab.stages.io.hub import hub_offline, push_problems
 from prunelab.stages.io.named_data import needs_hub, source_problems, test_split_of
 from prunelab.stages.io.qa import QATextSource
 from prunelab.stages.io.sources import alias_dirs, classify, model_shape, model_type_of, read_config
@@ -259,7 +260,7 @@ def _hub_problems(src: Any, revision: str | None, probe: bool) -> list[str]:
         return [f"model.source: {src.path!r} is not a valid hub id ({exc}); give 'org/name', a local path or an alias"]
     if isinstance(found, str):
         if probe and not _offline() and _hub_unreachable() is not None:
-            go_offline()  # cached, hub unreachable: read the cache now, not after a minute of retries
+            io_hub.go_offline()  # cached, hub unreachable: read the cache now, not after a minute of retries
         if src.gguf_file is None:
             folder = Path(found).parent
             if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
@@ -288,7 +289,7 @@ def _hub_unreachable() -> str | None:
     """Why the hub's host cannot be reached (name lookup and one TCP connect within a second; one answer per
     process), or None. Asked only where something would be downloaded: without a network the libraries' retries
     take close to a minute to fail."""
-    return hub_unreachable()
+    return io_hub.hub_unreachable()
 
 
 def _dataset_problems(recipe: RecipeBase, probe: bool) -> list[str]:
@@ -302,7 +303,7 @@ def _dataset_problems(recipe: RecipeBase, probe: bool) -> list[str]:
     hub = any(needs_hub(node) for _, node in settings_objects(recipe.stages, "stages") if isinstance(node, TextSource))
     if probe and hub and not problems and not hub_offline(datasets=True) and _hub_unreachable() is not None:
 
-        go_offline()  # every dataset is cached and the hub is unreachable: datasets reads the cache without retrying
+        io_hub.go_offline()  # every dataset is cached and the hub is unreachable: datasets reads the cache without retrying
     return problems
 
 

@@ -23,7 +23,8 @@ from prunelab.preflight import preflight
 from prunelab.recipe import RecipeBase, RecipeError
 from prunelab.rundir import RunDirError, atomic_write_json, prepare_run_dir
 from prunelab.runlog import RunLog
-from prunelab.runner import RunError, execute
+from prunelab import runner
+from prunelab.runner import RunError
 
 __all__ = ["Outcome", "finished_metrics", "parse_shard", "run_rows"]
 
@@ -97,7 +98,7 @@ def run_rows(bench: Bench, resume: bool = False, force: bool = False, shard: tup
         again = recipe.run_dir.is_dir() and any(recipe.run_dir.iterdir())
         with RunLog(recipe.run_dir, resume=again) as log:  # the row's run.log, as a user run's
             try:
-                out.metrics[recipe.name] = execute(recipe, recipe.run_dir, resume=again, progress=progress)
+                out.metrics[recipe.name] = runner.execute(recipe, recipe.run_dir, resume=again, progress=progress)
             except RunError as exc:
                 raise BenchError(f"row {recipe.name!r}: {exc}") from None
             except (Exception, KeyboardInterrupt) as exc:

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from prunelab.stages.arch import adapter_for
+from prunelab.stages.selection import engines  # module-qualified: tests stand in for uniform_counts
 from prunelab.stages.selection.config import HiddenSettings, WidthSettings
 from prunelab.stages.selection.engines import (
     best_uniform,
@@ -13,7 +14,6 @@ from prunelab.stages.selection.engines import (
     needs_uniform_attention,
     query_heads_uniform,
     uniform_attention,
-    uniform_counts,
 )
 from prunelab.stages.selection.targets import hidden_channels_to_remove, ratio_to_params
 from prunelab.stages.surgery.plan import HiddenPlan, HiddenRemoval, HiddenTarget, WidthPlan, WidthTarget
@@ -76,7 +76,7 @@ def make_width_plan(result: dict[str, Any], cfg: WidthSettings, model: Any, mean
                     out[i]["mlp"] = mlp_only[i]["mlp"]
             return out
 
-        candidates = {k: constrained(k) for k in uniform_counts(chosen, geos, layers, cfg.attention)}
+        candidates = {k: constrained(k) for k in engines.uniform_counts(chosen, geos, layers, cfg.attention)}
         count, estimates = best_uniform(candidates, scores, geos, cfg.attention)
         chosen = candidates[count]
         logging.getLogger(__name__).info(

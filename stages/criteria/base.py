@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+from prunelab.stages.arch import adapter_for
+
 if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
@@ -35,8 +37,6 @@ class CriterionInputs:
 
     @cached_property
     def adapter(self) -> ArchAdapter:
-        from prunelab.stages.arch import adapter_for
-
         return adapter_for(self.model)
 
 

@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunelab.stages.calibration.pipelines import collect
+from prunelab.stages.core.files import atomic_write_json
+from prunelab.stages.criteria.base import CriterionInputs
 from prunelab.stages.criteria.registry import CRITERIA, CriterionSpec
 from prunelab.stages.io.streaming import is_streamed, layers_resident
 
@@ -69,8 +72,6 @@ class PartialResults:
     def save(self, name: str, result: dict[str, Any]) -> None:
         if not self.write:
             return
-        from prunelab.stages.core.files import atomic_write_json
-
         if not (self.folder / "inputs.json").is_file():
             atomic_write_json(self.folder / "inputs.json", {"key": self.key})
         atomic_write_json(self.folder / f"{name}.json", result)
@@ -87,9 +88,6 @@ def score_criteria(
     Finished criteria found in ``partial`` are re-used; the pass collects what the others need plus ``extra_needs``
     (and, for width, the projection inputs), through ``pipeline`` (``prunelab.stages.calibration.pipelines``; default
     full). ``num_remove`` gives iterative criteria the later prune stage's target (``prune``: its settings)."""
-    from prunelab.stages.calibration.pipelines import collect
-    from prunelab.stages.criteria.base import CriterionInputs
-
     settings = settings or {}
     done = partial.load(names) if partial is not None else {}
     todo = [n for n in names if n not in done]

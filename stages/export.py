@@ -19,7 +19,7 @@ from prunelab.registry import register_stage
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.io.formats import FORMATS, refusals
 from prunelab.stages.io.hub import PushToHubConfig, push_folder
-from prunelab.stages.io.streaming import export_streamed
+from prunelab.stages.surgery.streamed import export_streamed
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from prunelab.registry import register_stage
 from prunelab.stages.io.config import ModelConfig
-from prunelab.stages.io.streaming import load_streaming
+from prunelab.stages.calibration.streamed import load_streaming
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext

@@ -15,7 +15,7 @@ from prunelab.stages.calibration.pipelines import pipeline_for, propagation_refu
 from prunelab.stages.core import migrate as legacy
 from prunelab.stages.core.config import StrictModel
 from prunelab.stages.core.files import atomic_write_json
-from prunelab.stages.io.streaming import after_plan
+from prunelab.stages.surgery.streamed import after_plan
 from prunelab.stages.selection.config import SELECTIONS, allowed_keys, validate_selection
 from prunelab.stages.selection.propagated import propagated_width_plan, score_batch_size
 from prunelab.stages.surgery.plan import load_plan

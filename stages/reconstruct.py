@@ -75,7 +75,8 @@ class ReconstructConfig(StrictModel):
 
     @model_validator(mode="after")
     def _lora_applies(self) -> ReconstructConfig:
-        if "lora" in self.model_fields_set and self.train != "lora":
+        # a non-default lora without train: lora is a mistake; the default itself is what every dump carries
+        if "lora" in self.model_fields_set and self.train != "lora" and self.lora != ReconstructLora():
             raise ValueError("lora: {rank, alpha} applies to train: lora; set train: lora or leave lora out")
         return self
 

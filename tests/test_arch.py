@@ -467,6 +467,7 @@ def test_every_criterion_scores_every_unit_on_every_family(family: str, calib) -
     from prunelab.stages.criteria.base import CriterionInputs
     from prunelab.stages.criteria.scoring import needs_for, score
     from prunelab.stages.criteria.settings import LacoSettings
+    from prunelab.stages.prune import prune_config
     from prunelab.stages.selection.alpha import layer_alphas
     from prunelab.stages.selection.owl import owl_offsets
 
@@ -477,13 +478,17 @@ def test_every_criterion_scores_every_unit_on_every_family(family: str, calib) -
         # expert-only criteria (reap, expert_frequency_norm: tests/test_moe.py) score nothing on a dense model
         # sublayer criteria only where the adapter can remove a sublayer (tests/test_sublayers.py refuses the rest)
         names = [n for n in criteria_for(units) if "kv_groups" in CRITERIA.get(kind, n).units
-                 and ("sublayers" not in CRITERIA.get(kind, n).needs or type(ad).SUBLAYER_REMOVAL)]
+                 and (not n.startswith("sublayer_") or type(ad).SUBLAYER_REMOVAL)]
         stats = collect_stats(model, calib, needs_for(kind, names, {"hidden", "hessian"} if kind == "width" else ()),
                               batch_size=1, progress=False)
         for name in names:
             settings = LacoSettings(merge_layers=2, threshold=-0.99) if name == "laco" else None
+            # sublayer_sleb removes sublayers until a later units: sublayers prune's target: one here
+            prune = prune_config({"type": "prune", "units": "sublayers", "criterion": name, "num_sublayers": 1}) \
+                if name == "sublayer_sleb" else None
             res = score(CRITERIA.get(kind, name), CriterionInputs(model, stats, calibration=calib, num_remove=1,
-                                                                  settings=settings, progress=False), hidden=kind == "width")
+                                                                  settings=settings, progress=False, prune=prune),
+                        hidden=kind == "width")
             if kind == "depth":
                 assert len(res.scores) == ad.num_blocks, name
                 continue

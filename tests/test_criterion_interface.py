@@ -58,6 +58,7 @@ def test_every_criterion_through_the_one_scoring_path(tiny_model, calib):
     from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
     from prunelab.stages.criteria.scoring import needs_for, score
     from prunelab.stages.criteria.settings import LacoSettings
+    from prunelab.stages.prune import prune_config
 
     for kind in ("depth", "width"):
         names = CRITERIA.of(kind).names()
@@ -66,7 +67,10 @@ def test_every_criterion_through_the_one_scoring_path(tiny_model, calib):
         for name in names:
             spec = CRITERIA.get(kind, name)
             settings = LacoSettings(merge_layers=2, threshold=-1.0) if name == "laco" else None
-            inputs = CriterionInputs(tiny_model, stats, 0, settings, calib, 3, 2 if spec.iterative else None, False)
+            prune = prune_config({"type": "prune", "units": "sublayers", "criterion": name, "num_sublayers": 2}) \
+                if name == "sublayer_sleb" else None  # it removes sublayers until a later prune stage's target
+            inputs = CriterionInputs(tiny_model, stats, 0, settings, calib, 3, 2 if spec.iterative else None, False,
+                                     prune=prune)
             result = score(spec, inputs, hidden=True)
             assert isinstance(result, CriterionResult) and result.kind == kind
             saved = result.to_json()

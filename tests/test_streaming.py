@@ -19,7 +19,8 @@ import torch
 import prunelab
 from prunelab.api import load_recipe
 from prunelab.recipe import RecipeError
-from prunelab.stages.io.streaming import ShardWriter, SpilledTensors, layers_resident, load_streaming
+from prunelab.stages.calibration.streamed import SpilledTensors, layers_resident, load_streaming
+from prunelab.stages.io.streaming import ShardWriter
 from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def test_spilled_tensors_keep_one_block(tmp_path: Path) -> None:
 def test_lean_optimal_equals_optimal_layer(with_bias: bool) -> None:
     """The streamed export's OBS update (Cholesky, only the removed rows of H⁻¹, in-place sums) is the resident
     run's ``optimal_layer`` up to float64 rounding."""
-    from prunelab.stages.io.streaming import GramSums, lean_optimal
+    from prunelab.stages.surgery.streamed import GramSums, lean_optimal
     from prunelab.stages.surgery.compensation import optimal_layer
 
     g = torch.Generator().manual_seed(0)

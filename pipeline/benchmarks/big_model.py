@@ -36,6 +36,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.io.streaming import ShardWriter, output_spec
 from prunelab.stages.io.tiny import byte_tokenizer
 
@@ -53,6 +54,7 @@ def build(folder: Path, hidden: int = 2048, layers: int = 24, heads: int = 16, k
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     spec = output_spec(model, torch.float32)
+    adapter = adapter_for(model)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,7 +64,7 @@ def build(folder: Path, hidden: int = 2048, layers: int = 24, heads: int = 16, k
         if len(shape) == 1:  # norms: around 1, so blocks differ
             t = 1 + 0.1 * torch.randn(shape, generator=g, dtype=dtype)
         else:  # std 0.02 makes near-identical blocks; widen with depth so the criteria see differences
-            block = int(name.split(".")[2]) if name.startswith("model.layers.") else 0
+            block = adapter.block_index(name) or 0
             t = torch.randn(shape, generator=g, dtype=dtype) * (0.02 + 0.01 * (block % 3))
         writer.write(name, t)
         del t

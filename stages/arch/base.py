@@ -377,6 +377,19 @@ class ArchAdapter:
         where the family has one): removed with it, so they count in its parameters (selection.sublayers)."""
         return (cls.SUBLAYER_NORMS[which], *((cls.POST_NORMS[which],) if which in cls.POST_NORMS else ()))
 
+    def sublayer_params(self) -> dict[tuple[str, int], int]:
+        """Parameters each present sublayer takes with it: its module and the norms that serve only it (two for
+        GLM-4's sandwich norms: ``sublayer_norms``). Here, not in selection, because criteria (``sublayer_sleb``'s
+        budget) and selection both read it."""
+        out: dict[tuple[str, int], int] = {}
+        for i, layer in enumerate(self.layers):
+            for which, module in (("attention", self.attention(layer)), ("mlp", self.mlp(layer))):
+                if not self.has_sublayer(layer, which):
+                    continue
+                norms = [layer.get_submodule(n) for n in self.sublayer_norms(which)]
+                out[which, i] = sum(p.numel() for m in (module, *norms) for p in m.parameters())
+        return out
+
     @classmethod
     def layer_norms(cls, layer: nn.Module) -> list[nn.Module]:
         return [layer.get_submodule(n) for n in cls.LAYER_NORMS]

@@ -41,7 +41,7 @@ from prunelab.stages.calibration.blocks import batches
 from prunelab.stages.calibration.observers import start_observers
 from prunelab.stages.calibration.pipelines import SequentialPipeline, refusals
 from prunelab.stages.calibration.stats import CalibrationStats
-from prunelab.stages.io.streaming import spill_gradients
+from prunelab.stages.calibration.streamed import spill_gradients
 
 
 class BlockWeights(Protocol):

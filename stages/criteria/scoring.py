@@ -17,7 +17,7 @@ from prunelab.stages.calibration.pipelines import collect
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.criteria.base import CriterionInputs
 from prunelab.stages.criteria.registry import CRITERIA, CriterionSpec
-from prunelab.stages.io.streaming import is_streamed, layers_resident
+from prunelab.stages.calibration.streamed import is_streamed, layers_resident
 
 if TYPE_CHECKING:
     from pydantic import BaseModel

@@ -44,8 +44,6 @@ from prunelab.stages.arch.noop import NoAttention, NoMLP
 from prunelab.stages.calibration.blocks import batches
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 from prunelab.stages.criteria.sublayer import SublayerPPLSettings, SublayerSLEBSettings
-from prunelab.stages.selection.sublayers import sublayer_params
-from prunelab.stages.selection.targets import ratio_to_params
 from prunelab.stages.surgery.sublayers import sublayer_refusal
 
 Unit = tuple[str, int]  # ("attention" | "mlp", layer index)
@@ -158,7 +156,7 @@ class SublayerWalk:
 
 
 def _params(adapter: Any) -> dict[Unit, int]:
-    return {(k, i): n for (k, i), n in sublayer_params(adapter).items()}
+    return {(k, i): n for (k, i), n in adapter.sublayer_params().items()}
 
 
 def _value(delta: float, params: int, objective: str) -> float:
@@ -217,7 +215,8 @@ def _target(inp: CriterionInputs, adapter: Any) -> tuple[tuple[str, ...], int | 
         raise ValueError("sublayer_sleb removes sublayers until the later prune stage's target: add a prune stage with "
                          "units: sublayers (and num_sublayers or ratio) after this score stage")
     kinds = ("attention", "mlp") if prune.sublayers == "both" else (prune.sublayers,)
-    budget = ratio_to_params(prune.ratio, adapter.total_params()) if prune.ratio is not None else None
+    # selection.targets.ratio_to_params' rounding (half up), written out: criteria sit below selection
+    budget = math.floor(prune.ratio * adapter.total_params() + 0.5 + 1e-9) if prune.ratio is not None else None
     return kinds, prune.num_sublayers, budget
 
 

@@ -18,16 +18,8 @@ from prunelab.stages.surgery.plan import LayerShape, SublayerPlan, SublayerTarge
 
 
 def sublayer_params(adapter: Any) -> dict[tuple[str, int], int]:
-    """Parameters each present sublayer takes with it: its module and the norms that serve only it (two for GLM-4's
-    sandwich norms: ``adapter.sublayer_norms``)."""
-    out: dict[tuple[str, int], int] = {}
-    for i, layer in enumerate(adapter.layers):
-        for which, module in (("attention", adapter.attention(layer)), ("mlp", adapter.mlp(layer))):
-            if not adapter.has_sublayer(layer, which):
-                continue
-            norms = [layer.get_submodule(n) for n in adapter.sublayer_norms(which)]
-            out[which, i] = sum(p.numel() for m in (module, *norms) for p in m.parameters())
-    return out
+    """Parameters each present sublayer takes with it (``ArchAdapter.sublayer_params``)."""
+    return adapter.sublayer_params()
 
 
 def removal_order(result: dict[str, Any], which: str, present: set[tuple[str, int]] | None = None) -> list[tuple[str, int]]:

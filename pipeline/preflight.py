@@ -43,7 +43,7 @@ from prunelab.stages.io.content import (
     weights_problems,
 )
 from prunelab.stages.io.footprint import footprint_lines
-from prunelab.stages.io.gguf_export import recipe_gguf_refusals
+from prunelab.stages.io.gguf_export import config_gguf_refusal, recipe_gguf_refusals
 from prunelab.stages.io import hub as io_hub  # module-qualified: tests stand in for the network probe
 from prunelab.stages.io.hub import hub_offline, push_problems
 from prunelab.stages.io.named_data import needs_hub, source_problems, test_split_of
@@ -371,6 +371,11 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
 
 def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
     problems = _family_problems(recipe, shape.model_type)
+    gguf = [k for k, st in recipe.stages.items() if getattr(st, "type", None) == "export" and "gguf" in st.formats]
+    if gguf and shape.config is not None and not problems:  # what the config asks of llama.cpp's fixed patterns
+        why = config_gguf_refusal(shape.model_type, shape.config)
+        if why:
+            problems.append(f"stages.{gguf[0]}.{why.removeprefix('export.')}")
     refusal = dense_moe_layers_refusal(shape.model_type, list(shape.dense_mlp_layers))
     if refusal:
         problems.append(f"model.source: {refusal}")

@@ -171,7 +171,7 @@ PRUNES: dict[str, dict[str, Any]] = {
 }
 
 
-def _recipe(family: str, prune: str, formats: tuple[str, ...] = ("hf", "gguf")) -> Any:
+def _recipe(family: str, prune: str, formats: tuple[str, ...] = ("hf", "gguf"), source: str | None = None) -> Any:
     from prunelab.recipe import validate
 
     blocks = prune == "blocks"
@@ -183,7 +183,7 @@ def _recipe(family: str, prune: str, formats: tuple[str, ...] = ("hf", "gguf")) 
         "prune": PRUNES[prune],
         "export": {"type": "export", "formats": list(formats)},
     }
-    return validate({"name": "g", "model": {"source": f"tiny-random-{family}"}, "stages": stages})
+    return validate({"name": "g", "model": {"source": source or f"tiny-random-{family}"}, "stages": stages})
 
 
 @pytest.mark.parametrize("family,prune,expected", [
@@ -206,10 +206,14 @@ def test_dry_run_refuses_what_llama_cpp_cannot_run(family: str, prune: str, expe
 
 @pytest.mark.parametrize("family,prune", [("smollm3", "width"), ("glm4", "width"), ("olmo3", "mlp"),
                                           ("glm4", "blocks"), ("olmo3", "blocks"), ("smollm3", "hidden")])
-def test_dry_run_accepts_what_llama_cpp_runs(family: str, prune: str) -> None:
+def test_dry_run_accepts_what_llama_cpp_runs(family: str, prune: str, tmp_path) -> None:
+    """On a checkpoint llama.cpp runs (the built-in tiny SmolLM3 / OLMo 3 have a sliding window / rope bases their
+    llama.cpp architectures cannot hold, and are refused by ``test_dry_run_reads_the_configs_llama_cpp_patterns``'s
+    check), each structure the architecture holds is accepted."""
     from prunelab.preflight import preflight
 
-    preflight(_recipe(family, prune))
+    _model(family).save_pretrained(tmp_path / "m")
+    preflight(_recipe(family, prune, source=str(tmp_path / "m")))
 
 
 def test_engines_are_registered_in_the_families_facts() -> None:
@@ -305,3 +309,27 @@ def test_vllm_runs_the_hf_export_of_a_pruned_model(family: str, tmp_path) -> Non
     assert result["trust_remote_code"] is False and len(result["continuations"]) == 8
     for c in result["continuations"]:
         assert c["token_ids"] == _greedy(model, c["prompt_token_ids"], 16), c["prompt"]
+
+
+def test_dry_run_reads_the_configs_llama_cpp_patterns(tmp_path) -> None:
+    """A local checkpoint whose config.json asks llama.cpp for what its architecture fixes (SmolLM3 with a sliding
+    window) is refused by preflight when the recipe exports GGUF — before any weight is read — and accepted without
+    the GGUF export."""
+    from prunelab.preflight import preflight
+    from prunelab.recipe import RecipeError, validate
+
+    model = _model("smollm3")
+    model.config.use_sliding_window, model.config.sliding_window = True, 8
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    model.save_pretrained(tmp_path / "m")
+
+    def recipe(formats: list[str]) -> Any:
+        return validate({"name": "g", "model": {"source": str(tmp_path / "m")}, "stages": {
+            "calibrate": {"type": "calibrate", "source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 2,
+                          "seq_len": 16},
+            "score": {"type": "score", "units": "width", "criteria": ["wanda_sp"]},
+            "prune": PRUNES["width"], "export": {"type": "export", "formats": formats}}})
+
+    with pytest.raises(RecipeError, match="no sliding-window attention"):
+        preflight(recipe(["hf", "gguf"]))
+    preflight(recipe(["hf"]))

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -49,6 +49,9 @@ class ModelShape:
     model_type: str | None = None
     experts: int = 0  # mixture-of-experts layers: the dense count below does not apply
     dense_mlp_layers: tuple[int, ...] = ()  # Qwen2-MoE: layers with a plain dense MLP (refused: stages.arch)
+    # config.json as read (None for GGUF / built-in shapes): checks that need a key no field above holds (the
+    # llama.cpp architecture's fixed patterns: stages.io.gguf_export.config_gguf_refusal)
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def param_counts(self) -> tuple[int, int] | None:
         """(all parameters, parameters of one block), or None when a size is unknown or the layout is not
@@ -282,7 +285,7 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape | None:
         proj_qk_norm=qk_norm == "projection", layer_norms=facts.layer_norms if facts is not None else 2,
         max_positions=cfg.get("max_position_embeddings"), model_type=model_type,
         experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
-        dense_mlp_layers=tuple(dense_mlp_layers(model_type, cfg)),
+        dense_mlp_layers=tuple(dense_mlp_layers(model_type, cfg)), config=cfg,
     )
 
 

@@ -193,17 +193,18 @@ def test_debug_recipe_gives_the_scores_and_plan_of_full(tmp_path: Path) -> None:
             a, b = json.dumps(full[name], sort_keys=True), json.dumps(seq[name], sort_keys=True)
             if a != b:  # not bit-equal on this CPU: equal within float32 rounding
                 assert json.loads(a).keys() == json.loads(b).keys()
-                torch.testing.assert_close(torch.tensor(_numbers(full[name])), torch.tensor(_numbers(seq[name])),
+                torch.testing.assert_close(torch.tensor(numbers_in(full[name])), torch.tensor(numbers_in(seq[name])),
                                            rtol=1e-5, atol=1e-7)
     plans = [json.loads(next(r.glob("*-prune_width/plan.json")).read_text()) for r in runs.values()]
     assert plans[0] == plans[1]
 
 
-def _numbers(node: object) -> list[float]:
+def numbers_in(node: object) -> list[float]:
+    """Every number in a JSON tree, in a fixed order (sorted keys): scores compared as one tensor."""
     if isinstance(node, dict):
-        return [x for k in sorted(node) for x in _numbers(node[k])]
+        return [x for k in sorted(node) for x in numbers_in(node[k])]
     if isinstance(node, list):
-        return [x for v in node for x in _numbers(v)]
+        return [x for v in node for x in numbers_in(v)]
     return [float(node)] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
 
 

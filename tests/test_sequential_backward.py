@@ -27,6 +27,7 @@ from prunelab.stages.calibration.sequential import (
 )
 from prunelab.stages.calibration.stats import CalibrationStats
 from prunelab.stages.io.tiny import tiny_family, tiny_llama
+from tests.test_sequential import numbers_in
 
 ROOT = Path(__file__).resolve().parents[1]
 TAYLOR = {"grad", "fisher", "hidden"}
@@ -147,14 +148,6 @@ def _recipe(tmp_path: Path, pipeline: object, units: str, criterion: str) -> Pat
     return path
 
 
-def _numbers(node: object) -> list[float]:
-    if isinstance(node, dict):
-        return [x for k in sorted(node) for x in _numbers(node[k])]
-    if isinstance(node, list):
-        return [x for v in node for x in _numbers(v)]
-    return [float(node)] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
-
-
 @pytest.mark.parametrize(("units", "criterion"), [("blocks", "sleb"), ("width", "taylor_vector"),
                                                 ("hidden", "taylor_element2")])
 def test_recipe_taylor_and_sleb_scores_and_plans_equal_full(tmp_path: Path, units: str, criterion: str,
@@ -183,7 +176,7 @@ def test_recipe_taylor_and_sleb_scores_and_plans_equal_full(tmp_path: Path, unit
     assert full.keys() == seq.keys()
     for name in full:
         assert full[name].keys() == seq[name].keys()
-        torch.testing.assert_close(torch.tensor(_numbers(seq[name])), torch.tensor(_numbers(full[name])),
+        torch.testing.assert_close(torch.tensor(numbers_in(seq[name])), torch.tensor(numbers_in(full[name])),
                                    rtol=1e-5, atol=1e-9)
     assert ("hidden" in full["taylor" if units != "blocks" else "ppl"]) == (units == "hidden")
     plans = [json.loads(next(r.glob("*-prune/plan.json")).read_text()) for r in runs.values()]

@@ -58,7 +58,9 @@ def _cases() -> list[tuple[str, str]]:
     return cases
 
 
-def _call(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, float]:
+def _call(capsys: pytest.CaptureFixture[str], argv: list[str], runs: bool = False) -> tuple[int, str, float]:
+    """(exit code, output, wall seconds) of one CLI call; every answer of a --dry-run, and a real run's refusal
+    (``runs``: the recipe may run for real, which takes longer), within 2 CPU seconds."""
     capsys.readouterr()
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -71,7 +73,7 @@ def _call(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str
     out = capsys.readouterr()
     # the bar (issue 24): every rejection under 2 s — counted in this process's CPU seconds, so a neighbour on a
     # shared 2-core machine cannot fail it; the wall time is printed beside it
-    assert cpu < 2.0, f"{argv}: {cpu:.2f} CPU s (wall {seconds:.2f} s) before answering"
+    assert cpu < 2.0 or (runs and rc == 0), f"{argv}: {cpu:.2f} CPU s (wall {seconds:.2f} s) before answering"
     return rc, out.out + out.err, seconds
 
 
@@ -97,7 +99,7 @@ def test_wrong_values_are_accepted_or_refused_never_a_traceback(capsys, tmp_path
     real = [c for c in accepted if c[0] == "recipes/debug.yaml" and not c[1].startswith(("output_dir", "name"))]
     for recipe, override in rng.sample(real, min(2, len(real))):
         argv = [recipe, *LIGHT, override, "--output-dir", str(tmp_path / "real"), "--no-progress", "--force"]
-        rc, text, seconds = _call(capsys, argv)
+        rc, text, seconds = _call(capsys, argv, runs=True)
         with capsys.disabled():
             print(f"fuzz: full run {override!r}: exit {rc} in {seconds:.1f}s")
         assert "Traceback" not in text, f"{argv}:\n{text}"

@@ -22,8 +22,8 @@ from typing import Any
 import prunelab.stages.criteria  # noqa: F401
 from prunelab.recipe import RecipeBase, RecipeError
 from prunelab.stages.arch import (
-    FAMILY_MODULES,
     compensation_refusal,
+    family_facts,
     dense_moe_layers_refusal,
     moe_refusals,
     sublayer_refusal,
@@ -350,7 +350,7 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
     if model_type is None:
         return []
-    if model_type not in FAMILY_MODULES:
+    if family_facts(model_type) is None:
         return [f"model.source: {unsupported_message(model_type)}"]
     problems = []
     refusal = compensation_refusal(model_type)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from prunelab.stages.arch import SUBLAYER_FAMILIES
+import prunelab.stages.arch as arch_tables  # its tables are derived on every read
 from prunelab.stages.arch.base_names import HEAD_NAME, LINEAR_NAMES
 from prunelab.stages.arch.facts import lazy_module
 from prunelab.stages.core.compat import cache_kwargs
@@ -357,7 +357,7 @@ class ArchAdapter:
 
         if not cls.SUBLAYER_REMOVAL:
             raise NotImplementedError(f"{cls.family or cls.__name__}: removing a whole sublayer is supported for the "
-                                      f"Llama-layout families ({', '.join(SUBLAYER_FAMILIES)}) only")
+                                      f"Llama-layout families ({', '.join(arch_tables.SUBLAYER_FAMILIES)}) only")
         if which not in cls.SUBLAYER_NORMS:
             raise ValueError(f"sublayer {which!r}: choose attention or mlp")
         if which == "attention":

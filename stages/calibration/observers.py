@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from prunelab.stages.arch import SUBLAYER_FAMILIES
+import prunelab.stages.arch as arch_tables  # its tables are derived on every read
 from prunelab.stages.arch.base import OBSERVED_ROLES, STAT_KEYS, ArchAdapter
 from prunelab.stages.calibration.backward import fold_gradients
 from prunelab.stages.calibration.blocks import advance, candidates_nll, removal_nll_batch
@@ -126,7 +126,7 @@ class SublayerObserver(Observer):
         super().__init__(stats, adapter, needs)
         if not adapter.SUBLAYER_REMOVAL:  # e.g. Gemma's post-norms: the MID_RESIDUAL module does not see the stream
             raise ValueError(f"sublayer statistics (sublayer_cosine): not defined for {adapter.family} "
-                             f"({adapter.model.config.model_type}); supported: {', '.join(SUBLAYER_FAMILIES)} — use a "
+                             f"({adapter.model.config.model_type}); supported: {', '.join(arch_tables.SUBLAYER_FAMILIES)} — use a "
                              "block criterion such as block_influence")
         stats.sublayer_cos_sum = torch.zeros(stats.num_blocks, 2, dtype=torch.float64)
         self.mids: list[torch.Tensor] = []  # in block order; each block's is read right after the block's states

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunelab.stages.arch import SUBLAYER_FAMILIES, adapter_for
+import prunelab.stages.arch as arch_tables  # its tables are derived on every read
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.surgery.plan import PlanError
 
 
@@ -21,7 +22,7 @@ def sublayer_refusal(model: nn.Module) -> str | None:
     if not ad.SUBLAYER_REMOVAL:
         return (f"{ad.family or model.config.model_type} (model_type {model.config.model_type!r}): sublayer removal "
                 "needs a decoder layer that adds each sublayer's output to the residual stream with the Llama layout; "
-                f"supported: {', '.join(SUBLAYER_FAMILIES)} — use units: blocks or width for this family")
+                f"supported: {', '.join(arch_tables.SUBLAYER_FAMILIES)} — use units: blocks or width for this family")
     return None
 
 

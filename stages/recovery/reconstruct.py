@@ -84,9 +84,9 @@ def phases(adapter: ArchAdapter, sublayers: str) -> list[Phase]:
     attention, then the MLP (and its norm) on the block output."""
     if sublayers == "together":
         return [Phase("block", (), False)]
-    norms = adapter.SUBLAYER_NORMS
-    return [Phase("attention", (adapter.ATTN + ".", norms["attention"] + "."), True),
-            Phase("mlp", (adapter.MLP + ".", norms["mlp"] + "."), False)]
+    # every norm that serves only the sublayer trains with it (two for GLM-4's sandwich norms)
+    return [Phase("attention", (adapter.ATTN + ".", *(n + "." for n in adapter.sublayer_norms("attention"))), True),
+            Phase("mlp", (adapter.MLP + ".", *(n + "." for n in adapter.sublayer_norms("mlp"))), False)]
 
 
 def fingerprint(model: nn.Module, windows: torch.Tensor) -> str:

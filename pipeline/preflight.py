@@ -43,7 +43,7 @@ from prunelab.stages.io.content import (
     weights_problems,
 )
 from prunelab.stages.io.footprint import footprint_lines
-from prunelab.stages.io.gguf_export import config_gguf_refusal, recipe_gguf_refusals
+from prunelab.stages.io.gguf_export import recipe_gguf_refusals
 from prunelab.stages.io import hub as io_hub  # module-qualified: tests stand in for the network probe
 from prunelab.stages.io.hub import hub_offline, push_problems
 from prunelab.stages.io.named_data import needs_hub, source_problems, test_split_of
@@ -346,7 +346,7 @@ def _lengths(stages: Any) -> Iterator[tuple[str, int]]:
             yield f"{path}.seq_len", node.seq_len
 
 
-def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
+def _family_problems(recipe: RecipeBase, model_type: str | None, config: dict[str, Any] | None = None) -> list[str]:
     """A model_type without an architecture adapter; compensation whose bias the family cannot hold."""
     if model_type is None:
         return []
@@ -365,17 +365,12 @@ def _family_problems(recipe: RecipeBase, model_type: str | None) -> list[str]:
         if getattr(stage, "type", None) == "prune":
             problems += [f"stages.{key}.{msg}" for msg in moe_refusals(model_type, stage)]
             problems += [f"stages.{key}.{msg}" for msg in engine_refusals(model_type, stage)]
-    problems += recipe_gguf_refusals(model_type, recipe)
+    problems += recipe_gguf_refusals(model_type, recipe, config)
     return problems
 
 
 def _model_problems(recipe: RecipeBase, shape: Any) -> list[str]:
-    problems = _family_problems(recipe, shape.model_type)
-    gguf = [k for k, st in recipe.stages.items() if getattr(st, "type", None) == "export" and "gguf" in st.formats]
-    if gguf and shape.config is not None and not problems:  # what the config asks of llama.cpp's fixed patterns
-        why = config_gguf_refusal(shape.model_type, shape.config)
-        if why:
-            problems.append(f"stages.{gguf[0]}.{why.removeprefix('export.')}")
+    problems = _family_problems(recipe, shape.model_type, shape.config)
     refusal = dense_moe_layers_refusal(shape.model_type, list(shape.dense_mlp_layers))
     if refusal:
         problems.append(f"model.source: {refusal}")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from prunelab.stages.arch.noop import NoAttention, NoMLP
 from prunelab.stages.calibration.blocks import batches
+from prunelab.stages.core.counts import ratio_to_params
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 from prunelab.stages.criteria.sublayer import SublayerPPLSettings, SublayerSLEBSettings
 from prunelab.stages.surgery.sublayers import sublayer_refusal
@@ -215,8 +216,7 @@ def _target(inp: CriterionInputs, adapter: Any) -> tuple[tuple[str, ...], int | 
         raise ValueError("sublayer_sleb removes sublayers until the later prune stage's target: add a prune stage with "
                          "units: sublayers (and num_sublayers or ratio) after this score stage")
     kinds = ("attention", "mlp") if prune.sublayers == "both" else (prune.sublayers,)
-    # selection.targets.ratio_to_params' rounding (half up), written out: criteria sit below selection
-    budget = math.floor(prune.ratio * adapter.total_params() + 0.5 + 1e-9) if prune.ratio is not None else None
+    budget = ratio_to_params(prune.ratio, adapter.total_params()) if prune.ratio is not None else None
     return kinds, prune.num_sublayers, budget
 
 

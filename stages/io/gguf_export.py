@@ -262,9 +262,10 @@ def gguf_refusal(model: nn.Module) -> str | None:
                             _rope(cfg)[1], out_bias) or _model_refusal(model)
 
 
-def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
+def recipe_gguf_refusals(model_type: str | None, recipe: Any, config: dict[str, Any] | None = None) -> list[str]:
     """At ``--dry-run`` (pipeline/preflight.py ``_family_problems``), before any model loads: refuse a gguf export
-    the family or a prune stage's settings cannot give llama.cpp, naming the field and the nearest setting."""
+    the family, a prune stage's settings or the checkpoint's ``config`` (config.json, when the source has one) cannot
+    give llama.cpp, naming the field and the nearest setting."""
     exports = [k for k, st in recipe.stages.items() if getattr(st, "type", None) == "export" and "gguf" in st.formats]
     if model_type is None or not exports:
         return []
@@ -280,6 +281,8 @@ def recipe_gguf_refusals(model_type: str | None, recipe: Any) -> list[str]:
         units = getattr(st, "units", None)
         structure = "attention" if units == "width" and getattr(st, "attention", "none") != "none" else units
         reasons.append(structure_refusal(model_type, structure) if reasons[0] is None else None)
+    if config is not None and not any(reasons):  # what the config asks of the architecture's fixed patterns
+        reasons.append(config_gguf_refusal(model_type, config))
     return [f"stages.{exports[0]}.{r.removeprefix('export.')}" for r in dict.fromkeys(reasons) if r]
 
 

@@ -88,20 +88,49 @@ class EvaluateConfig(StrictModel):
 def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
     label = cfg.label or ctx.state
-    models = [(label, ctx.model)]
+    offloaded = _offloaded_folder_model(ctx)
+    models = [(label, ctx.model if offloaded is None else offloaded)]
     if label == "recovered" and "control" in ctx.variants:
         models.append(("control", ctx.variants["control"]))
     out: dict[str, Any] = {}
     saved = {}
-    for lab, model in models:
-        results = _evaluate_one(ctx, cfg, model, lab)
-        ctx.evals.setdefault(lab, {}).update(results)
-        saved[lab] = results
-        out[lab] = {n: round(r["ppl"], 4) if "ppl" in r else {k: r.get(k) for k in ("acc", "acc_norm")} for n, r in results.items()
-                    if n != "speed"}
+    try:
+        for lab, model in models:
+            results = _evaluate_one(ctx, cfg, model, lab)
+            ctx.evals.setdefault(lab, {}).update(results)
+            saved[lab] = results
+            out[lab] = {n: round(r["ppl"], 4) if "ppl" in r else {k: r.get(k) for k in ("acc", "acc_norm")}
+                        for n, r in results.items() if n != "speed"}
+    finally:
+        if offloaded is not None:
+            from prunelab.stages.io.offload import release  # lazy: torch-free
+
+            release(offloaded)
+    placement = getattr(models[0][1], "prunelab_offload", None)  # load: offload, or a streamed run's folder
+    extra = {"offload": {k: v for k, v in placement.items() if k != "disk_modules"}} if placement else {}
     if ctx.is_main:
-        atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": saved[label], "all": saved})
-    return {"label": label, **out[label], **({"control": out["control"]} if "control" in out else {})}
+        atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": saved[label], "all": saved, **extra})
+    return {"label": label, **out[label], **({"control": out["control"]} if "control" in out else {}), **extra}
+
+
+def _offloaded_folder_model(ctx: RunContext) -> Any | None:
+    """A streamed run (``model.load: streaming``) holds a meta skeleton, never the model: its evaluate stage reads the
+    source folder (no prune before it) or the exported ``model/`` (after the export; ``--dry-run`` refuses one in
+    between) through accelerate's offloading within ``model.memory_budget_gb`` (``prunelab.stages.io.offload``).
+    None for any other run: the model in memory is evaluated."""
+    from prunelab.stages.calibration.streamed import is_streamed  # lazy: torch-free
+
+    if not is_streamed(ctx.model):
+        return None
+    from prunelab.stages.io.offload import offloaded_model  # lazy: torch-free
+    from prunelab.stages.io.streaming import stream_folder  # lazy: torch-free
+
+    keys = list(ctx.recipe.stages)
+    before = keys[: keys.index(ctx.stage_key)] if ctx.stage_key in keys else keys
+    exported = any(getattr(ctx.recipe.stages[k], "type", None) == "export" for k in before)
+    folder = ctx.run_dir / "model" if exported else stream_folder(ctx.recipe.model)
+    m = ctx.recipe.model
+    return offloaded_model(folder, m.memory_budget_gb, m.offload_dir, next(ctx.model.parameters()).dtype)
 
 
 def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:

@@ -23,6 +23,10 @@ def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
 
     if cfg.load == "streaming":  # a meta skeleton; blocks read from the shards when needed (stages.io.streaming)
         model, tokenizer = load_streaming(cfg)
+    elif cfg.load == "offload":  # part in memory, the rest read from disk per forward (stages.io.offload)
+        from prunelab.stages.io.offload import load_offloaded  # lazy: torch-free
+
+        model, tokenizer = load_offloaded(cfg)
     else:
         model, tokenizer = load_model(cfg)
     ctx.model, ctx.tokenizer = model, tokenizer
@@ -34,6 +38,8 @@ def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
         "params_before": adapter.total_params(),
         "layers_before": adapter.num_blocks,
     }
+    if getattr(model, "prunelab_offload", None):
+        info["offload"] = {k: v for k, v in model.prunelab_offload.items() if k != "disk_modules"}
     ctx.model_info.update(info)
     get_logger(__name__).info(f"loaded {info['source']}: {info['params_before']:,} params, {info['layers_before']} blocks",
                               main_process_only=True)

@@ -114,10 +114,14 @@ def test_refused_at_validation(sharded: Path, tmp_path: Path) -> None:
     full = json.loads(json.dumps(base))
     full["stages"]["calibrate"]["pipeline"] = {"type": "full"}
     assert "needs pipeline: {type: sequential}" in _problems(full)
-    evaluate = json.loads(json.dumps(base))
-    evaluate["stages"] = {**evaluate["stages"], "eval": {"type": "evaluate", "perplexity": {
-        "tiny": {"source": {"path": CORPUS}, "seq_len": 32, "max_tokens": 256}}}}
-    assert "stages.eval: a evaluate stage needs the whole model resident" in _problems(evaluate)
+    evaluate = json.loads(json.dumps(base))  # between prune and export (before or after both: tests/test_offload.py)
+    stages = list(evaluate["stages"].items())
+    evaluate["stages"] = dict(stages[:-1] + [("eval", {"type": "evaluate", "perplexity": {
+        "tiny": {"source": {"path": CORPUS}, "seq_len": 32, "max_tokens": 256}}})] + stages[-1:])
+    assert "stages.eval: with model.load: streaming the pruned model exists only once" in _problems(evaluate)
+    recover = json.loads(json.dumps(base))
+    recover["stages"]["recover"] = {"type": "recover", "method": "lora", "data": {"source": {"path": CORPUS}}}
+    assert "stages.recover: a recover stage needs the whole model resident" in _problems(recover)
     gguf = json.loads(json.dumps(base))
     gguf["stages"]["export"]["formats"] = ["hf", "gguf"]
     assert "writes the hf folder only" in _problems(gguf)

@@ -15,7 +15,10 @@
    resident memory the process ever held, file-backed pages included) and its ratio to the size, seconds per block
    (the whole child's wall time / blocks, and the export's own), the output's size, and whether the result reloads
    (a second child: vanilla ``AutoModelForCausalLM.from_pretrained`` for uniform plans, ``load_pruned`` for
-   per-layer widths, then one forward with finite logits). A table on stdout, everything in ``<output>/big_model.json``.
+   per-layer widths, then one forward with finite logits). A table on stdout, everything in ``<output>/big_model.json``;
+4. with ``--evaluate SHARE``: each export's perplexity (``--eval-tokens`` of the corpus in windows of
+   ``--eval-seq-len``) in a third child with ``model.load: offload`` and ``memory_budget_gb`` = SHARE × its float32
+   size (``prunelab.stages.io.offload``): peak RSS, seconds, the bytes left on disk.
 
 The machine is shared: the timings are what they are; the RSS is the measurement.
 """
@@ -159,6 +162,33 @@ def run_method(method: str, folder: Path, output: Path, samples: int, seq_len: i
     return row
 
 
+def evaluate_offloaded(method: str, model_dir: Path, output: Path, share: float, tokens: int, seq_len: int,
+                       batch_size: int) -> dict[str, Any]:
+    """Perplexity of the exported model in a child with ``model.load: offload`` and a memory budget of ``share`` of
+    its float32 size (the rest read from the shards per forward): peak RSS, seconds, placement."""
+    size = size_of(model_dir)
+    budget = share * size / 2**30
+    path = output / f"eval-{method}.yaml"
+    stage = {"type": "evaluate", "label": "pruned", "perplexity": {"corpus": {
+        "source": {"path": str(CORPUS)}, "seq_len": seq_len, "max_tokens": tokens, "batch_size": batch_size}}}
+    path.write_text(yaml.safe_dump({"name": f"eval-{method}", "seed": 0, "model": {
+        "source": str(model_dir), "load": "offload", "memory_budget_gb": round(budget, 4)}, "stages": {"evaluate": stage}},
+        sort_keys=False))
+    code, wall, rss = child([sys.executable, "pipeline/run.py", str(path), "--output-dir", str(output / "runs"),
+                             "--force"], output / f"eval-{method}.log")
+    row: dict[str, Any] = {"exit": code, "wall_s": round(wall, 1), "peak_rss_bytes": rss, "model_bytes": size,
+                           "budget_bytes": int(budget * 2**30), "rss_over_size": round(rss / size, 4)}
+    done = sorted((output / "runs" / f"eval-{method}").glob("*-evaluate/done.json"))
+    if code != 0 or not done:
+        row["error"] = (output / f"eval-{method}.log").read_text()[-2000:]
+        return row
+    outputs = json.loads(done[-1].read_text())["outputs"]
+    results = json.loads((done[-1].parent / "results.json").read_text())["results"]["corpus"]
+    row.update(ppl=outputs["corpus"], tokens=results["tokens"], windows=results["windows"], offload=outputs["offload"],
+               stage_s=json.loads(done[-1].read_text()).get("seconds"))
+    return row
+
+
 def table(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     gb = 1e9
     lines = [f"model: {info['params'] / 1e9:.2f}B params, {info['bytes'] / gb:.2f} GB float32, {info['layers']} blocks, "
@@ -174,6 +204,19 @@ def table(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {r['peak_rss_bytes'] / gb:.2f} | {r['rss_over_size']:.1%} | "
                      f"{r['seconds_per_block']} | {r.get('export_seconds_per_block')} | {r['params_after']:,} | "
                      f"{r['output_bytes'] / gb:.2f} | {reload} |")
+    evals = [r for r in rows if "evaluate" in r]
+    if evals:
+        lines += ["", "| method | evaluated (GB f32) | budget | peak RSS (GB) | RSS / evaluated | RSS / source | "
+                  "on disk (GB) | tokens (windows) | wall (s) | PPL |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in evals:
+            e = r["evaluate"]
+            if e["exit"] != 0:
+                lines.append(f"| {r['method']} | | | {e['peak_rss_bytes'] / gb:.2f} | failed (exit {e['exit']}) | | | | | |")
+                continue
+            lines.append(f"| {r['method']} | {e['model_bytes'] / gb:.2f} | {e['budget_bytes'] / gb:.2f} GB | "
+                         f"{e['peak_rss_bytes'] / gb:.2f} | {e['rss_over_size']:.1%} | "
+                         f"{e['peak_rss_bytes'] / info['bytes']:.1%} | {e['offload']['disk_bytes'] / gb:.2f} | "
+                         f"{e['tokens']} ({e['windows']}) | {e['wall_s']} | {e['ppl']} |")
     return "\n".join(lines)
 
 
@@ -186,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--keep", action="store_true", help="keep the built model and the runs (default: delete them)")
+    p.add_argument("--evaluate", type=float, default=None, metavar="SHARE",
+                   help="also evaluate each export with model.load: offload and a memory budget of SHARE of its float32 "
+                   "size (e.g. 0.15), in its own child: perplexity, peak RSS, seconds")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="perplexity tokens of tests/data/tiny_corpus.txt")
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-batch", type=int, default=4, help="windows per forward (each forward reads the disk part once)")
     args = p.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     if not (args.folder / "config.json").is_file():
@@ -201,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for method in args.methods:
         rows.append(run_method(method, args.folder, args.output, args.samples, args.seq_len, info["bytes"], info["layers"]))
+        model_dir = args.output / "runs" / f"big-{method}" / "model"
+        if args.evaluate is not None and rows[-1]["exit"] == 0 and model_dir.is_dir():
+            rows[-1]["evaluate"] = evaluate_offloaded(method, model_dir, args.output, args.evaluate, args.eval_tokens,
+                                                      args.eval_seq_len, args.eval_batch)
         print(json.dumps(rows[-1]), flush=True)
         if not args.keep:  # the disk is shared: one pruned copy at a time
             shutil.rmtree(args.output / "runs" / f"big-{method}" / "model", ignore_errors=True)

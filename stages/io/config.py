@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from prunelab.stages.core.config import InputFile, PathStr, StrictModel
 from prunelab.stages.io.named_data import resolve
+from prunelab.stages.io.offload import offload_problems
 from prunelab.stages.io.streaming import streaming_problems
 
 
@@ -59,13 +60,30 @@ class ModelConfig(StrictModel):
     attn_implementation: Literal["sdpa", "eager"] | None = None
     revision: str | None = None
     # added later: left out of dumps at its default, so older run directories keep their chain hashes
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"load": "resident"}
-    load: Literal["resident", "streaming"] = Field(
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"load": "resident", "memory_budget_gb": 4.0, "offload_dir": None}
+    load: Literal["resident", "streaming", "offload"] = Field(
         "resident", description="resident: the whole model in memory; streaming: a meta-device skeleton, each block's "
         "weights read from the safetensors shards when a stage needs it and written block by block by the export "
-        "(models larger than memory; needs pipeline: sequential; prunelab.stages.io.streaming)")
+        "(models larger than memory; needs pipeline: sequential; prunelab.stages.io.streaming); offload: evaluate only, "
+        "memory_budget_gb of the weights in memory and the rest read from disk per forward (prunelab.stages.io.offload)")
+    memory_budget_gb: float = Field(4.0, gt=0, description="load: offload (and the evaluate stages of load: streaming): "
+                                    "the weights held in memory, room for one decoder layer included; the rest on disk")
+    offload_dir: PathStr | None = Field(None, description="load: offload / streaming evaluate: copy the weights past the "
+                                        "budget into this folder (accelerate's memory-mapped files; removed after); "
+                                        "none: read them from the source's safetensors shards, no copy")
+
+    @model_validator(mode="after")
+    def _offload_settings(self) -> ModelConfig:
+        unused = [f for f in ("memory_budget_gb", "offload_dir") if f in self.model_fields_set]
+        if unused and self.load == "resident":
+            raise ValueError(f"{unused[0]}: only read with load: offload or streaming (where models larger than memory "
+                             "are evaluated); remove it or set load")
+        return self
 
     def check_stages(self, stages: dict[str, Any]) -> list[str]:
         """Rules between the model's settings and the stages (the recipe's cross-stage check): ``load: streaming``
-        allows only what one block resident can do (``prunelab.stages.io.streaming.streaming_problems``)."""
+        allows only what one block resident can do (``prunelab.stages.io.streaming.streaming_problems``), ``load:
+        offload`` only evaluation (``prunelab.stages.io.offload.offload_problems``)."""
+        if self.load == "offload":
+            return offload_problems(self, stages)
         return streaming_problems(self, stages) if self.load == "streaming" else []

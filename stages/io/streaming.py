@@ -1,7 +1,8 @@
 """Models larger than memory: a run on a meta-device skeleton whose blocks are read from the safetensors shards only
 while a stage needs them, and an export that writes the pruned model block by block (issue 28 item 5).
 
-``model: {source: <save_pretrained folder>, load: streaming}`` changes four places of a run, nothing else:
+``model: {source: <save_pretrained folder>, load: streaming}`` changes four places of a run (and how evaluate stages
+read the model, below), nothing else:
 
 - load: ``skeleton`` (every tensor on ``meta``) with a ``SafetensorsWeights`` source attached to it;
 - score: the sequential pipeline materializes block i for its pass; criteria that read weights (FLAP, Wanda-sp,
@@ -19,8 +20,14 @@ while a stage needs them, and an export that writes the pruned model block by bl
 
 Refused at ``--dry-run`` (``streaming_problems``): GGUF sources, tiny built-in models, hub ids not in the local cache,
 mixture-of-experts families (transformers converts their fused expert tensors on load), ``pipeline: full``,
-self-generated calibration, hidden-channel and sublayer pruning, AlphaPruning allocation, evaluate/recover/iterate
-stages (they need the whole model: evaluate the exported ``model/`` in a second, resident run), formats other than hf.
+self-generated calibration, hidden-channel and sublayer pruning, AlphaPruning allocation, recover/iterate stages
+(they need the whole model resident), an evaluate stage between prune and export (the pruned model exists only once
+exported: "move it after the export stage") or with ``speed`` (it would time the disk), formats other than hf.
+
+Evaluate stages: one before any prune evaluates the source folder, one after the export the exported ``model/`` —
+each through accelerate's offloading (``prunelab.stages.io.offload.offloaded_model``: ``model.memory_budget_gb`` of
+the weights in memory, the rest read from the shards per forward), loaded for the stage and dropped after it, so one
+run prunes, exports and evaluates a model larger than memory.
 
 Where the parts live (rooms import downwards: io < calibration < surgery): this module holds what a streamed run
 reads and writes without the model — the recipe checks (``streaming_problems``, torch-free), the shard writer and
@@ -46,7 +53,7 @@ if TYPE_CHECKING:
     from prunelab.stages.io.config import ModelConfig
 
 ATTR = "prunelab_weights"  # the attribute of a streamed skeleton that holds its SafetensorsWeights
-ALLOWED_STAGES = ("calibrate", "score", "prune", "export")
+ALLOWED_STAGES = ("calibrate", "score", "prune", "export", "evaluate")
 DEFAULT_SHARD_MB = 2048.0
 
 
@@ -55,23 +62,23 @@ def stream_folder(cfg: ModelConfig) -> Path:
     """The local ``save_pretrained`` folder a streaming run reads, or a ValueError naming the fix."""
     src = classify(cfg.source, cfg.gguf_file)
     if src.kind == "gguf":
-        raise ValueError("model.load: streaming reads safetensors shards; a GGUF source is dequantised whole on load — "
+        raise ValueError(f"model.load: {cfg.load} reads safetensors shards; a GGUF source is dequantised whole on load — "
                          "convert it once (a resident run's export, or save_pretrained) and stream that folder")
     if src.kind == "tiny":
-        raise ValueError(f"model.load: streaming needs a folder on disk; {cfg.source!r} is built from code — save it "
+        raise ValueError(f"model.load: {cfg.load} needs a folder on disk; {cfg.source!r} is built from code — save it "
                          "with save_pretrained and give that folder, or use load: resident")
     if src.kind == "alias":
         folder = alias_dirs(src.path)[1]
         if not (folder / "config.json").is_file():
-            raise ValueError(f"model.load: streaming: alias {cfg.source!r} has no converted safetensors copy yet; run "
-                             "it once with load: resident (it converts the GGUF), then stream")
+            raise ValueError(f"model.load: {cfg.load}: alias {cfg.source!r} has no converted safetensors copy yet; run "
+                             "it once with load: resident (it converts the GGUF), then use that")
         return folder
     if src.kind == "hub":
         from huggingface_hub import try_to_load_from_cache  # lazy: startup
 
         found = try_to_load_from_cache(src.path, "config.json", revision=cfg.revision)
         if not isinstance(found, str):
-            raise ValueError(f"model.load: streaming: hub model {cfg.source!r} is not in the local Hugging Face cache; "
+            raise ValueError(f"model.load: {cfg.load}: hub model {cfg.source!r} is not in the local Hugging Face cache; "
                              f"download it first (hf download {cfg.source}) or give a local save_pretrained folder")
         return Path(found).parent
     return Path(src.path)
@@ -84,15 +91,24 @@ def source_problems(cfg: ModelConfig) -> list[str]:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         return [str(exc)]
     if not any(folder.glob("*.safetensors")):
-        return [f"model.load: streaming: {folder} holds no *.safetensors files; save the model with save_pretrained "
+        return [f"model.load: {cfg.load}: {folder} holds no *.safetensors files; save the model with save_pretrained "
                 "(safetensors) first, or use load: resident"]
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     facts = family_facts(model_type)
     if facts is None:
-        return [f"model.load: streaming: {unsupported_message(model_type)}"]
+        return [f"model.load: {cfg.load}: {unsupported_message(model_type)}"]
     if facts.moe:
-        return [f"model.load: streaming: {model_type} is a mixture of experts, whose checkpoint tensors transformers "
+        return [f"model.load: {cfg.load}: {model_type} is a mixture of experts, whose checkpoint tensors transformers "
                 "converts on load (fused experts): blocks cannot be read as saved; use load: resident"]
+    return []
+
+
+def evaluate_problems(where: str, stage: Any, load: str) -> list[str]:
+    """What an evaluate stage cannot do on an offloaded model (``load: offload``, or a streamed run's evaluate)."""
+    if getattr(stage, "speed", None) is not None:
+        return [f"{where}.speed: with model.load: {load} the model is evaluated with its layers read from disk per "
+                "forward, so a speed measurement would time the disk; remove speed and measure it in a run with "
+                "load: resident"]
     return []
 
 
@@ -102,13 +118,22 @@ def streaming_problems(cfg: ModelConfig, stages: dict[str, Any]) -> list[str]:
     if not any(getattr(s, "type", None) == "export" for s in stages.values()):
         problems.append("model.load: streaming writes the pruned model only in an export stage; add one "
                         "({type: export}) at the end")
+    pruned = exported = False  # where along the run each stage sits
     for key, s in stages.items():
         kind = getattr(s, "type", None)
         where = f"stages.{key}"
         if kind not in ALLOWED_STAGES:
             problems.append(f"{where}: a {kind} stage needs the whole model resident, which model.load: streaming never "
-                            "holds; remove it and evaluate the exported model/ in a second run with load: resident")
+                            "holds; remove it (evaluate stages are allowed: they read the source or the exported "
+                            "model/ through accelerate's offloading, model.memory_budget_gb)")
             continue
+        pruned |= kind == "prune"
+        exported |= kind == "export"
+        if kind == "evaluate":  # the source before any prune, the export after it: both folders on disk
+            if pruned and not exported:
+                problems.append(f"{where}: with model.load: streaming the pruned model exists only once the export "
+                                "has written it; move this evaluate stage after the export stage")
+            problems += evaluate_problems(where, s, "streaming")
         if kind == "calibrate":
             pipeline = getattr(s.pipeline, "type", "full")
             if pipeline != "sequential":

@@ -108,7 +108,7 @@ def test_a_layout_transformers_converts_is_refused_by_name(tmp_path: Path) -> No
 
 def test_needs_it_cannot_collect_are_refused_with_the_reason() -> None:
     model = tiny_llama(num_layers=2)
-    with pytest.raises(ValueError, match="sequential calibration pipeline cannot collect 'calibration': LaCo"):
+    with pytest.raises(ValueError, match="sequential calibration pipeline cannot collect 'calibration': the sublayer"):
         collect(model, torch.zeros(1, 4, dtype=torch.long), {"calibration"}, pipeline=SequentialPipeline())
 
 
@@ -123,7 +123,8 @@ def _recipe(tmp_path: Path, pipeline: object, score: dict | None = None) -> Path
 
 
 @pytest.mark.parametrize(("criterion", "refusal"), [
-    ("laco", "cannot collect 'calibration' for stages.score_depth (laco): LaCo's trials merge"),
+    ("sublayer_ppl", "cannot collect 'calibration' for stages.score_depth (sublayer_ppl): the sublayer criteria"),
+    ("laco", None),  # trials from the cached dense boundary states (tests/test_laco_sequential.py)
     ("taylor_plus", None),  # the block-wise backward (tests/test_sequential_backward.py)
     ("sleb", None),  # its later rounds run through the sequential pipeline
 ])

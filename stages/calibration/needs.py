@@ -99,10 +99,13 @@ register_need("fisher", f"{_OBSERVERS}:MarkerObserver", requires=("grad",),
 register_need("hidden", f"{_OBSERVERS}:MarkerObserver", requires=("grad",),
               doc="gradients of the embeddings, norms and head too (hidden channels own them)")
 register_need("calibration", f"{_OBSERVERS}:MarkerObserver",
-              refused={_SEQ: "LaCo's trials merge the weights of several blocks and re-run the collapsed model after "
-                             "each merge: streamed, every merged block would have to be kept or re-derived from the "
-                             "blocks it absorbed, and each trial reads every boundary from its base up; not built"},
-              doc="nothing to collect: the criterion reads the calibration windows itself (LaCo's trial merges)")
+              refused={_SEQ: "the sublayer criteria (sublayer_ppl, sublayer_sleb) run their removals on the resident "
+                             "model, with every sublayer's input state of a batch cached at once; not built block by "
+                             "block"},
+              doc="nothing to collect: the criterion reads the calibration windows itself (the sublayer removals)")
+register_need("merge_trials", f"{_OBSERVERS}:MarkerObserver",
+              doc="nothing to collect: LaCo runs its trial merges itself, through the recipe's pipeline (sequential: "
+                  "from the cached dense boundary states, one block resident)")
 
 
 def describe() -> dict[str, Any]:

@@ -14,7 +14,7 @@ register_criterion("angular_distance", f"{_DEPTH}:angular_distance", "depth", {"
 register_criterion("ppl", f"{_DEPTH}:ppl", "depth", {"removal_nll"}, paper="Shortened LLaMA, arXiv 2402.02834")
 register_criterion("taylor_plus", f"{_DEPTH}:taylor_plus", "depth", {"grad"}, paper="Shortened LLaMA, arXiv 2402.02834")
 register_criterion("sleb", f"{_DEPTH}:sleb", "depth", {"removal_nll"}, iterative=True, paper="SLEB, arXiv 2402.09025")
-register_criterion("laco", "prunelab.stages.criteria.laco:laco", "depth", {"calibration"}, settings=LacoSettings, iterative=True,
+register_criterion("laco", "prunelab.stages.criteria.laco:laco", "depth", {"merge_trials"}, settings=LacoSettings, iterative=True,
                    paper="LaCo, arXiv 2402.11187")
 register_criterion("sublayer_cosine", "prunelab.stages.criteria.sublayer:sublayer_cosine", "depth", {"sublayers"},
                    paper="He et al., What Matters in Transformers? Not All Attention is Needed, arXiv 2406.15786")

@@ -6,19 +6,36 @@ RDSC layer merge ("Reserving Differences while Seeking Common", Eq. 2), for laye
 
     θ* = θ_l + Σ_{k=1}^{m} (θ_{l+k} − θ_l)
 
-applied to every linear weight (and bias) of the block (``prunelab.stages.surgery.merge.rdsc_merge``: it edits weights,
-so it lives with the surgery that applies the plan; the trials here run it on a copy).
+applied to every linear weight (and bias) of the block (``prunelab.stages.surgery.merge.rdsc_state``: surgery
+arithmetic, so it lives with the surgery that applies the plan; the trials swap the merged tensors in and back).
 
 Trial-and-merge (Algorithm 1): start at l = H − C, try collapsing C layers (l and the C − 1 after it)
 into l; if the similarity s = mean over calibration sequences of cos(h_dense, h_merged) — the
 flattened last hidden states (after the final norm), as in the reference — exceeds T, keep it and
 step l ← l − I, else l ← l − 1; stop below L or once the target number of removed layers is reached.
 The result is a plan of merges (applied by ``prunelab.stages.surgery.apply``) and the removed layers.
+
+Two ways to run the trials, the same plan and similarities (tests/test_laco_sequential.py):
+
+- ``full``: the model resident; each trial's merged block assigned into the model in place of block l (kept merges
+  stay there until the end, every original tensor is put back after), the collapsed model run from the embeddings.
+- ``sequential`` (the recipe's calibrate pipeline, and always with ``model: {load: streaming}``): trials go from the
+  top down, so every kept merge lies above the block tried and block l's input is the *dense* boundary state x_l.
+  One dense pass, one block resident, keeps x_l for every l a trial can start at (in memory up to
+  ``memory_budget_gb``, then memory-mapped files) and the dense final states. A trial then runs x_l → the merged
+  block (its C sources resident while ``rdsc_state`` sums them, freed before the forward) → each block still alive
+  above it, one at a time → the final norm. A kept merge is written to disk (``MergedBlocks``) and read back when a
+  later trial runs it or merges it again — never recomputed, never held. Peak: the C merge sources + the merged
+  block, plus the boundary states; a trial at l costs the blocks above l, not the whole model.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +43,12 @@ from tqdm.auto import tqdm
 
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.calibration.blocks import batches
+from prunelab.stages.calibration.pipelines import SequentialPipeline
+from prunelab.stages.calibration.sequential import BoundaryCache, MemoryPool, ResidentWeights
+from prunelab.stages.calibration.streamed import weights_of
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 from prunelab.stages.criteria.settings import LacoSettings
-from prunelab.stages.surgery.merge import rdsc_merge
+from prunelab.stages.surgery.merge import MergedBlocks, assigned, block_resident, rdsc_state
 
 
 def _final_states(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int, skip: frozenset[int]) -> list[torch.Tensor]:
@@ -40,10 +60,155 @@ def _final_states(model: torch.nn.Module, calibration: torch.Tensor, batch_size:
     return out
 
 
+def _cosines(reference: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """cos(h_dense, h_merged) of every sequence of one batch, the states flattened per sequence."""
+    return torch.nn.functional.cosine_similarity(reference.flatten(1), states.flatten(1), dim=1)
+
+
 def similarity(reference: list[torch.Tensor], states: list[torch.Tensor]) -> float:
     """Mean over sequences of the cosine between flattened last hidden states (LaCo's s)."""
-    sims = [torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1) for a, b in zip(reference, states)]
-    return torch.cat(sims).mean().item()
+    return torch.cat([_cosines(a, b) for a, b in zip(reference, states)]).mean().item()
+
+
+class _FullTrials:
+    """Trials on the resident model: the merged block assigned in place of block l, the whole collapsed model run.
+    Kept merges stay assigned until ``close``, which puts every original tensor back (the model is left untouched)."""
+
+    def __init__(self, inp: CriterionInputs) -> None:
+        self.inp, self.layers = inp, inp.adapter.layers
+        self.reference = _final_states(inp.model, inp.calibration, inp.batch_size, frozenset())
+        self.originals: dict[int, dict[str, torch.Tensor]] = {}
+        self.pending: ExitStack | None = None
+
+    def trial(self, base: int, absorbed: list[int], gone: frozenset[int], above: list[int]) -> float:
+        with torch.no_grad():  # parameters, not inference tensors: they are assigned into the model
+            state = rdsc_state(self.layers[base], [self.layers[j] for j in absorbed])
+        self.pending = ExitStack()
+        self.pending.enter_context(assigned(self.layers[base], state))
+        return similarity(self.reference, _final_states(self.inp.model, self.inp.calibration, self.inp.batch_size, gone))
+
+    def keep(self, base: int) -> None:
+        assert self.pending is not None
+        self.originals[base] = self.pending  # restored in close()
+        self.pending = None
+
+    def drop(self, base: int) -> None:
+        assert self.pending is not None
+        self.pending.close()
+        self.pending = None
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.close()
+        for stack in reversed(self.originals.values()):
+            stack.close()
+        self.originals.clear()
+
+
+class _SequentialTrials:
+    """Trials from the dense boundary states, one block resident at a time (see the module docstring)."""
+
+    def __init__(self, inp: CriterionInputs, starts: range) -> None:
+        settings = inp.pipeline if isinstance(inp.pipeline, SequentialPipeline) else SequentialPipeline()
+        self.ad = inp.adapter
+        self.weights = weights_of(inp.model) or ResidentWeights()
+        device = getattr(self.weights, "device", None) or self.ad.device
+        parent = settings.offload_dir
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="prunelab-laco-", dir=parent))
+        self.merged = MergedBlocks(device, self.folder)
+        self.pool = MemoryPool(settings.memory_budget_gb * 2**30)  # every cache below shares the one budget
+        self.ids = list(batches(inp.calibration, inp.batch_size))
+        self.prepared: dict[tuple[int, ...], Any] = {}
+        self.dense: dict[int, BoundaryCache] = {}  # x_l for every l a trial may start at
+        self.pending: dict[str, torch.Tensor] | None = None
+        try:
+            self._dense_pass(set(starts))
+        except BaseException:
+            self.close()
+            raise
+
+    def _cache(self, tag: str) -> BoundaryCache:
+        return BoundaryCache(self.pool.budget, self.folder, tag, self.pool)
+
+    def _inputs(self, x: torch.Tensor) -> Any:
+        return self.prepared[tuple(x.shape[:2])]
+
+    def _dense_pass(self, starts: set[int]) -> None:
+        ad, weights = self.ad, self.weights
+        current = self._cache("x0")
+        with torch.no_grad():
+            with weights.embedding(ad):
+                for b, ids in enumerate(self.ids):
+                    x = ad.embed(ids)
+                    key = tuple(x.shape[:2])
+                    if key not in self.prepared:
+                        self.prepared[key] = ad.prepare(x)
+                    current.put(b, x)
+            for i in range(ad.num_blocks):
+                if i in starts:
+                    self.dense[i] = current
+                following = self._cache(f"x{i + 1}")
+                with weights.block(ad, i):
+                    for b in range(len(self.ids)):
+                        x = current.get(b)
+                        following.put(b, ad.run_block(i, x, self._inputs(x)))
+                if i not in starts:
+                    current.clear()
+                current = following
+            with weights.head(ad):
+                self.norm = copy.deepcopy(ad.final_norm)  # the final norm alone stays resident (one vector)
+            self.reference = self._cache("reference")
+            for b in range(len(self.ids)):
+                self.reference.put(b, self.norm(current.get(b)).float())
+            current.clear()
+
+    def _resident(self, index: int) -> Any:
+        """Block ``index`` as the collapsed model has it: merged (read back from disk) or as loaded."""
+        return block_resident(self.ad, self.weights, self.merged, index)
+
+    def _run(self, index: int, states: BoundaryCache, keep_input: bool) -> BoundaryCache:
+        following = self._cache(f"t{index + 1}")
+        for b in range(len(self.ids)):
+            x = states.get(b)
+            following.put(b, self.ad.run_block(index, x, self._inputs(x)))
+        if not keep_input:
+            states.clear()
+        return following
+
+    def trial(self, base: int, absorbed: list[int], gone: frozenset[int], above: list[int]) -> float:
+        layers = self.ad.layers
+        with torch.no_grad():
+            with ExitStack() as sources:  # the C merge sources resident while their sum is formed, then freed
+                for j in [base, *absorbed]:
+                    sources.enter_context(self._resident(j))
+                state = rdsc_state(layers[base], [layers[j] for j in absorbed])
+            with assigned(layers[base], state):
+                states = self._run(base, self.dense[base], keep_input=True)
+            for j in above:
+                with self._resident(j):
+                    states = self._run(j, states, keep_input=False)
+            cosines = [_cosines(self.reference.get(b), self.norm(states.get(b)).float()) for b in range(len(self.ids))]
+            states.clear()
+        self.pending = state
+        return torch.cat(cosines).mean().item()
+
+    def keep(self, base: int) -> None:
+        assert self.pending is not None
+        self.merged.put(base, self.pending)
+        self.pending = None
+
+    def drop(self, base: int) -> None:
+        self.pending = None
+
+    def close(self) -> None:
+        for cache in self.dense.values():
+            cache.clear()
+        if hasattr(self, "reference"):
+            self.reference.clear()
+        self.merged.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def laco(inp: CriterionInputs) -> CriterionResult:
@@ -53,39 +218,39 @@ def laco(inp: CriterionInputs) -> CriterionResult:
     merge_size, interval, threshold = opts.merge_layers, opts.interval, opts.threshold
     n = inp.adapter.num_blocks
     low, high = opts.layers or (0, n - 1)
-    reference = _final_states(inp.model, inp.calibration, inp.batch_size, frozenset())
-    work = copy.deepcopy(inp.model)
-    layers = adapter_for(work).layers
     alive = list(range(n))  # original indices of the layers still in the collapsed model
     merges: list[dict[str, Any]] = []
     trials: list[dict[str, Any]] = []
     removed = 0
     pos = min(high, len(alive) - 1) - merge_size
+    # Trials start at positions pos, pos − 1, …; every kept merge lies above them, so alive[pos] == pos.
+    sequential = getattr(inp.pipeline, "type", "full") == "sequential" or weights_of(inp.model) is not None
+    engine = _SequentialTrials(inp, range(max(low, 0), pos + 1)) if sequential else _FullTrials(inp)
     bar = tqdm(total=inp.num_remove, desc="LaCo merges", disable=not inp.progress)
-    while pos >= low and removed < inp.num_remove:
-        m = min(merge_size - 1, len(alive) - 1 - pos, inp.num_remove - removed)
-        if m < 1:
-            pos -= 1
-            continue
-        base, absorbed = alive[pos], alive[pos + 1 : pos + 1 + m]
-        backup = copy.deepcopy(layers[base])
-        rdsc_merge(layers[base], [layers[j] for j in absorbed])
-        gone = frozenset(set(range(n)) - set(alive) | set(absorbed))
-        s = similarity(reference, _final_states(work, inp.calibration, inp.batch_size, gone))
-        kept = s > threshold
-        trials.append({"into": base, "from": absorbed, "similarity": s, "kept": kept})
-        if kept:
-            merges.append({"into": base, "from": absorbed, "similarity": s})
-            alive = [i for i in alive if i not in set(absorbed)]
-            removed += m
-            bar.update(m)
-            pos -= interval
-            if pos >= len(alive):
-                pos = len(alive) - 1 - merge_size
-        else:
-            layers[base] = backup
-            pos -= 1
-    bar.close()
+    try:
+        while pos >= low and removed < inp.num_remove:
+            m = min(merge_size - 1, len(alive) - 1 - pos, inp.num_remove - removed)
+            if m < 1:
+                pos -= 1
+                continue
+            base, absorbed = alive[pos], alive[pos + 1 : pos + 1 + m]
+            gone = frozenset(set(range(n)) - set(alive) | set(absorbed))
+            s = engine.trial(base, absorbed, gone, alive[pos + 1 + m :])
+            kept = s > threshold
+            trials.append({"into": base, "from": absorbed, "similarity": s, "kept": kept})
+            if kept:
+                engine.keep(base)
+                merges.append({"into": base, "from": absorbed, "similarity": s})
+                alive = [i for i in alive if i not in set(absorbed)]
+                removed += m
+                bar.update(m)
+                pos -= interval  # positions up to pos are untouched, so pos stays below len(alive)
+            else:
+                engine.drop(base)
+                pos -= 1
+    finally:
+        bar.close()
+        engine.close()
     if removed < inp.num_remove:
         raise ValueError(
             f"LaCo merged away only {removed} of {inp.num_remove} layers: no further merge keeps the similarity above "

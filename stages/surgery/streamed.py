@@ -94,12 +94,11 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
     from huggingface_hub import ModelCard  # lazy: startup
     from prunelab.stages.calibration.sequential import BoundaryCache, skeleton  # lazy: torch-free
     from prunelab.stages.io.models import DTYPES  # lazy: torch-free
+    from prunelab.stages.surgery.merge import MergedBlocks, block_resident, replay_merges  # lazy: torch-free
 
     pruned, plan, weights = ctx.model, ctx.plan, weights_of(ctx.model)
     if plan is not None and not isinstance(plan, (DepthPlan, WidthPlan)):
         raise ValueError(f"streamed export applies depth and width plans; this one is {plan.kind}")
-    if isinstance(plan, DepthPlan) and plan.merges:
-        raise ValueError("streamed export: LaCo merges read several blocks at once; use load: resident")
     dense = skeleton(weights.folder, next(pruned.parameters()).dtype)
     ad = adapter_for(dense)
     out_dtype = next(pruned.parameters()).dtype if cfg.dtype == "same" else DTYPES[cfg.dtype]
@@ -114,8 +113,11 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
     seconds: list[float] = []
     with atomic_dir(target) as tmp:
         writer = ShardWriter(tmp, spec, int(shard_mb * 2**20))
+        merged = MergedBlocks(weights.device)  # LaCo's merged blocks, replayed first (their sources resident), on disk
         try:
             _copy_outer(writer, weights, spec, ad)
+            if isinstance(plan, DepthPlan) and plan.merges:
+                replay_merges(ad, weights, [m.model_dump(by_alias=True) for m in plan.merges], merged)
             states, prepared, folder = None, {}, None
             if optimal:  # the dense boundary states: the Grams of each block's o_proj/down_proj inputs need them
 
@@ -128,7 +130,7 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
                 if i in removed:
                     continue
                 t0 = time.perf_counter()
-                with weights.block(ad, i):
+                with block_resident(ad, weights, merged, i):
                     layer = ad.layers[i]
                     grams = None
                     if states is not None:
@@ -154,6 +156,8 @@ def export_streamed(ctx: Any, cfg: Any) -> dict[str, Any]:
             for f in writer.handles:
                 f.close()
             raise
+        finally:
+            merged.close()
         config = pruned.config
         config.dtype = out_dtype
         config.save_pretrained(tmp)

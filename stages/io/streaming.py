@@ -8,10 +8,12 @@ read the model, below), nothing else:
 - score: the sequential pipeline materializes block i for its pass; criteria that read weights (FLAP, Wanda-sp,
   magnitude, Taylor) see each layer resident while they iterate over the layers (``layers_resident``), one at a time;
   the Gram matrices of optimal compensation are NOT collected here (all layers' would be 6.9 GB for a 1.1B model in
-  float64): the export collects them block by block;
+  float64): the export collects them block by block; LaCo's trials run from the dense boundary states, the merge
+  sources resident while a merge is summed (``prunelab.stages.criteria.laco``);
 - prune: plans are indices, made from scores alone (AlphaPruning's weight spectra refused), applied to the skeleton
   (shapes and config only); compensation is deferred (``after_plan`` adds its meta biases and flags);
-- export: block i materialized, the dense block run on the calibration states (boundary cache) so its
+- export: LaCo's merges replayed first from their sources (``replay_merges``, merged blocks on disk); block i
+  materialized, the dense block run on the calibration states (boundary cache) so its
   o_proj/down_proj Grams are collected, the plan's surgery and compensation for block i applied (the same
   ``prune_layer_width`` / ``bias_compensation`` code as a resident run, and ``optimal_compensation``'s arithmetic
   with fewer temporaries: ``lean_optimal``), its tensors

@@ -2,7 +2,8 @@
 picture): compensation deferred at plan time (``after_plan``), then block by block — block i materialized, its dense
 Grams collected on the calibration states, the plan's surgery and compensation applied with the same code as a
 resident run (``lean_optimal``: optimal compensation's arithmetic with fewer temporaries), written into the
-pre-allocated shards, freed.
+pre-allocated shards, freed. A LaCo plan's merges are replayed first, in plan order, with only each merge's sources
+resident (``prunelab.stages.surgery.merge.replay_merges``); a merged block is written from its file on disk.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ reconstruct:
   steps: 100              # Adam steps per block (separate: per sublayer)
   batch_size: 8           # windows per step
   lr: 1.0e-4
+  schedule: constant      # | cosine (from lr to 0 over each phase's steps)
+  loss: mse               # | token: per-token relative error | channel: per-channel relative error
+  skip_tokens: 0          # first positions of each window left out of the loss
   # data: {source: {path: ../shared/data/wikitext2/valid.txt}, num_samples: 256, seq_len: 256}  (default: the run's calibration)
 ```
 """
@@ -66,6 +69,14 @@ class ReconstructConfig(StrictModel):
     steps: int = Field(100, ge=1, description="Adam steps per block (separate: per sublayer)")
     batch_size: int = Field(8, ge=1, description="windows per step (and per forward of the passes around it)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (lora wants ~10× more than weights)")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate over a phase's steps: constant, or cosine decay from lr to 0")
+    loss: Literal["mse", "token", "channel"] = Field(
+        "mse", description="mse: plain MSE on the residual stream (ruled by a few massive activations: SmolLM2's "
+        "first token carries ~10^4× a typical token's mean square); token: each token's squared error over the "
+        "dense token's mean square; channel: each channel's over that channel's mean square in the dense targets")
+    skip_tokens: int = Field(0, ge=0, description="the first N positions of every window left out of the loss (the "
+                             "attention-sink token whose huge activation only needs to stay huge)")
     lora: ReconstructLora = Field(default_factory=ReconstructLora, description="train: lora only")
     data: ReconstructData | None = Field(None, description="None: the calibrate stage's windows")
     num_windows: int | None = Field(None, ge=1, description="use N of the windows, evenly spread over them (a mix "
@@ -78,6 +89,9 @@ class ReconstructConfig(StrictModel):
         # a non-default lora without train: lora is a mistake; the default itself is what every dump carries
         if "lora" in self.model_fields_set and self.train != "lora" and self.lora != ReconstructLora():
             raise ValueError("lora: {rank, alpha} applies to train: lora; set train: lora or leave lora out")
+        if self.data is not None and self.skip_tokens >= self.data.seq_len:
+            raise ValueError(f"skip_tokens: {self.skip_tokens} leaves none of data.seq_len {self.data.seq_len} tokens "
+                             "in the loss; lower skip_tokens (1 skips the first, attention-sink token)")
         return self
 
     def check_order(self, key: str, seen: list[str], stages: dict[str, Any]) -> list[str]:

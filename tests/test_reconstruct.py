@@ -224,3 +224,76 @@ def test_debug_recipe_validates() -> None:
     recipe = load_recipe(Path("recipes/debug-reconstruct.yaml"))
     assert recipe.stages["reconstruct"].sublayers == "separate"
     assert json.dumps(recipe.stages["reconstruct"].model_dump(mode="json"))
+
+
+def test_token_loss_is_not_ruled_by_a_massive_token() -> None:
+    """One token 10^3× larger than the rest (SmolLM2's first token): plain MSE is its error alone; ``token`` weighs
+    every token's error relative to its own size, so a 10% error on small tokens shows and a tiny one on the big
+    token does not; ``channel`` does the same across channels; ``skip_tokens`` leaves position 0 out."""
+    want = torch.ones(1, 4, 8)
+    want[0, 0] *= 1000.0
+    got = want.clone()
+    got[0, 0] += 10.0  # 1% of the massive token
+    got[0, 1:] *= 1.1  # 10% on every other token
+    mse, token = rec.Objective("mse"), rec.Objective("token")
+    assert mse(got, want).item() == pytest.approx((100.0 + 3 * 0.01) / 4, rel=1e-5)
+    assert token(got, want).item() == pytest.approx((1e-4 + 3 * 0.01) / 4, rel=1e-4)
+    assert rec.Objective("token", skip=1)(got, want).item() == pytest.approx(0.01, rel=1e-4)
+    assert rec.Objective("mse", skip=1)(got, want).item() == pytest.approx(0.01, rel=1e-4)
+    scale = torch.ones(8)
+    scale[3] = 1e6  # a massive channel
+    wide = torch.ones(1, 2, 8)
+    err = wide.clone()
+    err[..., 3] += 100.0
+    assert rec.Objective("mse")(err, wide).item() == pytest.approx(10000 / 8)
+    assert rec.Objective("channel", scale=scale)(err, wide).item() == pytest.approx(0.01 / 8)
+    with pytest.raises(ValueError, match="channel"):
+        rec.Objective("channel")
+
+
+def test_cosine_schedule_decays_to_zero() -> None:
+    assert [rec.lr_factor("constant", t, 4) for t in range(4)] == [1.0] * 4
+    got = [rec.lr_factor("cosine", t, 4) for t in range(5)]
+    assert got[0] == 1.0 and got[2] == pytest.approx(0.5) and got[4] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(got, got[1:]))
+
+
+@pytest.mark.parametrize("settings", [
+    {"loss": "token"},
+    {"loss": "channel", "skip_tokens": 1},
+    {"loss": "token", "schedule": "cosine", "sublayers": "separate"},
+])
+def test_normalized_losses_lower_every_block_loss(settings: dict, tmp_path: Path) -> None:
+    """Each new objective trains: every block's own loss falls, the steps run, and the record says which loss."""
+    dense, pruned = _pair()
+    info = rec.reconstruct(pruned, dense, _windows(), _cfg(inputs="dense", **settings), tmp_path, progress=False)
+    assert all(b["loss_after"] < b["loss_before"] for b in info["blocks"]), info["blocks"]
+    # token / channel losses of predicting zeros are 1 (per token / per channel relative), so relative = loss
+    assert all(b["target_mean_square"] == pytest.approx(1.0, rel=1e-4) for b in info["blocks"])
+
+
+def test_settings_change_the_result_and_the_checkpoint_hash(tmp_path: Path) -> None:
+    """loss, schedule and skip_tokens each change the trained weights, so a resumed run never reuses another's block."""
+    dense, pruned = _pair()
+    ids = _windows()
+    outs = {}
+    for name, kw in {"mse": {}, "token": {"loss": "token"}, "cosine": {"schedule": "cosine"},
+                     "skip": {"skip_tokens": 2}}.items():
+        model = copy.deepcopy(pruned)
+        outs[name] = (model, rec.reconstruct(model, dense, ids, _cfg(inputs="dense", **kw), tmp_path / name,
+                                             progress=False)["settings_hash"])
+    names = list(outs)
+    assert len({outs[n][1] for n in names}) == len(names)
+    for a in names:
+        for b in names[names.index(a) + 1:]:
+            assert not _same(outs[a][0], outs[b][0], 1e-7), (a, b)
+
+
+def test_skip_tokens_checked_before_training(tmp_path: Path) -> None:
+    dense, pruned = _pair()
+    with pytest.raises(ValueError, match="skip_tokens: 32 leaves none"):
+        rec.reconstruct(pruned, dense, _windows(8, 32), _cfg(skip_tokens=32), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="skip_tokens"):
+        _cfg(skip_tokens=16, data={"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 16})
+    with pytest.raises(ValueError, match="loss"):
+        _cfg(loss="cosine")

@@ -201,18 +201,55 @@ def _stack(cache: BoundaryCache, idx: list[int]) -> torch.Tensor:
     return torch.cat([cache.get(i) for i in idx])
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.mse_loss(a.float(), b.float())
+class Objective:
+    """What a block is trained (and judged) on: the error to the dense target, positions ``skip`` on.
+
+    Why not plain MSE alone: SmolLM2's residual stream holds a few massive activations (the first token of a window
+    carries ~10^4× a typical token's mean square past the middle blocks, and two channels most of the rest), so the
+    MSE's gradient is spent on them. ``token`` divides each token's squared error by the dense token's mean square;
+    ``channel`` each channel's by that channel's mean square over the calibration targets (``scale``)."""
+
+    def __init__(self, kind: str, skip: int = 0, scale: torch.Tensor | None = None) -> None:
+        if kind == "channel" and scale is None:
+            raise ValueError("loss: channel needs the targets' per-channel mean square")
+        self.kind, self.skip, self.scale = kind, skip, scale
+
+    def __call__(self, got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        g, w = got.float()[:, self.skip:], want.float()[:, self.skip:]
+        err = (g - w).pow(2)
+        if self.kind == "token":
+            return (err.mean(-1) / w.pow(2).mean(-1).clamp_min(1e-12)).mean()
+        if self.kind == "channel":
+            return (err / self.scale).mean()
+        return err.mean()
+
+
+@torch.no_grad()
+def objective(cfg: Any, y: BoundaryCache, n: int, size: int) -> Objective:
+    """The stage's loss for one target cache (``channel`` reads the targets' per-channel mean square once)."""
+    skip = getattr(cfg, "skip_tokens", 0)
+    kind = getattr(cfg, "loss", "mse")
+    scale = None
+    if kind == "channel":
+        total, count = None, 0
+        for idx in _chunks(n, size):
+            w = _stack(y, idx).float()[:, skip:]
+            part = w.pow(2).sum((0, 1))
+            total = part if total is None else total + part
+            count += w.shape[0] * w.shape[1]
+        scale = total / max(count, 1)
+        scale = scale.clamp_min(float(scale.mean()) * 1e-6 + 1e-12)  # a dead channel must not divide by zero
+    return Objective(kind, skip, scale)
 
 
 @torch.no_grad()
 def _eval_loss(run: Callable[[torch.Tensor], torch.Tensor], x: BoundaryCache, y: BoundaryCache, n: int,
-               size: int, out: BoundaryCache | None = None) -> float:
-    """Mean MSE over every window (optionally keeping the outputs, the next boundary)."""
+               size: int, loss: Objective, out: BoundaryCache | None = None) -> float:
+    """Mean loss over every window (optionally keeping the outputs, the next boundary)."""
     total = 0.0
     for idx in _chunks(n, size):
         got = run(_stack(x, idx))
-        total += float(_mse(got, _stack(y, idx))) * len(idx)
+        total += float(loss(got, _stack(y, idx))) * len(idx)
         if out is not None:
             for j, w in enumerate(idx):
                 out.put(w, got[j:j + 1])
@@ -246,13 +283,21 @@ def _merge(layer: nn.Module) -> None:
     layer.requires_grad_(False)
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The multiplier of lr at ``step`` (0-based): 1, or a cosine from 1 at step 0 towards 0 after the last step."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps)) if schedule == "cosine" else 1.0
+
+
 def _train_phase(run: _Runner, index: int, phase: Phase, x: BoundaryCache, y: BoundaryCache, n: int,
-                 cfg: Any, seed: int, progress: bool) -> list[float]:
-    """``cfg.steps`` Adam steps on MSE; batches of windows drawn by a generator seeded by (seed, block, phase)."""
+                 cfg: Any, seed: int, progress: bool, loss_fn: Objective) -> list[float]:
+    """``cfg.steps`` Adam steps on the objective; batches of windows drawn by a generator seeded by (seed, block,
+    phase); ``schedule: cosine`` decays the rate from lr to 0 over the phase."""
     layer = run.adapter.layers[index]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index * 101 + len(phase.name))
     params = _trainable(layer, phase, cfg.train, cfg.lora.rank, cfg.lora.alpha, gen)
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    schedule = getattr(cfg, "schedule", "constant")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t, cfg.steps))
     forward = (lambda t: run.mid(index, t)) if phase.mid else (lambda t: run(index, t))
     order: list[int] = []
     losses = []
@@ -262,10 +307,11 @@ def _train_phase(run: _Runner, index: int, phase: Phase, x: BoundaryCache, y: Bo
             while len(order) < cfg.batch_size:
                 order += torch.randperm(n, generator=gen).tolist()
             idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            loss = _mse(forward(_stack(x, idx)), _stack(y, idx))
+            loss = loss_fn(forward(_stack(x, idx)), _stack(y, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
     _merge(layer)
@@ -292,6 +338,10 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
     teacher_weights = teacher_weights or ResidentWeights()
     windows = windows.to(torch.long)
     n, size = windows.shape[0], cfg.batch_size
+    skip = getattr(cfg, "skip_tokens", 0)
+    if skip >= windows.shape[1]:
+        raise ValueError(f"stages.reconstruct.skip_tokens: {skip} leaves none of the windows' {windows.shape[1]} "
+                         "tokens in the loss; lower it (1 skips the first, attention-sink token)")
     dump = cfg.model_dump(mode="json")
     for key in ("type", "memory_budget_gb", "offload_dir"):
         dump.pop(key, None)
@@ -335,33 +385,36 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                             mid.put(w, m[j:j + 1])
             x = own if own is not None else dense
             layer = sa.layers[i]
+            loss = objective(cfg, target, n, size)
+            mid_loss = objective(cfg, mid, n, size) if need_mid else loss
             record = saved_block(folder, i, want) if resume else None
             if record is not None:
                 load_block(folder, i, layer)
                 info = {**record, "resumed": True}
             else:
-                before = _eval_loss(lambda t: run_s(i, t), x, target, n, size)
-                square = _eval_loss(torch.zeros_like, target, target, n, size)  # the target's mean square
+                before = _eval_loss(lambda t: run_s(i, t), x, target, n, size, loss)
+                square = _eval_loss(torch.zeros_like, target, target, n, size, loss)  # the loss of predicting 0
                 curves: dict[str, list[float]] = {}
                 initial = {k: v.clone() for k, v in layer.state_dict().items()}
                 if before > 0.0:  # an unpruned block on the dense inputs: nothing to learn, leave it bit for bit
                     for phase in plan:
                         y = mid if phase.mid else target
-                        curves[phase.name] = _train_phase(run_s, i, phase, x, y, n, cfg, seed, progress)
+                        curves[phase.name] = _train_phase(run_s, i, phase, x, y, n, cfg, seed, progress,
+                                                          mid_loss if phase.mid else loss)
                 info = {"hash": want, "block": i, "target_mean_square": square, "loss_before": before,
                         "relative_before": before / (square or 1.0),
                         "steps": {k: len(v) for k, v in curves.items()},
                         "first_step_loss": {k: v[0] for k, v in curves.items() if v},
                         "last_step_loss": {k: v[-1] for k, v in curves.items() if v}}
             following = BoundaryCache(budget, tmp, f"p{i + 1}") if own is not None else None
-            after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, following)
+            after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, loss, following)
             if record is None and after > info["loss_before"]:  # overshot (lr too high): keep the block as it came
                 layer.load_state_dict(initial)
                 if following is not None:
                     following.clear()
                 log.warning(f"reconstruct block {i}: MSE rose {info['loss_before']:.5g} → {after:.5g}; block kept as "
                             "it was (lower lr or more steps)")
-                after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, following)
+                after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, loss, following)
                 info["reverted"] = True
             if record is None:
                 info.update(loss_after=after, relative_after=after / (info["target_mean_square"] or 1.0),

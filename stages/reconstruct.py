@@ -103,8 +103,12 @@ class ReconstructConfig(StrictModel):
             return [f"block-local reconstruction pairs pruned block i with dense block i of the same width: it follows "
                     f"a width plan (prune units: width), not units {', '.join(u for u in units if u != 'width')} "
                     "(a depth plan, or hidden channels)"]
-        if self.data is None and not any(stages[k].type == "calibrate" for k in seen):
+        calibrates = [stages[k] for k in seen if stages[k].type == "calibrate"]
+        if self.data is None and not calibrates:
             return ["needs calibration windows: a `calibrate` stage before it, or data: {source, num_samples, seq_len}"]
+        if self.data is None and self.skip_tokens >= calibrates[-1].seq_len:
+            return [f"skip_tokens: {self.skip_tokens} leaves none of the calibration windows' {calibrates[-1].seq_len} "
+                    "tokens in the loss; lower it (1 skips the first, attention-sink token)"]
         return []
 
 

@@ -297,3 +297,13 @@ def test_skip_tokens_checked_before_training(tmp_path: Path) -> None:
         _cfg(skip_tokens=16, data={"source": {"path": "tests/data/tiny_corpus.txt"}, "seq_len": 16})
     with pytest.raises(ValueError, match="loss"):
         _cfg(loss="cosine")
+    from prunelab.recipe import RecipeError, validate
+
+    calibrate = {"type": "calibrate", "source": {"path": "tests/data/tiny_corpus.txt"}, "num_samples": 2, "seq_len": 16}
+    recipe = {"name": "x", "model": {"source": "tiny-random-llama"}, "stages": {
+        "calibrate": calibrate,
+        "score": {"type": "score", "units": "width", "criteria": ["flap"]},
+        "prune": {"type": "prune", "units": "width", "criterion": "flap", "ratio": 0.2},
+        "reconstruct": {"type": "reconstruct", "skip_tokens": 16}}}
+    with pytest.raises(RecipeError, match="skip_tokens: 16 leaves none"):
+        validate(recipe)

@@ -70,7 +70,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise BenchError(f"--reconstruct {text!r}: write KEY=VALUE, e.g. --reconstruct lr=1e-3 loss=token")
-    return key, yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key, parsed
 
 
 def reference(run: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -297,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for variant in args.variants:
         if variant == "pruned":
             got = evals["pruned"] if args.max_tokens is None else go("pruned")["metrics"]["eval"]["pruned"]
-            rows.append({"variant": "pruned", "label": "pruned, optimal compensation only", "ppl": ppl_row(got, dense_eval)})
+            rows.append({"variant": "pruned", "label": "pruned, optimal compensation only",
+                         "ppl": ppl_row(got, dense_eval)})
             continue
         if variant == "reconstruct":
             m = go("reconstruct")["metrics"]
@@ -339,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     protocol = {s: dense_eval[s].get("protocol") for s in sets}
     out = {"from_run": str(run), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                      f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
            "protocol": protocol, "dense": {s: round(dense_eval[s]["ppl"], 3) for s in sets},
            "reconstruct_settings": reconstruct, "kd_settings": KD, "rows": rows,
            "kd_probe": results.get("kd_probe"),

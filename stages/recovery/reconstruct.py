@@ -11,7 +11,8 @@ The loop, for block i in order (the sequential calibration pipeline's order, wit
 - the dense block i runs on the dense inputs D_i: its outputs Y_i are the targets and D_{i+1};
 - the student's inputs X_i are its own block-i inputs P_i (``inputs: pruned``: the outputs of the already
   reconstructed blocks 0..i-1, so block i also corrects the error that reaches it) or D_i (``inputs: dense``);
-- Adam on MSE(block_i(X_i), Y_i) for ``steps`` steps of ``batch_size`` windows drawn by a generator seeded per
+- Adam on the loss (``mse``, or per token / per channel relative: :class:`Objective`) of block_i(X_i) vs Y_i for
+  ``steps`` steps of ``batch_size`` windows drawn by a generator seeded per
   block; ``sublayers: separate`` first trains the attention's parameters to match the dense residual stream
   after attention (the input of ``post_attention_layernorm``), then the MLP's to match the block output;
 - the trained block runs once more on P_i, giving P_{i+1}; its weights go to ``blocks/block-NNN.safetensors``
@@ -412,7 +413,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                 layer.load_state_dict(initial)
                 if following is not None:
                     following.clear()
-                log.warning(f"reconstruct block {i}: MSE rose {info['loss_before']:.5g} → {after:.5g}; block kept as "
+                log.warning(f"reconstruct block {i}: loss rose {info['loss_before']:.5g} → {after:.5g}; block kept as "
                             "it was (lower lr or more steps)")
                 after = _eval_loss(lambda t: run_s(i, t), x, target, n, size, loss, following)
                 info["reverted"] = True
@@ -420,8 +421,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                 info.update(loss_after=after, relative_after=after / (info["target_mean_square"] or 1.0),
                             seconds=round(time.perf_counter() - t0, 3))
                 save_block(folder, i, layer, info)
-            log.info(f"reconstruct block {i}: MSE {info['loss_before']:.5g} → {after:.5g} "
-                     f"({info['relative_before']:.3%} → {info['relative_after']:.3%} of the target's mean square)"
+            kind = getattr(cfg, "loss", "mse")
+            log.info(f"reconstruct block {i}: {kind} loss {info['loss_before']:.5g} → {after:.5g} "
+                     f"({info['relative_before']:.3%} → {info['relative_after']:.3%} of predicting zeros)"
                      + (" [restored]" if record is not None else ""))
             blocks.append({k: v for k, v in info.items() if k != "hash"})
             dense.clear()
@@ -441,8 +443,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
 def summary(blocks: list[dict[str, Any]], seconds: float, windows: torch.Tensor, batch_size: int,
             want: str) -> dict[str, Any]:
     """The stage's outputs, in the keys the run's report reads for any recovery (``steps``, ``first_loss`` and
-    ``final_loss`` — here the mean over blocks of the MSE relative to the target's mean square —, ``tokens_per_s``:
-    tokens of training forwards per second of the whole stage, passes included)."""
+    ``final_loss`` — here the mean over blocks of the loss relative to the loss of predicting zeros —,
+    ``tokens_per_s``: tokens of training forwards per second of the whole stage, passes included)."""
     steps = sum(sum(b["steps"].values()) for b in blocks)
     seq_len = int(windows.shape[1])
     return {"method": "reconstruct", "steps": steps, "first_loss": sum(b["relative_before"] for b in blocks) / len(blocks),

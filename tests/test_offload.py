@@ -22,8 +22,9 @@ import prunelab
 from prunelab.api import load_recipe
 from prunelab.recipe import RecipeError
 from prunelab.stages.evaluation.perplexity import windowed_perplexity
-from prunelab.stages.io.config import TextSource
+from prunelab.stages.io.config import ModelConfig, TextSource
 from prunelab.stages.io.loader import load_pruned
+from prunelab.stages.io.models import load_model
 from prunelab.stages.io.offload import offloaded_model
 from prunelab.stages.io.text import tokenized_source
 from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
@@ -121,12 +122,15 @@ def test_budget_sends_weights_to_disk(folders: dict[str, Path], tmp_path: Path) 
 
 def test_streamed_run_evaluates_source_and_export(folders: dict[str, Path], tmp_path: Path) -> None:
     """One run: evaluate the source, prune, export, evaluate the export — both through the offloaded load, each equal
-    to a resident evaluation of that folder; and a ``load: offload`` run of the export gives the same number."""
+    to a resident evaluation of that folder (``load_pruned``, and a resident run's ``load_model``, which before this
+    change refused per-layer widths: transformers' size mismatch); a ``load: offload`` run of the export agrees."""
     source, run, exported = folders["untied"], folders["run"], folders["per-layer"]
     metrics = json.loads((run / "metrics.json").read_text())
     dense, pruned = metrics["eval"]["dense"]["tiny"]["ppl"], metrics["eval"]["pruned"]["tiny"]["ppl"]
     assert dense == pytest.approx(_ppl(load_pruned(source)), rel=RTOL)
     assert pruned == pytest.approx(_ppl(load_pruned(exported)), rel=RTOL)
+    resident = load_model(ModelConfig(source=str(exported)))[0]  # a resident run's load builds per-layer widths too
+    assert _ppl(resident) == pytest.approx(pruned, rel=RTOL)
     assert pruned != pytest.approx(dense, rel=1e-3)
     assert metrics["model"]["params_after"] < metrics["model"]["params_before"]
     for key in ("dense", "pruned"):  # each was offloaded, not loaded whole

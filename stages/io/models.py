@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +46,12 @@ def strip_quantization_leftovers(model: torch.nn.Module) -> None:
         del model.config.auto_map
 
 
+def _per_layer_widths(path: str) -> bool:
+    """Whether a local folder is a prunelab export with per-layer widths (``prunelab_layer_shapes``)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("prunelab_layer_shapes"))
+
+
 def _from_pretrained(path: str, gguf_file: str | None, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if gguf_file:
@@ -52,7 +60,12 @@ def _from_pretrained(path: str, gguf_file: str | None, cfg: ModelConfig, dtype: 
         kwargs["revision"] = cfg.revision
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not gguf_file and _per_layer_widths(path):  # a prunelab export whose layers differ: transformers cannot build it
+        from prunelab.stages.io.loader import load_pruned  # lazy: loader imports the arch adapters
+
+        model = load_pruned(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision")}
     tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
     strip_quantization_leftovers(model)

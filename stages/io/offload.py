@@ -112,6 +112,26 @@ def _device_of(name: str, device_map: dict[str, Any]) -> Any:
     return device_map[probe]
 
 
+def fixed_mmap_threshold(size: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of ``size`` bytes or more with its own mmap, returned to the system on free.
+
+    Why: an offloaded forward allocates and frees every layer's weights (tens of MB each). glibc's default threshold
+    is dynamic — freeing an mmapped block raises it to that block's size (up to 32 MB) — so the next layer's
+    16 MB matrices land on the heap, which is not given back: measured on a 3.95 GB model (hidden 2048), resident
+    memory grew by ~25 MB per layer and one perplexity pass peaked at 2.44 GB against a 0.59 GB budget; with a fixed
+    threshold the same forward stays flat. Setting it once for the process is what ``MALLOC_MMAP_THRESHOLD_`` does.
+    False where there is no glibc (other platforms keep their allocator's behaviour)."""
+    import ctypes  # lazy: only here
+    import ctypes.util  # lazy: only here
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def offloaded_model(folder: str | Path, memory_budget_gb: float, offload_dir: str | Path | None = None,
                     dtype: torch.dtype | None = None) -> nn.Module:
     """The model of a ``save_pretrained`` folder (prunelab per-layer widths included) with at most
@@ -126,6 +146,7 @@ def offloaded_model(folder: str | Path, memory_budget_gb: float, offload_dir: st
 
     folder = Path(folder)
     files = checkpoint_files(folder)
+    fixed_mmap_threshold()
     dtype = dtype or torch.float32
     model = empty_model(folder, dtype)
     ad = adapter_for(model)

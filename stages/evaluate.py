@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
+from prunelab.stages.calibration.streamed import is_streamed
 from prunelab.stages.core.config import InputFile, StrictModel
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.evaluation.suite import with_default_suite
 from prunelab.stages.evaluation.zeroshot import LOCAL_TASKS, evaluate_task, expand_preset
+from prunelab.stages.io.offload import offloaded_model, release
 from prunelab.stages.io.qa import TextOrQASource
+from prunelab.stages.io.streaming import stream_folder
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -103,8 +106,6 @@ def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
                         for n, r in results.items() if n != "speed"}
     finally:
         if offloaded is not None:
-            from prunelab.stages.io.offload import release  # lazy: torch-free
-
             release(offloaded)
     placement = getattr(models[0][1], "prunelab_offload", None)  # load: offload, or a streamed run's folder
     extra = {"offload": {k: v for k, v in placement.items() if k != "disk_modules"}} if placement else {}
@@ -118,13 +119,8 @@ def _offloaded_folder_model(ctx: RunContext) -> Any | None:
     source folder (no prune before it) or the exported ``model/`` (after the export; ``--dry-run`` refuses one in
     between) through accelerate's offloading within ``model.memory_budget_gb`` (``prunelab.stages.io.offload``).
     None for any other run: the model in memory is evaluated."""
-    from prunelab.stages.calibration.streamed import is_streamed  # lazy: torch-free
-
     if not is_streamed(ctx.model):
         return None
-    from prunelab.stages.io.offload import offloaded_model  # lazy: torch-free
-    from prunelab.stages.io.streaming import stream_folder  # lazy: torch-free
-
     keys = list(ctx.recipe.stages)
     before = keys[: keys.index(ctx.stage_key)] if ctx.stage_key in keys else keys
     exported = any(getattr(ctx.recipe.stages[k], "type", None) == "export" for k in before)

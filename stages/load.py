@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from prunelab.registry import register_stage
 from prunelab.stages.io.config import ModelConfig
 from prunelab.stages.calibration.streamed import load_streaming
+from prunelab.stages.io.offload import load_offloaded
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -24,8 +25,6 @@ def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
     if cfg.load == "streaming":  # a meta skeleton; blocks read from the shards when needed (stages.io.streaming)
         model, tokenizer = load_streaming(cfg)
     elif cfg.load == "offload":  # part in memory, the rest read from disk per forward (stages.io.offload)
-        from prunelab.stages.io.offload import load_offloaded  # lazy: torch-free
-
         model, tokenizer = load_offloaded(cfg)
     else:
         model, tokenizer = load_model(cfg)

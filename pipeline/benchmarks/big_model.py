@@ -162,30 +162,34 @@ def run_method(method: str, folder: Path, output: Path, samples: int, seq_len: i
     return row
 
 
-def evaluate_offloaded(method: str, model_dir: Path, output: Path, share: float, tokens: int, seq_len: int,
+def evaluate_offloaded(method: str, model_dir: Path, output: Path, share: float | None, tokens: int, seq_len: int,
                        batch_size: int) -> dict[str, Any]:
     """Perplexity of the exported model in a child with ``model.load: offload`` and a memory budget of ``share`` of
-    its float32 size (the rest read from the shards per forward): peak RSS, seconds, placement."""
+    its float32 size (the rest read from the shards per forward): peak RSS, seconds, placement. ``share`` None: the
+    same evaluation with ``load: resident`` (the whole model in memory), the reference."""
     size = size_of(model_dir)
-    budget = share * size / 2**30
-    path = output / f"eval-{method}.yaml"
+    name = f"eval-{method}" + ("" if share is not None else "-resident")
+    model: dict[str, Any] = {"source": str(model_dir)}
+    if share is not None:
+        model |= {"load": "offload", "memory_budget_gb": round(share * size / 2**30, 4)}
     stage = {"type": "evaluate", "label": "pruned", "perplexity": {"corpus": {
         "source": {"path": str(CORPUS)}, "seq_len": seq_len, "max_tokens": tokens, "batch_size": batch_size}}}
-    path.write_text(yaml.safe_dump({"name": f"eval-{method}", "seed": 0, "model": {
-        "source": str(model_dir), "load": "offload", "memory_budget_gb": round(budget, 4)}, "stages": {"evaluate": stage}},
-        sort_keys=False))
+    path = output / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "seed": 0, "model": model, "stages": {"evaluate": stage}},
+                                   sort_keys=False))
     code, wall, rss = child([sys.executable, "pipeline/run.py", str(path), "--output-dir", str(output / "runs"),
-                             "--force"], output / f"eval-{method}.log")
+                             "--force"], output / f"{name}.log")
     row: dict[str, Any] = {"exit": code, "wall_s": round(wall, 1), "peak_rss_bytes": rss, "model_bytes": size,
-                           "budget_bytes": int(budget * 2**30), "rss_over_size": round(rss / size, 4)}
-    done = sorted((output / "runs" / f"eval-{method}").glob("*-evaluate/done.json"))
+                           "budget_bytes": int(model.get("memory_budget_gb", size / 2**30) * 2**30),
+                           "rss_over_size": round(rss / size, 4)}
+    done = sorted((output / "runs" / name).glob("*-evaluate/done.json"))
     if code != 0 or not done:
-        row["error"] = (output / f"eval-{method}.log").read_text()[-2000:]
+        row["error"] = (output / f"{name}.log").read_text()[-2000:]
         return row
     outputs = json.loads(done[-1].read_text())["outputs"]
     results = json.loads((done[-1].parent / "results.json").read_text())["results"]["corpus"]
-    row.update(ppl=outputs["corpus"], tokens=results["tokens"], windows=results["windows"], offload=outputs["offload"],
-               stage_s=json.loads(done[-1].read_text()).get("seconds"))
+    row.update(ppl=outputs["corpus"], tokens=results["tokens"], windows=results["windows"],
+               offload=outputs.get("offload", {"disk_bytes": 0}), stage_s=json.loads(done[-1].read_text()).get("seconds"))
     return row
 
 
@@ -204,16 +208,16 @@ def table(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {r['peak_rss_bytes'] / gb:.2f} | {r['rss_over_size']:.1%} | "
                      f"{r['seconds_per_block']} | {r.get('export_seconds_per_block')} | {r['params_after']:,} | "
                      f"{r['output_bytes'] / gb:.2f} | {reload} |")
-    evals = [r for r in rows if "evaluate" in r]
+    evals = [(f"{r['method']} ({key.removeprefix('evaluate').strip('_') or 'offload'})", r[key])
+             for r in rows for key in ("evaluate", "evaluate_resident") if key in r]
     if evals:
-        lines += ["", "| method | evaluated (GB f32) | budget | peak RSS (GB) | RSS / evaluated | RSS / source | "
+        lines += ["", "| export evaluated | evaluated (GB f32) | budget | peak RSS (GB) | RSS / evaluated | RSS / source | "
                   "on disk (GB) | tokens (windows) | wall (s) | PPL |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in evals:
-            e = r["evaluate"]
+        for label, e in evals:
             if e["exit"] != 0:
-                lines.append(f"| {r['method']} | | | {e['peak_rss_bytes'] / gb:.2f} | failed (exit {e['exit']}) | | | | | |")
+                lines.append(f"| {label} | | | {e['peak_rss_bytes'] / gb:.2f} | failed (exit {e['exit']}) | | | | | |")
                 continue
-            lines.append(f"| {r['method']} | {e['model_bytes'] / gb:.2f} | {e['budget_bytes'] / gb:.2f} GB | "
+            lines.append(f"| {label} | {e['model_bytes'] / gb:.2f} | {e['budget_bytes'] / gb:.2f} GB | "
                          f"{e['peak_rss_bytes'] / gb:.2f} | {e['rss_over_size']:.1%} | "
                          f"{e['peak_rss_bytes'] / info['bytes']:.1%} | {e['offload']['disk_bytes'] / gb:.2f} | "
                          f"{e['tokens']} ({e['windows']}) | {e['wall_s']} | {e['ppl']} |")
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--evaluate", type=float, default=None, metavar="SHARE",
                    help="also evaluate each export with model.load: offload and a memory budget of SHARE of its float32 "
                    "size (e.g. 0.15), in its own child: perplexity, peak RSS, seconds")
+    p.add_argument("--eval-resident", action="store_true", help="with --evaluate: also the same evaluation with the "
+                   "whole export in memory (load: resident), the reference for the perplexity, memory and seconds")
     p.add_argument("--eval-tokens", type=int, default=2048, help="perplexity tokens of tests/data/tiny_corpus.txt")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=4, help="windows per forward (each forward reads the disk part once)")
@@ -254,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.evaluate is not None and rows[-1]["exit"] == 0 and model_dir.is_dir():
             rows[-1]["evaluate"] = evaluate_offloaded(method, model_dir, args.output, args.evaluate, args.eval_tokens,
                                                       args.eval_seq_len, args.eval_batch)
+            if args.eval_resident:
+                rows[-1]["evaluate_resident"] = evaluate_offloaded(method, model_dir, args.output, None, args.eval_tokens,
+                                                                   args.eval_seq_len, args.eval_batch)
         print(json.dumps(rows[-1]), flush=True)
         if not args.keep:  # the disk is shared: one pruned copy at a time
             shutil.rmtree(args.output / "runs" / f"big-{method}" / "model", ignore_errors=True)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunelab.stages.core.files import atomic_dir
 from prunelab.stages.io.config import ModelConfig
+from prunelab.stages.io.loader import load_pruned
 from prunelab.stages.io.sources import alias_dirs, classify, fetch_alias
 from prunelab.stages.io.tiny import byte_tokenizer, tiny_alias
 
@@ -61,8 +62,6 @@ def _from_pretrained(path: str, gguf_file: str | None, cfg: ModelConfig, dtype: 
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if not gguf_file and _per_layer_widths(path):  # a prunelab export whose layers differ: transformers cannot build it
-        from prunelab.stages.io.loader import load_pruned  # lazy: loader imports the arch adapters
-
         model = load_pruned(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

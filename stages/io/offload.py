@@ -26,6 +26,8 @@ source and its export through this same load).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import shutil
 import tempfile
@@ -33,6 +35,9 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import safe_open
+
+from prunelab.stages.arch import adapter_for
 from prunelab.stages.io.streaming import evaluate_problems, source_problems, stream_folder
 
 if TYPE_CHECKING:
@@ -74,8 +79,6 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     if not single.is_file():
         raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json; save the model "
                                 "with save_pretrained (safetensors)")
-    from safetensors import safe_open  # lazy: torch-free
-
     with safe_open(str(single), framework="pt") as h:
         return dict.fromkeys(h.keys(), single)
 
@@ -85,8 +88,6 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     such as the rotary frequencies real), per-layer widths (``prunelab_layer_shapes``) applied."""
     from accelerate import init_empty_weights  # lazy: torch-free
     from transformers import AutoConfig, AutoModelForCausalLM  # lazy: torch-free
-
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
@@ -121,9 +122,6 @@ def fixed_mmap_threshold(size: int = 1 << 20) -> bool:
     memory grew by ~25 MB per layer and one perplexity pass peaked at 2.44 GB against a 0.59 GB budget; with a fixed
     threshold the same forward stays flat. Setting it once for the process is what ``MALLOC_MMAP_THRESHOLD_`` does.
     False where there is no glibc (other platforms keep their allocator's behaviour)."""
-    import ctypes  # lazy: only here
-    import ctypes.util  # lazy: only here
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -140,9 +138,6 @@ def offloaded_model(folder: str | Path, memory_budget_gb: float, offload_dir: st
     import torch  # lazy: torch-free
     from accelerate import dispatch_model, infer_auto_device_map  # lazy: torch-free
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device  # lazy: torch-free
-    from safetensors import safe_open  # lazy: torch-free
-
-    from prunelab.stages.arch import adapter_for  # lazy: torch-free
 
     folder = Path(folder)
     files = checkpoint_files(folder)
@@ -167,10 +162,10 @@ def offloaded_model(folder: str | Path, memory_budget_gb: float, offload_dir: st
                            f"{missing[:3]}, unexpected {unexpected[:3]})")
     embed = next(n for n, m in model.named_modules() if m is ad.embedding)
     if _device_of(f"{embed}.weight", device_map) == "disk":
-        sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+        size = ad.embedding.weight.numel() * dtype.itemsize
         raise ValueError(f"model.memory_budget_gb: {memory_budget_gb} GB does not hold the embedding "
-                         f"({sizes[f'{embed}.weight'] / 2**30:.3f} GB, the device the inputs go to) and room for one "
-                         "decoder layer; raise it")
+                         f"({size / 2**30:.3f} GB: the inputs go to its device) and room for the largest module "
+                         "loaded during a forward (a decoder layer or the head); raise it")
 
     state = model.state_dict()
     sizes = {n: state[n].numel() * dtype.itemsize for n in files}
@@ -178,7 +173,10 @@ def offloaded_model(folder: str | Path, memory_budget_gb: float, offload_dir: st
     by_file: dict[Path, list[str]] = {}
     disk: list[str] = []
     for name, f in files.items():
-        (disk.append(name) if _device_of(name, device_map) == "disk" else by_file.setdefault(f, []).append(name))
+        if _device_of(name, device_map) == "disk":
+            disk.append(name)
+        else:
+            by_file.setdefault(f, []).append(name)
     copy = None
     if offload_dir is not None and disk:
         Path(offload_dir).mkdir(parents=True, exist_ok=True)

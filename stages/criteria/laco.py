@@ -22,7 +22,8 @@ Two ways to run the trials, the same plan and similarities (tests/test_laco_sequ
 - ``sequential`` (the recipe's calibrate pipeline, and always with ``model: {load: streaming}``): trials go from the
   top down, so every kept merge lies above the block tried and block l's input is the *dense* boundary state x_l.
   One dense pass, one block resident, keeps x_l for every l a trial can start at (in memory up to
-  ``memory_budget_gb``, then memory-mapped files) and the dense final states. A trial then runs x_l → the merged
+  ``memory_budget_gb``, then memory-mapped files; each freed once the trials pass below it) and the dense final
+  states. A trial then runs x_l → the merged
   block (its C sources resident while ``rdsc_state`` sums them, freed before the forward) → each block still alive
   above it, one at a time → the final norm. A kept merge is written to disk (``MergedBlocks``) and read back when a
   later trial runs it or merges it again — never recomputed, never held. Peak: the C merge sources + the merged
@@ -77,7 +78,7 @@ class _FullTrials:
     def __init__(self, inp: CriterionInputs) -> None:
         self.inp, self.layers = inp, inp.adapter.layers
         self.reference = _final_states(inp.model, inp.calibration, inp.batch_size, frozenset())
-        self.originals: dict[int, dict[str, torch.Tensor]] = {}
+        self.originals: dict[int, ExitStack] = {}  # kept merges: what puts each block's own tensors back
         self.pending: ExitStack | None = None
 
     def trial(self, base: int, absorbed: list[int], gone: frozenset[int], above: list[int]) -> float:
@@ -85,7 +86,8 @@ class _FullTrials:
             state = rdsc_state(self.layers[base], [self.layers[j] for j in absorbed])
         self.pending = ExitStack()
         self.pending.enter_context(assigned(self.layers[base], state))
-        return similarity(self.reference, _final_states(self.inp.model, self.inp.calibration, self.inp.batch_size, gone))
+        inp = self.inp
+        return similarity(self.reference, _final_states(inp.model, inp.calibration, inp.batch_size, gone))
 
     def keep(self, base: int) -> None:
         assert self.pending is not None
@@ -168,13 +170,13 @@ class _SequentialTrials:
         """Block ``index`` as the collapsed model has it: merged (read back from disk) or as loaded."""
         return block_resident(self.ad, self.weights, self.merged, index)
 
-    def _run(self, index: int, states: BoundaryCache, keep_input: bool) -> BoundaryCache:
+    def _run(self, index: int, states: BoundaryCache) -> BoundaryCache:
+        """Block ``index`` (resident) on every batch's state; the input states are freed."""
         following = self._cache(f"t{index + 1}")
         for b in range(len(self.ids)):
             x = states.get(b)
             following.put(b, self.ad.run_block(index, x, self._inputs(x)))
-        if not keep_input:
-            states.clear()
+        states.clear()
         return following
 
     def trial(self, base: int, absorbed: list[int], gone: frozenset[int], above: list[int]) -> float:
@@ -185,10 +187,10 @@ class _SequentialTrials:
                     sources.enter_context(self._resident(j))
                 state = rdsc_state(layers[base], [layers[j] for j in absorbed])
             with assigned(layers[base], state):
-                states = self._run(base, self.dense[base], keep_input=True)
+                states = self._run(base, self.dense.pop(base))  # x_base: later trials start lower
             for j in above:
                 with self._resident(j):
-                    states = self._run(j, states, keep_input=False)
+                    states = self._run(j, states)
             cosines = [_cosines(self.reference.get(b), self.norm(states.get(b)).float()) for b in range(len(self.ids))]
             states.clear()
         self.pending = state

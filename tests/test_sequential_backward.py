@@ -58,16 +58,17 @@ def _calib(model: torch.nn.Module, n: int = 5, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (n, 16), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_blockwise_gradients_equal_full_resident_and_streamed(tmp_path: Path, tie: bool) -> None:
+@pytest.mark.parametrize(("tie", "every"), [(True, None), (False, None), (True, 1), (False, 3)])
+def test_blockwise_gradients_equal_full_resident_and_streamed(tmp_path: Path, tie: bool, every: int | None) -> None:
     """Every parameter's Σ g and Σ g² (embedding, norms and head too: ``hidden``), with the boundary states and
-    gradients all memory-mapped (budget 0), resident and streamed from sharded safetensors."""
-    model = tiny_llama(num_layers=4, heads=4, kv_heads=2, tie=tie, seed=2)
+    gradients all memory-mapped (budget 0), resident and streamed from sharded safetensors; the forward keeping every
+    boundary (``checkpoint_every: 1``), every 2nd (the default for 5 blocks, ⌈√5⌉ = 3: x_0, x_3, x_5) or every 3rd."""
+    model = tiny_llama(num_layers=5, heads=4, kv_heads=2, tie=tie, seed=2)
     model.save_pretrained(tmp_path / "model", max_shard_size="100KB")
     calib = _calib(model)
     full = collect_stats(model, calib, TAYLOR, 2, False)
     floor = _floor(model, calib, full)
-    settings = SequentialPipeline(memory_budget_gb=0, offload_dir=str(tmp_path / "offload"))
+    settings = SequentialPipeline(memory_budget_gb=0, offload_dir=str(tmp_path / "offload"), checkpoint_every=every)
     resident = collect_sequential(model, calib, TAYLOR, 2, False, settings)
     streamed = collect_from_pretrained(tmp_path / "model", calib, TAYLOR, 2, False, settings)
     shell, weights = skeleton(tmp_path / "model"), SafetensorsWeights(tmp_path / "model")
@@ -89,6 +90,40 @@ def test_blockwise_gradients_of_mixture_of_experts_layers() -> None:
     seq = collect_sequential(model, calib, TAYLOR, 2, False)
     assert any("expert" in n for n in full.grad_sum)
     assert _gap(full, seq) <= _floor(model, calib, full)
+
+
+def _boundary(model: torch.nn.Module, calib: torch.Tensor) -> int:
+    """Bytes of one boundary of float32 states (or gradients) over every calibration window."""
+    return calib.numel() * model.config.hidden_size * 4
+
+
+@pytest.mark.parametrize(("every", "boundaries"), [
+    (1, 19),  # x_0 … x_16 (x_16 kept for the tied head's share of the embedding gradient), two of gradients
+    (None, 10),  # ⌈√16⌉ = 4: x_0, x_4, x_8, x_12, x_16, the recomputed x_13 … x_15, two of gradients
+    (8, 12),  # x_0, x_8, x_16 and the recomputed x_9 … x_15 (7), two of gradients
+])
+def test_checkpoints_bound_the_stored_boundaries(every: int | None, boundaries: int) -> None:
+    """16 blocks, tied head, ``hidden`` gradients, budget 0 (every state on disk, so ``offloaded_bytes`` is the peak
+    stored) at the moment the walk reaches block 15: keeping every k-th boundary stores ⌈L/k⌉ + 1 + (k − 1) + 2
+    boundaries instead of L + 3, and the gradients stay full's."""
+    model = tiny_llama(num_layers=16, heads=4, kv_heads=2, tie=True, seed=5)
+    calib = _calib(model, 4, 2)
+    full = collect_stats(model, calib, TAYLOR, 2, False)
+    seq = collect_sequential(model, calib, TAYLOR, 2, False,
+                             SequentialPipeline(memory_budget_gb=0, checkpoint_every=every))
+    assert seq.offloaded_bytes == boundaries * _boundary(model, calib)
+    assert _gap(full, seq) <= _floor(model, calib, full)
+
+
+def test_checkpoint_every_is_validated_by_name() -> None:
+    from pydantic import ValidationError
+
+    for bad, says in ((0, "checkpoint_every: 0 — keep every k-th boundary state, k >= 1"),
+                      (True, "checkpoint_every"), (2.5, "checkpoint_every")):
+        with pytest.raises(ValidationError, match=says):
+            SequentialPipeline(checkpoint_every=bad)
+    assert "checkpoint_every" not in SequentialPipeline().model_dump()  # run directories made before keep their hash
+    assert SequentialPipeline(checkpoint_every=4).model_dump()["checkpoint_every"] == 4
 
 
 def test_a_wrong_boundary_gradient_is_caught() -> None:
@@ -186,7 +221,10 @@ def test_recipe_taylor_and_sleb_scores_and_plans_equal_full(tmp_path: Path, unit
 
 @pytest.mark.slow
 def test_smollm2_blockwise_gradients_equal_full() -> None:
-    """SmolLM2-135M (tied head, GGUF source so resident): Σ g and Σ g² of every parameter, boundary states spilled."""
+    """SmolLM2-135M (tied head, GGUF source so resident; 30 blocks): Σ g of every parameter equal to full's, every
+    boundary state and gradient spilled (budget 0), with every boundary kept (x_0 … x_30 and two of gradients: 33
+    stored at the peak) and with the default checkpoints (⌈√30⌉ = 6: x_0, x_6, … x_24, x_30, the recomputed x_25 …
+    x_29, two of gradients: 13)."""
     shared = ROOT.parent / "shared" / "data" / "wikitext2" / "valid.txt"
     if not shared.is_file():
         pytest.skip("needs ../shared/data")
@@ -196,6 +234,12 @@ def test_smollm2_blockwise_gradients_equal_full() -> None:
     model, tok = load_model(ModelConfig(source="smollm2-135m"))
     ids = tok(shared.read_text()[:20000], return_tensors="pt").input_ids[:, :256].reshape(2, 128)
     full = collect_stats(model, ids, TAYLOR, 1, False)
-    seq = collect_sequential(model, ids, TAYLOR, 1, False, SequentialPipeline(memory_budget_gb=0.001))
-    assert seq.offloaded_bytes > 0
-    assert _gap(full, seq) <= _floor(model, ids, full, batch_size=1)
+    floor = _floor(model, ids, full, batch_size=1)
+    stored = {}
+    for every, boundaries in ((1, 33), (None, 13)):
+        seq = collect_sequential(model, ids, TAYLOR, 1, False,
+                                 SequentialPipeline(memory_budget_gb=0, checkpoint_every=every))
+        assert _gap(full, seq) <= floor
+        assert seq.offloaded_bytes == boundaries * _boundary(model, ids)
+        stored[every] = seq.offloaded_bytes
+    print(f"boundary bytes stored at the peak: every boundary {stored[1]:,}, checkpoints {stored[None]:,}")

@@ -4,26 +4,31 @@ The ``full`` pipeline's gradient is one forward+backward of the calibration loss
 (``accumulate_gradients``): every block's weights and activations alive at once. Back-propagation is a chain over
 the block boundaries, so it can run block by block instead, from stored boundary states:
 
-1. the sequential forward keeps every boundary state x_0 … x_L of every batch (``BoundaryCache``: in memory up to
-   the budget, memory-mapped files past it);
+1. the sequential forward keeps the boundary states of every batch at the checkpoints x_0, x_k, x_2k, … and x_L
+   (``BoundaryCache``: in memory up to the budget, memory-mapped files past it; ``checkpoint_every`` = k, default
+   ⌈√L⌉; k = 1 keeps them all);
 2. the final norm and head resident: the full pipeline's loss on x_L (transformers' own ``loss_function`` on the
    adapter's logits: mean next-token cross-entropy of the batch) → ∂L/∂x_L per batch;
-3. for i = L-1 … 0: block i materialized, recomputed from its stored x_i with grad, ``autograd.backward(x_{i+1},
-   ∂L/∂x_{i+1})``; its weight gradients are folded into the gradient observer's sums per batch (Σ g, and Σ g² with
-   ``fisher`` — the square of each batch's gradient, as in ``full``), ∂L/∂x_i kept for the next step, the graph and
-   the block freed;
+3. for i = L-1 … 0: when x_i was not kept, the segment above its checkpoint x_s is recomputed first (blocks s … i-1
+   run forward again from x_s, one resident at a time, x_{s+1} … x_i stored until the walk passes them); block i
+   materialized, recomputed from its stored x_i with grad, ``autograd.backward(x_{i+1}, ∂L/∂x_{i+1})``; its weight
+   gradients are folded into the gradient observer's sums per batch (Σ g, and Σ g² with ``fisher`` — the square of
+   each batch's gradient, as in ``full``), ∂L/∂x_i kept for the next step, the graph and the block freed;
 4. ``hidden`` only: the embedding's gradient from ∂L/∂x_0 (a tied head's share recomputed from x_L beside it, so each
    batch's gradient of the shared matrix is the sum of both, as autograd forms it in ``full``); the final norm's and
    an untied head's at step 2.
 
-Memory: one block's weights + its activations for one batch's backward + the boundary states (every boundary, up to
-the budget, then disk) + one boundary of gradients; the head's logits of one batch at step 2. Cost: about one extra
-block forward per block and batch (the recomputation) on top of the backward itself, i.e. the same arithmetic as
-``full`` plus one forward.
+Memory: one block's weights + its activations for one batch's backward + the boundary states (⌈L/k⌉ + 1 checkpoints
+and up to k − 1 recomputed states of one segment, up to the budget, then disk; k = 1: all L + 1) + two boundaries of
+gradients; the head's logits of one batch at step 2. Cost: about one extra block forward per block and batch (the
+recomputation with grad) on top of the backward itself, i.e. the same arithmetic as ``full`` plus one forward; with
+k > 1 one more forward of the blocks inside each segment (≈ (k−1)/k of a forward; streamed, those blocks are read
+from disk once more).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
@@ -51,13 +56,27 @@ def head_loss(adapter: ArchAdapter, x_last: torch.Tensor, ids: torch.Tensor) -> 
     return model.loss_function(logits=logits, labels=ids.to(logits.device), vocab_size=model.config.vocab_size)
 
 
-def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: list[torch.Tensor],
+def checkpoint_interval(setting: int | None, num_blocks: int) -> int:
+    """k of ``checkpoint_every``: the setting, or ⌈√L⌉ — the forward keeps ⌈L/k⌉ + 1 boundaries and the backward
+    adds at most k − 1 recomputed ones, a sum smallest near k = √L."""
+    return setting if setting is not None else max(1, math.ceil(math.sqrt(num_blocks)))
+
+
+def is_checkpoint(index: int, every: int) -> bool:
+    """Whether the forward keeps boundary x_index for the backward (x_L is always kept: the head's loss reads it)."""
+    return index % every == 0
+
+
+def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache | None], ids: list[torch.Tensor],
                        inputs: Callable[[torch.Tensor], BlockInputs], weights: BlockWeights,
                        observer: GradientObserver, new_cache: Callable[[str], BoundaryCache],
                        progress: bool = True) -> None:
-    """Steps 2–4 of the module docstring. ``states[i]``: every batch's x_i (consumed: each is cleared once read for
-    the last time); ``inputs(x)``: the block inputs of a state's shape; ``new_cache(tag)``: an empty cache for one
-    boundary of gradients."""
+    """Steps 2–4 of the module docstring. ``states[i]``: every batch's x_i, or None where the forward kept no
+    checkpoint (recomputed from the one below; x_0 and x_L are always given); each is cleared once read for the last
+    time. ``inputs(x)``: the block inputs of a state's shape; ``new_cache(tag)``: an empty cache for one boundary of
+    gradients or of recomputed states."""
+    if states[0] is None or states[-1] is None:
+        raise ValueError("the block-wise backward needs the boundary states x_0 and x_L")
     model, n = adapter.model, adapter.num_blocks
     hidden = observer.every_parameter
     embed_w, head_w = f"{adapter.EMBED}.weight", f"{adapter.HEAD}.weight"
@@ -71,10 +90,12 @@ def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: l
         raise ValueError(f"hidden channels: parameters {other[:3]} sit outside the blocks, the embedding, the final "
                          "norm and the head, where the block-wise backward does not reach; use pipeline: full")
     grads = new_cache(f"g{n}")
+    last = states[n]
+    assert last is not None
     with weights.head(adapter):
         top = [(nm, p) for nm, p in _outside_blocks(adapter) if hidden and not tied and p.requires_grad]
         for b, batch in enumerate(ids):
-            x = states[n].get(b).detach().requires_grad_()
+            x = last.get(b).detach().requires_grad_()
             with torch.enable_grad():
                 loss = head_loss(adapter, x, batch)
                 (gx, *gp) = torch.autograd.grad(loss, [x] + [p for _, p in top], allow_unused=True)
@@ -83,8 +104,12 @@ def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: l
             observer.fold(top)
             grads.put(b, gx)
     if not (hidden and tied):  # x_L is read again below for a tied head's share of the embedding gradient
-        states[n].clear()
+        last.clear()
     for i in tqdm(reversed(range(n)), total=n, desc="block-wise backward", disable=not progress):
+        if states[i] is None:
+            _recompute(adapter, states, i, len(ids), inputs, weights, new_cache)
+        state = states[i]
+        assert state is not None
         below = new_cache(f"g{i}")
         with weights.block(adapter, i):
             layer = adapter.layers[i]
@@ -92,7 +117,7 @@ def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: l
             named = [(f"{prefix}.{nm}", p) for nm, p in layer.named_parameters()]
             layer.zero_grad(set_to_none=True)
             for b in range(len(ids)):
-                x = states[i].get(b).detach().requires_grad_()
+                x = state.get(b).detach().requires_grad_()
                 with torch.enable_grad():
                     out = adapter.run_block(i, x, inputs(x))
                     torch.autograd.backward(out, grads.get(b))
@@ -101,14 +126,32 @@ def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache], ids: l
                 if i > 0 or hidden:
                     below.put(b, x.grad)
         grads.clear()
-        states[i].clear()
+        state.clear()
+        states[i] = None
         grads = below
     if hidden:
-        _embedding_step(adapter, states[n], grads, ids, weights, observer, tied, embed_w)
-        states[n].clear()
+        _embedding_step(adapter, last, grads, ids, weights, observer, tied, embed_w)
+        last.clear()
         grads.clear()
     observer.batches_done(len(ids))
     model.zero_grad(set_to_none=True)
+
+
+def _recompute(adapter: ArchAdapter, states: list[BoundaryCache | None], top: int, batches: int,
+               inputs: Callable[[torch.Tensor], BlockInputs], weights: BlockWeights,
+               new_cache: Callable[[str], BoundaryCache]) -> None:
+    """x_{s+1} … x_top of every batch from the checkpoint x_s below ``top``: blocks s … top-1 run forward again, one
+    resident at a time, without grad — the forward's arithmetic on the forward's inputs, so the states are the ones it
+    dropped."""
+    start = max(j for j in range(top) if states[j] is not None)
+    for j in range(start, top):
+        source, cache = states[j], new_cache(f"r{j + 1}")
+        assert source is not None
+        with weights.block(adapter, j), torch.no_grad():
+            for b in range(batches):
+                x = source.get(b)
+                cache.put(b, adapter.run_block(j, x, inputs(x)))
+        states[j + 1] = cache
 
 
 def _outside_blocks(adapter: ArchAdapter) -> list[tuple[str, torch.nn.Parameter]]:

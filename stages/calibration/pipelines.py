@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
+from pydantic import Field, PlainValidator, WithJsonSchema, field_validator, model_validator
 
 from prunelab.stages.calibration.needs import refusals as need_refusals
 from prunelab.stages.core.config import PathStr, StrictModel
@@ -31,7 +31,8 @@ class SequentialPipeline(StrictModel):
     """One block resident at a time; the hidden states at the block boundary kept between blocks."""
 
     type: Literal["sequential"] = "sequential"
-    LATER_FIELDS: ClassVar[dict[str, Any]] = {"target": "dense"}  # added later: left out of dumps at its default
+    # added later: left out of dumps at their defaults
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"target": "dense", "checkpoint_every": None}
     propagate: Literal["dense", "pruned"] = Field(
         "dense", description="what block i+1 sees: dense = the dense block i's outputs (the same statistics as full); "
         "pruned = the scores still come from the dense pass, then the prune stage applies the plan block by block and "
@@ -46,6 +47,18 @@ class SequentialPipeline(StrictModel):
         "files in offload_dir")
     offload_dir: PathStr | None = Field(
         None, description="folder for boundary states past memory_budget_gb (none: a temporary folder, removed after)")
+    checkpoint_every: int | None = Field(
+        None, description="Taylor criteria (the block-wise backward): keep every k-th boundary state of the forward and "
+        "recompute the ones between from it on the way down (one more forward per block); 1 keeps them all; none: "
+        "ceil(sqrt(L)), which minimises the states stored (L/k + k)")
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_every(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"checkpoint_every: {value} — keep every k-th boundary state, k >= 1 (1 keeps every one; "
+                             "leave it out for ceil(sqrt(L)))")
+        return value
 
     @model_validator(mode="after")
     def _target_needs_pruned(self) -> SequentialPipeline:

@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunelab.stages.arch import adapter_for
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
-from prunelab.stages.calibration.backward import blockwise_backward
+from prunelab.stages.calibration.backward import blockwise_backward, checkpoint_interval, is_checkpoint
 from prunelab.stages.calibration.blocks import batches
 from prunelab.stages.calibration.observers import start_observers
 from prunelab.stages.calibration.pipelines import SequentialPipeline, refusals
@@ -219,8 +219,8 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
     """Every statistic in ``needs`` with one block resident at a time (``weights``: where the blocks come from;
     default: the model is resident). The needs must be ones the sequential pipeline collects
     (``prunelab.stages.calibration.pipelines.collect`` refuses the others with the reason). Gradients (``grad``,
-    ``fisher``, ``hidden``) keep every boundary state, then run the block-wise backward
-    (``prunelab.stages.calibration.backward``). ``skip``: blocks left out of the model (SLEB's removed blocks; only
+    ``fisher``, ``hidden``) keep every k-th boundary state (``settings.checkpoint_every``), then run the block-wise
+    backward (``prunelab.stages.calibration.backward``), which recomputes the states between. ``skip``: blocks left out of the model (SLEB's removed blocks; only
     ``removal_nll`` is defined on such a model)."""
     settings = settings or SequentialPipeline()
     weights = weights or getattr(model, "prunelab_weights", None) or ResidentWeights()  # a streamed skeleton's source
@@ -240,7 +240,8 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
     t0 = time.perf_counter()
     ids_batches = list(batches(calibration, batch_size))
     current, peak_offloaded = BoundaryCache(budget, folder, "b0", pool), 0
-    kept: list[BoundaryCache] = []  # the backward's boundary states x_0 … x_L
+    kept: list[BoundaryCache | None] = []  # the backward's boundary states x_0 … x_L (None: recomputed from a checkpoint)
+    every = checkpoint_interval(settings.checkpoint_every, adapter.num_blocks)
     prepared: dict[tuple[int, ...], BlockInputs] = {}
     # inference tensors cannot be saved for a backward: gradients want the forward's states as ordinary tensors
     mode = torch.no_grad if backward else torch.inference_mode
@@ -273,10 +274,12 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
                     for o in observers:  # hooks off: these re-run the block on their own states
                         o.block_done(i, current.get, lambda x: prepared[tuple(x.shape[:2])])
                 peak_offloaded = max(peak_offloaded, current.offloaded + following.offloaded)
-                if backward:
+                if backward and is_checkpoint(i, every):
                     kept.append(current)
                 else:
                     current.clear()
+                    if backward:
+                        kept.append(None)
                 current = following
             with weights.head(adapter):
                 for o in observers:
@@ -292,7 +295,8 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
     finally:
         current.clear()
         for cache in kept:
-            cache.clear()
+            if cache is not None:
+                cache.clear()
         if not settings.offload_dir:
             shutil.rmtree(folder, ignore_errors=True)
     stats.seconds = time.perf_counter() - t0

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from prunelab.registry import register_stage
-from prunelab.stages.calibration.streamed import is_streamed
 from prunelab.stages.core.config import InputFile, StrictModel
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.evaluation.suite import with_default_suite
 from prunelab.stages.evaluation.zeroshot import LOCAL_TASKS, evaluate_task, expand_preset
-from prunelab.stages.io.offload import offloaded_model, release
+from prunelab.stages.io.offload import placement, release, streamed_evaluation_model
 from prunelab.stages.io.qa import TextOrQASource
-from prunelab.stages.io.streaming import stream_folder
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -91,42 +89,24 @@ class EvaluateConfig(StrictModel):
 def run(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the model under its label; after a recovery with ``control: true`` also the control."""
     label = cfg.label or ctx.state
-    offloaded = _offloaded_folder_model(ctx)
+    offloaded = streamed_evaluation_model(ctx.model, ctx.recipe, ctx.stage_key, ctx.run_dir)  # None unless streamed
     models = [(label, ctx.model if offloaded is None else offloaded)]
     if label == "recovered" and "control" in ctx.variants:
         models.append(("control", ctx.variants["control"]))
     out: dict[str, Any] = {}
     saved = {}
-    try:
-        for lab, model in models:
-            results = _evaluate_one(ctx, cfg, model, lab)
-            ctx.evals.setdefault(lab, {}).update(results)
-            saved[lab] = results
-            out[lab] = {n: round(r["ppl"], 4) if "ppl" in r else {k: r.get(k) for k in ("acc", "acc_norm")}
-                        for n, r in results.items() if n != "speed"}
-    finally:
-        if offloaded is not None:
-            release(offloaded)
-    placement = getattr(models[0][1], "prunelab_offload", None)  # load: offload, or a streamed run's folder
-    extra = {"offload": {k: v for k, v in placement.items() if k != "disk_modules"}} if placement else {}
+    for lab, model in models:
+        results = _evaluate_one(ctx, cfg, model, lab)
+        ctx.evals.setdefault(lab, {}).update(results)
+        saved[lab] = results
+        out[lab] = {n: round(r["ppl"], 4) if "ppl" in r else {k: r.get(k) for k in ("acc", "acc_norm")} for n, r in results.items()
+                    if n != "speed"}
+    extra = placement(models[0][1])  # load: offload, or a streamed run's folder: what was in memory, what on disk
+    if offloaded is not None:
+        release(offloaded)
     if ctx.is_main:
         atomic_write_json(ctx.stage_dir / "results.json", {"label": label, "results": saved[label], "all": saved, **extra})
     return {"label": label, **out[label], **({"control": out["control"]} if "control" in out else {}), **extra}
-
-
-def _offloaded_folder_model(ctx: RunContext) -> Any | None:
-    """A streamed run (``model.load: streaming``) holds a meta skeleton, never the model: its evaluate stage reads the
-    source folder (no prune before it) or the exported ``model/`` (after the export; ``--dry-run`` refuses one in
-    between) through accelerate's offloading within ``model.memory_budget_gb`` (``prunelab.stages.io.offload``).
-    None for any other run: the model in memory is evaluated."""
-    if not is_streamed(ctx.model):
-        return None
-    keys = list(ctx.recipe.stages)
-    before = keys[: keys.index(ctx.stage_key)] if ctx.stage_key in keys else keys
-    exported = any(getattr(ctx.recipe.stages[k], "type", None) == "export" for k in before)
-    folder = ctx.run_dir / "model" if exported else stream_folder(ctx.recipe.model)
-    m = ctx.recipe.model
-    return offloaded_model(folder, m.memory_budget_gb, m.offload_dir, next(ctx.model.parameters()).dtype)
 
 
 def _evaluate_one(ctx: RunContext, cfg: EvaluateConfig, model: Any, label: str) -> dict[str, Any]:

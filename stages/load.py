@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from prunelab.registry import register_stage
 from prunelab.stages.io.config import ModelConfig
 from prunelab.stages.calibration.streamed import load_streaming
-from prunelab.stages.io.offload import load_offloaded
+from prunelab.stages.io.offload import load_offloaded, placement
 
 if TYPE_CHECKING:
     from prunelab.context import RunContext
@@ -37,8 +37,7 @@ def run(ctx: RunContext, cfg: ModelConfig) -> dict[str, Any]:
         "params_before": adapter.total_params(),
         "layers_before": adapter.num_blocks,
     }
-    if getattr(model, "prunelab_offload", None):
-        info["offload"] = {k: v for k, v in model.prunelab_offload.items() if k != "disk_modules"}
+    info.update(placement(model))  # load: offload: what is in memory, what on disk
     ctx.model_info.update(info)
     get_logger(__name__).info(f"loaded {info['source']}: {info['params_before']:,} params, {info['layers_before']} blocks",
                               main_process_only=True)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import safe_open
 
 from prunelab.stages.arch import adapter_for
+from prunelab.stages.io.streaming import ATTR as STREAMED_ATTR
 from prunelab.stages.io.streaming import evaluate_problems, source_problems, stream_folder
 
 if TYPE_CHECKING:
@@ -226,6 +227,26 @@ def load_offloaded(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def streamed_evaluation_model(model: Any, recipe: Any, stage_key: str, run_dir: Path) -> nn.Module | None:
+    """What an evaluate stage of a streamed run (``model.load: streaming``, whose model is a meta skeleton) evaluates:
+    the source folder when no export precedes the stage (``--dry-run`` refused one after a prune), else the exported
+    ``model/``, through ``offloaded_model`` within ``model.memory_budget_gb``. None for any other run."""
+    if getattr(model, STREAMED_ATTR, None) is None:
+        return None
+    keys = list(recipe.stages)
+    before = keys[: keys.index(stage_key)] if stage_key in keys else keys
+    exported = any(getattr(recipe.stages[k], "type", None) == "export" for k in before)
+    folder = run_dir / "model" if exported else stream_folder(recipe.model)
+    cfg = recipe.model
+    return offloaded_model(folder, cfg.memory_budget_gb, cfg.offload_dir, next(model.parameters()).dtype)
+
+
+def placement(model: Any) -> dict[str, Any]:
+    """``{"offload": what was in memory, what on disk}`` for an offloaded model (the stage's outputs), else empty."""
+    where = getattr(model, ATTR, None)
+    return {"offload": {k: v for k, v in where.items() if k != "disk_modules"}} if where else {}
 
 
 def release(model: nn.Module) -> None:

@@ -100,7 +100,10 @@ def test_no_copy_of_the_model_or_of_a_block(monkeypatch: pytest.MonkeyPatch) -> 
     assert not [c for c in copied if c.endswith(("ForCausalLM", "DecoderLayer", "Model"))], copied
 
 
-def test_rdsc_state_is_rdsc_merge_and_assigned_puts_everything_back() -> None:
+def test_rdsc_state_is_rdsc_merge_and_assigned_puts_everything_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunelab.stages.surgery import merge
+
+    monkeypatch.setattr(merge, "CHUNK", 7)  # many float64 chunks per tensor: the same bits as one pass
     model = tiny_family("qwen2", num_layers=4)  # biases merge too
     layers = model.model.layers
     before = copy.deepcopy(layers[1])
@@ -112,9 +115,10 @@ def test_rdsc_state_is_rdsc_merge_and_assigned_puts_everything_back() -> None:
     for k in want:
         assert torch.equal(state[k], want[k]), k
     bias = "self_attn.q_proj.bias"
-    manual = layers[1].state_dict()[bias].double()
-    manual = manual + sum(layers[j].state_dict()[bias].double() - manual for j in (2, 3))
-    assert torch.equal(state[bias], manual.float())
+    for key in (bias, "mlp.down_proj.weight"):  # the paper's formula in one float64 pass
+        manual = layers[1].state_dict()[key].double()
+        manual = manual + sum(layers[j].state_dict()[key].double() - manual for j in (2, 3))
+        assert torch.equal(state[key], manual.float()), key
     params = list(layers[1].parameters())
     with assigned(layers[1], state):
         assert torch.equal(layers[1].self_attn.q_proj.bias, state[bias])

@@ -28,6 +28,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+CHUNK = 1 << 20  # elements summed in float64 at a time: 8 MB temporaries instead of several copies of a matrix
+
+
+def _rdsc(w: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """θ + Σ_k (θ_k − θ) in float64, cast back, over ``CHUNK`` elements at a time (element-wise: the same bits
+    as one pass over the whole tensor)."""
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    flat, dst, srcs = w.reshape(-1), out.view(-1), [o.reshape(-1) for o in others]
+    if w.device.type == "meta":
+        return out
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK].double()
+        delta = sum(o[start : start + CHUNK].double() - part for o in srcs)
+        dst[start : start + CHUNK] = (part + delta).to(w.dtype)
+    return out
+
+
 def _merged_linears(base: torch.nn.Module, others: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
     """(state-dict name, θ_base + Σ_k (θ_k − θ_base)) for every Linear weight and bias of the block, one at a time
     (float64 sums, cast back to the parameter's dtype)."""
@@ -38,9 +55,8 @@ def _merged_linears(base: torch.nn.Module, others: list[torch.nn.Module]) -> Ite
             p = getattr(lin, attr)
             if p is None:
                 continue
-            w = p.data.double()
-            delta = sum(getattr(o.get_submodule(name), attr).data.double() - w for o in others)
-            yield f"{name}.{attr}" if name else attr, (w + delta).to(p.dtype)
+            value = _rdsc(p.data, [getattr(o.get_submodule(name), attr).data for o in others])
+            yield f"{name}.{attr}" if name else attr, value
 
 
 def rdsc_merge(base: torch.nn.Module, others: list[torch.nn.Module]) -> None:

@@ -160,6 +160,56 @@ def test_memory_formula_by_hand_and_lora_count_equals_peft():
     assert needs_grad(["block_influence", "taylor_plus"]) and not needs_grad(["ppl", "block_influence", "magnitude"])
 
 
+def test_memory_estimate_of_models_larger_than_memory(tmp_path):
+    """load: streaming holds one block or the embedding, load: offload its budget, the sequential pipeline adds the
+    boundary states (up to its budget) — what --dry-run prints instead of the whole model's P·b."""
+    import yaml
+
+    from prunelab.recipe import load_recipe
+    from prunelab.stages.io.sources import TINY_SHAPES
+    from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    shape = TINY_SHAPES["tiny-random-llama"]
+    P, block = shape.param_counts()
+    h, V = shape.hidden, shape.vocab
+
+    def recipe(budget: float | None, model: dict | None = None, keep: tuple[str, ...] | None = None):
+        raw = yaml.safe_load(open("recipes/debug-sequential.yaml").read())
+        if budget is None:
+            raw["stages"]["calibrate"].pop("pipeline")
+        else:
+            raw["stages"]["calibrate"]["pipeline"] = {"type": "sequential", "memory_budget_gb": budget}
+        if model is not None:
+            raw["model"] = model
+        if keep is not None:
+            raw["stages"] = {k: v for k, v in raw["stages"].items() if k in keep}
+            if model and model.get("load") == "streaming":
+                raw["stages"]["export"] = {"type": "export"}
+        path = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return load_recipe(str(path))
+
+    full = footprint.memory_estimate(shape, recipe(None))
+    resident = footprint.memory_estimate(shape, recipe(1.0))
+    capped = footprint.memory_estimate(shape, recipe(0.0))
+    calib = recipe(1.0).stages["calibrate"]
+    boundary = 2 * calib.num_samples * calib.seq_len * h * 4
+    assert resident.weights == full.weights == P * 4
+    assert resident.stages["score_depth"][0] == full.stages["score_depth"][0] + boundary  # the budget holds them all
+    assert "boundary states" in resident.stages["score_depth"][1]
+    assert capped.stages["score_depth"][0] == full.stages["score_depth"][0]  # budget 0: every one on disk
+    streamed = footprint.memory_estimate(shape, recipe(1.0, {"source": str(folder), "load": "streaming"},
+                                                       ("calibrate", "score_depth", "score_width", "prune_width")))
+    assert streamed.weights == (block + V * h) * 4 < P * 4
+    offload = footprint.memory_estimate(shape, recipe(None, {"source": str(folder), "load": "offload",
+                                                             "memory_budget_gb": 0.0001}, ("eval_pruned",)))
+    assert offload.weights == int(0.0001 * footprint.GIB) < P * 4
+    assert "in memory at once" in footprint.memory_line(offload)
+
+
 def test_local_folder_reads_sizes_on_disk(tmp_path, capsys):
     from prunelab.stages.io.tiny import byte_tokenizer, tiny_llama
 

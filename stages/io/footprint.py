@@ -30,6 +30,14 @@ parameter of ``model.dtype`` (float32 4; bfloat16/float16 2; auto: 2 on a GPU, 4
     full     = P·(b + 8) + 2·backward            (gradients, AdamW's two fp32 states)
     speed    = 2·n·kv·d·(prompt + new)·B·b + B·V·4  (the KV cache at the largest batch; kv heads of d dims)
 
+Models larger than memory (docs/calibration.md, "Memory formula"), with ``P_b`` one block and ``V·h`` the largest
+tensor outside the blocks (embedding or head), N × T the calibration windows::
+
+    weights (load: streaming) = (P_b + V·h)·b     (one block resident, or the embedding / head alone)
+    weights (load: offload)   = min(P·b, memory_budget_gb)
+    boundary states (pipeline: sequential) = min(2·N·T·h·b, the pipeline's memory_budget_gb)  (on score stages)
+    gradient criteria, streamed = P_b·(b + 8) + backward of one block + logits  (its Σg, Σg² spilled per block)
+
 It is an estimate to size a machine, not a measurement: allocator slack, CUDA context (~0.5 GiB) and framework
 buffers come on top, and a stage with smaller batches than these formulas assume needs less.
 """
@@ -192,7 +200,21 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
     a = shape.heads or 1
     hd = shape.head_dim or h // a
     kv, inter = shape.kv_heads or a, shape.intermediate or 4 * h
-    est = MemoryEstimate(P, b, dname, int(P * b), 0)
+    load = getattr(recipe.model, "load", "resident")
+    block = counts[1] if counts is not None else (P - V * h) // max(n, 1)
+    if load == "streaming":
+        resident = int((block + V * h) * b)
+    elif load == "offload":
+        resident = min(int(P * b), int(recipe.model.memory_budget_gb * GIB))
+    else:
+        resident = int(P * b)
+    est = MemoryEstimate(P, b, dname, resident, 0)
+    boundary = 0
+    for _, node in settings_objects(recipe.stages, "stages"):
+        pipe = getattr(node, "pipeline", None)
+        if getattr(pipe, "type", None) == "sequential" and hasattr(node, "num_samples"):
+            boundary = max(boundary, min(int(2 * node.num_samples * node.seq_len * h * b),
+                                         int(pipe.memory_budget_gb * GIB)))
 
     def logits(B: int, L: int) -> int:
         return 2 * B * L * V * 4
@@ -216,11 +238,16 @@ def memory_estimate(shape: Any, recipe: Any, params: int | None = None,
             fields = set(type(node).model_fields)
             if {"criteria", "batch_size"} <= fields:  # score
                 B = node.batch_size
-                if needs_grad(list(node.criteria)):
-                    put(key, int(P * b) + P * 4 + backward(B, calib_len),
-                        f"gradients P·b + float32 gradient sums P·4 + backward of {B} × {calib_len} tokens")
+                held = f" + boundary states {gib(boundary)} (pipeline: sequential)" if boundary else ""
+                if needs_grad(list(node.criteria)) and load == "streaming":
+                    one = backward(B, calib_len) - logits(B, calib_len)
+                    put(key, int(block * (b + 8)) + one // max(n, 1) + logits(B, calib_len) + boundary,
+                        f"one block's gradients and sums P_b·(b+8) + its backward of {B} × {calib_len} tokens{held}")
+                elif needs_grad(list(node.criteria)):
+                    put(key, int(P * b) + P * 4 + backward(B, calib_len) + boundary,
+                        f"gradients P·b + float32 gradient sums P·4 + backward of {B} × {calib_len} tokens{held}")
                 else:
-                    put(key, forward(B, calib_len), f"a forward of {B} × {calib_len} tokens")
+                    put(key, forward(B, calib_len) + boundary, f"a forward of {B} × {calib_len} tokens{held}")
             elif {"source", "num_samples", "seq_len"} <= fields:  # calibrate: the windows themselves, then a forward
                 put(key, forward(1, node.seq_len), f"a forward of 1 × {node.seq_len} tokens")
             elif {"method", "lora", "loop", "loss", "data"} <= fields:  # recover (or an iterate stage's recover)
@@ -262,7 +289,10 @@ def size_text(n: int) -> str:
 
 
 def memory_line(est: MemoryEstimate) -> str:
-    parts = [f"weights {gib(est.weights)} ({est.params / 1e6:,.1f}M params × {est.bytes_per_param:g} B, {est.dtype})"]
+    whole = int(est.params * est.bytes_per_param)
+    held = "" if est.weights == whole else f", {gib(est.weights)} of {gib(whole)} in memory at once"
+    parts = [f"weights {gib(est.weights)} ({est.params / 1e6:,.1f}M params × {est.bytes_per_param:g} B, {est.dtype}"
+             f"{held})"]
     if est.teacher:
         parts.append(f"teacher copy {gib(est.teacher)}")
     stage = est.peak_stage

@@ -41,7 +41,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from prunelab.context import RunContext
+from prunelab.recipe import validate
+from prunelab.registry import load_stages
 
 # variant name → (calibrate pipeline settings); ``NAME@D`` adds the prune stage's compensation damping D
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -141,15 +149,6 @@ def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float | None:
 def compare(from_run: Path, work: Path, variants: list[str], eval_dense: bool = False, progress: bool = True,
             out_dir: Path | None = None) -> dict[str, Any]:
     """Run every variant (module docstring) and return the report; writes it under ``out_dir`` after each variant."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file
-
-    from prunelab.context import RunContext
-    from prunelab.recipe import validate
-    from prunelab.registry import load_stages
-
     raw = yaml.safe_load((from_run / "recipe.resolved.yaml").read_text())
     metrics = json.loads((from_run / "metrics.json").read_text())
     calibrate, score, prune, evaluate = _stage_keys(raw)

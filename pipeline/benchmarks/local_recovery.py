@@ -44,6 +44,9 @@ from typing import Any
 
 import yaml
 
+from prunelab.recipe import RecipeError, load_recipe
+from prunelab.registry import load_stages
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # the reconstruction settings measured best (docs/recovery.md, "Block-local reconstruction")
@@ -143,8 +146,6 @@ def variant_recipe(raw: dict[str, Any], keep: list[str], variant: str, reconstru
 
 def validate(recipe: dict[str, Any], path: Path) -> None:
     """The child's recipe through prunelab's own validation, before anything heavy runs."""
-    from prunelab.recipe import RecipeError, load_recipe
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     try:
@@ -279,10 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = value
-    from prunelab.stages.reconstruct import ReconstructConfig
-
     try:
-        ReconstructConfig(**reconstruct)
+        load_stages().get("reconstruct").config_cls(**reconstruct)
     except ValueError as exc:
         raise BenchError(f"--reconstruct: {exc}") from None
     if args.kd_steps is not None and args.kd_steps < 1:

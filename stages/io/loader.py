@@ -37,6 +37,15 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
+def apply_layer_shapes(model: nn.Module, shapes: list[dict[str, int]]) -> Any:
+    """Resize each block of a uniformly built model to its ``prunelab_layer_shapes`` entry (heads, KV heads, MLP
+    channels; 0 = a removed sublayer); returns the model's adapter. On meta or empty weights: shapes only."""
+    ad = adapter_for(model)
+    for layer, shape in zip(ad.layers, shapes, strict=True):
+        ad.resize_layer(layer, shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"])
+    return ad
+
+
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
     """Load a prunelab export; heterogeneous widths are rebuilt layer by layer, then weights loaded."""
     path = Path(path)
@@ -46,9 +55,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    ad = adapter_for(model)
-    for layer, shape in zip(ad.layers, shapes):
-        ad.resize_layer(layer, shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"])
+    ad = apply_layer_shapes(model, shapes)
     state = _state_dict(path)
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -90,15 +90,14 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights  # lazy: torch-free
     from transformers import AutoConfig, AutoModelForCausalLM  # lazy: torch-free
 
+    from prunelab.stages.io.loader import apply_layer_shapes  # lazy: torch-free
+
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         shapes = getattr(config, "prunelab_layer_shapes", None)
         if shapes:
-            ad = adapter_for(model)
-            for layer, shape in zip(ad.layers, shapes, strict=True):
-                ad.resize_layer(layer, shape["num_attention_heads"], shape["num_key_value_heads"],
-                                shape["intermediate_size"])
+            apply_layer_shapes(model, shapes)
     if getattr(config, "tie_word_embeddings", False):  # outside: init_empty_weights re-creates registered parameters
         model.tie_weights()
     return model.eval()

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunelab.stages.arch.base import ArchAdapter, BlockInputs
+from prunelab.stages.calibration.blocks import run_over_batches
 
 if TYPE_CHECKING:
     from prunelab.stages.calibration.observers import GradientObserver
@@ -148,9 +149,7 @@ def _recompute(adapter: ArchAdapter, states: list[BoundaryCache | None], top: in
         source, cache = states[j], new_cache(f"r{j + 1}")
         assert source is not None
         with weights.block(adapter, j), torch.no_grad():
-            for b in range(batches):
-                x = source.get(b)
-                cache.put(b, adapter.run_block(j, x, inputs(x)))
+            run_over_batches(adapter, j, source, cache, batches, inputs)
         states[j + 1] = cache
 
 

@@ -21,6 +21,16 @@ def batches(calibration: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor
         yield calibration[start : start + batch_size]
 
 
+def run_over_batches(adapter: ArchAdapter, index: int, source: Any, target: Any, count: int,
+                     inputs: Any) -> None:
+    """Block ``index`` (resident) on every batch's state ``source.get(b)``, its output ``target.put(b, …)``: one
+    boundary of a sequential walk to the next (``source`` / ``target``: boundary caches; ``inputs(x)``: the block
+    inputs of a state's shape)."""
+    for b in range(count):
+        x = source.get(b)
+        target.put(b, adapter.run_block(index, x, inputs(x)))
+
+
 @torch.inference_mode()
 def removal_nll_batch(
     adapter: ArchAdapter, states: list[torch.Tensor], kept: list[int], ids: torch.Tensor, max_stack: int = 64

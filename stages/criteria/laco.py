@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunelab.stages.arch import adapter_for
-from prunelab.stages.calibration.blocks import batches
+from prunelab.stages.calibration.blocks import batches, run_over_batches
 from prunelab.stages.calibration.pipelines import SequentialPipeline
 from prunelab.stages.calibration.sequential import BoundaryCache, MemoryPool, ResidentWeights
 from prunelab.stages.calibration.streamed import weights_of
@@ -153,9 +153,7 @@ class _SequentialTrials:
                     self.dense[i] = current
                 following = self._cache(f"x{i + 1}")
                 with weights.block(ad, i):
-                    for b in range(len(self.ids)):
-                        x = current.get(b)
-                        following.put(b, ad.run_block(i, x, self._inputs(x)))
+                    run_over_batches(ad, i, current, following, len(self.ids), self._inputs)
                 if i not in starts:
                     current.clear()
                 current = following
@@ -173,9 +171,7 @@ class _SequentialTrials:
     def _run(self, index: int, states: BoundaryCache) -> BoundaryCache:
         """Block ``index`` (resident) on every batch's state; the input states are freed."""
         following = self._cache(f"t{index + 1}")
-        for b in range(len(self.ids)):
-            x = states.get(b)
-            following.put(b, self.ad.run_block(index, x, self._inputs(x)))
+        run_over_batches(self.ad, index, states, following, len(self.ids), self._inputs)
         states.clear()
         return following
 

@@ -240,14 +240,14 @@ def _run_dense(ad: Any, i: int, layer: nn.Module, states: Any, following: Any, p
     Gram, sum and count of its o_proj / down_proj inputs (the sums the score pass keeps for a resident run)."""
     import torch  # lazy: torch-free
 
+    from prunelab.stages.calibration.blocks import run_over_batches  # lazy: torch-free
+
     sums = {role: GramSums() for role in ("o", "down")} if collect else {}
     handles = [ad.linear(layer, role).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
                for role, s in sums.items()]
     try:
         with torch.no_grad():  # not inference mode: the Gram buffers are updated in place afterwards
-            for b in range(states.count):
-                x = states.get(b)
-                following.put(b, ad.run_block(i, x, prepared[tuple(x.shape[:2])]))
+            run_over_batches(ad, i, states, following, states.count, lambda x: prepared[tuple(x.shape[:2])])
     finally:
         for h in handles:
             h.remove()

@@ -12,6 +12,7 @@ the dev CPU: sequential == full exactly (0.0), float64 floor ~1e-7.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,22 @@ def _within_floor(got: dict[str, Any], full: dict[str, Any], exact: dict[str, An
         assert abs(a["similarity"] - b["similarity"]) <= 2 * floor, (a, b, floor)
 
 
-@pytest.mark.parametrize("budget", [0.0, 4.0], ids=["offloaded", "in-memory"])
-@pytest.mark.parametrize("family", list(CASES))
-def test_sequential_trials_equal_full(family: str, budget: float) -> None:
+@functools.cache
+def _reference(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """The model, its tensors before any trial, and ``full``'s trials in float32 and float64 (shared by the cases)."""
     build, opts, num_remove = CASES[family]
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    full = _run(model, opts, num_remove)
-    seq = _run(model, opts, num_remove, SequentialPipeline(memory_budget_gb=budget))
-    exact = _run(copy.deepcopy(model).double(), opts, num_remove)
+    return model, before, _run(model, opts, num_remove), _run(copy.deepcopy(model).double(), opts, num_remove)
+
+
+@pytest.mark.parametrize("every", [1, 3, None], ids=["every-1", "every-3", "every-default"])
+@pytest.mark.parametrize("budget", [0.0, 4.0], ids=["offloaded", "in-memory"])
+@pytest.mark.parametrize("family", list(CASES))
+def test_sequential_trials_equal_full(family: str, budget: float, every: int | None) -> None:
+    _, opts, num_remove = CASES[family]
+    model, before, full, exact = _reference(family)
+    seq = _run(model, opts, num_remove, SequentialPipeline(memory_budget_gb=budget, checkpoint_every=every))
     # the settings exercise what the sequential form must get right
     assert any(not t["kept"] for t in full["trials"]) and len(full["merges"]) >= 2
     merged_then_absorbed = [m for m in full["merges"] if any(m["into"] in later["from"] for later in full["merges"])]
@@ -81,6 +89,42 @@ def test_sequential_trials_equal_full(family: str, budget: float) -> None:
     _within_floor(seq, full, exact)
     for k, v in model.state_dict().items():  # neither form left a merge in the model
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_checkpointed_dense_states_stored_and_recomputed(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With k > 1 fewer than L + 1 dense boundaries are held at once (at most ⌈S/k⌉ checkpoints + k − 1 recomputed, S
+    the positions a trial can start at), and each block below the top start is run at most once more per batch than
+    with every boundary kept (a segment recomputed once, not once per trial inside it)."""
+    from prunelab.stages.arch.base import ArchAdapter
+
+    _, opts, num_remove = CASES[family]
+    model, _, full, _ = _reference(family)
+    n, batches = len(model.model.layers), -(-_calibration().shape[0] // 2)
+    starts = n - 1 - opts["merge_layers"] + 1  # trials start at 0 … H − C (layers: all)
+    engines: list[Any] = []
+    forwards = [0]
+    engine_class, run_block = laco_module._SequentialTrials, ArchAdapter.run_block
+
+    def spy_engine(*args: Any) -> Any:
+        engines.append(engine_class(*args))
+        return engines[-1]
+
+    def spy_block(self: Any, index: int, hidden: Any, inputs: Any) -> Any:
+        forwards[0] += 1
+        return run_block(self, index, hidden, inputs)
+
+    monkeypatch.setattr(laco_module, "_SequentialTrials", spy_engine)
+    monkeypatch.setattr(ArchAdapter, "run_block", spy_block)
+    stored, runs = {}, {}
+    for every in (1, 3):
+        forwards[0] = 0
+        extra = _run(model, opts, num_remove, SequentialPipeline(memory_budget_gb=0, checkpoint_every=every))
+        assert _path(extra) == _path(full)
+        stored[every], runs[every] = engines[-1].most_stored, forwards[0]
+    assert stored[1] == starts  # every position a trial can start at
+    assert stored[3] <= -(-starts // 3) + 3 - 1 and stored[3] < stored[1] < n + 1, stored
+    assert 0 < runs[3] - runs[1] <= (starts - -(-starts // 3)) * batches, runs  # one recompute per segment block
 
 
 def test_no_copy_of_the_model_or_of_a_block(monkeypatch: pytest.MonkeyPatch) -> None:

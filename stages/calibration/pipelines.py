@@ -48,9 +48,10 @@ class SequentialPipeline(StrictModel):
     offload_dir: PathStr | None = Field(
         None, description="folder for boundary states past memory_budget_gb (none: a temporary folder, removed after)")
     checkpoint_every: int | None = Field(
-        None, description="Taylor criteria (the block-wise backward): keep every k-th boundary state of the forward and "
-        "recompute the ones between from it on the way down (one more forward per block); 1 keeps them all; none: "
-        "ceil(sqrt(L)), which minimises the states stored (L/k + k)")
+        None, description="Taylor criteria (the block-wise backward) and LaCo's trials: keep every k-th boundary state "
+        "of the dense forward and recompute the ones between from it on the way down (one more forward per block); 1 "
+        "keeps them all; none: ceil(sqrt(L)) (LaCo: of the S blocks a trial can start at), which minimises the states "
+        "stored (L/k + k)")
 
     @field_validator("checkpoint_every")
     @classmethod

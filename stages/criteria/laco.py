@@ -21,13 +21,19 @@ Two ways to run the trials, the same plan and similarities (tests/test_laco_sequ
   stay there until the end, every original tensor is put back after), the collapsed model run from the embeddings.
 - ``sequential`` (the recipe's calibrate pipeline, and always with ``model: {load: streaming}``): trials go from the
   top down, so every kept merge lies above the block tried and block l's input is the *dense* boundary state x_l.
-  One dense pass, one block resident, keeps x_l for every l a trial can start at (in memory up to
-  ``memory_budget_gb``, then memory-mapped files; each freed once the trials pass below it) and the dense final
-  states. A trial then runs x_l → the merged
-  block (its C sources resident while ``rdsc_state`` sums them, freed before the forward) → each block still alive
-  above it, one at a time → the final norm. A kept merge is written to disk (``MergedBlocks``) and read back when a
-  later trial runs it or merges it again — never recomputed, never held. Peak: the C merge sources + the merged
-  block, plus the boundary states; a trial at l costs the blocks above l, not the whole model.
+  One dense pass, one block resident, keeps the checkpoints among the S positions a trial can start at — x_low,
+  x_{low+k}, … (k = the pipeline's ``checkpoint_every``, default ⌈√S⌉; 1 keeps all S) — and the dense final states
+  (in memory up to ``memory_budget_gb``, then memory-mapped files). A trial at l whose x_l was not kept recomputes its
+  segment first: the dense blocks s … l−1 run again from the checkpoint x_s below, one resident at a time, and every
+  state x_{s+1} … x_l is kept, because the next trials (l−1, l−2, …) start inside the same segment — each block of a
+  segment is recomputed once per segment, not once per trial (the Taylor backward's scheme,
+  ``prunelab.stages.calibration.backward``). States above the trial are freed as the trials descend. A trial then
+  runs x_l → the merged block (its C sources resident while ``rdsc_state`` sums them, freed before the forward) →
+  each block still alive above it, one at a time → the final norm. A kept merge is written to disk
+  (``MergedBlocks``) and read back when a later trial runs it or merges it again — never recomputed, never held.
+  Peak: the C merge sources + the merged block, plus the boundary states: at most ⌈S/k⌉ checkpoints + k − 1
+  recomputed states + the dense final states + the trial's two boundaries (k = 1: S + 3). A trial at l costs the
+  blocks above l, not the whole model; checkpoints add at most one forward of the blocks below the top start.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunelab.stages.arch import adapter_for
+from prunelab.stages.calibration.backward import checkpoint_interval
 from prunelab.stages.calibration.blocks import batches, run_over_batches
 from prunelab.stages.calibration.pipelines import SequentialPipeline
 from prunelab.stages.calibration.sequential import BoundaryCache, MemoryPool, ResidentWeights
@@ -123,10 +130,13 @@ class _SequentialTrials:
         self.pool = MemoryPool(settings.memory_budget_gb * 2**30)  # every cache below shares the one budget
         self.ids = list(batches(inp.calibration, inp.batch_size))
         self.prepared: dict[tuple[int, ...], Any] = {}
-        self.dense: dict[int, BoundaryCache] = {}  # x_l for every l a trial may start at
+        # checkpoints x_low, x_{low+k}, … and the segment recomputed below the current trial (never above it)
+        self.dense: dict[int, BoundaryCache] = {}
+        self.every = checkpoint_interval(settings.checkpoint_every, len(starts))
+        self.most_stored = 0  # the most dense boundaries held at once (tests/test_laco_sequential.py counts them)
         self.pending: dict[str, torch.Tensor] | None = None
         try:
-            self._dense_pass(set(starts))
+            self._dense_pass({l for l in starts if (l - starts.start) % self.every == 0})
         except BaseException:
             self.close()
             raise
@@ -137,7 +147,10 @@ class _SequentialTrials:
     def _inputs(self, x: torch.Tensor) -> Any:
         return self.prepared[tuple(x.shape[:2])]
 
-    def _dense_pass(self, starts: set[int]) -> None:
+    def _stored(self) -> None:
+        self.most_stored = max(self.most_stored, len(self.dense))
+
+    def _dense_pass(self, checkpoints: set[int]) -> None:
         ad, weights = self.ad, self.weights
         current = self._cache("x0")
         with torch.no_grad():
@@ -149,12 +162,13 @@ class _SequentialTrials:
                         self.prepared[key] = ad.prepare(x)
                     current.put(b, x)
             for i in range(ad.num_blocks):
-                if i in starts:
+                if i in checkpoints:
                     self.dense[i] = current
+                    self._stored()
                 following = self._cache(f"x{i + 1}")
                 with weights.block(ad, i):
                     run_over_batches(ad, i, current, following, len(self.ids), self._inputs)
-                if i not in starts:
+                if i not in checkpoints:
                     current.clear()
                 current = following
             with weights.head(ad):
@@ -163,6 +177,24 @@ class _SequentialTrials:
             for b in range(len(self.ids)):
                 self.reference.put(b, self.norm(current.get(b)).float())
             current.clear()
+
+    def _dense_state(self, base: int) -> BoundaryCache:
+        """The dense x_base, handed over to the trial (which frees it). States above ``base`` are freed first (trials
+        only go down); when x_base was not kept, the segment from the checkpoint x_s below is recomputed — the
+        dense blocks s … base−1 (below every kept merge, so as loaded), one resident at a time — and every state of
+        it stays for the trials that follow (base−1, base−2, … down to s)."""
+        for index in [j for j in self.dense if j > base]:
+            self.dense.pop(index).clear()
+        if base not in self.dense:
+            start = max(j for j in self.dense if j < base)  # x_low is a checkpoint: some s < base is always kept
+            with torch.no_grad():
+                for j in range(start, base):
+                    following = self._cache(f"r{j + 1}")
+                    with self.weights.block(self.ad, j):
+                        run_over_batches(self.ad, j, self.dense[j], following, len(self.ids), self._inputs)
+                    self.dense[j + 1] = following
+                    self._stored()
+        return self.dense.pop(base)
 
     def _resident(self, index: int) -> Any:
         """Block ``index`` as the collapsed model has it: merged (read back from disk) or as loaded."""
@@ -177,13 +209,14 @@ class _SequentialTrials:
 
     def trial(self, base: int, absorbed: list[int], gone: frozenset[int], above: list[int]) -> float:
         layers = self.ad.layers
+        dense = self._dense_state(base)  # x_base (its segment recomputed first, one block resident): later trials start lower
         with torch.no_grad():
             with ExitStack() as sources:  # the C merge sources resident while their sum is formed, then freed
                 for j in [base, *absorbed]:
                     sources.enter_context(self._resident(j))
                 state = rdsc_state(layers[base], [layers[j] for j in absorbed])
             with assigned(layers[base], state):
-                states = self._run(base, self.dense.pop(base))  # x_base: later trials start lower
+                states = self._run(base, dense)
             for j in above:
                 with self._resident(j):
                     states = self._run(j, states)
@@ -203,6 +236,7 @@ class _SequentialTrials:
     def close(self) -> None:
         for cache in self.dense.values():
             cache.clear()
+        self.dense.clear()
         if hasattr(self, "reference"):
             self.reference.clear()
         self.merged.close()

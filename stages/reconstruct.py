@@ -4,8 +4,7 @@ reproduce the dense block's output on calibration activations, one block at a ti
 
 A stage of its own rather than a ``method`` of ``recover``: it shares none of the recover stage's trainer (no
 accelerate loop, no adapter kept, no data packing, no loss over logits); its settings are per block. Like
-``recover`` it leaves the model ``recovered`` and its statistics in ``recover_info``, so evaluation and metrics
-read it the same way.
+``recover`` it leaves the model ``recovered`` and its statistics in ``recover_info`` (evaluation reads it alike).
 
 ```yaml
 reconstruct:
@@ -13,11 +12,9 @@ reconstruct:
   inputs: pruned          # pruned: the reconstructed blocks' own outputs feed the next block | dense
   train: weights          # weights: every kept weight of the block | lora (merged after each block)
   sublayers: together     # together: the block output | separate: attention first, then the MLP
-  steps: 100              # Adam steps per block (separate: per sublayer)
-  batch_size: 8           # windows per step
-  lr: 1.0e-4
-  schedule: constant      # | cosine (from lr to 0 over each phase's steps)
-  loss: mse               # | token: per-token relative error | channel: per-channel relative error
+  steps: 100              # Adam steps per block (separate: per sublayer), batch_size: 8 windows per step
+  lr: 1.0e-4              # schedule: constant | cosine (from lr to 0 over each phase's steps)
+  loss: mse               # | token: per-token relative error | channel: per-channel | fisher: BRECQ's weights
   skip_tokens: 0          # first positions of each window left out of the loss
   # data: {source: {path: ../shared/data/wikitext2/valid.txt}, num_samples: 256, seq_len: 256}  (default: the run's calibration)
 ```
@@ -71,10 +68,11 @@ class ReconstructConfig(StrictModel):
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (lora wants ~10× more than weights)")
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="learning rate over a phase's steps: constant, or cosine decay from lr to 0")
-    loss: Literal["mse", "token", "channel"] = Field(
+    loss: Literal["mse", "token", "channel", "fisher"] = Field(
         "mse", description="mse: plain MSE on the residual stream (ruled by a few massive activations: SmolLM2's "
         "first token carries ~10^4× a typical token's mean square); token: each token's squared error over the "
-        "dense token's mean square; channel: each channel's over that channel's mean square in the dense targets")
+        "dense token's mean square; channel: over each channel's mean square in the dense targets; fisher: times the "
+        "dense model's squared loss gradient there (BRECQ Eq. 10; one block-wise backward of the dense model first)")
     skip_tokens: int = Field(0, ge=0, description="the first N positions of every window left out of the loss (the "
                              "attention-sink token whose huge activation only needs to stay huge)")
     lora: ReconstructLora = Field(default_factory=ReconstructLora, description="train: lora only")
@@ -86,9 +84,11 @@ class ReconstructConfig(StrictModel):
 
     @model_validator(mode="after")
     def _lora_applies(self) -> ReconstructConfig:
-        # a non-default lora without train: lora is a mistake; the default itself is what every dump carries
-        if "lora" in self.model_fields_set and self.train != "lora" and self.lora != ReconstructLora():
+        if "lora" in self.model_fields_set and self.train != "lora" and self.lora != ReconstructLora():  # a mistake
             raise ValueError("lora: {rank, alpha} applies to train: lora; set train: lora or leave lora out")
+        if self.loss == "fisher" and self.sublayers == "separate":
+            raise ValueError("loss: fisher weighs the block OUTPUT (the attention phase of sublayers: separate has "
+                             "no weights): use sublayers: together with loss: fisher, or another loss")
         if self.data is not None and self.skip_tokens >= self.data.seq_len:
             raise ValueError(f"skip_tokens: {self.skip_tokens} leaves none of data.seq_len {self.data.seq_len} tokens "
                              "in the loss; lower skip_tokens (1 skips the first, attention-sink token)")

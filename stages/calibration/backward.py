@@ -71,11 +71,14 @@ def is_checkpoint(index: int, every: int) -> bool:
 def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache | None], ids: list[torch.Tensor],
                        inputs: Callable[[torch.Tensor], BlockInputs], weights: BlockWeights,
                        observer: GradientObserver, new_cache: Callable[[str], BoundaryCache],
-                       progress: bool = True) -> None:
+                       progress: bool = True,
+                       on_gradient: Callable[[int, BoundaryCache], None] | None = None) -> None:
     """Steps 2–4 of the module docstring. ``states[i]``: every batch's x_i, or None where the forward kept no
     checkpoint (recomputed from the one below; x_0 and x_L are always given); each is cleared once read for the last
     time. ``inputs(x)``: the block inputs of a state's shape; ``new_cache(tag)``: an empty cache for one boundary of
-    gradients or of recomputed states."""
+    gradients or of recomputed states. ``on_gradient(i, grads)``: called with ∂L/∂x_{i+1} of every batch (the
+    gradient at block i's OUTPUT) before that boundary's gradients are freed (block-local reconstruction's Fisher
+    weights read them)."""
     if states[0] is None or states[-1] is None:
         raise ValueError("the block-wise backward needs the boundary states x_0 and x_L")
     model, n = adapter.model, adapter.num_blocks
@@ -126,6 +129,8 @@ def blockwise_backward(adapter: ArchAdapter, states: list[BoundaryCache | None],
                 observer.fold(named)
                 if i > 0 or hidden:
                     below.put(b, x.grad)
+        if on_gradient is not None:
+            on_gradient(i, grads)
         grads.clear()
         state.clear()
         states[i] = None

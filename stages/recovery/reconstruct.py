@@ -46,6 +46,7 @@ from prunelab.stages.arch.base import ArchAdapter, BlockInputs
 from prunelab.stages.calibration.sequential import BlockWeights, BoundaryCache, ResidentWeights
 from prunelab.stages.core.files import atomic_write_json
 from prunelab.stages.evaluation.memory import peak_memory_mb
+from prunelab.stages.recovery.fisher import output_fishers
 
 log = logging.getLogger(__name__)
 
@@ -208,39 +209,54 @@ class Objective:
     Why not plain MSE alone: SmolLM2's residual stream holds a few massive activations (the first token of a window
     carries ~10^4× a typical token's mean square past the middle blocks, and two channels most of the rest), so the
     MSE's gradient is spent on them. ``token`` divides each token's squared error by the dense token's mean square;
-    ``channel`` each channel's by that channel's mean square over the calibration targets (``scale``)."""
+    ``channel`` each channel's by that channel's mean square over the calibration targets (``scale``); ``fisher``
+    weights each element by the dense model's squared loss gradient there (``fisher``: per-window caches,
+    :mod:`prunelab.stages.recovery.fisher`), over its mean (``scale``), so uniform weights would give the MSE."""
 
-    def __init__(self, kind: str, skip: int = 0, scale: torch.Tensor | None = None) -> None:
+    def __init__(self, kind: str, skip: int = 0, scale: torch.Tensor | None = None,
+                 fisher: BoundaryCache | None = None) -> None:
         if kind == "channel" and scale is None:
             raise ValueError("loss: channel needs the targets' per-channel mean square")
-        self.kind, self.skip, self.scale = kind, skip, scale
+        if kind == "fisher" and (fisher is None or scale is None):
+            raise ValueError("loss: fisher needs the block output's squared gradients and their mean")
+        self.kind, self.skip, self.scale, self.fisher = kind, skip, scale, fisher
 
-    def __call__(self, got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    def __call__(self, got: torch.Tensor, want: torch.Tensor, idx: list[int] | None = None) -> torch.Tensor:
         g, w = got.float()[:, self.skip:], want.float()[:, self.skip:]
         err = (g - w).pow(2)
         if self.kind == "token":
             return (err.mean(-1) / w.pow(2).mean(-1).clamp_min(1e-12)).mean()
         if self.kind == "channel":
             return (err / self.scale).mean()
+        if self.kind == "fisher":
+            assert self.fisher is not None and idx is not None, "loss: fisher reads the windows' weights by index"
+            weight = _stack(self.fisher, idx)[:, self.skip:].to(err.device)
+            return (err * weight).mean() / self.scale
         return err.mean()
 
 
 @torch.no_grad()
-def objective(cfg: Any, y: BoundaryCache, n: int, size: int) -> Objective:
-    """The stage's loss for one target cache (``channel`` reads the targets' per-channel mean square once)."""
+def objective(cfg: Any, y: BoundaryCache, n: int, size: int, fisher: BoundaryCache | None = None) -> Objective:
+    """The stage's loss for one target cache (``channel`` reads the targets' per-channel mean square once,
+    ``fisher`` the mean of the block output's weights)."""
     skip = getattr(cfg, "skip_tokens", 0)
     kind = getattr(cfg, "loss", "mse")
     scale = None
-    if kind == "channel":
+    if kind in ("channel", "fisher"):
+        source = fisher if kind == "fisher" else y
+        assert source is not None, "loss: fisher needs the block output's squared gradients"
         total, count = None, 0
         for idx in _chunks(n, size):
-            w = _stack(y, idx).float()[:, skip:]
-            part = w.pow(2).sum((0, 1))
+            w = _stack(source, idx).float()[:, skip:]
+            part = w.pow(2).sum((0, 1)) if kind == "channel" else w.sum((0, 1))
             total = part if total is None else total + part
             count += w.shape[0] * w.shape[1]
         scale = total / max(count, 1)
-        scale = scale.clamp_min(float(scale.mean()) * 1e-6 + 1e-12)  # a dead channel must not divide by zero
-    return Objective(kind, skip, scale)
+        if kind == "fisher":
+            scale = scale.mean().clamp_min(1e-30)  # one number: the mean weight of an element
+        else:
+            scale = scale.clamp_min(float(scale.mean()) * 1e-6 + 1e-12)  # a dead channel must not divide by zero
+    return Objective(kind, skip, scale, fisher if kind == "fisher" else None)
 
 
 @torch.no_grad()
@@ -250,7 +266,7 @@ def _eval_loss(run: Callable[[torch.Tensor], torch.Tensor], x: BoundaryCache, y:
     total = 0.0
     for idx in _chunks(n, size):
         got = run(_stack(x, idx))
-        total += float(loss(got, _stack(y, idx))) * len(idx)
+        total += float(loss(got, _stack(y, idx), idx)) * len(idx)
         if out is not None:
             for j, w in enumerate(idx):
                 out.put(w, got[j:j + 1])
@@ -308,7 +324,7 @@ def _train_phase(run: _Runner, index: int, phase: Phase, x: BoundaryCache, y: Bo
             while len(order) < cfg.batch_size:
                 order += torch.randperm(n, generator=gen).tolist()
             idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            loss = loss_fn(forward(_stack(x, idx)), _stack(y, idx))
+            loss = loss_fn(forward(_stack(x, idx)), _stack(y, idx), idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -360,6 +376,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
     dense = BoundaryCache(budget, tmp, "d0")
     own = BoundaryCache(budget, tmp, "p0") if cfg.inputs == "pruned" else None
     blocks: list[dict[str, Any]] = []
+    fishers: list[BoundaryCache] = []
     t_start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -373,6 +390,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                     x = sa.embed(windows[idx])
                     for j, w in enumerate(idx):
                         own.put(w, x[j:j + 1])
+        if getattr(cfg, "loss", "mse") == "fisher":  # one dense gradient pass: every block output's weights
+            fishers = output_fishers(ta, windows, _chunks(n, size), teacher_weights, run_t.inputs, budget, tmp,
+                                     progress)
         for i in tqdm(range(sa.num_blocks), desc="reconstruct", disable=not progress):
             t0 = time.perf_counter()
             target, mid = BoundaryCache(budget, tmp, f"d{i + 1}"), BoundaryCache(budget, tmp, f"m{i}")
@@ -386,7 +406,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                             mid.put(w, m[j:j + 1])
             x = own if own is not None else dense
             layer = sa.layers[i]
-            loss = objective(cfg, target, n, size)
+            loss = objective(cfg, target, n, size, fishers[i] if fishers else None)
             mid_loss = objective(cfg, mid, n, size) if need_mid else loss
             record = saved_block(folder, i, want) if resume else None
             if record is not None:
@@ -428,12 +448,16 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
             blocks.append({k: v for k, v in info.items() if k != "hash"})
             dense.clear()
             mid.clear()
+            if fishers:
+                fishers[i].clear()
             dense = target
             if own is not None and following is not None:
                 own.clear()
                 own = following
     finally:
         dense.clear()
+        for f in fishers:
+            f.clear()
         if own is not None:
             own.clear()
         student.train(was_training)

@@ -1,7 +1,7 @@
 """Execute a validated recipe: stages in order over one RunContext, each leaving ``done.json``.
 
 ``--resume`` re-uses a stage whose ``done.json`` carries the same chained config hash (its settings
-and every setting before it) AND the same chained hash of its input files' content (the model's weights,
+and every setting before it, less the fields a config declares ``NOT_HASHED``: they change no result) AND the same chained hash of its input files' content (the model's weights,
 config and tokenizer; every data file a setting names — see ``prunelab.stages.core.fingerprint``), restoring its
 artifacts (calibration tokens, scores, plan) instead of recomputing; the first stage that is not done, and
 everything after it, runs again, and the log says which setting or file changed.
@@ -37,7 +37,7 @@ from prunelab.rundir import (
     prepare_run_dir,
     write_done,
 )
-from prunelab.stages.core.config import input_files
+from prunelab.stages.core.config import HASH_CONTEXT, input_files
 from prunelab.stages.core.files import clean_stale_temps
 from prunelab.stages.core.fingerprint import describe_changes, digest, file_fingerprint
 from prunelab.stages.core.lock import RunLock, RunLockedError
@@ -241,7 +241,7 @@ def _run_stages(recipe: RecipeBase, run_dir: Path, accelerator: Any, resume: boo
     for index, (key, stage_type, cfg) in enumerate(_stage_list(recipe), start=1):
         spec = _spec(stage_type)
         stage_dir = run_dir / f"{index:02d}-{key}"
-        previous = chain_hash(previous, stage_type, cfg.model_dump(mode="json"))
+        previous = chain_hash(previous, stage_type, cfg.model_dump(mode="json", context=HASH_CONTEXT))  # NOT_HASHED out
         legacy = chain_hash(legacy, stage_type, legacy_settings(cfg))
         ctx.stage_key, ctx.stage_dir = key, stage_dir
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,12 @@ import typing
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, SerializationInfo, ValidationError, model_serializer,
+                      model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+HASH_KEY = "hash"
+HASH_CONTEXT = {HASH_KEY: True}  # ``model_dump(mode="json", context=HASH_CONTEXT)``: the settings ``--resume`` hashes
 BOOL_NOT_NUMBER = "true/false is a yes/no value, not a number; give a number here (e.g. 2)"
 
 
@@ -39,10 +42,15 @@ class StrictModel(BaseModel):
 
     ``LATER_FIELDS`` names fields added after run directories already existed, each with the value at which it
     is left out of dumps: a recipe that does not use the field dumps (and hashes, for ``--resume``) as before.
+
+    ``NOT_HASHED`` names fields that do not change any stage's result (where the weights sit while a model is
+    evaluated, say): left out of the dump made for ``--resume``'s hash (``HASH_CONTEXT``), at any depth, so changing
+    one restores the finished stages instead of re-running the run.
     """
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
     LATER_FIELDS: ClassVar[dict[str, Any]] = {}
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
@@ -59,11 +67,14 @@ class StrictModel(BaseModel):
         return data
 
     @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> Any:
+    def _dump(self, handler: Any, info: SerializationInfo) -> Any:
         out = handler(self)
         if isinstance(out, dict):
             for name, omitted in self.LATER_FIELDS.items():
                 if getattr(self, name) == omitted:
+                    out.pop(name, None)
+            if isinstance(info.context, dict) and info.context.get(HASH_KEY):
+                for name in self.NOT_HASHED:
                     out.pop(name, None)
         return out
 

@@ -61,6 +61,8 @@ class ModelConfig(StrictModel):
     revision: str | None = None
     # added later: left out of dumps at its default, so older run directories keep their chain hashes
     LATER_FIELDS: ClassVar[dict[str, Any]] = {"load": "resident", "memory_budget_gb": 4.0, "offload_dir": None}
+    # where an offloaded evaluation keeps the weights, not what they are: a new budget restores the finished stages
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"memory_budget_gb", "offload_dir"})
     load: Literal["resident", "streaming", "offload"] = Field(
         "resident", description="resident: the whole model in memory; streaming: a meta-device skeleton, each block's "
         "weights read from the safetensors shards when a stage needs it and written block by block by the export "

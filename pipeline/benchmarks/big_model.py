@@ -1,6 +1,6 @@
 """A model larger than the budget, pruned with one block resident (issue 28 item 6): a benchmark, not a test.
 
-    python -m prunelab.benchmarks.big_model --folder /tmp/big-llama --output /tmp/big-runs [--methods bi flap taylor]
+    python -m prunelab.benchmarks.big_model --folder /tmp/big-llama --output /tmp/big-runs [--methods bi flap taylor laco]
 
 1. builds a random-init Llama-layout model (GQA; default hidden 2048, 24 layers, 16 query / 4 KV heads,
    intermediate 5632, vocab 32000, untied head: 1.21B parameters, 4.85 GB in float32) WITHOUT ever holding it: the
@@ -10,7 +10,12 @@
 2. prunes 20% of it with each method, each in its own ``python pipeline/run.py`` child, ``model.load: streaming``,
    calibration ``pipeline: sequential`` on N windows of L tokens of tests/data/tiny_corpus.txt (default 8 × 128):
    ``bi`` (ShortGPT Block Influence, 20% of the blocks), ``flap`` (FLAP, global allocation, optimal compensation),
-   ``taylor`` (LLM-Pruner element-wise Taylor, uniform widths, block-wise backward);
+   ``taylor`` (LLM-Pruner element-wise Taylor, uniform widths, block-wise backward), ``laco`` (LaCo, C = 3 layers
+   merged per kept trial, T = 0.2, 20% of the blocks: trials from the checkpointed dense boundary states, the export
+   replaying the merges); ``--resident`` also runs each method with the whole model in memory (``load: resident``,
+   ``pipeline: full``), the reference for the peak RSS (rows ``<method> (resident)``); ``--hidden``,
+   ``--intermediate``, ``--heads``, ``--kv-heads`` and ``--layers`` size the model (e.g. the 0.8 GB one of
+   docs/calibration.md's LaCo numbers: ``--layers 12 --hidden 1024 --intermediate 2816``);
 3. reports per method: the model's float32 size, the child's peak RSS (``os.wait4``'s ``ru_maxrss``: the most
    resident memory the process ever held, file-backed pages included) and its ratio to the size, seconds per block
    (the whole child's wall time / blocks, and the export's own), the output's size, and whether the result reloads
@@ -81,10 +86,15 @@ def build(folder: Path, hidden: int = 2048, layers: int = 24, heads: int = 16, k
     return {"params": params, "bytes": written["bytes"], "shards": written["shards"], "layers": layers}
 
 
-def recipe(method: str, folder: Path, samples: int, seq_len: int) -> dict[str, Any]:
-    """The streamed recipe of one method (20% of the parameters)."""
+METHODS = ("bi", "flap", "taylor", "laco")
+
+
+def recipe(method: str, folder: Path, samples: int, seq_len: int, resident: bool = False) -> dict[str, Any]:
+    """The streamed recipe of one method (20% of the parameters); ``resident``: the same with the whole model in
+    memory and the full pipeline (the reference the streamed run's memory is compared with)."""
+    pipeline = {"type": "full"} if resident else {"type": "sequential", "propagate": "dense"}
     calibrate = {"type": "calibrate", "source": {"path": str(CORPUS)}, "num_samples": samples, "seq_len": seq_len,
-                 "pipeline": {"type": "sequential", "propagate": "dense"}}
+                 "pipeline": pipeline}
     if method == "bi":
         prune = {"score": {"type": "score", "criteria": ["block_influence"]},
                  "prune": {"type": "prune", "criterion": "block_influence", "ratio": 0.2}}
@@ -95,9 +105,14 @@ def recipe(method: str, folder: Path, samples: int, seq_len: int) -> dict[str, A
     elif method == "taylor":
         prune = {"score": {"type": "score", "units": "width", "criteria": ["taylor"]},
                  "prune": {"type": "prune", "units": "width", "criterion": "taylor", "ratio": 0.2}}
+    elif method == "laco":  # T = 0.2: merges of a random model's blocks are kept (the similarities are low)
+        prune = {"score": {"type": "score", "criteria": ["laco"],
+                           "settings": {"laco": {"merge_layers": 3, "threshold": 0.2}}},
+                 "prune": {"type": "prune", "criterion": "laco", "ratio": 0.2}}
     else:
-        raise ValueError(f"unknown method {method!r}; choose bi, flap or taylor")
-    return {"name": f"big-{method}", "seed": 0, "model": {"source": str(folder), "load": "streaming"},
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    model = {"source": str(folder)} if resident else {"source": str(folder), "load": "streaming"}
+    return {"name": f"big-{method}" + ("-resident" if resident else ""), "seed": 0, "model": model,
             "stages": {"calibrate": calibrate, **prune, "export": {"type": "export", "shard_mb": 1024}}}
 
 
@@ -133,30 +148,36 @@ def size_of(folder: Path) -> int:
 
 
 def run_method(method: str, folder: Path, output: Path, samples: int, seq_len: int, size: int,
-               layers: int) -> dict[str, Any]:
-    """One method: the streamed run in a child, then the reload in another."""
+               layers: int, resident: bool = False) -> dict[str, Any]:
+    """One method: the streamed run (``resident``: the whole-model reference) in a child, then the reload in another."""
     runs = output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    path = output / f"big-{method}.yaml"
-    path.write_text(yaml.safe_dump(recipe(method, folder, samples, seq_len), sort_keys=False))
+    spec = recipe(method, folder, samples, seq_len, resident)
+    name = spec["name"]
+    path = output / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     code, wall, rss = child([sys.executable, "pipeline/run.py", str(path), "--output-dir", str(runs), "--force"],
-                            output / f"big-{method}.log")
-    row: dict[str, Any] = {"method": method, "exit": code, "wall_s": round(wall, 1), "peak_rss_bytes": rss,
-                           "rss_over_size": round(rss / size, 4), "seconds_per_block": round(wall / layers, 2)}
-    model_dir = runs / f"big-{method}" / "model"
+                            output / f"{name}.log")
+    row: dict[str, Any] = {"method": method + (" (resident)" if resident else ""), "exit": code, "wall_s": round(wall, 1),
+                           "peak_rss_bytes": rss, "rss_over_size": round(rss / size, 4),
+                           "seconds_per_block": round(wall / layers, 2)}
+    model_dir = runs / name / "model"
     if code != 0 or not model_dir.is_dir():
-        row["error"] = (output / f"big-{method}.log").read_text()[-2000:]
+        row["error"] = (output / f"{name}.log").read_text()[-2000:]
         return row
-    metrics = json.loads((runs / f"big-{method}" / "metrics.json").read_text())
+    metrics = json.loads((runs / name / "metrics.json").read_text())
     row["params_after"] = metrics["model"].get("params_after")
     row["layers_after"] = metrics["model"].get("layers_after")
     row["output_bytes"] = size_of(model_dir)
-    done = sorted((runs / f"big-{method}").glob("*-export/done.json"))
+    done = sorted((runs / name).glob("*-export/done.json"))
     if done:
         streamed = json.loads(done[-1].read_text()).get("outputs", {}).get("streamed", {})
         row["export_seconds_per_block"] = streamed.get("seconds_per_block")
-    rcode, _, rrss = child([sys.executable, "-c", RELOAD, str(model_dir)], output / f"reload-{method}.log")
-    tail = (output / f"reload-{method}.log").read_text().strip().splitlines()
+    scores = sorted((runs / name).glob("*-score/scores.json"))
+    if method == "laco" and scores:  # the plan, to compare the streamed run with the resident one
+        row["merges"] = [(m["into"], m["from"]) for m in json.loads(scores[-1].read_text())["laco"].get("merges", [])]
+    rcode, _, rrss = child([sys.executable, "-c", RELOAD, str(model_dir)], output / f"reload-{name}.log")
+    tail = (output / f"reload-{name}.log").read_text().strip().splitlines()
     row["reload"] = json.loads(tail[-1]) if rcode == 0 and tail else {"error": "\n".join(tail[-5:])}
     row["reload_ok"] = rcode == 0 and row["reload"].get("finite", False)
     return row
@@ -228,8 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=Path("/tmp/prunelab-big-llama"), help="where the model is built")
     p.add_argument("--output", type=Path, default=Path("/tmp/prunelab-big-runs"), help="runs, logs and the JSON")
-    p.add_argument("--methods", nargs="+", default=["bi", "flap", "taylor"])
+    p.add_argument("--methods", nargs="+", default=["bi", "flap", "taylor"], choices=METHODS)
     p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--resident", action="store_true", help="also run each method with the whole model in memory "
+                   "(load: resident, pipeline: full): the reference for the streamed run's peak RSS")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--keep", action="store_true", help="keep the built model and the runs (default: delete them)")
@@ -245,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     if not (args.folder / "config.json").is_file():
         t0 = time.perf_counter()
-        info = build(args.folder, layers=args.layers)
+        info = build(args.folder, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                     intermediate=args.intermediate)
         info["build_s"] = round(time.perf_counter() - t0, 1)
     else:
         cfg = json.loads((args.folder / "config.json").read_text())
@@ -255,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     info.update(samples=args.samples, seq_len=args.seq_len)
     rows = []
     for method in args.methods:
+        if args.resident:
+            rows.append(run_method(method, args.folder, args.output, args.samples, args.seq_len, info["bytes"],
+                                   info["layers"], resident=True))
+            print(json.dumps(rows[-1]), flush=True)
+            if not args.keep:
+                shutil.rmtree(args.output / "runs" / f"big-{method}-resident" / "model", ignore_errors=True)
         rows.append(run_method(method, args.folder, args.output, args.samples, args.seq_len, info["bytes"], info["layers"]))
         model_dir = args.output / "runs" / f"big-{method}" / "model"
         if args.evaluate is not None and rows[-1]["exit"] == 0 and model_dir.is_dir():

@@ -106,9 +106,20 @@ def test_a_layout_transformers_converts_is_refused_by_name(tmp_path: Path) -> No
         collect_from_pretrained(tmp_path, calib, {"activations"}, 1, False)
 
 
-def test_needs_it_cannot_collect_are_refused_with_the_reason() -> None:
+def _planted_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No need is refused by the sequential pipeline today: plant a refusal on ``calibration`` to test the mechanism."""
+    from dataclasses import replace
+
+    from prunelab.stages.calibration.needs import NEEDS
+
+    spec = NEEDS.get("calibration")
+    monkeypatch.setitem(NEEDS._entries, "calibration", replace(spec, refused=(("sequential", "a planted reason"),)))
+
+
+def test_needs_it_cannot_collect_are_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_llama(num_layers=2)
-    with pytest.raises(ValueError, match="sequential calibration pipeline cannot collect 'calibration': the sublayer"):
+    _planted_refusal(monkeypatch)
+    with pytest.raises(ValueError, match="sequential calibration pipeline cannot collect 'calibration': a planted"):
         collect(model, torch.zeros(1, 4, dtype=torch.long), {"calibration"}, pipeline=SequentialPipeline())
 
 
@@ -123,14 +134,19 @@ def _recipe(tmp_path: Path, pipeline: object, score: dict | None = None) -> Path
 
 
 @pytest.mark.parametrize(("criterion", "refusal"), [
-    ("sublayer_ppl", "cannot collect 'calibration' for stages.score_depth (sublayer_ppl): the sublayer criteria"),
+    ("sublayer_ppl", None),  # the removals block-wise (tests/test_sublayer_sequential.py)
+    ("planted", "cannot collect 'calibration' for stages.score_depth (sublayer_ppl): a planted reason"),
     ("laco", None),  # trials from the cached dense boundary states (tests/test_laco_sequential.py)
     ("taylor_plus", None),  # the block-wise backward (tests/test_sequential_backward.py)
     ("sleb", None),  # its later rounds run through the sequential pipeline
 ])
-def test_unsupported_criteria_refused_at_dry_run(tmp_path: Path, criterion: str, refusal: str | None, capsys) -> None:
+def test_unsupported_criteria_refused_at_dry_run(tmp_path: Path, criterion: str, refusal: str | None, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from prunelab.run import main
 
+    if criterion == "planted":  # a need refused by the pipeline: sublayer_ppl's, with a planted reason
+        _planted_refusal(monkeypatch)
+        criterion = "sublayer_ppl"
     recipe = _recipe(tmp_path, "sequential", {"criteria": ["block_influence", criterion]})
     main([str(recipe), "--dry-run", "--output-dir", str(tmp_path)])
     err = capsys.readouterr()

@@ -16,8 +16,10 @@ float64 does not change). Plans must be identical (removed blocks / sublayers / 
 side tensors within the floor the float64 statistics give for the same plan.
 
 Not compared here: laco (its sequential form and test: stages/criteria/laco.py, tests/test_laco_sequential.py), and
-any criterion whose needs the sequential pipeline refuses (listed, and each must carry the refusal's reason). random
-reads no data (seeded), magnitude reads weights only: both go through the same path and must come out equal.
+any criterion whose needs the sequential pipeline refuses (listed with the reason; none is today: sublayer_ppl and
+sublayer_sleb run block-wise too, stages/criteria/sublayer_blockwise.py, and tests/test_sublayer_sequential.py covers
+their settings, families and a streamed skeleton). random reads no data (seeded), magnitude reads weights only: both
+go through the same path and must come out equal.
 """
 
 from __future__ import annotations
@@ -94,17 +96,29 @@ def _width_prunes(name: str, model: torch.nn.Module) -> list[Any]:
     return [prune_config({**base, **moe})]
 
 
-def score_everything(model: torch.nn.Module, calib: torch.Tensor, pipeline: Any, batch_size: int
+REMOVALS = ("sublayer_ppl", "sublayer_sleb")  # the sublayer removal criteria: ~K²/2 sublayer runs + K heads a pass
+
+
+def score_everything(model: torch.nn.Module, calib: torch.Tensor, pipeline: Any, batch_size: int,
+                     removals: tuple[torch.Tensor, Any] | None = None
                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """``{kind: {criterion: saved result}}`` — one score_criteria call per kind, as a depth and a width score stage
     run it (width with the hidden-channel forms and the Gram matrices a hidden / optimal prune adds) — and the width
-    pass's summaries (what the prune stage reads for compensation)."""
+    pass's summaries (what the prune stage reads for compensation). ``removals``: the calibration windows and the
+    ``units: sublayers`` prune of the sublayer removal criteria when they get their own score call (SmolLM2: fewer
+    tokens and a short greedy keep them to about a minute); None: they are scored with the others."""
     depth, _ = criteria("depth", model)
     width, _ = criteria("width", model)
     blocks = prune_config({"type": "prune", "criterion": "block_influence", "ratio": RATIO})
     k = num_blocks_for(blocks, adapter_for(model))
-    out, _ = score_criteria("depth", depth, model, calib, batch_size=batch_size, num_remove=lambda: k,
-                            prune=_sublayer_prune(), progress=False, pipeline=pipeline)
+    apart = [n for n in depth if n in REMOVALS] if removals is not None else []
+    out, _ = score_criteria("depth", [n for n in depth if n not in apart], model, calib, batch_size=batch_size,
+                            num_remove=lambda: k, prune=_sublayer_prune(), progress=False, pipeline=pipeline)
+    if apart:
+        assert removals is not None
+        own, _ = score_criteria("depth", apart, model, removals[0], batch_size=batch_size, prune=removals[1],
+                                progress=False, pipeline=pipeline)
+        out = {n: {**out, **own}[n] for n in depth}
     wide, stats = score_criteria("width", width, model, calib, batch_size=batch_size, extra_needs={"hidden", "hessian"},
                                  hidden=True, progress=False, pipeline=pipeline)
     return {"depth": out, "width": wide}, summary_tensors(stats)
@@ -197,13 +211,15 @@ def double(model: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
-def compare_every_criterion(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, budget_gb: float
-                            ) -> dict[str, Any]:
-    """The whole equivalence check; returns what it compared (criteria, plans, largest gap and floor) for reports."""
-    full, full_means = score_everything(model, calib, FullPipeline(), batch_size)
-    seq, seq_means = score_everything(model, calib, SequentialPipeline(memory_budget_gb=budget_gb), batch_size)
+def compare_every_criterion(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, budget_gb: float,
+                            removals: tuple[torch.Tensor, Any] | None = None) -> dict[str, Any]:
+    """The whole equivalence check; returns what it compared (criteria, plans, largest gap and floor) for reports.
+    ``removals``: see ``score_everything``."""
+    full, full_means = score_everything(model, calib, FullPipeline(), batch_size, removals)
+    seq, seq_means = score_everything(model, calib, SequentialPipeline(memory_budget_gb=budget_gb), batch_size,
+                                      removals)
     wide = double(model)
-    ref, ref_means = score_everything(wide, calib, FullPipeline(), batch_size)
+    ref, ref_means = score_everything(wide, calib, FullPipeline(), batch_size, removals)
     report: dict[str, Any] = {"scores": {}, "plans": []}
     for kind in ("depth", "width"):
         assert list(full[kind]) == list(seq[kind]) == list(ref[kind])
@@ -245,8 +261,8 @@ def test_every_criterion_scores_and_plans_equal_full_on_tiny_models(family: str)
     depth, refused = criteria("depth", model)
     width, _ = criteria("width", model)
     assert {k.split(":")[1] for k in report["scores"]} == set(depth) | set(width)
-    assert set(refused) <= {"sublayer_ppl", "sublayer_sleb"}, refused  # reading the windows themselves
-    assert all(why for why in refused.values())
+    assert not refused, refused  # every criterion runs sequentially (the sublayer removals since issue 28's last one)
+    assert {"sublayer_ppl", "sublayer_sleb"} <= set(depth) or family != "llama"
     kinds = {k.split(":")[0] for k in report["plans"]}
     assert {"blocks", "sublayers", "width0", "hidden"} <= kinds or family != "llama"
     if family == "qwen2_moe":
@@ -282,9 +298,9 @@ def test_smollm2_every_criterion_scores_and_plans_equal_full() -> None:
     """SmolLM2-135M's real weights (GGUF source, so resident; tied head) cut to its first 12 blocks — the criteria
     run three times (float32 full and sequential, float64 full for the floor) and SLEB once per removed block, so
     all 30 blocks took over an hour of CI; the statistics and gradients of all 30 are compared in
-    tests/test_sequential.py and tests/test_sequential_backward.py — 2 × 128 tokens of WikiText-2 valid,
-    boundary states spilled past a 1 MB budget: every criterion's scores within the float floor, every plan
-    identical at 20%."""
+    tests/test_sequential.py and tests/test_sequential_backward.py — 2 × 128 tokens of WikiText-2 valid (the
+    sublayer removal criteria: its first 64 tokens, sublayer_sleb taking 2 sublayers), boundary states spilled past a
+    1 MB budget: every criterion's scores within the float floor, every plan identical at 20%."""
     shared = ROOT.parent / "shared" / "data" / "wikitext2" / "valid.txt"
     if not shared.is_file():
         pytest.skip("needs ../shared/data")
@@ -297,7 +313,10 @@ def test_smollm2_every_criterion_scores_and_plans_equal_full() -> None:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:SMOLLM2_BLOCKS]
     ids = tok(shared.read_text()[:20000], return_tensors="pt").input_ids[:, :256].reshape(2, 128)
-    report = compare_every_criterion(model, ids, batch_size=2, budget_gb=0.001)
+    # sublayer_ppl / sublayer_sleb on the first 64 tokens, the greedy taking two sublayers (~1 min more, not ~11)
+    removals = (ids[:1, :64], prune_config({"type": "prune", "units": "sublayers", "criterion": "sublayer_sleb",
+                                       "num_sublayers": 2, "sublayers": "both"}))
+    report = compare_every_criterion(model, ids, batch_size=2, budget_gb=0.001, removals=removals)
     depth, _ = criteria("depth", model)
     width, _ = criteria("width", model)
     assert {k.split(":")[1] for k in report["scores"]} == set(depth) | set(width)

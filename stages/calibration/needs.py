@@ -99,10 +99,8 @@ register_need("fisher", f"{_OBSERVERS}:MarkerObserver", requires=("grad",),
 register_need("hidden", f"{_OBSERVERS}:MarkerObserver", requires=("grad",),
               doc="gradients of the embeddings, norms and head too (hidden channels own them)")
 register_need("calibration", f"{_OBSERVERS}:MarkerObserver",
-              refused={_SEQ: "the sublayer criteria (sublayer_ppl, sublayer_sleb) run their removals on the resident "
-                             "model, with every sublayer's input state of a batch cached at once; not built block by "
-                             "block"},
-              doc="nothing to collect: the criterion reads the calibration windows itself (the sublayer removals)")
+              doc="nothing to collect: the criterion reads the calibration windows itself (the sublayer removals; "
+                  "sequential: one layer resident, every sublayer's input states in boundary caches)")
 register_need("merge_trials", f"{_OBSERVERS}:MarkerObserver",
               doc="nothing to collect: LaCo runs its trial merges itself, through the recipe's pipeline (sequential: "
                   "from the cached dense boundary states, one block resident)")

@@ -231,6 +231,10 @@ def collect_sequential(model: torch.nn.Module, calibration: torch.Tensor, needs:
     stats = CalibrationStats(num_blocks=adapter.num_blocks)
     spill_gradients(model, stats)  # a streamed skeleton: gradient sums on disk, block by block
     observers = start_observers(needs, stats, adapter)
+    if not any(o.STATES or o.FORWARD or o.BACKWARD for o in observers):  # markers only (the criteria's own passes:
+        for o in observers:  # LaCo, the sublayer removals): as in full, no pass — it would read every block for nothing
+            o.finish()
+        return stats
     backward = [o for o in observers if o.BACKWARD]
     folder = Path(settings.offload_dir) if settings.offload_dir else Path(tempfile.mkdtemp(prefix="prunelab-boundary-"))
     folder.mkdir(parents=True, exist_ok=True)

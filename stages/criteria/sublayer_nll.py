@@ -42,12 +42,14 @@ from tqdm.auto import tqdm
 
 from prunelab.stages.arch.noop import NoAttention, NoMLP
 from prunelab.stages.calibration.blocks import batches
+from prunelab.stages.calibration.streamed import weights_of
 from prunelab.stages.core.counts import ratio_to_params
 from prunelab.stages.criteria.base import CriterionInputs, CriterionResult
 from prunelab.stages.criteria.sublayer import SublayerPPLSettings, SublayerSLEBSettings
 from prunelab.stages.surgery.sublayers import sublayer_refusal
 
 Unit = tuple[str, int]  # ("attention" | "mlp", layer index)
+KEEP_TAILS = 4  # a call re-scoring at most this many candidates keeps each one's states after it (min_fresh: 3)
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,8 @@ def sublayer_sequence(adapter: Any) -> list[Unit]:
     refusal = sublayer_refusal(adapter.model)
     if refusal:
         raise ValueError(refusal)
-    return [(w, i) for i, layer in enumerate(adapter.layers) for w in ("attention", "mlp") if adapter.has_sublayer(layer, w)]
+    return [(w, i) for i in range(adapter.num_blocks) for w in ("attention", "mlp")
+            if adapter.has_sublayer(adapter.layers[i], w)]  # indexed: a streamed skeleton's layers stay on meta
 
 
 @contextmanager
@@ -93,8 +96,9 @@ def run_unit(adapter: Any, unit: Unit, hidden: torch.Tensor, inputs: Any) -> tor
 class SublayerWalk:
     """Cached states entering every kept sublayer, per calibration batch, and the NLL with one of them removed."""
 
-    def __init__(self, adapter: Any, calibration: torch.Tensor, batch_size: int, kept: list[Unit]) -> None:
-        self.adapter, self.kept = adapter, list(kept)
+    def __init__(self, adapter: Any, calibration: torch.Tensor, batch_size: int, kept: list[Unit],
+                 progress: bool = False) -> None:
+        self.adapter, self.kept, self.progress = adapter, list(kept), progress
         self.ids = [b.to(adapter.device) for b in batches(calibration, batch_size)]
         self.inputs: list[Any] = []
         self.states: list[list[torch.Tensor]] = []
@@ -155,9 +159,38 @@ class SublayerWalk:
         """Mean per-token NLL of the current model on all windows."""
         return sum(self.base) / self.tokens(list(range(len(self.ids))))
 
+    # the questions the criteria ask, the same as ``BlockwiseSublayerWalk``'s (one layer resident)
+    def deltas(self, qs: list[int], count: int, keep: bool = False, desc: str | None = None
+               ) -> tuple[list[float], dict[int, list[list[torch.Tensor]]]]:
+        """``removal_delta`` of each ``kept[q]`` on the first ``count`` batches, in order; with ``keep`` (and at most
+        ``KEEP_TAILS`` of them, as the sequential walk), their tails."""
+        out, tails = [], {}
+        keep = keep and len(qs) <= KEEP_TAILS
+        for q in tqdm(qs, desc=desc, disable=desc is None or not self.progress):
+            delta, tail = self.removal_delta(q, list(range(count)), keep)
+            out.append(delta)
+            if keep:
+                tails[q] = tail
+        return out, tails
+
+    def drop(self, tails: Any) -> None:
+        """Tails not taken: nothing to free (they are garbage once unreferenced)."""
+
+    def close(self) -> None:
+        pass
+
 
 def _params(adapter: Any) -> dict[Unit, int]:
-    return {(k, i): n for (k, i), n in adapter.sublayer_params().items()}
+    """``adapter.sublayer_params()``, the layers indexed, not iterated: iterating a streamed skeleton's layers inside
+    the score stage reads each from disk (``layers_resident``), and counting needs only their shapes."""
+    out: dict[Unit, int] = {}
+    for i in range(adapter.num_blocks):
+        layer = adapter.layers[i]
+        for which, module in (("attention", adapter.attention(layer)), ("mlp", adapter.mlp(layer))):
+            if adapter.has_sublayer(layer, which):
+                norms = [layer.get_submodule(n) for n in adapter.sublayer_norms(which)]
+                out[which, i] = sum(p.numel() for m in (module, *norms) for p in m.parameters())
+    return out
 
 
 def _value(delta: float, params: int, objective: str) -> float:
@@ -184,6 +217,17 @@ def _candidates(kept: list[Unit], kinds: tuple[str, ...]) -> list[int]:
     return [q for q, (w, _) in enumerate(kept) if w in kinds and left[w] > 1]
 
 
+def _walk(inp: CriterionInputs) -> Any:
+    """The walk the recipe's pipeline asks for: ``SublayerWalk`` on the resident model (``full``), or one layer resident
+    with the states in boundary caches (``sequential``, and always for a streamed skeleton)."""
+    kept = sublayer_sequence(inp.adapter)
+    if getattr(inp.pipeline, "type", "full") == "sequential" or weights_of(inp.model) is not None:
+        from prunelab.stages.criteria.sublayer_blockwise import BlockwiseSublayerWalk  # lazy: cycle
+
+        return BlockwiseSublayerWalk(inp, kept)
+    return SublayerWalk(inp.adapter, inp.calibration, inp.batch_size, kept, inp.progress)
+
+
 def sublayer_ppl(inp: CriterionInputs) -> CriterionResult:
     """One-shot: ΔNLL (per parameter by default) of removing each present sublayer alone; lowest removed first.
 
@@ -192,10 +236,13 @@ def sublayer_ppl(inp: CriterionInputs) -> CriterionResult:
     assert inp.calibration is not None, "sublayer_ppl needs calibration data"
     cfg = inp.settings if isinstance(inp.settings, SublayerPPLSettings) else SublayerPPLSettings()
     adapter, params = inp.adapter, _params(inp.adapter)
-    walk = SublayerWalk(adapter, inp.calibration, inp.batch_size, sublayer_sequence(adapter))
-    every = list(range(len(walk.ids)))
-    deltas = {u: walk.removal_delta(q, every)[0]
-              for q, u in enumerate(tqdm(walk.kept, desc="sublayer removal NLL", disable=not inp.progress))}
+    walk = _walk(inp)
+    try:  # every candidate in one call: one pass over the layers for the sequential walk
+        found, _ = walk.deltas(list(range(len(walk.kept))), len(walk.ids), desc="sublayer removal NLL")
+        deltas = dict(zip(walk.kept, found, strict=True))
+        nll = walk.nll()
+    finally:
+        walk.close()
     values = {u: _value(d, params[u], cfg.objective) for u, d in deltas.items()}
     n = adapter.num_blocks
     attention = [values.get(("attention", i), -math.inf) for i in range(n)]
@@ -204,7 +251,7 @@ def sublayer_ppl(inp: CriterionInputs) -> CriterionResult:
     attention, mlp = ([v if math.isfinite(v) else -1e30 for v in xs] for xs in (attention, mlp))
     return CriterionResult(
         scores=[a + m for a, m in zip(attention, mlp, strict=True)],
-        extra={"attention": attention, "mlp": mlp, "objective": cfg.objective, "calibration_nll": walk.nll(),
+        extra={"attention": attention, "mlp": mlp, "objective": cfg.objective, "calibration_nll": nll,
                "delta_nll": {f"{k}.{i}": d for (k, i), d in deltas.items()}},
     )
 
@@ -230,19 +277,29 @@ def sublayer_sleb(inp: CriterionInputs) -> CriterionResult:
     cfg = inp.settings if isinstance(inp.settings, SublayerSLEBSettings) else SublayerSLEBSettings()
     adapter, params = inp.adapter, _params(inp.adapter)
     kinds, count, budget = _target(inp, adapter)
-    walk = SublayerWalk(adapter, inp.calibration, inp.batch_size, sublayer_sequence(adapter))
-    every = list(range(len(walk.ids)))
-    screen = every[: max(1, math.ceil(cfg.screen * len(every)))]
+    walk = _walk(inp)
+    try:
+        return _greedy(walk, adapter, cfg, params, kinds, count, budget, inp.progress)
+    finally:
+        walk.close()
+
+
+def _greedy(walk: Any, adapter: Any, cfg: SublayerSLEBSettings, params: dict[Unit, int], kinds: tuple[str, ...], count: int | None,
+            budget: int | None, progress: bool) -> CriterionResult:
+    """The rounds, asked of either walk in the same order (so ``sequential`` takes ``full``'s decisions): screening
+    every new candidate in one call, the ``min_fresh`` best estimates in one call, then each lazy challenger alone."""
+    n_all = len(walk.ids)
+    n_screen = max(1, math.ceil(cfg.screen * n_all))
     estimates: dict[Unit, float] = {}  # last value per sublayer (screened or full, possibly stale)
     order: list[Unit] = []
     rounds: list[dict[str, Any]] = []
     removed_params = 0
-    dense_nll = walk.nll()
+    dense_nll: float | None = None  # read after the first pass (the sequential walk computes the states in it)
 
     def done() -> bool:
         return len(order) >= count if count is not None else removed_params >= (budget or 0)
 
-    bar = tqdm(desc="sublayer SLEB rounds", disable=not inp.progress)
+    bar = tqdm(desc="sublayer SLEB rounds", disable=not progress)
     while not done():
         t0 = time.perf_counter()
         cands = _candidates(walk.kept, kinds)
@@ -253,26 +310,30 @@ def sublayer_sleb(inp: CriterionInputs) -> CriterionResult:
         new = [u for u in unit_at if u not in estimates]
         screened = 0
         if new and cfg.screen < 1.0:
-            for u in new:
-                estimates[u] = _value(walk.removal_delta(unit_at[u], screen)[0], params[u], cfg.objective)
+            found, _ = walk.deltas([unit_at[u] for u in new], n_screen)
+            for u, delta in zip(new, found, strict=True):
+                estimates[u] = _value(delta, params[u], cfg.objective)
             screened = len(new)
         fresh: dict[Unit, float] = {}
-        kept_tails: dict[Unit, Any] = {}  # the best fresh candidate's states after its removal (no second pass)
+        held: list[tuple[Unit, Any]] = []  # the best fresh candidate's states after its removal (no second pass)
 
-        def rescore(u: Unit) -> None:
-            delta, tails = walk.removal_delta(unit_at[u], every, keep=True)
-            fresh[u] = estimates[u] = _value(delta, params[u], cfg.objective)
-            if not kept_tails or fresh[u] < fresh[next(iter(kept_tails))]:
-                kept_tails.clear()
-                kept_tails[u] = tails
+        def rescore(us: list[Unit]) -> None:
+            found, tails = walk.deltas([unit_at[u] for u in us], n_all, keep=True)
+            for u, delta in zip(us, found, strict=True):
+                fresh[u] = estimates[u] = _value(delta, params[u], cfg.objective)
+                tail = tails.get(unit_at[u])
+                if not held or fresh[u] < fresh[held[0][0]]:
+                    if held:
+                        walk.drop(held.pop()[1])
+                    held.append((u, tail))
+                else:
+                    walk.drop(tail)
 
         if not cfg.lazy:
-            for u in unit_at:
-                rescore(u)
+            rescore(list(unit_at))
         else:
             by_estimate = sorted(unit_at, key=lambda u: (estimates.get(u, -math.inf), u[0] != "attention", u[1]))
-            for u in by_estimate[: cfg.min_fresh]:
-                rescore(u)
+            rescore(by_estimate[: cfg.min_fresh])
             while True:  # Minoux: take the best fresh value once no stale estimate is lower
                 best = min(fresh, key=lambda u: (fresh[u], u[0] != "attention", u[1]))
                 stale = [u for u in unit_at if u not in fresh]
@@ -280,21 +341,29 @@ def sublayer_sleb(inp: CriterionInputs) -> CriterionResult:
                                  default=None)
                 if challenger is None or fresh[best] <= estimates.get(challenger, -math.inf):
                     break
-                rescore(challenger)
+                rescore([challenger])
         best = min(fresh, key=lambda u: (fresh[u], u[0] != "attention", u[1]))
-        walk.remove(unit_at[best], kept_tails.get(best))
+        if dense_nll is None:
+            dense_nll = walk.nll()
+        (holder, tail), = held
+        if holder != best:
+            walk.drop(tail)
+        walk.remove(unit_at[best], tail if holder == best else None)
         order.append(best)
         removed_params += params[best]
         estimates.pop(best)
+        nll = walk.nll()
         rounds.append({"removed": f"{best[0]}.{best[1]}", "value": fresh[best], "fresh": len(fresh), "screened": screened,
-                       "candidates": len(unit_at), "calibration_nll": walk.nll(), "removed_params": removed_params,
+                       "candidates": len(unit_at), "calibration_nll": nll, "removed_params": removed_params,
                        "seconds": round(time.perf_counter() - t0, 3)})
         bar.update(1)
         log.info("sublayer_sleb round %d: removed %s.%d (%.3g), calibration NLL %.4f, %d/%d params, %d fresh + %d "
-                 "screened, %.0fs", len(order), *best, fresh[best], walk.nll(), removed_params, budget or 0, len(fresh),
+                 "screened, %.0fs", len(order), *best, fresh[best], nll, removed_params, budget or 0, len(fresh),
                  screened, rounds[-1]["seconds"])
-        bar.set_postfix(removed=f"{best[0]}.{best[1]}", nll=f"{walk.nll():.3f}")
+        bar.set_postfix(removed=f"{best[0]}.{best[1]}", nll=f"{nll:.3f}")
     bar.close()
+    nll = walk.nll()
     return _result(adapter, order, estimates, {
         "sublayer_order": [f"{k}.{i}" for k, i in order], "rounds": rounds, "objective": cfg.objective,
-        "dense_calibration_nll": dense_nll, "calibration_nll": walk.nll(), "removed_params": removed_params})
+        "dense_calibration_nll": nll if dense_nll is None else dense_nll, "calibration_nll": nll,
+        "removed_params": removed_params})

@@ -294,6 +294,46 @@ def test_laco_is_accepted_by_the_sequential_pipeline_and_streaming_at_dry_run(fo
     assert refusals("sequential", {"calibration"}) == {}
 
 
+def test_laco_only_streamed_score_makes_no_calibration_pass(folders: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """LaCo's need ``merge_trials`` is a marker that collects nothing, so a streamed score stage with LaCo alone reads
+    no block for a calibration pass: the score stage's block loads are exactly those of LaCo's own dense pass and
+    trials. The same count with a need that collects (``boundary``) adds one pass: L more loads."""
+    from prunelab.stages.calibration.sequential import SafetensorsWeights
+    from prunelab.stages.calibration.streamed import load_streaming
+    from prunelab.stages.criteria.scoring import needs_for, score_criteria
+    from prunelab.stages.io.config import ModelConfig
+
+    model, _ = load_streaming(ModelConfig(source=str(folders["llama"]), load="streaming"))
+    n = len(model.model.layers)
+    loads = [0]
+    block = SafetensorsWeights.block
+
+    def spy(self: Any, adapter: Any, index: int) -> Any:
+        loads[0] += 1
+        return block(self, adapter, index)
+
+    monkeypatch.setattr(SafetensorsWeights, "block", spy)
+    _, opts, num_remove = CASES["llama"]
+    pipeline = SequentialPipeline(memory_budget_gb=0)
+    alone = _run(model, opts, num_remove, pipeline)
+    laco_alone = loads[0]
+
+    def scored(extra: set[str]) -> tuple[dict[str, Any], Any, int]:
+        loads[0] = 0
+        results, stats = score_criteria("depth", ["laco"], model, _calibration(), settings={"laco": LacoSettings(**opts)},
+                                        batch_size=2, extra_needs=extra, num_remove=lambda: num_remove, progress=False,
+                                        pipeline=pipeline)
+        return results, stats, loads[0]
+
+    assert needs_for("depth", ["laco"]) == {"merge_trials"}
+    results, stats, score_stage = scored(set())
+    assert score_stage == laco_alone and stats.seconds == 0.0
+    assert _path(results["laco"]) == _path(alone)  # the extra sits at the top of the saved result
+    _, _, with_pass = scored({"boundary"})
+    assert with_pass == laco_alone + n  # the counter sees a pass when one is made
+
+
 @pytest.mark.slow
 def test_smollm2_sequential_laco_equals_full() -> None:
     """SmolLM2-135M (GGUF source, so resident), 4 × 128 tokens of WikiText-2 valid, the laco-20 recipe's settings but

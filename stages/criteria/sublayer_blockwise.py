@@ -28,6 +28,10 @@ Cost in layer loads (L layers, ``layer(q)`` = the layer of ``kept[q]``; + 1 head
   are kept, to disk past the budget); otherwise one more pass from its position (L − layer(q*)). A typical lazy round:
   one pass of ``min_fresh`` candidates, the winner's tails kept: ≤ L layer loads. The decisions are full's: the same
   values in the same order (``sublayer_sleb`` asks both walks the same questions).
+
+Memory: one layer (the head at the end of a pass) + per batch the K + 1 walk states and, during a pass, one state
+per running candidate (≤ K; ``KEEP_TAILS`` × K more while tails are kept) — all in the boundary caches, so past
+``memory_budget_gb`` on disk (K = 2L sublayers).
 """
 
 from __future__ import annotations
@@ -82,13 +86,17 @@ class BlockwiseSublayerWalk:
         self.base: list[float] = [0.0] * len(self.ids)  # NLL sum of each batch on the current model
         self.states: list[BoundaryCache] = [self._cache()]
         self.stale: int | None = 0  # states after this position are to be recomputed (None: all valid)
-        with torch.inference_mode(), self.weights.embedding(self.ad):
-            for b, ids in enumerate(self.ids):
-                x = self.ad.embed(ids)
-                key = tuple(x.shape[:2])
-                if key not in self.prepared:
-                    self.prepared[key] = self.ad.prepare(x)
-                self.states[0].put(b, x)
+        try:
+            with torch.inference_mode(), self.weights.embedding(self.ad):
+                for b, ids in enumerate(self.ids):
+                    x = self.ad.embed(ids)
+                    key = tuple(x.shape[:2])
+                    if key not in self.prepared:
+                        self.prepared[key] = self.ad.prepare(x)
+                    self.states[0].put(b, x)
+        except BaseException:
+            self.close()
+            raise
 
     def _cache(self) -> BoundaryCache:
         self.made += 1

@@ -81,7 +81,6 @@ def refusals(pipeline: str, needs: Iterable[str]) -> dict[str, str]:
     return out
 
 
-_SEQ = "sequential"
 register_need("boundary", f"{_OBSERVERS}:BoundaryObserver",
               doc="Σ cos of consecutive block-boundary states (ShortGPT BI); angular distance of every pair at the last token")
 register_need("sublayers", f"{_OBSERVERS}:SublayerObserver",

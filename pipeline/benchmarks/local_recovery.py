@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # the reconstruction settings measured best (docs/recovery.md, "Block-local reconstruction")
 BEST: dict[str, Any] = {"type": "reconstruct", "inputs": "pruned", "train": "weights", "sublayers": "together",
-                        "num_windows": 64, "steps": 16, "batch_size": 8, "lr": 3.0e-4, "loss": "token"}
+                        "num_windows": 64, "steps": 16, "batch_size": 8, "lr": 3.0e-4, "loss": "fisher"}
 # docs/results.md, "Results: recovery on two domains", row flap-optimal--lora-kd: LoRA distillation on WikiText-2
 # valid. The best row (-mix--lora-kd-generated) adds 256 teacher-generated texts, but generating them is a fixed cost
 # of its own (measured here: one of 8 batches in 15 min at load 10 on 2 cores), larger than the whole reconstruction;
